@@ -1,0 +1,29 @@
+# The two commands of the README: `make demo` and `make test`. Each sets itself up.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The CPU build of torch (a plain "torch" requirement would pull a multi-GB CUDA build).
+# On a GPU machine, set TORCH_SPEC to the build you want, or use a venv that has it.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test test-gpu clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: setup
+	$(PY) -m nb_offload demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-gpu:
+	PYTHONPATH=. python3 -m pytest -q -m gpu tests/gpu
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache

@@ -1,0 +1,396 @@
+"""Run a model's forward passes under a plan, streaming non-resident units just ahead of use.
+
+Hooks on each unit's modules bind the unit's parameters to views into a ring of staging
+slots on the compute device. On CUDA, slots are filled on a dedicated copy stream from
+page-locked host buffers, with CUDA events ordering copy and compute; disk units are first
+read by a worker thread into page-locked staging buffers. On the CPU the same engine reads
+disk units into RAM slots on the worker thread, ahead of use.
+
+The order units run in is learned from the first forward pass; prefetch follows it and wraps
+around into the next step. A unit that arrives out of order is loaded on the spot, so a
+surprise costs time, never correctness.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+from .tiers import alloc_host, param_views, read_extents
+
+
+class Source:
+    """Where a streamed unit's bytes come from: a host buffer or disk extents."""
+
+    __slots__ = ("flat", "extents", "tier")
+
+    def __init__(self, tier, flat=None, extents=None):
+        self.tier, self.flat, self.extents = tier, flat, extents
+
+
+class _Job:
+    __slots__ = ("unit", "slot", "ready", "read", "staging", "copied")
+
+    def __init__(self, unit, slot):
+        self.unit, self.slot = unit, slot
+        self.ready = None      # CUDA event (copy done) or Future (CPU read done)
+        self.read = None       # _Read for disk units on CUDA
+        self.staging = None
+        self.copied = False
+
+
+class _Read:
+    """A disk read into a page-locked staging buffer (CUDA path)."""
+
+    __slots__ = ("unit", "staging", "ticket", "future", "consumed")
+
+    def __init__(self, unit, staging, ticket):
+        self.unit, self.staging, self.ticket = unit, staging, ticket
+        self.future, self.consumed = None, False
+
+
+class _Staging:
+    """A page-locked host buffer that disk reads land in before their copy to the GPU.
+
+    Uses are numbered (tickets); a read waits until every earlier use has been copied out
+    (or abandoned), then for that copy to finish on the GPU, before it overwrites the buffer.
+    """
+
+    __slots__ = ("flat", "uses", "finished", "copy_done", "cond")
+
+    def __init__(self, flat):
+        self.flat = flat
+        self.uses = 0
+        self.finished = 0
+        self.copy_done = None
+        self.cond = threading.Condition()
+
+    def take(self) -> int:
+        ticket = self.uses
+        self.uses += 1
+        return ticket
+
+    def finish(self, copy_done=None):
+        with self.cond:
+            if copy_done is not None:
+                self.copy_done = copy_done
+            self.finished += 1
+            self.cond.notify_all()
+
+    def wait_turn(self, ticket):
+        with self.cond:
+            self.cond.wait_for(lambda: self.finished >= ticket)
+            done = self.copy_done
+        if done is not None:
+            done.synchronize()
+
+
+class Engine:
+    def __init__(self, model, units, params, sources: dict, device, trace, stats, *,
+                 prefetch: int = 1, read_ahead: int = 2):
+        import torch
+        self.torch = torch
+        self.model = model
+        self.units = units
+        self.params = params                  # unit index -> list of Parameters (slot order)
+        self.sources = sources                # unit index -> Source, streamed units only
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.trace = trace
+        self.stats = stats
+        self.prefetch = max(1, int(prefetch))
+        self.read_ahead = max(1, int(read_ahead))
+        self._hooks = []
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb_offload-reader")
+        self._configure()
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _configure(self):
+        torch = self.torch
+        streamed = [u for u in self.units if u.index in self.sources]
+        self.order = [u.index for u in streamed]
+        self.pos = 0
+        self.queue: deque[_Job] = deque()
+        self.reads: deque[_Read] = deque()    # issued disk reads whose copy is not issued yet
+        self.read_pos = 0                     # next position (running count) to read from disk
+        self.active: dict[int, _Job] = {}
+        self.seen: list[int] = []
+        self.in_step = False
+        self._views = {}
+        n_slots = self.prefetch + 1 if streamed else 0
+        slot_bytes = max((u.nbytes for u in streamed), default=0)
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(self.device)
+            self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(n_slots)]
+            self.slot_free = [torch.cuda.Event() for _ in range(n_slots)]
+            disk_bytes = max((u.nbytes for u in streamed if self.sources[u.index].tier == "disk"), default=0)
+            self.staging = [_Staging(alloc_host(disk_bytes, pinned=True)) for _ in range(self.read_ahead)] \
+                if disk_bytes else []
+            if self.trace.enabled:
+                self.trace.calibrate(torch.cuda)
+        else:
+            self.slots = [torch.empty(slot_bytes, dtype=torch.uint8) for _ in range(n_slots)]
+            self.staging = []
+        self.next_slot = 0
+        self.next_staging = 0
+        self._open = {}
+        for u in streamed:  # shapes, dtypes and device are right from the start
+            for p, v in zip(self.params[u.index], self._slot_views(u, 0)):
+                p.data = v
+
+    def _slot_views(self, unit, slot):
+        key = (unit.index, slot)
+        views = self._views.get(key)
+        if views is None:
+            views = self._views[key] = param_views(unit, self.slots[slot])
+        return views
+
+    def install(self):
+        root = self.model
+        self._hooks.append(root.register_forward_pre_hook(self._root_pre, with_kwargs=True))
+        self._hooks.append(root.register_forward_hook(self._root_post))
+        for u in self.units:
+            for name in u.modules:
+                module = root.get_submodule(name) if name else root
+                self._hooks.append(module.register_forward_pre_hook(self._make_pre(u)))
+                self._hooks.append(module.register_forward_hook(self._make_post(u)))
+
+    def remove(self):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.drain()
+        self._reader.shutdown(wait=True)
+        self.slots, self._views, self.staging = [], {}, []
+
+    def drain(self):
+        """Wait for everything in flight and forget the queue (before re-planning or unload)."""
+        pending = [j.ready for j in self.queue if not self.cuda and j.ready is not None]
+        pending += [r.future for r in self.reads if r.future is not None]
+        self._reset()           # abandons queued reads, so none waits for a copy that won't come
+        for fut in pending:
+            fut.exception()
+        if self.cuda:
+            self.copy_stream.synchronize()
+            self.torch.cuda.current_stream(self.device).synchronize()
+        self.trace.flush(wait=True)
+
+    # -- hooks ----------------------------------------------------------------------------
+    def _root_pre(self, module, args, kwargs):
+        if self.in_step:        # the last step ended in an exception: start clean
+            self._reset()
+        self.in_step = True
+        self.seen = []
+        if self.order and not self.queue:
+            self._fill()
+        return _to_device(args, self.device), _to_device(kwargs, self.device)
+
+    def _root_post(self, module, args, output):
+        self.in_step = False
+        if self.seen and self.seen != self.order and set(self.seen) >= set(self.order):
+            self.order = list(self.seen)   # learned: prefetch follows it from the next step
+            self._reset()
+            self.pos = self.read_pos = 0
+            self._fill()
+        self.stats.steps += 1
+        self.trace.step += 1
+        self.trace.flush()
+
+    def _make_pre(self, unit):
+        idx = unit.index
+
+        def pre(module, args):
+            self._enter(idx)
+        return pre
+
+    def _make_post(self, unit):
+        idx = unit.index
+
+        def post(module, args, output):
+            self._exit(idx)
+        return post
+
+    def _enter(self, idx):
+        if idx not in self.sources:       # resident: only the trace
+            if self.trace.enabled:
+                self._mark_start(idx)
+            return
+        if idx in self.active:            # already bound (a module reused inside one pass)
+            return
+        self.seen.append(idx)
+        if not self.queue or self.queue[0].unit != idx:
+            self._reset()
+            self.pos = self.read_pos = self._position_of(idx)
+            self._fill()
+        job = self.queue.popleft()
+        self.pos += 1
+        if self.cuda:
+            self._issue_copies(first=job)
+            self.torch.cuda.current_stream(self.device).wait_event(job.ready)
+        else:
+            job.ready.result()
+        for p, v in zip(self.params[idx], self._slot_views(self.units[idx], job.slot)):
+            p.data = v
+        self.active[idx] = job
+        self._fill()
+        if self.trace.enabled:
+            self._mark_start(idx)
+
+    def _exit(self, idx):
+        if self.trace.enabled:
+            self._mark_end(idx)
+        job = self.active.pop(idx, None)
+        if job is not None and self.cuda:
+            self.slot_free[job.slot].record(self.torch.cuda.current_stream(self.device))
+            self._issue_copies()
+
+    # -- scheduling -----------------------------------------------------------------------
+    def _position_of(self, idx):
+        """The next position (a running count over repeated passes) at which ``idx`` runs."""
+        n = len(self.order)
+        for k in range(n):
+            if self.order[(self.pos + k) % n] == idx:
+                return self.pos + k
+        self.order.append(idx)      # a unit the learned order lacks: run it, relearn after the step
+        return self.pos - self.pos % (n + 1) + n if n else 0
+
+    def _fill(self):
+        """Schedule the next unit and ``prefetch`` more (wrapping into the next step)."""
+        n = len(self.order)
+        want = min(self.prefetch + (0 if self.active else 1), len(self.slots))
+        while len(self.queue) < want:
+            self._schedule(self.order[(self.pos + len(self.queue)) % n], self.pos + len(self.queue))
+        if self.cuda and self.staging:
+            self._issue_reads(self.pos + len(self.queue) - 1)
+
+    def _schedule(self, idx, position):
+        unit = self.units[idx]
+        job = _Job(idx, self.next_slot)
+        self.next_slot = (self.next_slot + 1) % len(self.slots)
+        src = self.sources[idx]
+        if not self.cuda:
+            self.stats.bytes_from_disk += unit.nbytes
+            job.ready = self._reader.submit(self._read_into, unit, src.extents, self.slots[job.slot])
+        elif src.tier == "disk":
+            self._issue_reads(position)
+            job.read = next(r for r in self.reads if r.unit == idx and not r.consumed)
+            job.read.consumed = True
+        self.queue.append(job)
+        if self.cuda:
+            self._issue_copies()
+
+    def _issue_reads(self, must_reach):
+        """Issue disk reads in run order: through position ``must_reach``, then ``read_ahead`` more."""
+        n = len(self.order)
+        ahead = sum(1 for r in self.reads if not r.consumed)
+        while self.read_pos <= must_reach or (ahead < self.read_ahead and self.read_pos < self.pos + n):
+            idx = self.order[self.read_pos % n]
+            self.read_pos += 1
+            if self.sources[idx].tier != "disk":
+                continue
+            st = self.staging[self.next_staging]
+            self.next_staging = (self.next_staging + 1) % len(self.staging)
+            r = _Read(idx, st, st.take())
+            r.future = self._reader.submit(self._read_staged, self.units[idx], self.sources[idx].extents, r)
+            self.reads.append(r)
+            ahead += 1
+            self.stats.bytes_from_disk += self.units[idx].nbytes
+
+    def _issue_copies(self, first=None):
+        """Issue host-to-device copies for scheduled jobs, in order.
+
+        Only ``first`` (the unit about to run) may wait for its disk read; the others are
+        issued once their reads are done, at a later hook.
+        """
+        torch = self.torch
+        jobs = ([first] if first is not None else []) + list(self.queue)
+        for job in jobs:
+            if job.copied:
+                continue
+            r = job.read
+            if r is not None:
+                if job is not first and not r.future.done():
+                    break
+                r.future.result()
+                src_flat = r.staging.flat
+            else:
+                src_flat = self.sources[job.unit].flat
+            unit = self.units[job.unit]
+            timed = self.trace.enabled
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(self.slot_free[job.slot])
+                start = torch.cuda.Event(enable_timing=True) if timed else None
+                if timed:
+                    start.record(self.copy_stream)
+                self.slots[job.slot][:unit.nbytes].copy_(src_flat[:unit.nbytes], non_blocking=True)
+                done = torch.cuda.Event(enable_timing=timed)
+                done.record(self.copy_stream)
+            job.ready, job.copied = done, True
+            if timed:
+                self.trace.cuda_event("copy", unit.name, start, done, unit.nbytes)
+            if r is not None:
+                self.reads.remove(r)
+                r.staging.finish(done)
+            else:
+                self.stats.bytes_from_cpu += unit.nbytes
+
+    def _reset(self):
+        """Forget the prefetch queue after a surprise; in-flight transfers finish harmlessly.
+
+        Copies already issued stay ordered on the copy stream (and reads on the single reader
+        thread) ahead of anything issued later into the same slot or staging buffer.
+        """
+        for r in self.reads:
+            r.staging.finish()
+        self.reads.clear()
+        self.queue.clear()
+        self.active.clear()
+
+    # -- worker-thread reads -------------------------------------------------------------
+    def _read_into(self, unit, extents, flat):
+        t0 = time.perf_counter()
+        read_extents(extents, flat)
+        self.trace.host_event("read", unit.name, t0, time.perf_counter(), unit.nbytes)
+
+    def _read_staged(self, unit, extents, read):
+        read.staging.wait_turn(read.ticket)
+        t0 = time.perf_counter()
+        read_extents(extents, read.staging.flat)
+        self.trace.host_event("read", unit.name, t0, time.perf_counter(), unit.nbytes)
+
+    # -- trace marks ----------------------------------------------------------------------
+    def _mark_start(self, idx):
+        if self.cuda:
+            ev = self.torch.cuda.Event(enable_timing=True)
+            ev.record(self.torch.cuda.current_stream(self.device))
+            self._open[idx] = ev
+        else:
+            self._open[idx] = time.perf_counter()
+
+    def _mark_end(self, idx):
+        start = self._open.pop(idx, None)
+        if start is None:
+            return
+        name = self.units[idx].name
+        if self.cuda:
+            ev = self.torch.cuda.Event(enable_timing=True)
+            ev.record(self.torch.cuda.current_stream(self.device))
+            self.trace.cuda_event("compute", name, start, ev)
+        else:
+            self.trace.host_event("compute", name, start, time.perf_counter())
+
+
+def _to_device(obj, device):
+    """Move tensors in (nested) args to the compute device, as callers pass CPU inputs."""
+    import torch
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True) if obj.device != device else obj
+    if isinstance(obj, tuple):
+        return tuple(_to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,31 @@
+"""The exceptions nb_offload raises for user-facing problems.
+
+Every message names the bad value and the accepted form, so a notebook user can fix the
+call without reading a traceback.
+"""
+
+from __future__ import annotations
+
+
+class OffloadError(Exception):
+    """Base class of every error nb_offload raises on purpose."""
+
+
+class BudgetError(OffloadError, ValueError):
+    """A memory budget is malformed, or too small for the model."""
+
+
+class CheckpointError(OffloadError):
+    """The model folder, Hub id or weight files can't be used."""
+
+
+class PinError(OffloadError, ValueError):
+    """A pin pattern matches nothing, or names an unknown tier."""
+
+
+class DiskTierError(OffloadError):
+    """The disk tier's folder can't be created or written."""
+
+
+class OptionError(OffloadError, ValueError):
+    """An option (dtype, quantization, device, policy ...) has an unknown value."""

@@ -1,0 +1,233 @@
+"""``OffloadedModel``: the user's handle on a model loaded through the tiers."""
+
+from __future__ import annotations
+
+import gc
+import time
+
+from .budget import format_size
+from .errors import OffloadError, PinError
+from .patterns import match_units
+from .planner import check_tier
+from .tiers import param_views
+from .trace import Stats, Trace
+
+
+class OffloadedModel:
+    """A transformers causal LM whose units live on GPU, host memory or disk, streamed as planned.
+
+    ``.model`` is the transformers model itself: calling it (or its ``generate``) streams.
+    """
+
+    def __init__(self):  # use nb_offload.load()
+        raise TypeError("use nb_offload.load(...) to make an OffloadedModel")
+
+    @classmethod
+    def _assemble(cls, insp, storage, plan, pin_map, device, *, trace, prefetch, read_ahead, budgets):
+        import torch
+        self = object.__new__(cls)
+        self._insp, self._storage, self._device = insp, storage, device
+        self._pins = dict(pin_map)
+        self._budgets = budgets
+        self._prefetch, self._read_ahead = prefetch, read_ahead
+        self.plan = plan
+        self.trace = Trace(enabled=trace)
+        self.stats = Stats()
+        self.name = insp.name
+        model = insp.meta
+        # Buffers: persistent ones from the checkpoint, the rest as the model computed them.
+        for bname, key in insp.buffer_keys.items():
+            mod, _, attr = bname.rpartition(".")
+            owner = model.get_submodule(mod) if mod else model
+            owner._buffers[attr] = insp.checkpoint.get(key).to(owner._buffers[attr].dtype)
+        for mod in model.modules():
+            for attr, buf in list(mod._buffers.items()):
+                if buf is not None:
+                    mod._buffers[attr] = buf.to(device)
+        # One Parameter object per weight, shared by every module that names it (tied weights).
+        self._params = {}
+        for u in insp.units:
+            plist = []
+            for slot in u.params:
+                # Zero-sized until the engine binds it: .data may change shape, not device type.
+                p = torch.nn.Parameter(torch.empty(0, dtype=slot.dtype, device=device), requires_grad=False)
+                for alias in slot.names:
+                    mod, _, attr = alias.rpartition(".")
+                    (model.get_submodule(mod) if mod else model)._parameters[attr] = p
+                plist.append(p)
+            self._params[u.index] = plist
+        self.model = model
+        self._load_generation_config()
+        self.tokenizer = self._load_tokenizer()
+        self._engine = None
+        self._start_engine()
+        return self
+
+    def _load_generation_config(self):
+        import os
+        from transformers import GenerationConfig
+        if os.path.isfile(os.path.join(self._insp.folder, "generation_config.json")):
+            try:
+                self.model.generation_config = GenerationConfig.from_pretrained(self._insp.folder)
+            except Exception:  # a broken generation config should not stop a load
+                pass
+
+    def _load_tokenizer(self):
+        import os
+        folder = self._insp.folder
+        if not any(os.path.isfile(os.path.join(folder, f)) for f in
+                   ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+            return None
+        from transformers import AutoTokenizer
+        from .loader import _quiet_transformers
+        try:
+            with _quiet_transformers():
+                return AutoTokenizer.from_pretrained(folder)
+        except Exception:
+            return None
+
+    def _start_engine(self):
+        from .engine import Engine, Source
+        resident = self.plan.resident_tier
+        sources = {}
+        for u in self._insp.units:
+            store = self._storage.stores[u.index]
+            if store.tier == resident:
+                for p, v in zip(self._params[u.index], param_views(u, store.flat)):
+                    p.data = v
+            else:
+                sources[u.index] = Source(store.tier, flat=store.flat, extents=store.extents)
+        self._engine = Engine(self.model, self._insp.units, self._params, sources, self._device,
+                              self.trace, self.stats, prefetch=self._prefetch, read_ahead=self._read_ahead)
+        self._engine.install()
+
+    def _stop_engine(self):
+        if self._engine is not None:
+            self._engine.remove()
+            self._engine = None
+
+    def _check_loaded(self):
+        if self._engine is None:
+            raise OffloadError(f"model {self.name!r} was unloaded; load it again with nb_offload.load().")
+
+    # -- running ----------------------------------------------------------------------------
+    @property
+    def device(self):
+        return self._device
+
+    def __call__(self, *args, **kwargs):
+        self._check_loaded()
+        import torch
+        with torch.inference_mode():
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """``transformers`` generate, streaming as planned; inputs may be on the CPU."""
+        self._check_loaded()
+        import torch
+        from .engine import _to_device
+        args, kwargs = _to_device(args, self._device), _to_device(kwargs, self._device)
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(*args, **kwargs)
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        self.stats.seconds += time.perf_counter() - t0
+        seqs = out.sequences if hasattr(out, "sequences") else out
+        if isinstance(seqs, torch.Tensor) and isinstance(inputs, torch.Tensor) and seqs.dim() == 2:
+            self.stats.tokens += (seqs.shape[1] - inputs.shape[1]) * seqs.shape[0]
+        return out
+
+    # -- re-pinning -------------------------------------------------------------------------
+    def pin(self, pattern: str, tier: str):
+        """Keep the units matching ``pattern`` on ``tier``; the others are re-planned around them."""
+        self._check_loaded()
+        tier = check_tier(tier)
+        units = match_units(pattern, self._insp.units)
+        pins = dict(self._pins)
+        for u in units:
+            pins[u.index] = tier
+        return self._replan(pins)
+
+    def unpin(self, pattern: str):
+        """Let the planner place the units matching ``pattern`` again."""
+        self._check_loaded()
+        units = match_units(pattern, self._insp.units)
+        pinned = [u for u in units if u.index in self._pins]
+        if not pinned:
+            raise PinError(f"pattern {pattern!r} matches no pinned unit; pinned now: "
+                           f"{[self._insp.units[i].name for i in self._pins] or 'none'}.")
+        pins = {i: t for i, t in self._pins.items() if i not in {u.index for u in pinned}}
+        return self._replan(pins)
+
+    def _replan(self, pins):
+        p = self.plan
+        new_plan = self._insp.make_plan(p.device, self._budgets, pins, p.context, p.batch,
+                                        self._prefetch, self._read_ahead)   # raises before any change
+        self._stop_engine()
+        try:
+            moved = self._storage.migrate(new_plan)
+        except BaseException:
+            self._start_engine()       # the old stores are intact: carry on under the old plan
+            raise
+        self._pins, self.plan = pins, new_plan
+        self._start_engine()
+        self._release_memory()
+        return moved
+
+    # -- leaving ----------------------------------------------------------------------------
+    def unload(self):
+        """Free every buffer this model holds on the GPU, in host memory and in staging."""
+        if self._engine is None:
+            return
+        import torch
+        self._stop_engine()
+        for plist in self._params.values():
+            for p in plist:
+                p.data = torch.empty(0, dtype=p.dtype, device=self._device)
+        for mod in self.model.modules():
+            for attr, buf in list(mod._buffers.items()):
+                if buf is not None:
+                    mod._buffers[attr] = torch.empty(0, dtype=buf.dtype, device=self._device)
+        self._storage.release()
+        self.trace.clear()
+        self._release_memory()
+
+    def _release_memory(self):
+        import torch
+        gc.collect()
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+            torch.cuda.empty_cache()
+        host_empty = getattr(torch._C, "_host_emptyCache", None)
+        if host_empty is not None and torch.cuda.is_available():
+            host_empty()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.unload()
+
+    # -- views --------------------------------------------------------------------------------
+    def to_device_map(self) -> dict:
+        """The plan as a device map that Accelerate's ``dispatch_model`` accepts."""
+        where = {"gpu": self._device.index if self._device.index is not None else 0, "cpu": "cpu", "disk": "disk"}
+        out = {}
+        for u, e in zip(self._insp.units, self.plan.entries):
+            for name in u.modules:
+                out[name] = where[e.tier] if self._device.type == "cuda" or e.tier == "disk" else "cpu"
+        return out
+
+    @property
+    def units(self):
+        return list(self.plan.entries)
+
+    def __repr__(self):
+        state = "unloaded" if self._engine is None else f"{len(self.plan)} units on {self._device}"
+        totals = ", ".join(f"{t} {format_size(v)}" for t, v in self.plan.totals().items() if v)
+        return f"<OffloadedModel {self.name!r}: {state}; {totals}>"
+
+    def _repr_html_(self):
+        return self.plan._repr_html_()

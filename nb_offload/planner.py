@@ -1,0 +1,342 @@
+"""The plan: which tier each unit lives on, and the planner that makes it under budgets.
+
+Tiers: ``gpu`` (resident on the CUDA device), ``cpu`` (host memory: streamed to the GPU when a
+GPU computes, resident when the CPU computes) and ``disk`` (streamed). The planner reserves
+room on the compute device for what a generate needs besides weights (KV cache at the planned
+context and batch, activations, staging slots for streamed units, a workspace), so a plan
+that validates does not run out of memory within its context length.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+
+from .budget import format_size
+from .errors import BudgetError, PinError
+from .patterns import match_units
+
+TIERS = ("gpu", "cpu", "disk")
+WORKSPACE = 64 * 2**20        # cuBLAS workspace, allocator rounding, small temporaries
+DEFAULT_CONTEXT = 2048
+
+
+@dataclass
+class PlanEntry:
+    name: str
+    bytes: int
+    tier: str
+    pinned: bool
+    kind: str = "block"
+    aliases: tuple = ()
+
+
+@dataclass
+class Plan:
+    entries: list[PlanEntry]
+    device: str                     # "cuda" or "cpu": where compute runs
+    budgets: dict                   # tier -> bytes (None: no limit / no tier)
+    reserved: dict                  # what the compute device holds besides resident weights
+    host_reserved: dict = field(default_factory=dict)
+    context: int = DEFAULT_CONTEXT
+    batch: int = 1
+    prefetch: int = 1
+    model: str = ""
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, name):
+        for e in self.entries:
+            if e.name == name or name in e.aliases:
+                return e
+        raise KeyError(name)
+
+    @property
+    def resident_tier(self) -> str:
+        return "gpu" if self.device == "cuda" else "cpu"
+
+    @property
+    def streamed_tiers(self) -> tuple:
+        return ("cpu", "disk") if self.device == "cuda" else ("disk",)
+
+    def tier_of(self, name: str) -> str:
+        """The tier of a unit (by any of its module names)."""
+        try:
+            return self[name].tier
+        except KeyError:
+            raise PinError(f"{name!r} is not a unit of this plan; units are e.g. "
+                           f"{[e.name for e in self.entries[:3]]}.") from None
+
+    def totals(self) -> dict:
+        """Weight bytes per tier."""
+        out = {t: 0 for t in TIERS}
+        for e in self.entries:
+            out[e.tier] += e.bytes
+        return out
+
+    def used(self) -> dict:
+        """Bytes charged to each tier's budget: weights plus reservations."""
+        out = self.totals()
+        out[self.resident_tier] += sum(self.reserved.values())
+        out["cpu"] += sum(self.host_reserved.values())
+        return out
+
+    def streamed_bytes_per_token(self) -> dict:
+        """Bytes each forward step moves to the compute device, by source tier."""
+        return {t: sum(e.bytes for e in self.entries if e.tier == t) for t in self.streamed_tiers}
+
+    def predicted_seconds_per_step(self, link_gbps: float = 25.0, disk_gbps: float = 1.0) -> float:
+        """A lower bound on a decode step's time from the bytes it streams (compute not counted)."""
+        moved = self.streamed_bytes_per_token()
+        if self.device == "cuda":
+            return moved.get("cpu", 0) / (link_gbps * 1e9) + moved.get("disk", 0) / (disk_gbps * 1e9)
+        return moved.get("disk", 0) / (disk_gbps * 1e9)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model, "device": self.device, "context": self.context, "batch": self.batch,
+            "prefetch": self.prefetch, "budgets": self.budgets, "reserved": self.reserved,
+            "host_reserved": self.host_reserved,
+            "entries": [{"name": e.name, "bytes": e.bytes, "tier": e.tier, "pinned": e.pinned,
+                         "kind": e.kind, "aliases": list(e.aliases)} for e in self.entries],
+        }
+
+    def _rows(self):
+        """Runs of consecutive blocks on one tier are folded into one row (model.layers.0-7)."""
+        rows = []
+        for e in self.entries:
+            prev = rows[-1] if rows else None
+            head, _, idx = e.name.rpartition(".")
+            if (prev and e.kind == "block" and prev["kind"] == "block" and prev["tier"] == e.tier
+                    and prev["pinned"] == e.pinned and idx.isdigit() and prev["head"] == head
+                    and prev["last"] + 1 == int(idx)):
+                prev["last"] = int(idx)
+                prev["bytes"] += e.bytes
+                prev["count"] += 1
+                continue
+            rows.append({"head": head, "first": int(idx) if idx.isdigit() else None,
+                         "last": int(idx) if idx.isdigit() else None, "name": e.name, "kind": e.kind,
+                         "tier": e.tier, "pinned": e.pinned, "bytes": e.bytes, "count": 1,
+                         "aliases": e.aliases})
+        for r in rows:
+            if r["count"] > 1:
+                r["name"] = f"{r['head']}.{r['first']}-{r['last']}"
+            elif len(r["aliases"]) > 1:
+                r["name"] = " = ".join(r["aliases"])
+        return rows
+
+    def __str__(self):
+        rows = self._rows()
+        width = max([len(r["name"]) for r in rows] + [6])
+        lines = [f"nb_offload plan for {self.model or 'model'}: compute on {self.device}, "
+                 f"context {self.context}, batch {self.batch}",
+                 f"  {'module':<{width}}  {'tier':<4}  {'size':>10}  pinned"]
+        for r in rows:
+            count = f" ({r['count']} blocks)" if r["count"] > 1 else ""
+            lines.append(f"  {r['name']:<{width}}  {r['tier']:<4}  {format_size(r['bytes']):>10}  "
+                         f"{'yes' if r['pinned'] else '':<6}{count}".rstrip())
+        used = self.used()
+        for tier in TIERS:
+            budget = self.budgets.get(tier)
+            if tier == "gpu" and self.device != "cuda":
+                continue
+            if tier == "disk" and budget is None and self.totals()["disk"] == 0:
+                continue
+            of = f" of {format_size(budget)}" if budget is not None else ""
+            lines.append(f"  {tier}: {format_size(self.totals()[tier])} weights, {format_size(used[tier])} used{of}")
+        extra = ", ".join(f"{k.replace('_', ' ')} {format_size(v)}" for k, v in self.reserved.items() if v)
+        lines.append(f"  reserved on {self.resident_tier}: {extra}")
+        moved = self.streamed_bytes_per_token()
+        lines.append("  streamed per step: " + ", ".join(f"{format_size(v)} from {k}" for k, v in moved.items()))
+        return "\n".join(lines)
+
+    def __repr__(self):
+        totals = ", ".join(f"{t}={format_size(v)}" for t, v in self.totals().items() if v)
+        return f"<Plan {len(self.entries)} units on {self.device}: {totals}>"
+
+    def _repr_html_(self):
+        colors = {"gpu": "#2e7d32", "cpu": "#1565c0", "disk": "#8d6e63"}
+        body = "".join(
+            f"<tr><td><code>{html.escape(r['name'])}</code></td>"
+            f"<td><span style='color:{colors[r['tier']]};font-weight:bold'>{r['tier']}</span></td>"
+            f"<td style='text-align:right'>{format_size(r['bytes'])}</td>"
+            f"<td>{'&#128204;' if r['pinned'] else ''}</td></tr>" for r in self._rows())
+        used = self.used()
+        foot = "".join(
+            f"<tr><th>{t}</th><td colspan=3>{format_size(self.totals()[t])} weights, {format_size(used[t])} used"
+            + (f" of {format_size(self.budgets[t])}" if self.budgets.get(t) is not None else "") + "</td></tr>"
+            for t in TIERS if not (t == "gpu" and self.device != "cuda"))
+        return (f"<div><b>nb_offload plan</b> for <code>{html.escape(self.model)}</code> "
+                f"(compute on {self.device}, context {self.context}, batch {self.batch})"
+                f"<table><tr><th>module</th><th>tier</th><th>size</th><th>pinned</th></tr>{body}{foot}</table></div>")
+
+
+def footprint(config, dtype_size: int, context: int, batch: int, device: str) -> dict:
+    """Bytes a generate needs on the compute device besides weights, at this context and batch."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(cfg, "num_hidden_layers", 1)
+    heads = getattr(cfg, "num_attention_heads", 1)
+    hidden = getattr(cfg, "hidden_size", 0)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // max(heads, 1)
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", None) or 4 * hidden
+    top_k = getattr(cfg, "num_experts_per_tok", 1) or 1
+    moe_inter = getattr(cfg, "moe_intermediate_size", None) or inter
+    vocab = getattr(cfg, "vocab_size", 0)
+    tokens = context * batch
+    kv = 2 * layers * kv_heads * head_dim * tokens * dtype_size
+    # Per-layer live tensors during a full-context prefill: residual, normed input, q/k/v and
+    # the repeated k/v of grouped-query attention, attention output, and the MLP's gate, up and
+    # product (per routed expert for MoE); float32 logits and their softmax for the last token.
+    per_token = (6 * hidden + 2 * heads * head_dim + 3 * max(inter, moe_inter * top_k)) * dtype_size
+    activations = tokens * per_token + 2 * batch * vocab * 4
+    if device == "cpu":  # the CPU's scaled-dot-product attention materialises the score matrix
+        activations += batch * heads * context * context * 4
+    return {"kv_cache": kv, "activations": activations, "workspace": WORKSPACE if device == "cuda" else 0}
+
+
+def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_size: int,
+              context: int = DEFAULT_CONTEXT, batch: int = 1, prefetch: int = 1, model_name: str = "",
+              read_ahead: int = 2) -> Plan:
+    """Place every unit on a tier.
+
+    ``budgets``: tier -> bytes, None where the tier is absent (disk without a folder) or unbounded.
+    ``pins``: unit index -> tier.
+    """
+    resident = "gpu" if device == "cuda" else "cpu"
+    streamed = ("cpu", "disk") if device == "cuda" else ("disk",)
+    allowed = (resident,) + streamed
+    for idx, tier in pins.items():
+        u = units[idx]
+        if tier not in allowed:
+            raise PinError(f"tier {tier!r} for {u.name!r} is not available here (compute on {device}); "
+                           f"accepted: {', '.join(allowed)}.")
+        if tier == "disk" and budgets.get("disk") is None:
+            raise PinError(f"{u.name!r} can't be pinned to disk: this model was loaded without a disk "
+                           "folder; load with disk=\"./offload\" to enable the disk tier.")
+        if tier != resident and u.resident_only:
+            raise PinError(f"{u.name!r} holds weights used outside any block, so it must stay on {resident}.")
+    reserved = footprint(config, dtype_size, context, batch, device)
+    slots = prefetch + 1
+    fixed = sum(reserved.values())
+    cap = budgets[resident]
+
+    must = [u for u in units if pins.get(u.index) == resident or u.resident_only]
+    free = [u for u in units if u.index not in pins and not u.resident_only]
+    # Top-level units first (streaming a 2 GiB embedding for a few rows wastes the link), then
+    # blocks in the order they run.
+    candidates = [u for u in free if u.kind == "top"] + [u for u in free if u.kind == "block"]
+    streamable = [u for u in units if not u.resident_only and pins.get(u.index) != resident]
+
+    def slot_bytes(streamed_units):
+        return slots * max((u.nbytes for u in streamed_units), default=0)
+
+    on_res = {u.index for u in must}
+    used = fixed + sum(u.nbytes for u in must)
+    min_needed = used + slot_bytes([u for u in streamable])
+    everything = fixed + sum(u.nbytes for u in units)
+    if everything > cap and used + slot_bytes(streamable) > cap:
+        raise BudgetError(_too_small(resident, cap, min_needed, reserved, slots, streamable, context, must))
+    for u in candidates:
+        rest = [v for v in streamable if v.index not in on_res and v.index != u.index]
+        if used + u.nbytes + slot_bytes(rest) <= cap:
+            on_res.add(u.index)
+            used += u.nbytes
+    stream = [u for u in units if u.index not in on_res]
+    reserved["staging_slots"] = slot_bytes(stream)
+
+    tiers = {u.index: resident for u in units if u.index in on_res}
+    host_reserved = {}
+    if device == "cuda":
+        cpu_cap = budgets["cpu"]
+        to_disk = [u for u in stream if pins.get(u.index) == "disk"]
+        to_cpu = [u for u in stream if pins.get(u.index) == "cpu"]
+        loose = [u for u in stream if u.index not in pins]
+        cpu_used = sum(u.nbytes for u in to_cpu)
+        disk_on = budgets.get("disk") is not None
+
+        def host_staging(disk_units):
+            return read_ahead * max((u.nbytes for u in disk_units), default=0)
+
+        # The first k loose units go to cpu, the rest to disk: the largest k that fits, counting
+        # the page-locked staging buffers that disk units need in host memory.
+        best = None
+        for k in range(len(loose), -1, -1):
+            rest = loose[k:]
+            if rest and not disk_on:
+                continue
+            staging = host_staging(rest + to_disk) if (rest or to_disk) else 0
+            if cpu_used + sum(u.nbytes for u in loose[:k]) + staging <= cpu_cap:
+                best = k
+                break
+        if best is None:
+            need = sum(v.nbytes for v in stream if pins.get(v.index) != "disk")
+            if not disk_on:
+                raise BudgetError(
+                    f"cpu={format_size(cpu_cap)} can't hold the {format_size(need)} of weights that don't fit "
+                    f"on the GPU (gpu={format_size(cap)}); give cpu= at least {format_size(need)}, "
+                    "a larger gpu budget, or a disk= folder for the rest.")
+            best = 0
+        for i, u in enumerate(loose):
+            tiers[u.index] = "cpu" if i < best else "disk"
+        cpu_used += sum(u.nbytes for u in loose[:best])
+        for u in to_cpu:
+            tiers[u.index] = "cpu"
+        for u in to_disk:
+            tiers[u.index] = "disk"
+        disk_units = [u for u in stream if tiers[u.index] == "disk"]
+        if disk_units:
+            host_reserved["disk_staging"] = host_staging(disk_units)
+        if cpu_used + host_reserved.get("disk_staging", 0) > cpu_cap:
+            raise BudgetError(
+                f"cpu={format_size(cpu_cap)} is below the {format_size(cpu_used + host_reserved.get('disk_staging', 0))} "
+                "that the units pinned to cpu and the disk staging buffers need; raise cpu= or pin fewer units to cpu.")
+    else:
+        if stream and budgets.get("disk") is None:
+            need = everything
+            raise BudgetError(
+                f"cpu={format_size(cap)} can't hold this model: it needs {format_size(need)} with everything "
+                f"in memory at context {context}; give cpu= at least {format_size(need)}, or a disk= folder "
+                "to stream blocks from.")
+        for u in stream:
+            tiers[u.index] = "disk"
+
+    entries = [PlanEntry(name=u.name, bytes=u.nbytes, tier=tiers[u.index], pinned=u.index in pins,
+                         kind=u.kind, aliases=tuple(u.modules)) for u in units]
+    return Plan(entries=entries, device=device, budgets=dict(budgets), reserved=reserved,
+                host_reserved=host_reserved, context=context, batch=batch, prefetch=prefetch, model=model_name)
+
+
+def _too_small(tier, cap, need, reserved, slots, streamable, context, must):
+    parts = [f"{k.replace('_', ' ')} {format_size(v)}" for k, v in reserved.items() if v]
+    if streamable:
+        parts.append(f"{slots} staging slots of {format_size(max(u.nbytes for u in streamable))}")
+    if must:
+        parts.append(f"units kept on {tier} {format_size(sum(u.nbytes for u in must))}")
+    return (f"{tier}={format_size(cap)} is below the minimum {format_size(need)} this model needs on the "
+            f"compute device at context {context} ({', '.join(parts)}); give {tier}= at least "
+            f"{format_size(need)}, or a shorter context.")
+
+
+def resolve_pins(pins, units) -> dict:
+    """Turn ``{pattern: tier}`` into ``{unit index: tier}``, checking every pattern and tier."""
+    out = {}
+    if not pins:
+        return out
+    if not isinstance(pins, dict):
+        raise PinError(f"pins={pins!r} is not a mapping; give a dict such as {{\"model.layers.0-3\": \"gpu\"}}.")
+    for pattern, tier in pins.items():
+        tier = check_tier(tier)
+        for u in match_units(pattern, units):
+            out[u.index] = tier
+    return out
+
+
+def check_tier(tier) -> str:
+    if not isinstance(tier, str) or tier.strip().lower() not in TIERS:
+        raise PinError(f"tier {tier!r} is unknown; accepted: {', '.join(TIERS)}.")
+    return tier.strip().lower()

@@ -1,0 +1,165 @@
+"""Cheap records of every disk read, host-to-device copy and compute, and the run's stats.
+
+The engine appends raw records; CUDA records hold events that are resolved into times only
+after a step ends (no synchronize on the hot path). Resolved events go into a bounded ring and
+are handed to observers in batches, once a step.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+LANES = ("read", "copy", "compute")
+
+
+@dataclass
+class TraceEvent:
+    kind: str          # "read", "copy" or "compute"
+    unit: str
+    start: float       # seconds, on the trace's clock (time.perf_counter based)
+    end: float
+    bytes: int = 0
+    step: int = 0
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+class Trace:
+    """A bounded ring of resolved events plus the pending CUDA records of the current step."""
+
+    def __init__(self, capacity: int = 100_000, enabled: bool = True):
+        self.enabled = enabled
+        self.events: deque[TraceEvent] = deque(maxlen=capacity)
+        self._pending: list = []        # (kind, unit, start_event, end_event, bytes, step)
+        self._host: list = []           # TraceEvents recorded by other threads
+        self._lock = threading.Lock()
+        self._observers: list = []
+        self._origin_event = None       # CUDA event matched to _origin_time
+        self._origin_time = 0.0
+        self.step = 0
+
+    # -- recording (engine side) -------------------------------------------------------
+    def host_event(self, kind, unit, start, end, nbytes=0):
+        if self.enabled:
+            with self._lock:
+                self._host.append(TraceEvent(kind, unit, start, end, nbytes, self.step))
+
+    def cuda_event(self, kind, unit, start_ev, end_ev, nbytes=0):
+        if self.enabled:
+            self._pending.append((kind, unit, start_ev, end_ev, nbytes, self.step))
+
+    def calibrate(self, torch_cuda):
+        """Tie CUDA event times to the host clock (one synchronize, at engine start)."""
+        ev = torch_cuda.Event(enable_timing=True)
+        ev.record()
+        ev.synchronize()
+        self._origin_event, self._origin_time = ev, time.perf_counter()
+
+    def flush(self, wait: bool = False):
+        """Resolve finished CUDA records, move everything into the ring, notify observers."""
+        batch = []
+        keep = []
+        for rec in self._pending:
+            kind, unit, s, e, nbytes, step = rec
+            if not wait and not e.query():
+                keep.append(rec)
+                continue
+            if wait:
+                e.synchronize()
+            t0 = self._origin_time + self._origin_event.elapsed_time(s) / 1e3
+            t1 = self._origin_time + self._origin_event.elapsed_time(e) / 1e3
+            batch.append(TraceEvent(kind, unit, t0, t1, nbytes, step))
+        self._pending = keep
+        with self._lock:
+            batch.extend(self._host)
+            self._host = []
+        if batch:
+            batch.sort(key=lambda ev: ev.start)
+            self.events.extend(batch)
+            for fn in list(self._observers):
+                fn(batch)
+        return batch
+
+    # -- reading (user side) -----------------------------------------------------------
+    def subscribe(self, callback):
+        """Call ``callback(list_of_events)`` with each batch of new events; returns an unsubscribe function."""
+        self._observers.append(callback)
+        return lambda: self._observers.remove(callback) if callback in self._observers else None
+
+    def clear(self):
+        self.events.clear()
+
+    def __len__(self):
+        return len(self.events)
+
+    def __iter__(self):
+        return iter(list(self.events))
+
+    def to_chrome_trace(self) -> dict:
+        """The events as Chrome-trace JSON (open in chrome://tracing or Perfetto)."""
+        evs = list(self.events)
+        t0 = min((e.start for e in evs), default=0.0)
+        lanes = {k: i for i, k in enumerate(LANES)}
+        out = [{"name": "thread_name", "ph": "M", "pid": 1, "tid": i, "args": {"name": k}}
+               for k, i in lanes.items()]
+        for e in evs:
+            out.append({"name": e.unit, "cat": e.kind, "ph": "X", "pid": 1, "tid": lanes.get(e.kind, 3),
+                        "ts": (e.start - t0) * 1e6, "dur": max(e.duration, 0) * 1e6,
+                        "args": {"bytes": e.bytes, "step": e.step}})
+        return {"traceEvents": out, "displayTimeUnit": "ms"}
+
+    def export(self, path: str):
+        with open(path, "w") as fh:
+            json.dump(self.to_chrome_trace(), fh)
+        return path
+
+    def summary(self) -> dict:
+        """Totals per lane: count, bytes and busy seconds."""
+        out = {k: {"count": 0, "bytes": 0, "seconds": 0.0} for k in LANES}
+        for e in self.events:
+            lane = out.setdefault(e.kind, {"count": 0, "bytes": 0, "seconds": 0.0})
+            lane["count"] += 1
+            lane["bytes"] += e.bytes
+            lane["seconds"] += e.duration
+        return out
+
+
+@dataclass
+class Stats:
+    """What the model has done since load (or the last ``reset``)."""
+
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    bytes_from_cpu: int = 0     # host-to-device copies
+    bytes_from_disk: int = 0    # drive reads
+
+    def reset(self):
+        self.steps = self.tokens = self.bytes_from_cpu = self.bytes_from_disk = 0
+        self.seconds = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def streamed_gbps(self) -> float:
+        """Bytes brought to the compute device per second of generation, in GB/s."""
+        return (self.bytes_from_cpu + self.bytes_from_disk) / self.seconds / 1e9 if self.seconds else 0.0
+
+    def as_dict(self) -> dict:
+        return {"steps": self.steps, "tokens": self.tokens, "seconds": self.seconds,
+                "tokens_per_second": self.tokens_per_second, "bytes_from_cpu": self.bytes_from_cpu,
+                "bytes_from_disk": self.bytes_from_disk, "streamed_gbps": self.streamed_gbps}
+
+    def __str__(self):
+        from .budget import format_size
+        return (f"{self.tokens} tokens in {self.seconds:.2f} s ({self.tokens_per_second:.2f} tok/s), "
+                f"{self.steps} steps; streamed {format_size(self.bytes_from_cpu)} from cpu, "
+                f"{format_size(self.bytes_from_disk)} from disk ({self.streamed_gbps:.2f} GB/s)")

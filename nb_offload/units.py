@@ -1,0 +1,254 @@
+"""The model's units: the blocks and top-level modules that are planned, stored and streamed.
+
+A unit is a block (an instance of a class in the model's ``_no_split_modules``) or a
+top-level module that owns parameters (embeddings, final norm, lm_head). Tied parameters
+join their modules into one unit. Each unit has a flat byte layout, so a whole unit lives in
+one buffer and moves in one copy. Everything here works on the meta device: no weight is read.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+from .errors import CheckpointError, OptionError
+
+ALIGN = 256  # bytes; keeps every tensor view aligned for vectorised kernels on any device
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class ParamSlot:
+    """One parameter's place inside its unit's flat buffer."""
+
+    names: list[str]          # every name of the parameter (tied weights have several)
+    shape: tuple
+    dtype: object             # torch.dtype
+    offset: int
+    nbytes: int
+
+
+@dataclass
+class Unit:
+    index: int
+    name: str
+    modules: list[str]        # modules whose forward needs this unit's weights
+    kind: str                 # "block" or "top"
+    params: list[ParamSlot] = field(default_factory=list)
+    nbytes: int = 0
+    resident_only: bool = False   # params owned by a container of blocks: can't be streamed
+    checkpoint_keys: list[str] = field(default_factory=list)
+    direct: bool = False      # every param is one checkpoint tensor of the same dtype
+
+    @property
+    def aliases(self) -> list[str]:
+        return self.modules
+
+
+def resolve_dtype(dtype, config=None):
+    """The torch dtype the user asked for, the config's, or float32."""
+    import torch
+    if dtype is None:
+        cfg_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(cfg_dtype, str) and cfg_dtype in DTYPES:
+            return getattr(torch, cfg_dtype)
+        if isinstance(cfg_dtype, torch.dtype) and cfg_dtype.is_floating_point:
+            return cfg_dtype
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if str(dtype).removeprefix("torch.") in DTYPES:
+            return dtype
+    elif isinstance(dtype, str):
+        name = dtype.removeprefix("torch.").lower()
+        name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(name, name)
+        if name in DTYPES:
+            return getattr(torch, name)
+        if name == "auto":
+            return resolve_dtype(None, config)
+    raise OptionError(f"dtype={dtype!r} is not supported; accepted: {', '.join(DTYPES)} (or None / \"auto\" for the checkpoint's).")
+
+
+def build_meta_model(config, dtype, attn_implementation=None, trust_remote_code=False):
+    """Instantiate the model with parameters on the meta device and real buffers."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+    except ValueError as exc:
+        raise CheckpointError(
+            f"model type {getattr(config, 'model_type', '?')!r} has no causal-LM class in this "
+            f"transformers: {exc}") from exc
+    model.tie_weights()
+    model.eval()
+    return model
+
+
+def find_units(model) -> list[Unit]:
+    """Split the model into blocks and top-level units, in the order their forwards run."""
+    import torch.nn as nn
+
+    block_classes = set(getattr(model, "_no_split_modules", None) or [])
+    blocks: list[str] = []
+    for name, module in model.named_modules():
+        if type(module).__name__ in block_classes and not any(name.startswith(b + ".") for b in blocks):
+            blocks.append(name)
+    if not blocks:  # no declared blocks: take the children of the largest ModuleList
+        lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+        if lists:
+            lname, lmod = max(lists, key=lambda nm: len(nm[1]))
+            blocks = [f"{lname}.{i}" for i in range(len(lmod))]
+    block_set = set(blocks)
+    module_order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+
+    def owning_block(module_name):
+        parts = module_name.split(".")
+        for i in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:i])
+            if prefix in block_set:
+                return prefix
+        return None
+
+    # Group every parameter (by identity, so tied weights count once) under its unit.
+    by_id: dict[int, list[str]] = {}
+    tensors = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(pname)
+        tensors[id(p)] = p
+    unit_of_module: dict[str, str] = {}   # module name -> unit key
+    members: dict[str, list[int]] = {}    # unit key -> param ids
+    modules_of: dict[str, list[str]] = {}
+    parent = {}
+
+    def find(k):
+        while parent.get(k, k) != k:
+            k = parent[k]
+        return k
+
+    for pid, names in by_id.items():
+        keys = []
+        for pname in names:
+            owner = pname.rsplit(".", 1)[0] if "." in pname else ""
+            block = owning_block(owner)
+            key = block if block is not None else owner
+            keys.append(key)
+            modules_of.setdefault(key, [])
+            if key not in modules_of[key]:
+                modules_of[key].append(key)
+        root = find(keys[0])
+        for k in keys[1:]:
+            r = find(k)
+            if r != root:
+                parent[r] = root
+        members.setdefault(keys[0], []).append(pid)
+
+    groups: dict[str, list[str]] = {}
+    for key in modules_of:
+        groups.setdefault(find(key), []).append(key)
+    units = []
+    for root, keys in groups.items():
+        keys.sort(key=lambda k: module_order.get(k, 0))
+        pids = [pid for k in keys for pid in members.get(k, [])]
+        is_block = any(k in block_set for k in keys)
+        resident_only = any(
+            any(b == k or b.startswith(k + ".") or k == "" for b in blocks) for k in keys if k not in block_set)
+        unit = Unit(index=0, name=keys[0], modules=keys, kind="block" if is_block else "top",
+                    resident_only=resident_only)
+        offset = 0
+        for pid in pids:
+            p = tensors[pid]
+            nbytes = p.numel() * p.element_size()
+            unit.params.append(ParamSlot(names=by_id[pid], shape=tuple(p.shape), dtype=p.dtype,
+                                         offset=offset, nbytes=nbytes))
+            offset += -(-nbytes // ALIGN) * ALIGN
+        unit.nbytes = offset
+        units.append(unit)
+    units.sort(key=lambda u: module_order.get(u.name, 0))
+    for i, u in enumerate(units):
+        u.index = i
+    return units
+
+
+def map_checkpoint(model, units: list[Unit], checkpoint) -> tuple[dict, dict]:
+    """Assign every checkpoint tensor to its unit (through transformers' key conversions).
+
+    Returns ``(buffer_keys, conversions)``: checkpoint keys of persistent buffers by buffer
+    name, and the conversion list to hand to transformers for units that need one.
+    """
+    meta_sd = model.state_dict()
+    renamings, converters, conversions = [], [], []
+    rename = None
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        conversions = list(get_model_conversion_mapping(model))
+        renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+        converters = [c for c in conversions if isinstance(c, WeightConverter)]
+        rename = rename_source_key
+    except ImportError:  # older transformers: checkpoint keys are the model's keys
+        pass
+    unit_of_param = {}
+    for u in units:
+        for slot in u.params:
+            for n in slot.names:
+                unit_of_param[n] = u
+    buffers = {n for n, _ in model.named_buffers()}
+    buffer_keys = {}
+    converted_units = set()
+    covered = set()
+    for key, info in checkpoint.tensors.items():
+        target, pattern = key, None
+        if rename is not None:
+            target, pattern = rename(key, renamings, converters, model.base_model_prefix, meta_sd)
+            if target not in meta_sd and key in meta_sd:
+                target, pattern = key, None
+        if target in buffers:
+            buffer_keys[target] = key
+            continue
+        unit = unit_of_param.get(target)
+        if unit is None:
+            continue  # unexpected key: transformers ignores these too (with a warning)
+        unit.checkpoint_keys.append(key)
+        covered.add(target)
+        if pattern is not None or target != key:
+            converted_units.add(unit.index)
+    if converters:  # a converter's other targets (e.g. fused experts) are covered by its sources
+        for u in units:
+            if u.index in converted_units:
+                covered.update(n for s in u.params for n in s.names)
+    ignore = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
+    missing = []
+    for u in units:
+        for slot in u.params:
+            if not any(n in covered for n in slot.names):
+                if not any(_re_search(pat, n) for pat in ignore for n in slot.names):
+                    missing.append(slot.names[0])
+    if missing:
+        raise CheckpointError(
+            f"checkpoint in {checkpoint.folder!r} lacks {len(missing)} weight(s) the model needs, "
+            f"e.g. {missing[:3]}; is the config.json from the same model as the weights?")
+    for u in units:
+        if u.index in converted_units:
+            u.direct = False
+            continue
+        by_name = {}
+        for key in u.checkpoint_keys:
+            by_name[key] = checkpoint.tensors[key]
+        u.direct = not checkpoint.is_pickle and all(
+            len([n for n in s.names if n in by_name]) >= 1
+            and by_name[next(n for n in s.names if n in by_name)].dtype == str(s.dtype).removeprefix("torch.")
+            and tuple(by_name[next(n for n in s.names if n in by_name)].shape) == s.shape
+            for s in u.params)
+    return buffer_keys, conversions
+
+
+def _re_search(pattern, name):
+    import re
+    try:
+        return re.search(pattern, name) is not None
+    except re.error:
+        return fnmatch.fnmatch(name, pattern)

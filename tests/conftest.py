@@ -1,0 +1,53 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ARCHS = ["llama", "mistral", "qwen2", "gemma", "phi3", "gpt2", "opt", "mixtral", "qwen2_moe"]
+PROMPT = [[5, 17, 42, 7, 99, 3, 64, 12]]
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """Tiny models of each architecture, made once per session: ``model_dirs(arch)`` -> folder."""
+    made = {}
+
+    def get(arch, **overrides):
+        key = (arch, tuple(sorted(overrides.items())))
+        if key not in made:
+            from nb_offload.tiny import make_tiny_model
+            folder = tmp_path_factory.mktemp(f"{arch}-model")
+            made[key] = make_tiny_model(str(folder), arch, **overrides)
+        return made[key]
+
+    return get
+
+
+def reference(folder, device="cpu", max_new_tokens=10):
+    """Greedy tokens and prompt logits of the plain transformers model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder).to(device).eval()
+    ids = torch.tensor(PROMPT, device=device)
+    with torch.inference_mode():
+        logits = model(ids).logits.float().cpu()
+        tokens = model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                do_sample=False).cpu()
+    del model
+    return tokens, logits
+
+
+def run_offloaded(llm, max_new_tokens=10):
+    import torch
+    ids = torch.tensor(PROMPT)
+    logits = llm(ids).logits.float().cpu()
+    tokens = llm.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                          do_sample=False).cpu()
+    return tokens, logits
+
+
+def blocks(plan):
+    return [e for e in plan if e.kind == "block"]

@@ -1,0 +1,144 @@
+"""CUDA tests: equality through GPU + CPU + disk tiers, the GPU budget, re-pinning, cycles.
+
+Run on a CUDA machine: ``PYTHONPATH=. python3 -m pytest -m gpu tests/gpu``.
+"""
+
+import gc
+
+import pytest
+import torch
+
+import nb_offload
+from conftest import PROMPT, blocks, reference
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def run(llm, n=10):
+    ids = torch.tensor(PROMPT)
+    logits = llm(ids).logits.float().cpu()
+    tokens = llm.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False).cpu()
+    return tokens, logits
+
+
+def three_tier_pins(plan):
+    names = [e.name for e in blocks(plan)]
+    third = max(1, len(names) // 3)
+    pins = {n: "gpu" for n in names[:third]}
+    pins.update({n: "cpu" for n in names[third:2 * third]})
+    pins.update({n: "disk" for n in names[2 * third:]})
+    return pins
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma", "gpt2", "opt", "mixtral", "qwen2_moe", "phi3"])
+def test_three_tiers_match_transformers(arch, model_dirs, tmp_path):
+    folder = model_dirs(arch)
+    want_tokens, want_logits = reference(folder, device="cuda")
+    pins = three_tier_pins(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))
+    llm = nb_offload.load(folder, disk=tmp_path, pins=pins, progress=False)
+    try:
+        assert {e.tier for e in blocks(llm.plan)} == {"gpu", "cpu", "disk"}
+        tokens, logits = run(llm)
+        assert torch.equal(tokens, want_tokens)
+        torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+        kinds = {ev.kind for ev in llm.trace}
+        assert kinds >= {"read", "copy", "compute"}, kinds
+        assert llm.stats.bytes_from_cpu > 0 and llm.stats.bytes_from_disk > 0
+        # re-pin: a disk block to the GPU, a GPU block to disk; same outputs
+        disk_block = [e.name for e in blocks(llm.plan) if e.tier == "disk"][0]
+        gpu_block = [e.name for e in blocks(llm.plan) if e.tier == "gpu"][0]
+        llm.pin(disk_block, "gpu")
+        llm.pin(gpu_block, "disk")
+        assert llm.plan.tier_of(disk_block) == "gpu" and llm.plan.tier_of(gpu_block) == "disk"
+        tokens, logits = run(llm)
+        assert torch.equal(tokens, want_tokens)
+        torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+    finally:
+        llm.unload()
+
+
+def test_gpu_budget_holds_during_generate_at_planned_context(model_dirs, tmp_path):
+    folder = model_dirs("llama", hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                        num_attention_heads=8, num_key_value_heads=8, vocab_size=4096, dtype="bfloat16")
+    context = 512
+    p = nb_offload.plan(folder, gpu="64GiB", cpu="8GiB", context=context)
+    bl = blocks(p)
+    fixed = sum(v for k, v in p.reserved.items() if k != "staging_slots")
+    tops = sum(e.bytes for e in p if e.kind == "top")
+    budget = fixed + tops + (p.prefetch + 1) * bl[0].bytes + 3 * bl[0].bytes + 4096
+    gc.collect()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    llm = nb_offload.load(folder, gpu=budget, cpu="8GiB", context=context, disk=tmp_path, progress=False)
+    try:
+        tiers = [e.tier for e in blocks(llm.plan)]
+        assert tiers.count("gpu") == 3 and tiers.count("cpu") == 5, str(llm.plan)
+        prompt = torch.randint(3, 4000, (1, context - 64))
+        out = llm.generate(prompt, max_new_tokens=64, min_new_tokens=64, do_sample=False)
+        assert out.shape[1] == context
+        peak = torch.cuda.max_memory_allocated() - base
+        print(f"GPU budget {budget / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB")
+        assert peak <= budget, f"peak {peak} > budget {budget}\n{llm.plan}"
+    finally:
+        llm.unload()
+
+
+def test_ten_load_unload_cycles_return_gpu_and_host_memory(model_dirs, tmp_path):
+    import os
+    folder = model_dirs("llama", hidden_size=512, intermediate_size=1024, num_hidden_layers=6, vocab_size=2048)
+
+    def rss():
+        with open(f"/proc/{os.getpid()}/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS"))
+
+    def cycle():
+        pins = {"model.layers.0-1": "gpu", "model.layers.2-3": "cpu", "model.layers.4-5": "disk"}
+        llm = nb_offload.load(folder, disk=tmp_path, pins=pins, progress=False)
+        llm.generate(torch.tensor(PROMPT), max_new_tokens=3, do_sample=False)
+        llm.unload()
+        del llm
+        gc.collect()
+
+    cycle()
+    cycle()
+    gpu0, host0 = torch.cuda.memory_allocated(), rss()
+    for _ in range(10):
+        cycle()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == gpu0
+    assert rss() - host0 < 48 * 2**20, f"host memory grew by {(rss() - host0) / 2**20:.1f} MiB"
+
+
+def test_everything_resident_on_gpu(model_dirs):
+    folder = model_dirs("qwen2")
+    want_tokens, want_logits = reference(folder, device="cuda")
+    llm = nb_offload.load(folder, progress=False)
+    try:
+        assert all(e.tier == "gpu" for e in llm.plan)
+        tokens, logits = run(llm)
+        assert torch.equal(tokens, want_tokens)
+        torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+    finally:
+        llm.unload()
+
+
+def test_out_of_order_and_trace_off(model_dirs, tmp_path):
+    folder = model_dirs("llama")
+    want_tokens, _ = reference(folder, device="cuda")
+    llm = nb_offload.load(folder, disk=tmp_path, pins={"model.layers.0-1": "cpu", "model.layers.2-3": "disk"},
+                          trace=False, prefetch=2, progress=False)
+    try:
+        tokens, _ = run(llm)
+        assert torch.equal(tokens, want_tokens)
+        hidden = torch.randn(1, 3, 64, device="cuda")
+        pos = llm.model.model.rotary_emb(hidden, torch.arange(3, device="cuda")[None])
+        with torch.no_grad():
+            llm.model.model.layers[3](hidden, position_embeddings=pos)
+            llm.model.model.layers[1](hidden, position_embeddings=pos)
+        tokens, _ = run(llm)
+        assert torch.equal(tokens, want_tokens)
+        assert len(llm.trace) == 0
+    finally:
+        llm.unload()

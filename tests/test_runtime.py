@@ -1,0 +1,105 @@
+"""Trace, stats, observers, load/unload cycles and the demo (CPU)."""
+
+import gc
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+import nb_offload
+from conftest import PROMPT
+
+
+def test_trace_records_reads_and_compute_and_exports(model_dirs, tmp_path):
+    llm = nb_offload.load(model_dirs("llama"), device="cpu", disk=tmp_path, pins={"model.layers.1-3": "disk"},
+                          progress=False)
+    batches = []
+    unsubscribe = llm.trace.subscribe(batches.append)
+    llm.generate(torch.tensor(PROMPT), max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    unsubscribe()
+    assert len(batches) == llm.stats.steps == 5      # one batch per step
+    events = list(llm.trace)
+    reads = [e for e in events if e.kind == "read"]
+    computes = [e for e in events if e.kind == "compute"]
+    assert len(reads) >= 15 and all(e.bytes > 0 for e in reads)
+    assert {e.unit for e in computes} >= {"model.layers.0", "model.layers.3", "lm_head"}
+    assert all(e.end >= e.start for e in events)
+    path = llm.trace.export(str(tmp_path / "trace.json"))
+    data = json.load(open(path))
+    assert {ev["cat"] for ev in data["traceEvents"] if ev["ph"] == "X"} >= {"read", "compute"}
+    s = llm.stats
+    assert s.tokens == 5 and s.seconds > 0 and s.bytes_from_disk >= 15 * reads[0].bytes // 2
+    assert "tok/s" in str(s) and s.as_dict()["tokens"] == 5
+    llm.unload()
+
+
+def test_trace_off_records_nothing(model_dirs, tmp_path):
+    llm = nb_offload.load(model_dirs("llama"), device="cpu", disk=tmp_path, pins={"model.layers.1-3": "disk"},
+                          trace=False, progress=False)
+    llm.generate(torch.tensor(PROMPT), max_new_tokens=3, do_sample=False)
+    assert len(llm.trace) == 0
+    llm.unload()
+
+
+def test_trace_ring_is_bounded(model_dirs, tmp_path):
+    llm = nb_offload.load(model_dirs("llama"), device="cpu", progress=False)
+    llm.trace.events = type(llm.trace.events)(maxlen=50)
+    llm.generate(torch.tensor(PROMPT), max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    assert len(llm.trace) == 50
+    llm.unload()
+
+
+def _rss():
+    with open(f"/proc/{os.getpid()}/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS"))
+
+
+def test_ten_load_unload_cycles_return_host_memory(model_dirs, tmp_path):
+    # blocks of about 1.6 MiB: a leak of one model per cycle would add 10 x 13 MiB
+    folder = model_dirs("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=8, vocab_size=2048)
+
+    def cycle():
+        llm = nb_offload.load(folder, device="cpu", disk=tmp_path, pins={"model.layers.4-7": "disk"},
+                              progress=False)
+        llm.generate(torch.tensor(PROMPT), max_new_tokens=3, do_sample=False)
+        llm.unload()
+        del llm
+        gc.collect()
+
+    for _ in range(3):
+        cycle()
+    base = _rss()
+    for _ in range(10):
+        cycle()
+    grown = _rss() - base
+    assert grown < 20 * 2**20, f"host memory grew by {grown / 2**20:.1f} MiB over 10 cycles"
+
+
+def test_loading_reads_one_unit_at_a_time(model_dirs, tmp_path, monkeypatch):
+    """Host memory during a load stays within one unit of its final use: units are filled in turn."""
+    from nb_offload.storage import Storage
+    live = []
+    real_place = Storage.place
+
+    def place(self, unit, tier, resident):
+        store = real_place(self, unit, tier, resident)
+        live.append(unit.name)
+        return store
+
+    monkeypatch.setattr(Storage, "place", place)
+    folder = model_dirs("llama")
+    monkeypatch.setattr(Storage, "materialize", Storage.materialize)
+    llm = nb_offload.load(folder, device="cpu", progress=False)
+    assert live == [e.name for e in llm.plan]
+    llm.unload()
+
+
+def test_demo_runs(tmp_path):
+    root = os.path.dirname(os.path.dirname(__file__))
+    out = subprocess.run([sys.executable, "-m", "nb_offload", "demo", "--folder", str(tmp_path)],
+                         capture_output=True, text=True, cwd=root, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "tokens identical to plain transformers: yes" in out.stdout
+    assert "disk" in out.stdout and "tok/s" in out.stdout
