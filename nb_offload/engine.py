@@ -89,7 +89,8 @@ class _Staging:
 
 class Engine:
     def __init__(self, model, units, params, sources: dict, device, trace, stats, *,
-                 prefetch: int = 1, read_ahead: int = 2):
+                 prefetch: int = 1, read_ahead: int = 2, read_threads: int = 4,
+                 drop_page_cache: bool = False):
         import torch
         self.torch = torch
         self.model = model
@@ -103,7 +104,12 @@ class Engine:
         self.prefetch = max(1, int(prefetch))
         self.read_ahead = max(1, int(read_ahead))
         self._hooks = []
+        # One reader thread keeps reads in run order (slot and staging reuse rely on it); it
+        # splits each unit's read into chunks that a small pool reads in parallel.
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb_offload-reader")
+        self._io = ThreadPoolExecutor(max_workers=max(1, read_threads), thread_name_prefix="nb_offload-io") \
+            if read_threads > 1 else None
+        self.drop_page_cache = drop_page_cache
         self._configure()
 
     # -- set-up ---------------------------------------------------------------------------
@@ -152,6 +158,8 @@ class Engine:
         self._hooks.append(root.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         self._hooks.append(root.register_forward_hook(self._root_post))
         for u in self.units:
+            if u.index not in self.sources and not (self.trace.enabled and self.trace.detail == "full"):
+                continue        # resident and not traced one by one: no hook, no cost
             for name in u.modules:
                 module = root.get_submodule(name) if name else root
                 self._hooks.append(module.register_forward_pre_hook(self._make_pre(u)))
@@ -163,6 +171,8 @@ class Engine:
         self._hooks = []
         self.drain()
         self._reader.shutdown(wait=True)
+        if self._io is not None:
+            self._io.shutdown(wait=True)
         self.slots, self._views, self.staging = [], {}, []
 
     def drain(self):
@@ -183,11 +193,17 @@ class Engine:
             self._reset()
         self.in_step = True
         self.seen = []
+        if self.cuda:
+            self._stream = self.torch.cuda.current_stream(self.device)
+        if self.trace.enabled:
+            self._mark_start("step")
         if self.order and not self.queue:
             self._fill()
         return _to_device(args, self.device), _to_device(kwargs, self.device)
 
     def _root_post(self, module, args, output):
+        if self.trace.enabled:
+            self._mark_end("step")
         self.in_step = False
         if self.seen and self.seen != self.order and set(self.seen) >= set(self.order):
             self.order = list(self.seen)   # learned: prefetch follows it from the next step
@@ -228,7 +244,7 @@ class Engine:
         self.pos += 1
         if self.cuda:
             self._issue_copies(first=job)
-            self.torch.cuda.current_stream(self.device).wait_event(job.ready)
+            self._compute_stream().wait_event(job.ready)
         else:
             job.ready.result()
         for p, v in zip(self.params[idx], self._slot_views(self.units[idx], job.slot)):
@@ -243,7 +259,7 @@ class Engine:
             self._mark_end(idx)
         job = self.active.pop(idx, None)
         if job is not None and self.cuda:
-            self.slot_free[job.slot].record(self.torch.cuda.current_stream(self.device))
+            self.slot_free[job.slot].record(self._compute_stream())
             self._issue_copies()
 
     # -- scheduling -----------------------------------------------------------------------
@@ -351,20 +367,26 @@ class Engine:
     # -- worker-thread reads -------------------------------------------------------------
     def _read_into(self, unit, extents, flat):
         t0 = time.perf_counter()
-        read_extents(extents, flat)
+        read_extents(extents, flat, pool=self._io, drop_cache=self.drop_page_cache)
         self.trace.host_event("read", unit.name, t0, time.perf_counter(), unit.nbytes)
 
     def _read_staged(self, unit, extents, read):
         read.staging.wait_turn(read.ticket)
         t0 = time.perf_counter()
-        read_extents(extents, read.staging.flat)
+        read_extents(extents, read.staging.flat, pool=self._io, drop_cache=self.drop_page_cache)
         self.trace.host_event("read", unit.name, t0, time.perf_counter(), unit.nbytes)
+
+    def _compute_stream(self):
+        """The stream compute runs on: the caller's current stream, looked up once a step."""
+        if not self.in_step:
+            return self.torch.cuda.current_stream(self.device)
+        return self._stream
 
     # -- trace marks ----------------------------------------------------------------------
     def _mark_start(self, idx):
         if self.cuda:
             ev = self.torch.cuda.Event(enable_timing=True)
-            ev.record(self.torch.cuda.current_stream(self.device))
+            ev.record(self._compute_stream())
             self._open[idx] = ev
         else:
             self._open[idx] = time.perf_counter()
@@ -373,13 +395,13 @@ class Engine:
         start = self._open.pop(idx, None)
         if start is None:
             return
-        name = self.units[idx].name
+        kind, name = ("step", "forward") if idx == "step" else ("compute", self.units[idx].name)
         if self.cuda:
             ev = self.torch.cuda.Event(enable_timing=True)
-            ev.record(self.torch.cuda.current_stream(self.device))
-            self.trace.cuda_event("compute", name, start, ev)
+            ev.record(self._compute_stream())
+            self.trace.cuda_event(kind, name, start, ev)
         else:
-            self.trace.host_event("compute", name, start, time.perf_counter())
+            self.trace.host_event(kind, name, start, time.perf_counter())
 
 
 def _to_device(obj, device):

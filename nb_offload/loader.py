@@ -15,12 +15,12 @@ from .errors import CheckpointError, OffloadError, OptionError
 from .planner import DEFAULT_CONTEXT, make_plan, resolve_pins
 from .units import build_meta_model, find_units, map_checkpoint, resolve_dtype
 
-POLICIES = ("auto",)
+POLICIES = ("auto", "sequential")
 QUANTS_PLANNED = ("int8", "nf4", "fp4")
 GPU_HEADROOM = 0.05     # share of the card left free when gpu=None
 
 
-def _check_options(quant, policy, batch, context, prefetch, read_ahead):
+def _check_options(quant, policy, batch, context, prefetch, read_ahead, read_threads=1):
     if quant is not None:
         if quant in QUANTS_PLANNED:
             raise OptionError(f"quant={quant!r} is not available in this version of nb_offload yet; "
@@ -30,7 +30,7 @@ def _check_options(quant, policy, batch, context, prefetch, read_ahead):
     if policy not in POLICIES:
         raise OptionError(f"policy={policy!r} is unknown; accepted: {', '.join(map(repr, POLICIES))}.")
     for name, value, low in (("batch", batch, 1), ("context", context, 1), ("prefetch", prefetch, 1),
-                             ("read_ahead", read_ahead, 1)):
+                             ("read_ahead", read_ahead, 1), ("read_threads", read_threads, 1)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             raise OptionError(f"{name}={value!r} is not valid; give an int >= {low}.")
 
@@ -126,11 +126,11 @@ class Inspection:
         limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         return min(DEFAULT_CONTEXT, limit) if limit else DEFAULT_CONTEXT
 
-    def make_plan(self, device_type, budgets, pin_map, context, batch, prefetch, read_ahead):
+    def make_plan(self, device_type, budgets, pin_map, context, batch, prefetch, read_ahead, policy="auto"):
         dtype_size = self.dtype.itemsize if hasattr(self.dtype, "itemsize") else 2
         return make_plan(self.units, device=device_type, budgets=budgets, pins=pin_map, config=self.config,
                          dtype_size=dtype_size, context=context, batch=batch, prefetch=prefetch,
-                         model_name=self.name, read_ahead=read_ahead)
+                         model_name=self.name, read_ahead=read_ahead, policy=policy)
 
 
 def plan(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=None, device=None,
@@ -156,14 +156,17 @@ def plan(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=N
     pin_map = resolve_pins(pins, insp.units)
     prefetch = prefetch or (1 if dev_type == "cuda" else 2)
     return insp.make_plan(dev_type, budgets, pin_map, context or insp.default_context(), batch,
-                          prefetch, read_ahead)
+                          prefetch, read_ahead, policy)
 
 
 def load(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=None, device=None,
          policy="auto", context=None, batch=1, prefetch=None, read_ahead=2, trace=True,
-         allow_pickle=False, progress=True, **from_pretrained_kwargs):
+         allow_pickle=False, progress=True, read_threads=4, drop_page_cache=False,
+         trace_detail="streamed", **from_pretrained_kwargs):
     """Load a causal LM under memory budgets; see the README for the options."""
-    _check_options(quant, policy, batch, context, prefetch, read_ahead)
+    _check_options(quant, policy, batch, context, prefetch, read_ahead, read_threads)
+    if trace_detail not in ("streamed", "full"):
+        raise OptionError(f"trace_detail={trace_detail!r} is unknown; accepted: 'streamed', 'full'.")
     trust_remote_code = bool(from_pretrained_kwargs.pop("trust_remote_code", False))
     attn = from_pretrained_kwargs.pop("attn_implementation", None)
     local_only = from_pretrained_kwargs.pop("local_files_only", None)
@@ -172,7 +175,8 @@ def load(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=N
     if from_pretrained_kwargs:
         raise OptionError(f"unsupported option(s) {sorted(from_pretrained_kwargs)}; nb_offload.load takes "
                           "gpu, cpu, disk, dtype, quant, pins, device, policy, context, batch, prefetch, "
-                          "read_ahead, trace, allow_pickle, trust_remote_code, attn_implementation, "
+                          "read_ahead, read_threads, drop_page_cache, trace, trace_detail, allow_pickle, "
+                          "trust_remote_code, attn_implementation, "
                           "local_files_only and revision.")
     import torch
     dev = _compute_device(device, gpu is not None)
@@ -189,14 +193,16 @@ def load(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=N
     pin_map = resolve_pins(pins, insp.units)
     prefetch = prefetch or (1 if dev.type == "cuda" else 2)
     the_plan = insp.make_plan(dev.type, budgets, pin_map, context or insp.default_context(), batch,
-                              prefetch, read_ahead)
+                              prefetch, read_ahead, policy)
     from .model import OffloadedModel
     from .storage import Storage
     storage = Storage(insp, dev, disk)
     try:
         storage.materialize(the_plan, progress=progress)
-        handle = OffloadedModel._assemble(insp, storage, the_plan, pin_map, dev, trace=trace,
-                                          prefetch=prefetch, read_ahead=read_ahead, budgets=budgets)
+        handle = OffloadedModel._assemble(insp, storage, the_plan, pin_map, dev, trace=trace, policy=policy,
+                                          prefetch=prefetch, read_ahead=read_ahead, budgets=budgets,
+                                          read_threads=read_threads, drop_page_cache=drop_page_cache,
+                                          trace_detail=trace_detail)
     except BaseException as exc:
         storage.abort()
         if isinstance(exc, (OffloadError, KeyboardInterrupt)):

@@ -201,7 +201,7 @@ def footprint(config, dtype_size: int, context: int, batch: int, device: str) ->
 
 def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_size: int,
               context: int = DEFAULT_CONTEXT, batch: int = 1, prefetch: int = 1, model_name: str = "",
-              read_ahead: int = 2) -> Plan:
+              read_ahead: int = 2, policy: str = "auto") -> Plan:
     """Place every unit on a tier.
 
     ``budgets``: tier -> bytes, None where the tier is absent (disk without a folder) or unbounded.
@@ -246,6 +246,8 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
         if used + u.nbytes + slot_bytes(rest) <= cap:
             on_res.add(u.index)
             used += u.nbytes
+    if policy == "auto":
+        on_res = _spread(units, free, on_res, cap - fixed, slot_bytes)
     stream = [u for u in units if u.index not in on_res]
     reserved["staging_slots"] = slot_bytes(stream)
 
@@ -309,6 +311,29 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
                          kind=u.kind, aliases=tuple(u.modules)) for u in units]
     return Plan(entries=entries, device=device, budgets=dict(budgets), reserved=reserved,
                 host_reserved=host_reserved, context=context, batch=batch, prefetch=prefetch, model=model_name)
+
+
+def _spread(units, free, on_res, room, slot_bytes):
+    """Stream evenly spaced blocks instead of the last ones (policy "auto").
+
+    Each streamed block's copy then overlaps the compute of the resident blocks before it, so
+    the link stays busy through the step; streaming only the last blocks leaves it idle while
+    the resident ones compute. Kept only if it fits the same budget.
+    """
+    free_blocks = [u for u in free if u.kind == "block"]
+    streamed = [u for u in free_blocks if u.index not in on_res]
+    if not streamed or len(streamed) == len(free_blocks):
+        return on_res
+    n, s = len(free_blocks), len(streamed)
+    picks = {free_blocks[min(n - 1, int((i + 0.5) * n / s))].index for i in range(s)}
+    if len(picks) < s:
+        return on_res
+    spread = (on_res - {u.index for u in free_blocks}) | {u.index for u in free_blocks if u.index not in picks}
+    out = [u for u in units if u.index not in spread]
+    weights = sum(u.nbytes for u in units if u.index in spread)
+    if weights + slot_bytes(out) <= room:
+        return spread
+    return on_res
 
 
 def _too_small(tier, cap, need, reserved, slots, streamable, context, must):

@@ -13,12 +13,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-LANES = ("read", "copy", "compute")
+LANES = ("read", "copy", "compute", "step")
 
 
 @dataclass
 class TraceEvent:
-    kind: str          # "read", "copy" or "compute"
+    kind: str          # "read", "copy", "compute" (one unit) or "step" (one whole forward pass)
     unit: str
     start: float       # seconds, on the trace's clock (time.perf_counter based)
     end: float
@@ -33,8 +33,15 @@ class TraceEvent:
 class Trace:
     """A bounded ring of resolved events plus the pending CUDA records of the current step."""
 
-    def __init__(self, capacity: int = 100_000, enabled: bool = True):
+    def __init__(self, capacity: int = 100_000, enabled: bool = True, detail: str = "streamed"):
+        if detail not in ("streamed", "full"):
+            from .errors import OptionError
+            raise OptionError(f"trace detail {detail!r} is unknown; accepted: 'streamed' (compute of streamed "
+                              "units and whole steps), 'full' (compute of every unit).")
         self.enabled = enabled
+        # "streamed": compute events for streamed units and one "step" event per forward pass,
+        # so resident units pay no hook at all; "full": a compute event for every unit.
+        self.detail = detail
         self.events: deque[TraceEvent] = deque(maxlen=capacity)
         self._pending: list = []        # (kind, unit, start_event, end_event, bytes, step)
         self._host: list = []           # TraceEvents recorded by other threads

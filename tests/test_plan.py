@@ -39,7 +39,7 @@ def test_plan_for_a_gpu_fills_gpu_then_cpu_then_disk(model_dirs, tmp_path):
     tops = sum(e.bytes for e in big if e.kind == "top")
     gpu = fixed + tops + 2 * bl[0].bytes + bl[0].bytes  # two slots and one resident block
     cpu = 2 * bl[0].bytes + 2 * bl[0].bytes   # two blocks and two disk staging buffers
-    p = nb_offload.plan(folder, gpu=gpu, cpu=cpu, disk=tmp_path)
+    p = nb_offload.plan(folder, gpu=gpu, cpu=cpu, disk=tmp_path, policy="sequential")
     tiers = [e.tier for e in blocks(p)]
     assert tiers[0] == "gpu" and "cpu" in tiers and "disk" in tiers, str(p)
     assert tiers == sorted(tiers, key=["gpu", "cpu", "disk"].index)  # in order: gpu, then cpu, then disk
@@ -47,6 +47,22 @@ def test_plan_for_a_gpu_fills_gpu_then_cpu_then_disk(model_dirs, tmp_path):
     assert p.used()["gpu"] <= gpu and p.used()["cpu"] <= cpu
     assert p.streamed_bytes_per_token()["disk"] == sum(e.bytes for e in p if e.tier == "disk")
     assert p.predicted_seconds_per_step() > 0
+
+
+def test_auto_policy_spreads_streamed_blocks(model_dirs):
+    """With few blocks streamed, "auto" spaces them out so their copies overlap resident compute."""
+    folder = model_dirs("llama", num_hidden_layers=8)
+    big = nb_offload.plan(folder, gpu="1GiB", cpu="1GiB")
+    bl = blocks(big)
+    fixed = sum(big.reserved.values())
+    tops = sum(e.bytes for e in big if e.kind == "top")
+    gpu = fixed + tops + 2 * bl[0].bytes + 6 * bl[0].bytes     # six resident blocks, two streamed
+    auto = [e.tier for e in blocks(nb_offload.plan(folder, gpu=gpu, cpu="1GiB"))]
+    seq = [e.tier for e in blocks(nb_offload.plan(folder, gpu=gpu, cpu="1GiB", policy="sequential"))]
+    assert seq == ["gpu"] * 6 + ["cpu"] * 2
+    assert auto.count("cpu") == 2 and auto != seq
+    first, second = [i for i, t in enumerate(auto) if t == "cpu"]
+    assert second - first >= 3, auto
 
 
 def test_pins_ranges_globs_and_tied_aliases(model_dirs):

@@ -14,7 +14,7 @@ from conftest import PROMPT
 
 def test_trace_records_reads_and_compute_and_exports(model_dirs, tmp_path):
     llm = nb_offload.load(model_dirs("llama"), device="cpu", disk=tmp_path, pins={"model.layers.1-3": "disk"},
-                          progress=False)
+                          progress=False, trace_detail="full")
     batches = []
     unsubscribe = llm.trace.subscribe(batches.append)
     llm.generate(torch.tensor(PROMPT), max_new_tokens=5, min_new_tokens=5, do_sample=False)
@@ -35,6 +35,17 @@ def test_trace_records_reads_and_compute_and_exports(model_dirs, tmp_path):
     llm.unload()
 
 
+def test_default_trace_detail_times_streamed_units_and_steps(model_dirs, tmp_path):
+    llm = nb_offload.load(model_dirs("llama"), device="cpu", disk=tmp_path, pins={"model.layers.1-3": "disk"},
+                          progress=False)
+    llm.generate(torch.tensor(PROMPT), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    computes = {e.unit for e in llm.trace if e.kind == "compute"}
+    assert computes == {"model.layers.1", "model.layers.2", "model.layers.3"}
+    steps = [e for e in llm.trace if e.kind == "step"]
+    assert len(steps) == 4 and all(e.unit == "forward" for e in steps)
+    llm.unload()
+
+
 def test_trace_off_records_nothing(model_dirs, tmp_path):
     llm = nb_offload.load(model_dirs("llama"), device="cpu", disk=tmp_path, pins={"model.layers.1-3": "disk"},
                           trace=False, progress=False)
@@ -44,7 +55,7 @@ def test_trace_off_records_nothing(model_dirs, tmp_path):
 
 
 def test_trace_ring_is_bounded(model_dirs, tmp_path):
-    llm = nb_offload.load(model_dirs("llama"), device="cpu", progress=False)
+    llm = nb_offload.load(model_dirs("llama"), device="cpu", progress=False, trace_detail="full")
     llm.trace.events = type(llm.trace.events)(maxlen=50)
     llm.generate(torch.tensor(PROMPT), max_new_tokens=20, min_new_tokens=20, do_sample=False)
     assert len(llm.trace) == 50

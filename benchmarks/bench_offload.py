@@ -1,0 +1,396 @@
+"""nb_offload against the resident model and Accelerate, on one CUDA card, in one process.
+
+Builds a LLaMA-7B-shaped model (hidden 4096, 32 layers, intermediate 11008, vocab 32000) with
+random bf16 weights and saves it; measures the page-locked host-to-GPU rate (several times, the
+median is used) and the drive's cold and warm read rates; then runs the cases of issue 3 on the
+same saved model. Repeats are interleaved (baseline, nb_offload, baseline, ...) and medians are
+reported with their spread. Each case also checks that nb_offload's greedy tokens equal the
+resident model's, and that the GPU memory nb_offload allocated stayed within its budget.
+
+The bound of a step: the largest of (every streamed byte / link rate), (bytes read from disk /
+the drive's best measured rate) and the same step run with everything resident. Reads and
+host-to-GPU copies run in parallel, so this is stricter than adding the two transfer times.
+
+    PYTHONPATH=. python3 benchmarks/bench_offload.py --json out.json --results benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import glob
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+import traceback
+
+GiB = 2**30
+
+
+def sync():
+    import torch
+    torch.cuda.synchronize()
+
+
+def pinned_rate(nbytes=GiB, repeats=5):
+    import torch
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    rates = []
+    for _ in range(repeats):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        dst.copy_(src, non_blocking=True)
+        e.record()
+        e.synchronize()
+        rates.append(nbytes / (s.elapsed_time(e) / 1e3) / 1e9)
+    del src, dst
+    return rates
+
+
+def drop_caches() -> bool:
+    try:
+        subprocess.run(["sync"], check=False)
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def drive_rate(folder, nbytes=4 * GiB, cold=True, repeats=3):
+    """Read ``nbytes`` of the checkpoint with nb_offload's own reader (chunked, 4 threads).
+
+    Returns the best of ``repeats`` reads (a bound needs the fastest the drive can go) and all.
+    """
+    import torch
+    from concurrent.futures import ThreadPoolExecutor
+    from nb_offload.tiers import read_extents
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    extents, total = [], 0
+    for f in files:
+        n = min(os.path.getsize(f), nbytes - total)
+        extents.append((f, 0, n, total))
+        total += n
+        if total >= nbytes:
+            break
+    buf = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+    rates = []
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(repeats):
+            if cold and not drop_caches():
+                return None, []
+            t0 = time.perf_counter()
+            read_extents(extents, buf, pool=pool)
+            rates.append(total / (time.perf_counter() - t0) / 1e9)
+    return max(rates), rates
+
+
+def build(folder, layers):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                      max_position_embeddings=4096, dtype="bfloat16")
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.save_pretrained(folder)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def time_call(fn):
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def decode_step(generate, ids, n):
+    """Seconds per decode step: the difference of a (2+n)- and a 2-token generate, over n."""
+    kw = dict(do_sample=False)
+    short = time_call(lambda: generate(ids, max_new_tokens=2, min_new_tokens=2, **kw))
+    long = time_call(lambda: generate(ids, max_new_tokens=2 + n, min_new_tokens=2 + n, **kw))
+    return (long - short) / n
+
+
+def interleave(fns: dict, repeats):
+    """Run each variant once to warm up, then ``repeats`` rounds in turn: A, B, A, B, ..."""
+    out = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            out[k].append(fn())
+    return out
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+def spread(xs):
+    return f"{min(xs) * 1e3:.1f}-{max(xs) * 1e3:.1f} ms"
+
+
+class Bench:
+    def __init__(self, args):
+        import torch
+        import transformers
+        import accelerate
+        self.args = args
+        self.torch = torch
+        self.rows = []
+        self.meta = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                     "torch": torch.__version__, "transformers": transformers.__version__,
+                     "accelerate": accelerate.__version__, "layers": args.layers}
+        self.links = []
+
+    def link(self):
+        return med(self.links)
+
+    def same_tokens(self, llm, ref, ids):
+        a = ref.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        b = llm.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        return bool(self.torch.equal(a.cpu(), b.cpu()))
+
+    def load(self, **kw):
+        import nb_offload
+        torch = self.torch
+        gc.collect()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        llm = nb_offload.load(self.args.folder, progress=False, **kw)
+        llm._bench_base = base
+        return llm
+
+    def peak_after(self, llm, run):
+        """GPU bytes allocated since just before the load, at their peak, after ``run`` (nothing
+        else has allocated on the card in between)."""
+        run()
+        sync()
+        llm._bench_peak = self.torch.cuda.max_memory_allocated() - llm._bench_base
+        return llm._bench_peak
+
+    def peak(self, llm):
+        return llm._bench_peak
+
+    def add(self, **row):
+        self.rows.append(row)
+        print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        if self.args.json:
+            with open(self.args.json, "w") as fh:
+                json.dump({"meta": self.meta, "links": self.links, "rows": self.rows}, fh, indent=1, default=str)
+
+
+def run(args):
+    import torch
+    from transformers import AutoModelForCausalLM
+    from nb_offload.budget import parse_size
+    b = Bench(args)
+    if not os.path.isfile(os.path.join(args.folder, "config.json")):
+        t0 = time.perf_counter()
+        build(args.folder, args.layers)
+        print(f"built and saved the model in {time.perf_counter() - t0:.0f} s", flush=True)
+    b.links += pinned_rate()
+    b.meta["drive_cold_gbps"], b.meta["drive_cold_all"] = drive_rate(args.folder, cold=True)
+    b.meta["drive_warm_gbps"], b.meta["drive_warm_all"] = drive_rate(args.folder, cold=False)
+    print(f"link {b.link():.1f} GB/s; drive cold {b.meta['drive_cold_gbps']} GB/s, warm "
+          f"{b.meta['drive_warm_gbps']} GB/s", flush=True)
+    ref = AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.bfloat16, device_map={"": 0}).eval()
+    torch.manual_seed(0)
+    ids1 = torch.randint(3, 31000, (1, 16), device="cuda")
+    ids8 = torch.randint(3, 31000, (8, 16), device="cuda")
+    prompt = torch.randint(3, 31000, (1, 2048), device="cuda")
+    n, reps = args.tokens, args.repeats
+    inference = torch.inference_mode()
+    inference.__enter__()
+    cases = set(args.cases.split(","))
+
+    def guard(name, fn):
+        if name not in cases and "all" not in cases:
+            return
+        try:
+            fn()
+        except Exception:
+            traceback.print_exc()
+            b.add(case=name, error=traceback.format_exc(limit=3))
+
+    def case_decode(budget, name, batch_ids, context=None, batch=1, with_acc=False, with_trace_off=False):
+        kw = dict(gpu=budget, cpu="100GiB")
+        if context:
+            kw["context"] = context
+        if batch > 1:
+            kw["batch"] = batch
+        llm = b.load(**kw)
+        b.peak_after(llm, lambda: llm.generate(batch_ids, max_new_tokens=2 + n, min_new_tokens=2 + n,
+                                               do_sample=False))
+        streamed = llm.plan.streamed_bytes_per_token()["cpu"]
+        fns = {"resident": lambda: decode_step(ref.generate, batch_ids, n),
+               "nb_offload": lambda: decode_step(llm.generate, batch_ids, n)}
+        if with_trace_off:
+            def off():
+                llm.trace.enabled = False
+                try:
+                    return decode_step(llm.generate, batch_ids, n)
+                finally:
+                    llm.trace.enabled = True
+            fns["nb_offload_trace_off"] = off
+        t = interleave(fns, reps)
+        b.links += pinned_rate(repeats=2)
+        bound = max(streamed / (b.link() * 1e9), med(t["resident"]))
+        row = dict(case=name, batch=batch_ids.shape[0], prompt=batch_ids.shape[1], new_tokens=n,
+                   gpu_budget=parse_size(budget), streamed_bytes=streamed,
+                   resident_tok_s=batch_ids.shape[0] / med(t["resident"]),
+                   nb_tok_s=batch_ids.shape[0] / med(t["nb_offload"]), nb_spread=spread(t["nb_offload"]),
+                   resident_spread=spread(t["resident"]), bound_tok_s=batch_ids.shape[0] / bound,
+                   pct_of_bound=100 * bound / med(t["nb_offload"]),
+                   pct_of_pcie=100 * streamed / (b.link() * 1e9) / med(t["nb_offload"]),
+                   peak_gpu=b.peak(llm), within_budget=b.peak(llm) <= parse_size(budget),
+                   tokens_identical=b.same_tokens(llm, ref, batch_ids), plan=str(llm.plan).splitlines()[2:6])
+        if with_trace_off:
+            off_s, on_s = med(t["nb_offload_trace_off"]), med(t["nb_offload"])
+            row.update(trace_off_tok_s=batch_ids.shape[0] / off_s, trace_cost_pct=100 * (on_s - off_s) / off_s,
+                       trace_off_spread=spread(t["nb_offload_trace_off"]))
+        llm.unload()
+        del llm
+        if with_acc:
+            acc = AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.bfloat16, device_map="auto",
+                                                       max_memory={0: parse_size(budget), "cpu": 100 * GiB})
+            acc_t = [decode_step(acc.generate, batch_ids, max(2, n // 4)) for _ in range(2)]
+            del acc
+            gc.collect()
+            torch.cuda.empty_cache()
+            row.update(accelerate_tok_s=1 / med(acc_t), x_accelerate=med(acc_t) / med(t["nb_offload"]))
+        b.add(**row)
+        return row
+
+    def case_prefill():
+        llm = b.load(gpu="4GiB", cpu="100GiB", context=2048)
+        b.peak_after(llm, lambda: llm.model(prompt, use_cache=False, logits_to_keep=1))
+        streamed = llm.plan.streamed_bytes_per_token()["cpu"]
+        fwd = dict(use_cache=False, logits_to_keep=1)
+        t = interleave({"resident": lambda: time_call(lambda: ref(prompt, **fwd)),
+                        "nb_offload": lambda: time_call(lambda: llm.model(prompt, **fwd))}, reps)
+        bound = max(streamed / (b.link() * 1e9), med(t["resident"]))
+        same = bool(torch.equal(ref(prompt, **fwd).logits.argmax(-1), llm.model(prompt, **fwd).logits.argmax(-1)))
+        b.add(case="4 prefill 2048 tokens, gpu 4GiB", batch=1, prompt=2048, gpu_budget=4 * GiB,
+              streamed_bytes=streamed, resident_tok_s=2048 / med(t["resident"]),
+              nb_tok_s=2048 / med(t["nb_offload"]), nb_spread=spread(t["nb_offload"]),
+              bound_tok_s=2048 / bound, pct_of_bound=100 * bound / med(t["nb_offload"]),
+              peak_gpu=b.peak(llm), within_budget=b.peak(llm) <= 4 * GiB, next_token_identical=same)
+        llm.unload()
+
+    def case_disk():
+        probe = b.load(gpu="4GiB", cpu="100GiB", context=1024)
+        streamed_blocks = [e for e in probe.plan if e.tier == "cpu"]
+        probe.unload()
+        blk = max(e.bytes for e in streamed_blocks)
+        half = len(streamed_blocks) // 2
+        cpu_budget = half * blk + 2 * blk            # half the blocks, plus two staging buffers
+        offload = tempfile.mkdtemp(prefix="nb_offload-disk-")
+        for label, cold in (("cold", True), ("warm", False)):
+            llm = b.load(gpu="4GiB", cpu=cpu_budget, disk=offload, context=1024, drop_page_cache=cold)
+            b.peak_after(llm, lambda: llm.generate(ids1, max_new_tokens=2, do_sample=False))
+            moved = llm.plan.streamed_bytes_per_token()
+            rate = b.meta["drive_cold_gbps"] if cold else b.meta["drive_warm_gbps"]
+            times = []
+            for _ in range(2 if cold else reps):
+                if cold:
+                    drop_caches()
+                else:
+                    llm.generate(ids1, max_new_tokens=2, do_sample=False)
+                steps0 = llm.stats.steps
+                dt = time_call(lambda: llm.generate(ids1, max_new_tokens=3, min_new_tokens=3, do_sample=False))
+                times.append(dt / (llm.stats.steps - steps0))
+            resident = med([decode_step(ref.generate, ids1, 4) for _ in range(2)])
+            # every streamed byte crosses the link; disk bytes also come off the drive, in parallel
+            bound = max((moved["cpu"] + moved["disk"]) / (b.link() * 1e9), moved["disk"] / (rate * 1e9), resident)
+            b.add(case=f"5 disk tier ({label} page cache), gpu 4GiB", batch=1, gpu_budget=4 * GiB,
+                  cpu_budget=cpu_budget, streamed_from_cpu=moved["cpu"], streamed_from_disk=moved["disk"],
+                  drive_gbps=rate, nb_tok_s=1 / med(times), nb_spread=spread(times), bound_tok_s=1 / bound,
+                  pct_of_bound=100 * bound / med(times), peak_gpu=b.peak(llm),
+                  within_budget=b.peak(llm) <= 4 * GiB, tokens_identical=b.same_tokens(llm, ref, ids1))
+            llm.unload()
+
+    def case_resident():
+        llm = b.load(gpu="60GiB", cpu="100GiB")
+        b.peak_after(llm, lambda: None)
+        assert all(e.tier == "gpu" for e in llm.plan)
+
+        def off():
+            llm.trace.enabled = False
+            try:
+                return decode_step(llm.generate, ids1, n)
+            finally:
+                llm.trace.enabled = True
+        t = interleave({"resident": lambda: decode_step(ref.generate, ids1, n),
+                        "nb_offload": lambda: decode_step(llm.generate, ids1, n),
+                        "nb_offload_trace_off": off}, reps + 4)
+        r, o, f = med(t["resident"]), med(t["nb_offload"]), med(t["nb_offload_trace_off"])
+        b.add(case="6 everything resident", batch=1, resident_tok_s=1 / r, nb_tok_s=1 / o,
+              nb_trace_off_tok_s=1 / f, slower_pct=100 * (o - r) / r, slower_trace_off_pct=100 * (f - r) / r,
+              resident_spread=spread(t["resident"]), nb_spread=spread(t["nb_offload"]),
+              tokens_identical=b.same_tokens(llm, ref, ids1))
+        llm.unload()
+
+    guard("1", lambda: case_decode("4GiB", "1 decode, gpu 4GiB (+7 trace on/off)", ids1, with_acc=not args.skip_accelerate,
+                                   with_trace_off=True))
+    guard("2", lambda: case_decode("12GiB", "2 decode, gpu 12GiB", ids1))
+    guard("3", lambda: case_decode("4GiB", "3 decode batch 8, gpu 4GiB, context 512", ids8, context=512, batch=8))
+    guard("4", case_prefill)
+    guard("5", case_disk)
+    guard("6", case_resident)
+    b.links += pinned_rate(repeats=3)
+    b.meta["link_gbps_median"] = b.link()
+    b.meta["link_gbps_all"] = [round(x, 1) for x in b.links]
+    b.add(case="link", link_gbps=b.link(), link_min=min(b.links), link_max=max(b.links))
+    return b
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--folder", default=os.path.join(tempfile.gettempdir(), "nb_offload-bench-7b"))
+    ap.add_argument("--cases", default="all", help="comma list of 1-6, or all")
+    ap.add_argument("--skip-accelerate", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    b = run(args)
+    print("\n== summary ==")
+    for r in b.rows:
+        if "pct_of_bound" in r:
+            extra = ""
+            if "x_accelerate" in r:
+                extra += f", {r['x_accelerate']:.1f}x Accelerate ({r['accelerate_tok_s']:.2f} tok/s)"
+            if "pct_of_pcie" in r:
+                extra += f", {r['pct_of_pcie']:.1f}% of PCIe"
+            if "trace_cost_pct" in r:
+                extra += f", trace cost {r['trace_cost_pct']:+.1f}%"
+            print(f"{r['case']}: nb {r['nb_tok_s']:.2f} tok/s, bound {r['bound_tok_s']:.2f} -> "
+                  f"{r['pct_of_bound']:.1f}% of bound{extra}; peak {r['peak_gpu'] / GiB:.2f} GiB "
+                  f"within budget {r['within_budget']}; same tokens "
+                  f"{r.get('tokens_identical', r.get('next_token_identical'))}")
+        elif "slower_pct" in r:
+            print(f"{r['case']}: resident {r['resident_tok_s']:.2f}, nb {r['nb_tok_s']:.2f} "
+                  f"({r['slower_pct']:+.1f}%), trace off {r['nb_trace_off_tok_s']:.2f} "
+                  f"({r['slower_trace_off_pct']:+.1f}%); same tokens {r['tokens_identical']}")
+        elif "error" in r:
+            print(f"{r['case']}: ERROR {r['error'].splitlines()[-1]}")
+    print(f"link median {b.link():.1f} GB/s over {len(b.links)} samples")
+
+
+if __name__ == "__main__":
+    main()
