@@ -271,7 +271,11 @@ def run(args):
             del acc
             gc.collect()
             torch.cuda.empty_cache()
-            row.update(accelerate_tok_s=1 / med(acc_t), x_accelerate=med(acc_t) / med(t["nb_offload"]))
+            b.meta["accelerate_s"] = med(acc_t)
+            b.meta["accelerate_all"] = acc_t
+        if "accelerate_s" in b.meta and batch_ids.shape[0] == 1:
+            acc_s = b.meta["accelerate_s"]
+            row.update(accelerate_tok_s=1 / acc_s, x_accelerate=acc_s / med(t["nb_offload"]))
         b.add(**row)
         return row
 
@@ -346,6 +350,7 @@ def run(args):
 
     guard("1", lambda: case_decode("4GiB", "1 decode, gpu 4GiB (+7 trace on/off)", ids1, with_acc=not args.skip_accelerate,
                                    with_trace_off=True))
+    guard("1", lambda: case_decode("4GiB", "1b decode, gpu 4GiB, context 512", ids1, context=512))
     guard("2", lambda: case_decode("12GiB", "2 decode, gpu 12GiB", ids1))
     guard("3", lambda: case_decode("4GiB", "3 decode batch 8, gpu 4GiB, context 512", ids8, context=512, batch=8))
     guard("4", case_prefill)
