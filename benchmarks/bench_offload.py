@@ -273,7 +273,8 @@ def run(args):
             torch.cuda.empty_cache()
             b.meta["accelerate_s"] = med(acc_t)
             b.meta["accelerate_all"] = acc_t
-        if "accelerate_s" in b.meta and batch_ids.shape[0] == 1:
+            b.meta["accelerate_budget"] = parse_size(budget)
+        if b.meta.get("accelerate_budget") == parse_size(budget) and batch_ids.shape[0] == 1:
             acc_s = b.meta["accelerate_s"]
             row.update(accelerate_tok_s=1 / acc_s, x_accelerate=acc_s / med(t["nb_offload"]))
         b.add(**row)

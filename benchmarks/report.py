@@ -1,0 +1,70 @@
+"""Render a bench_offload.py JSON file as the Markdown rows of RESULTS.md (no figure typed by hand).
+
+    python3 benchmarks/report.py benchmarks/raw-2026-11-25-h100-run2.json --command "..." >> benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+GiB = 2**30
+
+
+def fmt(v, digits=2):
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def render(data, command, title=None) -> str:
+    m = data["meta"]
+    links = data.get("links", [])
+    lines = [f"## {title or m['date']} · {m['card']} · torch {m['torch']}, transformers {m['transformers']}, "
+             f"accelerate {m['accelerate']}", "", "Command (GPU machine, repository root):", "",
+             f"    {command}", "",
+             f"Model: LLaMA-7B shape, {m['layers']} layers, random bf16 weights. Page-locked host-to-GPU rate: "
+             f"median {m.get('link_gbps_median', 0):.1f} GB/s of {len(links)} samples "
+             f"({min(links):.1f}-{max(links):.1f}). Drive (best of 3, nb_offload's reader): cold "
+             f"{fmt(m.get('drive_cold_gbps'))} GB/s, warm page cache {fmt(m.get('drive_warm_gbps'))} GB/s.", "",
+             "| case | streamed / token | nb_offload | spread | bound | % of bound | % of PCIe limit | "
+             "vs Accelerate | peak GPU / budget | same tokens |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+    for r in data["rows"]:
+        if "pct_of_bound" in r:
+            streamed = r.get("streamed_bytes", r.get("streamed_from_cpu", 0) + r.get("streamed_from_disk", 0))
+            unit = "tok/s"
+            same_budget = r.get("gpu_budget") == m.get("accelerate_budget", 4 * GiB)   # Accelerate ran at one budget
+            acc = (f"{r['x_accelerate']:.1f}x ({r['accelerate_tok_s']:.2f} tok/s)"
+                   if "x_accelerate" in r and same_budget else "")
+            pcie = f"{r['pct_of_pcie']:.1f} %" if "pct_of_pcie" in r else ""
+            same = r.get("tokens_identical", r.get("next_token_identical"))
+            lines.append(
+                f"| {r['case']} | {streamed / 1e9:.2f} GB | {r['nb_tok_s']:.2f} {unit} | {r['nb_spread']} | "
+                f"{r['bound_tok_s']:.2f} {unit} | {r['pct_of_bound']:.1f} % | {pcie} | {acc} | "
+                f"{r['peak_gpu'] / GiB:.2f} / {r['gpu_budget'] / GiB:.0f} GiB | {'yes' if same else 'NO'} |")
+    for r in data["rows"]:
+        if "trace_cost_pct" in r:
+            lines.append(f"\nTrace on against trace off ({r['case'].split(' (')[0]}): {r['nb_tok_s']:.2f} against "
+                         f"{r['trace_off_tok_s']:.2f} tok/s, cost {r['trace_cost_pct']:+.1f} % "
+                         f"(spreads {r['nb_spread']} and {r['trace_off_spread']}).")
+        if "slower_pct" in r:
+            lines.append(f"\nEverything resident (case 6): plain transformers {r['resident_tok_s']:.2f} tok/s "
+                         f"(spread {r['resident_spread']}), nb_offload {r['nb_tok_s']:.2f} tok/s "
+                         f"({r['slower_pct']:+.1f} %, spread {r['nb_spread']}), nb_offload with trace off "
+                         f"{r['nb_trace_off_tok_s']:.2f} tok/s ({r['slower_trace_off_pct']:+.1f} %).")
+        if "error" in r:
+            lines.append(f"\nCase {r['case']} failed: `{r['error'].splitlines()[-1]}`")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("json")
+    ap.add_argument("--command", default="PYTHONPATH=. python3 benchmarks/bench_offload.py --json out.json")
+    ap.add_argument("--title", default=None)
+    args = ap.parse_args()
+    with open(args.json) as fh:
+        print(render(json.load(fh), args.command, args.title))
+
+
+if __name__ == "__main__":
+    main()
