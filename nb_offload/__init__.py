@@ -30,3 +30,30 @@ def plan(model, **kwargs):
     """A dry-run ``Plan`` from the config and safetensors headers; no weight is read."""
     from .loader import plan as _plan
     return _plan(model, **kwargs)
+
+
+def load_ipython_extension(ipython):
+    """``%load_ext nb_offload``: register the magics (imports no torch)."""
+    from .magics import OffloadMagics
+    magics = OffloadMagics(shell=ipython)
+    ipython.register_magics(magics)
+    ipython.configurables.append(magics) if magics not in ipython.configurables else None
+    ipython._nb_offload_magics = magics
+
+
+def unload_ipython_extension(ipython):
+    """``%unload_ext nb_offload``: unload every model and remove the magics."""
+    magics = getattr(ipython, "_nb_offload_magics", None)
+    if magics is None:
+        return
+    magics.unload_all()
+    for kind, table in ipython.magics_manager.magics.items():
+        for name in list(table):
+            if getattr(table[name], "__self__", None) is magics:
+                del table[name]
+    registry = ipython.magics_manager.registry
+    for key in [k for k, v in registry.items() if v is magics]:
+        del registry[key]
+    if magics in ipython.configurables:
+        ipython.configurables.remove(magics)
+    del ipython._nb_offload_magics

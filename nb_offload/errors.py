@@ -10,6 +10,11 @@ from __future__ import annotations
 class OffloadError(Exception):
     """Base class of every error nb_offload raises on purpose."""
 
+    def _render_traceback_(self):
+        # IPython shows this instead of a traceback: the message already says what to fix.
+        # The cell still fails (nbval and "run all" stop); %tb shows the full traceback.
+        return [f"{type(self).__name__}: {self}"]
+
 
 class BudgetError(OffloadError, ValueError):
     """A memory budget is malformed, or too small for the model."""

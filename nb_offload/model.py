@@ -235,3 +235,6 @@ class OffloadedModel:
 
     def _repr_html_(self):
         return self.plan._repr_html_()
+
+    def _repr_pretty_(self, p, cycle):
+        p.text(repr(self) + "\n" + str(self.plan))

@@ -154,6 +154,9 @@ class Plan:
         lines.append("  streamed per step: " + ", ".join(f"{format_size(v)} from {k}" for k, v in moved.items()))
         return "\n".join(lines)
 
+    def _repr_pretty_(self, p, cycle):
+        p.text(str(self))
+
     def __repr__(self):
         totals = ", ".join(f"{t}={format_size(v)}" for t, v in self.totals().items() if v)
         return f"<Plan {len(self.entries)} units on {self.device}: {totals}>"

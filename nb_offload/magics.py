@@ -1,0 +1,440 @@
+"""IPython magics: a thin layer over the Python API (``nb_offload.load`` and ``OffloadedModel``).
+
+``%load_ext nb_offload`` registers them and imports no torch: that happens with the first model.
+Errors from the API (``OffloadError``) show as one short line and fail the cell.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+
+from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from traitlets import Bool, Int, Unicode
+
+from .budget import format_size
+from .errors import OffloadError, OptionError
+
+OFFLOAD_KEYS = ("model", "gpu", "cpu", "disk", "dtype", "quant", "context", "device", "pin", "as",
+                "batch", "prefetch", "trace")
+
+
+class GenerationInterrupted(OffloadError):
+    """Generation stopped by a kernel interrupt; the partial text was kept."""
+
+
+@magics_class
+class OffloadMagics(Magics):
+    """Load, run, re-pin and inspect offloaded models from notebook cells.
+
+    Defaults for every magic can be set with ``%config OffloadMagics.<option> = value``.
+    """
+
+    default_gpu = Unicode(None, allow_none=True, help="GPU budget when --gpu is not given, e.g. '6GiB'.").tag(config=True)
+    default_cpu = Unicode(None, allow_none=True, help="CPU budget when --cpu is not given.").tag(config=True)
+    default_disk = Unicode(None, allow_none=True, help="Disk tier folder when --disk is not given.").tag(config=True)
+    default_dtype = Unicode(None, allow_none=True, help="dtype when --dtype is not given.").tag(config=True)
+    default_context = Int(0, help="Planned context length when --context is not given (0: the model's).").tag(config=True)
+    max_new_tokens = Int(128, help="%%generate's --max-new-tokens default.").tag(config=True)
+    stream = Bool(True, help="Stream tokens into the output as they are made.").tag(config=True)
+    progress = Bool(True, help="Show a progress bar while loading.").tag(config=True)
+
+    def __init__(self, shell=None, **kwargs):
+        super().__init__(shell=shell, **kwargs)
+        self.models: dict = {}        # name -> OffloadedModel, in load order
+        self._link_gbps = None
+
+    # -- helpers -------------------------------------------------------------------------
+    def _pick(self, name):
+        if not self.models:
+            raise OffloadError("no model is loaded; load one with %offload_load MODEL --as NAME.")
+        if name is None:
+            return next(reversed(self.models)), self.models[next(reversed(self.models))]
+        if name not in self.models:
+            raise OffloadError(f"no loaded model is named {name!r}; loaded: {', '.join(self.models)}.")
+        return name, self.models[name]
+
+    def _load(self, model, *, name, gpu, cpu, disk, dtype, quant, pins, context, device, **extra):
+        import nb_offload
+        if not name.isidentifier():
+            raise OptionError(f"--as {name!r} is not a Python name; give one such as llm or model2.")
+        kwargs = dict(gpu=gpu or self.default_gpu, cpu=cpu or self.default_cpu, disk=disk or self.default_disk,
+                      dtype=dtype or self.default_dtype, quant=quant, pins=pins or None, device=device,
+                      context=context or self.default_context or None, progress=self.progress, **extra)
+        if name in self.models:        # replacing a model frees the old one first
+            self.models.pop(name).unload()
+        llm = nb_offload.load(model, **kwargs)
+        self.models[name] = llm
+        self.shell.user_ns[name] = llm
+        self._show(llm.plan)
+        return llm
+
+    def _show(self, obj):
+        from IPython.display import display
+        display(obj)
+
+    def link_gbps(self):
+        """The page-locked host-to-GPU rate of this machine, measured once (a 256 MiB copy)."""
+        if self._link_gbps is None:
+            import torch
+            n = 256 * 2**20
+            src = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+            dst = torch.empty(n, dtype=torch.uint8, device="cuda")
+            dst.copy_(src, non_blocking=True)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src, non_blocking=True)
+            end.record()
+            end.synchronize()
+            self._link_gbps = n / (start.elapsed_time(end) / 1e3) / 1e9
+        return self._link_gbps
+
+    # -- loading -------------------------------------------------------------------------
+    @magic_arguments()
+    @argument("model", help="a folder in the save_pretrained layout, or a Hub id in the local cache")
+    @argument("--gpu", help="GPU budget, e.g. 6GiB, 500MiB, 80%%")
+    @argument("--cpu", help="host-memory budget")
+    @argument("--disk", help="folder for the disk tier (created private to you)")
+    @argument("--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)")
+    @argument("--quant", help="quantization (none available yet)")
+    @argument("--pin", nargs="+", default=[], metavar="PATTERN=TIER",
+              help="keep units on a tier, e.g. model.layers.0-3=gpu lm_head=gpu")
+    @argument("--context", type=int, help="context length the plan reserves KV cache for")
+    @argument("--device", help="cuda, cuda:N or cpu")
+    @argument("--as", dest="name", default="llm", help="variable to bind the model to (default llm)")
+    @line_magic
+    def offload_load(self, line):
+        """Load a model through the memory tiers and bind it to a variable.
+
+        Usage: %offload_load MODEL [--gpu SIZE] [--cpu SIZE] [--disk DIR] [--dtype D] [--quant Q]
+                             [--pin PATTERN=TIER ...] [--context N] [--device D] [--as NAME]
+
+        Example:
+            %offload_load ./llama-7b --gpu 6GiB --cpu 24GiB --disk ./offload --pin model.layers.0-3=gpu --as llm
+        """
+        args = parse_argstring(self.offload_load, line)
+        pins = {}
+        for item in args.pin:
+            pattern, sep, tier = item.rpartition("=")
+            if not sep or not pattern:
+                raise OptionError(f"--pin {item!r} is not PATTERN=TIER; e.g. --pin model.layers.0-3=gpu.")
+            pins[pattern] = tier
+        self._load(args.model, name=args.name, gpu=args.gpu, cpu=args.cpu, disk=args.disk, dtype=args.dtype,
+                   quant=args.quant, pins=pins, context=args.context, device=args.device)
+
+    @cell_magic
+    def offload(self, line, cell):
+        """Load a model configured in the cell body, one ``key: value`` a line (YAML).
+
+        Usage: %%offload [NAME]
+        Keys: model, gpu, cpu, disk, dtype, quant, context, device, batch, prefetch, trace, as,
+        and pin: a mapping of pattern to tier.
+
+        Example:
+            %%offload llm2
+            model: ./checkpoints/my-13b
+            gpu: 10GiB
+            cpu: 40GiB
+            disk: ./offload
+            dtype: bfloat16
+            pin:
+              model.layers.0-7: gpu
+        """
+        import yaml
+        try:
+            cfg = yaml.safe_load(cell) or {}
+        except yaml.YAMLError as exc:
+            raise OptionError(f"%%offload body is not valid YAML ({exc}); write one `key: value` a line.") from None
+        if not isinstance(cfg, dict):
+            raise OptionError(f"%%offload body must be `key: value` lines, got {type(cfg).__name__}.")
+        unknown = sorted(set(cfg) - set(OFFLOAD_KEYS))
+        if unknown:
+            raise OptionError(f"%%offload: unknown key(s) {unknown}; accepted keys: {', '.join(OFFLOAD_KEYS)}.")
+        if "model" not in cfg:
+            raise OptionError("%%offload needs a `model:` line (a folder or a Hub id).")
+        pins = cfg.get("pin") or {}
+        if not isinstance(pins, dict):
+            raise OptionError(f"%%offload `pin:` must be a mapping of pattern to tier, got {pins!r}.")
+        name = line.strip() or str(cfg.get("as") or "llm")
+        extra = {k: cfg[k] for k in ("batch", "prefetch", "trace") if k in cfg}
+        sizes = {k: (str(cfg[k]) if cfg.get(k) is not None else None) for k in ("gpu", "cpu")}
+        self._load(str(cfg["model"]), name=name, gpu=sizes["gpu"], cpu=sizes["cpu"], disk=cfg.get("disk"),
+                   dtype=cfg.get("dtype"), quant=cfg.get("quant"), pins={str(k): v for k, v in pins.items()},
+                   context=cfg.get("context"), device=cfg.get("device"), **extra)
+
+    # -- generating ----------------------------------------------------------------------
+    @magic_arguments()
+    @argument("--model", default=None, help="which loaded model (default: the most recent)")
+    @argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default 128)")
+    @argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    @argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    @argument("--seed", type=int, default=None, help="random seed for sampling")
+    @argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    @argument("--system", default=None, help="system message (implies --chat)")
+    @argument("--no-stream", action="store_true", help="print the text at the end only")
+    @argument("--as", dest="var", default=None, help="bind the generated text (a str) to this variable")
+    @cell_magic
+    def generate(self, line, cell):
+        """Generate from the cell body as the prompt; tokens stream into the output.
+
+        Usage: %%generate [--model NAME] [--max-new-tokens N] [--temperature T] [--top-p P]
+                          [--seed S] [--chat] [--system TEXT] [--no-stream] [--as VAR]
+
+        Ends with one line: tokens, tok/s, bytes streamed per tier and, on a GPU, the share of
+        the PCIe limit. Interrupting the kernel stops generation; the partial text is kept.
+
+        Example:
+            %%generate --model llm --max-new-tokens 64 --as answer
+            Explain model offloading in one paragraph.
+        """
+        args = parse_argstring(self.generate, line)
+        name, llm = self._pick(args.model)
+        tok = llm.tokenizer
+        if tok is None:
+            raise OffloadError(f"model {name!r} has no tokenizer; load a folder with tokenizer files, "
+                               f"or call {name}.generate(input_ids, ...) yourself.")
+        max_new = args.max_new_tokens or self.max_new_tokens
+        if max_new < 1:
+            raise OptionError(f"--max-new-tokens {max_new} is not valid; give an int >= 1.")
+        prompt = cell.strip("\n")
+        if args.chat or args.system:
+            if not getattr(tok, "chat_template", None):
+                raise OffloadError(f"--chat: the tokenizer of {name!r} has no chat template.")
+            messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                [{"role": "user", "content": prompt}]
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            inputs = tok(text, return_tensors="pt", add_special_tokens=False)
+        else:
+            inputs = tok(prompt, return_tensors="pt")
+        kwargs = dict(max_new_tokens=max_new, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        if args.temperature and args.temperature > 0:
+            kwargs.update(do_sample=True, temperature=args.temperature)
+            if args.top_p is not None:
+                kwargs["top_p"] = args.top_p
+        else:
+            kwargs["do_sample"] = False
+        if args.seed is not None:
+            import torch
+            torch.manual_seed(args.seed)
+        stream = self.stream and not args.no_stream
+        streamer = TextStream(tok, echo=stream)
+        before = llm.stats.as_dict()
+        interrupted = False
+        t0 = time.perf_counter()
+        try:
+            llm.generate(**inputs, streamer=streamer, **kwargs)
+        except KeyboardInterrupt:
+            interrupted = True
+        seconds = time.perf_counter() - t0
+        streamer.finish()
+        text = streamer.text
+        if not stream:
+            print(text, end="")
+        after = llm.stats.as_dict()
+        n = streamer.tokens
+        moved_cpu = after["bytes_from_cpu"] - before["bytes_from_cpu"]
+        moved_disk = after["bytes_from_disk"] - before["bytes_from_disk"]
+        summary = (f"\n[{n} tokens in {seconds:.2f} s, {n / seconds if seconds else 0:.2f} tok/s · streamed "
+                   f"{format_size(moved_cpu)} from cpu, {format_size(moved_disk)} from disk")
+        if llm.device.type == "cuda" and moved_cpu + moved_disk:
+            share = (moved_cpu + moved_disk) / seconds / 1e9 / self.link_gbps()
+            summary += f" · {100 * share:.0f}% of the PCIe limit ({self.link_gbps():.0f} GB/s)"
+        summary += "]" + (" interrupted: partial text kept" if interrupted else "")
+        print(summary)
+        if args.var:
+            self.shell.user_ns[args.var] = text
+        if interrupted:
+            llm._release_memory()
+
+    # -- re-pinning and inspecting ----------------------------------------------------------
+    @line_magic
+    def offload_pin(self, line):
+        """Keep units on a tier; the rest are re-planned around them and bytes migrate.
+
+        Usage: %offload_pin [NAME] PATTERN TIER
+        TIER is gpu, cpu or disk; PATTERN a module name with * globs and index ranges.
+
+        Example:
+            %offload_pin llm model.layers.20-23 gpu
+        """
+        parts = shlex.split(line)
+        if len(parts) not in (2, 3):
+            raise OptionError(f"%offload_pin takes [NAME] PATTERN TIER, got {line!r}; "
+                              "e.g. %offload_pin llm model.layers.0-3 gpu.")
+        name, llm = self._pick(parts[0] if len(parts) == 3 else None)
+        moved = llm.pin(parts[-2], parts[-1])
+        print(f"{name}: pinned {parts[-2]} to {parts[-1]}; moved {len(moved)} unit(s).")
+        self._show(llm.plan)
+
+    @line_magic
+    def offload_unpin(self, line):
+        """Let the planner place units again.
+
+        Usage: %offload_unpin [NAME] PATTERN
+
+        Example:
+            %offload_unpin llm model.layers.20-23
+        """
+        parts = shlex.split(line)
+        if len(parts) not in (1, 2):
+            raise OptionError(f"%offload_unpin takes [NAME] PATTERN, got {line!r}; "
+                              "e.g. %offload_unpin llm model.layers.0-3.")
+        name, llm = self._pick(parts[0] if len(parts) == 2 else None)
+        moved = llm.unpin(parts[-1])
+        print(f"{name}: unpinned {parts[-1]}; moved {len(moved)} unit(s).")
+        self._show(llm.plan)
+
+    @magic_arguments()
+    @argument("model", help="a folder or a Hub id in the local cache")
+    @argument("--gpu", help="GPU budget (plans for a GPU even on a machine without one)")
+    @argument("--cpu", help="host-memory budget")
+    @argument("--disk", help="disk tier folder")
+    @argument("--dtype", help="float32, float16 or bfloat16")
+    @argument("--context", type=int, help="context length to reserve KV cache for")
+    @argument("--link", type=float, default=None, help="host-to-GPU GB/s for the prediction "
+              "(default: measured here on a GPU, else 25)")
+    @argument("--drive", type=float, default=1.0, help="drive GB/s for the prediction (default 1)")
+    @line_magic
+    def offload_plan(self, line):
+        """Dry run: where each unit would live, and the predicted decode speed. No weight is read.
+
+        Usage: %offload_plan MODEL [--gpu SIZE] [--cpu SIZE] [--disk DIR] [--dtype D] [--context N]
+                                   [--link GBPS] [--drive GBPS]
+
+        Example:
+            %offload_plan ./llama-70b --gpu 20GiB --cpu 64GiB --disk ./offload
+        """
+        import nb_offload
+        args = parse_argstring(self.offload_plan, line)
+        plan = nb_offload.plan(args.model, gpu=args.gpu or self.default_gpu, cpu=args.cpu or self.default_cpu,
+                               disk=args.disk or self.default_disk, dtype=args.dtype or self.default_dtype,
+                               context=args.context or self.default_context or None)
+        self._show(plan)
+        link = args.link
+        if link is None:
+            import torch
+            link = self.link_gbps() if torch.cuda.is_available() else 25.0
+        step = plan.predicted_seconds_per_step(link_gbps=link, disk_gbps=args.drive)
+        if step:
+            print(f"predicted decode: at most {1 / step:.2f} tok/s (streams "
+                  + ", ".join(f"{format_size(v)} from {k}" for k, v in plan.streamed_bytes_per_token().items())
+                  + f" a token at {link:.0f} GB/s link, {args.drive:g} GB/s drive)")
+        else:
+            print("predicted decode: nothing streams; the speed is the resident model's.")
+
+    @line_magic
+    def offload_status(self, line):
+        """Show a loaded model's plan and what it has done so far.
+
+        Usage: %offload_status [NAME]
+
+        Example:
+            %offload_status llm
+        """
+        name, llm = self._pick(line.strip() or None)
+        self._show(llm.plan)
+        print(f"{name}: {llm.stats}")
+
+    @magic_arguments()
+    @argument("name", nargs="?", default=None, help="which loaded model (default: the most recent)")
+    @argument("--export", default=None, metavar="FILE.json", help="write the trace as Chrome-trace JSON")
+    @line_magic
+    def offload_timeline(self, line):
+        """The last cell's reads, copies and compute, as a timeline; optionally exported.
+
+        Usage: %offload_timeline [NAME] [--export FILE.json]
+
+        Example:
+            %offload_timeline llm --export trace.json
+        """
+        args = parse_argstring(self.offload_timeline, line)
+        name, llm = self._pick(args.name)
+        from .timeline import Timeline
+        self._show(Timeline(llm.trace, title=name))
+        if args.export:
+            llm.trace.export(args.export)
+            print(f"wrote {args.export} (open it in Perfetto or chrome://tracing)")
+
+    @magic_arguments()
+    @argument("name", nargs="?", default=None, help="the model to unload (default: the most recent)")
+    @argument("--all", action="store_true", help="unload every model")
+    @line_magic
+    def offload_unload(self, line):
+        """Free a model's GPU, host and disk-staging memory and remove its variable.
+
+        Usage: %offload_unload [NAME | --all]
+
+        Example:
+            %offload_unload llm
+        """
+        args = parse_argstring(self.offload_unload, line)
+        names = list(self.models) if args.all else [self._pick(args.name)[0]]
+        for name in names:
+            self.models.pop(name).unload()
+            if self.shell is not None:
+                self.shell.user_ns.pop(name, None)
+            print(f"unloaded {name}")
+
+    @line_magic
+    def offload_list(self, line):
+        """List the loaded models.
+
+        Usage: %offload_list
+
+        Example:
+            %offload_list
+        """
+        if not self.models:
+            print("no model loaded")
+        for name, llm in self.models.items():
+            totals = ", ".join(f"{t} {format_size(v)}" for t, v in llm.plan.totals().items() if v)
+            print(f"{name}: {llm.name} on {llm.device} ({totals}); {llm.stats}")
+
+    def unload_all(self):
+        for name in list(self.models):
+            self.models.pop(name).unload()
+            if self.shell is not None:
+                self.shell.user_ns.pop(name, None)
+
+
+class TextStream:
+    """A transformers streamer that prints text as tokens arrive and keeps the whole of it."""
+
+    def __init__(self, tokenizer, echo=True):
+        self.tokenizer = tokenizer
+        self.echo = echo
+        self.ids: list[int] = []
+        self.printed = 0
+        self.tokens = 0
+        self._prompt_seen = False
+
+    def put(self, value):
+        ids = value.reshape(-1).tolist()
+        if not self._prompt_seen:          # generate first hands over the prompt
+            self._prompt_seen = True
+            return
+        self.ids.extend(ids)
+        self.tokens += len(ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):        # half of a multi-byte character: wait for the rest
+            return
+        self._emit(text)
+
+    def end(self):
+        pass
+
+    def finish(self):
+        self._emit(self.text)
+
+    def _emit(self, text):
+        new = text[self.printed:]
+        if new and self.echo:
+            sys.stdout.write(new)
+            sys.stdout.flush()
+        self.printed = len(text)
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)

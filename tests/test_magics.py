@@ -1,0 +1,262 @@
+"""The magics, run in a real IPython InteractiveShell (fresh IPYTHONDIR), on tiny models."""
+
+import gc
+import os
+import subprocess
+import sys
+import threading
+import _thread
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def shell(tmp_path_factory):
+    os.environ["IPYTHONDIR"] = str(tmp_path_factory.mktemp("ipython"))
+    from IPython.core.interactiveshell import InteractiveShell
+    sh = InteractiveShell.instance()
+    sh.run_cell("%load_ext nb_offload", store_history=False)
+    yield sh
+    sh.run_cell("%unload_ext nb_offload", store_history=False)
+
+
+def run(sh, code):
+    """Run a cell; errors are raised, not swallowed."""
+    result = sh.run_cell(code, store_history=False)
+    if result.error_before_exec:
+        raise result.error_before_exec
+    if result.error_in_exec:
+        raise result.error_in_exec
+    return result
+
+
+class Pieces:
+    """A stdout that records each write, to see text arrive while a cell runs."""
+
+    def __init__(self, on_write=None):
+        self.writes, self.on_write = [], on_write
+
+    def write(self, s):
+        if s:
+            self.writes.append(s)
+            if self.on_write:
+                self.on_write(self)
+        return len(s)
+
+    def flush(self):
+        pass
+
+    @property
+    def text(self):
+        return "".join(self.writes)
+
+
+def capture(sh, code, on_write=None):
+    out = Pieces(on_write)
+    old = sys.stdout
+    sys.stdout = out
+    try:
+        run(sh, code)
+    finally:
+        sys.stdout = old
+    return out
+
+
+def test_load_ext_imports_no_torch(tmp_path):
+    code = ("import os, sys; os.environ['IPYTHONDIR'] = %r\n"
+            "from IPython.core.interactiveshell import InteractiveShell\n"
+            "sh = InteractiveShell.instance(); r = sh.run_cell('%%load_ext nb_offload')\n"
+            "assert r.success\n"
+            "assert 'offload_load' in sh.magics_manager.magics['line']\n"
+            "bad = [m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules]\n"
+            "assert not bad, bad\n" % str(tmp_path))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_load_generate_stream_and_bindings(shell, model_dirs, tmp_path):
+    folder = model_dirs("llama")
+    run(shell, f"%offload_load {folder} --device cpu --disk {tmp_path} --pin model.layers.2-3=disk --as tiny")
+    llm = shell.user_ns["tiny"]
+    assert llm.plan.tier_of("model.layers.3") == "disk"
+    out = capture(shell, "%%generate --model tiny --max-new-tokens 12 --as answer\nModel offloading keeps")
+    text = shell.user_ns["answer"]
+    assert isinstance(text, str) and text
+    pieces = [w for w in out.writes if w.strip() and not w.startswith("\n[")]
+    assert len(pieces) >= 3, out.writes       # tokens arrived one write at a time, not at the end
+    assert "12 tokens in" in out.text and "tok/s" in out.text and "from disk" in out.text
+    # the same text as transformers' greedy decode of the same prompt
+    import torch
+    from transformers import AutoModelForCausalLM
+    ref = AutoModelForCausalLM.from_pretrained(folder)
+    ids = llm.tokenizer("Model offloading keeps", return_tensors="pt")
+    want = ref.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=llm.tokenizer.pad_token_id)
+    assert text == llm.tokenizer.decode(want[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    run(shell, "%offload_unload tiny")
+    assert "tiny" not in shell.user_ns
+
+
+def test_offload_cell_accepts_every_key(shell, model_dirs, tmp_path):
+    folder = model_dirs("gpt2")
+    run(shell, f"""%%offload cellmodel
+model: {folder}
+cpu: 1GiB
+disk: {tmp_path}
+dtype: float32
+quant:
+context: 128
+device: cpu
+batch: 1
+prefetch: 2
+trace: true
+pin:
+  transformer.h.2-3: disk
+  lm_head: cpu
+""")
+    llm = shell.user_ns["cellmodel"]
+    assert llm.plan.context == 128 and llm.plan.tier_of("transformer.h.3") == "disk"
+    assert llm.plan["lm_head"].pinned
+    run(shell, "%offload_unload cellmodel")
+    run(shell, f"%%offload\nmodel: {folder}\ndevice: cpu\nas: named_by_key\n")
+    assert "named_by_key" in shell.user_ns
+    run(shell, "%offload_unload named_by_key")
+
+
+def test_offload_cell_unknown_key_binds_nothing(shell, model_dirs):
+    from nb_offload import OffloadError
+    with pytest.raises(OffloadError) as info:
+        run(shell, f"%%offload oops\nmodel: {model_dirs('llama')}\ngpus: 4GiB\n")
+    assert "unknown key(s) ['gpus']" in str(info.value) and "accepted keys: model, gpu" in str(info.value)
+    assert "oops" not in shell.user_ns
+
+
+def test_missing_path_fails_the_cell_briefly(shell, tmp_path):
+    from nb_offload import CheckpointError
+    missing = tmp_path / "no-such-model"
+    result = shell.run_cell(f"%offload_load {missing} --as ghost", store_history=False)
+    assert isinstance(result.error_in_exec, CheckpointError)
+    assert "ghost" not in shell.user_ns
+    assert result.error_in_exec._render_traceback_() == [f"CheckpointError: {result.error_in_exec}"]
+
+
+def test_pins_by_magic_and_model_choice(shell, model_dirs, tmp_path):
+    folder = model_dirs("llama")
+    run(shell, f"%offload_load {folder} --device cpu --disk {tmp_path / 'a'} --as first")
+    run(shell, f"%offload_load {folder} --device cpu --disk {tmp_path / 'b'} --as second")
+    run(shell, "%offload_pin model.layers.1 disk")          # no name: the most recent
+    assert shell.user_ns["second"].plan.tier_of("model.layers.1") == "disk"
+    assert shell.user_ns["first"].plan.tier_of("model.layers.1") == "cpu"
+    run(shell, "%offload_pin first model.layers.0-1 disk")
+    assert shell.user_ns["first"].plan.tier_of("model.layers.0") == "disk"
+    run(shell, "%offload_unpin first model.layers.0-1")
+    assert not shell.user_ns["first"].plan["model.layers.0"].pinned
+    from nb_offload import PinError
+    with pytest.raises(PinError):
+        run(shell, "%offload_pin first model.layers.0 tape")
+    out = capture(shell, "%offload_list")
+    assert "first:" in out.text and "second:" in out.text
+    out = capture(shell, "%%generate --model first --max-new-tokens 3\nhello")
+    assert "3 tokens in" in out.text
+    run(shell, "%offload_unload --all")
+    assert "first" not in shell.user_ns and "second" not in shell.user_ns
+
+
+def test_interrupt_during_generate_keeps_partial_text_and_model(shell, model_dirs, tmp_path):
+    import torch
+    from transformers import DynamicCache
+    folder = model_dirs("llama")
+    run(shell, f"%offload_load {folder} --device cpu --disk {tmp_path} --pin model.layers.1-3=disk --as intr")
+    llm = shell.user_ns["intr"]
+    fired = threading.Event()
+
+    def interrupt_after_a_few(out):
+        if len(out.writes) == 4 and not fired.is_set():
+            fired.set()
+            threading.Timer(0.01, _thread.interrupt_main).start()   # lands wherever the main thread is
+
+    out = capture(shell, "%%generate --max-new-tokens 400 --as partial\nModel offloading keeps",
+                  on_write=interrupt_after_a_few)
+    assert fired.is_set() and "interrupted: partial text kept" in out.text
+    partial = shell.user_ns["partial"]
+    assert partial and len(llm.tokenizer(partial)["input_ids"]) < 400
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, DynamicCache)]   # no KV cache left behind
+    ids = torch.tensor([[5, 17, 42, 7]])
+    from transformers import AutoModelForCausalLM
+    want = AutoModelForCausalLM.from_pretrained(folder).generate(ids, max_new_tokens=8, min_new_tokens=8,
+                                                                 do_sample=False)
+    assert torch.equal(llm.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False), want)
+    run(shell, "%offload_unload intr")
+
+
+def test_config_defaults_and_timeline_export(shell, model_dirs, tmp_path):
+    folder = model_dirs("llama")
+    run(shell, "%config OffloadMagics.max_new_tokens = 5")
+    run(shell, f"%config OffloadMagics.default_disk = '{tmp_path / 'd'}'")
+    try:
+        run(shell, f"%offload_load {folder} --device cpu --pin model.layers.3=disk --as cfg")
+        assert shell.user_ns["cfg"].plan.tier_of("model.layers.3") == "disk"
+        out = capture(shell, "%%generate\nhi")
+        assert "5 tokens in" in out.text
+        export = tmp_path / "trace.json"
+        out = capture(shell, f"%offload_timeline cfg --export {export}")
+        assert export.exists() and "events" in out.text
+        out = capture(shell, "%offload_status cfg")
+        assert "5 tokens" in out.text
+        out = capture(shell, f"%offload_plan {folder} --gpu 1GiB --cpu 1GiB")
+        assert "predicted decode" in out.text
+    finally:
+        run(shell, "%config OffloadMagics.max_new_tokens = 128")
+        run(shell, "%config OffloadMagics.default_disk = None")
+        shell.run_cell("%offload_unload --all", store_history=False)
+
+
+def test_rich_output_in_jupyter(shell, model_dirs):
+    from IPython.utils.capture import capture_output
+    with capture_output() as cap:
+        run(shell, f"%offload_load {model_dirs('llama')} --device cpu --as rich")
+    data = cap.outputs[0].data
+    assert "<table>" in data["text/html"] and "model.layers.0-3" in data["text/plain"]
+    run(shell, "%offload_unload rich")
+
+
+def test_plain_text_in_terminal_ipython(model_dirs, tmp_path):
+    script = tmp_path / "cells.ipy"
+    script.write_text(f"%load_ext nb_offload\n%offload_load {model_dirs('llama')} --device cpu --as t\n"
+                      "%offload_status t\n")
+    env = dict(os.environ, IPYTHONDIR=str(tmp_path / "ipy"), PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-m", "IPython", "--no-banner", "--colors=NoColor", str(script)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "model.layers.0-3" in out.stdout and "<table>" not in out.stdout
+    assert "0 tokens" in out.stdout
+
+
+def test_unload_ext_frees_models(tmp_path, model_dirs):
+    code = (f"import os; os.environ['IPYTHONDIR'] = {str(tmp_path)!r}\n"
+            "from IPython.core.interactiveshell import InteractiveShell\n"
+            "sh = InteractiveShell.instance(); sh.run_cell('%load_ext nb_offload')\n"
+            f"r = sh.run_cell('%offload_load {model_dirs('llama')} --device cpu --as m'); assert r.success\n"
+            "m = sh.user_ns['m']\n"
+            "r = sh.run_cell('%unload_ext nb_offload'); assert r.success\n"
+            "assert 'm' not in sh.user_ns and m._engine is None\n"
+            "assert 'offload_load' not in sh.magics_manager.magics['line']\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("offload_load", "line"), ("offload", "cell"), ("generate", "cell"), ("offload_pin", "line"),
+    ("offload_unpin", "line"), ("offload_plan", "line"), ("offload_status", "line"),
+    ("offload_timeline", "line"), ("offload_unload", "line"), ("offload_list", "line"),
+])
+def test_help_has_usage_options_and_example(shell, name, kind):
+    fn = shell.magics_manager.magics[kind][name]
+    doc = fn.__doc__
+    assert "Usage:" in doc and "Example" in doc
+    for option in ("--gpu", "--cpu", "--disk", "--pin", "--as") if name == "offload_load" else ():
+        assert option in doc
+    if name == "generate":
+        for option in ("--max-new-tokens", "--temperature", "--top-p", "--seed", "--chat", "--system",
+                       "--no-stream", "--as"):
+            assert option in doc
