@@ -265,9 +265,14 @@ def run(args):
         llm.unload()
         del llm
         if with_acc:
+            gc.collect()
+            torch.cuda.empty_cache()
+            acc_base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
             acc = AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.bfloat16, device_map="auto",
                                                        max_memory={0: parse_size(budget), "cpu": 100 * GiB})
             acc_t = [decode_step(acc.generate, batch_ids, max(2, n // 4)) for _ in range(2)]
+            b.meta["accelerate_peak_gpu"] = torch.cuda.max_memory_allocated() - acc_base
             del acc
             gc.collect()
             torch.cuda.empty_cache()

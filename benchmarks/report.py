@@ -24,7 +24,9 @@ def render(data, command, title=None) -> str:
              f"Model: LLaMA-7B shape, {m['layers']} layers, random bf16 weights. Page-locked host-to-GPU rate: "
              f"median {m.get('link_gbps_median', 0):.1f} GB/s of {len(links)} samples "
              f"({min(links):.1f}-{max(links):.1f}). Drive (best of 3, nb_offload's reader): cold "
-             f"{fmt(m.get('drive_cold_gbps'))} GB/s, warm page cache {fmt(m.get('drive_warm_gbps'))} GB/s.", "",
+             f"{fmt(m.get('drive_cold_gbps'))} GB/s, warm page cache {fmt(m.get('drive_warm_gbps'))} GB/s."
+             + (f" Accelerate's own peak GPU memory at the {m.get('accelerate_budget', 4 * GiB) / GiB:.0f} GiB budget: "
+                f"{m['accelerate_peak_gpu'] / GiB:.2f} GiB." if "accelerate_peak_gpu" in m else ""), "",
              "| case | streamed / token | nb_offload | spread | bound | % of bound | % of PCIe limit | "
              "vs Accelerate | peak GPU / budget | same tokens |",
              "|---|---:|---:|---|---:|---:|---:|---:|---:|---|"]

@@ -286,9 +286,19 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
                     f"on the GPU (gpu={format_size(cap)}); give cpu= at least {format_size(need)}, "
                     "a larger gpu budget, or a disk= folder for the rest.")
             best = 0
+        on_disk = set(range(best, len(loose)))
+        if policy == "auto" and 0 < best < len(loose):
+            # Space the disk units out among the cpu ones: the drive then reads all step long,
+            # while the link copies cpu units, instead of idling through a run of cpu units.
+            r = len(loose) - best
+            on_disk = {min(len(loose) - 1, int((i + 0.5) * len(loose) / r)) for i in range(r)}
+            spread_cpu = sum(u.nbytes for i, u in enumerate(loose) if i not in on_disk)
+            spread_staging = host_staging([u for i, u in enumerate(loose) if i in on_disk] + to_disk)
+            if len(on_disk) < r or cpu_used + spread_cpu + spread_staging > cpu_cap:
+                on_disk = set(range(best, len(loose)))
         for i, u in enumerate(loose):
-            tiers[u.index] = "cpu" if i < best else "disk"
-        cpu_used += sum(u.nbytes for u in loose[:best])
+            tiers[u.index] = "disk" if i in on_disk else "cpu"
+        cpu_used += sum(u.nbytes for i, u in enumerate(loose) if i not in on_disk)
         for u in to_cpu:
             tiers[u.index] = "cpu"
         for u in to_disk:

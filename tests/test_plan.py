@@ -159,3 +159,16 @@ def test_cli_plan(model_dirs):
     bad = subprocess.run([sys.executable, "-m", "nb_offload", "plan", model_dirs("llama"), "--gpu", "lots"],
                          capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert bad.returncode == 2 and "gpu='lots' is not a size" in bad.stderr
+
+
+def test_auto_policy_interleaves_disk_and_cpu_units(model_dirs, tmp_path):
+    folder = model_dirs("llama", num_hidden_layers=8)
+    big = nb_offload.plan(folder, gpu="1GiB", cpu="1GiB")
+    bl = blocks(big)
+    gpu = sum(big.reserved.values()) + sum(e.bytes for e in big if e.kind == "top") + 2 * bl[0].bytes
+    cpu = 4 * bl[0].bytes + 2 * bl[0].bytes          # four blocks and two disk staging buffers
+    auto = [e.tier for e in blocks(nb_offload.plan(folder, gpu=gpu, cpu=cpu, disk=tmp_path))]
+    seq = [e.tier for e in blocks(nb_offload.plan(folder, gpu=gpu, cpu=cpu, disk=tmp_path, policy="sequential"))]
+    assert seq == ["cpu"] * 4 + ["disk"] * 4
+    assert sorted(auto) == sorted(seq) and auto != seq
+    assert "disk" in auto[:4] and "cpu" in auto[4:], auto

@@ -142,3 +142,25 @@ def test_out_of_order_and_trace_off(model_dirs, tmp_path):
         assert len(llm.trace) == 0
     finally:
         llm.unload()
+
+
+def test_magics_on_gpu_report_the_pcie_share(model_dirs, tmp_path):
+    import io
+    import os
+    import sys
+    os.environ["IPYTHONDIR"] = str(tmp_path / "ipy")
+    from IPython.core.interactiveshell import InteractiveShell
+    sh = InteractiveShell.instance()
+    assert sh.run_cell("%load_ext nb_offload").success
+    folder = model_dirs("llama")
+    r = sh.run_cell(f"%offload_load {folder} --disk {tmp_path} --pin model.layers.1-2=cpu model.layers.3=disk --as g")
+    assert r.success, r.error_in_exec
+    out, old = io.StringIO(), sys.stdout
+    sys.stdout = out
+    try:
+        r = sh.run_cell("%%generate --model g --max-new-tokens 8 --as text\nModel offloading keeps")
+    finally:
+        sys.stdout = old
+    assert r.success, r.error_in_exec
+    assert "8 tokens in" in out.getvalue() and "of the PCIe limit" in out.getvalue(), out.getvalue()
+    assert sh.run_cell("%unload_ext nb_offload").success
