@@ -145,6 +145,7 @@ def test_out_of_order_and_trace_off(model_dirs, tmp_path):
 
 
 def test_magics_on_gpu_report_the_pcie_share(model_dirs, tmp_path):
+    pytest.importorskip("IPython")
     import io
     import os
     import sys

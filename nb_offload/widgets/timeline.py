@@ -1,0 +1,40 @@
+"""The transfer timeline: read / copy / compute / step lanes, zoomable, updated live."""
+
+from __future__ import annotations
+
+from traitlets import Dict, Int, List, Unicode
+
+from ..timeline import Timeline as StaticTimeline
+from ..trace import LANES
+from .base import OffloadWidget
+from .events import EventLog
+
+
+class Timeline(OffloadWidget):
+    """Live batches arrive as widget messages (deltas); when a cell ends, ``events`` takes a
+    snapshot of everything kept, which a view drawn later (or redrawn) starts from."""
+
+    _kind = Unicode("timeline").tag(sync=True)
+    lanes = List(list(LANES)).tag(sync=True)
+    events = Dict().tag(sync=True)
+    max_events = Int(50_000).tag(sync=True)
+
+    def __init__(self, llm, *, max_events: int = 50_000, **kwargs):
+        self._log = EventLog(max_events)
+        self._log.extend(list(llm.trace))
+        super().__init__(llm, events=self._log.snapshot(), max_events=max_events, **kwargs)
+
+    def live(self, events):
+        since = self._log.end
+        self._log.extend(events)
+        header, buffers = self._log.pack(since)
+        self.send({"type": "events", **header}, buffers)
+        super().live(events)
+
+    def settle(self):
+        if self._changed:
+            self.events = self._log.snapshot()
+        super().settle()
+
+    def static_html(self) -> str:
+        return StaticTimeline(self.llm.trace, title=self.llm.name, max_events=2000)._repr_html_()

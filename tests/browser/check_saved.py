@@ -1,0 +1,33 @@
+"""After the browser run: the saved notebook's dashboard output carries a static copy (inline
+SVG) next to the widget view, showing the re-pinned plan, and nbconvert renders it."""
+
+import subprocess
+import sys
+
+import nbformat
+
+from nb_offload.widgets.state import TIER_COLORS
+
+WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+def main(folder):
+    nb = nbformat.read(f"{folder}/widgets.ipynb", as_version=4)
+    shown = [o for o in nb.cells[1].outputs if WIDGET in o.get("data", {})]
+    assert shown, "the dashboard cell has no widget output"
+    html = shown[-1]["data"].get("text/html", "")
+    assert "nb_offload layer map" in html and "<svg" in html, "no static layer map in the saved output"
+    assert "nb_offload timeline" in html and "<rect" in html, "no static timeline in the saved output"
+    # Two blocks pinned to disk at load, two more by the click: four disk cells, all pinned.
+    disk_cells = html.count(f"rx='3' fill='{TIER_COLORS['disk']}'")
+    assert disk_cells == 4, f"static map shows {disk_cells} disk units, expected 4 after the re-pin"
+    subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", "--log-level", "WARN",
+                    f"{folder}/widgets.ipynb"], check=True)
+    with open(f"{folder}/widgets.html") as fh:
+        page = fh.read()
+    assert "nb_offload layer map" in page and "<svg" in page, "nbconvert's HTML lacks the static views"
+    print("saved notebook: static layer map and timeline present, nbconvert renders them")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

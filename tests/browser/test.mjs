@@ -1,0 +1,208 @@
+// Drives JupyterLab in headless Chromium: runs the notebook written by make_notebook.py,
+// checks the dashboard (layer map tiers and colours, live timeline, memory rows), re-pins
+// two blocks by clicking while a cell runs (pending, then done), checks the kernel's plan in
+// a later cell, and fails on any browser console error. Screenshots go to $OUT.
+// Environment: LAB_URL, LAB_TOKEN, CHROMIUM, OUT, BUSY_SECONDS.
+
+import assert from "node:assert/strict";
+import fs from "node:fs";
+import path from "node:path";
+import { chromium } from "playwright-core";
+
+const { LAB_URL, LAB_TOKEN, CHROMIUM, OUT } = process.env;
+const BUSY_SECONDS = Number(process.env.BUSY_SECONDS);
+const TIER_RGB = { gpu: "rgb(46, 125, 50)", cpu: "rgb(21, 101, 192)", disk: "rgb(141, 110, 99)" };
+const LANE_RGB = { read: [141, 110, 99], compute: [46, 125, 50] };
+
+fs.mkdirSync(OUT, { recursive: true });
+const userData = fs.mkdtempSync(path.join(OUT, "chromium-profile-"));
+// A fresh profile each run (playwright passes it as --user-data-dir).
+const browser = await chromium.launchPersistentContext(userData, {
+  executablePath: CHROMIUM,
+  headless: true,
+  viewport: { width: 1400, height: 1000 },
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run"],
+});
+const errors = [];
+let step = "start";
+const log = (msg) => console.log(`[browser-test] ${msg}`);
+
+try {
+  const page = browser.pages()[0] ?? await browser.newPage();
+  page.on("console", (msg) => {
+    if (msg.type() === "error") errors.push(`console: ${msg.text()}`);
+  });
+  page.on("pageerror", (err) => errors.push(`page: ${err.message}`));
+  const shot = (name) => page.screenshot({ path: path.join(OUT, `${name}.png`) });
+
+  step = "open notebook";
+  await page.goto(`${LAB_URL}/lab/tree/widgets.ipynb?token=${LAB_TOKEN}`);
+  const cells = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell");
+  await cells.first().waitFor({ timeout: 60_000 });
+  // Cells are run through JupyterLab's own command (the server exposes the app for this):
+  // keystrokes race the editor's focus; the widgets are then driven with real clicks.
+  await page.waitForFunction(() => window.jupyterapp?.shell.currentWidget?.sessionContext, null, { timeout: 60_000 });
+  await page.evaluate(() => window.jupyterapp.shell.currentWidget.sessionContext.ready);
+
+  const prompt = (i) => cells.nth(i).locator(".jp-InputArea-prompt");
+  const output = (i) => cells.nth(i).locator(".jp-OutputArea-output");
+  async function startCell(i) {
+    await page.evaluate((i) => {
+      const { shell, commands } = window.jupyterapp;
+      shell.currentWidget.content.activeCellIndex = i;
+      void commands.execute("notebook:run-cell");
+    }, i);
+    await page.waitForFunction(
+      ([sel, i]) => /\[[*\d]+\]/.test(document.querySelectorAll(sel)[i]?.textContent ?? ""),
+      [".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell .jp-InputArea-prompt", i], { timeout: 30_000 });
+  }
+  async function finishCell(i, timeout = 120_000) {
+    await page.waitForFunction(
+      ([sel, i]) => /\[\d+\]/.test(document.querySelectorAll(sel)[i]?.textContent ?? ""),
+      [".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell .jp-InputArea-prompt", i], { timeout });
+    const err = await cells.nth(i).locator("[data-mime-type='application/vnd.jupyter.error']").count();
+    if (err) throw new Error(`cell ${i} failed:\n${await output(i).allInnerTexts()}`);
+  }
+  async function runCell(i, timeout) {
+    await startCell(i);
+    await finishCell(i, timeout);
+  }
+
+  step = "load and generate (cell 0)";
+  await runCell(0, 180_000);
+  const expected = JSON.parse((await output(0).innerText()).match(/EXPECTED (.*)/)[1]);
+  log(`plan tiers ${expected.tiers.join(",")}; ${expected.events} events so far`);
+
+  step = "display the dashboard (cell 1)";
+  await runCell(1);
+  const map = cells.nth(1).locator(".nbo-layermap");
+  const mapCells = map.locator(".nbo-cell");
+  await mapCells.first().waitFor({ timeout: 30_000 });
+  assert.equal(await mapCells.count(), expected.tiers.length, "one cell per plan entry");
+  for (let i = 0; i < expected.tiers.length; i++) {
+    const cell = mapCells.nth(i);
+    const tier = expected.tiers[i];
+    assert.equal(await cell.getAttribute("data-tier"), tier, `cell ${i} tier`);
+    assert.equal(await cell.evaluate((e) => getComputedStyle(e).backgroundColor), TIER_RGB[tier], `cell ${i} colour`);
+  }
+  assert.equal(await map.locator(".nbo-cell.nbo-pinned").count(), 2, "layers 2-3 pinned at load");
+  assert.equal(await cells.nth(1).locator(".nbo-mem-row").count(), 2, "memory rows: cpu and disk");
+  const memParts = await cells.nth(1).locator(".nbo-mem-row[data-tier='cpu'] .nbo-mem-seg").evaluateAll(
+    (segs) => segs.map((s) => s.dataset.part));
+  assert.ok(memParts.includes("weights") && memParts.includes("kv_cache"), `cpu memory parts: ${memParts}`);
+  const timeline = cells.nth(1).locator(".nbo-timeline");
+  assert.equal(Number(await timeline.getAttribute("data-events")), expected.events, "history shown at display");
+  await shot("1-dashboard");
+
+  step = "live timeline (cell 2)";
+  const seen = new Set();
+  await startCell(2);
+  while (/\[\*\]/.test(await prompt(2).innerText())) {
+    seen.add(Number(await cells.nth(1).locator(".nbo-timeline").getAttribute("data-events").catch(() => 0)));
+    await page.waitForTimeout(100);
+  }
+  await finishCell(2);
+  const events = Number((await output(2).innerText()).match(/EVENTS (\d+)/)[1]);
+  const grewLive = [...seen].filter((n) => n > expected.events && n < events);
+  log(`timeline counts seen while the cell ran: ${[...seen].sort((a, b) => a - b).join(" ")}`);
+  assert.ok(grewLive.length >= 2, "timeline grew while the cell was running");
+  await page.waitForFunction(
+    ([n]) => Number(document.querySelector(".nbo-timeline")?.dataset.events) === n, [events], { timeout: 15_000 });
+  const lanePixels = await cells.nth(1).locator(".nbo-timeline canvas").evaluate((canvas, laneRgb) => {
+    const ctx = canvas.getContext("2d");
+    const img = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+    const count = {};
+    for (const [lane, [r, g, b]] of Object.entries(laneRgb)) {
+      count[lane] = 0;
+      for (let i = 0; i < img.length; i += 4) {
+        if (img[i] === r && img[i + 1] === g && img[i + 2] === b) count[lane]++;
+      }
+    }
+    return count;
+  }, LANE_RGB);
+  assert.ok(lanePixels.read > 100 && lanePixels.compute > 100, `timeline lanes drawn: ${JSON.stringify(lanePixels)}`);
+  await shot("2-timeline-after-generate");
+
+  step = "timeline zoom and hover";
+  const canvas = cells.nth(1).locator(".nbo-timeline canvas");
+  const box = await canvas.boundingBox();
+  await page.mouse.move(box.x + box.width * 0.5, box.y + 10);
+  for (let k = 0; k < 5; k++) await page.mouse.wheel(0, -200);
+  await page.mouse.move(box.x + box.width * 0.3, box.y + 10);
+  await page.mouse.down();
+  await page.mouse.move(box.x + box.width * 0.5, box.y + 10, { steps: 5 });
+  await page.mouse.up();
+  // Hover the compute lane where it is drawn: the tooltip names the event.
+  const x = await canvas.evaluate((c, [r, g, b]) => {
+    const dpr = window.devicePixelRatio || 1;
+    const y = Math.round((2 * 22 + 11) * dpr); // compute is the third lane, 22 px each
+    const row = c.getContext("2d").getImageData(0, y, c.width, 1).data;
+    for (let i = 0; i < row.length; i += 4) if (row[i] === r && row[i + 1] === g && row[i + 2] === b) return i / 4 / dpr;
+    return -1;
+  }, LANE_RGB.compute);
+  assert.ok(x >= 0, "compute lane visible after zooming");
+  await page.mouse.move(box.x + x + 1, box.y + 2 * 22 + 11);
+  const tip = cells.nth(1).locator(".nbo-tip");
+  await tip.waitFor({ state: "visible", timeout: 5_000 });
+  assert.match(await tip.innerText(), /^compute model\.layers\.\d+ /);
+  await shot("3-timeline-zoomed");
+
+  step = "re-pin error shown in the widget";
+  await map.locator(".nbo-cell[data-name='model.embed_tokens']").click();
+  await map.locator("select.nbo-tier").selectOption("auto");
+  await map.locator("button.nbo-apply").click();
+  const status = map.locator(".nbo-status");
+  await page.waitForFunction(() => document.querySelector(".nbo-layermap")?.dataset.status === "error",
+    null, { timeout: 30_000 });
+  assert.match(await cells.nth(1).locator(".nbo-status").innerText(), /no pinned unit/);
+  await shot("4-repin-error");
+
+  step = "re-pin by click while a cell runs (pending, then done)";
+  await startCell(3); // the kernel is busy for BUSY_SECONDS
+  const m = cells.nth(1).locator(".nbo-layermap");
+  await m.locator(".nbo-cell[data-name='model.layers.0']").click();
+  await m.locator(".nbo-cell[data-name='model.layers.1']").click({ modifiers: ["Shift"] });
+  assert.equal(await m.locator(".nbo-cell.nbo-selected").count(), 2, "shift-click selects a range");
+  await m.locator("select.nbo-tier").selectOption("disk");
+  await m.locator("button.nbo-apply").click();
+  assert.equal(await m.getAttribute("data-status"), "pending");
+  assert.match(await m.locator(".nbo-status").innerText(), /waiting for the kernel/);
+  assert.equal(await m.locator(".nbo-cell.nbo-pending").count(), 2);
+  await shot("5-repin-pending");
+  await finishCell(3, (BUSY_SECONDS + 60) * 1000);
+  await page.waitForFunction(() => document.querySelector(".nbo-layermap")?.dataset.status === "done",
+    null, { timeout: 60_000 });
+  const after = cells.nth(1).locator(".nbo-layermap");
+  for (const name of ["model.layers.0", "model.layers.1"]) {
+    const cell = after.locator(`.nbo-cell[data-name='${name}']`);
+    assert.equal(await cell.getAttribute("data-tier"), "disk", `${name} now on disk`);
+    assert.equal(await cell.evaluate((e) => getComputedStyle(e).backgroundColor), TIER_RGB.disk);
+    assert.ok((await cell.getAttribute("class")).includes("nbo-pinned"), `${name} pinned`);
+  }
+  assert.match(await after.locator(".nbo-status").innerText(), /moved 2 units/);
+  await shot("6-repin-done");
+
+  step = "the kernel's plan after the re-pin (cell 4)";
+  await runCell(4);
+  const plan = JSON.parse((await output(4).innerText()).match(/PLAN (.*)/)[1]);
+  assert.deepEqual(plan["model.layers.0"], ["disk", true]);
+  assert.deepEqual(plan["model.layers.1"], ["disk", true]);
+  assert.deepEqual(plan["model.embed_tokens"], ["cpu", false], "the failed unpin changed nothing");
+
+  step = "save";
+  await page.evaluate(() => window.jupyterapp.commands.execute("docmanager:save"));
+
+  step = "console";
+  assert.deepEqual(errors, [], "no errors in the browser console");
+  log("all browser checks passed");
+} catch (err) {
+  console.error(`[browser-test] FAILED at "${step}": ${err.stack ?? err}`);
+  if (errors.length) console.error(`[browser-test] console errors:\n  ${errors.join("\n  ")}`);
+  const pages = browser.pages();
+  if (pages.length) await pages[0].screenshot({ path: path.join(OUT, "failure.png") }).catch(() => {});
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+  fs.rmSync(userData, { recursive: true, force: true });
+}
