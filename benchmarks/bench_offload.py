@@ -123,6 +123,15 @@ def decode_step(generate, ids, n):
     return (long - short) / n
 
 
+def untraced(llm, fn):
+    """Run ``fn`` with the model's trace switched off (case 7's baseline)."""
+    llm.trace.enabled = False
+    try:
+        return fn()
+    finally:
+        llm.trace.enabled = True
+
+
 def interleave(fns: dict, repeats):
     """Run each variant once to warm up, then ``repeats`` rounds in turn: A, B, A, B, ..."""
     out = {k: [] for k in fns}
@@ -239,13 +248,7 @@ def run(args):
         fns = {"resident": lambda: decode_step(ref.generate, batch_ids, n),
                "nb_offload": lambda: decode_step(llm.generate, batch_ids, n)}
         if with_trace_off:
-            def off():
-                llm.trace.enabled = False
-                try:
-                    return decode_step(llm.generate, batch_ids, n)
-                finally:
-                    llm.trace.enabled = True
-            fns["nb_offload_trace_off"] = off
+            fns["nb_offload_trace_off"] = lambda: untraced(llm, lambda: decode_step(llm.generate, batch_ids, n))
         t = interleave(fns, reps)
         b.links += pinned_rate(repeats=2)
         bound = max(streamed / (b.link() * 1e9), med(t["resident"]))
@@ -337,16 +340,10 @@ def run(args):
         llm = b.load(gpu="60GiB", cpu="100GiB")
         b.peak_after(llm, lambda: None)
         assert all(e.tier == "gpu" for e in llm.plan)
-
-        def off():
-            llm.trace.enabled = False
-            try:
-                return decode_step(llm.generate, ids1, n)
-            finally:
-                llm.trace.enabled = True
         t = interleave({"resident": lambda: decode_step(ref.generate, ids1, n),
                         "nb_offload": lambda: decode_step(llm.generate, ids1, n),
-                        "nb_offload_trace_off": off}, reps + 4)
+                        "nb_offload_trace_off": lambda: untraced(llm, lambda: decode_step(llm.generate, ids1, n))},
+                       reps + 4)
         r, o, f = med(t["resident"]), med(t["nb_offload"]), med(t["nb_offload_trace_off"])
         b.add(case="6 everything resident", batch=1, resident_tok_s=1 / r, nb_tok_s=1 / o,
               nb_trace_off_tok_s=1 / f, slower_pct=100 * (o - r) / r, slower_trace_off_pct=100 * (f - r) / r,
