@@ -224,3 +224,25 @@ def test_pin_over_budget_is_refused_and_model_unchanged(model_dirs, tmp_path):
     assert str(llm.plan) == plan_before
     assert torch.equal(llm.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False), before)
     llm.unload()
+
+
+def test_hub_id_resolves_from_the_local_cache_offline(model_dirs, tmp_path, monkeypatch):
+    """A Hub id found in the local Hugging Face cache loads with downloads off."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--tiny-org--tiny-llama"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(model_dirs("llama"), snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as hc
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    llm = load("tiny-org/tiny-llama")
+    ref = load(model_dirs("llama"))
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.equal(llm(ids).logits, ref(ids).logits)
+    assert llm.tokenizer is not None
+    llm.unload()
+    ref.unload()
