@@ -340,10 +340,12 @@ def run(args):
         llm = b.load(gpu="60GiB", cpu="100GiB")
         b.peak_after(llm, lambda: None)
         assert all(e.tier == "gpu" for e in llm.plan)
-        t = interleave({"resident": lambda: decode_step(ref.generate, ids1, n),
-                        "nb_offload": lambda: decode_step(llm.generate, ids1, n),
-                        "nb_offload_trace_off": lambda: untraced(llm, lambda: decode_step(llm.generate, ids1, n))},
-                       reps + 4)
+        # The resident step is Python-bound and the noisiest number here: longer runs, more rounds.
+        m = 4 * n
+        t = interleave({"resident": lambda: decode_step(ref.generate, ids1, m),
+                        "nb_offload": lambda: decode_step(llm.generate, ids1, m),
+                        "nb_offload_trace_off": lambda: untraced(llm, lambda: decode_step(llm.generate, ids1, m))},
+                       3 * reps)
         r, o, f = med(t["resident"]), med(t["nb_offload"]), med(t["nb_offload_trace_off"])
         b.add(case="6 everything resident", batch=1, resident_tok_s=1 / r, nb_tok_s=1 / o,
               nb_trace_off_tok_s=1 / f, slower_pct=100 * (o - r) / r, slower_trace_off_pct=100 * (f - r) / r,

@@ -21,6 +21,14 @@ print("EXPECTED " + json.dumps({"tiers": [e.tier for e in llm.plan], "events": l
     # 1: the dashboard.
     """from nb_offload.widgets import dashboard
 dash = dashboard(llm)
+import threading
+LOG = []
+_orig = dash.layer_map.apply
+def _apply(*a, **k):
+    LOG.append(("start", time.time(), threading.current_thread().name))
+    _orig(*a, **k)
+    LOG.append(("end", time.time(), threading.current_thread().name))
+dash.layer_map.apply = _apply
 dash""",
     # 2: generate for a few seconds: the timeline grows while the cell runs.
     """for _ in range(12):
@@ -28,9 +36,9 @@ dash""",
     time.sleep(0.25)
 print("EVENTS", len(llm.trace))""",
     # 3: keep the kernel busy while the browser asks for a re-pin.
-    f"time.sleep({BUSY_SECONDS})",
+    f"T0 = time.time(); time.sleep({BUSY_SECONDS}); T1 = time.time()",
     # 4: the plan as the kernel sees it after the re-pin.
-    """print("PLAN " + json.dumps({e.name: [e.tier, e.pinned] for e in llm.plan}))""",
+    """print("PLAN " + json.dumps({e.name: [e.tier, e.pinned] for e in llm.plan})); print("TIMES", T0, T1, LOG)""",
 ]
 
 

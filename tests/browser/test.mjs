@@ -185,6 +185,7 @@ try {
 
   step = "the kernel's plan after the re-pin (cell 4)";
   await runCell(4);
+  log(await output(4).innerText());
   const plan = JSON.parse((await output(4).innerText()).match(/PLAN (.*)/)[1]);
   assert.deepEqual(plan["model.layers.0"], ["disk", true]);
   assert.deepEqual(plan["model.layers.1"], ["disk", true]);
