@@ -113,19 +113,19 @@ def find_units(model) -> list[Unit]:
                 return prefix
         return None
 
-    # Group every parameter (by identity, so tied weights count once) under its unit.
+    # Each parameter (by identity, so tied weights count once) belongs to the unit of the module
+    # that owns it: its block, or else the module itself. A parameter named from two such units
+    # (tied weights, e.g. lm_head and the token embedding) joins them into one (union-find).
     by_id: dict[int, list[str]] = {}
     tensors = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(p), []).append(pname)
         tensors[id(p)] = p
-    unit_of_module: dict[str, str] = {}   # module name -> unit key
-    members: dict[str, list[int]] = {}    # unit key -> param ids
-    modules_of: dict[str, list[str]] = {}
-    parent = {}
+    members: dict[str, list[int]] = {}    # unit key (module name) -> ids of the params it owns first
+    parent: dict[str, str] = {}
 
     def find(k):
-        while parent.get(k, k) != k:
+        while parent.setdefault(k, k) != k:
             k = parent[k]
         return k
 
@@ -133,21 +133,14 @@ def find_units(model) -> list[Unit]:
         keys = []
         for pname in names:
             owner = pname.rsplit(".", 1)[0] if "." in pname else ""
-            block = owning_block(owner)
-            key = block if block is not None else owner
-            keys.append(key)
-            modules_of.setdefault(key, [])
-            if key not in modules_of[key]:
-                modules_of[key].append(key)
+            keys.append(owning_block(owner) or owner)
         root = find(keys[0])
         for k in keys[1:]:
-            r = find(k)
-            if r != root:
-                parent[r] = root
+            parent[find(k)] = root
         members.setdefault(keys[0], []).append(pid)
 
     groups: dict[str, list[str]] = {}
-    for key in modules_of:
+    for key in parent:
         groups.setdefault(find(key), []).append(key)
     units = []
     for root, keys in groups.items():
