@@ -40,6 +40,8 @@ class OffloadMagics(Magics):
     max_new_tokens = Int(128, help="%%generate's --max-new-tokens default.").tag(config=True)
     stream = Bool(True, help="Stream tokens into the output as they are made.").tag(config=True)
     progress = Bool(True, help="Show a progress bar while loading.").tag(config=True)
+    dashboard = Bool(True, help="In Jupyter, show the dashboard widget (layer map, memory, timeline) "
+                                "after %offload_load and %offload_status; the plan table elsewhere.").tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
@@ -68,12 +70,27 @@ class OffloadMagics(Magics):
         llm = nb_offload.load(model, **kwargs)
         self.models[name] = llm
         self.shell.user_ns[name] = llm
-        self._show(llm.plan)
+        self._show_model(llm)
         return llm
 
     def _show(self, obj):
         from IPython.display import display
         display(obj)
+
+    def _show_model(self, llm):
+        """The dashboard where widgets can render (a Jupyter kernel), else the plan table."""
+        if self.dashboard and self._in_kernel():
+            try:
+                board = llm.dashboard()
+            except OffloadError:       # widgets not installed: the table still says it all
+                board = None
+            if board is not None:
+                self._show(board)
+                return
+        self._show(llm.plan)
+
+    def _in_kernel(self) -> bool:
+        return self.shell is not None and type(self.shell).__name__ == "ZMQInteractiveShell"
 
     def link_gbps(self):
         """The page-locked host-to-GPU rate of this machine, measured once (a 256 MiB copy)."""
@@ -334,7 +351,7 @@ class OffloadMagics(Magics):
             %offload_status llm
         """
         name, llm = self._pick(line.strip() or None)
-        self._show(llm.plan)
+        self._show_model(llm)
         print(f"{name}: {llm.stats}")
 
     @magic_arguments()

@@ -215,6 +215,16 @@ class OffloadedModel:
         self.unload()
 
     # -- views --------------------------------------------------------------------------------
+    def dashboard(self):
+        """The layer map (re-pin by click), memory per tier and live timeline, as one widget."""
+        self._check_loaded()
+        try:
+            from .widgets import dashboard
+        except ImportError as exc:
+            raise OffloadError(f"the dashboard needs anywidget and ipywidgets ({exc}); "
+                               "pip install 'nb_offload[widgets]'.") from exc
+        return dashboard(self)
+
     def to_device_map(self) -> dict:
         """The plan as a device map that Accelerate's ``dispatch_model`` accepts."""
         where = {"gpu": self._device.index if self._device.index is not None else 0, "cpu": "cpu", "disk": "disk"}

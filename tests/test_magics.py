@@ -260,3 +260,25 @@ def test_help_has_usage_options_and_example(shell, name, kind):
         for option in ("--max-new-tokens", "--temperature", "--top-p", "--seed", "--chat", "--system",
                        "--no-stream", "--as"):
             assert option in doc
+
+
+def test_dashboard_in_a_jupyter_kernel(shell, model_dirs, monkeypatch):
+    """In a kernel, %offload_load and %offload_status show the dashboard widget with its static copy."""
+    pytest.importorskip("anywidget")
+    from IPython.utils.capture import capture_output
+    magics = shell._nb_offload_magics
+    monkeypatch.setattr(type(magics), "_in_kernel", lambda self: True)
+    with capture_output() as cap:
+        run(shell, f"%offload_load {model_dirs('llama')} --device cpu --as board")
+        run(shell, "%offload_status board")
+    bundles = [o.data for o in cap.outputs]
+    assert len(bundles) == 2
+    for data in bundles:
+        assert "application/vnd.jupyter.widget-view+json" in data
+        assert "<svg" in data["text/html"]                      # shows without a kernel, too
+    run(shell, "%config OffloadMagics.dashboard = False")
+    with capture_output() as cap:
+        run(shell, "%offload_status board")
+    assert "<table>" in cap.outputs[0].data["text/html"]
+    run(shell, "%config OffloadMagics.dashboard = True")
+    run(shell, "%offload_unload board")

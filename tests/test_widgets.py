@@ -2,9 +2,11 @@
 trace events, re-pinning from the layer map, errors, the static fallback. The browser side is
 tested in tests/browser/run.sh."""
 
+import asyncio
 import os
 import subprocess
 import sys
+import threading
 from array import array
 
 import pytest
@@ -19,6 +21,12 @@ from nb_offload.widgets.state import TIER_COLORS  # noqa: E402
 from conftest import PROMPT  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def no_shell(monkeypatch):
+    """Outside a kernel by default, even if another test module made an IPython shell."""
+    monkeypatch.setattr("nb_offload.widgets.cells.current_shell", lambda: None)
 
 
 @pytest.fixture
@@ -153,36 +161,85 @@ def test_repin_error_leaves_the_model_unchanged(llm, dash):
     generate(llm, 2)                                  # the model still runs
 
 
+class FakeShell:
+    """The part of IPython's shell the widgets use: cell events."""
+
+    def __init__(self):
+        self.callbacks = []
+        self.events = self
+
+    def register(self, name, fn):
+        self.callbacks.append((name, fn))
+
+    def unregister(self, name, fn):
+        self.callbacks.remove((name, fn))
+
+    def trigger(self, name):
+        for n, fn in list(self.callbacks):
+            if n == name:
+                fn(None)
+
+
 def test_cell_end_settles_through_ipython_hook(llm, monkeypatch):
-    class Events:
-        def __init__(self):
-            self.callbacks = []
-
-        def register(self, name, fn):
-            self.callbacks.append((name, fn))
-
-        def unregister(self, name, fn):
-            self.callbacks.remove((name, fn))
-
-    class Shell:
-        events = Events()
-
-    monkeypatch.setattr("nb_offload.widgets.feed._ipython", lambda: Shell)
+    shell = FakeShell()
+    monkeypatch.setattr("nb_offload.widgets.cells.current_shell", lambda: shell)
     timeline = Timeline(llm)
     timeline.send = lambda content, buffers=None: None
-    assert [n for n, _ in Shell.events.callbacks] == ["post_run_cell"]
+    assert [n for n, _ in shell.callbacks] == ["post_run_cell"]
     generate(llm, 3)
     llm.pin("model.layers.0", "disk")                 # a pin typed in a cell
     memory = Memory(llm, feed=timeline.feed)
     llm.pin("model.layers.1", "disk")
-    for _, fn in Shell.events.callbacks:
-        fn(None)
+    shell.trigger("post_run_cell")
     assert timeline.events["count"] == len(llm.trace)
     assert {r["tier"]: r["weights"] for r in memory.rows}["disk"] == llm.plan.totals()["disk"]
     memory.close()
     timeline.close()
-    assert Shell.events.callbacks == []               # the last view closed: no hook, no subscription
+    assert shell.callbacks == []                      # the last view closed: no hook, no subscription
     assert llm.trace._observers == []
+
+
+def test_repin_message_waits_for_the_running_cell(llm, monkeypatch):
+    """Widget messages may arrive on another thread (a kernel subshell) while a cell runs:
+    the re-pin is queued, shown as pending, and runs on the cells' thread when the cell ends."""
+    shell = FakeShell()
+    monkeypatch.setattr("nb_offload.widgets.cells.current_shell", lambda: shell)
+    layer_map = LayerMap(llm)                         # made in a cell: that cell is running
+    layer_map.send = lambda content, buffers=None: None
+    ran_on = []
+    monkeypatch.setattr(llm, "pin", lambda *a, _pin=llm.pin: (ran_on.append(threading.current_thread()), _pin(*a)))
+    message = {"type": "apply", "tier": "disk", "names": ["model.layers.0"], "request": "r2"}
+    t = threading.Thread(target=layer_map._on_message, args=(layer_map, message, []))
+    t.start()
+    t.join()
+    assert layer_map.status == {"state": "pending", "request": "r2",
+                                "message": "queued in the kernel: runs when the running cell finishes"}
+    assert llm.plan["model.layers.0"].tier == "cpu" and ran_on == []
+    shell.trigger("post_run_cell")
+    assert ran_on == [threading.main_thread()]
+    assert layer_map.status["state"] == "done" and llm.plan["model.layers.0"].tier == "disk"
+    layer_map.close()
+    assert shell.callbacks == []
+
+
+def test_cell_gate_hands_work_to_the_idle_kernel_loop():
+    from nb_offload.widgets.cells import CellGate
+
+    async def kernel():
+        gate = CellGate(FakeShell())
+        gate._cell_ends()                             # the kernel is idle
+        ran_on = []
+        t = threading.Thread(target=gate.submit, args=(lambda: ran_on.append(threading.current_thread()),))
+        t.start()
+        t.join()
+        for _ in range(100):
+            if ran_on:
+                break
+            await asyncio.sleep(0.01)
+        gate.close()
+        return ran_on
+
+    assert asyncio.run(kernel()) == [threading.main_thread()]
 
 
 def test_static_fallback_in_mimebundle(llm, dash):
@@ -264,3 +321,40 @@ def test_apply_reports_moves():
     moves = repin.apply(llm, ["model.layers.4", "model.layers.5"], "disk")
     assert moves == [("model.layers.4", "cpu", "disk"), ("model.layers.5", "cpu", "disk")]
     assert llm.calls == [("pin", "model.layers.4-5", "disk")]
+
+
+def test_state_of_a_cuda_plan():
+    """What a GPU plan shows (no GPU needed): a gpu row with the reservations, host staging on cpu."""
+    from nb_offload.widgets.state import memory_state, plan_state
+    entries = [PlanEntry("model.layers.0", 100, "gpu", True), PlanEntry("model.layers.1", 100, "cpu", False),
+               PlanEntry("model.layers.2", 100, "disk", False)]
+    plan = Plan(entries=entries, device="cuda", budgets={"gpu": 1000, "cpu": 2000, "disk": 5000},
+                reserved={"kv_cache": 50, "activations": 20, "workspace": 10, "staging_slots": 200},
+                host_reserved={"disk_staging": 200})
+    assert plan_state(plan)["targets"] == ["gpu", "cpu", "disk", "auto"]
+    rows = {r["tier"]: r for r in memory_state(plan)}
+    assert list(rows) == ["gpu", "cpu", "disk"]
+    assert [p["name"] for p in rows["gpu"]["reserved"]] == ["kv_cache", "activations", "workspace", "staging_slots"]
+    assert rows["cpu"]["reserved"] == [{"name": "disk_staging", "bytes": 200}]
+    assert {t: r["used"] for t, r in rows.items()} == plan.used()
+    plan.budgets["disk"] = None
+    plan.entries[2].tier = "cpu"
+    assert plan_state(plan)["targets"] == ["gpu", "cpu", "auto"]
+    assert [r["tier"] for r in memory_state(plan)] == ["gpu", "cpu"]
+
+
+def test_event_log_keeps_the_latest_events_with_sequence_numbers():
+    from nb_offload.trace import TraceEvent
+    from nb_offload.widgets.events import EventLog
+    log = EventLog(max_events=100)
+    for step in range(30):
+        log.extend([TraceEvent("copy", f"model.layers.{i}", step + i / 10, step + i / 10 + 0.05, 64, step)
+                    for i in range(10)])
+    assert log.end == 300 and 100 <= len(log) <= 125 and log.first == 300 - len(log)
+    header, buffers = log.pack(since=290)
+    assert (header["first"], header["count"]) == (290, 10)
+    cols = columns(header, buffers)
+    assert cols["step"] == [29] * 10 and cols["start"][0] == pytest.approx(29.0)
+    header, _ = log.pack(since=0)                     # older than what is kept: everything kept
+    assert (header["first"], header["count"]) == (log.first, len(log))
+    assert log.names == [f"model.layers.{i}" for i in range(10)]

@@ -4,6 +4,7 @@ copy of itself in its output for viewers without a kernel."""
 from __future__ import annotations
 
 import pathlib
+import uuid
 from collections import deque
 
 import anywidget
@@ -82,8 +83,9 @@ class OffloadWidget(LiveView, anywidget.AnyWidget):
     _esm = STATIC / "widget.js"
     _css = STATIC / "widget.css"
     _kind = Unicode().tag(sync=True)        # which view widget.js draws
+    _uid = Unicode().tag(sync=True)         # tells this model's views from another's (views.ts)
     colors = Dict(COLORS).tag(sync=True)
 
     def __init__(self, llm, *, feed: TraceFeed | None = None, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(_uid=uuid.uuid4().hex, **kwargs)
         self._attach(llm, feed or TraceFeed(llm))

@@ -77,7 +77,7 @@ class EventLog:
         """Events from sequence number ``since`` (default: all kept): a header and one buffer per column."""
         lo = max(0, (since if since is not None else self.first) - self.first)
         header = {"first": self.first + lo, "count": len(self) - lo, "names": list(self.names),
-                  "columns": [name for name, _ in COLUMNS]}
+                  "kinds": list(LANES), "columns": [name for name, _ in COLUMNS]}
         return header, [_little_endian(self.cols[name][lo:]) for name, _ in COLUMNS]
 
     def snapshot(self) -> dict:

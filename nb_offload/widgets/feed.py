@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 
+from . import cells
+
 
 class TraceFeed:
     def __init__(self, llm, rate: float = 10.0):
@@ -28,7 +30,7 @@ class TraceFeed:
             self._listeners.append(listener)
         if self._unsubscribe is None:
             self._unsubscribe = self.llm.trace.subscribe(self._on_batch)
-            self._shell = _ipython()
+            self._shell = cells.current_shell()
             if self._shell is not None:
                 self._shell.events.register("post_run_cell", self._on_cell_end)
 
@@ -71,11 +73,3 @@ class TraceFeed:
 
     def _on_cell_end(self, result=None):
         self.flush()
-
-
-def _ipython():
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return None
-    return get_ipython()

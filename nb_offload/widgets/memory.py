@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 from traitlets import List, Unicode
 
 from .base import OffloadWidget
@@ -21,4 +23,4 @@ class Memory(OffloadWidget):
         super().plan_changed(plan)
 
     def static_html(self) -> str:
-        return f"<div><b>nb_offload memory</b> {self.llm.name}<br>{memory_svg(self.llm.plan)}</div>"
+        return f"<div><b>nb_offload memory</b> {html.escape(self.llm.name)}<br>{memory_svg(self.llm.plan)}</div>"

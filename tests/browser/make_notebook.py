@@ -21,24 +21,26 @@ print("EXPECTED " + json.dumps({"tiers": [e.tier for e in llm.plan], "events": l
     # 1: the dashboard.
     """from nb_offload.widgets import dashboard
 dash = dashboard(llm)
-import threading
-LOG = []
-_orig = dash.layer_map.apply
-def _apply(*a, **k):
-    LOG.append(("start", time.time(), threading.current_thread().name))
-    _orig(*a, **k)
-    LOG.append(("end", time.time(), threading.current_thread().name))
-dash.layer_map.apply = _apply
 dash""",
     # 2: generate for a few seconds: the timeline grows while the cell runs.
     """for _ in range(12):
     llm.generate(ids, max_new_tokens=6, do_sample=False)
     time.sleep(0.25)
 print("EVENTS", len(llm.trace))""",
-    # 3: keep the kernel busy while the browser asks for a re-pin.
-    f"T0 = time.time(); time.sleep({BUSY_SECONDS}); T1 = time.time()",
+    # 3: keep the kernel busy while the browser asks for a re-pin, which must wait for the end
+    # of the cell: the plan printed here is still the one from before.
+    f"""time.sleep({BUSY_SECONDS})
+print("DURING " + json.dumps([e.tier for e in llm.plan]))""",
     # 4: the plan as the kernel sees it after the re-pin.
-    """print("PLAN " + json.dumps({e.name: [e.tier, e.pinned] for e in llm.plan})); print("TIMES", T0, T1, LOG)""",
+    """print("PLAN " + json.dumps({e.name: [e.tier, e.pinned] for e in llm.plan}))""",
+    # 5: 12,000 more events at once, as a long run leaves: the timeline must stay smooth.
+    """blocks = [e.name for e in llm.plan if e.kind == "block"]
+t = time.perf_counter()
+for i in range(12_000):
+    s = t + i * 5e-5
+    llm.trace.host_event(("read", "copy", "compute")[i % 3], blocks[i % len(blocks)], s, s + 4e-5, 1 << 16)
+llm.trace.flush()
+print("STRESS", len(llm.trace))""",
 ]
 
 

@@ -97,9 +97,13 @@ try {
 
   step = "live timeline (cell 2)";
   const seen = new Set();
+  let lit = 0; // polls that found units lit up (computing, or being read/copied)
   await startCell(2);
   while (/\[\*\]/.test(await prompt(2).innerText())) {
     seen.add(Number(await cells.nth(1).locator(".nbo-timeline").getAttribute("data-events").catch(() => 0)));
+    if (await map.locator(".nbo-computing, .nbo-moving").count()) {
+      if (!lit++) await shot("2a-units-at-work");
+    }
     await page.waitForTimeout(100);
   }
   await finishCell(2);
@@ -107,6 +111,7 @@ try {
   const grewLive = [...seen].filter((n) => n > expected.events && n < events);
   log(`timeline counts seen while the cell ran: ${[...seen].sort((a, b) => a - b).join(" ")}`);
   assert.ok(grewLive.length >= 2, "timeline grew while the cell was running");
+  assert.ok(lit >= 2, `layer map lit up the units at work (${lit} polls)`);
   await page.waitForFunction(
     ([n]) => Number(document.querySelector(".nbo-timeline")?.dataset.events) === n, [events], { timeout: 15_000 });
   const lanePixels = await cells.nth(1).locator(".nbo-timeline canvas").evaluate((canvas, laneRgb) => {
@@ -169,8 +174,13 @@ try {
   assert.equal(await m.getAttribute("data-status"), "pending");
   assert.match(await m.locator(".nbo-status").innerText(), /waiting for the kernel/);
   assert.equal(await m.locator(".nbo-cell.nbo-pending").count(), 2);
+  // The kernel gets the request at once (on a subshell) and queues it behind the running cell.
+  await page.waitForFunction(() => /queued in the kernel/.test(
+    document.querySelector(".nbo-layermap .nbo-status")?.textContent ?? ""), null, { timeout: 10_000 });
   await shot("5-repin-pending");
   await finishCell(3, (BUSY_SECONDS + 60) * 1000);
+  const during = JSON.parse((await output(3).innerText()).match(/DURING (.*)/)[1]);
+  assert.deepEqual(during, expected.tiers, "no re-pin while the cell ran");
   await page.waitForFunction(() => document.querySelector(".nbo-layermap")?.dataset.status === "done",
     null, { timeout: 60_000 });
   const after = cells.nth(1).locator(".nbo-layermap");
@@ -185,11 +195,37 @@ try {
 
   step = "the kernel's plan after the re-pin (cell 4)";
   await runCell(4);
-  log(await output(4).innerText());
   const plan = JSON.parse((await output(4).innerText()).match(/PLAN (.*)/)[1]);
   assert.deepEqual(plan["model.layers.0"], ["disk", true]);
   assert.deepEqual(plan["model.layers.1"], ["disk", true]);
   assert.deepEqual(plan["model.embed_tokens"], ["cpu", false], "the failed unpin changed nothing");
+
+  step = "12,000 more events (cell 5): zoom and pan stay smooth";
+  await runCell(5);
+  const total = Number((await output(5).innerText()).match(/STRESS (\d+)/)[1]);
+  await page.waitForFunction(
+    ([n]) => Number(document.querySelector(".nbo-timeline")?.dataset.events) === n, [total], { timeout: 30_000 });
+  await cells.nth(1).locator(".nbo-timeline button", { hasText: "Fit" }).click();
+  // Time a frame per wheel step, zooming in then out over the whole trace.
+  const frameMs = await cells.nth(1).locator(".nbo-timeline canvas").evaluate(async (c) => {
+    const r = c.getBoundingClientRect();
+    const frame = () => new Promise((done) => requestAnimationFrame(() => done()));
+    await frame();
+    const times = [];
+    for (let k = 0; k < 40; k++) {
+      const t0 = performance.now();
+      c.dispatchEvent(new WheelEvent("wheel", { deltaY: k < 20 ? -120 : 120, clientX: r.left + r.width / 2,
+        clientY: r.top + 10, bubbles: true, cancelable: true }));
+      await frame();
+      times.push(performance.now() - t0);
+    }
+    times.sort((a, b) => a - b);
+    return times[Math.floor(times.length / 2)];
+  });
+  log(`${total} events: median frame ${frameMs.toFixed(1)} ms while zooming`);
+  assert.ok(frameMs < 50, `timeline frames take ${frameMs} ms with ${total} events`);
+  await cells.nth(1).locator(".nbo-timeline button", { hasText: "Fit" }).click();
+  await shot("7-timeline-12k-events");
 
   step = "save";
   await page.evaluate(() => window.jupyterapp.commands.execute("docmanager:save"));

@@ -1,0 +1,73 @@
+// The synced state of each widget, as the Python classes in nb_offload/widgets define it.
+
+export interface Colors {
+  tiers: Record<string, string>;
+  lanes: Record<string, string>;
+  reserved: Record<string, string>;
+}
+
+export interface PlanEntry {
+  name: string;
+  label: string;
+  bytes: number;
+  tier: string;
+  pinned: boolean;
+  kind: string;
+}
+
+export interface PlanState {
+  model: string;
+  device: string;
+  targets: string[];
+  entries: PlanEntry[];
+}
+
+export interface Status {
+  state: "idle" | "pending" | "applying" | "done" | "error";
+  message: string;
+  request?: string | null;
+}
+
+/** What every widget's model has. */
+interface Common {
+  _uid: string; // tells this model's views from another's
+  colors: Colors;
+}
+
+export interface LayerMapState extends Common {
+  _kind: "layermap";
+  plan: PlanState;
+  selection: string[];
+  status: Status;
+}
+
+export interface MemoryRow {
+  tier: string;
+  weights: number;
+  used: number;
+  budget: number | null;
+  reserved: { name: string; bytes: number }[];
+}
+
+export interface MemoryState extends Common {
+  _kind: "memory";
+  rows: MemoryRow[];
+}
+
+/** Header of a packed batch of trace events; the columns arrive as binary buffers. */
+export interface PackedHeader {
+  first: number;
+  count: number;
+  names: string[]; // unit of each event: names[unit]
+  kinds: string[]; // kind of each event: kinds[kind]
+  columns: string[];
+}
+
+export interface TimelineState extends Common {
+  _kind: "timeline";
+  lanes: string[];
+  events: PackedHeader & { buffers: DataView[] };
+  max_events: number;
+  // Front-end only (never saved): the visible range, so a redrawn view keeps the zoom.
+  _range?: { t0: number; t1: number; follow: boolean };
+}
