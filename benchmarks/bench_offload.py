@@ -32,7 +32,8 @@ GiB = 2**30
 
 def sync():
     import torch
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def pinned_rate(nbytes=GiB, repeats=5):

@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_run.sh            # tests/gpu only
 #   bash benchmarks/gpu_run.sh bench 1,5  # and bench_offload.py --cases 1,5
 set -uo pipefail
-export PYTHONPATH=".:/tmp/site" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+export PYTHONPATH="$(pwd):/tmp/site" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -16,5 +16,5 @@ if [ "${1:-}" = "bench" ]; then
         | grep -v "Loading weights\|Writing model\|attention mask" | tee "$OUT/bench.log" | tail -14
 fi
 if [ "${1:-}" = "dashboard" ]; then
-    (cd benchmarks && timeout 300 python3 bench_dashboard.py --json "$OUT/dashboard.json" 2>&1 | tail -3)
+    timeout 300 python3 benchmarks/bench_dashboard.py --json "$OUT/dashboard.json" 2>&1 | tail -3
 fi
