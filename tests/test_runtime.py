@@ -68,8 +68,9 @@ def _rss():
 
 
 def test_ten_load_unload_cycles_return_host_memory(model_dirs, tmp_path):
-    # blocks of about 1.6 MiB: a leak of one model per cycle would add 10 x 13 MiB
-    folder = model_dirs("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=8, vocab_size=2048)
+    # blocks of 10 MiB: a leak of one model (or of its disk half) per cycle would add 10 x 40+ MiB,
+    # far above the allocator's own wobble (seen up to 13 MiB)
+    folder = model_dirs("llama", hidden_size=512, intermediate_size=1024, num_hidden_layers=8, vocab_size=2048)
 
     def cycle():
         llm = nb_offload.load(folder, device="cpu", disk=tmp_path, pins={"model.layers.4-7": "disk"},
@@ -85,7 +86,7 @@ def test_ten_load_unload_cycles_return_host_memory(model_dirs, tmp_path):
     for _ in range(10):
         cycle()
     grown = _rss() - base
-    assert grown < 20 * 2**20, f"host memory grew by {grown / 2**20:.1f} MiB over 10 cycles"
+    assert grown < 40 * 2**20, f"host memory grew by {grown / 2**20:.1f} MiB over 10 cycles"
 
 
 def test_loading_reads_one_unit_at_a_time(model_dirs, tmp_path, monkeypatch):
