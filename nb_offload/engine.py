@@ -107,7 +107,7 @@ class Engine:
         # One reader thread keeps reads in run order (slot and staging reuse rely on it); it
         # splits each unit's read into chunks that a small pool reads in parallel.
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb_offload-reader")
-        self._io = ThreadPoolExecutor(max_workers=max(1, read_threads), thread_name_prefix="nb_offload-io") \
+        self._io = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="nb_offload-io") \
             if read_threads > 1 else None
         self.drop_page_cache = drop_page_cache
         self._configure()

@@ -13,6 +13,7 @@ from .budget import format_size, host_memory, parse_size
 from .checkpoint import Checkpoint, resolve
 from .errors import CheckpointError, OffloadError, OptionError
 from .planner import DEFAULT_CONTEXT, make_plan, resolve_pins
+from .trace import check_detail
 from .units import build_meta_model, find_units, map_checkpoint, resolve_dtype
 
 POLICIES = ("auto", "sequential")
@@ -165,8 +166,7 @@ def load(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=N
          trace_detail="streamed", **from_pretrained_kwargs):
     """Load a causal LM under memory budgets; see the README for the options."""
     _check_options(quant, policy, batch, context, prefetch, read_ahead, read_threads)
-    if trace_detail not in ("streamed", "full"):
-        raise OptionError(f"trace_detail={trace_detail!r} is unknown; accepted: 'streamed', 'full'.")
+    check_detail(trace_detail)      # before any weight is read
     trust_remote_code = bool(from_pretrained_kwargs.pop("trust_remote_code", False))
     attn = from_pretrained_kwargs.pop("attn_implementation", None)
     local_only = from_pretrained_kwargs.pop("local_files_only", None)
@@ -199,9 +199,10 @@ def load(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=N
     storage = Storage(insp, dev, disk)
     try:
         storage.materialize(the_plan, progress=progress)
-        handle = OffloadedModel._assemble(insp, storage, the_plan, pin_map, dev, trace=trace, policy=policy,
-                                          prefetch=prefetch, read_ahead=read_ahead, budgets=budgets,
-                                          read_threads=read_threads, drop_page_cache=drop_page_cache,
+        engine_options = dict(prefetch=prefetch, read_ahead=read_ahead, read_threads=read_threads,
+                              drop_page_cache=drop_page_cache)
+        handle = OffloadedModel._assemble(insp, storage, the_plan, pin_map, dev, budgets=budgets,
+                                          engine_options=engine_options, policy=policy, trace=trace,
                                           trace_detail=trace_detail)
     except BaseException as exc:
         storage.abort()

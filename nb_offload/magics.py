@@ -21,6 +21,19 @@ OFFLOAD_KEYS = ("model", "gpu", "cpu", "disk", "dtype", "quant", "context", "dev
                 "batch", "prefetch", "trace")
 
 
+def _model_and_budget_arguments(func):
+    """The options %offload_load and %offload_plan share: the model, its budgets, dtype, context."""
+    for arg in (argument("--context", type=int, help="context length the plan reserves KV cache for"),
+                argument("--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)"),
+                argument("--disk", help="folder for the disk tier (created private to you)"),
+                argument("--cpu", help="host-memory budget"),
+                argument("--gpu", help="GPU budget, e.g. 6GiB, 500MiB, 80%%; %%offload_plan plans for a "
+                                       "GPU with it even on a machine without one"),
+                argument("model", help="a folder in the save_pretrained layout, or a Hub id in the local cache")):
+        func = arg(func)
+    return func
+
+
 class GenerationInterrupted(OffloadError):
     """Generation stopped by a kernel interrupt; the partial text was kept."""
 
@@ -62,9 +75,8 @@ class OffloadMagics(Magics):
         import nb_offload
         if not name.isidentifier():
             raise OptionError(f"--as {name!r} is not a Python name; give one such as llm or model2.")
-        kwargs = dict(gpu=gpu or self.default_gpu, cpu=cpu or self.default_cpu, disk=disk or self.default_disk,
-                      dtype=dtype or self.default_dtype, quant=quant, pins=pins or None, device=device,
-                      context=context or self.default_context or None, progress=self.progress, **extra)
+        kwargs = dict(self._with_defaults(gpu, cpu, disk, dtype, context), quant=quant, pins=pins or None,
+                      device=device, progress=self.progress, **extra)
         if name in self.models:        # replacing a model frees the old one first
             self.models.pop(name).unload()
         llm = nb_offload.load(model, **kwargs)
@@ -72,6 +84,17 @@ class OffloadMagics(Magics):
         self.shell.user_ns[name] = llm
         self._show_model(llm)
         return llm
+
+    def _with_defaults(self, gpu, cpu, disk, dtype, context) -> dict:
+        """Budgets, dtype and context as given, else the %config defaults."""
+        return dict(gpu=gpu or self.default_gpu, cpu=cpu or self.default_cpu, disk=disk or self.default_disk,
+                    dtype=dtype or self.default_dtype, context=context or self.default_context or None)
+
+    def _drop(self, name):
+        """Unload a model and remove its variable."""
+        self.models.pop(name).unload()
+        if self.shell is not None:
+            self.shell.user_ns.pop(name, None)
 
     def _show(self, obj):
         from IPython.display import display
@@ -112,15 +135,10 @@ class OffloadMagics(Magics):
 
     # -- loading -------------------------------------------------------------------------
     @magic_arguments()
-    @argument("model", help="a folder in the save_pretrained layout, or a Hub id in the local cache")
-    @argument("--gpu", help="GPU budget, e.g. 6GiB, 500MiB, 80%%")
-    @argument("--cpu", help="host-memory budget")
-    @argument("--disk", help="folder for the disk tier (created private to you)")
-    @argument("--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)")
+    @_model_and_budget_arguments
     @argument("--quant", help="quantization (none available yet)")
     @argument("--pin", nargs="+", default=[], metavar="PATTERN=TIER",
               help="keep units on a tier, e.g. model.layers.0-3=gpu lm_head=gpu")
-    @argument("--context", type=int, help="context length the plan reserves KV cache for")
     @argument("--device", help="cuda, cuda:N or cpu")
     @argument("--as", dest="name", default="llm", help="variable to bind the model to (default llm)")
     @line_magic
@@ -306,12 +324,7 @@ class OffloadMagics(Magics):
         self._show(llm.plan)
 
     @magic_arguments()
-    @argument("model", help="a folder or a Hub id in the local cache")
-    @argument("--gpu", help="GPU budget (plans for a GPU even on a machine without one)")
-    @argument("--cpu", help="host-memory budget")
-    @argument("--disk", help="disk tier folder")
-    @argument("--dtype", help="float32, float16 or bfloat16")
-    @argument("--context", type=int, help="context length to reserve KV cache for")
+    @_model_and_budget_arguments
     @argument("--link", type=float, default=None, help="host-to-GPU GB/s for the prediction "
               "(default: measured here on a GPU, else 25)")
     @argument("--drive", type=float, default=1.0, help="drive GB/s for the prediction (default 1)")
@@ -327,9 +340,8 @@ class OffloadMagics(Magics):
         """
         import nb_offload
         args = parse_argstring(self.offload_plan, line)
-        plan = nb_offload.plan(args.model, gpu=args.gpu or self.default_gpu, cpu=args.cpu or self.default_cpu,
-                               disk=args.disk or self.default_disk, dtype=args.dtype or self.default_dtype,
-                               context=args.context or self.default_context or None)
+        plan = nb_offload.plan(args.model, **self._with_defaults(args.gpu, args.cpu, args.disk, args.dtype,
+                                                                args.context))
         self._show(plan)
         link = args.link
         if link is None:
@@ -391,9 +403,7 @@ class OffloadMagics(Magics):
         args = parse_argstring(self.offload_unload, line)
         names = list(self.models) if args.all else [self._pick(args.name)[0]]
         for name in names:
-            self.models.pop(name).unload()
-            if self.shell is not None:
-                self.shell.user_ns.pop(name, None)
+            self._drop(name)
             print(f"unloaded {name}")
 
     @line_magic
@@ -413,9 +423,7 @@ class OffloadMagics(Magics):
 
     def unload_all(self):
         for name in list(self.models):
-            self.models.pop(name).unload()
-            if self.shell is not None:
-                self.shell.user_ns.pop(name, None)
+            self._drop(name)
 
 
 class TextStream:

@@ -23,16 +23,15 @@ class OffloadedModel:
         raise TypeError("use nb_offload.load(...) to make an OffloadedModel")
 
     @classmethod
-    def _assemble(cls, insp, storage, plan, pin_map, device, *, trace, prefetch, read_ahead, budgets,
-                  read_threads=4, drop_page_cache=False, policy="auto", trace_detail="streamed"):
+    def _assemble(cls, insp, storage, plan, pin_map, device, *, budgets, engine_options, policy="auto",
+                  trace=True, trace_detail="streamed"):
         import torch
         self = object.__new__(cls)
         self._insp, self._storage, self._device = insp, storage, device
         self._pins = dict(pin_map)
         self._policy = policy
         self._budgets = budgets
-        self._prefetch, self._read_ahead = prefetch, read_ahead
-        self._read_threads, self._drop_page_cache = read_threads, drop_page_cache
+        self._engine_options = engine_options     # prefetch, read_ahead, read_threads, drop_page_cache
         self.plan = plan
         self.trace = Trace(enabled=trace, detail=trace_detail)
         self.stats = Stats()
@@ -101,8 +100,7 @@ class OffloadedModel:
             else:
                 sources[u.index] = Source(store.tier, flat=store.flat, extents=store.extents)
         self._engine = Engine(self.model, self._insp.units, self._params, sources, self._device,
-                              self.trace, self.stats, prefetch=self._prefetch, read_ahead=self._read_ahead,
-                              read_threads=self._read_threads, drop_page_cache=self._drop_page_cache)
+                              self.trace, self.stats, **self._engine_options)
         self._engine.install()
 
     def _stop_engine(self):
@@ -167,8 +165,9 @@ class OffloadedModel:
 
     def _replan(self, pins):
         p = self.plan
-        new_plan = self._insp.make_plan(p.device, self._budgets, pins, p.context, p.batch,
-                                        self._prefetch, self._read_ahead, self._policy)  # raises before any change
+        opts = self._engine_options
+        new_plan = self._insp.make_plan(p.device, self._budgets, pins, p.context, p.batch, opts["prefetch"],
+                                        opts["read_ahead"], self._policy)  # raises before any change
         self._stop_engine()
         try:
             moved = self._storage.migrate(new_plan)

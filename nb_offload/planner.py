@@ -17,6 +17,7 @@ from .errors import BudgetError, PinError
 from .patterns import match_units
 
 TIERS = ("gpu", "cpu", "disk")
+TIER_COLORS = {"gpu": "#2e7d32", "cpu": "#1565c0", "disk": "#8d6e63"}   # the table's and the widgets'
 WORKSPACE = 64 * 2**20        # cuBLAS workspace, allocator rounding, small temporaries
 DEFAULT_CONTEXT = 2048
 
@@ -162,10 +163,9 @@ class Plan:
         return f"<Plan {len(self.entries)} units on {self.device}: {totals}>"
 
     def _repr_html_(self):
-        colors = {"gpu": "#2e7d32", "cpu": "#1565c0", "disk": "#8d6e63"}
         body = "".join(
             f"<tr><td><code>{html.escape(r['name'])}</code></td>"
-            f"<td><span style='color:{colors[r['tier']]};font-weight:bold'>{r['tier']}</span></td>"
+            f"<td><span style='color:{TIER_COLORS[r['tier']]};font-weight:bold'>{r['tier']}</span></td>"
             f"<td style='text-align:right'>{format_size(r['bytes'])}</td>"
             f"<td>{'&#128204;' if r['pinned'] else ''}</td></tr>" for r in self._rows())
         used = self.used()
@@ -290,12 +290,12 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
         if policy == "auto" and 0 < best < len(loose):
             # Space the disk units out among the cpu ones: the drive then reads all step long,
             # while the link copies cpu units, instead of idling through a run of cpu units.
-            r = len(loose) - best
-            on_disk = {min(len(loose) - 1, int((i + 0.5) * len(loose) / r)) for i in range(r)}
-            spread_cpu = sum(u.nbytes for i, u in enumerate(loose) if i not in on_disk)
-            spread_staging = host_staging([u for i, u in enumerate(loose) if i in on_disk] + to_disk)
-            if len(on_disk) < r or cpu_used + spread_cpu + spread_staging > cpu_cap:
-                on_disk = set(range(best, len(loose)))
+            spaced = _evenly_spaced(len(loose), len(loose) - best)
+            if spaced is not None:
+                spread_cpu = sum(u.nbytes for i, u in enumerate(loose) if i not in spaced)
+                spread_staging = host_staging([u for i, u in enumerate(loose) if i in spaced] + to_disk)
+                if cpu_used + spread_cpu + spread_staging <= cpu_cap:
+                    on_disk = spaced
         for i, u in enumerate(loose):
             tiers[u.index] = "disk" if i in on_disk else "cpu"
         cpu_used += sum(u.nbytes for i, u in enumerate(loose) if i not in on_disk)
@@ -326,6 +326,12 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
                 host_reserved=host_reserved, context=context, batch=batch, prefetch=prefetch, model=model_name)
 
 
+def _evenly_spaced(n: int, k: int) -> set | None:
+    """``k`` of the positions ``0..n-1``, spread evenly (None where they would collide)."""
+    picks = {min(n - 1, int((i + 0.5) * n / k)) for i in range(k)}
+    return picks if len(picks) == k else None
+
+
 def _spread(units, free, on_res, room, slot_bytes):
     """Stream evenly spaced blocks instead of the last ones (policy "auto").
 
@@ -337,10 +343,10 @@ def _spread(units, free, on_res, room, slot_bytes):
     streamed = [u for u in free_blocks if u.index not in on_res]
     if not streamed or len(streamed) == len(free_blocks):
         return on_res
-    n, s = len(free_blocks), len(streamed)
-    picks = {free_blocks[min(n - 1, int((i + 0.5) * n / s))].index for i in range(s)}
-    if len(picks) < s:
+    positions = _evenly_spaced(len(free_blocks), len(streamed))
+    if positions is None:
         return on_res
+    picks = {free_blocks[i].index for i in positions}
     spread = (on_res - {u.index for u in free_blocks}) | {u.index for u in free_blocks if u.index not in picks}
     out = [u for u in units if u.index not in spread]
     weights = sum(u.nbytes for u in units if u.index in spread)

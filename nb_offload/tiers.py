@@ -62,9 +62,9 @@ def read_extents(extents, flat, *, pool=None, drop_cache=False):
     buf = memoryview(flat.numpy())
     pieces = []
     for path, file_offset, nbytes, flat_offset in extents:
-        for start in range(0, nbytes, CHUNK if pool is not None else max(nbytes, 1)):
-            n = min(CHUNK if pool is not None else nbytes, nbytes - start)
-            pieces.append((path, file_offset + start, n, flat_offset + start))
+        step = CHUNK if pool is not None else max(nbytes, 1)   # without a pool: one piece a range
+        for start in range(0, nbytes, step):
+            pieces.append((path, file_offset + start, min(step, nbytes - start), flat_offset + start))
     if pool is None or len(pieces) < 2:
         for piece in pieces:
             _read_piece(buf, *piece, drop_cache=drop_cache)

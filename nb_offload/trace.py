@@ -14,6 +14,16 @@ from collections import deque
 from dataclasses import dataclass
 
 LANES = ("read", "copy", "compute", "step")
+DETAILS = ("streamed", "full")
+
+
+def check_detail(detail: str) -> str:
+    """``detail`` if it is a trace detail level, else an OptionError naming the accepted ones."""
+    if detail not in DETAILS:
+        from .errors import OptionError
+        raise OptionError(f"trace_detail={detail!r} is unknown; accepted: 'streamed' (compute of streamed "
+                          "units and whole steps), 'full' (compute of every unit).")
+    return detail
 
 
 @dataclass
@@ -34,14 +44,10 @@ class Trace:
     """A bounded ring of resolved events plus the pending CUDA records of the current step."""
 
     def __init__(self, capacity: int = 100_000, enabled: bool = True, detail: str = "streamed"):
-        if detail not in ("streamed", "full"):
-            from .errors import OptionError
-            raise OptionError(f"trace detail {detail!r} is unknown; accepted: 'streamed' (compute of streamed "
-                              "units and whole steps), 'full' (compute of every unit).")
         self.enabled = enabled
         # "streamed": compute events for streamed units and one "step" event per forward pass,
         # so resident units pay no hook at all; "full": a compute event for every unit.
-        self.detail = detail
+        self.detail = check_detail(detail)
         self.events: deque[TraceEvent] = deque(maxlen=capacity)
         self._pending: list = []        # (kind, unit, start_event, end_event, bytes, step)
         self._host: list = []           # TraceEvents recorded by other threads

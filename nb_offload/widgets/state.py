@@ -6,11 +6,9 @@ draw from one description of the plan.
 
 from __future__ import annotations
 
-from ..planner import TIERS
+from ..planner import TIER_COLORS, TIERS
 from ..timeline import LANE_COLORS
 
-# The palette of Plan._repr_html_, so the widgets and the plan's table agree.
-TIER_COLORS = {"gpu": "#2e7d32", "cpu": "#1565c0", "disk": "#8d6e63"}
 # Reservations are what a tier holds besides weights; each gets its own colour in the bars.
 RESERVED_COLORS = {"kv_cache": "#ef6c00", "activations": "#7b1fa2", "workspace": "#757575",
                    "staging_slots": "#00838f", "disk_staging": "#5d4037"}
