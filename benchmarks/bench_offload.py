@@ -124,6 +124,50 @@ def decode_step(generate, ids, n):
     return (long - short) / n
 
 
+class StepClock:
+    """A generate streamer that notes when each token arrives: per-step durations, prefill excluded."""
+
+    def __init__(self):
+        self.stamps = []
+
+    def put(self, value):
+        self.stamps.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+    def steps(self):
+        # put() is called with the prompt, then once per new token; the first gap is the prefill
+        return [b - a for a, b in zip(self.stamps[2:], self.stamps[3:])]
+
+
+def step_times(generate, ids, n):
+    clock = StepClock()
+    generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=clock)
+    return clock.steps()
+
+
+def moved_per_step(llm, ids, n):
+    """Bytes a decode step brings to the GPU, per source tier: from the model's own counters over
+    a (2+n)- and a 2-token generate, differenced like ``decode_step`` (so one-off copies cancel)."""
+    def moved(k):
+        before = (llm.stats.bytes_from_cpu, llm.stats.bytes_from_disk)
+        llm.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+        return llm.stats.bytes_from_cpu - before[0], llm.stats.bytes_from_disk - before[1]
+    moved(2)            # the first call after a change of mode starts from another queue state
+    short, long = moved(2), moved(2 + n)
+    return {"cpu": (long[0] - short[0]) / n, "disk": (long[1] - short[1]) / n}
+
+
+def unheld(llm, fn):
+    """Run ``fn`` with spare-room holding switched off (the plan's streaming as it stands)."""
+    llm.hold_spare = False
+    try:
+        return fn()
+    finally:
+        llm.hold_spare = True
+
+
 def untraced(llm, fn):
     """Run ``fn`` with the model's trace switched off (case 7's baseline)."""
     llm.trace.enabled = False
@@ -230,13 +274,16 @@ def run(args):
     def guard(name, fn):
         if name not in cases and "all" not in cases:
             return
+        t0 = time.perf_counter()
         try:
             fn()
+            print(f"[case {name}: {time.perf_counter() - t0:.0f} s]", flush=True)
         except Exception:
             traceback.print_exc()
             b.add(case=name, error=traceback.format_exc(limit=3))
 
-    def case_decode(budget, name, batch_ids, context=None, batch=1, with_acc=False, with_trace_off=False):
+    def case_decode(budget, name, batch_ids, context=None, batch=1, with_acc=False, with_trace_off=False,
+                    with_no_hold=False):
         kw = dict(gpu=budget, cpu="100GiB")
         if context:
             kw["context"] = context
@@ -245,16 +292,34 @@ def run(args):
         llm = b.load(**kw)
         b.peak_after(llm, lambda: llm.generate(batch_ids, max_new_tokens=2 + n, min_new_tokens=2 + n,
                                                do_sample=False))
-        streamed = llm.plan.streamed_bytes_per_token()["cpu"]
+        held = llm.stats.held_last
+        moved = moved_per_step(llm, batch_ids, n)
         fns = {"resident": lambda: decode_step(ref.generate, batch_ids, n),
                "nb_offload": lambda: decode_step(llm.generate, batch_ids, n)}
         if with_trace_off:
             fns["nb_offload_trace_off"] = lambda: untraced(llm, lambda: decode_step(llm.generate, batch_ids, n))
+        if with_no_hold:
+            fns["nb_offload_no_hold"] = lambda: unheld(llm, lambda: decode_step(llm.generate, batch_ids, n))
+            moved_no_hold = unheld(llm, lambda: moved_per_step(llm, batch_ids, n))
+        acc = None
+        if with_acc:
+            # Loaded beside nb_offload (the card has room for both), so its repeats interleave too.
+            gc.collect()
+            acc_base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            acc = AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.bfloat16, device_map="auto",
+                                                       max_memory={0: parse_size(budget), "cpu": 100 * GiB})
+            acc.generate(batch_ids, max_new_tokens=3, do_sample=False)
+            b.meta["accelerate_peak_gpu"] = torch.cuda.max_memory_allocated() - acc_base
+            b.meta["accelerate_budget"] = parse_size(budget)
+            fns["accelerate"] = lambda: decode_step(acc.generate, batch_ids, max(2, n // 4))
         t = interleave(fns, reps)
         b.links += pinned_rate(repeats=2)
+        streamed = moved["cpu"] + moved["disk"]
         bound = max(streamed / (b.link() * 1e9), med(t["resident"]))
         row = dict(case=name, batch=batch_ids.shape[0], prompt=batch_ids.shape[1], new_tokens=n,
-                   gpu_budget=parse_size(budget), streamed_bytes=streamed,
+                   gpu_budget=parse_size(budget), streamed_bytes=streamed, held_units=held,
+                   planned_streamed_bytes=llm.plan.streamed_bytes_per_token()["cpu"],
                    resident_tok_s=batch_ids.shape[0] / med(t["resident"]),
                    nb_tok_s=batch_ids.shape[0] / med(t["nb_offload"]), nb_spread=spread(t["nb_offload"]),
                    resident_spread=spread(t["resident"]), bound_tok_s=batch_ids.shape[0] / bound,
@@ -266,26 +331,25 @@ def run(args):
             off_s, on_s = med(t["nb_offload_trace_off"]), med(t["nb_offload"])
             row.update(trace_off_tok_s=batch_ids.shape[0] / off_s, trace_cost_pct=100 * (on_s - off_s) / off_s,
                        trace_off_spread=spread(t["nb_offload_trace_off"]))
+        if with_no_hold:
+            row.update(no_hold_tok_s=batch_ids.shape[0] / med(t["nb_offload_no_hold"]),
+                       no_hold_spread=spread(t["nb_offload_no_hold"]),
+                       no_hold_streamed_bytes=moved_no_hold["cpu"] + moved_no_hold["disk"])
+        if acc is not None:
+            acc_s = med(t["accelerate"])
+            b.meta["accelerate_s"], b.meta["accelerate_all"] = acc_s, t["accelerate"]
+            row.update(accelerate_tok_s=1 / acc_s, accelerate_spread=spread(t["accelerate"]),
+                       x_accelerate=acc_s / med(t["nb_offload"]))
+            if with_no_hold:
+                row["no_hold_x_accelerate"] = acc_s / med(t["nb_offload_no_hold"])
+            del acc
+        elif b.meta.get("accelerate_budget") == parse_size(budget) and batch_ids.shape[0] == 1:
+            acc_s = b.meta["accelerate_s"]      # measured in an earlier case's rounds
+            row.update(accelerate_tok_s=1 / acc_s, x_accelerate=acc_s / med(t["nb_offload"]))
         llm.unload()
         del llm
-        if with_acc:
-            gc.collect()
-            torch.cuda.empty_cache()
-            acc_base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            acc = AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.bfloat16, device_map="auto",
-                                                       max_memory={0: parse_size(budget), "cpu": 100 * GiB})
-            acc_t = [decode_step(acc.generate, batch_ids, max(2, n // 4)) for _ in range(2)]
-            b.meta["accelerate_peak_gpu"] = torch.cuda.max_memory_allocated() - acc_base
-            del acc
-            gc.collect()
-            torch.cuda.empty_cache()
-            b.meta["accelerate_s"] = med(acc_t)
-            b.meta["accelerate_all"] = acc_t
-            b.meta["accelerate_budget"] = parse_size(budget)
-        if b.meta.get("accelerate_budget") == parse_size(budget) and batch_ids.shape[0] == 1:
-            acc_s = b.meta["accelerate_s"]
-            row.update(accelerate_tok_s=1 / acc_s, x_accelerate=acc_s / med(t["nb_offload"]))
+        gc.collect()
+        torch.cuda.empty_cache()
         b.add(**row)
         return row
 
@@ -316,17 +380,21 @@ def run(args):
         for label, cold in (("cold", True), ("warm", False)):
             llm = b.load(gpu="4GiB", cpu=cpu_budget, disk=offload, context=1024, drop_page_cache=cold)
             b.peak_after(llm, lambda: llm.generate(ids1, max_new_tokens=2, do_sample=False))
-            moved = llm.plan.streamed_bytes_per_token()
             rate = b.meta["drive_cold_gbps"] if cold else b.meta["drive_warm_gbps"]
-            times = []
+            times, moved = [], {"cpu": [], "disk": []}
             for _ in range(2 if cold else reps):
                 if cold:
                     drop_caches()
                 else:
                     llm.generate(ids1, max_new_tokens=2, do_sample=False)
-                steps0 = llm.stats.steps
+                steps0, cpu0, disk0 = llm.stats.steps, llm.stats.bytes_from_cpu, llm.stats.bytes_from_disk
                 dt = time_call(lambda: llm.generate(ids1, max_new_tokens=3, min_new_tokens=3, do_sample=False))
-                times.append(dt / (llm.stats.steps - steps0))
+                steps = llm.stats.steps - steps0
+                times.append(dt / steps)
+                # bytes of this very generate (a unit held in spare room counts once, in its first step)
+                moved["cpu"].append((llm.stats.bytes_from_cpu - cpu0) / steps)
+                moved["disk"].append((llm.stats.bytes_from_disk - disk0) / steps)
+            moved = {k: med(v) for k, v in moved.items()}
             resident = med([decode_step(ref.generate, ids1, 4) for _ in range(2)])
             # every streamed byte crosses the link; disk bytes also come off the drive, in parallel
             bound = max((moved["cpu"] + moved["disk"]) / (b.link() * 1e9), moved["disk"] / (rate * 1e9), resident)
@@ -334,28 +402,36 @@ def run(args):
                   cpu_budget=cpu_budget, streamed_from_cpu=moved["cpu"], streamed_from_disk=moved["disk"],
                   drive_gbps=rate, nb_tok_s=1 / med(times), nb_spread=spread(times), bound_tok_s=1 / bound,
                   pct_of_bound=100 * bound / med(times), peak_gpu=b.peak(llm),
-                  within_budget=b.peak(llm) <= 4 * GiB, tokens_identical=b.same_tokens(llm, ref, ids1))
+                  within_budget=b.peak(llm) <= 4 * GiB, held_units=llm.stats.held_last,
+                  tokens_identical=b.same_tokens(llm, ref, ids1))
             llm.unload()
 
     def case_resident():
         llm = b.load(gpu="60GiB", cpu="100GiB")
         b.peak_after(llm, lambda: None)
         assert all(e.tier == "gpu" for e in llm.plan)
-        # The resident step is Python-bound and the noisiest number here: longer runs, more rounds.
+        # The resident step is Python-bound and the noisiest number here (whole runs shift by tens of
+        # percent on these machines). Every step of every round is timed, and the pooled per-step
+        # medians are compared as well as the per-run figures.
         m = 4 * n
-        t = interleave({"resident": lambda: decode_step(ref.generate, ids1, m),
-                        "nb_offload": lambda: decode_step(llm.generate, ids1, m),
-                        "nb_offload_trace_off": lambda: untraced(llm, lambda: decode_step(llm.generate, ids1, m))},
+        t = interleave({"resident": lambda: step_times(ref.generate, ids1, m),
+                        "nb_offload": lambda: step_times(llm.generate, ids1, m),
+                        "nb_offload_trace_off": lambda: untraced(llm, lambda: step_times(llm.generate, ids1, m))},
                        3 * reps)
-        r, o, f = med(t["resident"]), med(t["nb_offload"]), med(t["nb_offload_trace_off"])
+        runs = {k: [med(v) for v in runs] for k, runs in t.items()}
+        pooled = {k: med([x for v in runs for x in v]) for k, runs in t.items()}
+        r, o, f = pooled["resident"], pooled["nb_offload"], pooled["nb_offload_trace_off"]
+        rr, ro = med(runs["resident"]), med(runs["nb_offload"])
         b.add(case="6 everything resident", batch=1, resident_tok_s=1 / r, nb_tok_s=1 / o,
               nb_trace_off_tok_s=1 / f, slower_pct=100 * (o - r) / r, slower_trace_off_pct=100 * (f - r) / r,
-              resident_spread=spread(t["resident"]), nb_spread=spread(t["nb_offload"]),
+              steps_per_variant=sum(len(v) for v in t["resident"]),
+              per_run_slower_pct=100 * (ro - rr) / rr,
+              resident_spread=spread(runs["resident"]), nb_spread=spread(runs["nb_offload"]),
               tokens_identical=b.same_tokens(llm, ref, ids1))
         llm.unload()
 
     guard("1", lambda: case_decode("4GiB", "1 decode, gpu 4GiB (+7 trace on/off)", ids1, with_acc=not args.skip_accelerate,
-                                   with_trace_off=True))
+                                   with_trace_off=True, with_no_hold=True))
     guard("1", lambda: case_decode("4GiB", "1b decode, gpu 4GiB, context 512", ids1, context=512))
     guard("2", lambda: case_decode("12GiB", "2 decode, gpu 12GiB", ids1))
     guard("3", lambda: case_decode("4GiB", "3 decode batch 8, gpu 4GiB, context 512", ids8, context=512, batch=8))
@@ -390,6 +466,11 @@ def main():
                 extra += f", {r['pct_of_pcie']:.1f}% of PCIe"
             if "trace_cost_pct" in r:
                 extra += f", trace cost {r['trace_cost_pct']:+.1f}%"
+            if r.get("held_units"):
+                extra += f"; {r['held_units']} units held in spare room"
+            if "no_hold_tok_s" in r:
+                extra += (f" (without: {r['no_hold_tok_s']:.2f} tok/s, "
+                          f"{r.get('no_hold_x_accelerate', 0):.1f}x Accelerate)")
             print(f"{r['case']}: nb {r['nb_tok_s']:.2f} tok/s, bound {r['bound_tok_s']:.2f} -> "
                   f"{r['pct_of_bound']:.1f}% of bound{extra}; peak {r['peak_gpu'] / GiB:.2f} GiB "
                   f"within budget {r['within_budget']}; same tokens "

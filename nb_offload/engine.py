@@ -110,6 +110,8 @@ class Engine:
         self._io = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="nb_offload-io") \
             if read_threads > 1 else None
         self.drop_page_cache = drop_page_cache
+        self.held = {}                        # unit index -> (Source, own buffer), see hold()
+        self._order_before_hold = None
         self._configure()
 
     # -- set-up ---------------------------------------------------------------------------
@@ -169,6 +171,7 @@ class Engine:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        self.release_held()
         self.drain()
         self._reader.shutdown(wait=True)
         if self._io is not None:
@@ -186,6 +189,56 @@ class Engine:
             self.copy_stream.synchronize()
             self.torch.cuda.current_stream(self.device).synchronize()
         self.trace.flush(wait=True)
+
+    # -- holding streamed units for a while -----------------------------------------------
+    def hold(self, indices):
+        """Give streamed units buffers of their own on the compute device, filled once, and run
+        them as resident until ``release_held`` (room a short generate leaves unused)."""
+        torch = self.torch
+        indices = [i for i in indices if i in self.sources]
+        if not indices:
+            return
+        self.drain()
+        if self._order_before_hold is None:
+            self._order_before_hold = list(self.order)
+        try:
+            for idx in indices:
+                unit, src = self.units[idx], self.sources[idx]
+                buf = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
+                t0 = time.perf_counter()
+                if src.flat is not None:
+                    buf.copy_(src.flat[:unit.nbytes])
+                    self.stats.bytes_from_cpu += unit.nbytes
+                    kind = "copy"
+                else:
+                    # On CUDA through a page-locked staging buffer (idle: everything was drained)
+                    landing = self.staging[0].flat if self.cuda else buf
+                    read_extents(src.extents, landing, pool=self._io, drop_cache=self.drop_page_cache)
+                    if self.cuda:
+                        buf.copy_(landing[:unit.nbytes])
+                    self.stats.bytes_from_disk += unit.nbytes
+                    kind = "read"
+                self.trace.host_event(kind, unit.name + " (held)", t0, time.perf_counter(), unit.nbytes)
+                for p, v in zip(self.params[idx], param_views(unit, buf)):
+                    p.data = v
+                self.held[idx] = (src, buf)
+                del self.sources[idx]
+        finally:
+            self.order = [i for i in self.order if i not in self.held]
+            self.pos = self.read_pos = 0
+
+    def release_held(self):
+        """Stream the held units again and free their buffers."""
+        if not self.held:
+            return
+        self.drain()
+        for idx, (src, _buf) in self.held.items():
+            self.sources[idx] = src
+            for p, v in zip(self.params[idx], self._slot_views(self.units[idx], 0)):
+                p.data = v
+        self.held.clear()
+        self.order, self._order_before_hold = self._order_before_hold, None
+        self.pos = self.read_pos = 0
 
     # -- hooks ----------------------------------------------------------------------------
     def _root_pre(self, module, args, kwargs):

@@ -163,7 +163,7 @@ def plan(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=N
 def load(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=None, device=None,
          policy="auto", context=None, batch=1, prefetch=None, read_ahead=2, trace=True,
          allow_pickle=False, progress=True, read_threads=4, drop_page_cache=False,
-         trace_detail="streamed", **from_pretrained_kwargs):
+         trace_detail="streamed", hold_spare=True, **from_pretrained_kwargs):
     """Load a causal LM under memory budgets; see the README for the options."""
     _check_options(quant, policy, batch, context, prefetch, read_ahead, read_threads)
     check_detail(trace_detail)      # before any weight is read
@@ -175,7 +175,8 @@ def load(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=N
     if from_pretrained_kwargs:
         raise OptionError(f"unsupported option(s) {sorted(from_pretrained_kwargs)}; nb_offload.load takes "
                           "gpu, cpu, disk, dtype, quant, pins, device, policy, context, batch, prefetch, "
-                          "read_ahead, read_threads, drop_page_cache, trace, trace_detail, allow_pickle, "
+                          "read_ahead, read_threads, drop_page_cache, trace, trace_detail, hold_spare, "
+                          "allow_pickle, "
                           "trust_remote_code, attn_implementation, "
                           "local_files_only and revision.")
     import torch
@@ -203,7 +204,7 @@ def load(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=N
                               drop_page_cache=drop_page_cache)
         handle = OffloadedModel._assemble(insp, storage, the_plan, pin_map, dev, budgets=budgets,
                                           engine_options=engine_options, policy=policy, trace=trace,
-                                          trace_detail=trace_detail)
+                                          trace_detail=trace_detail, hold_spare=bool(hold_spare))
     except BaseException as exc:
         storage.abort()
         if isinstance(exc, (OffloadError, KeyboardInterrupt)):

@@ -275,6 +275,9 @@ class OffloadMagics(Magics):
         moved_disk = after["bytes_from_disk"] - before["bytes_from_disk"]
         summary = (f"\n[{n} tokens in {seconds:.2f} s, {n / seconds if seconds else 0:.2f} tok/s · streamed "
                    f"{format_size(moved_cpu)} from cpu, {format_size(moved_disk)} from disk")
+        if after["held_last"]:
+            summary += (f" · {after['held_last']} streamed unit(s) held on {llm.plan.resident_tier} "
+                        "in room this generate's length left unused")
         if llm.device.type == "cuda" and moved_cpu + moved_disk:
             share = (moved_cpu + moved_disk) / seconds / 1e9 / self.link_gbps()
             summary += f" · {100 * share:.0f}% of the PCIe limit ({self.link_gbps():.0f} GB/s)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 
@@ -24,13 +25,14 @@ class OffloadedModel:
 
     @classmethod
     def _assemble(cls, insp, storage, plan, pin_map, device, *, budgets, engine_options, policy="auto",
-                  trace=True, trace_detail="streamed"):
+                  trace=True, trace_detail="streamed", hold_spare=True):
         import torch
         self = object.__new__(cls)
         self._insp, self._storage, self._device = insp, storage, device
         self._pins = dict(pin_map)
         self._policy = policy
         self._budgets = budgets
+        self.hold_spare = hold_spare
         self._engine_options = engine_options     # prefetch, read_ahead, read_threads, drop_page_cache
         self.plan = plan
         self.trace = Trace(enabled=trace, detail=trace_detail)
@@ -131,7 +133,7 @@ class OffloadedModel:
         args, kwargs = _to_device(args, self._device), _to_device(kwargs, self._device)
         inputs = kwargs.get("input_ids", args[0] if args else None)
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), self._holding_spare(args, kwargs):
             out = self.model.generate(*args, **kwargs)
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
@@ -140,6 +142,37 @@ class OffloadedModel:
         if isinstance(seqs, torch.Tensor) and isinstance(inputs, torch.Tensor) and seqs.dim() == 2:
             self.stats.tokens += (seqs.shape[1] - inputs.shape[1]) * seqs.shape[0]
         return out
+
+    @contextlib.contextmanager
+    def _holding_spare(self, args, kwargs):
+        """For one generate, hold streamed units in the room its length leaves unused (see spare.py)."""
+        picks = self._spare_picks(args, kwargs) if self.hold_spare else []
+        self.stats.held_last = len(picks)
+        if not picks:
+            yield
+            return
+        try:
+            self._engine.hold(picks)
+            yield
+        finally:
+            self._engine.release_held()
+
+    def _spare_picks(self, args, kwargs) -> list:
+        from . import spare
+        extent = spare.generate_extent(self.model, args, kwargs)
+        if extent is None:
+            return []
+        dtype_size = self._insp.dtype.itemsize if hasattr(self._insp.dtype, "itemsize") else 2
+        room = spare.spare_bytes(self.plan, self._insp.config, dtype_size, *extent)
+        order = self._engine.order
+        candidates = [(i, self.plan.entries[i].tier, self._insp.units[i].nbytes) for i in order
+                      if i in self._engine.sources and i not in self._pins]
+        return spare.choose(candidates, room, spare.granularity(self.plan.device))
+
+    @property
+    def held(self) -> list:
+        """Names of the streamed units held on the compute device during the generate running now."""
+        return [self._insp.units[i].name for i in self._engine.held] if self._engine is not None else []
 
     # -- re-pinning -------------------------------------------------------------------------
     def pin(self, pattern: str, tier: str):

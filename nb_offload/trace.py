@@ -152,9 +152,10 @@ class Stats:
     seconds: float = 0.0
     bytes_from_cpu: int = 0     # host-to-device copies
     bytes_from_disk: int = 0    # drive reads
+    held_last: int = 0          # streamed units held in spare room during the last generate
 
     def reset(self):
-        self.steps = self.tokens = self.bytes_from_cpu = self.bytes_from_disk = 0
+        self.steps = self.tokens = self.bytes_from_cpu = self.bytes_from_disk = self.held_last = 0
         self.seconds = 0.0
 
     @property
@@ -169,7 +170,8 @@ class Stats:
     def as_dict(self) -> dict:
         return {"steps": self.steps, "tokens": self.tokens, "seconds": self.seconds,
                 "tokens_per_second": self.tokens_per_second, "bytes_from_cpu": self.bytes_from_cpu,
-                "bytes_from_disk": self.bytes_from_disk, "streamed_gbps": self.streamed_gbps}
+                "bytes_from_disk": self.bytes_from_disk, "streamed_gbps": self.streamed_gbps,
+                "held_last": self.held_last}
 
     def __str__(self):
         from .budget import format_size

@@ -85,6 +85,42 @@ def test_gpu_budget_holds_during_generate_at_planned_context(model_dirs, tmp_pat
         llm.unload()
 
 
+def test_short_generate_holds_streamed_units_within_the_budget(model_dirs, tmp_path):
+    folder = model_dirs("llama", hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                        num_attention_heads=8, num_key_value_heads=8, vocab_size=4096, dtype="bfloat16")
+    context = 1024
+    p = nb_offload.plan(folder, gpu="64GiB", cpu="8GiB", context=context)
+    block = blocks(p)[0].bytes
+    fixed = sum(v for k, v in p.reserved.items() if k != "staging_slots")
+    tops = sum(e.bytes for e in p if e.kind == "top")
+    budget = fixed + tops + (p.prefetch + 1) * block + 2 * block + 4096
+    cpu = 3 * block + 2 * block + 4096          # three blocks, two disk staging buffers
+    ids = torch.randint(3, 4000, (1, 24))
+    got = {}
+    for hold in (False, True):
+        gc.collect()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        llm = nb_offload.load(folder, gpu=budget, cpu=cpu, disk=tmp_path / "offload", context=context,
+                              hold_spare=hold, progress=False)
+        try:
+            tiers = [e.tier for e in blocks(llm.plan)]
+            assert tiers.count("gpu") == 2 and tiers.count("disk") == 3, str(llm.plan)
+            out = llm.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+            peak = torch.cuda.max_memory_allocated() - base
+            print(f"hold={hold}: budget {budget / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB, "
+                  f"held {llm.stats.held_last}, {llm.stats}")
+            assert peak <= budget, f"peak {peak} > budget {budget}\n{llm.plan}"
+            got[hold] = (out.cpu(), llm.stats.bytes_from_disk, llm.stats.bytes_from_cpu, llm.stats.held_last)
+            assert not llm._engine.held
+        finally:
+            llm.unload()
+    assert torch.equal(got[True][0], got[False][0])
+    assert got[False][3] == 0 and got[True][3] >= 2
+    assert got[True][1] < got[False][1]          # disk units are held first
+
+
 def test_ten_load_unload_cycles_return_gpu_and_host_memory(model_dirs, tmp_path):
     import os
     folder = model_dirs("llama", hidden_size=512, intermediate_size=1024, num_hidden_layers=6, vocab_size=2048)

@@ -1,0 +1,170 @@
+"""Spare room: a short generate holds streamed units in the reservation it leaves unused (CPU)."""
+
+import pytest
+import torch
+
+import nb_offload
+from conftest import PROMPT, blocks, reference
+from nb_offload import spare
+from test_equality import tight_cpu_budget
+
+
+def load_tight(folder, disk, **kw):
+    return nb_offload.load(folder, device="cpu", cpu=tight_cpu_budget(folder, disk), disk=disk,
+                           progress=False, **kw)
+
+
+def greedy(llm, n=10, **kw):
+    ids = torch.tensor(PROMPT)
+    return llm.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw).cpu()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3", "mixtral"])
+def test_held_units_give_identical_tokens_and_stream_fewer_bytes(arch, model_dirs, tmp_path):
+    folder = model_dirs(arch)
+    want, _ = reference(folder)
+    moved = {}
+    for hold in (False, True):
+        llm = load_tight(folder, tmp_path / "offload", hold_spare=hold)
+        try:
+            streamed = [i for i, e in enumerate(llm.plan) if e.tier == "disk"]
+            assert len(streamed) >= 2, str(llm.plan)
+            assert torch.equal(greedy(llm), want)
+            moved[hold] = llm.stats.bytes_from_disk
+            assert (llm.stats.held_last > 0) == hold
+            # afterwards every unit streams again, bound to the engine's slots
+            eng = llm._engine
+            assert llm.held == [] and not eng.held and sorted(eng.sources) == streamed
+            assert sorted(eng.order) == streamed
+            slot_ptrs = {s.untyped_storage().data_ptr() for s in eng.slots}
+            for i in streamed:
+                assert all(p.untyped_storage().data_ptr() in slot_ptrs for p in eng.params[i])
+            assert torch.equal(greedy(llm), want)          # and a second generate agrees
+        finally:
+            llm.unload()
+    assert moved[True] < moved[False]
+
+
+def test_units_are_held_while_the_generate_runs(model_dirs, tmp_path):
+    folder = model_dirs("llama")
+    llm = load_tight(folder, tmp_path / "offload")
+    seen = []
+
+    class Spy:
+        def put(self, value):
+            seen.append(list(llm.held))
+
+        def end(self):
+            pass
+
+    try:
+        greedy(llm, streamer=Spy())
+        assert seen and all(s == seen[0] for s in seen) and seen[0]
+        assert set(seen[0]) <= {e.name for e in llm.plan if e.tier == "disk"}
+        assert llm.held == []
+    finally:
+        llm.unload()
+
+
+def test_a_generate_as_long_as_the_planned_context_holds_nothing(model_dirs, tmp_path):
+    folder = model_dirs("llama")
+    llm = load_tight(folder, tmp_path / "offload")
+    try:
+        ids = torch.tensor(PROMPT)
+        assert llm._spare_picks((ids,), {"max_new_tokens": llm.plan.context - ids.shape[1]}) == []
+        assert llm._spare_picks((ids,), {"max_new_tokens": 4}) != []
+        # a batch (or beams) needs room per sequence
+        wide = ids.expand(64, -1)
+        assert len(llm._spare_picks((wide,), {"max_new_tokens": 64})) < len(llm._spare_picks((ids,), {"max_new_tokens": 64}))
+    finally:
+        llm.unload()
+
+
+def test_pinned_units_are_never_held(model_dirs, tmp_path):
+    folder = model_dirs("llama")
+    names = [e.name for e in blocks(nb_offload.plan(folder, device="cpu"))]
+    llm = nb_offload.load(folder, device="cpu", disk=tmp_path / "offload", pins={names[0]: "disk", names[1]: "disk"},
+                          progress=False)
+    try:
+        assert llm._spare_picks((torch.tensor(PROMPT),), {"max_new_tokens": 4}) == []
+        greedy(llm)
+        assert llm.stats.held_last == 0 and llm.stats.bytes_from_disk > 0
+    finally:
+        llm.unload()
+
+
+def test_an_interrupted_generate_gives_the_units_back(model_dirs, tmp_path):
+    folder = model_dirs("llama")
+    want, _ = reference(folder)
+    llm = load_tight(folder, tmp_path / "offload")
+
+    class Interrupt:
+        def __init__(self):
+            self.calls = 0
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls == 4:
+                raise KeyboardInterrupt
+
+        def end(self):
+            pass
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            greedy(llm, streamer=Interrupt())
+        assert llm.stats.held_last > 0 and llm.held == [] and not llm._engine.held
+        assert torch.equal(greedy(llm), want)
+    finally:
+        llm.unload()
+
+
+def test_hold_can_be_switched_off_on_a_loaded_model(model_dirs, tmp_path):
+    llm = load_tight(model_dirs("llama"), tmp_path / "offload")
+    try:
+        llm.hold_spare = False
+        greedy(llm)
+        assert llm.stats.held_last == 0
+    finally:
+        llm.unload()
+
+
+class _Config:
+    max_new_tokens = None
+    max_length = 20
+    num_beams = 1
+    num_return_sequences = 1
+
+
+class _Model:
+    generation_config = _Config()
+
+
+@pytest.mark.parametrize("args, kwargs, extent", [
+    ((torch.zeros(1, 7),), {"max_new_tokens": 5}, (12, 1)),
+    ((), {"input_ids": torch.zeros(2, 7), "max_new_tokens": 5}, (12, 2)),
+    ((torch.zeros(1, 7),), {}, (20, 1)),                                  # the config's max_length
+    ((torch.zeros(1, 30),), {}, (31, 1)),                                 # prompt beyond max_length
+    ((torch.zeros(1, 7),), {"max_length": 50}, (50, 1)),
+    ((torch.zeros(3, 7),), {"max_new_tokens": 5, "num_beams": 4}, (12, 12)),
+    ((torch.zeros(1, 7),), {"max_new_tokens": 5, "num_return_sequences": 2, "do_sample": True}, (12, 2)),
+    ((), {"inputs_embeds": torch.zeros(1, 7, 16), "max_new_tokens": 1}, (8, 1)),
+    ((torch.zeros(1, 7),), {"past_key_values": object(), "max_new_tokens": 5}, None),
+    ((torch.zeros(1, 7),), {"assistant_model": object(), "max_new_tokens": 5}, None),
+    ((), {}, None),
+])
+def test_generate_extent(args, kwargs, extent):
+    assert spare.generate_extent(_Model(), args, kwargs) == extent
+
+
+def test_choose_prefers_disk_and_spreads_picks():
+    mib = 2**20
+    cands = [(i, "disk" if i % 3 == 0 else "cpu", 4 * mib) for i in range(12)]   # 4 disk, 8 cpu
+    assert spare.choose(cands, 0) == []
+    assert spare.choose(cands, 8 * mib) == [3, 9] or set(spare.choose(cands, 8 * mib)) <= {0, 3, 6, 9}
+    assert set(spare.choose(cands, 16 * mib)) == {0, 3, 6, 9}
+    picked = spare.choose(cands, 24 * mib)
+    assert set(picked) >= {0, 3, 6, 9} and len(picked) == 6
+    gaps = sorted(i for i in picked if i % 3)
+    assert gaps[1] - gaps[0] > 1                       # cpu picks spread, not adjacent
+    assert len(spare.choose(cands, 10**12)) == 12
