@@ -63,8 +63,8 @@ def drop_caches() -> bool:
         return False
 
 
-def drive_rate(folder, nbytes=4 * GiB, cold=True, repeats=3):
-    """Read ``nbytes`` of the checkpoint with nb_offload's own reader (chunked, 4 threads).
+def drive_rate(folder, nbytes=4 * GiB, cold=True, repeats=3, threads=4):
+    """Read ``nbytes`` of the checkpoint with nb_offload's own reader (chunked, ``threads`` threads).
 
     Returns the best of ``repeats`` reads (a bound needs the fastest the drive can go) and all.
     """
@@ -81,7 +81,7 @@ def drive_rate(folder, nbytes=4 * GiB, cold=True, repeats=3):
             break
     buf = torch.empty(total, dtype=torch.uint8, pin_memory=True)
     rates = []
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(threads) as pool:
         for _ in range(repeats):
             if cold and not drop_caches():
                 return None, []
@@ -89,6 +89,24 @@ def drive_rate(folder, nbytes=4 * GiB, cold=True, repeats=3):
             read_extents(extents, buf, pool=pool)
             rates.append(total / (time.perf_counter() - t0) / 1e9)
     return max(rates), rates
+
+
+def units_drive_rate(llm, cold):
+    """Read every disk unit's extents (the bytes a disk case streams), one unit after another with
+    nb_offload's chunked reader: the drive's rate on exactly that data."""
+    import torch
+    from concurrent.futures import ThreadPoolExecutor
+    from nb_offload.tiers import read_extents
+    eng = llm._engine
+    disk = [i for i in eng.order if eng.sources[i].tier == "disk"]
+    buf = torch.empty(max(eng.units[i].nbytes for i in disk), dtype=torch.uint8, pin_memory=True)
+    with ThreadPoolExecutor(llm._engine_options.get("read_threads", 4)) as pool:
+        if cold and not drop_caches():
+            return None
+        t0 = time.perf_counter()
+        for i in disk:
+            read_extents(eng.sources[i].extents, buf, pool=pool)
+        return sum(eng.units[i].nbytes for i in disk) / (time.perf_counter() - t0) / 1e9
 
 
 def build(folder, layers):
@@ -159,6 +177,18 @@ def moved_per_step(llm, ids, n):
     return {"cpu": (long[0] - short[0]) / n, "disk": (long[1] - short[1]) / n}
 
 
+def read_busy(trace, t0, t1):
+    """Share of [t0, t1] in which at least one disk read was in progress (from the trace)."""
+    trace.flush(wait=True)
+    spans = sorted((max(e.start, t0), min(e.end, t1)) for e in trace if e.kind == "read" and e.end > t0 and e.start < t1)
+    busy, end = 0.0, t0
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy / (t1 - t0)
+
+
 def unheld(llm, fn):
     """Run ``fn`` with spare-room holding switched off (the plan's streaming as it stands)."""
     llm.hold_spare = False
@@ -224,7 +254,7 @@ class Bench:
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        llm = nb_offload.load(self.args.folder, progress=False, **kw)
+        llm = nb_offload.load(self.args.folder, progress=False, read_threads=self.args.read_threads, **kw)
         llm._bench_base = base
         return llm
 
@@ -257,8 +287,9 @@ def run(args):
         build(args.folder, args.layers)
         print(f"built and saved the model in {time.perf_counter() - t0:.0f} s", flush=True)
     b.links += pinned_rate()
-    b.meta["drive_cold_gbps"], b.meta["drive_cold_all"] = drive_rate(args.folder, cold=True)
-    b.meta["drive_warm_gbps"], b.meta["drive_warm_all"] = drive_rate(args.folder, cold=False)
+    b.meta["drive_cold_gbps"], b.meta["drive_cold_all"] = drive_rate(args.folder, cold=True, threads=args.read_threads)
+    b.meta["drive_warm_gbps"], b.meta["drive_warm_all"] = drive_rate(args.folder, cold=False, threads=args.read_threads)
+    b.meta["read_threads"] = args.read_threads
     print(f"link {b.link():.1f} GB/s; drive cold {b.meta['drive_cold_gbps']} GB/s, warm "
           f"{b.meta['drive_warm_gbps']} GB/s", flush=True)
     ref = AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.bfloat16, device_map={"": 0}).eval()
@@ -372,23 +403,28 @@ def run(args):
     def case_disk():
         probe = b.load(gpu="4GiB", cpu="100GiB", context=1024)
         streamed_blocks = [e for e in probe.plan if e.tier == "cpu"]
-        probe.unload()
         blk = max(e.bytes for e in streamed_blocks)
+        piece = max(u.stream_nbytes for u in probe._insp.units if u.kind == "block")
         half = len(streamed_blocks) // 2
-        cpu_budget = half * blk + 2 * blk            # half the blocks, plus two staging buffers
+        cpu_budget = half * blk + 2 * piece          # half the blocks, plus two staging buffers
+        probe.unload()
         offload = tempfile.mkdtemp(prefix="nb_offload-disk-")
         for label, cold in (("cold", True), ("warm", False)):
             llm = b.load(gpu="4GiB", cpu=cpu_budget, disk=offload, context=1024, drop_page_cache=cold)
             b.peak_after(llm, lambda: llm.generate(ids1, max_new_tokens=2, do_sample=False))
+            # The drive once more, on the very bytes this case streams from it, read unit after unit
+            units_rate = units_drive_rate(llm, cold)
             rate = b.meta["drive_cold_gbps"] if cold else b.meta["drive_warm_gbps"]
-            times, moved = [], {"cpu": [], "disk": []}
+            times, moved, busy = [], {"cpu": [], "disk": []}, []
             for _ in range(2 if cold else reps):
                 if cold:
                     drop_caches()
                 else:
                     llm.generate(ids1, max_new_tokens=2, do_sample=False)
                 steps0, cpu0, disk0 = llm.stats.steps, llm.stats.bytes_from_cpu, llm.stats.bytes_from_disk
+                t_start = time.perf_counter()
                 dt = time_call(lambda: llm.generate(ids1, max_new_tokens=3, min_new_tokens=3, do_sample=False))
+                busy.append(read_busy(llm.trace, t_start, time.perf_counter()))
                 steps = llm.stats.steps - steps0
                 times.append(dt / steps)
                 # bytes of this very generate (a unit held in spare room counts once, in its first step)
@@ -403,6 +439,9 @@ def run(args):
                   drive_gbps=rate, nb_tok_s=1 / med(times), nb_spread=spread(times), bound_tok_s=1 / bound,
                   pct_of_bound=100 * bound / med(times), peak_gpu=b.peak(llm),
                   within_budget=b.peak(llm) <= 4 * GiB, held_units=llm.stats.held_last,
+                  drive_busy_pct=100 * med(busy), drive_units_gbps=units_rate,
+                  pct_of_bound_units_probe=100 * max((moved["cpu"] + moved["disk"]) / (b.link() * 1e9),
+                                                     moved["disk"] / (units_rate * 1e9), resident) / med(times),
                   tokens_identical=b.same_tokens(llm, ref, ids1))
             llm.unload()
 
@@ -453,6 +492,7 @@ def main():
     ap.add_argument("--folder", default=os.path.join(tempfile.gettempdir(), "nb_offload-bench-7b"))
     ap.add_argument("--cases", default="all", help="comma list of 1-6, or all")
     ap.add_argument("--skip-accelerate", action="store_true")
+    ap.add_argument("--read-threads", type=int, default=8, help="nb_offload's and the drive probe's read threads (8: the library default)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     b = run(args)
@@ -466,6 +506,11 @@ def main():
                 extra += f", {r['pct_of_pcie']:.1f}% of PCIe"
             if "trace_cost_pct" in r:
                 extra += f", trace cost {r['trace_cost_pct']:+.1f}%"
+            if "drive_busy_pct" in r:
+                extra += f"; drive busy {r['drive_busy_pct']:.0f}% of the time"
+            if r.get("drive_units_gbps"):
+                extra += (f"; the drive on these units alone {r['drive_units_gbps']:.2f} GB/s "
+                          f"({r['pct_of_bound_units_probe']:.1f}% of that bound)")
             if r.get("held_units"):
                 extra += f"; {r['held_units']} units held in spare room"
             if "no_hold_tok_s" in r:

@@ -3,6 +3,7 @@
 # then run the steps named, in order. Output goes to $OUT when set.
 #   bash benchmarks/gpu_run.sh tests dashboard   # tests/gpu, then bench_dashboard.py
 #   bash benchmarks/gpu_run.sh bench=1,5         # bench_offload.py --cases 1,5 (bench = all cases)
+#   BENCH_ARGS="--read-threads 8" BENCH_TAG=-t8 bash benchmarks/gpu_run.sh bench=5   # extra options
 set -uo pipefail
 export PYTHONPATH="$(pwd):/tmp/site" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 OUT="${OUT:-/tmp/out}"
@@ -21,7 +22,8 @@ for step in "${@:-tests}"; do
             timeout 300 python3 benchmarks/bench_dashboard.py --json "$OUT/dashboard.json" 2>&1 | tail -3 ;;
         bench|bench=*)
             cases="${step#bench}"; cases="${cases#=}"
-            timeout 590 python3 benchmarks/bench_offload.py --cases "${cases:-all}" --json "$OUT/bench.json" 2>&1 \
+            timeout "${BENCH_TIMEOUT:-590}" python3 benchmarks/bench_offload.py --cases "${cases:-all}" \
+                --json "$OUT/bench${BENCH_TAG:-}.json" ${BENCH_ARGS:-} 2>&1 \
                 | grep -v "Loading weights\|Writing model\|attention mask" | tee "$OUT/bench.log" | tail -16 ;;
         *) echo "unknown step $step"; exit 2 ;;
     esac

@@ -23,7 +23,8 @@ def render(data, command, title=None) -> str:
              f"    {command}", "",
              f"Model: LLaMA-7B shape, {m['layers']} layers, random bf16 weights. Page-locked host-to-GPU rate: "
              f"median {m.get('link_gbps_median', 0):.1f} GB/s of {len(links)} samples "
-             f"({min(links):.1f}-{max(links):.1f}). Drive (best of 3, nb_offload's reader): cold "
+             f"({min(links):.1f}-{max(links):.1f}). Drive (best of 3, nb_offload's reader"
+             + (f", {m['read_threads']} threads" if "read_threads" in m else "") + "): cold "
              f"{fmt(m.get('drive_cold_gbps'))} GB/s, warm page cache {fmt(m.get('drive_warm_gbps'))} GB/s."
              + (f" Accelerate's own peak GPU memory at the {m.get('accelerate_budget', 4 * GiB) / GiB:.0f} GiB budget: "
                 f"{m['accelerate_peak_gpu'] / GiB:.2f} GiB." if "accelerate_peak_gpu" in m else ""), "",
@@ -45,10 +46,16 @@ def render(data, command, title=None) -> str:
                 f"{r['bound_tok_s']:.2f} {unit} | {r['pct_of_bound']:.1f} % | {pcie} | {acc} | "
                 f"{r['peak_gpu'] / GiB:.2f} / {r['gpu_budget'] / GiB:.0f} GiB | {'yes' if same else 'NO'} |")
     if any("held_units" in r for r in data["rows"]):
-        lines.append("\n*held*: streamed units held on the GPU, for one generate, in the room its length left "
+        lines.append("\n*held*: streamed units (pieces, where blocks stream split) held on the GPU, for one generate, in the room its length left "
                      "unused of the plan's KV-cache and activation reservation (`hold_spare`); streamed bytes "
                      "are counted by nb_offload during the timed runs.")
     for r in data["rows"]:
+        if "drive_units_gbps" in r and r["drive_units_gbps"]:
+            lines.append(f"\n{r['case']}: the drive was reading {r['drive_busy_pct']:.0f} % of the time; read "
+                         f"alone, unit after unit, the bytes this case streams from disk came off it at "
+                         f"{r['drive_units_gbps']:.2f} GB/s, against {r['drive_gbps']:.2f} GB/s on the first "
+                         f"4 GiB of the checkpoint: {r['pct_of_bound_units_probe']:.1f} % of the bound "
+                         f"that rate gives.")
         if "no_hold_tok_s" in r:
             acc = (f", {r['no_hold_x_accelerate']:.1f}x Accelerate" if "no_hold_x_accelerate" in r else "")
             lines.append(f"\nSame model without holding ({r['case'].split(' (')[0]}, `hold_spare=False`, same "

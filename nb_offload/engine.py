@@ -18,7 +18,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-from .tiers import alloc_host, param_views, read_extents
+from .tiers import alloc_host, param_views, read_extents, sub_extents
 
 
 class Source:
@@ -28,6 +28,21 @@ class Source:
 
     def __init__(self, tier, flat=None, extents=None):
         self.tier, self.flat, self.extents = tier, flat, extents
+
+    def part(self, start, end):
+        """The source of bytes ``start:end`` of this one."""
+        if self.flat is not None:
+            return Source(self.tier, flat=self.flat[start:end])
+        return Source(self.tier, extents=sub_extents(self.extents, start, end))
+
+    def read(self, start, nbytes):
+        """Bytes ``start:start+nbytes`` as a host tensor (a view where they are in memory)."""
+        if self.flat is not None:
+            return self.flat[start:start + nbytes]
+        import torch
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        read_extents(sub_extents(self.extents, start, start + nbytes), out)
+        return out
 
 
 class _Job:
@@ -89,8 +104,8 @@ class _Staging:
 
 class Engine:
     def __init__(self, model, units, params, sources: dict, device, trace, stats, *,
-                 prefetch: int = 1, read_ahead: int = 2, read_threads: int = 4,
-                 drop_page_cache: bool = False):
+                 prefetch: int = 1, read_ahead: int = 2, read_threads: int = 8,
+                 drop_page_cache: bool = False, split: bool = False):
         import torch
         self.torch = torch
         self.model = model
@@ -110,14 +125,74 @@ class Engine:
         self._io = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="nb_offload-io") \
             if read_threads > 1 else None
         self.drop_page_cache = drop_page_cache
+        self._last_read_end = 0.0
+        self._landing = {}                    # buffer address -> chunk futures last queued into it
         self.held = {}                        # unit index -> (Source, own buffer), see hold()
         self._order_before_hold = None
+        self._split_into_pieces(split)
         self._configure()
 
     # -- set-up ---------------------------------------------------------------------------
+    def _split_into_pieces(self, split):
+        """Streamed units that have pieces (pieces.py) stream a piece at a time.
+
+        Each piece becomes a unit of the engine's own, numbered after the model's units, hooked
+        on its submodule; the unit's leftovers are copied once into a small buffer on the
+        compute device. The model's unit lists are copied, not changed.
+        """
+        from types import SimpleNamespace
+        from .units import Unit
+        torch = self.torch
+        self.n_model = len(self.units)
+        self.units, self.params, self.sources = list(self.units), dict(self.params), dict(self.sources)
+        self.owner = {}           # engine unit index -> the model unit it is a piece of
+        self.pieces_of = {}       # model unit index -> its engine units, in layout order
+        self.rest = {}            # model unit index -> leftover buffer
+        for u in self.units[:self.n_model] if split else ():
+            src = self.sources.get(u.index)
+            if src is None or not u.pieces:
+                continue
+            del self.sources[u.index]
+            by_name = {slot.names[0]: p for slot, p in zip(u.params, self.params[u.index])}
+            ids = []
+            for pc in u.pieces:
+                k = len(self.units)
+                self.units.append(Unit(index=k, name=u.name, modules=[pc.module], kind="piece",
+                                       params=pc.params, nbytes=pc.nbytes))
+                self.params[k] = [by_name[slot.names[0]] for slot in pc.params]
+                self.sources[k] = src.part(pc.start, pc.end)
+                self.owner[k] = u.index
+                ids.append(k)
+            self.pieces_of[u.index] = ids
+            if u.rest:
+                buf = torch.empty(u.rest_nbytes, dtype=torch.uint8, device=self.device)
+                for slot, start in zip(u.rest, u.rest_from):
+                    buf[slot.offset:slot.offset + slot.nbytes].copy_(src.read(start, slot.nbytes))
+                rest = SimpleNamespace(params=u.rest)
+                for slot, v in zip(u.rest, param_views(rest, buf)):
+                    by_name[slot.names[0]].data = v
+                self.rest[u.index] = buf
+        # read ahead as many blocks as asked: a staging buffer per piece (as the plan counted them)
+        per_block = [len(ids) for ids in self.pieces_of.values() if self.sources[ids[0]].tier == "disk"]
+        if per_block:
+            self.read_ahead *= max(per_block)
+
+    def stream_order(self):
+        """Engine units that stream, in the model's unit order (pieces in layout order)."""
+        out = []
+        for u in self.units[:self.n_model]:
+            if u.index in self.sources:
+                out.append(u.index)
+            out.extend(k for k in self.pieces_of.get(u.index, ()) if k in self.sources)
+        return out
+
+    def model_unit(self, idx):
+        """The model unit an engine unit belongs to (itself, or the unit it is a piece of)."""
+        return self.owner.get(idx, idx)
+
     def _configure(self):
         torch = self.torch
-        streamed = [u for u in self.units if u.index in self.sources]
+        streamed = [self.units[i] for i in self.stream_order()]
         self.order = [u.index for u in streamed]
         self.pos = 0
         self.queue: deque[_Job] = deque()
@@ -176,7 +251,7 @@ class Engine:
         self._reader.shutdown(wait=True)
         if self._io is not None:
             self._io.shutdown(wait=True)
-        self.slots, self._views, self.staging = [], {}, []
+        self.slots, self._views, self.staging, self.rest = [], {}, [], {}
 
     def drain(self):
         """Wait for everything in flight and forget the queue (before re-planning or unload)."""
@@ -184,7 +259,14 @@ class Engine:
         pending += [r.future for r in self.reads if r.future is not None]
         self._reset()           # abandons queued reads, so none waits for a copy that won't come
         for fut in pending:
-            fut.exception()
+            try:
+                _wait_read(fut)
+            except Exception:   # a failed read of a unit no one will run now
+                pass
+        self._reader.submit(lambda: None).result()     # every read queued before now has started...
+        for chunks in list(self._landing.values()):     # ...and now every chunk has landed
+            for c in chunks:
+                c.exception()
         if self.cuda:
             self.copy_stream.synchronize()
             self.torch.cuda.current_stream(self.device).synchronize()
@@ -201,31 +283,64 @@ class Engine:
         self.drain()
         if self._order_before_hold is None:
             self._order_before_hold = list(self.order)
+        disk = [i for i in indices if self.sources[i].flat is None]
+        inflight = deque()
         try:
             for idx in indices:
+                if idx in disk:
+                    continue
                 unit, src = self.units[idx], self.sources[idx]
                 buf = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
                 t0 = time.perf_counter()
-                if src.flat is not None:
-                    buf.copy_(src.flat[:unit.nbytes])
-                    self.stats.bytes_from_cpu += unit.nbytes
-                    kind = "copy"
-                else:
-                    # On CUDA through a page-locked staging buffer (idle: everything was drained)
-                    landing = self.staging[0].flat if self.cuda else buf
-                    read_extents(src.extents, landing, pool=self._io, drop_cache=self.drop_page_cache)
-                    if self.cuda:
-                        buf.copy_(landing[:unit.nbytes])
-                    self.stats.bytes_from_disk += unit.nbytes
-                    kind = "read"
-                self.trace.host_event(kind, unit.name + " (held)", t0, time.perf_counter(), unit.nbytes)
-                for p, v in zip(self.params[idx], param_views(unit, buf)):
-                    p.data = v
-                self.held[idx] = (src, buf)
-                del self.sources[idx]
+                buf.copy_(src.flat[:unit.nbytes])
+                self.stats.bytes_from_cpu += unit.nbytes
+                self.trace.host_event("copy", unit.name + " (held)", t0, time.perf_counter(), unit.nbytes)
+                self._bind_held(idx, buf)
+            # Disk units: reads queued several ahead (on CUDA into the idle staging buffers, then
+            # one copy each), so the drive stays busy while each lands and is copied.
+            landings = [st.flat for st in self.staging] if self.cuda else None
+            depth = len(landings) if self.cuda else len(disk)
+            started = 0
+
+            def start():
+                nonlocal started
+                idx = disk[started]
+                unit = self.units[idx]
+                buf = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
+                flat = landings[started % depth] if self.cuda else buf
+                t0 = time.perf_counter()
+                chunks = read_extents(self.sources[idx].extents, flat, pool=self._io,
+                                      drop_cache=self.drop_page_cache, wait=False)
+                inflight.append((idx, buf, flat, chunks, t0))
+                started += 1
+
+            while started < min(depth, len(disk)):
+                start()
+            while inflight:
+                idx, buf, flat, chunks, t0 = inflight.popleft()
+                for c in chunks:
+                    c.result()
+                unit = self.units[idx]
+                if self.cuda:
+                    buf.copy_(flat[:unit.nbytes])       # synchronous: the landing buffer is free after
+                self.stats.bytes_from_disk += unit.nbytes
+                self.trace.host_event("read", unit.name + " (held)", t0, time.perf_counter(), unit.nbytes)
+                self._bind_held(idx, buf)
+                if started < len(disk):
+                    start()
+        except BaseException:
+            for _, _, _, chunks, _ in inflight:     # nothing may land in a buffer after this
+                for c in chunks:
+                    c.exception()
+            raise
         finally:
             self.order = [i for i in self.order if i not in self.held]
             self.pos = self.read_pos = 0
+
+    def _bind_held(self, idx, buf):
+        for p, v in zip(self.params[idx], param_views(self.units[idx], buf)):
+            p.data = v
+        self.held[idx] = (self.sources.pop(idx), buf)
 
     def release_held(self):
         """Stream the held units again and free their buffers."""
@@ -299,7 +414,7 @@ class Engine:
             self._issue_copies(first=job)
             self._compute_stream().wait_event(job.ready)
         else:
-            job.ready.result()
+            _wait_read(job.ready)
         for p, v in zip(self.params[idx], self._slot_views(self.units[idx], job.slot)):
             p.data = v
         self.active[idx] = job
@@ -380,9 +495,9 @@ class Engine:
                 continue
             r = job.read
             if r is not None:
-                if job is not first and not r.future.done():
+                if job is not first and not _read_finished(r.future):
                     break
-                r.future.result()
+                _wait_read(r.future)
                 src_flat = r.staging.flat
             else:
                 src_flat = self.sources[job.unit].flat
@@ -419,15 +534,41 @@ class Engine:
 
     # -- worker-thread reads -------------------------------------------------------------
     def _read_into(self, unit, extents, flat):
-        t0 = time.perf_counter()
-        read_extents(extents, flat, pool=self._io, drop_cache=self.drop_page_cache)
-        self.trace.host_event("read", unit.name, t0, time.perf_counter(), unit.nbytes)
+        return self._read_chunks(unit, extents, flat)
 
     def _read_staged(self, unit, extents, read):
         read.staging.wait_turn(read.ticket)
-        t0 = time.perf_counter()
-        read_extents(extents, read.staging.flat, pool=self._io, drop_cache=self.drop_page_cache)
-        self.trace.host_event("read", unit.name, t0, time.perf_counter(), unit.nbytes)
+        return self._read_chunks(unit, extents, read.staging.flat)
+
+    def _read_chunks(self, unit, extents, flat):
+        """Queue a unit's chunks on the I/O pool and return their futures without waiting: the
+        next unit's chunks queue right behind, so the drive never idles between units."""
+        # A read abandoned by a reset may still have chunks landing in this buffer: let them land
+        # first (in normal flow they finished long ago), or they would overwrite the new bytes.
+        for old in self._landing.get(flat.data_ptr(), ()):
+            old.exception()
+        t0 = max(time.perf_counter(), self._last_read_end)
+        chunks = read_extents(extents, flat, pool=self._io, drop_cache=self.drop_page_cache, wait=False)
+        self._landing[flat.data_ptr()] = chunks
+        if not self.trace.enabled:
+            return chunks
+        if not chunks:
+            self._last_read_end = time.perf_counter()
+            self.trace.host_event("read", unit.name, t0, self._last_read_end, unit.nbytes)
+            return chunks
+        left = [len(chunks)]
+        lock = threading.Lock()
+
+        def one_done(_):
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                self._last_read_end = time.perf_counter()
+                self.trace.host_event("read", unit.name, t0, self._last_read_end, unit.nbytes)
+        for c in chunks:
+            c.add_done_callback(one_done)
+        return chunks
 
     def _compute_stream(self):
         """The stream compute runs on: the caller's current stream, looked up once a step."""
@@ -455,6 +596,17 @@ class Engine:
             self.trace.cuda_event(kind, name, start, ev)
         else:
             self.trace.host_event(kind, name, start, time.perf_counter())
+
+
+def _read_finished(fut) -> bool:
+    """A reader-thread future is done and so is every chunk it queued."""
+    return fut.done() and (fut.exception() is not None or all(c.done() for c in fut.result()))
+
+
+def _wait_read(fut):
+    """Wait for a reader-thread future and the chunks it queued (raising their errors)."""
+    for chunk in fut.result():
+        chunk.result()
 
 
 def _to_device(obj, device):

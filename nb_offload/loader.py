@@ -21,7 +21,11 @@ QUANTS_PLANNED = ("int8", "nf4", "fp4")
 GPU_HEADROOM = 0.05     # share of the card left free when gpu=None
 
 
-def _check_options(quant, policy, batch, context, prefetch, read_ahead, read_threads=1):
+def _check_options(quant, policy, batch, context, prefetch, read_ahead, read_threads=1, split_blocks="auto"):
+    from .planner import SPLITS
+    if not any(split_blocks is v for v in SPLITS[:2]) and split_blocks != "auto":
+        raise OptionError(f"split_blocks={split_blocks!r} is not valid; accepted: True, False or \"auto\" "
+                          "(split when whole-block staging would take over a tenth of the room left for weights).")
     if quant is not None:
         if quant in QUANTS_PLANNED:
             raise OptionError(f"quant={quant!r} is not available in this version of nb_offload yet; "
@@ -120,6 +124,9 @@ class Inspection:
         with _quiet_transformers():
             self.meta = build_meta_model(self.config, self.dtype, attn_implementation, trust_remote_code)
         self.units = find_units(self.meta)
+        from .pieces import split_unit
+        for u in self.units:
+            split_unit(self.meta, u)
         self.buffer_keys, self.conversions = map_checkpoint(self.meta, self.units, self.checkpoint)
 
     def default_context(self):
@@ -127,21 +134,22 @@ class Inspection:
         limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         return min(DEFAULT_CONTEXT, limit) if limit else DEFAULT_CONTEXT
 
-    def make_plan(self, device_type, budgets, pin_map, context, batch, prefetch, read_ahead, policy="auto"):
+    def make_plan(self, device_type, budgets, pin_map, context, batch, prefetch, read_ahead, policy="auto",
+                  split_blocks="auto"):
         dtype_size = self.dtype.itemsize if hasattr(self.dtype, "itemsize") else 2
         return make_plan(self.units, device=device_type, budgets=budgets, pins=pin_map, config=self.config,
                          dtype_size=dtype_size, context=context, batch=batch, prefetch=prefetch,
-                         model_name=self.name, read_ahead=read_ahead, policy=policy)
+                         model_name=self.name, read_ahead=read_ahead, policy=policy, split_blocks=split_blocks)
 
 
 def plan(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=None, device=None,
          policy="auto", context=None, batch=1, prefetch=None, read_ahead=2, allow_pickle=False,
-         trust_remote_code=False, **kwargs):
+         trust_remote_code=False, split_blocks="auto", **kwargs):
     """A dry run: where each unit would live, from the config and safetensors headers alone.
 
     With ``gpu=`` given the plan is for a CUDA device, also on a machine without one.
     """
-    _check_options(quant, policy, batch, context, prefetch, read_ahead)
+    _check_options(quant, policy, batch, context, prefetch, read_ahead, split_blocks=split_blocks)
     insp = Inspection(model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                       local_files_only=kwargs.pop("local_files_only", None), revision=kwargs.pop("revision", None))
     if device is not None:
@@ -157,15 +165,15 @@ def plan(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=N
     pin_map = resolve_pins(pins, insp.units)
     prefetch = prefetch or (1 if dev_type == "cuda" else 2)
     return insp.make_plan(dev_type, budgets, pin_map, context or insp.default_context(), batch,
-                          prefetch, read_ahead, policy)
+                          prefetch, read_ahead, policy, split_blocks)
 
 
 def load(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=None, device=None,
          policy="auto", context=None, batch=1, prefetch=None, read_ahead=2, trace=True,
-         allow_pickle=False, progress=True, read_threads=4, drop_page_cache=False,
-         trace_detail="streamed", hold_spare=True, **from_pretrained_kwargs):
+         allow_pickle=False, progress=True, read_threads=8, drop_page_cache=False,
+         trace_detail="streamed", hold_spare=True, split_blocks="auto", **from_pretrained_kwargs):
     """Load a causal LM under memory budgets; see the README for the options."""
-    _check_options(quant, policy, batch, context, prefetch, read_ahead, read_threads)
+    _check_options(quant, policy, batch, context, prefetch, read_ahead, read_threads, split_blocks)
     check_detail(trace_detail)      # before any weight is read
     trust_remote_code = bool(from_pretrained_kwargs.pop("trust_remote_code", False))
     attn = from_pretrained_kwargs.pop("attn_implementation", None)
@@ -176,7 +184,7 @@ def load(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=N
         raise OptionError(f"unsupported option(s) {sorted(from_pretrained_kwargs)}; nb_offload.load takes "
                           "gpu, cpu, disk, dtype, quant, pins, device, policy, context, batch, prefetch, "
                           "read_ahead, read_threads, drop_page_cache, trace, trace_detail, hold_spare, "
-                          "allow_pickle, "
+                          "split_blocks, allow_pickle, "
                           "trust_remote_code, attn_implementation, "
                           "local_files_only and revision.")
     import torch
@@ -194,14 +202,14 @@ def load(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=N
     pin_map = resolve_pins(pins, insp.units)
     prefetch = prefetch or (1 if dev.type == "cuda" else 2)
     the_plan = insp.make_plan(dev.type, budgets, pin_map, context or insp.default_context(), batch,
-                              prefetch, read_ahead, policy)
+                              prefetch, read_ahead, policy, split_blocks)
     from .model import OffloadedModel
     from .storage import Storage
     storage = Storage(insp, dev, disk)
     try:
         storage.materialize(the_plan, progress=progress)
         engine_options = dict(prefetch=prefetch, read_ahead=read_ahead, read_threads=read_threads,
-                              drop_page_cache=drop_page_cache)
+                              drop_page_cache=drop_page_cache, split_blocks=split_blocks)
         handle = OffloadedModel._assemble(insp, storage, the_plan, pin_map, dev, budgets=budgets,
                                           engine_options=engine_options, policy=policy, trace=trace,
                                           trace_detail=trace_detail, hold_spare=bool(hold_spare))

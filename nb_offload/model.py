@@ -33,7 +33,8 @@ class OffloadedModel:
         self._policy = policy
         self._budgets = budgets
         self.hold_spare = hold_spare
-        self._engine_options = engine_options     # prefetch, read_ahead, read_threads, drop_page_cache
+        # prefetch, read_ahead, read_threads, drop_page_cache; split_blocks (the planner's option)
+        self._engine_options = engine_options
         self.plan = plan
         self.trace = Trace(enabled=trace, detail=trace_detail)
         self.stats = Stats()
@@ -102,7 +103,8 @@ class OffloadedModel:
             else:
                 sources[u.index] = Source(store.tier, flat=store.flat, extents=store.extents)
         self._engine = Engine(self.model, self._insp.units, self._params, sources, self._device,
-                              self.trace, self.stats, **self._engine_options)
+                              self.trace, self.stats, split=self.plan.split_blocks,
+                              **{k: v for k, v in self._engine_options.items() if k != "split_blocks"})
         self._engine.install()
 
     def _stop_engine(self):
@@ -164,15 +166,18 @@ class OffloadedModel:
             return []
         dtype_size = self._insp.dtype.itemsize if hasattr(self._insp.dtype, "itemsize") else 2
         room = spare.spare_bytes(self.plan, self._insp.config, dtype_size, *extent)
-        order = self._engine.order
-        candidates = [(i, self.plan.entries[i].tier, self._insp.units[i].nbytes) for i in order
-                      if i in self._engine.sources and i not in self._pins]
+        eng = self._engine
+        candidates = [(i, self.plan.entries[eng.model_unit(i)].tier, eng.units[i].nbytes) for i in eng.order
+                      if i in eng.sources and eng.model_unit(i) not in self._pins]
         return spare.choose(candidates, room, spare.granularity(self.plan.device))
 
     @property
     def held(self) -> list:
         """Names of the streamed units held on the compute device during the generate running now."""
-        return [self._insp.units[i].name for i in self._engine.held] if self._engine is not None else []
+        if self._engine is None:
+            return []
+        units = self._engine.units
+        return [units[i].modules[0] if units[i].kind == "piece" else units[i].name for i in self._engine.held]
 
     # -- re-pinning -------------------------------------------------------------------------
     def pin(self, pattern: str, tier: str):
@@ -200,7 +205,8 @@ class OffloadedModel:
         p = self.plan
         opts = self._engine_options
         new_plan = self._insp.make_plan(p.device, self._budgets, pins, p.context, p.batch, opts["prefetch"],
-                                        opts["read_ahead"], self._policy)  # raises before any change
+                                        opts["read_ahead"], self._policy,
+                                        opts.get("split_blocks", "auto"))  # raises before any change
         self._stop_engine()
         try:
             moved = self._storage.migrate(new_plan)

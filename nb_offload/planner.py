@@ -20,6 +20,12 @@ TIERS = ("gpu", "cpu", "disk")
 TIER_COLORS = {"gpu": "#2e7d32", "cpu": "#1565c0", "disk": "#8d6e63"}   # the table's and the widgets'
 WORKSPACE = 64 * 2**20        # cuBLAS workspace, allocator rounding, small temporaries
 DEFAULT_CONTEXT = 2048
+# split_blocks="auto" streams blocks as pieces (pieces.py) when whole-block staging slots would
+# take more than this share of the budget left for weights (after the KV cache, activations and
+# workspace reservations), or when only pieces fit. Pieces free that room for resident
+# weights, but each costs a hook pair on the CPU, which shows when the step is compute-bound.
+SPLIT_SHARE = 0.10
+SPLITS = (True, False, "auto")
 
 
 @dataclass
@@ -43,6 +49,7 @@ class Plan:
     batch: int = 1
     prefetch: int = 1
     model: str = ""
+    split_blocks: bool = False      # streamed blocks travel as pieces (pieces.py)
 
     def __iter__(self):
         return iter(self.entries)
@@ -100,7 +107,8 @@ class Plan:
     def to_dict(self) -> dict:
         return {
             "model": self.model, "device": self.device, "context": self.context, "batch": self.batch,
-            "prefetch": self.prefetch, "budgets": self.budgets, "reserved": self.reserved,
+            "prefetch": self.prefetch, "split_blocks": self.split_blocks, "budgets": self.budgets,
+            "reserved": self.reserved,
             "host_reserved": self.host_reserved,
             "entries": [{"name": e.name, "bytes": e.bytes, "tier": e.tier, "pinned": e.pinned,
                          "kind": e.kind, "aliases": list(e.aliases)} for e in self.entries],
@@ -152,7 +160,8 @@ class Plan:
         extra = ", ".join(f"{k.replace('_', ' ')} {format_size(v)}" for k, v in self.reserved.items() if v)
         lines.append(f"  reserved on {self.resident_tier}: {extra}")
         moved = self.streamed_bytes_per_token()
-        lines.append("  streamed per step: " + ", ".join(f"{format_size(v)} from {k}" for k, v in moved.items()))
+        lines.append("  streamed per step: " + ", ".join(f"{format_size(v)} from {k}" for k, v in moved.items())
+                     + (" (blocks a submodule at a time)" if self.split_blocks else ""))
         return "\n".join(lines)
 
     def _repr_pretty_(self, p, cycle):
@@ -204,7 +213,7 @@ def footprint(config, dtype_size: int, context: int, batch: int, device: str) ->
 
 def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_size: int,
               context: int = DEFAULT_CONTEXT, batch: int = 1, prefetch: int = 1, model_name: str = "",
-              read_ahead: int = 2, policy: str = "auto") -> Plan:
+              read_ahead: int = 2, policy: str = "auto", split_blocks="auto") -> Plan:
     """Place every unit on a tier.
 
     ``budgets``: tier -> bytes, None where the tier is absent (disk without a folder) or unbounded.
@@ -235,16 +244,47 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
     candidates = [u for u in free if u.kind == "top"] + [u for u in free if u.kind == "block"]
     streamable = [u for u in units if not u.resident_only and pins.get(u.index) != resident]
 
+    can_split = any(u.pieces for u in streamable)
+    split = False
+
+    def stream_size(u):
+        return u.stream_nbytes if split else u.nbytes
+
     def slot_bytes(streamed_units):
-        return slots * max((u.nbytes for u in streamed_units), default=0)
+        """Staging slots for the largest unit (piece, when split), plus split blocks' leftovers."""
+        return (slots * max((stream_size(u) for u in streamed_units), default=0)
+                + (sum(u.rest_nbytes for u in streamed_units) if split else 0))
 
     on_res = {u.index for u in must}
     used = fixed + sum(u.nbytes for u in must)
-    min_needed = used + slot_bytes([u for u in streamable])
+    # The least this needs: everything streams, or the top-level units stay (they may be larger
+    # than a block's largest piece, so keeping them can need less room than their slots).
+    tops = [u for u in streamable if u.kind == "top"]
+
+    def minimum():
+        return min(used + slot_bytes(streamable),
+                   used + sum(u.nbytes for u in tops) + slot_bytes([u for u in streamable if u.kind != "top"]))
+
+    whole_min = minimum()
+    if can_split and split_blocks is not False:
+        # "auto": split where whole-block slots would take a large share of the budget, or
+        # where only pieces fit at all
+        split = (split_blocks is True or slot_bytes(streamable) > SPLIT_SHARE * (cap - fixed)
+                 or (whole_min > cap and fixed + sum(u.nbytes for u in units) > cap))
+    min_needed = minimum()
     everything = fixed + sum(u.nbytes for u in units)
+    if everything > cap and min_needed > cap:
+        raise BudgetError(_too_small(resident, cap, min_needed, reserved, slots, streamable, context, must,
+                                     stream_size))
     if everything > cap and used + slot_bytes(streamable) > cap:
-        raise BudgetError(_too_small(resident, cap, min_needed, reserved, slots, streamable, context, must))
+        # only the second way fits: keep the free top-level units, all at once
+        for u in tops:
+            if u.index not in pins:
+                on_res.add(u.index)
+                used += u.nbytes
     for u in candidates:
+        if u.index in on_res:
+            continue
         rest = [v for v in streamable if v.index not in on_res and v.index != u.index]
         if used + u.nbytes + slot_bytes(rest) <= cap:
             on_res.add(u.index)
@@ -253,6 +293,9 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
         on_res = _spread(units, free, on_res, cap - fixed, slot_bytes)
     stream = [u for u in units if u.index not in on_res]
     reserved["staging_slots"] = slot_bytes(stream)
+    if everything > cap and fixed + sum(u.nbytes for u in units if u.index in on_res) + reserved["staging_slots"] > cap:
+        raise BudgetError(_too_small(resident, cap, min_needed, reserved, slots, streamable, context, must,
+                                     stream_size))
 
     tiers = {u.index: resident for u in units if u.index in on_res}
     host_reserved = {}
@@ -265,7 +308,9 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
         disk_on = budgets.get("disk") is not None
 
         def host_staging(disk_units):
-            return read_ahead * max((u.nbytes for u in disk_units), default=0)
+            # read_ahead blocks' worth: with pieces, read_ahead buffers per piece of a block
+            per_block = max((len(u.pieces) for u in disk_units), default=1) if split else 1
+            return read_ahead * per_block * max((stream_size(u) for u in disk_units), default=0)
 
         # The first k loose units go to cpu, the rest to disk: the largest k that fits, counting
         # the page-locked staging buffers that disk units need in host memory.
@@ -323,7 +368,8 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
     entries = [PlanEntry(name=u.name, bytes=u.nbytes, tier=tiers[u.index], pinned=u.index in pins,
                          kind=u.kind, aliases=tuple(u.modules)) for u in units]
     return Plan(entries=entries, device=device, budgets=dict(budgets), reserved=reserved,
-                host_reserved=host_reserved, context=context, batch=batch, prefetch=prefetch, model=model_name)
+                host_reserved=host_reserved, context=context, batch=batch, prefetch=prefetch, model=model_name,
+                split_blocks=split)
 
 
 def _evenly_spaced(n: int, k: int) -> set | None:
@@ -355,10 +401,10 @@ def _spread(units, free, on_res, room, slot_bytes):
     return on_res
 
 
-def _too_small(tier, cap, need, reserved, slots, streamable, context, must):
+def _too_small(tier, cap, need, reserved, slots, streamable, context, must, stream_size):
     parts = [f"{k.replace('_', ' ')} {format_size(v)}" for k, v in reserved.items() if v]
     if streamable:
-        parts.append(f"{slots} staging slots of {format_size(max(u.nbytes for u in streamable))}")
+        parts.append(f"{slots} staging slots of {format_size(max(stream_size(u) for u in streamable))}")
     if must:
         parts.append(f"units kept on {tier} {format_size(sum(u.nbytes for u in must))}")
     return (f"{tier}={format_size(cap)} is below the minimum {format_size(need)} this model needs on the "

@@ -52,12 +52,14 @@ def pack(unit, tensors: dict, flat):
 CHUNK = 16 * 2**20   # bytes per parallel read: deep enough queues for NVMe, few enough calls
 
 
-def read_extents(extents, flat, *, pool=None, drop_cache=False):
+def read_extents(extents, flat, *, pool=None, drop_cache=False, wait=True):
     """Read a disk unit's byte ranges into the host buffer ``flat`` (releases the GIL).
 
     With ``pool``, large ranges are split into chunks read in parallel (drives answer a deep
     queue faster than one request at a time). ``drop_cache`` asks the kernel to drop the pages
     once read, so a disk tier used because RAM is short doesn't fill RAM with page cache.
+    ``wait=False`` returns the chunks' futures instead of waiting for them, so a caller can
+    queue the next unit's chunks behind these and keep every reader busy across units.
     """
     buf = memoryview(flat.numpy())
     pieces = []
@@ -65,13 +67,26 @@ def read_extents(extents, flat, *, pool=None, drop_cache=False):
         step = CHUNK if pool is not None else max(nbytes, 1)   # without a pool: one piece a range
         for start in range(0, nbytes, step):
             pieces.append((path, file_offset + start, min(step, nbytes - start), flat_offset + start))
-    if pool is None or len(pieces) < 2:
+    if pool is None or (len(pieces) < 2 and wait):
         for piece in pieces:
             _read_piece(buf, *piece, drop_cache=drop_cache)
-        return
+        return []
     futures = [pool.submit(_read_piece, buf, *piece, drop_cache=drop_cache) for piece in pieces]
-    for fut in futures:
-        fut.result()
+    if wait:
+        for fut in futures:
+            fut.result()
+        return []
+    return futures
+
+
+def sub_extents(extents, start, end):
+    """The extents of flat bytes ``start:end``, re-based so that ``start`` lands at offset 0."""
+    out = []
+    for path, file_offset, nbytes, flat_offset in extents:
+        lo, hi = max(start, flat_offset), min(end, flat_offset + nbytes)
+        if lo < hi:
+            out.append((path, file_offset + lo - flat_offset, hi - lo, lo - start))
+    return out
 
 
 def _read_piece(buf, path, file_offset, nbytes, flat_offset, *, drop_cache=False):

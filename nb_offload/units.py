@@ -39,10 +39,21 @@ class Unit:
     resident_only: bool = False   # params owned by a container of blocks: can't be streamed
     checkpoint_keys: list[str] = field(default_factory=list)
     direct: bool = False      # every param is one checkpoint tensor of the same dtype
+    # How the unit streams (see pieces.py): byte ranges bound only while their submodule runs,
+    # and the params left over, kept on the compute device while the unit streams.
+    pieces: list = field(default_factory=list)
+    rest: list[ParamSlot] = field(default_factory=list)     # offsets in a small buffer of their own
+    rest_from: list[int] = field(default_factory=list)      # each one's offset in the unit's layout
+    rest_nbytes: int = 0
 
     @property
     def aliases(self) -> list[str]:
         return self.modules
+
+    @property
+    def stream_nbytes(self) -> int:
+        """The most bytes of this unit one staging slot must hold while it streams."""
+        return max((pc.nbytes for pc in self.pieces), default=self.nbytes)
 
 
 def resolve_dtype(dtype, config=None):

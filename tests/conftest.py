@@ -49,5 +49,21 @@ def run_offloaded(llm, max_new_tokens=10):
     return tokens, logits
 
 
+def staging_bytes(folder, prefetch):
+    """What streaming blocks costs the compute device with split_blocks=True: slots for the largest
+    piece, plus every block's leftovers kept resident while it streams."""
+    from nb_offload.loader import Inspection
+    units = [u for u in Inspection(folder).units if u.kind == "block"]
+    return (prefetch + 1) * max(u.stream_nbytes for u in units) + sum(u.rest_nbytes for u in units)
+
+
+def host_staging(folder, read_ahead=2):
+    """Page-locked disk staging with blocks split (split_blocks=True): a buffer per piece of
+    ``read_ahead`` blocks."""
+    from nb_offload.loader import Inspection
+    units = [u for u in Inspection(folder).units if u.kind == "block"]
+    return read_ahead * max(len(u.pieces) for u in units) * max(u.stream_nbytes for u in units)
+
+
 def blocks(plan):
     return [e for e in plan if e.kind == "block"]

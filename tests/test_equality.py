@@ -4,15 +4,16 @@ import pytest
 import torch
 
 import nb_offload
-from conftest import ARCHS, blocks, reference, run_offloaded
+from conftest import ARCHS, blocks, reference, run_offloaded, staging_bytes
 
 
 def tight_cpu_budget(folder, disk, keep_blocks=1):
-    """A cpu budget that fits the resident minimum plus ``keep_blocks`` blocks: the rest go to disk."""
+    """A cpu budget that fits the resident minimum plus ``keep_blocks`` blocks: the rest go to disk
+    (load with split_blocks=True: the budget counts slots for pieces)."""
     p = nb_offload.plan(folder, device="cpu", cpu="64GiB", disk=disk)
     bl = blocks(p)
     tops = sum(e.bytes for e in p if e.kind == "top")
-    slots = (p.prefetch + 1) * max(e.bytes for e in bl)
+    slots = staging_bytes(folder, p.prefetch)
     fixed = sum(v for k, v in p.reserved.items() if k != "staging_slots")
     return fixed + tops + slots + keep_blocks * bl[0].bytes + 1024
 
@@ -38,7 +39,7 @@ def test_cpu_and_disk_then_repin(arch, model_dirs, tmp_path):
     disk = tmp_path / "offload"
     # hold_spare off: this test is about streaming every disk block in every step
     llm = nb_offload.load(folder, device="cpu", cpu=tight_cpu_budget(folder, disk), disk=disk, progress=False,
-                          hold_spare=False)
+                          hold_spare=False, split_blocks=True)
     try:
         on_disk = [e for e in blocks(llm.plan) if e.tier == "disk"]
         assert len(on_disk) > len(blocks(llm.plan)) / 2, str(llm.plan)

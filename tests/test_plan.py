@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import nb_offload
-from conftest import blocks
+from conftest import blocks, host_staging, staging_bytes
 from nb_offload.patterns import compile_pattern
 
 
@@ -37,9 +37,9 @@ def test_plan_for_a_gpu_fills_gpu_then_cpu_then_disk(model_dirs, tmp_path):
     bl = blocks(big)
     fixed = sum(big.reserved.values())
     tops = sum(e.bytes for e in big if e.kind == "top")
-    gpu = fixed + tops + 2 * bl[0].bytes + bl[0].bytes  # two slots and one resident block
-    cpu = 2 * bl[0].bytes + 2 * bl[0].bytes   # two blocks and two disk staging buffers
-    p = nb_offload.plan(folder, gpu=gpu, cpu=cpu, disk=tmp_path, policy="sequential")
+    gpu = fixed + tops + staging_bytes(folder, 1) + bl[0].bytes  # two slots and one resident block
+    cpu = 2 * bl[0].bytes + host_staging(folder)   # two blocks and two blocks' disk staging
+    p = nb_offload.plan(folder, gpu=gpu, cpu=cpu, disk=tmp_path, policy="sequential", split_blocks=True)
     tiers = [e.tier for e in blocks(p)]
     assert tiers[0] == "gpu" and "cpu" in tiers and "disk" in tiers, str(p)
     assert tiers == sorted(tiers, key=["gpu", "cpu", "disk"].index)  # in order: gpu, then cpu, then disk
@@ -56,9 +56,10 @@ def test_auto_policy_spreads_streamed_blocks(model_dirs):
     bl = blocks(big)
     fixed = sum(big.reserved.values())
     tops = sum(e.bytes for e in big if e.kind == "top")
-    gpu = fixed + tops + 2 * bl[0].bytes + 6 * bl[0].bytes     # six resident blocks, two streamed
-    auto = [e.tier for e in blocks(nb_offload.plan(folder, gpu=gpu, cpu="1GiB"))]
-    seq = [e.tier for e in blocks(nb_offload.plan(folder, gpu=gpu, cpu="1GiB", policy="sequential"))]
+    gpu = fixed + tops + staging_bytes(folder, 1) + 6 * bl[0].bytes     # six resident blocks, two streamed
+    auto = [e.tier for e in blocks(nb_offload.plan(folder, gpu=gpu, cpu="1GiB", split_blocks=True))]
+    seq = [e.tier for e in blocks(nb_offload.plan(folder, gpu=gpu, cpu="1GiB", policy="sequential",
+                                                  split_blocks=True))]
     assert seq == ["gpu"] * 6 + ["cpu"] * 2
     assert auto.count("cpu") == 2 and auto != seq
     first, second = [i for i, t in enumerate(auto) if t == "cpu"]
@@ -165,10 +166,11 @@ def test_auto_policy_interleaves_disk_and_cpu_units(model_dirs, tmp_path):
     folder = model_dirs("llama", num_hidden_layers=8)
     big = nb_offload.plan(folder, gpu="1GiB", cpu="1GiB")
     bl = blocks(big)
-    gpu = sum(big.reserved.values()) + sum(e.bytes for e in big if e.kind == "top") + 2 * bl[0].bytes
-    cpu = 4 * bl[0].bytes + 2 * bl[0].bytes          # four blocks and two disk staging buffers
-    auto = [e.tier for e in blocks(nb_offload.plan(folder, gpu=gpu, cpu=cpu, disk=tmp_path))]
-    seq = [e.tier for e in blocks(nb_offload.plan(folder, gpu=gpu, cpu=cpu, disk=tmp_path, policy="sequential"))]
+    gpu = sum(big.reserved.values()) + sum(e.bytes for e in big if e.kind == "top") + staging_bytes(folder, 1)
+    cpu = 4 * bl[0].bytes + host_staging(folder)          # four blocks and two blocks' disk staging
+    auto = [e.tier for e in blocks(nb_offload.plan(folder, gpu=gpu, cpu=cpu, disk=tmp_path, split_blocks=True))]
+    seq = [e.tier for e in blocks(nb_offload.plan(folder, gpu=gpu, cpu=cpu, disk=tmp_path, policy="sequential",
+                                                  split_blocks=True))]
     assert seq == ["cpu"] * 4 + ["disk"] * 4
     assert sorted(auto) == sorted(seq) and auto != seq
     assert "disk" in auto[:4] and "cpu" in auto[4:], auto

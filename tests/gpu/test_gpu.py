@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import nb_offload
-from conftest import PROMPT, blocks, reference
+from conftest import PROMPT, blocks, host_staging, reference, staging_bytes
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -66,12 +66,13 @@ def test_gpu_budget_holds_during_generate_at_planned_context(model_dirs, tmp_pat
     bl = blocks(p)
     fixed = sum(v for k, v in p.reserved.items() if k != "staging_slots")
     tops = sum(e.bytes for e in p if e.kind == "top")
-    budget = fixed + tops + (p.prefetch + 1) * bl[0].bytes + 3 * bl[0].bytes + 4096
+    budget = fixed + tops + staging_bytes(folder, p.prefetch) + 3 * bl[0].bytes + 4096
     gc.collect()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    llm = nb_offload.load(folder, gpu=budget, cpu="8GiB", context=context, disk=tmp_path, progress=False)
+    llm = nb_offload.load(folder, gpu=budget, cpu="8GiB", context=context, disk=tmp_path, progress=False,
+                          split_blocks=True)
     try:
         tiers = [e.tier for e in blocks(llm.plan)]
         assert tiers.count("gpu") == 3 and tiers.count("cpu") == 5, str(llm.plan)
@@ -93,8 +94,8 @@ def test_short_generate_holds_streamed_units_within_the_budget(model_dirs, tmp_p
     block = blocks(p)[0].bytes
     fixed = sum(v for k, v in p.reserved.items() if k != "staging_slots")
     tops = sum(e.bytes for e in p if e.kind == "top")
-    budget = fixed + tops + (p.prefetch + 1) * block + 2 * block + 4096
-    cpu = 3 * block + 2 * block + 4096          # three blocks, two disk staging buffers
+    budget = fixed + tops + staging_bytes(folder, p.prefetch) + 2 * block + 4096
+    cpu = 3 * block + host_staging(folder) + 4096          # three blocks, two blocks' disk staging
     ids = torch.randint(3, 4000, (1, 24))
     got = {}
     for hold in (False, True):
@@ -103,7 +104,7 @@ def test_short_generate_holds_streamed_units_within_the_budget(model_dirs, tmp_p
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         llm = nb_offload.load(folder, gpu=budget, cpu=cpu, disk=tmp_path / "offload", context=context,
-                              hold_spare=hold, progress=False)
+                              hold_spare=hold, split_blocks=True, progress=False)
         try:
             tiers = [e.tier for e in blocks(llm.plan)]
             assert tiers.count("gpu") == 2 and tiers.count("disk") == 3, str(llm.plan)
@@ -200,4 +201,5 @@ def test_magics_on_gpu_report_the_pcie_share(model_dirs, tmp_path):
         sys.stdout = old
     assert r.success, r.error_in_exec
     assert "8 tokens in" in out.getvalue() and "of the PCIe limit" in out.getvalue(), out.getvalue()
+    print("magics summary:", out.getvalue().strip().splitlines()[-1])
     assert sh.run_cell("%unload_ext nb_offload").success

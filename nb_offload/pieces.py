@@ -1,0 +1,96 @@
+"""Pieces: how a streamed block travels, a submodule at a time.
+
+A block's forward runs its submodules one after another (attention, then the MLP's
+projections), and each needs only its own weights while it runs. Streaming a block as pieces,
+each bound to a staging slot only while its submodule runs, lets a slot hold the largest piece
+instead of the whole block: for a LLaMA-7B block 128 MiB (the attention) instead of 386 MiB.
+The GPU room saved keeps more blocks resident. The block's small leftovers (norms, and any
+parameter outside the chosen submodules) stay on the compute device while the block streams.
+
+A submodule becomes a piece when its parameters are its own (no tied weight shared with a
+sibling) and lie together in the block's byte layout; a submodule larger than ``LARGEST`` of
+the block that owns no parameters directly is split into its children in turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .units import ALIGN, ParamSlot
+
+LARGEST = 1 / 3       # split a submodule holding more than this share of its block
+SMALLEST = 1 / 64     # a submodule under this share stays with the leftovers
+
+
+@dataclass
+class Piece:
+    module: str                    # the submodule whose forward needs these bytes
+    start: int                     # byte range in the block's flat layout
+    end: int
+    params: list[ParamSlot] = field(default_factory=list)   # offsets relative to ``start``
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def split_unit(model, unit) -> None:
+    """Give a block unit its pieces and leftovers (leaves the unit whole where it can't split)."""
+    unit.pieces, unit.rest, unit.rest_from, unit.rest_nbytes = [], [], [], 0
+    if unit.kind != "block" or len(unit.modules) != 1 or not unit.nbytes:
+        return
+    root = unit.modules[0]
+    block = model.get_submodule(root)
+    slots_under = {}
+
+    def owned(prefix):
+        """The unit's slots all of whose names lie under module ``prefix``."""
+        if prefix not in slots_under:
+            slots_under[prefix] = [s for s in unit.params if all(n.startswith(prefix + ".") for n in s.names)]
+        return slots_under[prefix]
+
+    def size(slots):
+        return sum(s.nbytes for s in slots)
+
+    def contiguous(slots):
+        """The slots fill one byte range of the layout, with no other slot inside it."""
+        if not slots:
+            return False
+        lo = min(s.offset for s in slots)
+        hi = max(s.offset + s.nbytes for s in slots)
+        inside = [s for s in unit.params if s.offset >= lo and s.offset + s.nbytes <= hi]
+        return len(inside) == len(slots)
+
+    chosen = []
+    todo = [(f"{root}.{name}", child) for name, child in block.named_children()]
+    while todo:
+        name, module = todo.pop(0)
+        slots = owned(name)
+        share = size(slots) / unit.nbytes
+        if share < SMALLEST:
+            continue
+        children = [(f"{name}.{n}", c) for n, c in module.named_children() if owned(f"{name}.{n}")]
+        own_params = any(True for _ in module.parameters(recurse=False))
+        if share > LARGEST and len(children) >= 2 and not own_params:
+            todo[:0] = children
+            continue
+        if contiguous(slots):
+            chosen.append((name, slots))
+    if len(chosen) < 2:
+        return
+    in_pieces = {id(s) for _, slots in chosen for s in slots}
+    for name, slots in chosen:
+        start = min(s.offset for s in slots)
+        end = max(s.offset + s.nbytes for s in slots)
+        end = -(-end // ALIGN) * ALIGN
+        params = [ParamSlot(names=s.names, shape=s.shape, dtype=s.dtype, offset=s.offset - start, nbytes=s.nbytes)
+                  for s in sorted(slots, key=lambda s: s.offset)]
+        unit.pieces.append(Piece(module=name, start=start, end=min(end, unit.nbytes), params=params))
+    unit.pieces.sort(key=lambda pc: pc.start)
+    offset = 0
+    for s in unit.params:
+        if id(s) not in in_pieces:
+            unit.rest.append(ParamSlot(names=s.names, shape=s.shape, dtype=s.dtype, offset=offset, nbytes=s.nbytes))
+            unit.rest_from.append(s.offset)
+            offset += -(-s.nbytes // ALIGN) * ALIGN
+    unit.rest_nbytes = offset
