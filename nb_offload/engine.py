@@ -9,6 +9,10 @@ disk units into RAM slots on the worker thread, ahead of use.
 The order units run in is learned from the first forward pass; prefetch follows it and wraps
 around into the next step. A unit that arrives out of order is loaded on the spot, so a
 surprise costs time, never correctness.
+
+Where the plan splits blocks (pieces.py), each piece is a unit of the engine's own, bound only
+while its submodule runs. For one generate, ``hold`` can give streamed units buffers of their
+own in room the plan reserved but the generate won't use (spare.py).
 """
 
 from __future__ import annotations
