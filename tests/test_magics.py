@@ -112,12 +112,15 @@ device: cpu
 batch: 1
 prefetch: 2
 trace: true
+hold_spare: false
+split_blocks: true
 pin:
   transformer.h.2-3: disk
   lm_head: cpu
 """)
     llm = shell.user_ns["cellmodel"]
     assert llm.plan.context == 128 and llm.plan.tier_of("transformer.h.3") == "disk"
+    assert llm.hold_spare is False and llm.plan.split_blocks
     assert llm.plan["lm_head"].pinned
     run(shell, "%offload_unload cellmodel")
     run(shell, f"%%offload\nmodel: {folder}\ndevice: cpu\nas: named_by_key\n")
