@@ -100,7 +100,7 @@ def units_drive_rate(llm, cold):
     eng = llm._engine
     disk = [i for i in eng.order if eng.sources[i].tier == "disk"]
     buf = torch.empty(max(eng.units[i].nbytes for i in disk), dtype=torch.uint8, pin_memory=True)
-    with ThreadPoolExecutor(llm._engine_options.get("read_threads", 4)) as pool:
+    with ThreadPoolExecutor(llm._engine_options["read_threads"]) as pool:
         if cold and not drop_caches():
             return None
         t0 = time.perf_counter()

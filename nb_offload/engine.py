@@ -256,19 +256,16 @@ class Engine:
         if self._io is not None:
             self._io.shutdown(wait=True)
         self.slots, self._views, self.staging, self.rest = [], {}, [], {}
+        self._landing = {}      # its futures' callbacks refer back to this engine
 
     def drain(self):
         """Wait for everything in flight and forget the queue (before re-planning or unload)."""
-        pending = [j.ready for j in self.queue if not self.cuda and j.ready is not None]
-        pending += [r.future for r in self.reads if r.future is not None]
         self._reset()           # abandons queued reads, so none waits for a copy that won't come
-        for fut in pending:
-            try:
-                _wait_read(fut)
-            except Exception:   # a failed read of a unit no one will run now
-                pass
-        self._reader.submit(lambda: None).result()     # every read queued before now has started...
-        for chunks in list(self._landing.values()):     # ...and now every chunk has landed
+        # Reads run in order on the reader thread, which queues their chunks: once a no-op queued
+        # now has run, every read has queued its chunks; then wait for those to land (a failed read
+        # is of a unit no one will run now).
+        self._reader.submit(lambda: None).result()
+        for chunks in list(self._landing.values()):
             for c in chunks:
                 c.exception()
         if self.cuda:

@@ -21,11 +21,13 @@ QUANTS_PLANNED = ("int8", "nf4", "fp4")
 GPU_HEADROOM = 0.05     # share of the card left free when gpu=None
 
 
-def _check_options(quant, policy, batch, context, prefetch, read_ahead, read_threads=1, split_blocks="auto"):
-    from .planner import SPLITS
-    if not any(split_blocks is v for v in SPLITS[:2]) and split_blocks != "auto":
+def _check_options(quant, policy, batch, context, prefetch, read_ahead, read_threads=1, split_blocks="auto",
+                   hold_spare=True):
+    if not (split_blocks is True or split_blocks is False or split_blocks == "auto"):
         raise OptionError(f"split_blocks={split_blocks!r} is not valid; accepted: True, False or \"auto\" "
                           "(split when whole-block staging would take over a tenth of the room left for weights).")
+    if not isinstance(hold_spare, bool):
+        raise OptionError(f"hold_spare={hold_spare!r} is not valid; accepted: True or False.")
     if quant is not None:
         if quant in QUANTS_PLANNED:
             raise OptionError(f"quant={quant!r} is not available in this version of nb_offload yet; "
@@ -134,11 +136,15 @@ class Inspection:
         limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         return min(DEFAULT_CONTEXT, limit) if limit else DEFAULT_CONTEXT
 
+    @property
+    def dtype_size(self) -> int:
+        """Bytes per element of the weights (and of the KV cache) in the load dtype."""
+        return self.dtype.itemsize if hasattr(self.dtype, "itemsize") else 2
+
     def make_plan(self, device_type, budgets, pin_map, context, batch, prefetch, read_ahead, policy="auto",
                   split_blocks="auto"):
-        dtype_size = self.dtype.itemsize if hasattr(self.dtype, "itemsize") else 2
         return make_plan(self.units, device=device_type, budgets=budgets, pins=pin_map, config=self.config,
-                         dtype_size=dtype_size, context=context, batch=batch, prefetch=prefetch,
+                         dtype_size=self.dtype_size, context=context, batch=batch, prefetch=prefetch,
                          model_name=self.name, read_ahead=read_ahead, policy=policy, split_blocks=split_blocks)
 
 
@@ -173,7 +179,7 @@ def load(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=N
          allow_pickle=False, progress=True, read_threads=8, drop_page_cache=False,
          trace_detail="streamed", hold_spare=True, split_blocks="auto", **from_pretrained_kwargs):
     """Load a causal LM under memory budgets; see the README for the options."""
-    _check_options(quant, policy, batch, context, prefetch, read_ahead, read_threads, split_blocks)
+    _check_options(quant, policy, batch, context, prefetch, read_ahead, read_threads, split_blocks, hold_spare)
     check_detail(trace_detail)      # before any weight is read
     trust_remote_code = bool(from_pretrained_kwargs.pop("trust_remote_code", False))
     attn = from_pretrained_kwargs.pop("attn_implementation", None)
@@ -209,10 +215,11 @@ def load(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=N
     try:
         storage.materialize(the_plan, progress=progress)
         engine_options = dict(prefetch=prefetch, read_ahead=read_ahead, read_threads=read_threads,
-                              drop_page_cache=drop_page_cache, split_blocks=split_blocks)
+                              drop_page_cache=drop_page_cache)
         handle = OffloadedModel._assemble(insp, storage, the_plan, pin_map, dev, budgets=budgets,
                                           engine_options=engine_options, policy=policy, trace=trace,
-                                          trace_detail=trace_detail, hold_spare=bool(hold_spare))
+                                          trace_detail=trace_detail, hold_spare=hold_spare,
+                                          split_blocks=split_blocks)
     except BaseException as exc:
         storage.abort()
         if isinstance(exc, (OffloadError, KeyboardInterrupt)):

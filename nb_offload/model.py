@@ -25,7 +25,7 @@ class OffloadedModel:
 
     @classmethod
     def _assemble(cls, insp, storage, plan, pin_map, device, *, budgets, engine_options, policy="auto",
-                  trace=True, trace_detail="streamed", hold_spare=True):
+                  trace=True, trace_detail="streamed", hold_spare=True, split_blocks="auto"):
         import torch
         self = object.__new__(cls)
         self._insp, self._storage, self._device = insp, storage, device
@@ -33,8 +33,8 @@ class OffloadedModel:
         self._policy = policy
         self._budgets = budgets
         self.hold_spare = hold_spare
-        # prefetch, read_ahead, read_threads, drop_page_cache; split_blocks (the planner's option)
-        self._engine_options = engine_options
+        self._split_blocks = split_blocks         # the planner's option; the plan says what it chose
+        self._engine_options = engine_options     # prefetch, read_ahead, read_threads, drop_page_cache
         self.plan = plan
         self.trace = Trace(enabled=trace, detail=trace_detail)
         self.stats = Stats()
@@ -103,8 +103,7 @@ class OffloadedModel:
             else:
                 sources[u.index] = Source(store.tier, flat=store.flat, extents=store.extents)
         self._engine = Engine(self.model, self._insp.units, self._params, sources, self._device,
-                              self.trace, self.stats, split=self.plan.split_blocks,
-                              **{k: v for k, v in self._engine_options.items() if k != "split_blocks"})
+                              self.trace, self.stats, split=self.plan.split_blocks, **self._engine_options)
         self._engine.install()
 
     def _stop_engine(self):
@@ -164,8 +163,7 @@ class OffloadedModel:
         extent = spare.generate_extent(self.model, args, kwargs)
         if extent is None:
             return []
-        dtype_size = self._insp.dtype.itemsize if hasattr(self._insp.dtype, "itemsize") else 2
-        room = spare.spare_bytes(self.plan, self._insp.config, dtype_size, *extent)
+        room = spare.spare_bytes(self.plan, self._insp.config, self._insp.dtype_size, *extent)
         eng = self._engine
         candidates = [(i, self.plan.entries[eng.model_unit(i)].tier, eng.units[i].nbytes) for i in eng.order
                       if i in eng.sources and eng.model_unit(i) not in self._pins]
@@ -206,7 +204,7 @@ class OffloadedModel:
         opts = self._engine_options
         new_plan = self._insp.make_plan(p.device, self._budgets, pins, p.context, p.batch, opts["prefetch"],
                                         opts["read_ahead"], self._policy,
-                                        opts.get("split_blocks", "auto"))  # raises before any change
+                                        self._split_blocks)  # raises before any change
         self._stop_engine()
         try:
             moved = self._storage.migrate(new_plan)

@@ -25,7 +25,6 @@ DEFAULT_CONTEXT = 2048
 # workspace reservations), or when only pieces fit. Pieces free that room for resident
 # weights, but each costs a hook pair on the CPU, which shows when the step is compute-bound.
 SPLIT_SHARE = 0.10
-SPLITS = (True, False, "auto")
 
 
 @dataclass
@@ -265,14 +264,13 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
         return min(used + slot_bytes(streamable),
                    used + sum(u.nbytes for u in tops) + slot_bytes([u for u in streamable if u.kind != "top"]))
 
-    whole_min = minimum()
+    everything = fixed + sum(u.nbytes for u in units)
     if can_split and split_blocks is not False:
         # "auto": split where whole-block slots would take a large share of the budget, or
         # where only pieces fit at all
         split = (split_blocks is True or slot_bytes(streamable) > SPLIT_SHARE * (cap - fixed)
-                 or (whole_min > cap and fixed + sum(u.nbytes for u in units) > cap))
+                 or (minimum() > cap and everything > cap))
     min_needed = minimum()
-    everything = fixed + sum(u.nbytes for u in units)
     if everything > cap and min_needed > cap:
         raise BudgetError(_too_small(resident, cap, min_needed, reserved, slots, streamable, context, must,
                                      stream_size))

@@ -170,3 +170,8 @@ def test_choose_prefers_disk_and_spreads_picks():
     gaps = sorted(i for i in picked if i % 3)
     assert gaps[1] - gaps[0] > 1                       # cpu picks spread, not adjacent
     assert len(spare.choose(cands, 10**12)) == 12
+
+
+def test_bad_hold_option_is_refused_before_loading(model_dirs):
+    with pytest.raises(nb_offload.OffloadError, match=r"hold_spare='no' is not valid; accepted: True or False"):
+        nb_offload.load(model_dirs("llama"), device="cpu", hold_spare="no", progress=False)
