@@ -1,12 +1,15 @@
 """Render a bench_offload.py JSON file as the Markdown rows of RESULTS.md (no figure typed by hand).
 
     python3 benchmarks/report.py benchmarks/raw-2026-11-25-h100-run2.json --command "..." >> benchmarks/RESULTS.md
+    python3 benchmarks/report.py RUN.json --readme          # the README's performance table
+    python3 benchmarks/report.py PATTERNS.json --patterns   # a drive_patterns.py run
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 GiB = 2**30
 
@@ -25,7 +28,10 @@ def render(data, command, title=None) -> str:
              f"median {m.get('link_gbps_median', 0):.1f} GB/s of {len(links)} samples "
              f"({min(links):.1f}-{max(links):.1f}). Drive (best of 3, nb_offload's reader"
              + (f", {m['read_threads']} threads" if "read_threads" in m else "") + "): cold "
-             f"{fmt(m.get('drive_cold_gbps'))} GB/s, warm page cache {fmt(m.get('drive_warm_gbps'))} GB/s."
+             f"{fmt(m.get('drive_cold_gbps'))} GB/s"
+             + (f" (buffered {fmt(max(m['drive_cold_all']))}, O_DIRECT {fmt(max(m['drive_cold_direct_all']))})"
+                if m.get("drive_cold_direct_all") and m.get("drive_cold_all") else "")
+             + f", warm page cache {fmt(m.get('drive_warm_gbps'))} GB/s."
              + (f" Accelerate's own peak GPU memory at the {m.get('accelerate_budget', 4 * GiB) / GiB:.0f} GiB budget: "
                 f"{m['accelerate_peak_gpu'] / GiB:.2f} GiB." if "accelerate_peak_gpu" in m else ""), "",
              "| case | streamed / token | held | nb_offload | spread | bound | % of bound | % of PCIe limit | "
@@ -50,7 +56,28 @@ def render(data, command, title=None) -> str:
                      "unused of the plan's KV-cache and activation reservation (`hold_spare`); streamed bytes "
                      "are counted by nb_offload during the timed runs.")
     for r in data["rows"]:
-        if "drive_units_gbps" in r and r["drive_units_gbps"]:
+        if "drive_all" in r and r.get("drive_probes"):
+            names = list(r["drive_probes"][0])
+            probes = "; ".join(", ".join(fmt(p[n]) for n in names) for p in r["drive_probes"])
+            lines.append(f"\n{r['case']} (`drop_page_cache={r['drop_page_cache']}`): the drive was reading "
+                         f"{r['drive_busy_pct']:.0f} % of the time. The drive was read again in each round, "
+                         f"just before the timed generate ({'; '.join(names)}: {probes} GB/s), and each "
+                         f"round's bound uses the fastest reading of its round "
+                         f"({', '.join(fmt(x) for x in r['drive_all'])} GB/s); % of bound is the median of the "
+                         f"rounds' ratios (generates {', '.join(f'{t:.2f}' for t in r['nb_all_s'])} s a token). "
+                         f"Against the fastest the drive went anywhere in the run ({r['drive_best_gbps']:.2f} "
+                         f"GB/s): {r['pct_of_bound_best_drive']:.1f} % of that bound.")
+        elif "drive_probe_gbps" in r:
+            lines.append(f"\n{r['case']} (`drop_page_cache={r['drop_page_cache']}`): the drive was reading "
+                         f"{r['drive_busy_pct']:.0f} % of the time; the bound's rate is the fastest reading of "
+                         f"the run ({r['drive_gbps']:.2f} GB/s: the first 4 GiB of the checkpoint at the start "
+                         f"{r['drive_probe_gbps']:.2f}, this case's own bytes just before each timed generate "
+                         f"{', '.join(fmt(x) for x in r['drive_units_all'])}).")
+        elif "drive_all" in r:
+            lines.append(f"\n{r['case']} (`drop_page_cache={r['drop_page_cache']}`): the drive was reading "
+                         f"{r['drive_busy_pct']:.0f} % of the time; the bound's rate is the fastest warm-cache "
+                         f"reading, of the first 4 GiB or of this case's own bytes ({r['drive_gbps']:.2f} GB/s).")
+        elif "drive_units_gbps" in r and r["drive_units_gbps"]:
             lines.append(f"\n{r['case']}: the drive was reading {r['drive_busy_pct']:.0f} % of the time; read "
                          f"alone, unit after unit, the bytes this case streams from disk came off it at "
                          f"{r['drive_units_gbps']:.2f} GB/s, against {r['drive_gbps']:.2f} GB/s on the first "
@@ -93,16 +120,74 @@ def render_dashboard(row, command) -> str:
         f"({row['trace_events']} trace events in the ring at the end)."]) + "\n"
 
 
+PATTERN_NOTES = {
+    "engine": "stream order, each unit's tensors in layout order, buffered (the engine before O_DIRECT)",
+    "unit-sorted": "stream order, each unit's tensors in file order, buffered",
+    "file": "all of it in file order, buffered",
+    "file-t16": "file order, buffered, 16 threads", "file-t32": "file order, buffered, 32 threads",
+    "file-c4": "file order, buffered, 4 MiB chunks", "file-c64": "file order, buffered, 64 MiB chunks",
+    "file-fd": "file order, buffered, one shared descriptor per file",
+    "direct": "file order, O_DIRECT", "direct-t4": "file order, O_DIRECT, 4 threads",
+    "direct-t16": "file order, O_DIRECT, 16 threads", "direct-c4": "file order, O_DIRECT, 4 MiB chunks",
+    "direct-c32": "file order, O_DIRECT, 32 MiB chunks", "direct-c64": "file order, O_DIRECT, 64 MiB chunks",
+    "willneed": "stream order, buffered, after posix_fadvise(WILLNEED) per unit",
+    "lib-direct": "stream order through nb_offload's uncached reader, units lined up as the engine does",
+    "generate": "nb_offload itself: 3-token generates, bytes used over wall time",
+}
+
+
+def render_patterns(data, command, title) -> str:
+    """drive_patterns.py's JSON: GB/s per reading pattern of case 5's disk bytes, cold."""
+    lines = [f"## {title or data['date']} · {data['card']}", "", "Command (GPU machine, repository root):", "",
+             f"    {command}", "",
+             f"Case 5's disk units ({data['units']}, {data['total_bytes'] / 1e9:.2f} GB), read cold (page "
+             f"cache dropped before each), 8 threads and 16 MiB chunks unless named; rounds interleaved.", "",
+             "| pattern | what | GB/s, median | each round |", "|---|---|---:|---|"]
+    for name, xs in data["rates"].items():
+        ok = [x for x in xs if x == x]
+        lines.append(f"| {name} | {PATTERN_NOTES.get(name, '')} | "
+                     f"{statistics.median(ok) if ok else float('nan'):.2f} | {', '.join(f'{x:.2f}' for x in xs)} |")
+    if data.get("phases"):
+        lines += ["", "The engine's generates, phase by phase (chunk reads in flight, and their rate):", "", "```"]
+        lines += [line for text in data["phases"] for line in text.splitlines()]
+        lines.append("```")
+    return "\n".join(lines) + "\n"
+
+
+def render_readme(data) -> str:
+    """The README's performance table, from one bench_offload.py run."""
+    lines = ["| case (decode: tok/s; prefill: prompt tok/s) | nb_offload | bound | % of bound | vs Accelerate |",
+             "|---|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        if "pct_of_bound" not in r:
+            continue
+        acc = f"{r['x_accelerate']:.1f}x" if "x_accelerate" in r else ""
+        pct = f"{r['pct_of_bound']:.1f} %"
+        if r.get("drive_probes"):
+            pct += f" ({r['pct_of_bound_best_drive']:.1f} % *)"
+        lines.append(f"| {r['case']} | {r['nb_tok_s']:.2f} | {r['bound_tok_s']:.2f} | {pct} | {acc} |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("json")
     ap.add_argument("--dashboard", action="store_true", help="the JSON is bench_dashboard.py's")
+    ap.add_argument("--patterns", action="store_true", help="the JSON is drive_patterns.py's")
+    ap.add_argument("--readme", action="store_true", help="the README's performance table")
     ap.add_argument("--command", default="PYTHONPATH=. python3 benchmarks/bench_offload.py --json out.json")
     ap.add_argument("--title", default=None)
     args = ap.parse_args()
     with open(args.json) as fh:
         data = json.load(fh)
-    print(render_dashboard(data, args.command) if args.dashboard else render(data, args.command, args.title))
+    if args.dashboard:
+        print(render_dashboard(data, args.command))
+    elif args.patterns:
+        print(render_patterns(data, args.command, args.title))
+    elif args.readme:
+        print(render_readme(data))
+    else:
+        print(render(data, args.command, args.title))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,11 @@
 Hooks on each unit's modules bind the unit's parameters to views into a ring of staging
 slots on the compute device. On CUDA, slots are filled on a dedicated copy stream from
 page-locked host buffers, with CUDA events ordering copy and compute; disk units are first
-read by a worker thread into page-locked staging buffers. On the CPU the same engine reads
-disk units into RAM slots on the worker thread, ahead of use.
+read by a worker thread into page-locked staging buffers (around the page cache when
+``drop_page_cache`` applies: each unit then lands lined up with the file's blocks, see
+uncached.py). On the CPU the same engine reads disk units into RAM slots on the worker thread,
+ahead of use. Reads the schedule no longer needs (a surprise, the end of a generate) are
+abandoned: their chunks not yet started are dropped, so the drive moves on at once.
 
 The order units run in is learned from the first forward pass; prefetch follows it and wraps
 around into the next step. A unit that arrives out of order is loaded on the spot, so a
@@ -21,8 +24,10 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 
 from .tiers import alloc_host, param_views, read_extents, sub_extents
+from .uncached import ALIGN, alignment_shift
 
 
 class Source:
@@ -61,13 +66,28 @@ class _Job:
 
 
 class _Read:
-    """A disk read into a page-locked staging buffer (CUDA path)."""
+    """A disk read into a page-locked staging buffer (CUDA path).
 
-    __slots__ = ("unit", "staging", "ticket", "future", "consumed")
+    The unit lands ``shift`` bytes into the buffer: where reads skip the page cache, that lines
+    its bytes up with the file's blocks so they are read in place (uncached.alignment_shift).
+    """
 
-    def __init__(self, unit, staging, ticket):
-        self.unit, self.staging, self.ticket = unit, staging, ticket
+    __slots__ = ("unit", "staging", "ticket", "future", "consumed", "shift", "chunks", "abandoned")
+
+    def __init__(self, unit, staging, ticket, shift=0):
+        self.unit, self.staging, self.ticket, self.shift = unit, staging, ticket, shift
         self.future, self.consumed = None, False
+        self.chunks, self.abandoned = (), False
+
+    def landing(self, nbytes):
+        return self.staging.flat[self.shift:self.shift + nbytes]
+
+    def abandon(self):
+        """No one will use this read: chunks not started yet are dropped (the reader thread
+        drops them too if it queues them after this), so the drive moves on at once."""
+        self.abandoned = True
+        for c in self.chunks:
+            c.cancel()
 
 
 class _Staging:
@@ -213,7 +233,8 @@ class Engine:
             self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(n_slots)]
             self.slot_free = [torch.cuda.Event() for _ in range(n_slots)]
             disk_bytes = max((u.nbytes for u in streamed if self.sources[u.index].tier == "disk"), default=0)
-            self.staging = [_Staging(alloc_host(disk_bytes, pinned=True)) for _ in range(self.read_ahead)] \
+            pad = ALIGN if self.drop_page_cache else 0
+            self.staging = [_Staging(alloc_host(disk_bytes + pad, pinned=True)) for _ in range(self.read_ahead)] \
                 if disk_bytes else []
             if self.trace.enabled:
                 self.trace.calibrate(torch.cuda)
@@ -266,8 +287,7 @@ class Engine:
         # is of a unit no one will run now).
         self._reader.submit(lambda: None).result()
         for chunks in list(self._landing.values()):
-            for c in chunks:
-                c.exception()
+            futures_wait(chunks)
         if self.cuda:
             self.copy_stream.synchronize()
             self.torch.cuda.current_stream(self.device).synchronize()
@@ -308,10 +328,15 @@ class Engine:
                 idx = disk[started]
                 unit = self.units[idx]
                 buf = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
-                flat = landings[started % depth] if self.cuda else buf
+                extents = self.sources[idx].extents
+                if self.cuda:
+                    landing = landings[started % depth]
+                    shift = self._shift(extents, landing)
+                    flat = landing[shift:shift + unit.nbytes]
+                else:
+                    flat = buf
                 t0 = time.perf_counter()
-                chunks = read_extents(self.sources[idx].extents, flat, pool=self._io,
-                                      drop_cache=self.drop_page_cache, wait=False)
+                chunks = read_extents(extents, flat, pool=self._io, uncached=self.drop_page_cache, wait=False)
                 inflight.append((idx, buf, flat, chunks, t0))
                 started += 1
 
@@ -332,7 +357,8 @@ class Engine:
         except BaseException:
             for _, _, _, chunks, _ in inflight:     # nothing may land in a buffer after this
                 for c in chunks:
-                    c.exception()
+                    c.cancel()
+                futures_wait(chunks)
             raise
         finally:
             self.order = [i for i in self.order if i not in self.held]
@@ -477,11 +503,11 @@ class Engine:
                 continue
             st = self.staging[self.next_staging]
             self.next_staging = (self.next_staging + 1) % len(self.staging)
-            r = _Read(idx, st, st.take())
-            r.future = self._reader.submit(self._read_staged, self.units[idx], self.sources[idx].extents, r)
+            extents = self.sources[idx].extents
+            r = _Read(idx, st, st.take(), self._shift(extents, st.flat))
+            r.future = self._reader.submit(self._read_staged, self.units[idx], extents, r)
             self.reads.append(r)
             ahead += 1
-            self.stats.bytes_from_disk += self.units[idx].nbytes
 
     def _issue_copies(self, first=None):
         """Issue host-to-device copies for scheduled jobs, in order.
@@ -499,7 +525,7 @@ class Engine:
                 if job is not first and not _read_finished(r.future):
                     break
                 _wait_read(r.future)
-                src_flat = r.staging.flat
+                src_flat = r.landing(self.units[job.unit].nbytes)
             else:
                 src_flat = self.sources[job.unit].flat
             unit = self.units[job.unit]
@@ -518,6 +544,7 @@ class Engine:
             if r is not None:
                 self.reads.remove(r)
                 r.staging.finish(done)
+                self.stats.bytes_from_disk += unit.nbytes
             else:
                 self.stats.bytes_from_cpu += unit.nbytes
 
@@ -528,29 +555,38 @@ class Engine:
         thread) ahead of anything issued later into the same slot or staging buffer.
         """
         for r in self.reads:
+            r.abandon()
             r.staging.finish()
         self.reads.clear()
         self.queue.clear()
         self.active.clear()
 
     # -- worker-thread reads -------------------------------------------------------------
+    def _shift(self, extents, buffer):
+        return alignment_shift(extents, buffer.data_ptr()) if self.drop_page_cache else 0
+
     def _read_into(self, unit, extents, flat):
-        return self._read_chunks(unit, extents, flat)
+        return self._read_chunks(unit, extents, flat, flat)
 
     def _read_staged(self, unit, extents, read):
         read.staging.wait_turn(read.ticket)
-        return self._read_chunks(unit, extents, read.staging.flat)
+        if read.abandoned:
+            return []
+        read.chunks = self._read_chunks(unit, extents, read.landing(unit.nbytes), read.staging.flat)
+        if read.abandoned:          # abandoned while queueing: abandon() may have missed these
+            read.abandon()
+        return read.chunks
 
-    def _read_chunks(self, unit, extents, flat):
-        """Queue a unit's chunks on the I/O pool and return their futures without waiting: the
-        next unit's chunks queue right behind, so the drive never idles between units."""
+    def _read_chunks(self, unit, extents, dest, buffer):
+        """Queue a unit's chunks (into ``dest``, a view of ``buffer``) on the I/O pool and return
+        their futures without waiting: the next unit's chunks queue right behind, so the drive
+        never idles between units."""
         # A read abandoned by a reset may still have chunks landing in this buffer: let them land
         # first (in normal flow they finished long ago), or they would overwrite the new bytes.
-        for old in self._landing.get(flat.data_ptr(), ()):
-            old.exception()
+        futures_wait(self._landing.get(buffer.data_ptr(), ()))
         t0 = max(time.perf_counter(), self._last_read_end)
-        chunks = read_extents(extents, flat, pool=self._io, drop_cache=self.drop_page_cache, wait=False)
-        self._landing[flat.data_ptr()] = chunks
+        chunks = read_extents(extents, dest, pool=self._io, uncached=self.drop_page_cache, wait=False)
+        self._landing[buffer.data_ptr()] = chunks
         if not self.trace.enabled:
             return chunks
         if not chunks:
@@ -564,7 +600,7 @@ class Engine:
             with lock:
                 left[0] -= 1
                 last = left[0] == 0
-            if last:
+            if last and not any(c.cancelled() for c in chunks):
                 self._last_read_end = time.perf_counter()
                 self.trace.host_event("read", unit.name, t0, self._last_read_end, unit.nbytes)
         for c in chunks:

@@ -22,12 +22,15 @@ GPU_HEADROOM = 0.05     # share of the card left free when gpu=None
 
 
 def _check_options(quant, policy, batch, context, prefetch, read_ahead, read_threads=1, split_blocks="auto",
-                   hold_spare=True):
+                   hold_spare=True, drop_page_cache="auto"):
     if not (split_blocks is True or split_blocks is False or split_blocks == "auto"):
         raise OptionError(f"split_blocks={split_blocks!r} is not valid; accepted: True, False or \"auto\" "
                           "(split when whole-block staging would take over a tenth of the room left for weights).")
     if not isinstance(hold_spare, bool):
         raise OptionError(f"hold_spare={hold_spare!r} is not valid; accepted: True or False.")
+    if not (drop_page_cache is True or drop_page_cache is False or drop_page_cache == "auto"):
+        raise OptionError(f"drop_page_cache={drop_page_cache!r} is not valid; accepted: True, False or \"auto\" "
+                          "(skip the page cache when the disk tier is larger than the free RAM).")
     if quant is not None:
         if quant in QUANTS_PLANNED:
             raise OptionError(f"quant={quant!r} is not available in this version of nb_offload yet; "
@@ -176,10 +179,11 @@ def plan(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=N
 
 def load(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=None, device=None,
          policy="auto", context=None, batch=1, prefetch=None, read_ahead=2, trace=True,
-         allow_pickle=False, progress=True, read_threads=8, drop_page_cache=False,
+         allow_pickle=False, progress=True, read_threads=8, drop_page_cache="auto",
          trace_detail="streamed", hold_spare=True, split_blocks="auto", **from_pretrained_kwargs):
     """Load a causal LM under memory budgets; see the README for the options."""
-    _check_options(quant, policy, batch, context, prefetch, read_ahead, read_threads, split_blocks, hold_spare)
+    _check_options(quant, policy, batch, context, prefetch, read_ahead, read_threads, split_blocks, hold_spare,
+                   drop_page_cache)
     check_detail(trace_detail)      # before any weight is read
     trust_remote_code = bool(from_pretrained_kwargs.pop("trust_remote_code", False))
     attn = from_pretrained_kwargs.pop("attn_implementation", None)

@@ -18,7 +18,7 @@ from .budget import format_size
 from .errors import OffloadError, OptionError
 
 OFFLOAD_KEYS = ("model", "gpu", "cpu", "disk", "dtype", "quant", "context", "device", "pin", "as",
-                "batch", "prefetch", "trace", "hold_spare", "split_blocks")
+                "batch", "prefetch", "trace", "hold_spare", "split_blocks", "drop_page_cache", "read_threads")
 
 
 def _model_and_budget_arguments(func):
@@ -167,8 +167,8 @@ class OffloadMagics(Magics):
 
         Usage: %%offload [NAME]
         Keys: model, gpu, cpu, disk, dtype, quant, context, device, batch, prefetch, trace,
-        hold_spare (true/false), split_blocks (auto/true/false), as, and pin: a mapping of pattern
-        to tier.
+        hold_spare (true/false), split_blocks (auto/true/false), drop_page_cache (auto/true/false),
+        read_threads, as, and pin: a mapping of pattern to tier.
 
         Example:
             %%offload llm2
@@ -196,7 +196,8 @@ class OffloadMagics(Magics):
         if not isinstance(pins, dict):
             raise OptionError(f"%%offload `pin:` must be a mapping of pattern to tier, got {pins!r}.")
         name = line.strip() or str(cfg.get("as") or "llm")
-        extra = {k: cfg[k] for k in ("batch", "prefetch", "trace", "hold_spare", "split_blocks") if k in cfg}
+        extra = {k: cfg[k] for k in ("batch", "prefetch", "trace", "hold_spare", "split_blocks", "drop_page_cache",
+                                     "read_threads") if k in cfg}
         sizes = {k: (str(cfg[k]) if cfg.get(k) is not None else None) for k in ("gpu", "cpu")}
         self._load(str(cfg["model"]), name=name, gpu=sizes["gpu"], cpu=sizes["cpu"], disk=cfg.get("disk"),
                    dtype=cfg.get("dtype"), quant=cfg.get("quant"), pins={str(k): v for k, v in pins.items()},

@@ -6,7 +6,7 @@ import contextlib
 import gc
 import time
 
-from .budget import format_size
+from .budget import format_size, host_memory
 from .errors import OffloadError, PinError
 from .patterns import match_units
 from .planner import check_tier
@@ -35,6 +35,7 @@ class OffloadedModel:
         self.hold_spare = hold_spare
         self._split_blocks = split_blocks         # the planner's option; the plan says what it chose
         self._engine_options = engine_options     # prefetch, read_ahead, read_threads, drop_page_cache
+        self.uncached_disk_reads = False           # drop_page_cache as it applies to the present plan
         self.plan = plan
         self.trace = Trace(enabled=trace, detail=trace_detail)
         self.stats = Stats()
@@ -102,9 +103,24 @@ class OffloadedModel:
                     p.data = v
             else:
                 sources[u.index] = Source(store.tier, flat=store.flat, extents=store.extents)
+        opts = dict(self._engine_options)
+        opts["drop_page_cache"] = self.uncached_disk_reads = self._skip_page_cache(sources)
         self._engine = Engine(self.model, self._insp.units, self._params, sources, self._device,
-                              self.trace, self.stats, split=self.plan.split_blocks, **self._engine_options)
+                              self.trace, self.stats, split=self.plan.split_blocks, **opts)
         self._engine.install()
+
+    def _skip_page_cache(self, sources) -> bool:
+        """Whether disk reads bypass the page cache (``drop_page_cache``; "auto" decides here).
+
+        A disk tier read over and over in one order, larger than the RAM the kernel could cache
+        it in, gets no page-cache hits (each page is evicted before it comes round again): then
+        O_DIRECT reads are faster and spare the RAM. One that fits is read from RAM after the
+        first pass: then the page cache is worth keeping."""
+        choice = self._engine_options["drop_page_cache"]
+        if choice != "auto":
+            return choice
+        disk = sum(self._insp.units[i].nbytes for i, s in sources.items() if s.tier == "disk")
+        return disk > 0 and disk > host_memory()[1]
 
     def _stop_engine(self):
         if self._engine is not None:

@@ -52,16 +52,18 @@ def pack(unit, tensors: dict, flat):
 CHUNK = 16 * 2**20   # bytes per parallel read: deep enough queues for NVMe, few enough calls
 
 
-def read_extents(extents, flat, *, pool=None, drop_cache=False, wait=True):
+def read_extents(extents, flat, *, pool=None, uncached=False, wait=True):
     """Read a disk unit's byte ranges into the host buffer ``flat`` (releases the GIL).
 
     With ``pool``, large ranges are split into chunks read in parallel (drives answer a deep
-    queue faster than one request at a time). ``drop_cache`` asks the kernel to drop the pages
-    once read, so a disk tier used because RAM is short doesn't fill RAM with page cache.
+    queue faster than one request at a time). ``uncached`` reads without leaving the pages in
+    the page cache (``uncached.py``: O_DIRECT where the file system allows it), so a disk tier
+    used because RAM is short doesn't fill RAM with page cache.
     ``wait=False`` returns the chunks' futures instead of waiting for them, so a caller can
     queue the next unit's chunks behind these and keep every reader busy across units.
     """
     buf = memoryview(flat.numpy())
+    addr = flat.data_ptr()
     pieces = []
     for path, file_offset, nbytes, flat_offset in extents:
         step = CHUNK if pool is not None else max(nbytes, 1)   # without a pool: one piece a range
@@ -69,9 +71,9 @@ def read_extents(extents, flat, *, pool=None, drop_cache=False, wait=True):
             pieces.append((path, file_offset + start, min(step, nbytes - start), flat_offset + start))
     if pool is None or (len(pieces) < 2 and wait):
         for piece in pieces:
-            _read_piece(buf, *piece, drop_cache=drop_cache)
+            _read_piece(buf, addr, *piece, uncached=uncached)
         return []
-    futures = [pool.submit(_read_piece, buf, *piece, drop_cache=drop_cache) for piece in pieces]
+    futures = [pool.submit(_read_piece, buf, addr, *piece, uncached=uncached) for piece in pieces]
     if wait:
         for fut in futures:
             fut.result()
@@ -89,20 +91,32 @@ def sub_extents(extents, start, end):
     return out
 
 
-def _read_piece(buf, path, file_offset, nbytes, flat_offset, *, drop_cache=False):
+def _read_piece(buf, addr, path, file_offset, nbytes, flat_offset, *, uncached=False):
+    view = buf[flat_offset:flat_offset + nbytes]
+    if uncached:
+        from . import uncached as direct
+        direct.read(path, view, addr + flat_offset, file_offset, nbytes)
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
-        done = 0
-        while done < nbytes:
-            n = os.preadv(fd, [buf[flat_offset + done:flat_offset + nbytes]], file_offset + done)
-            if n <= 0:
-                raise DiskTierError(f"{path!r} ended early while reading {nbytes} bytes at {file_offset}; "
-                                    "the file was truncated after loading: reload the model.")
-            done += n
-        if drop_cache:
-            os.posix_fadvise(fd, file_offset, nbytes, os.POSIX_FADV_DONTNEED)
+        read_fully(fd, path, view, file_offset)
     finally:
         os.close(fd)
+
+
+def read_fully(fd, path, view, offset):
+    """Fill ``view`` from ``fd`` at ``offset`` (reads may come back short)."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise ended_early(path, len(view), offset)
+        done += n
+
+
+def ended_early(path, nbytes, offset):
+    return DiskTierError(f"{path!r} ended early while reading {nbytes} bytes at {offset}; "
+                         "the file was truncated after loading: reload the model.")
 
 
 def direct_extents(unit, checkpoint):

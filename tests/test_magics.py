@@ -114,6 +114,8 @@ prefetch: 2
 trace: true
 hold_spare: false
 split_blocks: true
+drop_page_cache: true
+read_threads: 3
 pin:
   transformer.h.2-3: disk
   lm_head: cpu
@@ -121,6 +123,7 @@ pin:
     llm = shell.user_ns["cellmodel"]
     assert llm.plan.context == 128 and llm.plan.tier_of("transformer.h.3") == "disk"
     assert llm.hold_spare is False and llm.plan.split_blocks
+    assert llm.uncached_disk_reads and llm._engine_options["read_threads"] == 3
     assert llm.plan["lm_head"].pinned
     run(shell, "%offload_unload cellmodel")
     run(shell, f"%%offload\nmodel: {folder}\ndevice: cpu\nas: named_by_key\n")

@@ -190,3 +190,35 @@ def test_partial_sources_and_queued_reads_give_the_right_bytes(tmp_path):
     host = Source("cpu", flat=flat)
     assert bytes(host.part(start, end).flat.numpy()) == whole[start:end]
     assert host.part(start, end).flat.data_ptr() == flat.data_ptr() + start      # a view, not a copy
+
+
+def test_an_abandoned_read_drops_its_chunks_not_yet_started(tmp_path):
+    """After a reset nobody waits for a read's bytes: its queued chunks are cancelled, so the
+    drive moves on to reads that matter; a chunk already running lands harmlessly."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import wait as futures_wait
+
+    import torch
+
+    from nb_offload import tiers
+    from nb_offload.engine import _Read, _Staging
+    path = tmp_path / "unit.bin"
+    path.write_bytes(bytes(range(256)) * 1024)
+    gate = threading.Event()
+    staging = _Staging(torch.empty(256 * 1024, dtype=torch.uint8))
+    read = _Read(0, staging, staging.take())
+    old_chunk = tiers.CHUNK
+    tiers.CHUNK = 16 * 1024
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(gate.wait)                          # the one reader is busy
+            read.chunks = tiers.read_extents([(str(path), 0, 256 * 1024, 0)], read.landing(256 * 1024),
+                                             pool=pool, wait=False)
+            assert len(read.chunks) == 16
+            read.abandon()
+            gate.set()
+            futures_wait(read.chunks)
+    finally:
+        tiers.CHUNK = old_chunk
+    assert read.abandoned and all(c.cancelled() for c in read.chunks)

@@ -58,6 +58,29 @@ def test_three_tiers_match_transformers(arch, model_dirs, tmp_path):
         llm.unload()
 
 
+@pytest.mark.parametrize("arch,split", [("llama", True), ("llama", False), ("mixtral", True)])
+def test_disk_reads_that_skip_the_page_cache_match_transformers(arch, split, model_dirs, tmp_path):
+    """drop_page_cache=True: O_DIRECT reads land each unit at a shift that lines it up with the file."""
+    folder = model_dirs(arch)
+    want_tokens, want_logits = reference(folder, device="cuda")
+    pins = three_tier_pins(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))
+    llm = nb_offload.load(folder, disk=tmp_path, pins=pins, drop_page_cache=True, split_blocks=split,
+                          progress=False)
+    try:
+        eng = llm._engine
+        shifts = []
+        real = eng._shift
+        eng._shift = lambda extents, buffer: shifts.append(real(extents, buffer)) or shifts[-1]
+        for _ in range(2):
+            tokens, logits = run(llm)
+            assert torch.equal(tokens, want_tokens)
+            torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+        assert llm.stats.bytes_from_disk > 0
+        assert any(s != 0 for s in shifts), shifts     # safetensors data starts off a block
+    finally:
+        llm.unload()
+
+
 def test_gpu_budget_holds_during_generate_at_planned_context(model_dirs, tmp_path):
     folder = model_dirs("llama", hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                         num_attention_heads=8, num_key_value_heads=8, vocab_size=4096, dtype="bfloat16")
