@@ -113,24 +113,6 @@ def read_pieces(pieces, buf, threads, *, shared_fd=False, direct=False, willneed
         os.close(fd)
 
 
-def lib_direct(units, buf, threads=8):
-    """Every unit through tiers.read_extents(uncached=True), all queued at once, each landing at
-    the shift the engine would give it (its bytes in place, heads and tails bounced)."""
-    from nb_offload import tiers
-    from nb_offload.uncached import ALIGN, alignment_shift
-    futs = []
-    with ThreadPoolExecutor(threads) as pool:
-        base = 0
-        for ext in units:
-            n = sum(e[2] for e in ext)
-            local = [(p, o, k, d - ext[0][3]) for p, o, k, d in ext]
-            start = base + alignment_shift(local, buf.data_ptr() + base)
-            futs += tiers.read_extents(local, buf[start:start + n], pool=pool, uncached=True, wait=False)
-            base = -(-(start + n) // ALIGN) * ALIGN
-        for f in futs:
-            f.result()
-
-
 class Timeline:
     """Every chunk read (start, end, bytes) and the engine's phase marks, during one generate."""
 
@@ -248,7 +230,8 @@ def main():
         "direct-c32": lambda: read_pieces(chunked(file_all, 32 * MiB), np_buf, 8, direct=True),
         "direct-c64": lambda: read_pieces(chunked(file_all, 64 * MiB), np_buf, 8, direct=True),
         "willneed": lambda: read_pieces(None, np_buf, 8, willneed_groups=[chunked(u, C) for u in units]),
-        "lib-direct": lambda: lib_direct(units, buf),
+        # the bench's own probe of a case's disk bytes (the cache was dropped just before)
+        "lib-direct": lambda: bo.units_drive_rate(llm, False, uncached=True),
     }
     if args.patterns != "all":
         patterns = {k: v for k, v in patterns.items() if k in args.patterns.split(",")}

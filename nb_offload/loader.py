@@ -23,14 +23,14 @@ GPU_HEADROOM = 0.05     # share of the card left free when gpu=None
 
 def _check_options(quant, policy, batch, context, prefetch, read_ahead, read_threads=1, split_blocks="auto",
                    hold_spare=True, drop_page_cache="auto"):
-    if not (split_blocks is True or split_blocks is False or split_blocks == "auto"):
-        raise OptionError(f"split_blocks={split_blocks!r} is not valid; accepted: True, False or \"auto\" "
-                          "(split when whole-block staging would take over a tenth of the room left for weights).")
+    for name, value, auto in (
+            ("split_blocks", split_blocks, "split when whole-block staging would take over a tenth of the room "
+                                           "left for weights"),
+            ("drop_page_cache", drop_page_cache, "skip the page cache when the disk tier is larger than the free RAM")):
+        if not (value is True or value is False or value == "auto"):
+            raise OptionError(f"{name}={value!r} is not valid; accepted: True, False or \"auto\" ({auto}).")
     if not isinstance(hold_spare, bool):
         raise OptionError(f"hold_spare={hold_spare!r} is not valid; accepted: True or False.")
-    if not (drop_page_cache is True or drop_page_cache is False or drop_page_cache == "auto"):
-        raise OptionError(f"drop_page_cache={drop_page_cache!r} is not valid; accepted: True, False or \"auto\" "
-                          "(skip the page cache when the disk tier is larger than the free RAM).")
     if quant is not None:
         if quant in QUANTS_PLANNED:
             raise OptionError(f"quant={quant!r} is not available in this version of nb_offload yet; "

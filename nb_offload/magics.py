@@ -17,8 +17,9 @@ from traitlets import Bool, Int, Unicode
 from .budget import format_size
 from .errors import OffloadError, OptionError
 
-OFFLOAD_KEYS = ("model", "gpu", "cpu", "disk", "dtype", "quant", "context", "device", "pin", "as",
-                "batch", "prefetch", "trace", "hold_spare", "split_blocks", "drop_page_cache", "read_threads")
+# %%offload keys handed to nb_offload.load as they are
+LOAD_OPTION_KEYS = ("batch", "prefetch", "trace", "hold_spare", "split_blocks", "drop_page_cache", "read_threads")
+OFFLOAD_KEYS = ("model", "gpu", "cpu", "disk", "dtype", "quant", "context", "device", "pin", "as") + LOAD_OPTION_KEYS
 
 
 def _model_and_budget_arguments(func):
@@ -196,8 +197,7 @@ class OffloadMagics(Magics):
         if not isinstance(pins, dict):
             raise OptionError(f"%%offload `pin:` must be a mapping of pattern to tier, got {pins!r}.")
         name = line.strip() or str(cfg.get("as") or "llm")
-        extra = {k: cfg[k] for k in ("batch", "prefetch", "trace", "hold_spare", "split_blocks", "drop_page_cache",
-                                     "read_threads") if k in cfg}
+        extra = {k: cfg[k] for k in LOAD_OPTION_KEYS if k in cfg}
         sizes = {k: (str(cfg[k]) if cfg.get(k) is not None else None) for k in ("gpu", "cpu")}
         self._load(str(cfg["model"]), name=name, gpu=sizes["gpu"], cpu=sizes["cpu"], disk=cfg.get("disk"),
                    dtype=cfg.get("dtype"), quant=cfg.get("quant"), pins={str(k): v for k, v in pins.items()},

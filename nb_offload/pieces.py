@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .units import ALIGN, ParamSlot
+from .units import ParamSlot, round_up
 
 LARGEST = 1 / 3       # split a submodule holding more than this share of its block
 SMALLEST = 1 / 64     # a submodule under this share stays with the leftovers
@@ -82,7 +82,7 @@ def split_unit(model, unit) -> None:
     for name, slots in chosen:
         start = min(s.offset for s in slots)
         end = max(s.offset + s.nbytes for s in slots)
-        end = -(-end // ALIGN) * ALIGN
+        end = round_up(end)
         params = [ParamSlot(names=s.names, shape=s.shape, dtype=s.dtype, offset=s.offset - start, nbytes=s.nbytes)
                   for s in sorted(slots, key=lambda s: s.offset)]
         unit.pieces.append(Piece(module=name, start=start, end=min(end, unit.nbytes), params=params))
@@ -92,5 +92,5 @@ def split_unit(model, unit) -> None:
         if id(s) not in in_pieces:
             unit.rest.append(ParamSlot(names=s.names, shape=s.shape, dtype=s.dtype, offset=offset, nbytes=s.nbytes))
             unit.rest_from.append(s.offset)
-            offset += -(-s.nbytes // ALIGN) * ALIGN
+            offset += round_up(s.nbytes)
     unit.rest_nbytes = offset

@@ -77,9 +77,7 @@ def choose(candidates, room: int, step: int = 64) -> list:
     alternating with computed ones and each copy still overlaps compute.
     """
     from .planner import _evenly_spaced
-
-    def cost(nbytes):
-        return -(-nbytes // step) * step
+    from .units import round_up
 
     picked = []
     for tier in ("disk", "cpu"):
@@ -89,7 +87,7 @@ def choose(candidates, room: int, step: int = 64) -> list:
             if positions is None:
                 continue
             take = [group[i] for i in sorted(positions)]
-            need = sum(cost(c[2]) for c in take)
+            need = sum(round_up(c[2], step) for c in take)
             if need <= room:
                 picked += [c[0] for c in take]
                 room -= need

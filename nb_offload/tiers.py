@@ -97,9 +97,17 @@ def _read_piece(buf, addr, path, file_offset, nbytes, flat_offset, *, uncached=F
         from . import uncached as direct
         direct.read(path, view, addr + flat_offset, file_offset, nbytes)
         return
+    read_buffered(path, view, file_offset)
+
+
+def read_buffered(path, view, offset, *, drop=False):
+    """Fill ``view`` from ``path`` at ``offset`` through the page cache; ``drop``: drop those
+    pages afterwards (where the platform can)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        read_fully(fd, path, view, file_offset)
+        read_fully(fd, path, view, offset)
+        if drop and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
 

@@ -21,7 +21,8 @@ import mmap
 import os
 import threading
 
-from .tiers import ended_early, read_fully
+from .tiers import ended_early, read_buffered, read_fully
+from .units import round_up
 
 ALIGN = 4096                 # covers 512-byte and 4 KiB logical blocks, and the page size
 BOUNCE = 4 * 2**20           # per reading thread: heads, tails and ranges that don't line up
@@ -45,14 +46,14 @@ def _down(x):
 
 
 def _up(x):
-    return -(-x // ALIGN) * ALIGN
+    return round_up(x, ALIGN)
 
 
 def _bounce():
     buf = getattr(_local, "buf", None)
     if buf is None:
-        mm = mmap.mmap(-1, BOUNCE)                      # page-aligned
-        buf = _local.buf = (mm, memoryview(mm), ctypes.addressof(ctypes.c_char.from_buffer(mm)))
+        mm = mmap.mmap(-1, BOUNCE)                      # page-aligned; the view keeps it alive
+        buf = _local.buf = (memoryview(mm), ctypes.addressof(ctypes.c_char.from_buffer(mm)))
     return buf
 
 
@@ -76,7 +77,7 @@ def read(path, dest, dest_addr, file_offset, nbytes):
                 _buffered_only.add(path)      # e.g. a block larger than ALIGN: read it buffered
             finally:
                 os.close(fd)
-    _read_dropped(path, dest, file_offset, nbytes)
+    read_buffered(path, dest[:nbytes], file_offset, drop=True)
 
 
 def _read_direct(fd, path, dest, dest_addr, file_offset, nbytes):
@@ -86,7 +87,7 @@ def _read_direct(fd, path, dest, dest_addr, file_offset, nbytes):
     if mid_lo < mid_hi and (dest_addr + mid_lo - start) % ALIGN == 0:
         read_fully(fd, path, dest[mid_lo - start:mid_hi - start], mid_lo)
         rest = [(start, mid_lo), (mid_hi, end)]
-    _, bounce, bounce_addr = _bounce()
+    bounce, bounce_addr = _bounce()
     for lo, hi in rest:
         while lo < hi:
             a = _down(lo)
@@ -98,12 +99,3 @@ def _read_direct(fd, path, dest, dest_addr, file_offset, nbytes):
             ctypes.memmove(dest_addr + (lo - start), bounce_addr + (lo - a), take)
             lo += take
 
-
-def _read_dropped(path, dest, file_offset, nbytes):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        read_fully(fd, path, dest[:nbytes], file_offset)
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, file_offset, nbytes, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)

@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 from .errors import CheckpointError, OptionError
 
 ALIGN = 256  # bytes; keeps every tensor view aligned for vectorised kernels on any device
+
+
+def round_up(n: int, step: int = ALIGN) -> int:
+    """``n`` rounded up to a multiple of ``step``."""
+    return -(-n // step) * step
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -168,7 +173,7 @@ def find_units(model) -> list[Unit]:
             nbytes = p.numel() * p.element_size()
             unit.params.append(ParamSlot(names=by_id[pid], shape=tuple(p.shape), dtype=p.dtype,
                                          offset=offset, nbytes=nbytes))
-            offset += -(-nbytes // ALIGN) * ALIGN
+            offset += round_up(nbytes)
         unit.nbytes = offset
         units.append(unit)
     units.sort(key=lambda u: module_order.get(u.name, 0))

@@ -22,8 +22,7 @@ A = uncached.ALIGN
 
 @pytest.fixture
 def data_file(tmp_path):
-    rng = random.Random(7)
-    data = bytes(rng.getrandbits(8) for _ in range(3 * 2**20 + 4321))    # ends off a block
+    data = random.Random(7).randbytes(3 * 2**20 + 4321)                   # ends off a block
     path = tmp_path / "weights.bin"
     path.write_bytes(data)
     return str(path), data
