@@ -6,33 +6,99 @@ Errors from the API (``OffloadError``) show as one short line and fail the cell.
 
 from __future__ import annotations
 
+import argparse
+import builtins
+import errno
+import keyword
+import math
+import os
 import shlex
 import sys
 import time
 
-from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Int, Unicode
 
 from .budget import format_size
-from .errors import OffloadError, OptionError
+from .errors import BudgetError, OffloadError, OptionError
 
 # %%offload keys handed to nb_offload.load as they are
 LOAD_OPTION_KEYS = ("batch", "prefetch", "trace", "hold_spare", "split_blocks", "drop_page_cache", "read_threads")
 OFFLOAD_KEYS = ("model", "gpu", "cpu", "disk", "dtype", "quant", "context", "device", "pin", "as") + LOAD_OPTION_KEYS
 
 
+def _number(kind, accepted, ok):
+    """An argparse type: ``kind(text)`` where ``ok`` holds it, else an error that says what is accepted
+    (argparse's own says only "invalid int value", and takes nan or 0 as a rate)."""
+    def convert(text):
+        try:
+            value = kind(text)
+            if ok(value):
+                return value
+        except ValueError:
+            pass
+        raise argparse.ArgumentTypeError(f"{text} is not valid; give {accepted}")
+    return convert
+
+
+COUNT = _number(int, "an int >= 1", lambda n: n >= 1)
+RATE = _number(float, "a rate in GB/s > 0", lambda x: x > 0 and math.isfinite(x))
+# what torch.manual_seed takes; a negative seed s stands for 2**64 + s there
+SEED = _number(int, "an int from -2**63 to 2**64-1", lambda n: -2**63 <= n < 2**64)
+TEMPERATURE = _number(float, "a temperature >= 0 (0: greedy)", lambda t: t >= 0 and math.isfinite(t))
+TOP_P = _number(float, "a share 0 < p <= 1", lambda p: 0 < p <= 1)
+
+
 def _model_and_budget_arguments(func):
     """The options %offload_load and %offload_plan share: the model, its budgets, dtype, context."""
-    for arg in (argument("--context", type=int, help="context length the plan reserves KV cache for"),
-                argument("--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)"),
-                argument("--disk", help="folder for the disk tier (created private to you)"),
-                argument("--cpu", help="host-memory budget"),
-                argument("--gpu", help="GPU budget, e.g. 6GiB, 500MiB, 80%%; %%offload_plan plans for a "
-                                       "GPU with it even on a machine without one"),
-                argument("model", help="a folder in the save_pretrained layout, or a Hub id in the local cache")):
+    for arg in (argument("--context", type=COUNT, metavar="N", help="context length the plan reserves KV cache for"),
+                argument("--dtype", metavar="D", help="float32, float16 or bfloat16 (default: the checkpoint's)"),
+                argument("--disk", metavar="DIR", help="folder for the disk tier (created private to you)"),
+                argument("--cpu", metavar="SIZE", help="host-memory budget"),
+                argument("--gpu", metavar="SIZE", help="GPU budget, e.g. 6GiB, 500MiB, 80%%; %%offload_plan plans "
+                                                       "for a GPU with it even on a machine without one"),
+                argument("model", metavar="MODEL",
+                         help="a folder in the save_pretrained layout, or a Hub id in the local cache")):
         func = arg(func)
     return func
+
+
+def _name_argument(help="which loaded model (default: the most recent)"):
+    return argument("name", nargs="?", default=None, metavar="NAME", help=help)
+
+
+def _check_name(name, spelling="--as"):
+    """The variable a magic binds must be a plain name: not a keyword, and not a builtin it would hide
+    for the rest of the session (``--as print``)."""
+    if not name.isidentifier():
+        problem = "is not a Python name"
+    elif keyword.iskeyword(name):
+        problem = "is a Python keyword"
+    elif name in dir(builtins):
+        problem = f"would hide the builtin {name}"
+    else:
+        return name
+    raise OptionError(f"{spelling} {name} {problem}; give a name such as llm or model2.")
+
+
+def _unwritable(path, exc: OSError) -> str:
+    """Why a file can't be written at ``path``, naming the folder, and what to give instead."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if exc.errno == errno.EISDIR:
+        return f"that is a folder; give a file in it, e.g. --export {os.path.join(path, 'trace.json')}."
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        problem = f"{folder} is not a folder" if os.path.exists(folder) else f"the folder {folder} does not exist"
+        return f"{problem}; create it first, or give FILE.json in an existing folder."
+    return f"the folder {folder} can't be written ({exc.strerror}); give FILE.json in a folder you can write to."
+
+
+def _out_of_memory(exc) -> bool:
+    """A budget too small, or the GPU running out (the loader re-raises that as an OffloadError from it)."""
+    torch = sys.modules.get("torch")       # loaded by then, unless the load failed before it
+    oom = (torch.cuda.OutOfMemoryError,) if torch is not None else ()
+    return isinstance(exc, (BudgetError, *oom)) or isinstance(exc.__cause__, oom)
 
 
 class GenerationInterrupted(OffloadError):
@@ -72,24 +138,57 @@ class OffloadMagics(Magics):
             raise OffloadError(f"no loaded model is named {name!r}; loaded: {', '.join(self.models)}.")
         return name, self.models[name]
 
-    def _load(self, model, *, name, gpu, cpu, disk, dtype, quant, pins, context, device, **extra):
+    def _parse(self, magic, line):
+        """A magic's line, split by POSIX shell rules (quotes group a value with spaces and are removed;
+        IPython's own split keeps them), parsed by the parser its @argument decorators built.
+        Every mistake becomes an OptionError that names it and shows the usage."""
+        parser = magic.parser
+        escape = "%%" if parser.prog in self.magics["cell"] else "%"
+        # IPython's usage is an RST block, "::\n\n  %name [--opt X] ...": made one line, as errors show
+        usage = escape + " ".join(parser.format_usage().partition("%")[2].split())
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:         # an unclosed quote, or a backslash at the end
+            raise OptionError(f"{escape}{parser.prog} {line.strip()}: {str(exc).lower()}; quote a value "
+                              f"with spaces as \"a b\" or 'a b'. Usage: {usage}") from None
+        try:
+            return parser.parse_args(words)
+        except UsageError as exc:         # what MagicArgumentParser makes of every argparse error
+            message = str(exc)
+            if message.startswith("argument "):   # "argument --link: 0 is not valid" -> "--link 0 is not valid"
+                message = message[len("argument "):].replace(": ", " ", 1)
+            raise OptionError(f"{escape}{parser.prog}: {message}. Usage: {usage}") from None
+
+    def _load(self, model, *, name, gpu, cpu, disk, dtype, quant, pins, context, device, spelling="--as",
+              **extra):
         import nb_offload
-        if not name.isidentifier():
-            raise OptionError(f"--as {name!r} is not a Python name; give one such as llm or model2.")
+        _check_name(name, spelling)
         kwargs = dict(self._with_defaults(gpu, cpu, disk, dtype, context), quant=quant, pins=pins or None,
                       device=device, progress=self.progress, **extra)
-        if name in self.models:        # replacing a model frees the old one first
+        # A model already under this name stays loaded and bound until the new one has loaded: a
+        # failed load must not lose it. Only then is the old one freed.
+        try:
+            llm = nb_offload.load(model, **kwargs)
+        except Exception as exc:
+            if name not in self.models or not _out_of_memory(exc):
+                raise
+            cls = type(exc) if isinstance(exc, OffloadError) else OffloadError
+            raise cls(f"{exc} The model loaded before as {name} still holds its memory; "
+                      f"%offload_unload {name} frees it first.") from exc
+        if name in self.models:
             self.models.pop(name).unload()
-        llm = nb_offload.load(model, **kwargs)
         self.models[name] = llm
         self.shell.user_ns[name] = llm
         self._show_model(llm)
         return llm
 
     def _with_defaults(self, gpu, cpu, disk, dtype, context) -> dict:
-        """Budgets, dtype and context as given, else the %config defaults."""
-        return dict(gpu=gpu or self.default_gpu, cpu=cpu or self.default_cpu, disk=disk or self.default_disk,
-                    dtype=dtype or self.default_dtype, context=context or self.default_context or None)
+        """Budgets, dtype and context as given, else the %config defaults. Only an absent value
+        takes the default: 0 or "" is passed on, for the API to refuse."""
+        given = dict(gpu=gpu, cpu=cpu, disk=disk, dtype=dtype, context=context)
+        defaults = dict(gpu=self.default_gpu, cpu=self.default_cpu, disk=self.default_disk, dtype=self.default_dtype,
+                        context=self.default_context or None)     # a %config 0 means the model's
+        return {k: defaults[k] if v is None else v for k, v in given.items()}
 
     def _drop(self, name):
         """Unload a model and remove its variable."""
@@ -137,11 +236,11 @@ class OffloadMagics(Magics):
     # -- loading -------------------------------------------------------------------------
     @magic_arguments()
     @_model_and_budget_arguments
-    @argument("--quant", help="quantization (none available yet)")
+    @argument("--quant", metavar="Q", help="quantization (none available yet)")
     @argument("--pin", nargs="+", default=[], metavar="PATTERN=TIER",
               help="keep units on a tier, e.g. model.layers.0-3=gpu lm_head=gpu")
-    @argument("--device", help="cuda, cuda:N or cpu")
-    @argument("--as", dest="name", default="llm", help="variable to bind the model to (default llm)")
+    @argument("--device", metavar="D", help="cuda, cuda:N or cpu")
+    @argument("--as", dest="name", default="llm", metavar="NAME", help="variable to bind the model to (default llm)")
     @line_magic
     def offload_load(self, line):
         """Load a model through the memory tiers and bind it to a variable.
@@ -152,16 +251,18 @@ class OffloadMagics(Magics):
         Example:
             %offload_load ./llama-7b --gpu 6GiB --cpu 24GiB --disk ./offload --pin model.layers.0-3=gpu --as llm
         """
-        args = parse_argstring(self.offload_load, line)
+        args = self._parse(self.offload_load, line)
         pins = {}
         for item in args.pin:
             pattern, sep, tier = item.rpartition("=")
-            if not sep or not pattern:
-                raise OptionError(f"--pin {item!r} is not PATTERN=TIER; e.g. --pin model.layers.0-3=gpu.")
+            if not (sep and pattern and tier):
+                raise OptionError(f"--pin {item} is not PATTERN=TIER; e.g. --pin model.layers.0-3=gpu.")
             pins[pattern] = tier
         self._load(args.model, name=args.name, gpu=args.gpu, cpu=args.cpu, disk=args.disk, dtype=args.dtype,
                    quant=args.quant, pins=pins, context=args.context, device=args.device)
 
+    @magic_arguments()
+    @_name_argument("variable to bind the model to (default: the as: key, else llm)")
     @cell_magic
     def offload(self, line, cell):
         """Load a model configured in the cell body, one ``key: value`` a line (YAML).
@@ -181,39 +282,52 @@ class OffloadMagics(Magics):
             pin:
               model.layers.0-7: gpu
         """
+        args = self._parse(self.offload, line)
         import yaml
         try:
             cfg = yaml.safe_load(cell) or {}
         except yaml.YAMLError as exc:
-            raise OptionError(f"%%offload body is not valid YAML ({exc}); write one `key: value` a line.") from None
+            # the problem and its line, not YAML's excerpt over several lines: errors show as one line
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise OptionError(f"%%offload body is not valid YAML ({getattr(exc, 'problem', None) or exc}{where}); "
+                              "write one `key: value` a line.") from None
         if not isinstance(cfg, dict):
             raise OptionError(f"%%offload body must be `key: value` lines, got {type(cfg).__name__}.")
-        unknown = sorted(set(cfg) - set(OFFLOAD_KEYS))
+        unknown = sorted(str(k) for k in cfg if k not in OFFLOAD_KEYS)    # str: YAML keys may be numbers
         if unknown:
             raise OptionError(f"%%offload: unknown key(s) {unknown}; accepted keys: {', '.join(OFFLOAD_KEYS)}.")
-        if "model" not in cfg:
+        if cfg.get("model") is None:
             raise OptionError("%%offload needs a `model:` line (a folder or a Hub id).")
+        for key, value in cfg.items():
+            if key != "pin" and isinstance(value, (list, dict)):
+                raise OptionError(f"%%offload `{key}: {value}` is not valid; every key but pin takes one value, "
+                                  "e.g. `gpu: 6GiB`.")
+        if not isinstance(cfg.get("trace", True), bool):     # the API takes any truthy value
+            raise OptionError(f"%%offload `trace: {cfg['trace']}` is not valid; accepted: true or false.")
         pins = cfg.get("pin") or {}
         if not isinstance(pins, dict):
             raise OptionError(f"%%offload `pin:` must be a mapping of pattern to tier, got {pins!r}.")
-        name = line.strip() or str(cfg.get("as") or "llm")
+        name, spelling = (args.name, "%%offload") if args.name else (str(cfg.get("as") or "llm"), "%%offload as:")
         extra = {k: cfg[k] for k in LOAD_OPTION_KEYS if k in cfg}
         sizes = {k: (str(cfg[k]) if cfg.get(k) is not None else None) for k in ("gpu", "cpu")}
-        self._load(str(cfg["model"]), name=name, gpu=sizes["gpu"], cpu=sizes["cpu"], disk=cfg.get("disk"),
-                   dtype=cfg.get("dtype"), quant=cfg.get("quant"), pins={str(k): v for k, v in pins.items()},
-                   context=cfg.get("context"), device=cfg.get("device"), **extra)
+        self._load(str(cfg["model"]), name=name, spelling=spelling, gpu=sizes["gpu"], cpu=sizes["cpu"],
+                   disk=cfg.get("disk"), dtype=cfg.get("dtype"), quant=cfg.get("quant"),
+                   pins={str(k): v for k, v in pins.items()}, context=cfg.get("context"), device=cfg.get("device"),
+                   **extra)
 
     # -- generating ----------------------------------------------------------------------
     @magic_arguments()
-    @argument("--model", default=None, help="which loaded model (default: the most recent)")
-    @argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default 128)")
-    @argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
-    @argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
-    @argument("--seed", type=int, default=None, help="random seed for sampling")
+    @argument("--model", default=None, metavar="NAME", help="which loaded model (default: the most recent)")
+    @argument("--max-new-tokens", type=COUNT, default=None, metavar="N",
+              help="tokens to generate (default 128, or %%config OffloadMagics.max_new_tokens)")
+    @argument("--temperature", type=TEMPERATURE, default=0.0, metavar="T", help="sampling temperature (0: greedy)")
+    @argument("--top-p", type=TOP_P, default=None, metavar="P", help="nucleus sampling threshold, 0 < P <= 1")
+    @argument("--seed", type=SEED, default=None, metavar="S", help="random seed for sampling")
     @argument("--chat", action="store_true", help="apply the tokenizer's chat template")
-    @argument("--system", default=None, help="system message (implies --chat)")
+    @argument("--system", default=None, metavar="TEXT", help="system message (implies --chat)")
     @argument("--no-stream", action="store_true", help="print the text at the end only")
-    @argument("--as", dest="var", default=None, help="bind the generated text (a str) to this variable")
+    @argument("--as", dest="var", default=None, metavar="VAR", help="bind the generated text (a str) to this variable")
     @cell_magic
     def generate(self, line, cell):
         """Generate from the cell body as the prompt; tokens stream into the output.
@@ -228,15 +342,18 @@ class OffloadMagics(Magics):
             %%generate --model llm --max-new-tokens 64 --as answer
             Explain model offloading in one paragraph.
         """
-        args = parse_argstring(self.generate, line)
+        args = self._parse(self.generate, line)
+        if args.var is not None:
+            _check_name(args.var)
         name, llm = self._pick(args.model)
         tok = llm.tokenizer
         if tok is None:
             raise OffloadError(f"model {name!r} has no tokenizer; load a folder with tokenizer files, "
                                f"or call {name}.generate(input_ids, ...) yourself.")
-        max_new = args.max_new_tokens or self.max_new_tokens
-        if max_new < 1:
-            raise OptionError(f"--max-new-tokens {max_new} is not valid; give an int >= 1.")
+        max_new = self.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
+        if max_new < 1:       # the option's type checks it; the %config default is checked here
+            raise OptionError(f"OffloadMagics.max_new_tokens = {max_new} is not valid; give an int >= 1 "
+                              "(%config OffloadMagics.max_new_tokens = 128).")
         prompt = cell.strip("\n")
         if args.chat or args.system:
             if not getattr(tok, "chat_template", None):
@@ -248,7 +365,7 @@ class OffloadMagics(Magics):
         else:
             inputs = tok(prompt, return_tensors="pt")
         kwargs = dict(max_new_tokens=max_new, pad_token_id=tok.pad_token_id or tok.eos_token_id)
-        if args.temperature and args.temperature > 0:
+        if args.temperature > 0:
             kwargs.update(do_sample=True, temperature=args.temperature)
             if args.top_p is not None:
                 kwargs["top_p"] = args.top_p
@@ -291,6 +408,10 @@ class OffloadMagics(Magics):
             llm._release_memory()
 
     # -- re-pinning and inspecting ----------------------------------------------------------
+    @magic_arguments()
+    @_name_argument()
+    @argument("pattern", metavar="PATTERN", help="module name with * globs and index ranges, e.g. model.layers.0-3")
+    @argument("tier", metavar="TIER", help="gpu, cpu or disk")
     @line_magic
     def offload_pin(self, line):
         """Keep units on a tier; the rest are re-planned around them and bytes migrate.
@@ -301,15 +422,15 @@ class OffloadMagics(Magics):
         Example:
             %offload_pin llm model.layers.20-23 gpu
         """
-        parts = shlex.split(line)
-        if len(parts) not in (2, 3):
-            raise OptionError(f"%offload_pin takes [NAME] PATTERN TIER, got {line!r}; "
-                              "e.g. %offload_pin llm model.layers.0-3 gpu.")
-        name, llm = self._pick(parts[0] if len(parts) == 3 else None)
-        moved = llm.pin(parts[-2], parts[-1])
-        print(f"{name}: pinned {parts[-2]} to {parts[-1]}; moved {len(moved)} unit(s).")
+        args = self._parse(self.offload_pin, line)
+        name, llm = self._pick(args.name)
+        moved = llm.pin(args.pattern, args.tier)
+        print(f"{name}: pinned {args.pattern} to {args.tier}; moved {len(moved)} unit(s).")
         self._show(llm.plan)
 
+    @magic_arguments()
+    @_name_argument()
+    @argument("pattern", metavar="PATTERN", help="a pattern given to %%offload_pin, or one under it")
     @line_magic
     def offload_unpin(self, line):
         """Let the planner place units again.
@@ -319,20 +440,17 @@ class OffloadMagics(Magics):
         Example:
             %offload_unpin llm model.layers.20-23
         """
-        parts = shlex.split(line)
-        if len(parts) not in (1, 2):
-            raise OptionError(f"%offload_unpin takes [NAME] PATTERN, got {line!r}; "
-                              "e.g. %offload_unpin llm model.layers.0-3.")
-        name, llm = self._pick(parts[0] if len(parts) == 2 else None)
-        moved = llm.unpin(parts[-1])
-        print(f"{name}: unpinned {parts[-1]}; moved {len(moved)} unit(s).")
+        args = self._parse(self.offload_unpin, line)
+        name, llm = self._pick(args.name)
+        moved = llm.unpin(args.pattern)
+        print(f"{name}: unpinned {args.pattern}; moved {len(moved)} unit(s).")
         self._show(llm.plan)
 
     @magic_arguments()
     @_model_and_budget_arguments
-    @argument("--link", type=float, default=None, help="host-to-GPU GB/s for the prediction "
+    @argument("--link", type=RATE, default=None, metavar="GBPS", help="host-to-GPU GB/s for the prediction "
               "(default: measured here on a GPU, else 25)")
-    @argument("--drive", type=float, default=1.0, help="drive GB/s for the prediction (default 1)")
+    @argument("--drive", type=RATE, default=1.0, metavar="GBPS", help="drive GB/s for the prediction (default 1)")
     @line_magic
     def offload_plan(self, line):
         """Dry run: where each unit would live, and the predicted decode speed. No weight is read.
@@ -344,7 +462,7 @@ class OffloadMagics(Magics):
             %offload_plan ./llama-70b --gpu 20GiB --cpu 64GiB --disk ./offload
         """
         import nb_offload
-        args = parse_argstring(self.offload_plan, line)
+        args = self._parse(self.offload_plan, line)
         plan = nb_offload.plan(args.model, **self._with_defaults(args.gpu, args.cpu, args.disk, args.dtype,
                                                                 args.context))
         self._show(plan)
@@ -360,6 +478,8 @@ class OffloadMagics(Magics):
         else:
             print("predicted decode: nothing streams; the speed is the resident model's.")
 
+    @magic_arguments()
+    @_name_argument()
     @line_magic
     def offload_status(self, line):
         """Show a loaded model's plan and what it has done so far.
@@ -369,12 +489,12 @@ class OffloadMagics(Magics):
         Example:
             %offload_status llm
         """
-        name, llm = self._pick(line.strip() or None)
+        name, llm = self._pick(self._parse(self.offload_status, line).name)
         self._show_model(llm)
         print(f"{name}: {llm.stats}")
 
     @magic_arguments()
-    @argument("name", nargs="?", default=None, help="which loaded model (default: the most recent)")
+    @_name_argument()
     @argument("--export", default=None, metavar="FILE.json", help="write the trace as Chrome-trace JSON")
     @line_magic
     def offload_timeline(self, line):
@@ -385,16 +505,20 @@ class OffloadMagics(Magics):
         Example:
             %offload_timeline llm --export trace.json
         """
-        args = parse_argstring(self.offload_timeline, line)
+        args = self._parse(self.offload_timeline, line)
         name, llm = self._pick(args.name)
         from .timeline import Timeline
         self._show(Timeline(llm.trace, title=name))
-        if args.export:
-            llm.trace.export(args.export)
+        if args.export is not None:
+            path = os.path.expanduser(args.export)
+            try:
+                llm.trace.export(path)
+            except OSError as exc:
+                raise OptionError(f"--export {args.export}: {_unwritable(path, exc)}") from None
             print(f"wrote {args.export} (open it in Perfetto or chrome://tracing)")
 
     @magic_arguments()
-    @argument("name", nargs="?", default=None, help="the model to unload (default: the most recent)")
+    @_name_argument("the model to unload (default: the most recent)")
     @argument("--all", action="store_true", help="unload every model")
     @line_magic
     def offload_unload(self, line):
@@ -405,7 +529,7 @@ class OffloadMagics(Magics):
         Example:
             %offload_unload llm
         """
-        args = parse_argstring(self.offload_unload, line)
+        args = self._parse(self.offload_unload, line)
         names = list(self.models) if args.all else [self._pick(args.name)[0]]
         for name in names:
             self._drop(name)

@@ -67,3 +67,24 @@ def host_staging(folder, read_ahead=2):
 
 def blocks(plan):
     return [e for e in plan if e.kind == "block"]
+
+
+@pytest.fixture(scope="module")
+def shell(tmp_path_factory):
+    """A real IPython shell (fresh IPYTHONDIR) with the extension loaded, one per test module."""
+    os.environ["IPYTHONDIR"] = str(tmp_path_factory.mktemp("ipython"))
+    from IPython.core.interactiveshell import InteractiveShell
+    sh = InteractiveShell.instance()
+    sh.run_cell("%load_ext nb_offload", store_history=False)
+    yield sh
+    sh.run_cell("%unload_ext nb_offload", store_history=False)
+
+
+def run_cell(sh, code):
+    """Run a cell; errors are raised, not swallowed."""
+    result = sh.run_cell(code, store_history=False)
+    if result.error_before_exec:
+        raise result.error_before_exec
+    if result.error_in_exec:
+        raise result.error_in_exec
+    return result

@@ -11,27 +11,9 @@ import _thread
 
 import pytest
 
+from conftest import run_cell as run
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def shell(tmp_path_factory):
-    os.environ["IPYTHONDIR"] = str(tmp_path_factory.mktemp("ipython"))
-    from IPython.core.interactiveshell import InteractiveShell
-    sh = InteractiveShell.instance()
-    sh.run_cell("%load_ext nb_offload", store_history=False)
-    yield sh
-    sh.run_cell("%unload_ext nb_offload", store_history=False)
-
-
-def run(sh, code):
-    """Run a cell; errors are raised, not swallowed."""
-    result = sh.run_cell(code, store_history=False)
-    if result.error_before_exec:
-        raise result.error_before_exec
-    if result.error_in_exec:
-        raise result.error_in_exec
-    return result
 
 
 class Pieces:
