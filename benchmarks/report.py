@@ -3,6 +3,7 @@
     python3 benchmarks/report.py benchmarks/raw-2026-11-25-h100-run2.json --command "..." >> benchmarks/RESULTS.md
     python3 benchmarks/report.py RUN.json --readme          # the README's performance table
     python3 benchmarks/report.py PATTERNS.json --patterns   # a drive_patterns.py run
+    python3 benchmarks/report.py CHECKS.json --checks       # a bench_checks.py run
 """
 
 from __future__ import annotations
@@ -213,6 +214,44 @@ def render_readme(data, title) -> str:
     return "\n".join(out) + "\n"
 
 
+def render_checks(data, command, title) -> str:
+    """A bench_checks.py run: what issue 10's checks cost per step and at load."""
+    m = data["meta"]
+    lines = [f"## {m['date']}, {title or 'the checks of issue 10'} · {m['card']} · torch {m['torch']}, "
+             f"transformers {m['transformers']}", "", "Command (GPU machine, repository root):", "",
+             f"    {command}", "", "LLaMA-7B shape, bf16; page-locked link "
+             f"{m['link_gbps']:.1f} GB/s. Steps: the previous nb_offload (`--prev`, a copy of the package "
+             "before the checks) and this one loaded side by side, timed in interleaved rounds.", ""]
+    steps = [r for r in data["rows"] if "prev_tok_s" in r]
+    if steps:
+        lines += ["| case | this nb_offload | previous | per-step cost | transformers resident | same tokens |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for r in steps:
+            cost = r.get("cost_pct", r.get("new_vs_prev_pct"))
+            ref = f"{r['transformers_tok_s']:.2f} tok/s" if "transformers_tok_s" in r else ""
+            spread = f" ({r['new_spread']} / {r['prev_spread']} a step)" if "new_spread" in r else ""
+            same = r.get("same_tokens_as_prev", True) and r.get("same_tokens_as_resident")
+            lines.append(f"| {r['case']}{spread} | {r['new_tok_s']:.2f} tok/s | {r['prev_tok_s']:.2f} tok/s | "
+                         f"{cost:+.2f} % | {ref} | {'yes' if same else 'NO'} |")
+        lines.append("")
+    loads = [r for r in data["rows"] if "cached_bytes" in r]
+    if loads:
+        lines += ["| load, offload cache of | first load (writes it) | read and hashed | header only | "
+                  "unchanged since stamped | cost of hashing | hash rate | same tokens |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in loads:
+            hashed = r.get("load_hashed_s", r.get("load_verified_s"))
+            stamped = f"{r['load_stamped_s']:.2f} s" if "load_stamped_s" in r else ""
+            cost = r.get("hash_cost_s", r.get("verify_cost_s"))
+            pct = r.get("hash_cost_pct", r.get("verify_cost_pct"))
+            rate = r.get("hash_gbps", r.get("verify_gbps"))
+            label = "cold" if "(cold)" in r["case"] else "warm"
+            lines.append(f"| {r['cached_bytes'] / 1e9:.1f} GB, {label} page cache | {r['first_load_writes_s']:.1f} s | "
+                         f"{hashed:.2f} s | {r['load_header_only_s']:.2f} s | {stamped} | +{cost:.2f} s "
+                         f"({pct:+.0f} %) | {rate:.1f} GB/s | {'yes' if r['same_tokens'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("json", nargs="+")
@@ -220,6 +259,7 @@ def main():
     ap.add_argument("--patterns", action="store_true", help="the JSON is drive_patterns.py's")
     ap.add_argument("--readme", action="store_true", help="the README's performance table")
     ap.add_argument("--contention", action="store_true", help="the JSON files are host_contention.py's")
+    ap.add_argument("--checks", action="store_true", help="the JSON is bench_checks.py's")
     ap.add_argument("--command", default="PYTHONPATH=. python3 benchmarks/bench_offload.py --json out.json")
     ap.add_argument("--title", default=None)
     args = ap.parse_args()
@@ -230,6 +270,8 @@ def main():
     data = loaded[0]
     if args.contention:
         print(render_contention(loaded, args.command, args.title))
+    elif args.checks:
+        print(render_checks(data, args.command, args.title))
     elif args.dashboard:
         print(render_dashboard(data, args.command))
     elif args.patterns:

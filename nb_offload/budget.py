@@ -5,6 +5,7 @@ Imports no torch: the magics parse sizes before a model (and torch) is loaded.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -34,7 +35,7 @@ def parse_size(value, *, capacity: int | None = None, what: str = "size") -> int
             raise BudgetError(f"{what}={value!r} is negative; give {ACCEPTED}.")
         return value
     if isinstance(value, float):
-        if value < 0 or value != value:
+        if not math.isfinite(value) or value < 0:
             raise BudgetError(f"{what}={value!r} is not a size; give {ACCEPTED}.")
         return int(value)
     if not isinstance(value, str):
@@ -95,3 +96,34 @@ def disk_free(path: str) -> int:
             break
         probe = parent
     return shutil.disk_usage(probe).free
+
+
+def process_memory() -> int | None:
+    """Bytes of anonymous and shared memory this process holds (RssAnon + RssShmem: what a budget
+    counts; page-locked buffers are in it; file pages, which the kernel can drop, are not), or
+    None where the platform doesn't say."""
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            return sum(int(line.split()[1]) * 1024 for line in fh if line.startswith((b"RssAnon:", b"RssShmem:")))
+    except (OSError, ValueError):
+        return None
+
+
+def trim_heap():
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    torch's CPU tensors come from malloc, and glibc keeps pages freed below its (self-raising)
+    mmap threshold in the heap: after a load converts units, or a generate grows its cache, the
+    process would hold them for good."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None

@@ -26,7 +26,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 
-from .tiers import alloc_host, param_views, read_extents, sub_extents
+from .tiers import alloc_host, param_views, read_extents, release_host, sub_extents
 from .uncached import ALIGN, alignment_shift
 
 
@@ -256,9 +256,8 @@ class Engine:
         return views
 
     def install(self):
+        """Hook the units' modules (the forward pass as a whole goes through ``step``)."""
         root = self.model
-        self._hooks.append(root.register_forward_pre_hook(self._root_pre, with_kwargs=True))
-        self._hooks.append(root.register_forward_hook(self._root_post))
         for u in self.units:
             if u.index not in self.sources and not (self.trace.enabled and self.trace.detail == "full"):
                 continue        # resident and not traced one by one: no hook, no cost
@@ -276,6 +275,8 @@ class Engine:
         self._reader.shutdown(wait=True)
         if self._io is not None:
             self._io.shutdown(wait=True)
+        for st in self.staging:
+            release_host(st.flat)
         self.slots, self._views, self.staging, self.rest = [], {}, [], {}
         self._landing = {}      # its futures' callbacks refer back to this engine
 
@@ -382,8 +383,15 @@ class Engine:
         self.order, self._order_before_hold = self._order_before_hold, None
         self.pos = self.read_pos = 0
 
-    # -- hooks ----------------------------------------------------------------------------
-    def _root_pre(self, module, args, kwargs):
+    # -- one forward pass ----------------------------------------------------------------
+    def step(self, forward, args, kwargs):
+        """Run the model's own ``forward`` once, streaming as planned (inputs may be on the CPU)."""
+        self._begin_step()
+        out = forward(*_to_device(args, self.device), **_to_device(kwargs, self.device))
+        self._end_step()
+        return out
+
+    def _begin_step(self):
         if self.in_step:        # the last step ended in an exception: start clean
             self._reset()
         self.in_step = True
@@ -394,9 +402,8 @@ class Engine:
             self._mark_start("step")
         if self.order and not self.queue:
             self._fill()
-        return _to_device(args, self.device), _to_device(kwargs, self.device)
 
-    def _root_post(self, module, args, output):
+    def _end_step(self):
         if self.trace.enabled:
             self._mark_end("step")
         self.in_step = False
@@ -406,9 +413,11 @@ class Engine:
             self.pos = self.read_pos = 0
             self._fill()
         self.stats.steps += 1
+        self.stats.sample_host(every=0.05)
         self.trace.step += 1
         self.trace.flush()
 
+    # -- hooks ----------------------------------------------------------------------------
     def _make_pre(self, unit):
         idx = unit.index
 

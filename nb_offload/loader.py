@@ -9,9 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 
-from .budget import format_size, host_memory, parse_size
+from .budget import format_size, host_memory, parse_size, process_memory
 from .checkpoint import Checkpoint, resolve
-from .errors import CheckpointError, OffloadError, OptionError
+from .errors import BudgetError, CheckpointError, DiskTierError, OffloadError, OptionError
 from .planner import DEFAULT_CONTEXT, make_plan, resolve_pins
 from .trace import check_detail
 from .units import build_meta_model, find_units, map_checkpoint, resolve_dtype
@@ -19,18 +19,40 @@ from .units import build_meta_model, find_units, map_checkpoint, resolve_dtype
 POLICIES = ("auto", "sequential")
 QUANTS_PLANNED = ("int8", "nf4", "fp4")
 GPU_HEADROOM = 0.05     # share of the card left free when gpu=None
+PLAN_OPTIONS = ("gpu", "cpu", "disk", "dtype", "quant", "pins", "device", "policy", "context", "batch", "prefetch",
+                "read_ahead", "split_blocks", "allow_pickle", "trust_remote_code", "attn_implementation",
+                "local_files_only", "revision")
+LOAD_OPTIONS = PLAN_OPTIONS + ("read_threads", "drop_page_cache", "trace", "trace_detail", "hold_spare",
+                               "progress")
+
+
+# Opt-ins that let a checkpoint folder run code: only the bool True opts in (the string "False"
+# is truthy, so bool() of it would turn them on).
+OPT_INS = {"trust_remote_code": "runs Python code from the model folder",
+           "allow_pickle": "unpickling weight files can run code from them"}
+
+
+def _check_opt_ins(**given):
+    for name, value in given.items():
+        if not isinstance(value, bool):
+            raise OptionError(f"{name}={value!r} is not a bool; only True opts in ({OPT_INS[name]}), "
+                              "False keeps it off.")
 
 
 def _check_options(quant, policy, batch, context, prefetch, read_ahead, read_threads=1, split_blocks="auto",
-                   hold_spare=True, drop_page_cache="auto"):
+                   hold_spare=True, drop_page_cache="auto", trace=True, progress=True, attn_implementation=None):
     for name, value, auto in (
             ("split_blocks", split_blocks, "split when whole-block staging would take over a tenth of the room "
                                            "left for weights"),
             ("drop_page_cache", drop_page_cache, "skip the page cache when the disk tier is larger than the free RAM")):
         if not (value is True or value is False or value == "auto"):
             raise OptionError(f"{name}={value!r} is not valid; accepted: True, False or \"auto\" ({auto}).")
-    if not isinstance(hold_spare, bool):
-        raise OptionError(f"hold_spare={hold_spare!r} is not valid; accepted: True or False.")
+    for name, value in (("hold_spare", hold_spare), ("trace", trace), ("progress", progress)):
+        if not isinstance(value, bool):
+            raise OptionError(f"{name}={value!r} is not valid; accepted: True or False.")
+    if attn_implementation is not None and not isinstance(attn_implementation, str):
+        raise OptionError(f"attn_implementation={attn_implementation!r} is not valid; accepted: None (the "
+                          "model's default), \"eager\", \"sdpa\" or another name transformers knows.")
     if quant is not None:
         if quant in QUANTS_PLANNED:
             raise OptionError(f"quant={quant!r} is not available in this version of nb_offload yet; "
@@ -43,6 +65,12 @@ def _check_options(quant, policy, batch, context, prefetch, read_ahead, read_thr
                              ("read_ahead", read_ahead, 1), ("read_threads", read_threads, 1)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             raise OptionError(f"{name}={value!r} is not valid; give an int >= {low}.")
+
+
+def _reject_unknown(function, kwargs, accepted):
+    if kwargs:
+        raise OptionError(f"unsupported option(s) {sorted(kwargs)}; nb_offload.{function} takes "
+                          f"{', '.join(accepted)}.")
 
 
 def _compute_device(device, gpu_given: bool):
@@ -76,6 +104,9 @@ def _budgets(device, gpu, cpu, disk, *, planning=False):
             raise OptionError("a dry-run plan for a GPU needs gpu= (the card is not on this machine).")
         if not planning or (isinstance(gpu, str) and gpu.strip().endswith("%")):
             import torch
+            if not torch.cuda.is_available():
+                raise BudgetError(f"gpu={gpu!r}: a percentage is a share of the card's memory, and this machine "
+                                  "has no CUDA device; for a dry run give a size such as \"20GiB\".")
             free, total = torch.cuda.mem_get_info()
         else:
             free = total = None
@@ -89,10 +120,31 @@ def _budgets(device, gpu, cpu, disk, *, planning=False):
 
 def _disk_capacity(disk):
     from .budget import disk_free
-    if not isinstance(disk, (str, os.PathLike)) or not os.fspath(disk).strip():
-        from .errors import DiskTierError
+    text = os.fspath(disk) if isinstance(disk, (str, os.PathLike)) else None
+    if not isinstance(text, str) or not text.strip() or "\0" in text:
         raise DiskTierError(f"disk={disk!r} is not a folder path; give a path such as \"./offload\".")
-    return disk_free(os.path.expanduser(os.fspath(disk)))
+    return disk_free(os.path.expanduser(text))
+
+
+_library_code = None
+
+
+def library_code() -> int:
+    """Host memory of the transformers code a load needs, charged to every plan's cpu budget.
+
+    Its loading and generation code pulls in torch.distributed, dynamo and sympy: about 90 MiB of
+    code objects, more than the weights of a small budget. Measured once a process, when nb_offload
+    first imports it (so every plan of the process charges the same; 0 when the process already
+    had it, e.g. from using transformers before)."""
+    global _library_code
+    if _library_code is None:
+        before = process_memory()
+        import transformers.core_model_loading  # noqa: F401
+        import transformers.generation.utils  # noqa: F401
+        import transformers.modeling_utils  # noqa: F401
+        after = process_memory()
+        _library_code = max(0, after - before) if before is not None and after is not None else 0
+    return _library_code
 
 
 @contextlib.contextmanager
@@ -116,6 +168,7 @@ class Inspection:
 
     def __init__(self, model, *, dtype=None, allow_pickle=False, trust_remote_code=False,
                  attn_implementation=None, local_files_only=None, revision=None):
+        self.library_code = library_code()      # first: it measures what these imports take
         from transformers import AutoConfig
         self.folder = resolve(model, local_files_only=local_files_only, revision=revision)
         self.name = os.fspath(model)
@@ -126,13 +179,21 @@ class Inspection:
             except Exception as exc:
                 raise CheckpointError(f"model folder {self.folder!r}: config.json can't be read ({exc}).") from exc
         self.dtype = resolve_dtype(dtype, self.config)
+        self.trust_remote_code = trust_remote_code
+        # The config is untrusted too: check it against the checkpoint on a model that allocates
+        # nothing (vocab_size=10**12 would otherwise try a 256 TB allocation), then build the one
+        # that runs, with its real buffers.
         with _quiet_transformers():
-            self.meta = build_meta_model(self.config, self.dtype, attn_implementation, trust_remote_code)
-        self.units = find_units(self.meta)
+            structure = build_meta_model(self.config, self.dtype, attn_implementation, trust_remote_code,
+                                         buffers=False)
+        self.units = find_units(structure)
         from .pieces import split_unit
         for u in self.units:
-            split_unit(self.meta, u)
-        self.buffer_keys, self.conversions = map_checkpoint(self.meta, self.units, self.checkpoint)
+            split_unit(structure, u)
+        self.buffer_keys, self.conversions = map_checkpoint(structure, self.units, self.checkpoint)
+        del structure
+        with _quiet_transformers():
+            self.meta = build_meta_model(self.config, self.dtype, attn_implementation, trust_remote_code)
 
     def default_context(self):
         cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
@@ -148,19 +209,25 @@ class Inspection:
                   split_blocks="auto"):
         return make_plan(self.units, device=device_type, budgets=budgets, pins=pin_map, config=self.config,
                          dtype_size=self.dtype_size, context=context, batch=batch, prefetch=prefetch,
-                         model_name=self.name, read_ahead=read_ahead, policy=policy, split_blocks=split_blocks)
+                         model_name=self.name, read_ahead=read_ahead, policy=policy, split_blocks=split_blocks,
+                         library_code=self.library_code)
 
 
 def plan(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=None, device=None,
          policy="auto", context=None, batch=1, prefetch=None, read_ahead=2, allow_pickle=False,
-         trust_remote_code=False, split_blocks="auto", **kwargs):
+         trust_remote_code=False, split_blocks="auto", attn_implementation=None, local_files_only=None,
+         revision=None, **unknown):
     """A dry run: where each unit would live, from the config and safetensors headers alone.
 
     With ``gpu=`` given the plan is for a CUDA device, also on a machine without one.
     """
-    _check_options(quant, policy, batch, context, prefetch, read_ahead, split_blocks=split_blocks)
+    _reject_unknown("plan", unknown, PLAN_OPTIONS)
+    _check_opt_ins(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    _check_options(quant, policy, batch, context, prefetch, read_ahead, split_blocks=split_blocks,
+                   attn_implementation=attn_implementation)
     insp = Inspection(model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                      local_files_only=kwargs.pop("local_files_only", None), revision=kwargs.pop("revision", None))
+                      attn_implementation=attn_implementation, local_files_only=local_files_only,
+                      revision=revision)
     if device is not None:
         dev_type = str(device).split(":")[0]
         if dev_type not in ("cuda", "cpu"):
@@ -180,30 +247,23 @@ def plan(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=N
 def load(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=None, device=None,
          policy="auto", context=None, batch=1, prefetch=None, read_ahead=2, trace=True,
          allow_pickle=False, progress=True, read_threads=8, drop_page_cache="auto",
-         trace_detail="streamed", hold_spare=True, split_blocks="auto", **from_pretrained_kwargs):
+         trace_detail="streamed", hold_spare=True, split_blocks="auto", trust_remote_code=False,
+         attn_implementation=None, local_files_only=None, revision=None, low_cpu_mem_usage=None, **unknown):
     """Load a causal LM under memory budgets; see the README for the options."""
+    _reject_unknown("load", unknown, LOAD_OPTIONS)
+    _check_opt_ins(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     _check_options(quant, policy, batch, context, prefetch, read_ahead, read_threads, split_blocks, hold_spare,
-                   drop_page_cache)
+                   drop_page_cache, trace, progress, attn_implementation)
     check_detail(trace_detail)      # before any weight is read
-    trust_remote_code = bool(from_pretrained_kwargs.pop("trust_remote_code", False))
-    attn = from_pretrained_kwargs.pop("attn_implementation", None)
-    local_only = from_pretrained_kwargs.pop("local_files_only", None)
-    revision = from_pretrained_kwargs.pop("revision", None)
-    from_pretrained_kwargs.pop("low_cpu_mem_usage", None)
-    if from_pretrained_kwargs:
-        raise OptionError(f"unsupported option(s) {sorted(from_pretrained_kwargs)}; nb_offload.load takes "
-                          "gpu, cpu, disk, dtype, quant, pins, device, policy, context, batch, prefetch, "
-                          "read_ahead, read_threads, drop_page_cache, trace, trace_detail, hold_spare, "
-                          "split_blocks, allow_pickle, "
-                          "trust_remote_code, attn_implementation, "
-                          "local_files_only and revision.")
     import torch
+    host_before = process_memory()
     dev = _compute_device(device, gpu is not None)
     if dev.type == "cpu" and gpu is not None:
         raise OptionError(f"gpu={gpu!r} was given but compute runs on the CPU (no CUDA device, or "
                           "device=\"cpu\"); drop gpu=, or load on a machine with a GPU.")
     insp = Inspection(model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                      attn_implementation=attn, local_files_only=local_only, revision=revision)
+                      attn_implementation=attn_implementation, local_files_only=local_files_only,
+                      revision=revision)
     if dev.type == "cuda":
         with torch.cuda.device(dev):
             budgets = _budgets("cuda", gpu, cpu, disk)
@@ -215,7 +275,7 @@ def load(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=N
                               prefetch, read_ahead, policy, split_blocks)
     from .model import OffloadedModel
     from .storage import Storage
-    storage = Storage(insp, dev, disk)
+    storage = Storage(insp, dev, disk, read_threads=read_threads)
     try:
         storage.materialize(the_plan, progress=progress)
         engine_options = dict(prefetch=prefetch, read_ahead=read_ahead, read_threads=read_threads,
@@ -223,7 +283,7 @@ def load(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=N
         handle = OffloadedModel._assemble(insp, storage, the_plan, pin_map, dev, budgets=budgets,
                                           engine_options=engine_options, policy=policy, trace=trace,
                                           trace_detail=trace_detail, hold_spare=hold_spare,
-                                          split_blocks=split_blocks)
+                                          split_blocks=split_blocks, host_before=host_before)
     except BaseException as exc:
         storage.abort()
         if isinstance(exc, (OffloadError, KeyboardInterrupt)):

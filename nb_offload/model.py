@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
+import inspect
 import time
+import warnings
 
-from .budget import format_size, host_memory
+from .budget import format_size, host_memory, trim_heap
 from .errors import OffloadError, PinError
+from .gate import RunGate
 from .patterns import match_units
 from .planner import check_tier
 from .tiers import param_views
@@ -25,7 +29,7 @@ class OffloadedModel:
 
     @classmethod
     def _assemble(cls, insp, storage, plan, pin_map, device, *, budgets, engine_options, policy="auto",
-                  trace=True, trace_detail="streamed", hold_spare=True, split_blocks="auto"):
+                  trace=True, trace_detail="streamed", hold_spare=True, split_blocks="auto", host_before=None):
         import torch
         self = object.__new__(cls)
         self._insp, self._storage, self._device = insp, storage, device
@@ -38,7 +42,7 @@ class OffloadedModel:
         self.uncached_disk_reads = False           # drop_page_cache as it applies to the present plan
         self.plan = plan
         self.trace = Trace(enabled=trace, detail=trace_detail)
-        self.stats = Stats()
+        self.stats = Stats(host_budget=budgets["cpu"], host_before=host_before)
         self.name = insp.name
         model = insp.meta
         # Buffers: persistent ones from the checkpoint, the rest as the model computed them.
@@ -63,10 +67,13 @@ class OffloadedModel:
                 plist.append(p)
             self._params[u.index] = plist
         self.model = model
+        self._gate = RunGate()
+        self._gate_forward()
         self._load_generation_config()
         self.tokenizer = self._load_tokenizer()
         self._engine = None
         self._start_engine()
+        self.stats.sample_host()
         return self
 
     def _load_generation_config(self):
@@ -78,6 +85,25 @@ class OffloadedModel:
             except Exception:  # a broken generation config should not stop a load
                 pass
 
+    def _gate_forward(self):
+        """Route every forward pass of ``model`` through the gate and the engine of the moment.
+
+        The model's ``forward`` is wrapped on the instance (not a hook: a KeyboardInterrupt skips
+        forward hooks, and a re-plan waiting on the gate must not find it held forever). The
+        engine is looked up once the gate is held, so a pass that waited for a re-plan runs on
+        the engine that re-plan started; after ``unload`` a pass is an OffloadError.
+        """
+        forward = self.model.forward
+
+        @functools.wraps(forward)
+        def gated_forward(*args, **kwargs):
+            with self._gate.run():
+                self._check_loaded()
+                return self._engine.step(forward, args, kwargs)
+        # generate reads the signature of forward every step: given outright, it is found at once
+        gated_forward.__signature__ = inspect.signature(forward)
+        self.model.forward = gated_forward
+
     def _load_tokenizer(self):
         import os
         folder = self._insp.folder
@@ -88,8 +114,12 @@ class OffloadedModel:
         from .loader import _quiet_transformers
         try:
             with _quiet_transformers():
-                return AutoTokenizer.from_pretrained(folder)
-        except Exception:
+                # The load's decision on remote code, said outright: left unsaid, transformers asks
+                # on stdin for a tokenizer with code of its own, which hangs a notebook kernel.
+                return AutoTokenizer.from_pretrained(folder, trust_remote_code=self._insp.trust_remote_code)
+        except Exception as exc:
+            warnings.warn(f"nb_offload: the tokenizer in {folder!r} was not loaded ({exc}); llm.tokenizer is "
+                          "None, generate from token ids.", RuntimeWarning, stacklevel=2)
             return None
 
     def _start_engine(self):
@@ -139,7 +169,7 @@ class OffloadedModel:
     def __call__(self, *args, **kwargs):
         self._check_loaded()
         import torch
-        with torch.inference_mode():
+        with self._gate.run(), torch.inference_mode():
             return self.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
@@ -150,11 +180,15 @@ class OffloadedModel:
         args, kwargs = _to_device(args, self._device), _to_device(kwargs, self._device)
         inputs = kwargs.get("input_ids", args[0] if args else None)
         t0 = time.perf_counter()
-        with torch.inference_mode(), self._holding_spare(args, kwargs):
-            out = self.model.generate(*args, **kwargs)
+        with self._gate.run():
+            self._check_loaded()        # unloaded by another thread while this one waited
+            with torch.inference_mode(), self._holding_spare(args, kwargs):
+                out = self.model.generate(*args, **kwargs)
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
         self.stats.seconds += time.perf_counter() - t0
+        self.stats.sample_host()
+        trim_heap()         # a generate's cache and temporaries, freed: back to the system
         seqs = out.sequences if hasattr(out, "sequences") else out
         if isinstance(seqs, torch.Tensor) and isinstance(inputs, torch.Tensor) and seqs.dim() == 2:
             self.stats.tokens += (seqs.shape[1] - inputs.shape[1]) * seqs.shape[0]
@@ -195,25 +229,29 @@ class OffloadedModel:
 
     # -- re-pinning -------------------------------------------------------------------------
     def pin(self, pattern: str, tier: str):
-        """Keep the units matching ``pattern`` on ``tier``; the others are re-planned around them."""
-        self._check_loaded()
+        """Keep the units matching ``pattern`` on ``tier``; the others are re-planned around them.
+
+        Waits for a generate or forward pass running in another thread to end first."""
         tier = check_tier(tier)
-        units = match_units(pattern, self._insp.units)
-        pins = dict(self._pins)
-        for u in units:
-            pins[u.index] = tier
-        return self._replan(pins)
+        with self._gate.exclusive("re-pin"):
+            self._check_loaded()
+            units = match_units(pattern, self._insp.units)
+            pins = dict(self._pins)
+            for u in units:
+                pins[u.index] = tier
+            return self._replan(pins)
 
     def unpin(self, pattern: str):
-        """Let the planner place the units matching ``pattern`` again."""
-        self._check_loaded()
-        units = match_units(pattern, self._insp.units)
-        pinned = [u for u in units if u.index in self._pins]
-        if not pinned:
-            raise PinError(f"pattern {pattern!r} matches no pinned unit; pinned now: "
-                           f"{[self._insp.units[i].name for i in self._pins] or 'none'}.")
-        pins = {i: t for i, t in self._pins.items() if i not in {u.index for u in pinned}}
-        return self._replan(pins)
+        """Let the planner place the units matching ``pattern`` again (waits like ``pin``)."""
+        with self._gate.exclusive("unpin"):
+            self._check_loaded()
+            units = match_units(pattern, self._insp.units)
+            pinned = [u for u in units if u.index in self._pins]
+            if not pinned:
+                raise PinError(f"pattern {pattern!r} matches no pinned unit; pinned now: "
+                               f"{[self._insp.units[i].name for i in self._pins] or 'none'}.")
+            pins = {i: t for i, t in self._pins.items() if i not in {u.index for u in pinned}}
+            return self._replan(pins)
 
     def _replan(self, pins):
         p = self.plan
@@ -234,7 +272,12 @@ class OffloadedModel:
 
     # -- leaving ----------------------------------------------------------------------------
     def unload(self):
-        """Free every buffer this model holds on the GPU, in host memory and in staging."""
+        """Free every buffer this model holds on the GPU, in host memory and in staging (waits for a
+        run in another thread to end). Calling the model afterwards is an OffloadError."""
+        with self._gate.exclusive("unload"):
+            self._unload()
+
+    def _unload(self):
         if self._engine is None:
             return
         import torch

@@ -30,7 +30,9 @@ def _segment_matcher(seg: str, pattern: str):
 
 def compile_pattern(pattern: str):
     """Return a function that tells whether a module name falls under ``pattern``."""
-    if not isinstance(pattern, str) or not pattern.strip():
+    if not isinstance(pattern, str):
+        raise PinError(f"pin pattern {pattern!r} is not a string ({type(pattern).__name__}); give {ACCEPTED}.")
+    if not pattern.strip():
         raise PinError(f"pin pattern {pattern!r} is empty; give {ACCEPTED}.")
     pattern = pattern.strip()
     if pattern == "*":

@@ -212,11 +212,12 @@ def footprint(config, dtype_size: int, context: int, batch: int, device: str) ->
 
 def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_size: int,
               context: int = DEFAULT_CONTEXT, batch: int = 1, prefetch: int = 1, model_name: str = "",
-              read_ahead: int = 2, policy: str = "auto", split_blocks="auto") -> Plan:
+              read_ahead: int = 2, policy: str = "auto", split_blocks="auto", library_code: int = 0) -> Plan:
     """Place every unit on a tier.
 
     ``budgets``: tier -> bytes, None where the tier is absent (disk without a folder) or unbounded.
-    ``pins``: unit index -> tier.
+    ``pins``: unit index -> tier. ``library_code``: host memory the load's own imports took (charged
+    to the cpu budget: on the CPU device with the other reservations, on CUDA to the host's).
     """
     resident = "gpu" if device == "cuda" else "cpu"
     streamed = ("cpu", "disk") if device == "cuda" else ("disk",)
@@ -232,6 +233,8 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
         if tier != resident and u.resident_only:
             raise PinError(f"{u.name!r} holds weights used outside any block, so it must stay on {resident}.")
     reserved = footprint(config, dtype_size, context, batch, device)
+    if device == "cpu" and library_code:
+        reserved["library_code"] = library_code
     slots = prefetch + 1
     fixed = sum(reserved.values())
     cap = budgets[resident]
@@ -296,9 +299,9 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
                                      stream_size))
 
     tiers = {u.index: resident for u in units if u.index in on_res}
-    host_reserved = {}
+    host_reserved = {"library_code": library_code} if device == "cuda" and library_code else {}
     if device == "cuda":
-        cpu_cap = budgets["cpu"]
+        cpu_cap = budgets["cpu"] - library_code
         to_disk = [u for u in stream if pins.get(u.index) == "disk"]
         to_cpu = [u for u in stream if pins.get(u.index) == "cpu"]
         loose = [u for u in stream if u.index not in pins]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
-from .errors import DiskTierError
-from .tiers import OffloadCache, alloc_host, direct_extents, pack, read_extents
+from .budget import trim_heap
+from .cache import OffloadCache
+from .errors import CheckpointError, DiskTierError
+from .tiers import alloc_host, direct_extents, pack, param_views, read_extents, release_host
 
 
 class UnitStore:
@@ -18,32 +20,21 @@ class UnitStore:
 
 
 class Storage:
-    def __init__(self, inspection, device, disk):
+    def __init__(self, inspection, device, disk, *, read_threads=4):
         self.insp = inspection
         self.device = device
         self.cuda = device.type == "cuda"
         self.stores: dict[int, UnitStore] = {}
+        self.read_threads = read_threads
         self.cache = None
         if disk is not None:
-            from .tiers import OffloadCache
             fp = OffloadCache.fingerprint_of(inspection.checkpoint, inspection.dtype, None, inspection.units)
             self.cache = OffloadCache(os.fspath(disk), fp)
 
     # -- reading units from the checkpoint -----------------------------------------------------
-    def read_tensors(self, unit) -> dict:
-        """A unit's parameters as CPU tensors in their target dtype (through transformers' key
-        conversions, e.g. per-expert weights fused into one tensor, when the checkpoint needs them)."""
-        ckpt = self.insp.checkpoint
-        converted = any(k not in {n for s in unit.params for n in s.names} for k in unit.checkpoint_keys)
-        if not converted:
-            out = {}
-            for slot in unit.params:
-                key = next(n for n in slot.names if n in ckpt.tensors)
-                out[slot.names[0]] = ckpt.get(key).to(slot.dtype)
-            return out
-        return self._read_converted(unit)
-
     def _read_converted(self, unit):
+        """A unit's parameters through transformers' key conversions (e.g. per-expert weights fused
+        into one tensor), as CPU tensors in their target dtype."""
         import torch
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
@@ -53,35 +44,65 @@ class Storage:
         state = {k: ckpt.get_slice(k) for k in unit.checkpoint_keys}
         cfg = LoadStateDictConfig(device_map={"": "cpu"}, dtype=self.insp.dtype,
                                   weight_mapping=self.insp.conversions)
-        with _quiet_transformers():
-            convert_and_load_state_dict_in_model(meta, state, cfg)
         out = {}
+        try:
+            with _quiet_transformers():
+                convert_and_load_state_dict_in_model(meta, state, cfg)
+            for slot in unit.params:
+                mod_name, _, attr = slot.names[0].rpartition(".")
+                out[slot.names[0]] = meta.get_submodule(mod_name)._parameters[attr].data
+        except (RuntimeError, ValueError, KeyError) as exc:   # the checkpoint's tensors don't fit together
+            raise CheckpointError(f"checkpoint tensors {sorted(unit.checkpoint_keys)[:4]} in {ckpt.folder!r} can't be "
+                                  f"converted to {unit.name!r}'s weights ({exc}).") from exc
+        finally:
+            for slot in unit.params:     # back to meta, so the meta model never holds weights
+                empty = torch.nn.Parameter(torch.empty(slot.shape, dtype=slot.dtype, device="meta"),
+                                           requires_grad=False)
+                for alias in slot.names:
+                    m, _, a = alias.rpartition(".")
+                    meta.get_submodule(m)._parameters[a] = empty
         for slot in unit.params:
-            name = slot.names[0]
-            mod_name, _, attr = name.rpartition(".")
-            module = meta.get_submodule(mod_name)
-            out[name] = module._parameters[attr].data
-            # back to meta, so the meta model never holds weights
-            empty = torch.nn.Parameter(torch.empty(slot.shape, dtype=slot.dtype, device="meta"), requires_grad=False)
-            for alias in slot.names:
-                m, _, a = alias.rpartition(".")
-                meta.get_submodule(m)._parameters[a] = empty
+            got = out[slot.names[0]]
+            if got.is_meta or tuple(got.shape) != tuple(slot.shape):
+                raise CheckpointError(
+                    f"checkpoint tensors {sorted(unit.checkpoint_keys)[:4]} in {ckpt.folder!r} convert to "
+                    f"{slot.names[0]!r} of shape {list(got.shape)}, but the model built from config.json expects "
+                    f"{list(slot.shape)}; is config.json from the same model as the weights?")
         return out
 
-    def host_copy(self, unit):
-        """A unit's flat bytes in (pageable) host memory, from wherever it is now or from the checkpoint."""
+    def fill(self, unit, flat):
+        """Write a unit's bytes into ``flat`` (host or device) from wherever they are now, or from the
+        checkpoint a tensor at a time, converting the dtype as each is copied in: a unit never
+        exists twice in host memory on its way to its tier (transformers' key conversions, which
+        build whole fused tensors, excepted)."""
         import torch
         store = self.stores.get(unit.index)
         if store is not None and store.flat is not None:
-            return store.flat.cpu() if store.flat.device.type != "cpu" else store.flat
-        flat = torch.empty(unit.nbytes, dtype=torch.uint8)
-        if store is not None and store.extents is not None:
-            read_extents(store.extents, flat)
-        elif unit.direct:
-            read_extents(direct_extents(unit, self.insp.checkpoint), flat)
-        else:
-            pack(unit, self.read_tensors(unit), flat)
-        return flat
+            flat.copy_(store.flat)
+            return
+        extents = store.extents if store is not None else None
+        if extents is None and unit.direct:
+            extents = direct_extents(unit, self.insp.checkpoint)
+        if extents is not None:
+            if flat.device.type == "cpu":
+                read_extents(extents, flat)
+            else:           # one read at the drive's pace, then one copy
+                host = torch.empty(unit.nbytes, dtype=torch.uint8)
+                read_extents(extents, host)
+                flat.copy_(host)
+            return
+        if any(k not in {n for s in unit.params for n in s.names} for k in unit.checkpoint_keys):
+            pack(unit, self._read_converted(unit), flat)
+            return
+        ckpt = self.insp.checkpoint
+        for slot, view in zip(unit.params, param_views(unit, flat)):
+            view.copy_(ckpt.get(next(n for n in slot.names if n in ckpt.tensors)))
+
+    def _host_copy_of(self, unit):
+        import torch
+        host = torch.empty(unit.nbytes, dtype=torch.uint8)
+        self.fill(unit, host)
+        return host
 
     # -- placing units ---------------------------------------------------------------------------
     def place(self, unit, tier, resident_tier) -> UnitStore:
@@ -89,32 +110,28 @@ class Storage:
         import torch
         if tier == resident_tier and self.cuda:
             flat = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
-            flat.copy_(self.host_copy(unit))
+            self.fill(unit, flat)
             return UnitStore(tier, flat=flat)
         if tier in ("cpu",):
             flat = alloc_host(unit.nbytes, pinned=self.cuda)
-            old = self.stores.get(unit.index)
-            if old is None and unit.direct:
-                read_extents(direct_extents(unit, self.insp.checkpoint), flat)
-            else:
-                flat.copy_(self.host_copy(unit))
+            self.fill(unit, flat)
             return UnitStore(tier, flat=flat)
         if tier == "disk":
             if self.cache is None:
                 raise DiskTierError(f"{unit.name!r} can't go to disk: no disk folder was given at load.")
             if unit.direct:
                 return UnitStore(tier, extents=direct_extents(unit, self.insp.checkpoint))
+            self.cache.prepare([unit], threads=self.read_threads)     # a re-pin may bring the first
             if not self.cache.has(unit):
-                self.cache.write(unit, self.host_copy(unit))
+                self.cache.write(unit, self._host_copy_of(unit))
             return UnitStore(tier, extents=self.cache.extents(unit))
         raise ValueError(tier)
 
     def materialize(self, plan, progress=True):
         """Fill every unit's store per ``plan``, one unit at a time."""
-        if self.cache is not None:
-            need = sum(u.nbytes for u in self.insp.units
-                       if plan.entries[u.index].tier == "disk" and not u.direct)
-            self.cache.prepare(need)
+        if self.cache is not None:     # verifies the files already cached, all at once
+            self.cache.prepare([u for u in self.insp.units if plan.entries[u.index].tier == "disk" and not u.direct],
+                               threads=self.read_threads)
         units = self.insp.units
         bar = None
         if progress:
@@ -130,24 +147,47 @@ class Storage:
         finally:
             if bar is not None:
                 bar.close()
+            self._settle()
+
+    def _settle(self):
+        """After filling stores: note the cache files checked, unmap the checkpoint and give freed
+        heap pages back."""
+        if self.cache is not None:
+            self.cache.save_stamps()
+        self.insp.checkpoint.drop_handles()
+        trim_heap()
 
     def migrate(self, new_plan):
         """Move units whose tier changed; all new stores are made before any old one is dropped."""
         fresh = {}
-        for u in self.insp.units:
-            tier = new_plan.entries[u.index].tier
-            if self.stores[u.index].tier != tier:
-                fresh[u.index] = self.place(u, tier, new_plan.resident_tier)
+        try:
+            for u in self.insp.units:
+                tier = new_plan.entries[u.index].tier
+                if self.stores[u.index].tier != tier:
+                    fresh[u.index] = self.place(u, tier, new_plan.resident_tier)
+        except BaseException:
+            for store in fresh.values():
+                release_host(store.flat)
+            raise
+        finally:
+            self._settle()
         moved = {i: (self.stores[i].tier, fresh[i].tier) for i in fresh}
+        for i in fresh:         # the engine that read the old stores has stopped
+            release_host(self.stores[i].flat)
         self.stores.update(fresh)
         return moved
 
     def abort(self):
-        """Undo a failed load: free buffers and remove any cache folder this load created."""
-        self.release()
+        """Undo a failed load: remove what it wrote to the offload cache (cache.py says what stays
+        when another process shares the folder), and free buffers."""
         if self.cache is not None:
             self.cache.discard_new()
+        self.release()
 
     def release(self):
+        for store in self.stores.values():
+            release_host(store.flat)
         self.stores.clear()
         self.insp.checkpoint.close()
+        if self.cache is not None:
+            self.cache.release()

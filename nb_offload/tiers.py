@@ -3,35 +3,51 @@
 Each unit is one flat ``uint8`` buffer (see ``units.ParamSlot`` for the layout), so it moves in
 one copy. Host buffers are page-locked when a CUDA device will read them. Disk units are read
 from the checkpoint's own safetensors files when the bytes already have the right dtype and
-layout, otherwise from an offload cache written once, atomically, under a fingerprint of the
-checkpoint, dtype and quantization.
+layout, otherwise from the offload cache (cache.py).
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
-import json
+import mmap
 import os
-import shutil
 import warnings
 
-from .budget import disk_free, format_size
+from .budget import format_size
 from .errors import DiskTierError
 
-CACHE_FORMAT = 1
+
+# Page-locked buffers are our own mappings registered with CUDA, not torch's pin_memory=True: its
+# caching host allocator rounds every request up to a power of two (a 386 MiB block takes 512 MiB,
+# measured: benchmarks/rss/pinned_probe.py) and keeps freed blocks for reuse, so the host would
+# hold up to twice what the plan counts against cpu=. Registered memory copies as fast.
+_registered: dict = {}      # data_ptr -> the mapping behind a registered buffer
 
 
 def alloc_host(nbytes: int, *, pinned: bool):
-    """A flat uint8 host buffer, page-locked if asked (falls back to pageable, with a warning)."""
+    """A flat uint8 host buffer of exactly ``nbytes``, page-locked if asked (falls back to pageable,
+    with a warning). Give a page-locked one back with ``release_host`` when done with it."""
     import torch
-    if pinned:
-        try:
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        except RuntimeError as exc:
-            warnings.warn(f"page-locked allocation of {format_size(nbytes)} failed ({exc}); using pageable "
-                          "memory, which copies to the GPU several times slower.", RuntimeWarning, stacklevel=2)
-    return torch.empty(nbytes, dtype=torch.uint8)
+    if not pinned or nbytes == 0:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    flat = torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes)
+    cudart = torch.cuda.cudart()
+    err = cudart.cudaHostRegister(flat.data_ptr(), nbytes, 0)
+    if err != cudart.cudaError.success:
+        warnings.warn(f"page-locking {format_size(nbytes)} of host memory failed ({err}); using pageable "
+                      "memory, which copies to the GPU several times slower.", RuntimeWarning, stacklevel=2)
+        return flat
+    _registered[flat.data_ptr()] = mapping
+    return flat
+
+
+def release_host(flat):
+    """Unlock a buffer from ``alloc_host`` (nothing for others). Its memory stays valid, as pageable
+    memory, until the last view of it is gone: nothing can be left pointing at freed pages."""
+    if flat is None or flat.device.type != "cpu" or _registered.pop(flat.data_ptr(), None) is None:
+        return
+    import torch
+    torch.cuda.cudart().cudaHostUnregister(flat.data_ptr())
 
 
 def param_views(unit, flat):
@@ -93,17 +109,28 @@ def sub_extents(extents, start, end):
 
 def _read_piece(buf, addr, path, file_offset, nbytes, flat_offset, *, uncached=False):
     view = buf[flat_offset:flat_offset + nbytes]
-    if uncached:
-        from . import uncached as direct
-        direct.read(path, view, addr + flat_offset, file_offset, nbytes)
-        return
-    read_buffered(path, view, file_offset)
+    try:
+        if uncached:
+            from . import uncached as direct
+            direct.read(path, view, addr + flat_offset, file_offset, nbytes)
+            return
+        read_buffered(path, view, file_offset)
+    except DiskTierError:
+        raise
+    except OSError as exc:      # the file was removed, replaced by a link or made unreadable
+        raise DiskTierError(f"reading {path!r} failed ({exc.strerror or exc}); the file changed after the model "
+                            "was loaded: restore it, or load the model again.") from exc
+
+
+# Reads never follow a link at the last step of the path: a checkpoint's files are resolved once
+# at load (direct_extents), and the offload cache makes no links.
+READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
 
 
 def read_buffered(path, view, offset, *, drop=False):
     """Fill ``view`` from ``path`` at ``offset`` through the page cache; ``drop``: drop those
     pages afterwards (where the platform can)."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, READ_FLAGS)
     try:
         read_fully(fd, path, view, offset)
         if drop and hasattr(os, "posix_fadvise"):
@@ -133,117 +160,6 @@ def direct_extents(unit, checkpoint):
     for slot in unit.params:
         key = next(n for n in slot.names if n in checkpoint.tensors)
         info = checkpoint.tensors[key]
-        extents.append((info.file, info.offset, info.nbytes, slot.offset))
+        # the file itself, not a link to it (the Hub's cache links snapshots to blobs)
+        extents.append((os.path.realpath(info.file), info.offset, info.nbytes, slot.offset))
     return extents
-
-
-def make_private_dir(path: str) -> list[str]:
-    """Create ``path`` (and missing parents) readable by this user only; return what was created."""
-    created = []
-    probe = os.path.abspath(path)
-    todo = []
-    while not os.path.isdir(probe):
-        if os.path.exists(probe):
-            raise DiskTierError(f"disk={path!r} can't be used: {probe!r} is a file, not a folder; "
-                                "give a folder path that can be created.")
-        todo.append(probe)
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    for d in reversed(todo):
-        try:
-            os.mkdir(d, 0o700)
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            for c in reversed(created):
-                try:
-                    os.rmdir(c)
-                except OSError:
-                    pass
-            raise DiskTierError(f"disk={path!r} can't be created ({exc.strerror}: {d!r}); "
-                                "give a folder you can write.") from exc
-        created.append(d)
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise DiskTierError(f"disk={path!r} is not writable by this user; give a folder you can write.")
-    return created
-
-
-class OffloadCache:
-    """Unit files under ``<disk>/nb_offload-<fingerprint>/``, each written once and reused."""
-
-    def __init__(self, root: str, fingerprint: str):
-        self.root = os.path.abspath(os.path.expanduser(root))
-        self.fingerprint = fingerprint
-        self.folder = os.path.join(self.root, f"nb_offload-{fingerprint}")
-        self._created: list[str] = []
-
-    @staticmethod
-    def fingerprint_of(checkpoint, dtype, quant, units) -> str:
-        h = hashlib.sha256()
-        layout = [[u.name, u.nbytes] for u in units]
-        h.update(json.dumps([CACHE_FORMAT, checkpoint.fingerprint_parts(), str(dtype), quant, layout]).encode())
-        return h.hexdigest()[:16]
-
-    def prepare(self, bytes_needed: int):
-        """Create the folders (private), and check the drive has room for what will be written."""
-        self._created = make_private_dir(self.root)
-        if not os.path.isdir(self.folder):
-            os.mkdir(self.folder, 0o700)
-            self._created.append(self.folder)
-        missing = bytes_needed - self.cached_bytes()
-        free = disk_free(self.folder)
-        if missing > free:
-            self.discard_new()
-            raise DiskTierError(
-                f"disk={self.root!r} has {format_size(free)} free but the offload cache needs "
-                f"{format_size(missing)} more; free space there or give another folder.")
-
-    def cached_bytes(self) -> int:
-        if not os.path.isdir(self.folder):
-            return 0
-        return sum(os.path.getsize(os.path.join(self.folder, n)) for n in os.listdir(self.folder)
-                   if n.endswith(".bin"))
-
-    def path_for(self, unit) -> str:
-        safe = unit.name.replace("/", "_") or "root"
-        return os.path.join(self.folder, f"{safe}.bin")
-
-    def has(self, unit) -> bool:
-        path = self.path_for(unit)
-        return os.path.isfile(path) and os.path.getsize(path) == unit.nbytes
-
-    def write(self, unit, flat):
-        """Write a unit's flat bytes: to a temp file first, renamed into place once complete."""
-        path = self.path_for(unit)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                view = memoryview(flat.numpy())
-                done = 0
-                while done < len(view):
-                    done += os.write(fd, view[done:])
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            if exc.errno == errno.ENOSPC:
-                raise DiskTierError(f"disk={self.root!r} is full: writing {unit.name!r} "
-                                    f"({format_size(unit.nbytes)}) failed; free space there or give another folder.") from exc
-            raise DiskTierError(f"disk={self.root!r}: writing {unit.name!r} failed ({exc.strerror}).") from exc
-
-    def extents(self, unit):
-        return [(self.path_for(unit), 0, unit.nbytes, 0)]
-
-    def discard_new(self):
-        """Remove the folders this load created (after a failed load)."""
-        for d in reversed(self._created):
-            shutil.rmtree(d, ignore_errors=True)
-        self._created = []

@@ -11,7 +11,7 @@ import json
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 LANES = ("read", "copy", "compute", "step")
 DETAILS = ("streamed", "full")
@@ -153,10 +153,33 @@ class Stats:
     bytes_from_cpu: int = 0     # host-to-device copies
     bytes_from_disk: int = 0    # drive reads
     held_last: int = 0          # streamed units held in spare room during the last generate
+    # Host memory against the cpu= budget: the process's RssAnon + RssShmem (page-locked buffers
+    # included) over what it held just before the load, now and at its highest, sampled after the
+    # load and after every forward step.
+    host_budget: int = 0
+    host_before: int | None = None
+    host_peak: int = 0
+    _host_sampled: float = field(default=0.0, repr=False)
 
     def reset(self):
         self.steps = self.tokens = self.bytes_from_cpu = self.bytes_from_disk = self.held_last = 0
         self.seconds = 0.0
+        self.host_peak = self.host_now
+
+    @property
+    def host_now(self) -> int:
+        """Host memory held over the pre-load figure, now (0 where the platform doesn't say)."""
+        from .budget import process_memory
+        now = process_memory()
+        return 0 if now is None or self.host_before is None else now - self.host_before
+
+    def sample_host(self, every: float = 0.0):
+        """Note host memory, if ``every`` seconds have passed since the last note (a step samples
+        every 50 ms: reading the figure costs tens of microseconds)."""
+        now = time.monotonic()
+        if now - self._host_sampled >= every:
+            self._host_sampled = now
+            self.host_peak = max(self.host_peak, self.host_now)
 
     @property
     def tokens_per_second(self) -> float:
@@ -171,10 +194,15 @@ class Stats:
         return {"steps": self.steps, "tokens": self.tokens, "seconds": self.seconds,
                 "tokens_per_second": self.tokens_per_second, "bytes_from_cpu": self.bytes_from_cpu,
                 "bytes_from_disk": self.bytes_from_disk, "streamed_gbps": self.streamed_gbps,
-                "held_last": self.held_last}
+                "held_last": self.held_last, "host_now": self.host_now, "host_peak": self.host_peak,
+                "host_budget": self.host_budget}
 
     def __str__(self):
         from .budget import format_size
-        return (f"{self.tokens} tokens in {self.seconds:.2f} s ({self.tokens_per_second:.2f} tok/s), "
+        text = (f"{self.tokens} tokens in {self.seconds:.2f} s ({self.tokens_per_second:.2f} tok/s), "
                 f"{self.steps} steps; streamed {format_size(self.bytes_from_cpu)} from cpu, "
                 f"{format_size(self.bytes_from_disk)} from disk ({self.streamed_gbps:.2f} GB/s)")
+        if self.host_before is not None:
+            text += (f"; host memory {format_size(self.host_now)} now, {format_size(self.host_peak)} at most, "
+                     f"of cpu={format_size(self.host_budget)}")
+        return text

@@ -21,11 +21,11 @@ import mmap
 import os
 import threading
 
-from .tiers import ended_early, read_buffered, read_fully
+from .tiers import READ_FLAGS, ended_early, read_buffered, read_fully
 from .units import round_up
 
 ALIGN = 4096                 # covers 512-byte and 4 KiB logical blocks, and the page size
-BOUNCE = 4 * 2**20           # per reading thread: heads, tails and ranges that don't line up
+BOUNCE = 2**20               # per reading thread: heads, tails and ranges that don't line up
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)   # Linux; elsewhere reads are buffered, then dropped
 _buffered_only: set[str] = set()     # files whose file system refused O_DIRECT
@@ -52,7 +52,8 @@ def _up(x):
 def _bounce():
     buf = getattr(_local, "buf", None)
     if buf is None:
-        mm = mmap.mmap(-1, BOUNCE)                      # page-aligned; the view keeps it alive
+        # page-aligned, private (a shared mapping would count as shared memory); the view keeps it alive
+        mm = mmap.mmap(-1, BOUNCE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         buf = _local.buf = (memoryview(mm), ctypes.addressof(ctypes.c_char.from_buffer(mm)))
     return buf
 
@@ -62,7 +63,7 @@ def read(path, dest, dest_addr, file_offset, nbytes):
     ``nbytes`` bytes at address ``dest_addr``) without leaving its pages in the page cache."""
     if _O_DIRECT and path not in _buffered_only:
         try:
-            fd = os.open(path, os.O_RDONLY | _O_DIRECT)
+            fd = os.open(path, READ_FLAGS | _O_DIRECT)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise

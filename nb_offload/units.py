@@ -84,21 +84,36 @@ def resolve_dtype(dtype, config=None):
     raise OptionError(f"dtype={dtype!r} is not supported; accepted: {', '.join(DTYPES)} (or None / \"auto\" for the checkpoint's).")
 
 
-def build_meta_model(config, dtype, attn_implementation=None, trust_remote_code=False):
-    """Instantiate the model with parameters on the meta device and real buffers."""
+def build_meta_model(config, dtype, attn_implementation=None, trust_remote_code=False, *, buffers=True):
+    """Instantiate the model with parameters on the meta device.
+
+    ``buffers=True``: buffers are real, computed on the CPU by the model's own ``__init__`` (the
+    rotary tables then match ``from_pretrained``'s to the bit); each parameter is briefly
+    allocated on the CPU on its way to meta. ``buffers=False``: everything on meta, nothing
+    allocated, so it is safe for a config that describes absurd sizes; use it to check the config
+    against the checkpoint first.
+    """
+    import torch
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    context = init_empty_weights(include_buffers=False) if buffers else torch.device("meta")
     try:
-        with init_empty_weights(include_buffers=False):
+        with context:
             model = AutoModelForCausalLM.from_config(config, **kwargs)
-    except ValueError as exc:
-        raise CheckpointError(
-            f"model type {getattr(config, 'model_type', '?')!r} has no causal-LM class in this "
-            f"transformers: {exc}") from exc
+    except (ValueError, ImportError) as exc:
+        if attn_implementation and any(w in str(exc).lower() for w in ("attn", "attention")):
+            raise OptionError(
+                f"attn_implementation={attn_implementation!r} can't run here ({str(exc).splitlines()[0]}); "
+                "accepted: \"eager\", \"sdpa\", or a kernel this machine has installed "
+                "(\"flash_attention_2\" needs the flash-attn package and a CUDA device).") from exc
+        kind = getattr(config, "model_type", "?")
+        if isinstance(exc, ImportError):
+            raise CheckpointError(f"model type {kind!r} needs a package this machine lacks: {exc}") from exc
+        raise CheckpointError(f"model type {kind!r} has no causal-LM class in this transformers: {exc}") from exc
     model.tie_weights()
     model.eval()
     return model
@@ -215,6 +230,8 @@ def map_checkpoint(model, units: list[Unit], checkpoint) -> tuple[dict, dict]:
             target, pattern = rename(key, renamings, converters, model.base_model_prefix, meta_sd)
             if target not in meta_sd and key in meta_sd:
                 target, pattern = key, None
+        if target in meta_sd and pattern is None:
+            _check_shape(key, info, meta_sd[target].shape)
         if target in buffers:
             buffer_keys[target] = key
             continue
@@ -253,6 +270,16 @@ def map_checkpoint(model, units: list[Unit], checkpoint) -> tuple[dict, dict]:
             and tuple(by_name[next(n for n in s.names if n in by_name)].shape) == s.shape
             for s in u.params)
     return buffer_keys, conversions
+
+
+def _check_shape(key, info, expected):
+    """A checkpoint tensor must have its parameter's shape: copying it would broadcast a [1]
+    into a [64] without a word, or fail deep inside the engine."""
+    if tuple(info.shape) != tuple(expected):
+        raise CheckpointError(
+            f"checkpoint tensor {key!r} in {info.file!r} has shape {list(info.shape)}, but the model "
+            f"built from config.json expects {list(expected)}; is config.json from the same model as the "
+            "weights?")
 
 
 def _re_search(pattern, name):

@@ -162,8 +162,8 @@ def test_disk_folder_that_cannot_be_created(model_dirs, tmp_path):
 
 
 def test_disk_full_up_front_leaves_nothing(model_dirs, tmp_path, monkeypatch):
-    import nb_offload.tiers as tiers
-    monkeypatch.setattr(tiers, "disk_free", lambda path: 1000)
+    import nb_offload.cache as cache
+    monkeypatch.setattr(cache, "disk_free", lambda path: 1000)
     root = tmp_path / "offload"
     with pytest.raises(DiskTierError, match="1000 B free but the offload cache needs"):
         load(model_dirs("llama"), disk=str(root), pins={"model.layers.*": "disk"}, dtype="bfloat16")
@@ -172,7 +172,7 @@ def test_disk_full_up_front_leaves_nothing(model_dirs, tmp_path, monkeypatch):
 
 def test_disk_full_while_writing_leaves_nothing_half_written(model_dirs, tmp_path, monkeypatch):
     import errno
-    import nb_offload.tiers as tiers
+    import nb_offload.cache as cache
     real_write = os.write
     calls = {"n": 0}
 
@@ -182,7 +182,7 @@ def test_disk_full_while_writing_leaves_nothing_half_written(model_dirs, tmp_pat
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
 
-    monkeypatch.setattr(tiers.os, "write", failing_write)
+    monkeypatch.setattr(cache.os, "write", failing_write)
     root = tmp_path / "offload"
     with pytest.raises(DiskTierError, match="is full"):
         load(model_dirs("llama"), disk=str(root), pins={"model.layers.*": "disk"}, dtype="bfloat16")
