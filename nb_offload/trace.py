@@ -168,10 +168,11 @@ class Stats:
 
     @property
     def host_now(self) -> int:
-        """Host memory held over the pre-load figure, now (0 where the platform doesn't say)."""
+        """Host memory held over the pre-load figure, now (0 where the platform doesn't say, or where
+        the process has since freed more than the load took)."""
         from .budget import process_memory
         now = process_memory()
-        return 0 if now is None or self.host_before is None else now - self.host_before
+        return 0 if now is None or self.host_before is None else max(0, now - self.host_before)
 
     def sample_host(self, every: float = 0.0):
         """Note host memory, if ``every`` seconds have passed since the last note (a step samples
