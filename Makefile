@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # On a GPU machine, set TORCH_SPEC to the build you want, or use a venv that has it.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-gpu clean
+.PHONY: setup demo test lint test-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 test-gpu:
 	PYTHONPATH=. python3 -m pytest -q -m gpu tests/gpu

@@ -85,7 +85,7 @@ def main():
         opts = dict(gpu="4GiB", cpu="100GiB")
         new, old = loaded(nb_offload, **opts), loaded(prev, **opts)
         t = {"new": [], "prev": []}
-        for k, llm in (("new", new), ("prev", old)):       # warm-up
+        for llm in (new, old):       # warm-up
             decode_step(llm.generate, ids, n)
         for _ in range(args.repeats):
             t["new"].append(decode_step(new.generate, ids, n))
@@ -105,7 +105,7 @@ def main():
         new, old = loaded(nb_offload, **opts), loaded(prev, **opts)
         m = 4 * n
         steps = {"transformers": [], "new": [], "prev": []}
-        for name, gen in (("transformers", ref.generate), ("new", new.generate), ("prev", old.generate)):
+        for gen in (ref.generate, new.generate, old.generate):       # warm-up
             step_times(gen, ids, m)
         for _ in range(args.repeats):
             for name, gen in (("transformers", ref.generate), ("new", new.generate), ("prev", old.generate)):

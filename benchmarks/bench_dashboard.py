@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
+
     import nb_offload
     from nb_offload.widgets import dashboard
     cuda = torch.cuda.is_available()
@@ -55,7 +56,8 @@ def main():
     with torch.inference_mode():
         t = interleave({"without": without, "dashboard": with_dashboard}, args.repeats)
     a, b = statistics.median(t["without"]), statistics.median(t["dashboard"])
-    row = {"card": torch.cuda.get_device_name() if cuda else "cpu", "date": time.strftime("%Y-%m-%d"), "gpu_budget": args.gpu,
+    row = {"card": torch.cuda.get_device_name() if cuda else "cpu", "date": time.strftime("%Y-%m-%d"),
+           "gpu_budget": args.gpu,
            "without_tok_s": 1 / a, "dashboard_tok_s": 1 / b, "slower_pct": 100 * (b - a) / a,
            "without_spread": spread(t["without"]), "dashboard_spread": spread(t["dashboard"]),
            "trace_events": len(llm.trace)}

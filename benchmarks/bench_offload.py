@@ -69,8 +69,10 @@ def drive_rate(folder, nbytes=4 * GiB, cold=True, repeats=3, threads=4, uncached
 
     Returns the best of ``repeats`` reads (a bound needs the fastest the drive can go) and all.
     """
-    import torch
     from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
     from nb_offload.tiers import read_extents
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     extents, total = [], 0
@@ -96,8 +98,10 @@ def units_drive_rate(llm, cold, uncached):
     """Read every disk unit's extents (the bytes a disk case streams) with nb_offload's chunked
     reader, all queued at once, each unit lined up as the engine lines it up: the drive's rate on
     exactly that data, with no pipeline in the way."""
-    import torch
     from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
     from nb_offload.tiers import read_extents
     from nb_offload.uncached import ALIGN, alignment_shift
     eng = llm._engine
@@ -190,7 +194,8 @@ def moved_per_step(llm, ids, n):
 def read_busy(trace, t0, t1):
     """Share of [t0, t1] in which at least one disk read was in progress (from the trace)."""
     trace.flush(wait=True)
-    spans = sorted((max(e.start, t0), min(e.end, t1)) for e in trace if e.kind == "read" and e.end > t0 and e.start < t1)
+    spans = sorted((max(e.start, t0), min(e.end, t1)) for e in trace
+                   if e.kind == "read" and e.end > t0 and e.start < t1)
     busy, end = 0.0, t0
     for a, b in spans:
         if b > end:
@@ -238,9 +243,9 @@ def spread(xs):
 
 class Bench:
     def __init__(self, args):
+        import accelerate
         import torch
         import transformers
-        import accelerate
         self.args = args
         self.torch = torch
         self.rows = []
@@ -290,6 +295,7 @@ class Bench:
 def run(args):
     import torch
     from transformers import AutoModelForCausalLM
+
     from nb_offload.budget import parse_size
     b = Bench(args)
     if not os.path.isfile(os.path.join(args.folder, "config.json")):
@@ -392,7 +398,7 @@ def run(args):
             acc_s = b.meta["accelerate_s"]      # measured in an earlier case's rounds
             row.update(accelerate_tok_s=1 / acc_s, x_accelerate=acc_s / med(t["nb_offload"]))
         llm.unload()
-        del llm
+        llm = None          # drop the handle before the next case's load
         gc.collect()
         torch.cuda.empty_cache()
         b.add(**row)
@@ -425,7 +431,7 @@ def run(args):
         offload = tempfile.mkdtemp(prefix="nb_offload-disk-")
         for label, cold in (("cold", True), ("warm", False)):
             llm = b.load(gpu="4GiB", cpu=cpu_budget, disk=offload, context=1024, drop_page_cache=cold)
-            b.peak_after(llm, lambda: llm.generate(ids1, max_new_tokens=2, do_sample=False))
+            b.peak_after(llm, lambda: llm.generate(ids1, max_new_tokens=2, do_sample=False))  # noqa: B023 (runs now)
             # The drive is measured again in every round, just before the timed generate (the rate
             # drifts by tenths over minutes here): the first 4 GiB of the checkpoint and the very
             # bytes this case streams, each buffered and O_DIRECT; the round's bound takes the fastest.
@@ -446,7 +452,8 @@ def run(args):
                     llm.generate(ids1, max_new_tokens=2, do_sample=False)
                 steps0, cpu0, disk0 = llm.stats.steps, llm.stats.bytes_from_cpu, llm.stats.bytes_from_disk
                 t_start = time.perf_counter()
-                dt = time_call(lambda: llm.generate(ids1, max_new_tokens=3, min_new_tokens=3, do_sample=False))
+                dt = time_call(lambda: llm.generate(ids1, max_new_tokens=3, min_new_tokens=3,  # noqa: B023
+                                                    do_sample=False))
                 busy.append(read_busy(llm.trace, t_start, time.perf_counter()))
                 steps = llm.stats.steps - steps0
                 times.append(dt / steps)
@@ -455,7 +462,7 @@ def run(args):
                 moved["disk"].append((llm.stats.bytes_from_disk - disk0) / steps)
             resident = med([decode_step(ref.generate, ids1, 4) for _ in range(2)])
 
-            def bound_of(cpu_bytes, disk_bytes, rate):
+            def bound_of(cpu_bytes, disk_bytes, rate, resident=resident):
                 # every streamed byte crosses the link; disk bytes also come off the drive, in parallel
                 return max((cpu_bytes + disk_bytes) / (b.link() * 1e9), disk_bytes / (rate * 1e9), resident)
             bounds = [bound_of(c, d, r) for c, d, r in zip(moved["cpu"], moved["disk"], rates)]
@@ -496,7 +503,8 @@ def run(args):
               tokens_identical=b.same_tokens(llm, ref, ids1))
         llm.unload()
 
-    guard("1", lambda: case_decode("4GiB", "1 decode, gpu 4GiB (+7 trace on/off)", ids1, with_acc=not args.skip_accelerate,
+    guard("1", lambda: case_decode("4GiB", "1 decode, gpu 4GiB (+7 trace on/off)", ids1,
+                                   with_acc=not args.skip_accelerate,
                                    with_trace_off=True, with_no_hold=True))
     guard("1", lambda: case_decode("4GiB", "1b decode, gpu 4GiB, context 512", ids1, context=512))
     guard("2", lambda: case_decode("12GiB", "2 decode, gpu 12GiB", ids1))
@@ -519,7 +527,8 @@ def main():
     ap.add_argument("--folder", default=os.path.join(tempfile.gettempdir(), "nb_offload-bench-7b"))
     ap.add_argument("--cases", default="all", help="comma list of 1-6, or all")
     ap.add_argument("--skip-accelerate", action="store_true")
-    ap.add_argument("--read-threads", type=int, default=8, help="nb_offload's and the drive probe's read threads (8: the library default)")
+    ap.add_argument("--read-threads", type=int, default=8,
+                    help="nb_offload's and the drive probe's read threads (8: the library default)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     b = run(args)

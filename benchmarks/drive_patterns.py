@@ -169,6 +169,7 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="a smoke test on the CPU with a tiny model")
     args = ap.parse_args()
     import torch
+
     import nb_offload
     dev = "cpu" if args.tiny else "cuda"
     if args.tiny:
@@ -216,7 +217,8 @@ def main():
     C = 16 * MiB
     patterns = {
         "engine": lambda: read_pieces(chunked(flat_all, C), np_buf, 8),
-        "unit-sorted": lambda: read_pieces(chunked([e for u in units for e in sorted(u, key=lambda x: (x[0], x[1]))], C), np_buf, 8),
+        "unit-sorted": lambda: read_pieces(
+            chunked([e for u in units for e in sorted(u, key=lambda x: (x[0], x[1]))], C), np_buf, 8),
         "file": lambda: read_pieces(chunked(file_all, C), np_buf, 8),
         "file-t16": lambda: read_pieces(chunked(file_all, C), np_buf, 16),
         "file-t32": lambda: read_pieces(chunked(file_all, C), np_buf, 32),

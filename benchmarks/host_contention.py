@@ -30,6 +30,7 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
+
     from nb_offload.tiers import read_extents
     n = args.gib * GiB
     path = os.path.join(tempfile.mkdtemp(), "warm.bin")

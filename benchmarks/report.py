@@ -53,7 +53,8 @@ def render(data, command, title=None) -> str:
                 f"{r['bound_tok_s']:.2f} {unit} | {r['pct_of_bound']:.1f} % | {pcie} | {acc} | "
                 f"{r['peak_gpu'] / GiB:.2f} / {r['gpu_budget'] / GiB:.0f} GiB | {'yes' if same else 'NO'} |")
     if any("held_units" in r for r in data["rows"]):
-        lines.append("\n*held*: streamed units (pieces, where blocks stream split) held on the GPU, for one generate, in the room its length left "
+        lines.append("\n*held*: streamed units (pieces, where blocks stream split) held on the GPU, for one generate, "
+                     "in the room its length left "
                      "unused of the plan's KV-cache and activation reservation (`hold_spare`); streamed bytes "
                      "are counted by nb_offload during the timed runs.")
     for r in data["rows"]:

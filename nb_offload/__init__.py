@@ -5,8 +5,7 @@ Importing this package is cheap: torch and transformers load with the first mode
 
 from __future__ import annotations
 
-from .errors import (BudgetError, CheckpointError, DiskTierError, OffloadError, OptionError,
-                     PinError)
+from .errors import BudgetError, CheckpointError, DiskTierError, OffloadError, OptionError, PinError
 
 __version__ = "0.1.0"
 __all__ = ["load", "plan", "OffloadError", "BudgetError", "CheckpointError", "DiskTierError",
@@ -47,7 +46,7 @@ def unload_ipython_extension(ipython):
     if magics is None:
         return
     magics.unload_all()
-    for kind, table in ipython.magics_manager.magics.items():
+    for table in ipython.magics_manager.magics.values():
         for name in list(table):
             if getattr(table[name], "__self__", None) is magics:
                 del table[name]

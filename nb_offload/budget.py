@@ -49,7 +49,8 @@ def parse_size(value, *, capacity: int | None = None, what: str = "size") -> int
         if share > 100:
             raise BudgetError(f"{what}={value!r} is more than 100%; give a share from 0% to 100%.")
         if capacity is None:
-            raise BudgetError(f"{what}={value!r}: a percentage needs a known capacity; give a size in bytes such as \"6GiB\".")
+            raise BudgetError(f"{what}={value!r}: a percentage needs a known capacity; give a size in bytes such "
+                              "as \"6GiB\".")
         return int(capacity * share / 100)
     m = _SIZE.match(text)
     if not m or m.group(2).lower() not in _UNITS:

@@ -257,8 +257,8 @@ class OffloadCache:
             if not isinstance(exc, OSError):
                 raise
             if exc.errno == errno.ENOSPC:
-                raise DiskTierError(f"disk={self.root!r} is full: writing {unit.name!r} "
-                                    f"({format_size(unit.nbytes)}) failed; free space there or give another folder.") from exc
+                raise DiskTierError(f"disk={self.root!r} is full: writing {unit.name!r} ({format_size(unit.nbytes)}) "
+                                    "failed; free space there or give another folder.") from exc
             raise DiskTierError(f"disk={self.root!r}: writing {unit.name!r} failed ({exc.strerror}).") from exc
         self._written.append(path)
         self.verified.add(unit.name)

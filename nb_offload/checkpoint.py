@@ -85,7 +85,8 @@ def _resolve_hub_id(repo_id: str, *, local_files_only: bool | None, revision: st
     except Exception as exc:
         if local_files_only:
             raise CheckpointError(
-                f"{repo_id!r} is neither a local folder nor a Hub id in the local Hugging Face cache, and downloads are off "
+                f"{repo_id!r} is neither a local folder nor a Hub id in the local Hugging Face cache, and downloads "
+                "are off "
                 "(HF_HUB_OFFLINE or local_files_only); download it first (huggingface-cli download "
                 f"{repo_id}) or give a local folder.") from exc
     try:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
-import tempfile
 import time
 
 

@@ -165,6 +165,7 @@ class Engine:
         compute device. The model's unit lists are copied, not changed.
         """
         from types import SimpleNamespace
+
         from .units import Unit
         torch = self.torch
         self.n_model = len(self.units)

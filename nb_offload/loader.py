@@ -6,7 +6,6 @@ page-locked host buffer, or disk), so host memory peaks at most one unit above i
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 from .budget import format_size, host_memory, parse_size, process_memory
@@ -14,7 +13,7 @@ from .checkpoint import Checkpoint, resolve
 from .errors import BudgetError, CheckpointError, DiskTierError, OffloadError, OptionError
 from .planner import DEFAULT_CONTEXT, make_plan, resolve_pins
 from .trace import check_detail
-from .units import build_meta_model, find_units, map_checkpoint, resolve_dtype
+from .units import build_meta_model, find_units, map_checkpoint, quiet_transformers, resolve_dtype
 
 POLICIES = ("auto", "sequential")
 QUANTS_PLANNED = ("int8", "nf4", "fp4")
@@ -147,22 +146,6 @@ def library_code() -> int:
     return _library_code
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Keep transformers' own progress bars and load warnings out of ours."""
-    from transformers.utils import logging as hf_logging
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    level = hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
 class Inspection:
     """A model's config, meta model, units and checkpoint map: everything a plan needs."""
 
@@ -173,7 +156,7 @@ class Inspection:
         self.folder = resolve(model, local_files_only=local_files_only, revision=revision)
         self.name = os.fspath(model)
         self.checkpoint = Checkpoint(self.folder, allow_pickle=allow_pickle)
-        with _quiet_transformers():
+        with quiet_transformers():
             try:
                 self.config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
             except Exception as exc:
@@ -183,7 +166,7 @@ class Inspection:
         # The config is untrusted too: check it against the checkpoint on a model that allocates
         # nothing (vocab_size=10**12 would otherwise try a 256 TB allocation), then build the one
         # that runs, with its real buffers.
-        with _quiet_transformers():
+        with quiet_transformers():
             structure = build_meta_model(self.config, self.dtype, attn_implementation, trust_remote_code,
                                          buffers=False)
         self.units = find_units(structure)
@@ -192,7 +175,7 @@ class Inspection:
             split_unit(structure, u)
         self.buffer_keys, self.conversions = map_checkpoint(structure, self.units, self.checkpoint)
         del structure
-        with _quiet_transformers():
+        with quiet_transformers():
             self.meta = build_meta_model(self.config, self.dtype, attn_implementation, trust_remote_code)
 
     def default_context(self):

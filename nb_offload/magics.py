@@ -112,11 +112,13 @@ class OffloadMagics(Magics):
     Defaults for every magic can be set with ``%config OffloadMagics.<option> = value``.
     """
 
-    default_gpu = Unicode(None, allow_none=True, help="GPU budget when --gpu is not given, e.g. '6GiB'.").tag(config=True)
+    default_gpu = Unicode(None, allow_none=True,
+                          help="GPU budget when --gpu is not given, e.g. '6GiB'.").tag(config=True)
     default_cpu = Unicode(None, allow_none=True, help="CPU budget when --cpu is not given.").tag(config=True)
     default_disk = Unicode(None, allow_none=True, help="Disk tier folder when --disk is not given.").tag(config=True)
     default_dtype = Unicode(None, allow_none=True, help="dtype when --dtype is not given.").tag(config=True)
-    default_context = Int(0, help="Planned context length when --context is not given (0: the model's).").tag(config=True)
+    default_context = Int(0, help="Planned context length when --context is not given "
+                                  "(0: the model's).").tag(config=True)
     max_new_tokens = Int(128, help="%%generate's --max-new-tokens default.").tag(config=True)
     stream = Bool(True, help="Stream tokens into the output as they are made.").tag(config=True)
     progress = Bool(True, help="Show a progress bar while loading.").tag(config=True)
@@ -161,14 +163,14 @@ class OffloadMagics(Magics):
 
     def _load(self, model, *, name, gpu, cpu, disk, dtype, quant, pins, context, device, spelling="--as",
               **extra):
-        import nb_offload
+        from . import loader
         _check_name(name, spelling)
         kwargs = dict(self._with_defaults(gpu, cpu, disk, dtype, context), quant=quant, pins=pins or None,
                       device=device, progress=self.progress, **extra)
         # A model already under this name stays loaded and bound until the new one has loaded: a
         # failed load must not lose it. Only then is the old one freed.
         try:
-            llm = nb_offload.load(model, **kwargs)
+            llm = loader.load(model, **kwargs)
         except Exception as exc:
             if name not in self.models or not _out_of_memory(exc):
                 raise
@@ -461,9 +463,9 @@ class OffloadMagics(Magics):
         Example:
             %offload_plan ./llama-70b --gpu 20GiB --cpu 64GiB --disk ./offload
         """
-        import nb_offload
+        from . import loader
         args = self._parse(self.offload_plan, line)
-        plan = nb_offload.plan(args.model, **self._with_defaults(args.gpu, args.cpu, args.disk, args.dtype,
+        plan = loader.plan(args.model, **self._with_defaults(args.gpu, args.cpu, args.disk, args.dtype,
                                                                 args.context))
         self._show(plan)
         link = args.link

@@ -78,6 +78,7 @@ class OffloadedModel:
 
     def _load_generation_config(self):
         import os
+
         from transformers import GenerationConfig
         if os.path.isfile(os.path.join(self._insp.folder, "generation_config.json")):
             try:
@@ -111,9 +112,10 @@ class OffloadedModel:
                    ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
             return None
         from transformers import AutoTokenizer
-        from .loader import _quiet_transformers
+
+        from .units import quiet_transformers
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 # The load's decision on remote code, said outright: left unsaid, transformers asks
                 # on stdin for a tokenizer with code of its own, which hangs a notebook kernel.
                 return AutoTokenizer.from_pretrained(folder, trust_remote_code=self._insp.trust_remote_code)
@@ -176,6 +178,7 @@ class OffloadedModel:
         """``transformers`` generate, streaming as planned; inputs may be on the CPU."""
         self._check_loaded()
         import torch
+
         from .engine import _to_device
         args, kwargs = _to_device(args, self._device), _to_device(kwargs, self._device)
         inputs = kwargs.get("input_ids", args[0] if args else None)

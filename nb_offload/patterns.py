@@ -12,7 +12,8 @@ import re
 from .errors import PinError
 
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
-ACCEPTED = 'a module name as in named_modules(), with * globs and index ranges, e.g. "model.layers.0-3", "model.layers.*", "lm_head"'
+ACCEPTED = ('a module name as in named_modules(), with * globs and index ranges, e.g. "model.layers.0-3", '
+            '"model.layers.*", "lm_head"')
 
 
 def _segment_matcher(seg: str, pattern: str):
@@ -20,7 +21,8 @@ def _segment_matcher(seg: str, pattern: str):
     if m:
         lo, hi = int(m.group(1)), int(m.group(2))
         if lo > hi:
-            raise PinError(f"pin pattern {pattern!r}: range {seg!r} runs backwards; write it low-high, e.g. \"{hi}-{lo}\".")
+            raise PinError(f"pin pattern {pattern!r}: range {seg!r} runs backwards; write it low-high, "
+                           f"e.g. \"{hi}-{lo}\".")
         return lambda s: s.isdigit() and lo <= int(s) <= hi
     if not seg:
         raise PinError(f"pin pattern {pattern!r} has an empty part; give {ACCEPTED}.")

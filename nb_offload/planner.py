@@ -354,7 +354,8 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
             host_reserved["disk_staging"] = host_staging(disk_units)
         if cpu_used + host_reserved.get("disk_staging", 0) > cpu_cap:
             raise BudgetError(
-                f"cpu={format_size(cpu_cap)} is below the {format_size(cpu_used + host_reserved.get('disk_staging', 0))} "
+                f"cpu={format_size(cpu_cap)} is below the "
+                f"{format_size(cpu_used + host_reserved.get('disk_staging', 0))} "
                 "that the units pinned to cpu and the disk staging buffers need; raise cpu= or pin fewer units to cpu.")
     else:
         if stream and budgets.get("disk") is None:

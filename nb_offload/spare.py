@@ -72,7 +72,8 @@ def spare_bytes(plan, config, dtype_size: int, tokens: int, sequences: int) -> i
 def choose(candidates, room: int, step: int = 64) -> list:
     """Which of ``candidates`` (``(index, tier, nbytes)`` in run order) to hold in ``room`` bytes.
 
-    Each costs its size rounded up to the allocator's ``step``. Disk units first (each saves a drive read per step, the slowest path), then host units;
+    Each costs its size rounded up to the allocator's ``step``. Disk units first (each saves a drive
+    read per step, the slowest path), then host units;
     within a tier, picks are spread evenly over the run order, so the units still streamed keep
     alternating with computed ones and each copy still overlaps compute.
     """

@@ -38,7 +38,8 @@ class Storage:
         import torch
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
-        from .loader import _quiet_transformers
+
+        from .units import quiet_transformers
         ckpt = self.insp.checkpoint
         meta = self.insp.meta
         state = {k: ckpt.get_slice(k) for k in unit.checkpoint_keys}
@@ -46,7 +47,7 @@ class Storage:
                                   weight_mapping=self.insp.conversions)
         out = {}
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 convert_and_load_state_dict_in_model(meta, state, cfg)
             for slot in unit.params:
                 mod_name, _, attr = slot.names[0].rpartition(".")

@@ -14,7 +14,8 @@ import warnings
 
 from .budget import format_size
 from .errors import DiskTierError
-
+from .files import read_buffered
+from .uncached import read as read_around_page_cache
 
 # Page-locked buffers are our own mappings registered with CUDA, not torch's pin_memory=True: its
 # caching host allocator rounds every request up to a power of two (a 386 MiB block takes 512 MiB,
@@ -111,8 +112,7 @@ def _read_piece(buf, addr, path, file_offset, nbytes, flat_offset, *, uncached=F
     view = buf[flat_offset:flat_offset + nbytes]
     try:
         if uncached:
-            from . import uncached as direct
-            direct.read(path, view, addr + flat_offset, file_offset, nbytes)
+            read_around_page_cache(path, view, addr + flat_offset, file_offset, nbytes)
             return
         read_buffered(path, view, file_offset)
     except DiskTierError:
@@ -120,38 +120,6 @@ def _read_piece(buf, addr, path, file_offset, nbytes, flat_offset, *, uncached=F
     except OSError as exc:      # the file was removed, replaced by a link or made unreadable
         raise DiskTierError(f"reading {path!r} failed ({exc.strerror or exc}); the file changed after the model "
                             "was loaded: restore it, or load the model again.") from exc
-
-
-# Reads never follow a link at the last step of the path: a checkpoint's files are resolved once
-# at load (direct_extents), and the offload cache makes no links.
-READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
-
-
-def read_buffered(path, view, offset, *, drop=False):
-    """Fill ``view`` from ``path`` at ``offset`` through the page cache; ``drop``: drop those
-    pages afterwards (where the platform can)."""
-    fd = os.open(path, READ_FLAGS)
-    try:
-        read_fully(fd, path, view, offset)
-        if drop and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def read_fully(fd, path, view, offset):
-    """Fill ``view`` from ``fd`` at ``offset`` (reads may come back short)."""
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise ended_early(path, len(view), offset)
-        done += n
-
-
-def ended_early(path, nbytes, offset):
-    return DiskTierError(f"{path!r} ended early while reading {nbytes} bytes at {offset}; "
-                         "the file was truncated after loading: reload the model.")
 
 
 def direct_extents(unit, checkpoint):

@@ -48,7 +48,8 @@ class Timeline:
             y = lanes.index(e.kind) * lane_h + 4
             x = left + (e.start - t0) / span * (width - left)
             w = max((e.end - e.start) / span * (width - left), 0.5)
-            tip = f"{e.kind} {e.unit} {(e.end - e.start) * 1e3:.2f} ms" + (f" {format_size(e.bytes)}" if e.bytes else "")
+            tip = (f"{e.kind} {e.unit} {(e.end - e.start) * 1e3:.2f} ms"
+                   + (f" {format_size(e.bytes)}" if e.bytes else ""))
             rects.append(f"<rect x='{x:.1f}' y='{y}' width='{w:.1f}' height='{lane_h - 8}' "
                          f"fill='{LANE_COLORS[e.kind]}'><title>{html.escape(tip)}</title></rect>")
         labels = "".join(f"<text x='2' y='{i * lane_h + 17}' font-size='12'>{k}</text>" for i, k in enumerate(lanes))

@@ -21,7 +21,7 @@ import mmap
 import os
 import threading
 
-from .tiers import READ_FLAGS, ended_early, read_buffered, read_fully
+from .files import READ_FLAGS, ended_early, read_buffered, read_fully
 from .units import round_up
 
 ALIGN = 4096                 # covers 512-byte and 4 KiB logical blocks, and the page size

@@ -8,6 +8,7 @@ one buffer and moves in one copy. Everything here works on the meta device: no w
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from dataclasses import dataclass, field
 
@@ -76,12 +77,30 @@ def resolve_dtype(dtype, config=None):
             return dtype
     elif isinstance(dtype, str):
         name = dtype.removeprefix("torch.").lower()
-        name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(name, name)
+        aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+        name = aliases.get(name, name)
         if name in DTYPES:
             return getattr(torch, name)
         if name == "auto":
             return resolve_dtype(None, config)
-    raise OptionError(f"dtype={dtype!r} is not supported; accepted: {', '.join(DTYPES)} (or None / \"auto\" for the checkpoint's).")
+    raise OptionError(f"dtype={dtype!r} is not supported; accepted: {', '.join(DTYPES)} (or None / \"auto\" for "
+                      "the checkpoint's).")
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Keep transformers' own progress bars and load warnings out of ours."""
+    from transformers.utils import logging as hf_logging
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    level = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def build_meta_model(config, dtype, attn_implementation=None, trust_remote_code=False, *, buffers=True):
@@ -174,7 +193,7 @@ def find_units(model) -> list[Unit]:
     for key in parent:
         groups.setdefault(find(key), []).append(key)
     units = []
-    for root, keys in groups.items():
+    for keys in groups.values():
         keys.sort(key=lambda k: module_order.get(k, 0))
         pids = [pid for k in keys for pid in members.get(k, [])]
         is_block = any(k in block_set for k in keys)

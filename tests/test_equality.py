@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import ARCHS, blocks, reference, run_offloaded, staging_bytes
 
 import nb_offload
-from conftest import ARCHS, blocks, reference, run_offloaded, staging_bytes
 
 
 def tight_cpu_budget(folder, disk, keep_blocks=1):

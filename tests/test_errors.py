@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import nb_offload
-from nb_offload import (BudgetError, CheckpointError, DiskTierError, OffloadError, OptionError,
-                        PinError)
+from nb_offload import BudgetError, CheckpointError, DiskTierError, OffloadError, OptionError, PinError
 
 
 def load(folder, **kw):
@@ -172,6 +171,7 @@ def test_disk_full_up_front_leaves_nothing(model_dirs, tmp_path, monkeypatch):
 
 def test_disk_full_while_writing_leaves_nothing_half_written(model_dirs, tmp_path, monkeypatch):
     import errno
+
     import nb_offload.cache as cache
     real_write = os.write
     calls = {"n": 0}

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import PROMPT, blocks, reference
+from test_equality import tight_cpu_budget
 
 import nb_offload
-from conftest import PROMPT, blocks, reference
 from nb_offload import spare
-from test_equality import tight_cpu_budget
 
 
 def load_tight(folder, disk, **kw):
@@ -77,7 +77,8 @@ def test_a_generate_as_long_as_the_planned_context_holds_nothing(model_dirs, tmp
         assert llm._spare_picks((ids,), {"max_new_tokens": 4}) != []
         # a batch (or beams) needs room per sequence
         wide = ids.expand(64, -1)
-        assert len(llm._spare_picks((wide,), {"max_new_tokens": 64})) < len(llm._spare_picks((ids,), {"max_new_tokens": 64}))
+        picks = {k: len(llm._spare_picks((x,), {"max_new_tokens": 64})) for k, x in (("wide", wide), ("one", ids))}
+        assert picks["wide"] < picks["one"]
     finally:
         llm.unload()
 

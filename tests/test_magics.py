@@ -1,5 +1,6 @@
 """The magics, run in a real IPython InteractiveShell (fresh IPYTHONDIR), on tiny models."""
 
+import _thread
 import gc
 import os
 import signal
@@ -7,10 +8,8 @@ import subprocess
 import sys
 import threading
 import time
-import _thread
 
 import pytest
-
 from conftest import run_cell as run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +70,6 @@ def test_load_generate_stream_and_bindings(shell, model_dirs, tmp_path):
     assert len(pieces) >= 3, out.writes       # tokens arrived one write at a time, not at the end
     assert "12 tokens in" in out.text and "tok/s" in out.text and "from disk" in out.text
     # the same text as transformers' greedy decode of the same prompt
-    import torch
     from transformers import AutoModelForCausalLM
     ref = AutoModelForCausalLM.from_pretrained(folder)
     ids = llm.tokenizer("Model offloading keeps", return_tensors="pt")

@@ -6,7 +6,6 @@ import os
 import shutil
 
 import pytest
-
 from conftest import run_cell as run
 
 from nb_offload import BudgetError, OffloadError, OptionError, PinError

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import ARCHS, blocks, reference, run_offloaded
 
 import nb_offload
-from conftest import ARCHS, blocks, reference, run_offloaded
 from nb_offload.loader import Inspection
 
 
@@ -67,7 +67,8 @@ def test_smaller_slots_keep_more_blocks_resident(model_dirs):
     whole = nb_offload.plan(folder, gpu="1GiB", cpu="1GiB", split_blocks=False)
     block = blocks(whole)[0].bytes
     gpu = sum(whole.reserved.values()) + sum(e.bytes for e in whole if e.kind == "top") + 5 * block
-    on_gpu = {flag: [e.tier for e in blocks(nb_offload.plan(folder, gpu=gpu, cpu="1GiB", split_blocks=flag))].count("gpu")
+    on_gpu = {flag: [e.tier for e in blocks(nb_offload.plan(folder, gpu=gpu, cpu="1GiB", split_blocks=flag))
+                     ].count("gpu")
               for flag in (False, True)}
     assert on_gpu[True] > on_gpu[False], on_gpu
 

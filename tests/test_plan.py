@@ -6,10 +6,9 @@ import stat
 import subprocess
 import sys
 
-import pytest
+from conftest import blocks, host_staging, staging_bytes
 
 import nb_offload
-from conftest import blocks, host_staging, staging_bytes
 from nb_offload.patterns import compile_pattern
 
 

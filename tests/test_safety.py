@@ -11,9 +11,9 @@ import warnings
 
 import pytest
 import torch
+from conftest import PROMPT
 
 import nb_offload
-from conftest import PROMPT
 from nb_offload import DiskTierError, OffloadError, OptionError
 
 IDS = torch.tensor(PROMPT)

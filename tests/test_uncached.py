@@ -10,12 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from conftest import reference
+from test_hold import greedy, load_tight
 
 import nb_offload
 from nb_offload import tiers, uncached
 from nb_offload.errors import DiskTierError
-from test_hold import greedy, load_tight
-from conftest import reference
 
 A = uncached.ALIGN
 
@@ -100,7 +100,8 @@ def test_o_direct_refused_falls_back_to_buffered_reads(data_file, monkeypatch):
     real_fadvise = getattr(os, "posix_fadvise", None)
     if real_fadvise is not None:
         monkeypatch.setattr(uncached.os, "posix_fadvise",
-                            lambda fd, off, n, advice: (dropped.append((off, n, advice)), real_fadvise(fd, off, n, advice))[1])
+                            lambda fd, off, n, advice: (dropped.append((off, n, advice)),
+                                                        real_fadvise(fd, off, n, advice))[1])
     assert read([(path, 77, 3 * A, 0)], 3 * A) == data[77:77 + 3 * A]
     if uncached._O_DIRECT:
         assert path in uncached._buffered_only               # not tried again for this file
@@ -175,7 +176,8 @@ def test_drop_page_cache_streaming_gives_identical_tokens(model_dirs, tmp_path):
 
 
 def test_drop_page_cache_must_be_a_bool(model_dirs):
-    with pytest.raises(nb_offload.OffloadError, match=r"drop_page_cache='yes' is not valid; accepted: True, False or \"auto\""):
+    with pytest.raises(nb_offload.OffloadError,
+                       match=r"drop_page_cache='yes' is not valid; accepted: True, False or \"auto\""):
         nb_offload.load(model_dirs("llama"), device="cpu", drop_page_cache="yes", progress=False)
 
 

@@ -13,12 +13,12 @@ import pytest
 
 pytest.importorskip("anywidget")
 
+from conftest import PROMPT  # noqa: E402
+
 from nb_offload.errors import PinError  # noqa: E402
 from nb_offload.planner import Plan, PlanEntry  # noqa: E402
 from nb_offload.widgets import LayerMap, Memory, Timeline, dashboard, repin  # noqa: E402
 from nb_offload.widgets.state import TIER_COLORS  # noqa: E402
-
-from conftest import PROMPT  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -26,21 +26,25 @@ STEPS = [
     ("transformers.modeling_utils", "import transformers.modeling_utils"),
     ("transformers.generation.utils", "import transformers.generation.utils"),
     ("transformers.models.llama.modeling_llama", "import transformers.models.llama.modeling_llama"),
-    ("meta model from_config (llama, 24 layers)", "nb_offload.units.build_meta_model(AutoConfig.from_pretrained(FOLDER), __import__('torch').float32)"),
+    ("meta model from_config (llama, 24 layers)",
+     "nb_offload.units.build_meta_model(AutoConfig.from_pretrained(FOLDER), __import__('torch').float32)"),
     ("transformers.conversion_mapping + core_model_loading",
      "import transformers.conversion_mapping, transformers.core_model_loading"),
     ("safetensors.safe_open", "from safetensors import safe_open"),
     ("nb_offload.model/engine/storage/pieces/spare/uncached",
-     "import nb_offload.model, nb_offload.engine, nb_offload.storage, nb_offload.pieces, nb_offload.spare, nb_offload.uncached"),
+     "import nb_offload.model, nb_offload.engine, nb_offload.storage, nb_offload.pieces, nb_offload.spare, "
+     "nb_offload.uncached"),
     ("tokenizers + AutoTokenizer", "from transformers import AutoTokenizer"),
     ("AutoTokenizer.from_pretrained (tiny tokenizer)", "AutoTokenizer.from_pretrained(FOLDER)"),
-    ("GenerationConfig.from_pretrained", "from transformers import GenerationConfig; GenerationConfig.from_pretrained(FOLDER)"),
+    ("GenerationConfig.from_pretrained",
+     "from transformers import GenerationConfig; GenerationConfig.from_pretrained(FOLDER)"),
 ]
 
 
 def main():
     import torch  # noqa: F401
     import transformers  # noqa: F401
+
     import nb_offload  # noqa: F401
     ns = {"FOLDER": model_folder("fp32"), "nb_offload": nb_offload}
     gc.collect()

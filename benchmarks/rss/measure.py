@@ -262,6 +262,7 @@ def child(args):
     sampler.start()
     import torch
     import transformers  # noqa: F401
+
     import nb_offload
     torch.manual_seed(0)
     folder = args.folder
@@ -275,10 +276,16 @@ def child(args):
         import safetensors.torch  # noqa: F401
         import tokenizers  # noqa: F401
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig  # noqa: F401
-        from transformers.models.llama import modeling_llama  # noqa: F401
         from transformers.generation import utils  # noqa: F401
-        import nb_offload.loader, nb_offload.model, nb_offload.engine, nb_offload.storage  # noqa: F401,E401
-        import nb_offload.pieces, nb_offload.spare, nb_offload.uncached  # noqa: F401,E401
+        from transformers.models.llama import modeling_llama  # noqa: F401
+
+        import nb_offload.engine
+        import nb_offload.loader  # noqa: F401,E401
+        import nb_offload.model
+        import nb_offload.pieces  # noqa: F401,E401
+        import nb_offload.spare
+        import nb_offload.storage
+        import nb_offload.uncached
         AutoConfig.from_pretrained(folder)
         AutoTokenizer.from_pretrained(folder)
     if "warm" in mods:
@@ -304,9 +311,9 @@ def child(args):
         snap0 = tracemalloc.take_snapshot()
 
     # patches, after the baseline: importing nb_offload's submodules is part of what a load costs
+    from nb_offload import loader as L
     from nb_offload.model import OffloadedModel
     from nb_offload.storage import Storage
-    from nb_offload import loader as L
     phases = []
 
     def timed(owner, name, label=None):
@@ -478,11 +485,13 @@ def child(args):
         prof_info = torch_alloc_peak(prof)
 
     res = dict(
-        exp=exp, model=args.model, prompt=args.prompt, gens=args.gens, nb_offload=os.path.dirname(nb_offload.__file__), budget=args.budget, budget_bytes=plan.budgets["cpu"],
+        exp=exp, model=args.model, prompt=args.prompt, gens=args.gens, nb_offload=os.path.dirname(nb_offload.__file__),
+        budget=args.budget, budget_bytes=plan.budgets["cpu"],
         allowance=int(plan.budgets["cpu"] * 1.05 + 64 * MiB),
         base=base, after_load=after_load - base, after_load_raw=after_load_raw - base,
         peak_load=sampler.peak(t0, t1, after_load_raw) - base, peak_gen=sampler.peak(g0, g1, after_gen_raw) - base,
-        after_gen=after_gen - base, gen_peaks=[sampler.peak(a, b, v) - base for a, b, v in gen_peaks], after_gen_raw=after_gen_raw - base,
+        after_gen=after_gen - base, gen_peaks=[sampler.peak(a, b, v) - base for a, b, v in gen_peaks],
+        after_gen_raw=after_gen_raw - base,
         file_growth_load=file_load - file0,
         load_s=t1 - t0, gen_s=g1 - g0,
         plan_used=plan.used(), plan_totals=plan.totals(), reserved=plan.reserved,
@@ -505,6 +514,7 @@ def child(args):
 def patch_inplace(Storage):
     """The fix proposed for storage.py, as a monkeypatch: no full-size temporaries per unit."""
     import torch
+
     from nb_offload.storage import UnitStore
     from nb_offload.tiers import alloc_host, pack, param_views
     real_place, real_mat = Storage.place, Storage.materialize
@@ -590,7 +600,8 @@ def table(rows):
             print(f"{r['exp']:12} {r['model']:5} {r['budget']:>7}  BudgetError: {r['error'][:150]}")
             continue
         ok = "yes" if max(r["peak_load"], r["peak_gen"]) <= r["allowance"] else "NO"
-        print(f"{r['exp']:12} {r['model']:5} {r.get('prompt', PROMPT):>4} {mb(r['budget_bytes'])} {mb(r['allowance'])} {mb(r['plan_used']['cpu'])} "
+        print(f"{r['exp']:12} {r['model']:5} {r.get('prompt', PROMPT):>4} {mb(r['budget_bytes'])} {mb(r['allowance'])} "
+              f"{mb(r['plan_used']['cpu'])} "
               f"{mb(r['plan_totals']['cpu'])} {mb(r['plan_totals']['disk'])} {mb(r['after_load'])} "
               f"{mb(r['peak_load'])} {mb(r['peak_gen'])} {mb(r['after_gen'])} "
               f"{r['held'].get('bytes', 0) / MiB:6.1f} {ok:>3}")
@@ -633,7 +644,8 @@ def main():
         return child(args)
     os.makedirs(CACHE, exist_ok=True)
     extra = [f for f, on in (("--tracemalloc", args.tracemalloc), ("--profile", args.profile),
-                             ("--series", args.series)) if on] + ["--gens", str(args.gens), "--prompt", str(args.prompt)]
+                             ("--series", args.series)) if on] + \
+                ["--gens", str(args.gens), "--prompt", str(args.prompt)]
     rows = []
     for exp in args.exp.split(","):
         for budget in args.budgets.split(","):

@@ -1,20 +1,53 @@
-import torch, ctypes
-def mem():
-    with open("/proc/self/status") as f:
-        d = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in f if l.startswith(("RssAnon", "RssShmem", "RssFile"))}
-    return d
-torch.zeros(1, device="cuda")
-keep = []
-for mib in (7, 100, 386, 386, 600):
-    b = mem(); t = torch.empty(mib * 2**20, dtype=torch.uint8, pin_memory=True); t.fill_(1); keep.append(t); a = mem()
-    print(f"pin_memory {mib} MiB: " + ", ".join(f"{k} +{(a[k]-b[k])/2**20:.0f}" for k in a))
-# registered pageable memory
-b = mem(); t = torch.empty(386 * 2**20, dtype=torch.uint8); t.fill_(1)
-r = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 0); a = mem()
-print("host_register 386 MiB:", r, ", ".join(f"{k} +{(a[k]-b[k])/2**20:.0f}" for k in a), "is_pinned", t.is_pinned())
-d = torch.empty(386 * 2**20, dtype=torch.uint8, device="cuda")
-s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-for src, name in ((keep[2], "pin_memory"), (t, "registered")):
-    d.copy_(src, non_blocking=True); s.record(); d.copy_(src, non_blocking=True); e.record(); e.synchronize()
-    print(name, f"{386*2**20/ (s.elapsed_time(e)/1e3)/1e9:.1f} GB/s")
-torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+"""What a page-locked buffer costs the host: torch's pin_memory=True against registered memory.
+
+Prints, per buffer, the growth of the process's RssAnon, RssFile and RssShmem (MiB), then the
+host-to-GPU rate of a 386 MiB copy from each kind (GPU machine: python3 benchmarks/rss/pinned_probe.py).
+"""
+
+import torch
+
+MiB = 2**20
+
+
+def memory():
+    with open("/proc/self/status") as fh:
+        return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh
+                if line.startswith(("RssAnon", "RssShmem", "RssFile"))}
+
+
+def growth(before, after):
+    return ", ".join(f"{k} +{(after[k] - before[k]) / MiB:.0f}" for k in after)
+
+
+def rate(src, dst):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    dst.copy_(src, non_blocking=True)
+    start.record()
+    dst.copy_(src, non_blocking=True)
+    end.record()
+    end.synchronize()
+    return src.numel() / (start.elapsed_time(end) / 1e3) / 1e9
+
+
+def main():
+    torch.zeros(1, device="cuda")
+    keep = []
+    for mib in (7, 100, 386, 386, 600):
+        before = memory()
+        buf = torch.empty(mib * MiB, dtype=torch.uint8, pin_memory=True)
+        buf.fill_(1)
+        keep.append(buf)
+        print(f"pin_memory {mib} MiB: {growth(before, memory())}")
+    before = memory()
+    registered = torch.empty(386 * MiB, dtype=torch.uint8)
+    registered.fill_(1)
+    err = torch.cuda.cudart().cudaHostRegister(registered.data_ptr(), registered.numel(), 0)
+    print(f"host_register 386 MiB: {err} {growth(before, memory())} is_pinned {registered.is_pinned()}")
+    dst = torch.empty(386 * MiB, dtype=torch.uint8, device="cuda")
+    print(f"pin_memory {rate(keep[2], dst):.1f} GB/s")
+    print(f"registered {rate(registered, dst):.1f} GB/s")
+    torch.cuda.cudart().cudaHostUnregister(registered.data_ptr())
+
+
+if __name__ == "__main__":
+    main()

@@ -62,7 +62,8 @@ gc.collect()
 base = rss_anon_shmem()
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
 gc.collect()
-print(f"{(rss_anon_shmem() - base) / MiB:.1f} {len(tok)} {len(tok('The quick brown fox jumps over the lazy dog.').input_ids)}")
+sample = tok("The quick brown fox jumps over the lazy dog.").input_ids
+print(f"{(rss_anon_shmem() - base) / MiB:.1f} {len(tok)} {len(sample)}")
 """
 
 

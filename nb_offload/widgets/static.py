@@ -57,11 +57,13 @@ def memory_svg(plan) -> str:
         scale = max(row["budget"] or 0, row["used"], 1)
         x = label
         segs = [(row["tier"] + " weights", row["weights"], TIER_COLORS[row["tier"]])]
-        segs += [(p["name"].replace("_", " "), p["bytes"], RESERVED_COLORS.get(p["name"], "#9e9e9e")) for p in row["reserved"]]
+        segs += [(p["name"].replace("_", " "), p["bytes"], RESERVED_COLORS.get(p["name"], "#9e9e9e"))
+                 for p in row["reserved"]]
         for name, nbytes, color in [s for s in segs if s[1]]:
             w = nbytes / scale * (width - label)
             out.append(f"<rect x='{x:.1f}' y='{y}' width='{max(w, 0.5):.1f}' height='{bar}' fill='{color}' "
-                       f"stroke='white' stroke-width='0.5'><title>{html.escape(name)}: {format_size(nbytes)}</title></rect>")
+                       f"stroke='white' stroke-width='0.5'><title>{html.escape(name)}: {format_size(nbytes)}"
+                       "</title></rect>")
             x += w
         of = f" of {format_size(row['budget'])}" if row["budget"] is not None else ""
         reserved = ", ".join(f"{p['name'].replace('_', ' ')} {format_size(p['bytes'])}" for p in row["reserved"])
@@ -69,6 +71,7 @@ def memory_svg(plan) -> str:
         out.append(f"<text x='0' y='{y + 12}' font-size='12'>{row['tier']}</text>"
                    f"<rect x='{label}' y='{y}' width='{width - label}' height='{bar}' fill='none' stroke='#999'/>"
                    f"<text x='{label}' y='{y + bar + 12}' font-size='11'>{html.escape(summary)}</text>"
-                   f"<text x='{label}' y='{y + bar + 25}' font-size='11'>{html.escape(reserved and 'reserved: ' + reserved)}</text>")
+                   f"<text x='{label}' y='{y + bar + 25}' font-size='11'>"
+                   f"{html.escape(reserved and 'reserved: ' + reserved)}</text>")
     return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width + 2}' height='{len(rows) * pitch}' "
             f"font-family='sans-serif'>{''.join(out)}</svg>")

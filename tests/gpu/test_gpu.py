@@ -7,9 +7,9 @@ import gc
 
 import pytest
 import torch
+from conftest import PROMPT, blocks, host_staging, reference, staging_bytes
 
 import nb_offload
-from conftest import PROMPT, blocks, host_staging, reference, staging_bytes
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
