@@ -128,12 +128,9 @@ class OffloadCache:
 
     @staticmethod
     def fingerprint_of(checkpoint, dtype, quant, units) -> str:
-        files = []
-        for path in sorted({t.file for t in checkpoint.tensors.values()}):
-            st = os.stat(path)
-            files.append([os.path.basename(path), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns])
         layout = [[u.name, u.nbytes] for u in units]
-        h = hashlib.sha256(json.dumps([CACHE_FORMAT, files, str(dtype), quant, layout]).encode())
+        h = hashlib.sha256(json.dumps([CACHE_FORMAT, checkpoint.fingerprint_parts(), str(dtype), quant,
+                                       layout]).encode())
         return h.hexdigest()[:24]
 
     # -- the folder ----------------------------------------------------------------------
@@ -238,24 +235,9 @@ class OffloadCache:
         view = memoryview(flat.numpy())
         header = self._header(unit, hashlib.sha256(view).hexdigest())
         path = self.path_for(unit)
-        tmp = os.path.join(self.folder, f".{os.path.basename(path)}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-        fd = None
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            for part in (memoryview(header), view):
-                done = 0
-                while done < len(part):
-                    done += os.write(fd, part[done:])
-            os.fsync(fd)
-            os.close(fd)
-            fd = None
-            os.replace(tmp, path)
-        except BaseException as exc:
-            if fd is not None:
-                os.close(fd)
-            _unlink(tmp)
-            if not isinstance(exc, OSError):
-                raise
+            write_new(path, (header, view), sync=True)
+        except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise DiskTierError(f"disk={self.root!r} is full: writing {unit.name!r} ({format_size(unit.nbytes)}) "
                                     "failed; free space there or give another folder.") from exc
@@ -304,16 +286,10 @@ class OffloadCache:
         files = self._read_stamps()
         files.update(self._stamps)
         body = json.dumps({"fingerprint": self.fingerprint, "files": files}).encode()
-        tmp = os.path.join(self.folder, f".{STAMPS}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            try:
-                os.write(fd, body)
-            finally:
-                os.close(fd)
-            os.replace(tmp, os.path.join(self.folder, STAMPS))
+            write_new(os.path.join(self.folder, STAMPS), (body,), sync=False)
         except OSError:         # only a speed-up is lost: the next load hashes again
-            _unlink(tmp)
+            pass
         self._stamps = {}
 
     def _verify_existing(self, units, threads):
@@ -393,6 +369,31 @@ class OffloadCache:
             return None
         finally:
             os.close(fd)
+
+
+def write_new(path, parts, *, sync: bool):
+    """Write ``parts`` (bytes-like) to a fresh temporary file beside ``path``, created exclusively and
+    never through a link, then rename it into place (``sync``: on the drive first). Any failure, an
+    interrupt included, removes the temporary file before it goes on."""
+    tmp = os.path.join(os.path.dirname(path),
+                       f".{os.path.basename(path)}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    fd = None
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        for part in parts:
+            part, done = memoryview(part), 0
+            while done < len(part):
+                done += os.write(fd, part[done:])
+        if sync:
+            os.fsync(fd)
+        os.close(fd)
+        fd = None
+        os.replace(tmp, path)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        _unlink(tmp)
+        raise
 
 
 def _unlink(path):

@@ -408,11 +408,12 @@ class Checkpoint:
         return out
 
     def fingerprint_parts(self) -> list:
-        """What identifies these weights: each file's name, size and modification time."""
+        """What identifies these weights: each file's name, size, inode, and modification and change
+        times (a write changes the change time, and no call can set it back)."""
         parts = []
         for path in sorted({t.file for t in self.tensors.values()}):
             st = os.stat(path)
-            parts.append([os.path.basename(path), st.st_size, st.st_mtime_ns])
+            parts.append([os.path.basename(path), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns])
         return parts
 
     def get(self, key: str):

@@ -305,7 +305,7 @@ class OffloadMagics(Magics):
             if key != "pin" and isinstance(value, (list, dict)):
                 raise OptionError(f"%%offload `{key}: {value}` is not valid; every key but pin takes one value, "
                                   "e.g. `gpu: 6GiB`.")
-        if not isinstance(cfg.get("trace", True), bool):     # the API takes any truthy value
+        if not isinstance(cfg.get("trace", True), bool):     # said in the cell's own spelling
             raise OptionError(f"%%offload `trace: {cfg['trace']}` is not valid; accepted: true or false.")
         pins = cfg.get("pin") or {}
         if not isinstance(pins, dict):

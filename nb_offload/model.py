@@ -171,7 +171,7 @@ class OffloadedModel:
     def __call__(self, *args, **kwargs):
         self._check_loaded()
         import torch
-        with self._gate.run(), torch.inference_mode():
+        with torch.inference_mode():       # the forward pass holds the gate itself
             return self.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):

@@ -76,7 +76,6 @@ class Storage:
         checkpoint a tensor at a time, converting the dtype as each is copied in: a unit never
         exists twice in host memory on its way to its tier (transformers' key conversions, which
         build whole fused tensors, excepted)."""
-        import torch
         store = self.stores.get(unit.index)
         if store is not None and store.flat is not None:
             flat.copy_(store.flat)
@@ -88,9 +87,7 @@ class Storage:
             if flat.device.type == "cpu":
                 read_extents(extents, flat)
             else:           # one read at the drive's pace, then one copy
-                host = torch.empty(unit.nbytes, dtype=torch.uint8)
-                read_extents(extents, host)
-                flat.copy_(host)
+                flat.copy_(self._host_copy_of(unit))
             return
         if any(k not in {n for s in unit.params for n in s.names} for k in unit.checkpoint_keys):
             pack(unit, self._read_converted(unit), flat)
@@ -122,7 +119,6 @@ class Storage:
                 raise DiskTierError(f"{unit.name!r} can't go to disk: no disk folder was given at load.")
             if unit.direct:
                 return UnitStore(tier, extents=direct_extents(unit, self.insp.checkpoint))
-            self.cache.prepare([unit], threads=self.read_threads)     # a re-pin may bring the first
             if not self.cache.has(unit):
                 self.cache.write(unit, self._host_copy_of(unit))
             return UnitStore(tier, extents=self.cache.extents(unit))
@@ -130,9 +126,7 @@ class Storage:
 
     def materialize(self, plan, progress=True):
         """Fill every unit's store per ``plan``, one unit at a time."""
-        if self.cache is not None:     # verifies the files already cached, all at once
-            self.cache.prepare([u for u in self.insp.units if plan.entries[u.index].tier == "disk" and not u.direct],
-                               threads=self.read_threads)
+        self._prepare_cache([u for u in self.insp.units if plan.entries[u.index].tier == "disk"])
         units = self.insp.units
         bar = None
         if progress:
@@ -150,6 +144,12 @@ class Storage:
                 bar.close()
             self._settle()
 
+    def _prepare_cache(self, to_disk):
+        """Ready the offload cache for the units about to go to disk, all at once: create or check its
+        folder, verify the files already there, check the drive has room for the rest."""
+        if self.cache is not None:
+            self.cache.prepare([u for u in to_disk if not u.direct], threads=self.read_threads)
+
     def _settle(self):
         """After filling stores: note the cache files checked, unmap the checkpoint and give freed
         heap pages back."""
@@ -162,6 +162,8 @@ class Storage:
         """Move units whose tier changed; all new stores are made before any old one is dropped."""
         fresh = {}
         try:
+            self._prepare_cache([u for u in self.insp.units if new_plan.entries[u.index].tier == "disk"
+                                 and self.stores[u.index].tier != "disk"])
             for u in self.insp.units:
                 tier = new_plan.entries[u.index].tier
                 if self.stores[u.index].tier != tier:

@@ -115,8 +115,6 @@ def _read_piece(buf, addr, path, file_offset, nbytes, flat_offset, *, uncached=F
             read_around_page_cache(path, view, addr + flat_offset, file_offset, nbytes)
             return
         read_buffered(path, view, file_offset)
-    except DiskTierError:
-        raise
     except OSError as exc:      # the file was removed, replaced by a link or made unreadable
         raise DiskTierError(f"reading {path!r} failed ({exc.strerror or exc}); the file changed after the model "
                             "was loaded: restore it, or load the model again.") from exc
