@@ -11,7 +11,10 @@ The bound of a step: the largest of (every streamed byte / link rate), (bytes re
 the drive's best measured rate) and the same step run with everything resident. Reads and
 host-to-GPU copies run in parallel, so this is stricter than adding the two transfer times.
 
-    PYTHONPATH=. python3 benchmarks/bench_offload.py --json out.json --results benchmarks/RESULTS.md
+    PYTHONPATH=. python3 benchmarks/bench_offload.py --json out.json
+    python3 benchmarks/report.py out.json --title "..." --command "..."   # its RESULTS.md section
+
+Keep the JSON as benchmarks/runs/raw-DATE-CARD-WHAT.json; RESULTS.md shows the latest run per card.
 """
 
 from __future__ import annotations
@@ -63,10 +66,12 @@ def drop_caches() -> bool:
         return False
 
 
-def drive_rate(folder, nbytes=4 * GiB, cold=True, repeats=3, threads=4, uncached=False):
+def drive_rate(folder, nbytes=4 * GiB, cold=True, repeats=3, threads=4, uncached=False, buf=None):
     """Read ``nbytes`` of the checkpoint with nb_offload's own reader (chunked, ``threads`` threads;
     ``uncached``: O_DIRECT, as with drop_page_cache=True).
 
+    ``buf``: a uint8 tensor of at least that many bytes to read into, for callers that read a
+    whole checkpoint again and again (default: a fresh page-locked one).
     Returns the best of ``repeats`` reads (a bound needs the fastest the drive can go) and all.
     """
     from concurrent.futures import ThreadPoolExecutor
@@ -82,7 +87,7 @@ def drive_rate(folder, nbytes=4 * GiB, cold=True, repeats=3, threads=4, uncached
         total += n
         if total >= nbytes:
             break
-    buf = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+    buf = torch.empty(total, dtype=torch.uint8, pin_memory=True) if buf is None else buf[:total]
     rates = []
     with ThreadPoolExecutor(threads) as pool:
         for _ in range(repeats):
@@ -123,14 +128,15 @@ def units_drive_rate(llm, cold, uncached):
         return total / (time.perf_counter() - t0) / 1e9
 
 
-def build(folder, layers):
+def build(folder, layers, dtype="bfloat16"):
+    """Save a LLaMA-7B-shaped model of ``layers`` layers with random ``dtype`` weights."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                      max_position_embeddings=4096, dtype="bfloat16")
+                      max_position_embeddings=4096, dtype=dtype)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)

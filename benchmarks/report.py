@@ -1,15 +1,25 @@
-"""Render a bench_offload.py JSON file as the Markdown rows of RESULTS.md (no figure typed by hand).
+"""Render benchmark JSON as Markdown for RESULTS.md and the README (no figure typed by hand).
 
-    python3 benchmarks/report.py benchmarks/raw-2026-11-25-h100-run2.json --command "..." >> benchmarks/RESULTS.md
-    python3 benchmarks/report.py RUN.json --readme          # the README's performance table
-    python3 benchmarks/report.py PATTERNS.json --patterns   # a drive_patterns.py run
-    python3 benchmarks/report.py CHECKS.json --checks       # a bench_checks.py run
+The JSON files live in benchmarks/runs/ (raw-DATE-CARD-WHAT.json). From the repository root:
+
+    python3 benchmarks/report.py benchmarks/runs/RUN.json --title "..." --command "..."   # a bench_offload.py run
+    python3 benchmarks/report.py RUN.json [MORE.json ...] --readme   # the README's performance section
+    python3 benchmarks/report.py PATTERNS.json --patterns      # a drive_patterns.py run
+    python3 benchmarks/report.py CHECKS.json --checks          # a bench_checks.py run
+    python3 benchmarks/report.py A.json B.json --contention    # host_contention.py runs
+    python3 benchmarks/report.py DASH.json --dashboard         # a bench_dashboard.py run
+    python3 benchmarks/report.py LOAD.json                     # a bench_load.py run ("kind": "load"; or --load)
+
+With --readme, files after the first run add lines: more bench_offload.py runs (case 5 alone), a
+host_contention.py run, a bench_load.py run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import statistics
 
 GiB = 2**30
@@ -173,8 +183,12 @@ def render_contention(runs, command, title) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_readme(data, title) -> str:
-    """The README's performance section (below its heading), from one bench_offload.py run."""
+GOAL_PCT = 90     # the share of the bound the disk cases aim at (issue 3)
+
+
+def render_readme(data, title, extras=(), command="python3 benchmarks/report.py RUN.json --readme") -> str:
+    """The README's performance section (below its heading), from one bench_offload.py run; ``extras``:
+    more JSON (later case-5 runs, a host_contention.py run, a bench_load.py run), each adding a line."""
     m = data["meta"]
     rows = [r for r in data["rows"] if "pct_of_bound" in r]
     r1 = next(r for r in rows if r["case"].startswith("1 decode"))
@@ -182,12 +196,13 @@ def render_readme(data, title) -> str:
     resident = next((r for r in data["rows"] if "slower_pct" in r), None)
     out = [f"One {m['card']}, {m['date']}, torch {m['torch'].split('+')[0]}, transformers {m['transformers']}, "
            f"accelerate {m['accelerate']}: a LLaMA-7B-shaped model ({m['layers']} layers, bf16), trace on, all "
-           f"rows from one run ({title or 'see benchmarks/RESULTS.md'} in `benchmarks/RESULTS.md`, which has every "
-           f"run with spreads, peak GPU memory against the budget and the commands). Page-locked link: median "
+           f"rows from one run ({title or 'the latest run'} in `benchmarks/RESULTS.md`, which has the latest run "
+           f"per card with spreads, peak GPU memory against the budget and the commands; older runs are in "
+           f"`benchmarks/runs/` and git history). Page-locked link: median "
            f"{m['link_gbps_median']:.1f} GB/s. The bound is what the PCIe link, the drive and the resident step "
            f"allow; every row gave the same greedy tokens as the resident model and stayed within its GPU budget. "
            f"Accelerate (`device_map=\"auto\"`, same 4 GiB budget, timed in the same interleaved rounds) decoded "
-           f"at {r1['accelerate_tok_s']:.2f} tok/s. This section is `python3 benchmarks/report.py RUN.json --readme`.",
+           f"at {r1['accelerate_tok_s']:.2f} tok/s. This section is `{command}`.",
            "", "| case (decode: tok/s; prefill: prompt tok/s) | nb_offload | bound | % of bound | vs Accelerate |",
            "|---|---:|---:|---:|---:|"]
     for r in rows:
@@ -212,7 +227,60 @@ def render_readme(data, title) -> str:
                    f"again just before each timed generate, each round's bound uses that round's fastest "
                    f"reading, and the figure is the median of the rounds' ratios; (*) against the fastest "
                    f"the drive read anywhere in the run ({cold['drive_best_gbps']:.2f} GB/s).")
+    more = [(name, d) for name, d in extras if "meta" in d and "rows" in d and d.get("kind") != "load"]
+    contention = next((d for _, d in extras if "copy_alone" in d), None)
+    if more:
+        out.append(readme_more_runs(more, contention))
+    for _, d in extras:
+        if d.get("kind") == "load":
+            out.append(readme_load(d))
     return "\n".join(out) + "\n"
+
+
+def readme_more_runs(runs, contention) -> str:
+    """One line on later runs of case 5 alone: their ranges, and why the warm case stays under its goal."""
+    labels = [re.search(r"run(\d+\w?)-", os.path.basename(n) + "-") for n, _ in runs]
+    labels = ", ".join(x.group(1) if x else os.path.basename(n) for x, (n, _) in zip(labels, runs))
+    pct = {k: [r["pct_of_bound"] for _, d in runs for r in d["rows"] if f"({k} page cache)" in r.get("case", "")]
+           for k in ("cold", "warm")}
+    below = sum(x < GOAL_PCT for x in pct["warm"])
+    threads = sorted({d["meta"].get("read_threads") for _, d in runs} - {None})
+    text = (f"- Case 5 alone, {len(runs)} more runs (runs {labels}; "
+            f"{' and '.join(map(str, threads))} read threads): the cold case at "
+            f"{min(pct['cold']):.1f}-{max(pct['cold']):.1f} % of its rounds' bound; the warm case at "
+            f"{min(pct['warm']):.1f}-{max(pct['warm']):.1f} %"
+            + (f", below the {GOAL_PCT} % goal in {below} of {len(pct['warm'])}" if below else "") + ".")
+    if contention and below:
+        warm = [d["meta"]["drive_warm_gbps"] for _, d in runs]
+        c = {k: statistics.median(contention[k]) for k in ("read_alone", "copy_alone", "read_both", "copy_both")}
+        text += (f" There the warm page cache read faster alone ({min(warm):.0f}-{max(warm):.0f} GB/s) than "
+                 f"nb_offload can read it while the link streams: page-cache copies and host-to-GPU copies "
+                 f"share the host's memory bandwidth (measured: `benchmarks/host_contention.py`, "
+                 f"{contention['threads']} reader threads: {c['read_alone']:.1f} and {c['copy_alone']:.1f} GB/s "
+                 f"alone, {c['read_both']:.1f} and {c['copy_both']:.1f} GB/s at once), which a bound built from "
+                 f"rates measured alone does not count.")
+    return text
+
+
+def readme_load(data) -> str:
+    """One line on a bench_load.py run."""
+    m, c = data["meta"], data["cases"]
+    parts = []
+    w, k, f = (c.get(n) if c.get(n) and "error" not in c[n] else None for n in ("warm", "cold", "fp32"))
+    if w:
+        parts.append(f"with the checkpoint ({w['bytes'] / 1e9:.1f} GB, bf16) in the page cache, "
+                     f"`nb_offload.load(gpu=\"{w['gpu_budget']}\")` took {w['nb_offload_median_s']:.2f} s against "
+                     f"{w['from_pretrained_median_s']:.2f} s for `from_pretrained(device_map=\"cuda\")` "
+                     f"({w['ratio']:.2f}x; goal at most {w['target_ratio']}x)")
+    if k:
+        parts.append(f"from a cold page cache it read at {k['share_median_pct']:.1f} % of the drive's rate measured "
+                     f"in the same rounds (goal at least {k['target_pct']:.0f} %)")
+    if f:
+        parts.append(f"a float32 checkpoint loaded as bf16 took at most "
+                     f"{max(f['sampled_over_budget'], f['stats_over_budget']):.2f}x its `cpu=` budget in host "
+                     f"memory (goal at most {f['target']}x)")
+    return (f"- Loading (`benchmarks/bench_load.py`, {m['card']}, {m['date']}): " + "; ".join(parts) + "."
+            if parts else f"- Loading (`benchmarks/bench_load.py`, {m['card']}, {m['date']}): every case failed.")
 
 
 def render_checks(data, command, title) -> str:
@@ -253,15 +321,85 @@ def render_checks(data, command, title) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gib(x):
+    return f"{x / GiB:.2f} GiB"
+
+
+def shape(r):
+    return f"hidden {r.get('hidden')}, intermediate {r.get('intermediate')}, {r['layers']} layers"
+
+
+def render_load(data, command, title) -> str:
+    """A bench_load.py run: loading time against transformers, warm and cold, and a bf16 load's host memory."""
+    m, c = data["meta"], data["cases"]
+    lines = [f"## {title or m['date'] + ', loading against transformers'} · {m['card']} · torch {m['torch']}, "
+             f"transformers {m['transformers']}", "", "Command (GPU machine, repository root):", "",
+             f"    {command}", ""]
+    big = next((c[n] for n in ("warm", "cold") if n in c and "error" not in c[n]), None)
+    if big:
+        lines += [f"Checkpoint: LLaMA shape ({shape(big)}), random {big['dtype']} weights, "
+                  f"{big['bytes'] / 1e9:.2f} GB in {big['files']} safetensors files (save_pretrained). "
+                  f"nb_offload loads it with `gpu=\"{big['gpu_budget']}\"` (the rest in page-locked host memory); "
+                  f"each load is timed to a CUDA sync, and the model is dropped between loads.", ""]
+    lines += ["| case | nb_offload | against | ratio | goal | met |", "|---|---:|---:|---:|---:|---|"]
+    notes = []
+    for name, r in c.items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: `{r['error'].strip().splitlines()[-1]}` | | | | |")
+            continue
+        met = "yes" if r["met"] else "NO"
+        if name == "warm":
+            lines.append(f"| warm page cache: `load` against `from_pretrained(device_map=\"cuda\")`, median of "
+                         f"{len(r['nb_offload_s'])} | {r['nb_offload_median_s']:.2f} s | "
+                         f"{r['from_pretrained_median_s']:.2f} s | {r['ratio']:.2f}x | "
+                         f"≤ {r['target_ratio']}x | {met} |")
+            notes.append(f"Warm: the files were read once into the page cache, then again from it "
+                         f"({r['read_threads']} threads: {r['page_cache_gbps']:.1f} GB/s); then interleaved rounds, "
+                         f"`from_pretrained` first: {', '.join(f'{x:.2f}' for x in r['from_pretrained_s'])} s, "
+                         f"nb_offload {', '.join(f'{x:.2f}' for x in r['nb_offload_s'])} s; nb_offload's plan: "
+                         + ", ".join(f"{gib(v)} {k}" for k, v in r.get("nb_tiers", {}).items()) + ".")
+        elif name == "cold":
+            rate = statistics.median(r["nb_offload_gbps"])
+            lines.append(f"| cold page cache: `load`'s rate against the drive's in the same round, median of "
+                         f"{len(r['share_pct'])} | {rate:.2f} GB/s ({r['nb_offload_median_s']:.2f} s) | "
+                         f"{r['drive_median_gbps']:.2f} GB/s | {r['share_median_pct']:.1f} % | "
+                         f"≥ {r['target_pct']:.0f} % | {met} |")
+            ref = (f" `from_pretrained`, cold, once: {r['from_pretrained_cold_s']:.2f} s "
+                   f"({r['bytes'] / r['from_pretrained_cold_s'] / 1e9:.2f} GB/s)." if "from_pretrained_cold_s" in r
+                   else "")
+            notes.append(f"Cold: in each round the page cache was dropped, the whole checkpoint read from the drive "
+                         f"(buffered, {r['read_threads']} threads, 16 MiB chunks: "
+                         f"{', '.join(f'{x:.2f}' for x in r['drive_gbps'])} GB/s), the cache dropped again and "
+                         f"nb_offload loaded it ({', '.join(f'{x:.2f}' for x in r['nb_offload_s'])} s: "
+                         f"{', '.join(f'{x:.2f}' for x in r['nb_offload_gbps'])} GB/s, "
+                         f"{', '.join(f'{x:.1f}' for x in r['share_pct'])} % of its round's drive rate)." + ref)
+        elif name == "fp32":
+            where = f"`gpu=\"{r['gpu']}\"`" if "gpu" in r else f"`device=\"{r.get('device', 'cpu')}\"`"
+            lines.append(f"| float32 checkpoint as bf16, {where}: host memory at its peak, sampled / `llm.stats` | "
+                         f"{gib(r['sampled_peak'])} / {gib(r['stats_host_peak'])} | `cpu=` {gib(r['cpu_budget'])} | "
+                         f"{max(r['sampled_over_budget'], r['stats_over_budget']):.2f}x | ≤ {r['target']}x | {met} |")
+            tiers = ", ".join(f"{gib(v)} {k}" for k, v in r["plan_tiers"].items())
+            notes.append(f"Float32: LLaMA shape ({shape(r)}), {r['bytes'] / 1e9:.2f} GB, loaded with "
+                         f"`dtype=\"bfloat16\"` by a fresh process in {r['load_s']:.2f} s; `cpu=` is what the plan "
+                         f"charges there ({gib(r['plan_cpu_need'])}; weights {tiers}) plus {gib(r['headroom'])}. "
+                         f"A thread sampled the process's RssAnon + RssShmem every 10 ms ({r['samples']} samples), "
+                         f"counted over the figure just before the load; after it: {gib(r['after_load'])}; the "
+                         f"peak is {r['sampled_peak'] / r['plan_cpu_need']:.2f}x what the plan charges. "
+                         f"`llm.stats.host_peak` is nb_offload's own figure (sampled after the load).")
+    return "\n".join(lines + [""] + [x for n in notes for x in (n, "")])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("json", nargs="+")
     ap.add_argument("--dashboard", action="store_true", help="the JSON is bench_dashboard.py's")
     ap.add_argument("--patterns", action="store_true", help="the JSON is drive_patterns.py's")
-    ap.add_argument("--readme", action="store_true", help="the README's performance table")
+    ap.add_argument("--readme", action="store_true",
+                    help="the README's performance section: a bench_offload.py run, then optional extras")
     ap.add_argument("--contention", action="store_true", help="the JSON files are host_contention.py's")
     ap.add_argument("--checks", action="store_true", help="the JSON is bench_checks.py's")
-    ap.add_argument("--command", default="PYTHONPATH=. python3 benchmarks/bench_offload.py --json out.json")
+    ap.add_argument("--load", action="store_true", help="the JSON is bench_load.py's (found by its kind too)")
+    ap.add_argument("--command", default=None, help="the command shown in the section")
     ap.add_argument("--title", default=None)
     args = ap.parse_args()
     loaded = []
@@ -269,18 +407,24 @@ def main():
         with open(name) as fh:
             loaded.append(json.load(fh))
     data = loaded[0]
-    if args.contention:
-        print(render_contention(loaded, args.command, args.title))
+    script = "bench_load.py" if args.load or data.get("kind") == "load" else "bench_offload.py"
+    command = args.command or f"PYTHONPATH=. python3 benchmarks/{script} --json out.json"
+    if args.readme:
+        title = f' --title "{args.title}"' if args.title else ""
+        print(render_readme(data, args.title, list(zip(args.json[1:], loaded[1:])),
+                            f"python3 benchmarks/report.py {' '.join(args.json)} --readme{title}"))
+    elif args.load or data.get("kind") == "load":
+        print(render_load(data, command, args.title))
+    elif args.contention:
+        print(render_contention(loaded, command, args.title))
     elif args.checks:
-        print(render_checks(data, args.command, args.title))
+        print(render_checks(data, command, args.title))
     elif args.dashboard:
-        print(render_dashboard(data, args.command))
+        print(render_dashboard(data, command))
     elif args.patterns:
-        print(render_patterns(data, args.command, args.title))
-    elif args.readme:
-        print(render_readme(data, args.title))
+        print(render_patterns(data, command, args.title))
     else:
-        print(render(data, args.command, args.title))
+        print(render(data, command, args.title))
 
 
 if __name__ == "__main__":

@@ -5,30 +5,30 @@ Importing this package is cheap: torch and transformers load with the first mode
 
 from __future__ import annotations
 
+from .budget import format_size, parse_size
 from .errors import BudgetError, CheckpointError, DiskTierError, OffloadError, OptionError, PinError
+from .model import OffloadedModel
+from .options import Options, document
+from .planner import Plan, PlanEntry
+from .trace import Stats, Trace, TraceEvent
 
 __version__ = "0.1.0"
-__all__ = ["load", "plan", "OffloadError", "BudgetError", "CheckpointError", "DiskTierError",
-           "OptionError", "PinError", "parse_size", "format_size", "__version__"]
+__all__ = ["load", "plan", "Options", "OffloadedModel", "Plan", "PlanEntry", "Stats", "Trace", "TraceEvent",
+           "OffloadError", "BudgetError", "CheckpointError", "DiskTierError", "OptionError", "PinError",
+           "parse_size", "format_size", "__version__"]
 
-from .budget import format_size, parse_size
 
-
-def load(model, **kwargs):
-    """Load a causal LM through the memory tiers; returns an ``OffloadedModel``.
-
-    ``nb_offload.load(model, *, gpu=None, cpu=None, disk=None, dtype=None, quant=None, pins=None,
-    device=None, policy="auto", context=None, batch=1, prefetch=None, read_ahead=2, trace=True,
-    allow_pickle=False, progress=True, trust_remote_code=False, attn_implementation=None)``
-    """
+@document(load=True, lead="Load a causal LM through the memory tiers; returns an ``OffloadedModel``.")
+def load(model, **options):
     from .loader import load as _load
-    return _load(model, **kwargs)
+    return _load(model, **options)
 
 
-def plan(model, **kwargs):
-    """A dry-run ``Plan`` from the config and safetensors headers; no weight is read."""
+@document(load=False, lead="A dry-run ``Plan`` from the config and safetensors headers; no weight is read.\n\n"
+                           "With ``gpu=`` given the plan is for a CUDA device, also on a machine without one.")
+def plan(model, **options):
     from .loader import plan as _plan
-    return _plan(model, **kwargs)
+    return _plan(model, **options)
 
 
 def load_ipython_extension(ipython):

@@ -1,4 +1,5 @@
-"""Sizes: parse budgets such as "6GiB" or "80%", print byte counts, and read what the machine has.
+"""Sizes: parse budgets such as "6GiB" or "80%", print byte counts, and read what the machine has
+(RAM, free disk, this process's memory, the host-to-GPU link rate).
 
 Imports no torch: the magics parse sizes before a model (and torch) is loaded.
 """
@@ -128,3 +129,26 @@ def trim_heap():
 
 
 _malloc_trim = None
+
+
+_link_gbps: dict = {}
+
+
+def link_gbps(device=None) -> float:
+    """The page-locked host-to-GPU copy rate of this machine in GB/s, measured once a process (a 64 MiB
+    copy: enough for the rate, and within the workspace a plan reserves on the GPU)."""
+    import torch
+    device = torch.device("cuda") if device is None else torch.device(device)
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _link_gbps:
+        n = 64 * 2**20
+        src = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty(n, dtype=torch.uint8, device=device)
+        dst.copy_(src, non_blocking=True)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        _link_gbps[key] = n / (start.elapsed_time(end) / 1e3) / 1e9
+    return _link_gbps[key]

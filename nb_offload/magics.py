@@ -21,12 +21,14 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Int, Unicode
 
-from .budget import format_size
+from . import options
+from .budget import format_size, link_gbps
 from .errors import BudgetError, OffloadError, OptionError
 
-# %%offload keys handed to nb_offload.load as they are
-LOAD_OPTION_KEYS = ("batch", "prefetch", "trace", "hold_spare", "split_blocks", "drop_page_cache", "read_threads")
-OFFLOAD_KEYS = ("model", "gpu", "cpu", "disk", "dtype", "quant", "context", "device", "pin", "as") + LOAD_OPTION_KEYS
+# %%offload keys: the model, the variable, pins (as `pin:`), and every load option but the progress
+# bar (a %config default here)
+OPTION_KEYS = tuple(n for n in options.names() if n not in ("pins", "progress"))
+OFFLOAD_KEYS = ("model",) + OPTION_KEYS + ("pin", "as")
 
 
 def _number(kind, accepted, ok):
@@ -53,12 +55,14 @@ TOP_P = _number(float, "a share 0 < p <= 1", lambda p: 0 < p <= 1)
 
 def _model_and_budget_arguments(func):
     """The options %offload_load and %offload_plan share: the model, its budgets, dtype, context."""
-    for arg in (argument("--context", type=COUNT, metavar="N", help="context length the plan reserves KV cache for"),
-                argument("--dtype", metavar="D", help="float32, float16 or bfloat16 (default: the checkpoint's)"),
-                argument("--disk", metavar="DIR", help="folder for the disk tier (created private to you)"),
-                argument("--cpu", metavar="SIZE", help="host-memory budget"),
-                argument("--gpu", metavar="SIZE", help="GPU budget, e.g. 6GiB, 500MiB, 80%%; %%offload_plan plans "
-                                                       "for a GPU with it even on a machine without one"),
+    def helps(name, more=""):       # argparse formats help with %: a literal one is written %%
+        return (options.help_of(name) + more).replace("%", "%%")
+    for arg in (argument("--context", type=COUNT, metavar="N", help=helps("context")),
+                argument("--dtype", metavar="D", help=helps("dtype")),
+                argument("--disk", metavar="DIR", help=helps("disk")),
+                argument("--cpu", metavar="SIZE", help=helps("cpu")),
+                argument("--gpu", metavar="SIZE", help=helps("gpu", "; %offload_plan plans for a GPU with it "
+                                                                     "even on a machine without one")),
                 argument("model", metavar="MODEL",
                          help="a folder in the save_pretrained layout, or a Hub id in the local cache")):
         func = arg(func)
@@ -112,13 +116,13 @@ class OffloadMagics(Magics):
     Defaults for every magic can be set with ``%config OffloadMagics.<option> = value``.
     """
 
-    default_gpu = Unicode(None, allow_none=True,
-                          help="GPU budget when --gpu is not given, e.g. '6GiB'.").tag(config=True)
-    default_cpu = Unicode(None, allow_none=True, help="CPU budget when --cpu is not given.").tag(config=True)
-    default_disk = Unicode(None, allow_none=True, help="Disk tier folder when --disk is not given.").tag(config=True)
-    default_dtype = Unicode(None, allow_none=True, help="dtype when --dtype is not given.").tag(config=True)
-    default_context = Int(0, help="Planned context length when --context is not given "
-                                  "(0: the model's).").tag(config=True)
+    # Defaults for the options every loading magic takes, where the cell doesn't give them; checked
+    # with the rest when a model loads.
+    default_gpu = Unicode(None, allow_none=True, help=options.help_of("gpu")).tag(config=True)
+    default_cpu = Unicode(None, allow_none=True, help=options.help_of("cpu")).tag(config=True)
+    default_disk = Unicode(None, allow_none=True, help=options.help_of("disk")).tag(config=True)
+    default_dtype = Unicode(None, allow_none=True, help=options.help_of("dtype")).tag(config=True)
+    default_context = Int(0, help=options.help_of("context") + "; 0: the model's").tag(config=True)
     max_new_tokens = Int(128, help="%%generate's --max-new-tokens default.").tag(config=True)
     stream = Bool(True, help="Stream tokens into the output as they are made.").tag(config=True)
     progress = Bool(True, help="Show a progress bar while loading.").tag(config=True)
@@ -128,7 +132,6 @@ class OffloadMagics(Magics):
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
         self.models: dict = {}        # name -> OffloadedModel, in load order
-        self._link_gbps = None
 
     # -- helpers -------------------------------------------------------------------------
     def _pick(self, name):
@@ -161,12 +164,11 @@ class OffloadMagics(Magics):
                 message = message[len("argument "):].replace(": ", " ", 1)
             raise OptionError(f"{escape}{parser.prog}: {message}. Usage: {usage}") from None
 
-    def _load(self, model, *, name, gpu, cpu, disk, dtype, quant, pins, context, device, spelling="--as",
-              **extra):
+    def _load(self, model, *, name, spelling="--as", **given):
+        """Load with the options given (None: not given, so the %config default, else load's own)."""
         from . import loader
         _check_name(name, spelling)
-        kwargs = dict(self._with_defaults(gpu, cpu, disk, dtype, context), quant=quant, pins=pins or None,
-                      device=device, progress=self.progress, **extra)
+        kwargs = {**self._with_defaults(**given), "progress": self.progress}
         # A model already under this name stays loaded and bound until the new one has loaded: a
         # failed load must not lose it. Only then is the old one freed.
         try:
@@ -184,13 +186,14 @@ class OffloadMagics(Magics):
         self._show_model(llm)
         return llm
 
-    def _with_defaults(self, gpu, cpu, disk, dtype, context) -> dict:
-        """Budgets, dtype and context as given, else the %config defaults. Only an absent value
-        takes the default: 0 or "" is passed on, for the API to refuse."""
-        given = dict(gpu=gpu, cpu=cpu, disk=disk, dtype=dtype, context=context)
+    def _with_defaults(self, **given) -> dict:
+        """Options as given (None: not given), else the %config defaults that are set. Only an absent
+        value takes the default: 0 or "" is passed on, for the API to refuse."""
         defaults = dict(gpu=self.default_gpu, cpu=self.default_cpu, disk=self.default_disk, dtype=self.default_dtype,
                         context=self.default_context or None)     # a %config 0 means the model's
-        return {k: defaults[k] if v is None else v for k, v in given.items()}
+        out = {k: v for k, v in defaults.items() if v is not None}
+        out.update((k, v) for k, v in given.items() if v is not None)
+        return out
 
     def _drop(self, name):
         """Unload a model and remove its variable."""
@@ -216,24 +219,6 @@ class OffloadMagics(Magics):
 
     def _in_kernel(self) -> bool:
         return self.shell is not None and type(self.shell).__name__ == "ZMQInteractiveShell"
-
-    def link_gbps(self):
-        """The page-locked host-to-GPU rate of this machine, measured once (a 64 MiB copy: enough
-        for the rate, and within the workspace the plan reserves on the GPU)."""
-        if self._link_gbps is None:
-            import torch
-            n = 64 * 2**20
-            src = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-            dst = torch.empty(n, dtype=torch.uint8, device="cuda")
-            dst.copy_(src, non_blocking=True)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src, non_blocking=True)
-            end.record()
-            end.synchronize()
-            self._link_gbps = n / (start.elapsed_time(end) / 1e3) / 1e9
-            del src, dst
-        return self._link_gbps
 
     # -- loading -------------------------------------------------------------------------
     @magic_arguments()
@@ -261,7 +246,7 @@ class OffloadMagics(Magics):
                 raise OptionError(f"--pin {item} is not PATTERN=TIER; e.g. --pin model.layers.0-3=gpu.")
             pins[pattern] = tier
         self._load(args.model, name=args.name, gpu=args.gpu, cpu=args.cpu, disk=args.disk, dtype=args.dtype,
-                   quant=args.quant, pins=pins, context=args.context, device=args.device)
+                   quant=args.quant, pins=pins or None, context=args.context, device=args.device)
 
     @magic_arguments()
     @_name_argument("variable to bind the model to (default: the as: key, else llm)")
@@ -305,18 +290,19 @@ class OffloadMagics(Magics):
             if key != "pin" and isinstance(value, (list, dict)):
                 raise OptionError(f"%%offload `{key}: {value}` is not valid; every key but pin takes one value, "
                                   "e.g. `gpu: 6GiB`.")
-        if not isinstance(cfg.get("trace", True), bool):     # said in the cell's own spelling
-            raise OptionError(f"%%offload `trace: {cfg['trace']}` is not valid; accepted: true or false.")
+        for key in options.FLAGS:           # said in the cell's own spelling
+            if key in cfg and not isinstance(cfg[key], bool):
+                raise OptionError(f"%%offload `{key}: {cfg[key]}` is not valid; accepted: true or false.")
         pins = cfg.get("pin") or {}
         if not isinstance(pins, dict):
             raise OptionError(f"%%offload `pin:` must be a mapping of pattern to tier, got {pins!r}.")
         name, spelling = (args.name, "%%offload") if args.name else (str(cfg.get("as") or "llm"), "%%offload as:")
-        extra = {k: cfg[k] for k in LOAD_OPTION_KEYS if k in cfg}
-        sizes = {k: (str(cfg[k]) if cfg.get(k) is not None else None) for k in ("gpu", "cpu")}
-        self._load(str(cfg["model"]), name=name, spelling=spelling, gpu=sizes["gpu"], cpu=sizes["cpu"],
-                   disk=cfg.get("disk"), dtype=cfg.get("dtype"), quant=cfg.get("quant"),
-                   pins={str(k): v for k, v in pins.items()}, context=cfg.get("context"), device=cfg.get("device"),
-                   **extra)
+        given = {k: cfg[k] for k in OPTION_KEYS if k in cfg}
+        for k in ("gpu", "cpu"):        # YAML reads `gpu: 6e9` as a number, `gpu: 6GiB` as text: a size either way
+            if given.get(k) is not None:
+                given[k] = str(given[k])
+        self._load(str(cfg["model"]), name=name, spelling=spelling, pins={str(k): v for k, v in pins.items()},
+                   **given)
 
     # -- generating ----------------------------------------------------------------------
     @magic_arguments()
@@ -390,24 +376,12 @@ class OffloadMagics(Magics):
         text = streamer.text
         if not stream:
             print(text, end="")
-        after = llm.stats.as_dict()
-        n = streamer.tokens
-        moved_cpu = after["bytes_from_cpu"] - before["bytes_from_cpu"]
-        moved_disk = after["bytes_from_disk"] - before["bytes_from_disk"]
-        summary = (f"\n[{n} tokens in {seconds:.2f} s, {n / seconds if seconds else 0:.2f} tok/s · streamed "
-                   f"{format_size(moved_cpu)} from cpu, {format_size(moved_disk)} from disk")
-        if after["held_last"]:
-            summary += (f" · {after['held_last']} streamed unit(s) held on {llm.plan.resident_tier} "
-                        "in room this generate's length left unused")
-        if llm.device.type == "cuda" and moved_cpu + moved_disk:
-            share = (moved_cpu + moved_disk) / seconds / 1e9 / self.link_gbps()
-            summary += f" · {100 * share:.0f}% of the PCIe limit ({self.link_gbps():.0f} GB/s)"
-        summary += "]" + (" interrupted: partial text kept" if interrupted else "")
-        print(summary)
+        link = link_gbps(llm.device) if llm.device.type == "cuda" else None
+        summary = llm.stats.run_summary(before, streamer.tokens, seconds, held_on=llm.plan.resident_tier,
+                                        link_gbps=link)
+        print(f"\n[{summary}]" + (" interrupted: partial text kept" if interrupted else ""))
         if args.var:
             self.shell.user_ns[args.var] = text
-        if interrupted:
-            llm._release_memory()
 
     # -- re-pinning and inspecting ----------------------------------------------------------
     @magic_arguments()
@@ -465,13 +439,13 @@ class OffloadMagics(Magics):
         """
         from . import loader
         args = self._parse(self.offload_plan, line)
-        plan = loader.plan(args.model, **self._with_defaults(args.gpu, args.cpu, args.disk, args.dtype,
-                                                                args.context))
+        given = dict(gpu=args.gpu, cpu=args.cpu, disk=args.disk, dtype=args.dtype, context=args.context)
+        plan = loader.plan(args.model, **self._with_defaults(**given))
         self._show(plan)
         link = args.link
         if link is None:
             import torch
-            link = self.link_gbps() if torch.cuda.is_available() else 25.0
+            link = link_gbps() if torch.cuda.is_available() else 25.0
         step = plan.predicted_seconds_per_step(link_gbps=link, disk_gbps=args.drive)
         if step:
             print(f"predicted decode: at most {1 / step:.2f} tok/s (streams "
@@ -509,7 +483,7 @@ class OffloadMagics(Magics):
         """
         args = self._parse(self.offload_timeline, line)
         name, llm = self._pick(args.name)
-        from .timeline import Timeline
+        from .views import Timeline
         self._show(Timeline(llm.trace, title=name))
         if args.export is not None:
             path = os.path.expanduser(args.export)

@@ -14,7 +14,6 @@ from .errors import OffloadError, PinError
 from .gate import RunGate
 from .patterns import match_units
 from .planner import check_tier
-from .tiers import param_views
 from .trace import Stats, Trace
 
 
@@ -28,20 +27,17 @@ class OffloadedModel:
         raise TypeError("use nb_offload.load(...) to make an OffloadedModel")
 
     @classmethod
-    def _assemble(cls, insp, storage, plan, pin_map, device, *, budgets, engine_options, policy="auto",
-                  trace=True, trace_detail="streamed", hold_spare=True, split_blocks="auto", host_before=None):
+    def _assemble(cls, insp, storage, plan, pin_map, device, *, budgets, host_before=None):
         import torch
         self = object.__new__(cls)
         self._insp, self._storage, self._device = insp, storage, device
+        self.options = insp.options               # as given to load(), checked
         self._pins = dict(pin_map)
-        self._policy = policy
         self._budgets = budgets
-        self.hold_spare = hold_spare
-        self._split_blocks = split_blocks         # the planner's option; the plan says what it chose
-        self._engine_options = engine_options     # prefetch, read_ahead, read_threads, drop_page_cache
+        self.hold_spare = self.options.hold_spare  # may be switched off and on between generates
         self.uncached_disk_reads = False           # drop_page_cache as it applies to the present plan
         self.plan = plan
-        self.trace = Trace(enabled=trace, detail=trace_detail)
+        self.trace = Trace(enabled=self.options.trace, detail=self.options.trace_detail)
         self.stats = Stats(host_budget=budgets["cpu"], host_before=host_before)
         self.name = insp.name
         model = insp.meta
@@ -125,20 +121,22 @@ class OffloadedModel:
             return None
 
     def _start_engine(self):
-        from .engine import Engine, Source
+        from .engine import Engine
+        from .hooks import bind
         resident = self.plan.resident_tier
         sources = {}
         for u in self._insp.units:
             store = self._storage.stores[u.index]
             if store.tier == resident:
-                for p, v in zip(self._params[u.index], param_views(u, store.flat)):
-                    p.data = v
+                bind(self._params[u.index], u, store.flat)
             else:
-                sources[u.index] = Source(store.tier, flat=store.flat, extents=store.extents)
-        opts = dict(self._engine_options)
-        opts["drop_page_cache"] = self.uncached_disk_reads = self._skip_page_cache(sources)
-        self._engine = Engine(self.model, self._insp.units, self._params, sources, self._device,
-                              self.trace, self.stats, split=self.plan.split_blocks, **opts)
+                sources[u.index] = store
+        o = self.options
+        self.uncached_disk_reads = self._skip_page_cache(sources)
+        self._engine = Engine(self.model, self._insp.units, self._params, sources, self._device, self.trace,
+                              self.stats, prefetch=self.plan.prefetch, read_ahead=o.read_ahead,
+                              read_threads=o.read_threads, drop_page_cache=self.uncached_disk_reads,
+                              split=self.plan.split_blocks)
         self._engine.install()
 
     def _skip_page_cache(self, sources) -> bool:
@@ -148,7 +146,7 @@ class OffloadedModel:
         it in, gets no page-cache hits (each page is evicted before it comes round again): then
         O_DIRECT reads are faster and spare the RAM. One that fits is read from RAM after the
         first pass: then the page cache is worth keeping."""
-        choice = self._engine_options["drop_page_cache"]
+        choice = self.options.drop_page_cache
         if choice != "auto":
             return choice
         disk = sum(self._insp.units[i].nbytes for i, s in sources.items() if s.tier == "disk")
@@ -179,14 +177,18 @@ class OffloadedModel:
         self._check_loaded()
         import torch
 
-        from .engine import _to_device
-        args, kwargs = _to_device(args, self._device), _to_device(kwargs, self._device)
+        from .hooks import to_device
+        args, kwargs = to_device(args, self._device), to_device(kwargs, self._device)
         inputs = kwargs.get("input_ids", args[0] if args else None)
         t0 = time.perf_counter()
         with self._gate.run():
             self._check_loaded()        # unloaded by another thread while this one waited
-            with torch.inference_mode(), self._holding_spare(args, kwargs):
-                out = self.model.generate(*args, **kwargs)
+            try:
+                with torch.inference_mode(), self._holding_spare(args, kwargs):
+                    out = self.model.generate(*args, **kwargs)
+            except KeyboardInterrupt:   # the cache and temporaries of the generate cut short, freed
+                self._release_memory()
+                raise
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
         self.stats.seconds += time.perf_counter() - t0
@@ -257,11 +259,7 @@ class OffloadedModel:
             return self._replan(pins)
 
     def _replan(self, pins):
-        p = self.plan
-        opts = self._engine_options
-        new_plan = self._insp.make_plan(p.device, self._budgets, pins, p.context, p.batch, opts["prefetch"],
-                                        opts["read_ahead"], self._policy,
-                                        self._split_blocks)  # raises before any change
+        new_plan = self._insp.make_plan(self.plan.device, self._budgets, pins)  # raises before any change
         self._stop_engine()
         try:
             moved = self._storage.migrate(new_plan)

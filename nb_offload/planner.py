@@ -9,7 +9,6 @@ that validates does not run out of memory within its context length.
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass, field
 
 from .budget import format_size
@@ -17,7 +16,6 @@ from .errors import BudgetError, PinError
 from .patterns import match_units
 
 TIERS = ("gpu", "cpu", "disk")
-TIER_COLORS = {"gpu": "#2e7d32", "cpu": "#1565c0", "disk": "#8d6e63"}   # the table's and the widgets'
 WORKSPACE = 64 * 2**20        # cuBLAS workspace, allocator rounding, small temporaries
 DEFAULT_CONTEXT = 2048
 # split_blocks="auto" streams blocks as pieces (pieces.py) when whole-block staging slots would
@@ -113,77 +111,22 @@ class Plan:
                          "kind": e.kind, "aliases": list(e.aliases)} for e in self.entries],
         }
 
-    def _rows(self):
-        """Runs of consecutive blocks on one tier are folded into one row (model.layers.0-7)."""
-        rows = []
-        for e in self.entries:
-            prev = rows[-1] if rows else None
-            head, _, idx = e.name.rpartition(".")
-            if (prev and e.kind == "block" and prev["kind"] == "block" and prev["tier"] == e.tier
-                    and prev["pinned"] == e.pinned and idx.isdigit() and prev["head"] == head
-                    and prev["last"] + 1 == int(idx)):
-                prev["last"] = int(idx)
-                prev["bytes"] += e.bytes
-                prev["count"] += 1
-                continue
-            rows.append({"head": head, "first": int(idx) if idx.isdigit() else None,
-                         "last": int(idx) if idx.isdigit() else None, "name": e.name, "kind": e.kind,
-                         "tier": e.tier, "pinned": e.pinned, "bytes": e.bytes, "count": 1,
-                         "aliases": e.aliases})
-        for r in rows:
-            if r["count"] > 1:
-                r["name"] = f"{r['head']}.{r['first']}-{r['last']}"
-            elif len(r["aliases"]) > 1:
-                r["name"] = " = ".join(r["aliases"])
-        return rows
-
+    # The renderings live in views.py (imported here on use: the core does not render).
     def __str__(self):
-        rows = self._rows()
-        width = max([len(r["name"]) for r in rows] + [6])
-        lines = [f"nb_offload plan for {self.model or 'model'}: compute on {self.device}, "
-                 f"context {self.context}, batch {self.batch}",
-                 f"  {'module':<{width}}  {'tier':<4}  {'size':>10}  pinned"]
-        for r in rows:
-            count = f" ({r['count']} blocks)" if r["count"] > 1 else ""
-            lines.append(f"  {r['name']:<{width}}  {r['tier']:<4}  {format_size(r['bytes']):>10}  "
-                         f"{'yes' if r['pinned'] else '':<6}{count}".rstrip())
-        used = self.used()
-        for tier in TIERS:
-            budget = self.budgets.get(tier)
-            if tier == "gpu" and self.device != "cuda":
-                continue
-            if tier == "disk" and budget is None and self.totals()["disk"] == 0:
-                continue
-            of = f" of {format_size(budget)}" if budget is not None else ""
-            lines.append(f"  {tier}: {format_size(self.totals()[tier])} weights, {format_size(used[tier])} used{of}")
-        extra = ", ".join(f"{k.replace('_', ' ')} {format_size(v)}" for k, v in self.reserved.items() if v)
-        lines.append(f"  reserved on {self.resident_tier}: {extra}")
-        moved = self.streamed_bytes_per_token()
-        lines.append("  streamed per step: " + ", ".join(f"{format_size(v)} from {k}" for k, v in moved.items())
-                     + (" (blocks a submodule at a time)" if self.split_blocks else ""))
-        return "\n".join(lines)
+        from .views import plan_text
+        return plan_text(self)
 
     def _repr_pretty_(self, p, cycle):
-        p.text(str(self))
+        from .views import plan_text
+        p.text(plan_text(self))
 
     def __repr__(self):
         totals = ", ".join(f"{t}={format_size(v)}" for t, v in self.totals().items() if v)
         return f"<Plan {len(self.entries)} units on {self.device}: {totals}>"
 
     def _repr_html_(self):
-        body = "".join(
-            f"<tr><td><code>{html.escape(r['name'])}</code></td>"
-            f"<td><span style='color:{TIER_COLORS[r['tier']]};font-weight:bold'>{r['tier']}</span></td>"
-            f"<td style='text-align:right'>{format_size(r['bytes'])}</td>"
-            f"<td>{'&#128204;' if r['pinned'] else ''}</td></tr>" for r in self._rows())
-        used = self.used()
-        foot = "".join(
-            f"<tr><th>{t}</th><td colspan=3>{format_size(self.totals()[t])} weights, {format_size(used[t])} used"
-            + (f" of {format_size(self.budgets[t])}" if self.budgets.get(t) is not None else "") + "</td></tr>"
-            for t in TIERS if not (t == "gpu" and self.device != "cuda"))
-        return (f"<div><b>nb_offload plan</b> for <code>{html.escape(self.model)}</code> "
-                f"(compute on {self.device}, context {self.context}, batch {self.batch})"
-                f"<table><tr><th>module</th><th>tier</th><th>size</th><th>pinned</th></tr>{body}{foot}</table></div>")
+        from .views import plan_html
+        return plan_html(self)
 
 
 def footprint(config, dtype_size: int, context: int, batch: int, device: str) -> dict:

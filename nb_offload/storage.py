@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import os
+import time
 
 from .budget import trim_heap
 from .cache import OffloadCache
 from .errors import CheckpointError, DiskTierError
-from .tiers import alloc_host, direct_extents, pack, param_views, read_extents, release_host
-
-
-class UnitStore:
-    """Where one unit is now: ``flat`` (device or host buffer) or ``extents`` on disk."""
-
-    __slots__ = ("tier", "flat", "extents")
-
-    def __init__(self, tier, flat=None, extents=None):
-        self.tier, self.flat, self.extents = tier, flat, extents
+from .ingest import Ingest, readable
+from .tiers import Source, alloc_host, direct_extents, lock_host, pack, param_views, read_extents, release_host
 
 
 class Storage:
@@ -24,9 +17,10 @@ class Storage:
         self.insp = inspection
         self.device = device
         self.cuda = device.type == "cuda"
-        self.stores: dict[int, UnitStore] = {}
+        self.stores: dict[int, Source] = {}     # unit index -> where its bytes are now
         self.read_threads = read_threads
         self.cache = None
+        self.seconds = self.lock_seconds = 0.0       # the last materialize: all of it, and page-locking
         if disk is not None:
             fp = OffloadCache.fingerprint_of(inspection.checkpoint, inspection.dtype, None, inspection.units)
             self.cache = OffloadCache(os.fspath(disk), fp)
@@ -73,28 +67,32 @@ class Storage:
 
     def fill(self, unit, flat):
         """Write a unit's bytes into ``flat`` (host or device) from wherever they are now, or from the
-        checkpoint a tensor at a time, converting the dtype as each is copied in: a unit never
-        exists twice in host memory on its way to its tier (transformers' key conversions, which
-        build whole fused tensors, excepted)."""
+        checkpoint, converting the dtype on the way: a unit never exists twice in host memory on its
+        way to its tier (transformers' key conversions, which build whole fused tensors, excepted)."""
         store = self.stores.get(unit.index)
         if store is not None and store.flat is not None:
             flat.copy_(store.flat)
             return
-        extents = store.extents if store is not None else None
-        if extents is None and unit.direct:
-            extents = direct_extents(unit, self.insp.checkpoint)
-        if extents is not None:
+        if store is not None:       # on disk: in the offload cache, or the checkpoint's own files
             if flat.device.type == "cpu":
-                read_extents(extents, flat)
+                read_extents(store.extents, flat)
             else:           # one read at the drive's pace, then one copy
                 flat.copy_(self._host_copy_of(unit))
             return
-        if any(k not in {n for s in unit.params for n in s.names} for k in unit.checkpoint_keys):
-            pack(unit, self._read_converted(unit), flat)
-            return
         ckpt = self.insp.checkpoint
-        for slot, view in zip(unit.params, param_views(unit, flat)):
-            view.copy_(ckpt.get(next(n for n in slot.names if n in ckpt.tensors)))
+        if readable(unit, ckpt):
+            ingest = self._ingest()
+            ingest.add(unit, flat)
+            ingest.run()
+        elif not ckpt.is_pickle:
+            pack(unit, self._read_converted(unit), flat)
+        else:
+            for slot, view in zip(unit.params, param_views(unit, flat)):
+                view.copy_(ckpt.get(next(n for n in slot.names if n in ckpt.tensors)))
+
+    def _ingest(self) -> Ingest:
+        return Ingest(self.insp.checkpoint, threads=self.read_threads, lock=lock_host if self.cuda else None,
+                      device=self.device if self.cuda else None)
 
     def _host_copy_of(self, unit):
         import torch
@@ -103,46 +101,64 @@ class Storage:
         return host
 
     # -- placing units ---------------------------------------------------------------------------
-    def place(self, unit, tier, resident_tier) -> UnitStore:
+    def place(self, unit, tier, resident_tier) -> Source:
         """A new store for ``unit`` on ``tier`` (the old one, if any, is left untouched)."""
-        import torch
-        if tier == resident_tier and self.cuda:
-            flat = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
+        if tier in ("gpu", "cpu"):
+            flat = self._buffer(unit, tier, resident_tier)
             self.fill(unit, flat)
-            return UnitStore(tier, flat=flat)
-        if tier in ("cpu",):
-            flat = alloc_host(unit.nbytes, pinned=self.cuda)
-            self.fill(unit, flat)
-            return UnitStore(tier, flat=flat)
+            lock_host(flat)
+            return Source(tier, flat=flat)
         if tier == "disk":
             if self.cache is None:
                 raise DiskTierError(f"{unit.name!r} can't go to disk: no disk folder was given at load.")
             if unit.direct:
-                return UnitStore(tier, extents=direct_extents(unit, self.insp.checkpoint))
+                return Source(tier, extents=direct_extents(unit, self.insp.checkpoint))
             if not self.cache.has(unit):
                 self.cache.write(unit, self._host_copy_of(unit))
-            return UnitStore(tier, extents=self.cache.extents(unit))
+            return Source(tier, extents=self.cache.extents(unit))
         raise ValueError(tier)
 
+    def _buffer(self, unit, tier, resident_tier):
+        """An empty buffer for ``unit`` on ``tier``: on the GPU, or in host memory (page-locked where a GPU
+        computes, once filled: ``lock_host``)."""
+        import torch
+        if tier == resident_tier and self.cuda:
+            return torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
+        return alloc_host(unit.nbytes, pinned=self.cuda, lock=False)
+
     def materialize(self, plan, progress=True):
-        """Fill every unit's store per ``plan``, one unit at a time."""
-        self._prepare_cache([u for u in self.insp.units if plan.entries[u.index].tier == "disk"])
+        """Fill every unit's store per ``plan``: the units on the GPU and host tiers read in parallel
+        (ingest.py), then the rest (offload-cache writes, key conversions) one at a time."""
         units = self.insp.units
+        self._prepare_cache([u for u in units if plan.entries[u.index].tier == "disk"])
         bar = None
         if progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=sum(u.nbytes for u in units), unit="B", unit_scale=True,
+            bar = tqdm(total=sum(u.nbytes for u in units), unit="B", unit_scale=True, unit_divisor=1024,
                        desc=f"nb_offload: loading {os.path.basename(self.insp.name.rstrip('/')) or 'model'}")
+        t0 = time.perf_counter()
+        ingest = self._ingest()
+        later = []
         try:
             for u in units:
-                self.stores[u.index] = self.place(u, plan.entries[u.index].tier, plan.resident_tier)
+                tier = plan.entries[u.index].tier
+                if tier == "disk" or not readable(u, self.insp.checkpoint):
+                    later.append((u, tier))
+                    continue
+                flat = self._buffer(u, tier, plan.resident_tier)
+                self.stores[u.index] = Source(tier, flat=flat)
+                ingest.add(u, flat)
+            ingest.run(on_bytes=bar.update if bar is not None else None)
+            for u, tier in later:
+                self.stores[u.index] = self.place(u, tier, plan.resident_tier)
                 if bar is not None:
-                    bar.set_postfix_str(f"{u.name} -> {plan.entries[u.index].tier}", refresh=False)
                     bar.update(u.nbytes)
         finally:
             if bar is not None:
                 bar.close()
             self._settle()
+        self.seconds = time.perf_counter() - t0
+        self.lock_seconds = ingest.lock_seconds
 
     def _prepare_cache(self, to_disk):
         """Ready the offload cache for the units about to go to disk, all at once: create or check its

@@ -22,30 +22,47 @@ from .uncached import read as read_around_page_cache
 # measured: benchmarks/rss/pinned_probe.py) and keeps freed blocks for reuse, so the host would
 # hold up to twice what the plan counts against cpu=. Registered memory copies as fast.
 _registered: dict = {}      # data_ptr -> the mapping behind a registered buffer
+_unlocked: dict = {}        # data_ptr -> the mapping behind a buffer to be registered once filled
 
 
-def alloc_host(nbytes: int, *, pinned: bool):
+def alloc_host(nbytes: int, *, pinned: bool, lock: bool = True):
     """A flat uint8 host buffer of exactly ``nbytes``, page-locked if asked (falls back to pageable,
-    with a warning). Give a page-locked one back with ``release_host`` when done with it."""
+    with a warning). ``lock=False``: locked by ``lock_host`` later, once filled (locking pages that are
+    there already is cheaper than faulting them in through the lock). Give a page-locked one back
+    with ``release_host`` when done with it."""
     import torch
     if not pinned or nbytes == 0:
         return torch.empty(nbytes, dtype=torch.uint8)
     mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     flat = torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes)
-    cudart = torch.cuda.cudart()
-    err = cudart.cudaHostRegister(flat.data_ptr(), nbytes, 0)
-    if err != cudart.cudaError.success:
-        warnings.warn(f"page-locking {format_size(nbytes)} of host memory failed ({err}); using pageable "
-                      "memory, which copies to the GPU several times slower.", RuntimeWarning, stacklevel=2)
-        return flat
-    _registered[flat.data_ptr()] = mapping
+    _unlocked[flat.data_ptr()] = mapping
+    if lock:
+        lock_host(flat)
     return flat
+
+
+def lock_host(flat):
+    """Page-lock a buffer from ``alloc_host(..., lock=False)`` (nothing for others)."""
+    mapping = _unlocked.pop(flat.data_ptr(), None)
+    if mapping is None:
+        return
+    import torch
+    cudart = torch.cuda.cudart()
+    err = cudart.cudaHostRegister(flat.data_ptr(), flat.numel(), 0)
+    if err != cudart.cudaError.success:
+        warnings.warn(f"page-locking {format_size(flat.numel())} of host memory failed ({err}); using pageable "
+                      "memory, which copies to the GPU several times slower.", RuntimeWarning, stacklevel=2)
+        return
+    _registered[flat.data_ptr()] = mapping
 
 
 def release_host(flat):
     """Unlock a buffer from ``alloc_host`` (nothing for others). Its memory stays valid, as pageable
     memory, until the last view of it is gone: nothing can be left pointing at freed pages."""
-    if flat is None or flat.device.type != "cpu" or _registered.pop(flat.data_ptr(), None) is None:
+    if flat is None or flat.device.type != "cpu":
+        return
+    _unlocked.pop(flat.data_ptr(), None)
+    if _registered.pop(flat.data_ptr(), None) is None:
         return
     import torch
     torch.cuda.cudart().cudaHostUnregister(flat.data_ptr())
@@ -129,3 +146,27 @@ def direct_extents(unit, checkpoint):
         # the file itself, not a link to it (the Hub's cache links snapshots to blobs)
         extents.append((os.path.realpath(info.file), info.offset, info.nbytes, slot.offset))
     return extents
+
+
+class Source:
+    """Where a streamed unit's bytes come from: a host buffer (``flat``) or byte ranges on disk."""
+
+    __slots__ = ("flat", "extents", "tier")
+
+    def __init__(self, tier, flat=None, extents=None):
+        self.tier, self.flat, self.extents = tier, flat, extents
+
+    def part(self, start, end):
+        """The source of bytes ``start:end`` of this one."""
+        if self.flat is not None:
+            return Source(self.tier, flat=self.flat[start:end])
+        return Source(self.tier, extents=sub_extents(self.extents, start, end))
+
+    def read(self, start, nbytes):
+        """Bytes ``start:start+nbytes`` as a host tensor (a view where they are in memory)."""
+        if self.flat is not None:
+            return self.flat[start:start + nbytes]
+        import torch
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        read_extents(sub_extents(self.extents, start, start + nbytes), out)
+        return out

@@ -14,16 +14,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 LANES = ("read", "copy", "compute", "step")
-DETAILS = ("streamed", "full")
-
-
-def check_detail(detail: str) -> str:
-    """``detail`` if it is a trace detail level, else an OptionError naming the accepted ones."""
-    if detail not in DETAILS:
-        from .errors import OptionError
-        raise OptionError(f"trace_detail={detail!r} is unknown; accepted: 'streamed' (compute of streamed "
-                          "units and whole steps), 'full' (compute of every unit).")
-    return detail
 
 
 @dataclass
@@ -47,7 +37,7 @@ class Trace:
         self.enabled = enabled
         # "streamed": compute events for streamed units and one "step" event per forward pass,
         # so resident units pay no hook at all; "full": a compute event for every unit.
-        self.detail = check_detail(detail)
+        self.detail = detail
         self.events: deque[TraceEvent] = deque(maxlen=capacity)
         self._pending: list = []        # (kind, unit, start_event, end_event, bytes, step)
         self._host: list = []           # TraceEvents recorded by other threads
@@ -153,6 +143,8 @@ class Stats:
     bytes_from_cpu: int = 0     # host-to-device copies
     bytes_from_disk: int = 0    # drive reads
     held_last: int = 0          # streamed units held in spare room during the last generate
+    load_seconds: float = 0.0   # nb_offload.load, from the call to the model ready
+    load_bytes: int = 0         # the weights it placed
     # Host memory against the cpu= budget: the process's RssAnon + RssShmem (page-locked buffers
     # included) over what it held just before the load, now and at its highest, sampled after the
     # load and after every forward step.
@@ -196,7 +188,24 @@ class Stats:
                 "tokens_per_second": self.tokens_per_second, "bytes_from_cpu": self.bytes_from_cpu,
                 "bytes_from_disk": self.bytes_from_disk, "streamed_gbps": self.streamed_gbps,
                 "held_last": self.held_last, "host_now": self.host_now, "host_peak": self.host_peak,
-                "host_budget": self.host_budget}
+                "host_budget": self.host_budget, "load_seconds": self.load_seconds, "load_bytes": self.load_bytes}
+
+    def run_summary(self, before: dict, tokens: int, seconds: float, *, held_on: str = "gpu",
+                    link_gbps: float | None = None) -> str:
+        """One line on a generate: tokens and rate, bytes streamed per tier since ``before`` (an
+        ``as_dict()`` taken before it), units held and, given the link's rate, the share of it used."""
+        from .budget import format_size
+        moved_cpu = self.bytes_from_cpu - before["bytes_from_cpu"]
+        moved_disk = self.bytes_from_disk - before["bytes_from_disk"]
+        text = (f"{tokens} tokens in {seconds:.2f} s, {tokens / seconds if seconds else 0:.2f} tok/s · streamed "
+                f"{format_size(moved_cpu)} from cpu, {format_size(moved_disk)} from disk")
+        if self.held_last:
+            text += (f" · {self.held_last} streamed unit(s) held on {held_on} in room this generate's length "
+                     "left unused")
+        if link_gbps and seconds and moved_cpu + moved_disk:
+            share = (moved_cpu + moved_disk) / seconds / 1e9 / link_gbps
+            text += f" · {100 * share:.0f}% of the PCIe limit ({link_gbps:.0f} GB/s)"
+        return text
 
     def __str__(self):
         from .budget import format_size

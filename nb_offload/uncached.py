@@ -2,7 +2,7 @@
 
 The disk tier is read this way with ``drop_page_cache=True``, or with "auto" when the tier is
 larger than the free RAM. A buffered read fills RAM the user gave no budget for; on the drive measured
-(``benchmarks/RESULTS.md``) it also ran 0-29 % slower than O_DIRECT reads of the same bytes:
+(the "drive patterns" runs in ``benchmarks/runs/``) it also ran 0-29 % slower than O_DIRECT reads of the same bytes:
 the kernel's readahead keeps fewer requests in flight than one large direct read does.
 
 O_DIRECT wants the file offset, the length and the memory address aligned to the drive's block.

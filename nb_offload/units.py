@@ -13,6 +13,7 @@ import fnmatch
 from dataclasses import dataclass, field
 
 from .errors import CheckpointError, OptionError
+from .options import DTYPES
 
 ALIGN = 256  # bytes; keeps every tensor view aligned for vectorised kernels on any device
 
@@ -20,7 +21,6 @@ ALIGN = 256  # bytes; keeps every tensor view aligned for vectorised kernels on 
 def round_up(n: int, step: int = ALIGN) -> int:
     """``n`` rounded up to a multiple of ``step``."""
     return -(-n // step) * step
-DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -62,29 +62,18 @@ class Unit:
         return max((pc.nbytes for pc in self.pieces), default=self.nbytes)
 
 
-def resolve_dtype(dtype, config=None):
-    """The torch dtype the user asked for, the config's, or float32."""
+def resolve_dtype(name, config=None):
+    """The torch dtype of a checked dtype name (``options.Options.dtype``), or for None and "auto" the
+    config's, else float32."""
     import torch
-    if dtype is None:
-        cfg_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        if isinstance(cfg_dtype, str) and cfg_dtype in DTYPES:
-            return getattr(torch, cfg_dtype)
-        if isinstance(cfg_dtype, torch.dtype) and cfg_dtype.is_floating_point:
-            return cfg_dtype
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        if str(dtype).removeprefix("torch.") in DTYPES:
-            return dtype
-    elif isinstance(dtype, str):
-        name = dtype.removeprefix("torch.").lower()
-        aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-        name = aliases.get(name, name)
-        if name in DTYPES:
-            return getattr(torch, name)
-        if name == "auto":
-            return resolve_dtype(None, config)
-    raise OptionError(f"dtype={dtype!r} is not supported; accepted: {', '.join(DTYPES)} (or None / \"auto\" for "
-                      "the checkpoint's).")
+    if name is not None and name != "auto":
+        return getattr(torch, name)
+    cfg_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(cfg_dtype, str) and cfg_dtype in DTYPES:
+        return getattr(torch, cfg_dtype)
+    if isinstance(cfg_dtype, torch.dtype) and cfg_dtype.is_floating_point:
+        return cfg_dtype
+    return torch.float32
 
 
 @contextlib.contextmanager

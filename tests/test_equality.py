@@ -2,20 +2,9 @@
 
 import pytest
 import torch
-from conftest import ARCHS, blocks, reference, run_offloaded, staging_bytes
+from helpers import ARCHS, blocks, reference, run_offloaded, tight_cpu_budget
 
 import nb_offload
-
-
-def tight_cpu_budget(folder, disk, keep_blocks=1):
-    """A cpu budget that fits the resident minimum plus ``keep_blocks`` blocks: the rest go to disk
-    (load with split_blocks=True: the budget counts slots for pieces)."""
-    p = nb_offload.plan(folder, device="cpu", cpu="64GiB", disk=disk)
-    bl = blocks(p)
-    tops = sum(e.bytes for e in p if e.kind == "top")
-    slots = staging_bytes(folder, p.prefetch)
-    fixed = sum(v for k, v in p.reserved.items() if k != "staging_slots")
-    return fixed + tops + slots + keep_blocks * bl[0].bytes + 1024
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import tight_cpu_budget
 
 import nb_offload
 from nb_offload import BudgetError, CheckpointError, DiskTierError, OffloadError, OptionError, PinError
@@ -213,7 +214,6 @@ def test_model_still_generates_after_errors(model_dirs, tmp_path):
 
 
 def test_pin_over_budget_is_refused_and_model_unchanged(model_dirs, tmp_path):
-    from test_equality import tight_cpu_budget
     folder = model_dirs("llama")
     llm = load(folder, cpu=tight_cpu_budget(folder, tmp_path, keep_blocks=0), disk=tmp_path, split_blocks=True)
     ids = torch.tensor([[5, 17, 42, 7]])

@@ -2,21 +2,10 @@
 
 import pytest
 import torch
-from conftest import PROMPT, blocks, reference
-from test_equality import tight_cpu_budget
+from helpers import PROMPT, blocks, greedy, load_tight, reference
 
 import nb_offload
 from nb_offload import spare
-
-
-def load_tight(folder, disk, **kw):
-    return nb_offload.load(folder, device="cpu", cpu=tight_cpu_budget(folder, disk), disk=disk,
-                           progress=False, split_blocks=True, **kw)
-
-
-def greedy(llm, n=10, **kw):
-    ids = torch.tensor(PROMPT)
-    return llm.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw).cpu()
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3", "mixtral"])

@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from conftest import run_cell as run
+from helpers import run_cell as run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,7 +103,7 @@ pin:
     llm = shell.user_ns["cellmodel"]
     assert llm.plan.context == 128 and llm.plan.tier_of("transformer.h.3") == "disk"
     assert llm.hold_spare is False and llm.plan.split_blocks
-    assert llm.uncached_disk_reads and llm._engine_options["read_threads"] == 3
+    assert llm.uncached_disk_reads and llm.options.read_threads == 3
     assert llm.plan["lm_head"].pinned
     run(shell, "%offload_unload cellmodel")
     run(shell, f"%%offload\nmodel: {folder}\ndevice: cpu\nas: named_by_key\n")

@@ -6,7 +6,7 @@ import os
 import shutil
 
 import pytest
-from conftest import run_cell as run
+from helpers import run_cell as run
 
 from nb_offload import BudgetError, OffloadError, OptionError, PinError
 

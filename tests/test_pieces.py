@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import ARCHS, blocks, reference, run_offloaded
+from helpers import ARCHS, blocks, reference, run_offloaded
 
 import nb_offload
 from nb_offload.loader import Inspection

@@ -6,7 +6,7 @@ import stat
 import subprocess
 import sys
 
-from conftest import blocks, host_staging, staging_bytes
+from helpers import blocks, host_staging, staging_bytes
 
 import nb_offload
 from nb_offload.patterns import compile_pattern

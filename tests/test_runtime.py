@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import torch
-from conftest import PROMPT
+from helpers import PROMPT
 
 import nb_offload
 
@@ -91,23 +91,43 @@ def test_ten_load_unload_cycles_return_host_memory(model_dirs, tmp_path):
     assert grown < 40 * 2**20, f"host memory grew by {grown / 2**20:.1f} MiB over 7 cycles: {after}"
 
 
-def test_loading_reads_one_unit_at_a_time(model_dirs, tmp_path, monkeypatch):
-    """Host memory during a load stays within one unit of its final use: units are filled in turn."""
+def test_loading_reads_each_checkpoint_byte_once_in_parallel(model_dirs, monkeypatch):
+    """A load reads every weight byte of the checkpoint exactly once, in chunks spread over threads,
+    straight into each unit's final buffer (no unit is placed one at a time)."""
+    import threading
+
+    from nb_offload import ingest
     from nb_offload.storage import Storage
-    live = []
+    reads, threads = [], set()
+    real_read = ingest.read_buffered
+
+    def read(path, view, offset):
+        reads.append((path, offset, len(view)))
+        threads.add(threading.get_ident())
+        return real_read(path, view, offset)
+
+    monkeypatch.setattr(ingest, "read_buffered", read)
+    monkeypatch.setattr(ingest, "CHUNK", 4096)         # many chunks, so several threads get some
+    placed = []
     real_place = Storage.place
-
-    def place(self, unit, tier, resident):
-        store = real_place(self, unit, tier, resident)
-        live.append(unit.name)
-        return store
-
-    monkeypatch.setattr(Storage, "place", place)
+    monkeypatch.setattr(Storage, "place", lambda self, unit, *a: placed.append(unit.name) or real_place(self, unit, *a))
     folder = model_dirs("llama")
-    monkeypatch.setattr(Storage, "materialize", Storage.materialize)
-    llm = nb_offload.load(folder, device="cpu", progress=False)
-    assert live == [e.name for e in llm.plan]
-    llm.unload()
+    llm = nb_offload.load(folder, device="cpu", read_threads=4, progress=False)
+    try:
+        ckpt = llm._insp.checkpoint
+        want = sorted((os.path.realpath(t.file), t.offset, t.nbytes) for t in ckpt.tensors.values()
+                      if t.key not in set(llm._insp.buffer_keys.values()))
+        got = {}
+        for path, offset, n in sorted(reads):
+            got.setdefault(os.path.realpath(path), []).append((offset, n))
+        for path, ranges in got.items():        # no byte read twice
+            assert all(a + n <= b for (a, n), (b, _) in zip(ranges, ranges[1:])), path
+        covered = sum(n for _, _, n in reads)
+        assert covered == sum(n for _, _, n in want)
+        assert placed == [] and len(threads) > 1
+        assert llm.stats.load_bytes == sum(e.bytes for e in llm.plan) and llm.stats.load_seconds > 0
+    finally:
+        llm.unload()
 
 
 def test_demo_runs(tmp_path):
@@ -162,7 +182,7 @@ def test_partial_sources_and_queued_reads_give_the_right_bytes(tmp_path):
     import torch
 
     from nb_offload import tiers
-    from nb_offload.engine import Source
+    from nb_offload.tiers import Source
     data = bytes(range(256)) * 4096                      # 1 MiB with a pattern
     a, b = tmp_path / "a.bin", tmp_path / "b.bin"
     a.write_bytes(data)
@@ -204,12 +224,12 @@ def test_an_abandoned_read_drops_its_chunks_not_yet_started(tmp_path):
     import torch
 
     from nb_offload import tiers
-    from nb_offload.engine import _Read, _Staging
+    from nb_offload.reader import StagedRead, Staging
     path = tmp_path / "unit.bin"
     path.write_bytes(bytes(range(256)) * 1024)
     gate = threading.Event()
-    staging = _Staging(torch.empty(256 * 1024, dtype=torch.uint8))
-    read = _Read(0, staging, staging.take())
+    staging = Staging(torch.empty(256 * 1024, dtype=torch.uint8))
+    read = StagedRead(staging, staging.take())
     old_chunk = tiers.CHUNK
     tiers.CHUNK = 16 * 1024
     try:

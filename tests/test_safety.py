@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import PROMPT
+from helpers import PROMPT
 
 import nb_offload
 from nb_offload import DiskTierError, OffloadError, OptionError

@@ -10,8 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import reference
-from test_hold import greedy, load_tight
+from helpers import greedy, load_tight, reference
 
 import nb_offload
 from nb_offload import tiers, uncached

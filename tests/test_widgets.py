@@ -13,12 +13,12 @@ import pytest
 
 pytest.importorskip("anywidget")
 
-from conftest import PROMPT  # noqa: E402
+from helpers import PROMPT  # noqa: E402
 
 from nb_offload.errors import PinError  # noqa: E402
 from nb_offload.planner import Plan, PlanEntry  # noqa: E402
+from nb_offload.views import PALETTE, TIER_COLORS  # noqa: E402
 from nb_offload.widgets import LayerMap, Memory, Timeline, dashboard, repin  # noqa: E402
-from nb_offload.widgets.state import TIER_COLORS  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,6 +82,8 @@ def test_state_after_load(llm, dash):
     assert [e["name"] for e in entries if e["pinned"]] == ["model.layers.2", "model.layers.3"]
     assert dash.layer_map.plan["targets"] == ["cpu", "disk", "auto"]    # compute on cpu: no gpu tier
     assert dash.layer_map.colors["tiers"] == TIER_COLORS
+    # the browser draws with the palette the static views use: tiers, lanes and reservations
+    assert all(w.colors == PALETTE for w in (dash.layer_map, dash.memory, dash.timeline))
     rows = {r["tier"]: r for r in dash.memory.rows}
     assert set(rows) == {"cpu", "disk"}
     used = llm.plan.used()
@@ -325,7 +327,8 @@ def test_apply_reports_moves():
 
 def test_state_of_a_cuda_plan():
     """What a GPU plan shows (no GPU needed): a gpu row with the reservations, host staging on cpu."""
-    from nb_offload.widgets.state import memory_state, plan_state
+    from nb_offload.views import memory_state
+    from nb_offload.widgets.state import plan_state
     entries = [PlanEntry("model.layers.0", 100, "gpu", True), PlanEntry("model.layers.1", 100, "cpu", False),
                PlanEntry("model.layers.2", 100, "disk", False)]
     plan = Plan(entries=entries, device="cuda", budgets={"gpu": 1000, "cpu": 2000, "disk": 5000},

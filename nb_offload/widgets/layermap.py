@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import html
-
 from traitlets import Dict, List, Unicode
 
 from ..budget import format_size
 from ..errors import OffloadError
+from ..views import layer_map_html
 from . import cells, repin
 from .base import OffloadWidget
 from .events import EventLog
 from .state import UNPIN, plan_state
-from .static import layer_map_svg
 
 IDLE = {"state": "idle", "message": ""}
 
@@ -46,8 +44,7 @@ class LayerMap(OffloadWidget):
         super().plan_changed(plan)
 
     def static_html(self) -> str:
-        return (f"<div><b>nb_offload layer map</b> {html.escape(self.llm.name)}<br>"
-                f"{layer_map_svg(self.llm.plan)}</div>")
+        return layer_map_html(self.llm.plan, self.llm.name)
 
     def _on_message(self, _widget, content, _buffers):
         if content.get("type") != "apply":

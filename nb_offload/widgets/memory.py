@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import html
-
 from traitlets import List, Unicode
 
+from ..views import memory_html, memory_state
 from .base import OffloadWidget
-from .state import memory_state
-from .static import memory_svg
 
 
 class Memory(OffloadWidget):
@@ -23,4 +20,4 @@ class Memory(OffloadWidget):
         super().plan_changed(plan)
 
     def static_html(self) -> str:
-        return f"<div><b>nb_offload memory</b> {html.escape(self.llm.name)}<br>{memory_svg(self.llm.plan)}</div>"
+        return memory_html(self.llm.plan, self.llm.name)

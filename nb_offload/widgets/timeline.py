@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from traitlets import Dict, Int, List, Unicode
 
-from ..timeline import Timeline as StaticTimeline
 from ..trace import LANES
+from ..views import Timeline as StaticTimeline
 from .base import OffloadWidget
 from .events import EventLog
 

@@ -6,7 +6,7 @@ import sys
 
 import nbformat
 
-from nb_offload.widgets.state import TIER_COLORS
+from nb_offload.views import TIER_COLORS
 
 WIDGET = "application/vnd.jupyter.widget-view+json"
 

@@ -7,7 +7,7 @@ import gc
 
 import pytest
 import torch
-from conftest import PROMPT, blocks, host_staging, reference, staging_bytes
+from helpers import PROMPT, blocks, host_staging, reference, staging_bytes
 
 import nb_offload
 
@@ -69,8 +69,8 @@ def test_disk_reads_that_skip_the_page_cache_match_transformers(arch, split, mod
     try:
         eng = llm._engine
         shifts = []
-        real = eng._shift
-        eng._shift = lambda extents, buffer: shifts.append(real(extents, buffer)) or shifts[-1]
+        real = eng.reader.shift
+        eng.reader.shift = lambda extents, buffer: shifts.append(real(extents, buffer)) or shifts[-1]
         for _ in range(2):
             tokens, logits = run(llm)
             assert torch.equal(tokens, want_tokens)

@@ -1,0 +1,62 @@
+"""Hooks: the one part of the engine that touches ``nn.Module``.
+
+Each streamed unit's modules get a forward pre-hook and a forward hook that tell the engine the
+unit is about to compute and has finished; parameters are bound to views of whatever buffer
+holds the unit's bytes at that moment (a staging slot, a held buffer, a resident buffer) by
+swapping ``Parameter.data``, so the model's own forward code runs unchanged.
+"""
+
+from __future__ import annotations
+
+from .tiers import param_views
+
+
+class ModuleHooks:
+    """Forward pre/post hooks on units' modules, calling ``enter(unit index)`` and ``exit(unit index)``."""
+
+    def __init__(self, root):
+        self.root = root
+        self._handles = []
+
+    def install(self, unit, enter, exit):
+        idx = unit.index
+
+        def pre(module, args):
+            enter(idx)
+
+        def post(module, args, output):
+            exit(idx)
+        for name in unit.modules:
+            module = self.root.get_submodule(name) if name else self.root
+            self._handles.append(module.register_forward_pre_hook(pre))
+            self._handles.append(module.register_forward_hook(post))
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def bind(params, unit, flat):
+    """Point each of ``unit``'s parameters at its view inside ``flat`` (shapes and dtypes from the layout)."""
+    for p, v in zip(params, param_views(unit, flat)):
+        p.data = v
+
+
+def bind_views(params, views):
+    for p, v in zip(params, views):
+        p.data = v
+
+
+def to_device(obj, device):
+    """Move tensors in (nested) args to the compute device, as callers pass CPU inputs."""
+    import torch
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True) if obj.device != device else obj
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,255 @@
+"""Every option of ``load`` and ``plan``: its name, default, check and one line of help, written once.
+
+``Options`` is frozen and checked as a whole when it is made, before any file is opened; it is
+passed whole from the loader to the planner, the storage and the model. The signatures and
+docstrings of ``nb_offload.load``/``plan``, the ``%%offload`` keys and the magics' help are all
+generated from these fields. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import os
+import re
+
+from .budget import ACCEPTED as SIZES
+from .budget import parse_size
+from .errors import BudgetError, DiskTierError, OptionError
+from .planner import check_tier
+
+DTYPES = ("float32", "float16", "bfloat16")
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+POLICIES = ("auto", "sequential")
+QUANTS_PLANNED = ("int8", "nf4", "fp4")
+TRACE_DETAILS = ("streamed", "full")
+# Opt-ins that let a checkpoint folder run code: only the bool True opts in (the string "False"
+# is truthy, so bool() of it would turn them on).
+OPT_INS = {"trust_remote_code": "runs Python code from the model folder",
+           "allow_pickle": "unpickling weight files can run code from them"}
+
+
+# -- checks: each returns the value to keep, or raises an OffloadError naming the accepted form ----
+def _size(name, value):
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().endswith("%"):
+        share = value.strip()[:-1].strip()
+        try:
+            ok = 0 <= float(share) <= 100 and math.isfinite(float(share))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise BudgetError(f"{name}={value!r} is not a share from 0% to 100%; give {SIZES}.")
+        return value
+    parse_size(value, what=name)
+    return value
+
+
+def _folder(name, value):
+    if value is None:
+        return None
+    text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(text, str) or not text.strip() or "\0" in text:
+        raise DiskTierError(f"{name}={value!r} is not a folder path; give a path such as \"./offload\".")
+    return value
+
+
+def _dtype(name, value):
+    """The dtype's canonical name ("auto" or None: the checkpoint's)."""
+    if value is None:
+        return None
+    text = str(value) if type(value).__name__ == "dtype" else value     # a torch.dtype, without importing torch
+    if isinstance(text, str):
+        key = text.removeprefix("torch.").lower()
+        key = DTYPE_ALIASES.get(key, key)
+        if key in DTYPES or key == "auto":
+            return key
+    raise OptionError(f"{name}={value!r} is not supported; accepted: {', '.join(DTYPES)} (or None / \"auto\" for "
+                      "the checkpoint's).")
+
+
+def _quant(name, value):
+    if value is None:
+        return None
+    if value in QUANTS_PLANNED:
+        raise OptionError(f"{name}={value!r} is not available in this version of nb_offload yet; "
+                          "accepted now: None (weights in the checkpoint's dtype or dtype=).")
+    raise OptionError(f"{name}={value!r} is unknown; accepted: None (and, in a later version, "
+                      f"{', '.join(QUANTS_PLANNED)}).")
+
+
+def _pins(name, value):
+    from .errors import PinError
+    if not value:
+        return {}
+    if not isinstance(value, dict):
+        raise PinError(f"{name}={value!r} is not a mapping; give a dict such as {{\"model.layers.0-3\": \"gpu\"}}.")
+    return {pattern: check_tier(tier) for pattern, tier in value.items()}
+
+
+def _device(name, value):
+    if value is None:
+        return None
+    text = str(value)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise OptionError(f"{name}={value!r} is not supported; accepted: \"cuda\", \"cuda:N\" or \"cpu\".")
+    return text
+
+
+def _one_of(*accepted, why=""):
+    def check(name, value):
+        if not isinstance(value, str) or value not in accepted:
+            raise OptionError(f"{name}={value!r} is unknown; accepted: {', '.join(map(repr, accepted))}{why}.")
+        return value
+    return check
+
+
+def _tristate(why):
+    def check(name, value):
+        if not (value is True or value is False or value == "auto"):
+            raise OptionError(f"{name}={value!r} is not valid; accepted: True, False or \"auto\" ({why}).")
+        return value
+    return check
+
+
+def _count(optional=False):
+    def check(name, value):
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise OptionError(f"{name}={value!r} is not valid; give an int >= 1.")
+        return value
+    return check
+
+
+def _flag(name, value):
+    if not isinstance(value, bool):
+        raise OptionError(f"{name}={value!r} is not valid; accepted: True or False.")
+    return value
+
+
+def _opt_in(name, value):
+    if not isinstance(value, bool):
+        raise OptionError(f"{name}={value!r} is not a bool; only True opts in ({OPT_INS[name]}), "
+                          "False keeps it off.")
+    return value
+
+
+def _text(accepted):
+    def check(name, value):
+        if value is not None and not isinstance(value, str):
+            raise OptionError(f"{name}={value!r} is not valid; accepted: {accepted}.")
+        return value
+    return check
+
+
+def _optional_flag(name, value):
+    if value is not None and not isinstance(value, bool):
+        raise OptionError(f"{name}={value!r} is not valid; accepted: None, True or False.")
+    return value
+
+
+def _option(default, check, help, *, load_only=False):
+    return dataclasses.field(default=default, metadata={"check": check, "help": help, "load_only": load_only})
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """How a model is planned and loaded. Make one with ``Options(**kwargs)``: every value is checked."""
+
+    gpu: str | int | None = _option(None, _size, "GPU budget: bytes, \"6GiB\", or \"80%\" of the card "
+                                                  "(default: its free memory less 5 %)")
+    cpu: str | int | None = _option(None, _size, "host-memory budget, same forms (default: 80 % of the RAM "
+                                                  "available now)")
+    disk: str | os.PathLike | None = _option(None, _folder, "folder for the disk tier, made private to you "
+                                                            "(default: no disk tier)")
+    dtype: str | None = _option(None, _dtype, "weights' dtype: bfloat16, float16 or float32 (default: the "
+                                              "checkpoint's)")
+    quant: str | None = _option(None, _quant, "quantization; none is available yet")
+    pins: dict = _option(None, _pins, "{pattern: tier}: units kept on a tier, e.g. {\"model.layers.0-3\": \"gpu\"}")
+    device: str | None = _option(None, _device, "where compute runs: \"cuda\", \"cuda:N\" or \"cpu\" (default: "
+                                                "cuda where there is one)")
+    policy: str = _option("auto", _one_of(*POLICIES), "\"auto\" spreads streamed blocks between resident ones so "
+                                                      "copies overlap compute; \"sequential\" streams the last ones")
+    context: int | None = _option(None, _count(optional=True), "tokens the plan reserves KV cache and activations "
+                                                               "for (default: the model's, at most 2048)")
+    batch: int = _option(1, _count(), "sequences the plan reserves room for")
+    prefetch: int | None = _option(None, _count(optional=True), "units copied ahead of the one computing "
+                                                                "(default: 1 on CUDA, 2 on the CPU)")
+    read_ahead: int = _option(2, _count(), "disk units read ahead of their copy, a page-locked staging "
+                                           "buffer each")
+    split_blocks: bool | str = _option("auto", _tristate("split when whole-block staging would take over a tenth "
+                                                         "of the room left for weights"),
+                                       "stream blocks a submodule at a time (smaller staging slots)")
+    allow_pickle: bool = _option(False, _opt_in, "read .bin/.pt weight files (unpickling can run code); True only")
+    trust_remote_code: bool = _option(False, _opt_in, "run Python code from the model folder; True only")
+    attn_implementation: str | None = _option(None, _text("None (the model's default), \"eager\", \"sdpa\" or "
+                                                          "another name transformers knows"),
+                                              "attention kernel, as transformers names it")
+    local_files_only: bool | None = _option(None, _optional_flag, "for a Hub id: use only the local cache "
+                                                                  "(default: when HF_HUB_OFFLINE is set)")
+    revision: str | None = _option(None, _text("None or a branch, tag or commit"), "for a Hub id: which revision")
+    read_threads: int = _option(8, _count(), "threads reading the drive", load_only=True)
+    drop_page_cache: bool | str = _option("auto", _tristate("skip the page cache when the disk tier is larger "
+                                                            "than the free RAM"),
+                                          "read the disk tier around the page cache (O_DIRECT)", load_only=True)
+    trace: bool = _option(True, _flag, "record reads, copies and compute for the timeline", load_only=True)
+    trace_detail: str = _option("streamed", _one_of(*TRACE_DETAILS, why=" ('streamed': compute of streamed units "
+                                                    "and whole steps; 'full': compute of every unit)"),
+                                "what the trace records", load_only=True)
+    hold_spare: bool = _option(True, _flag, "hold streamed units in room a short generate leaves unused",
+                               load_only=True)
+    progress: bool = _option(True, _flag, "show a progress bar while loading", load_only=True)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, f.metadata["check"](f.name, getattr(self, f.name)))
+
+    @classmethod
+    def given(cls, function: str, kwargs: dict) -> Options:
+        """The options of a ``load`` (or ``plan``) call, refusing names it doesn't take."""
+        accepted = names(load=function == "load")
+        unknown = sorted(k for k in kwargs if k not in accepted)
+        if unknown:
+            raise OptionError(f"unsupported option(s) {unknown}; nb_offload.{function} takes {', '.join(accepted)}.")
+        return cls(**kwargs)
+
+    def replace(self, **changes) -> Options:
+        return dataclasses.replace(self, **changes)
+
+
+def _flags() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(Options) if f.metadata["check"] in (_flag, _opt_in))
+
+
+def names(*, load: bool = True) -> tuple[str, ...]:
+    """Option names, in order (``load=False``: only those ``plan`` takes)."""
+    return tuple(f.name for f in dataclasses.fields(Options) if load or not f.metadata["load_only"])
+
+
+def help_of(name: str) -> str:
+    return next(f.metadata["help"] for f in dataclasses.fields(Options) if f.name == name)
+
+
+def document(*, load: bool, lead: str):
+    """A decorator giving ``function(model, **options)`` the signature and docstring of every option it
+    takes, so ``help()`` and ``?`` list them with their defaults."""
+    return lambda function: _document(function, load=load, lead=lead)
+
+
+def _document(function, *, load: bool, lead: str):
+    fields = [f for f in dataclasses.fields(Options) if load or not f.metadata["load_only"]]
+    params = [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default) for f in fields]
+    function.__signature__ = inspect.Signature(params)
+    width = max(len(f"{f.name}={f.default!r}") for f in fields)
+    lines = [f"    {f'{f.name}={f.default!r}':<{width}}  {f.metadata['help']}" for f in fields]
+    function.__doc__ = (f"{lead}\n\n``model``: a folder in the save_pretrained layout, or a Hub id in the local "
+                        "cache.\n\nOptions (keyword only, checked before any file is read):\n\n" + "\n".join(lines)
+                        + "\n")
+    return function
+
+
+FLAGS = _flags()     # options that take only True or False

@@ -1,0 +1,190 @@
+"""The schedule: which streamed unit goes into which staging slot, and which disk read into which
+staging buffer, when. Pure Python (no torch), so it can be read and tested on its own.
+
+The order units run in is learned from the first forward pass; the schedule keeps ``prefetch``
+units queued beyond the one computing, following that order and wrapping around into the next
+step. Positions are a running count over repeated passes (position ``p`` runs unit
+``order[p % len(order)]``). Where units come from disk through page-locked staging buffers
+(CUDA), reads are issued ``read_ahead`` units ahead of the copies, into a ring of staging buffers.
+
+A unit that arrives out of order (a surprise) resets the queue and restarts it from that unit:
+a surprise costs time, never correctness. Reads the reset leaves without a user are handed back
+as abandoned, so the reader can drop what it has not started.
+
+The schedule says what should happen; the movers and the reader do it (engine.py wires them up).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class Read:
+    """A disk read of ``unit`` into staging buffer ``staging``, ahead of its copy."""
+
+    unit: int
+    staging: int
+    claimed: bool = False      # a queued job will copy out of it
+    io: object = None          # the reader's record of the read in flight
+
+
+@dataclass(eq=False)
+class Job:
+    """``unit``'s bytes brought into staging slot ``slot`` (through ``read`` where they come from disk)."""
+
+    unit: int
+    slot: int
+    read: Read | None = None
+    ready: object = None       # the mover's: a CUDA event (copy done) or a future (read done)
+    copied: bool = False       # the mover's: the copy into the slot has been issued
+
+
+@dataclass
+class Work:
+    """What a schedule decision asks of the movers and the reader, in order."""
+
+    jobs: list[Job] = field(default_factory=list)          # scheduled into slots, oldest first
+    reads: list[Read] = field(default_factory=list)        # reads to issue, in run order
+    abandoned: list[Read] = field(default_factory=list)    # reads nobody will use now
+
+    def __iadd__(self, other: Work) -> Work:
+        self.jobs += other.jobs
+        self.reads += other.reads
+        self.abandoned += other.abandoned
+        return self
+
+
+class Schedule:
+    """The slot ring, the staging ring and the read-ahead window over a learned run order.
+
+    ``order``: engine unit indices that stream, in the order expected to run. ``slots``: staging
+    slots on the compute device; ``prefetch``: units queued beyond the one computing. ``staging``:
+    page-locked buffers disk reads land in (0: disk units are read straight into their slot);
+    ``read_ahead``: reads kept issued beyond the copies. ``from_disk``: units whose bytes come from disk.
+    """
+
+    def __init__(self, order, *, slots: int, prefetch: int, staging: int = 0, read_ahead: int = 1,
+                 from_disk=()):
+        self.order = list(order)
+        self.slots, self.prefetch = slots, max(1, prefetch)
+        self.staging, self.read_ahead = staging, max(1, read_ahead)
+        self.from_disk = set(from_disk)
+        self.pos = 0                  # position of the next unit to compute
+        self.read_pos = 0             # position of the next unit to read from disk
+        self.queue: deque[Job] = deque()
+        self.reads: deque[Read] = deque()     # issued reads whose copy is not issued yet
+        self.active: dict[int, Job] = {}      # computing now
+        self.seen: list[int] = []             # streamed units entered this step, in order
+        self.next_slot = self.next_staging = 0
+        self._order_before_hold = None
+
+    # -- a step ---------------------------------------------------------------------------------
+    def begin_step(self) -> Work:
+        self.seen = []
+        return self.fill() if self.order and not self.queue else Work()
+
+    def take(self, idx: int) -> tuple[Job | None, Work]:
+        """The job of ``idx``, about to compute (None when it is computing already: a module reused
+        within one pass). A surprise first resets the queue and restarts it at ``idx``."""
+        if idx in self.active:
+            return None, Work()
+        self.seen.append(idx)
+        work = Work()
+        if not self.queue or self.queue[0].unit != idx:
+            work.abandoned = self.reset()
+            self.pos = self.read_pos = self._position_of(idx)
+            work += self.fill()
+        job = self.queue.popleft()
+        self.pos += 1
+        self.active[idx] = job
+        return job, work
+
+    def release(self, idx: int) -> Job | None:
+        """``idx`` finished computing: its slot may be refilled once the compute is done."""
+        return self.active.pop(idx, None)
+
+    def end_step(self) -> Work:
+        """After a forward pass: a pass that ran every streamed unit in a new order teaches it."""
+        if self.seen and self.seen != self.order and set(self.seen) >= set(self.order):
+            self.order = list(self.seen)
+            work = Work(abandoned=self.reset())
+            self.pos = self.read_pos = 0
+            work += self.fill()
+            return work
+        return Work()
+
+    # -- filling the rings ------------------------------------------------------------------------
+    def fill(self) -> Work:
+        """Queue the next unit and ``prefetch`` more into slots, and issue the reads they need."""
+        work = Work()
+        n = len(self.order)
+        if not n:
+            return work
+        want = min(self.prefetch + (0 if self.active else 1), self.slots)
+        while len(self.queue) < want:
+            position = self.pos + len(self.queue)
+            job = Job(self.order[position % n], self.next_slot)
+            self.next_slot = (self.next_slot + 1) % self.slots
+            if self.staging and job.unit in self.from_disk:
+                work.reads += self._issue_reads(position)
+                job.read = next(r for r in self.reads if r.unit == job.unit and not r.claimed)
+                job.read.claimed = True
+            self.queue.append(job)
+            work.jobs.append(job)
+        if self.staging:
+            work.reads += self._issue_reads(self.pos + len(self.queue) - 1)
+        return work
+
+    def _issue_reads(self, must_reach: int) -> list[Read]:
+        """Reads in run order: through position ``must_reach``, then ``read_ahead`` unclaimed ones."""
+        out = []
+        n = len(self.order)
+        ahead = sum(1 for r in self.reads if not r.claimed)
+        while self.read_pos <= must_reach or (ahead < self.read_ahead and self.read_pos < self.pos + n):
+            idx = self.order[self.read_pos % n]
+            self.read_pos += 1
+            if idx not in self.from_disk:
+                continue
+            read = Read(idx, self.next_staging)
+            self.next_staging = (self.next_staging + 1) % self.staging
+            self.reads.append(read)
+            out.append(read)
+            ahead += 1
+        return out
+
+    def copied(self, read: Read):
+        """The copy out of ``read``'s staging buffer has been issued: the read is done with."""
+        self.reads.remove(read)
+
+    def reset(self) -> list[Read]:
+        """Forget the queue; returns the issued reads nobody will copy now (to abandon)."""
+        abandoned = list(self.reads)
+        self.reads.clear()
+        self.queue.clear()
+        self.active.clear()
+        return abandoned
+
+    def _position_of(self, idx: int) -> int:
+        """The next position at which ``idx`` runs (a unit the learned order lacks is appended:
+        run it now, relearn after the step)."""
+        n = len(self.order)
+        for k in range(n):
+            if self.order[(self.pos + k) % n] == idx:
+                return self.pos + k
+        self.order.append(idx)
+        return self.pos - self.pos % (n + 1) + n if n else 0
+
+    # -- holding units out of the stream --------------------------------------------------------
+    def hold(self, held):
+        """Take ``held`` out of the order (they run from buffers of their own) until ``unhold``."""
+        if self._order_before_hold is None:
+            self._order_before_hold = list(self.order)
+        self.order = [i for i in self.order if i not in held]
+        self.pos = self.read_pos = 0
+
+    def unhold(self):
+        if self._order_before_hold is not None:
+            self.order, self._order_before_hold = self._order_before_hold, None
+        self.pos = self.read_pos = 0

@@ -1,0 +1,267 @@
+"""Static views of a plan and of a trace: text for terminals, HTML and inline SVG for notebooks.
+
+Every rendering the package makes lives here, for outputs viewed with or without a kernel (SVG
+rather than HTML tables where colour matters, so GitHub's sanitiser keeps it): the plan's table
+(``Plan.__str__`` and ``Plan._repr_html_`` delegate here), the layer map and memory bars (the
+widgets' static copies), and ``Timeline``, a trace as SVG and a text summary. The live,
+zoomable views are the widgets' job; they draw with the same ``PALETTE``.
+
+Imports no torch, no IPython and nothing of the notebook layer: plans and traces come in as
+plain objects (``Plan``/``PlanEntry``, ``Trace``/``TraceEvent``), so this module stays cheap to
+import and the core can use it.
+"""
+
+from __future__ import annotations
+
+import html
+
+from .budget import format_size
+
+# -- the palette ----------------------------------------------------------------------------------
+# One set of colours for every view, static and live: the widgets send PALETTE to the browser
+# as their ``colors`` state. Keys follow planner.TIERS and trace.LANES, in their order.
+TIER_COLORS = {"gpu": "#2e7d32", "cpu": "#1565c0", "disk": "#8d6e63"}
+LANE_COLORS = {"read": "#8d6e63", "copy": "#1565c0", "compute": "#2e7d32", "step": "#9e9e9e"}
+# Reservations are what a tier holds besides weights; each gets its own colour in the bars.
+RESERVED_COLORS = {"kv_cache": "#ef6c00", "activations": "#7b1fa2", "workspace": "#757575",
+                   "staging_slots": "#00838f", "disk_staging": "#5d4037"}
+OTHER_COLOR = "#9e9e9e"     # a reservation without a colour of its own (the front end uses the same)
+PALETTE = {"tiers": TIER_COLORS, "lanes": LANE_COLORS, "reserved": RESERVED_COLORS}
+
+
+# -- plan data, as the views (and the widgets) show it --------------------------------------------
+def short_label(entry) -> str:
+    """A cell label: the block index, or the last part of a top-level unit's name."""
+    last = entry.name.rpartition(".")[2]
+    return last if entry.kind == "block" and last.isdigit() else last.replace("embed_tokens", "embed")
+
+
+def shown_tiers(plan) -> list:
+    """The tiers this plan uses: no gpu row when the CPU computes, no disk row without a disk tier."""
+    totals = plan.totals()       # every tier, in planner.TIERS order
+    return [t for t in totals
+            if not (t == "gpu" and plan.device != "cuda")
+            and not (t == "disk" and plan.budgets.get("disk") is None and totals["disk"] == 0)]
+
+
+def memory_state(plan) -> list:
+    """Per tier: weights, each reservation apart (KV cache, activations, ...), and the budget."""
+    totals, used = plan.totals(), plan.used()
+    rows = []
+    for tier in shown_tiers(plan):
+        reserved = dict(plan.reserved) if tier == plan.resident_tier else {}
+        if tier == "cpu":
+            reserved.update(plan.host_reserved)
+        rows.append({"tier": tier, "weights": totals[tier], "used": used[tier], "budget": plan.budgets.get(tier),
+                     "reserved": [{"name": k, "bytes": v} for k, v in reserved.items() if v]})
+    return rows
+
+
+def plan_rows(plan) -> list:
+    """The table's rows: runs of consecutive blocks on one tier fold into one row (model.layers.0-7)."""
+    rows = []
+    for e in plan.entries:
+        prev = rows[-1] if rows else None
+        head, _, idx = e.name.rpartition(".")
+        if (prev and e.kind == "block" and prev["kind"] == "block" and prev["tier"] == e.tier
+                and prev["pinned"] == e.pinned and idx.isdigit() and prev["head"] == head
+                and prev["last"] + 1 == int(idx)):
+            prev["last"] = int(idx)
+            prev["bytes"] += e.bytes
+            prev["count"] += 1
+            continue
+        rows.append({"head": head, "first": int(idx) if idx.isdigit() else None,
+                     "last": int(idx) if idx.isdigit() else None, "name": e.name, "kind": e.kind,
+                     "tier": e.tier, "pinned": e.pinned, "bytes": e.bytes, "count": 1,
+                     "aliases": e.aliases})
+    for r in rows:
+        if r["count"] > 1:
+            r["name"] = f"{r['head']}.{r['first']}-{r['last']}"
+        elif len(r["aliases"]) > 1:
+            r["name"] = " = ".join(r["aliases"])
+    return rows
+
+
+# -- the plan as a table ----------------------------------------------------------------------------
+def plan_text(plan) -> str:
+    """The plan for a terminal: folded rows, then each tier's totals, reservations and traffic."""
+    rows = plan_rows(plan)
+    width = max([len(r["name"]) for r in rows] + [6])
+    lines = [f"nb_offload plan for {plan.model or 'model'}: compute on {plan.device}, "
+             f"context {plan.context}, batch {plan.batch}",
+             f"  {'module':<{width}}  {'tier':<4}  {'size':>10}  pinned"]
+    for r in rows:
+        count = f" ({r['count']} blocks)" if r["count"] > 1 else ""
+        lines.append(f"  {r['name']:<{width}}  {r['tier']:<4}  {format_size(r['bytes']):>10}  "
+                     f"{'yes' if r['pinned'] else '':<6}{count}".rstrip())
+    totals, used = plan.totals(), plan.used()
+    for tier in totals:
+        budget = plan.budgets.get(tier)
+        if tier == "gpu" and plan.device != "cuda":
+            continue
+        if tier == "disk" and budget is None and totals["disk"] == 0:
+            continue
+        of = f" of {format_size(budget)}" if budget is not None else ""
+        lines.append(f"  {tier}: {format_size(totals[tier])} weights, {format_size(used[tier])} used{of}")
+    extra = ", ".join(f"{k.replace('_', ' ')} {format_size(v)}" for k, v in plan.reserved.items() if v)
+    lines.append(f"  reserved on {plan.resident_tier}: {extra}")
+    moved = plan.streamed_bytes_per_token()
+    lines.append("  streamed per step: " + ", ".join(f"{format_size(v)} from {k}" for k, v in moved.items())
+                 + (" (blocks a submodule at a time)" if plan.split_blocks else ""))
+    return "\n".join(lines)
+
+
+def plan_html(plan) -> str:
+    """The plan's table as HTML: folded rows with the tier in its colour, then each tier's totals."""
+    body = "".join(
+        f"<tr><td><code>{html.escape(r['name'])}</code></td>"
+        f"<td><span style='color:{TIER_COLORS[r['tier']]};font-weight:bold'>{r['tier']}</span></td>"
+        f"<td style='text-align:right'>{format_size(r['bytes'])}</td>"
+        f"<td>{'&#128204;' if r['pinned'] else ''}</td></tr>" for r in plan_rows(plan))
+    totals, used = plan.totals(), plan.used()
+    foot = "".join(
+        f"<tr><th>{t}</th><td colspan=3>{format_size(totals[t])} weights, {format_size(used[t])} used"
+        + (f" of {format_size(plan.budgets[t])}" if plan.budgets.get(t) is not None else "") + "</td></tr>"
+        for t in totals if not (t == "gpu" and plan.device != "cuda"))
+    return (f"<div><b>nb_offload plan</b> for <code>{html.escape(plan.model)}</code> "
+            f"(compute on {plan.device}, context {plan.context}, batch {plan.batch})"
+            f"<table><tr><th>module</th><th>tier</th><th>size</th><th>pinned</th></tr>{body}{foot}</table></div>")
+
+
+# -- the layer map and the memory bars, as SVG --------------------------------------------------------
+CELL, GAP, PER_ROW = 34, 4, 20
+
+
+def _legend(plan, y: int) -> str:
+    totals = plan.totals()
+    parts, x = [], 0
+    for tier, color in TIER_COLORS.items():
+        count = sum(1 for e in plan.entries if e.tier == tier)
+        if not count:
+            continue
+        label = f"{tier}: {count} units, {format_size(totals[tier])}"
+        parts.append(f"<rect x='{x}' y='{y}' width='10' height='10' fill='{color}'/>"
+                     f"<text x='{x + 14}' y='{y + 9}' font-size='11'>{html.escape(label)}</text>")
+        x += 20 + 7 * len(label)
+    return "".join(parts)
+
+
+def layer_map_svg(plan) -> str:
+    """One square per unit, in plan order, coloured by tier; pinned units get a white corner."""
+    cells = []
+    for i, e in enumerate(plan.entries):
+        x, y = (i % PER_ROW) * (CELL + GAP), (i // PER_ROW) * (CELL + GAP)
+        label = short_label(e)
+        tip = f"{e.name}: {e.tier}, {format_size(e.bytes)}" + (", pinned" if e.pinned else "")
+        pin = (f"<path d='M{x + CELL - 10},{y} h10 v10 z' fill='white'/>" if e.pinned else "")
+        cells.append(f"<g><title>{html.escape(tip)}</title>"
+                     f"<rect x='{x}' y='{y}' width='{CELL}' height='{CELL}' rx='3' fill='{TIER_COLORS[e.tier]}'/>{pin}"
+                     f"<text x='{x + CELL / 2}' y='{y + CELL / 2 + 4}' font-size='{10 if len(label) < 6 else 8}' "
+                     f"fill='white' text-anchor='middle'>{html.escape(label[:8])}</text></g>")
+    rows = (len(plan.entries) + PER_ROW - 1) // PER_ROW
+    height = rows * (CELL + GAP) + 16
+    width = min(len(plan.entries), PER_ROW) * (CELL + GAP)
+    return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{max(width, 420)}' height='{height}' "
+            f"font-family='sans-serif'>{''.join(cells)}{_legend(plan, height - 12)}</svg>")
+
+
+def memory_svg(plan) -> str:
+    """Per tier: a bar of weights then reservations, against the budget."""
+    rows = memory_state(plan)
+    width, bar, label, pitch = 520, 16, 60, 48
+    out = []
+    for r, row in enumerate(rows):
+        y = r * pitch
+        scale = max(row["budget"] or 0, row["used"], 1)
+        x = label
+        segs = [(row["tier"] + " weights", row["weights"], TIER_COLORS[row["tier"]])]
+        segs += [(p["name"].replace("_", " "), p["bytes"], RESERVED_COLORS.get(p["name"], OTHER_COLOR))
+                 for p in row["reserved"]]
+        for name, nbytes, color in [s for s in segs if s[1]]:
+            w = nbytes / scale * (width - label)
+            out.append(f"<rect x='{x:.1f}' y='{y}' width='{max(w, 0.5):.1f}' height='{bar}' fill='{color}' "
+                       f"stroke='white' stroke-width='0.5'><title>{html.escape(name)}: {format_size(nbytes)}"
+                       "</title></rect>")
+            x += w
+        of = f" of {format_size(row['budget'])}" if row["budget"] is not None else ""
+        reserved = ", ".join(f"{p['name'].replace('_', ' ')} {format_size(p['bytes'])}" for p in row["reserved"])
+        summary = f"{format_size(row['used'])} used{of}: weights {format_size(row['weights'])}"
+        out.append(f"<text x='0' y='{y + 12}' font-size='12'>{row['tier']}</text>"
+                   f"<rect x='{label}' y='{y}' width='{width - label}' height='{bar}' fill='none' stroke='#999'/>"
+                   f"<text x='{label}' y='{y + bar + 12}' font-size='11'>{html.escape(summary)}</text>"
+                   f"<text x='{label}' y='{y + bar + 25}' font-size='11'>"
+                   f"{html.escape(reserved and 'reserved: ' + reserved)}</text>")
+    return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width + 2}' height='{len(rows) * pitch}' "
+            f"font-family='sans-serif'>{''.join(out)}</svg>")
+
+
+def layer_map_html(plan, title: str = "") -> str:
+    """The layer map with its heading (the layer-map widget's copy for viewers without a kernel)."""
+    return f"<div><b>nb_offload layer map</b> {html.escape(title)}<br>{layer_map_svg(plan)}</div>"
+
+
+def memory_html(plan, title: str = "") -> str:
+    """The memory bars with their heading (the memory widget's copy for viewers without a kernel)."""
+    return f"<div><b>nb_offload memory</b> {html.escape(title)}<br>{memory_svg(plan)}</div>"
+
+
+# -- a trace ------------------------------------------------------------------------------------------
+def timeline_svg(events) -> str:
+    """One lane per event kind (in LANE_COLORS order), one rect per event, and a time axis."""
+    lanes = [k for k in LANE_COLORS if any(e.kind == k for e in events)]
+    t0 = min(e.start for e in events)
+    span = max(max(e.end for e in events) - t0, 1e-9)
+    width, lane_h, left = 900, 22, 70
+    rects = []
+    for e in events:
+        y = lanes.index(e.kind) * lane_h + 4
+        x = left + (e.start - t0) / span * (width - left)
+        w = max((e.end - e.start) / span * (width - left), 0.5)
+        tip = (f"{e.kind} {e.unit} {(e.end - e.start) * 1e3:.2f} ms"
+               + (f" {format_size(e.bytes)}" if e.bytes else ""))
+        rects.append(f"<rect x='{x:.1f}' y='{y}' width='{w:.1f}' height='{lane_h - 8}' "
+                     f"fill='{LANE_COLORS[e.kind]}'><title>{html.escape(tip)}</title></rect>")
+    labels = "".join(f"<text x='2' y='{i * lane_h + 17}' font-size='12'>{k}</text>" for i, k in enumerate(lanes))
+    h = len(lanes) * lane_h + 18
+    axis = f"<text x='{left}' y='{h - 2}' font-size='11'>0 ms</text>" \
+           f"<text x='{width - 60}' y='{h - 2}' font-size='11'>{span * 1e3:.1f} ms</text>"
+    return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{h}'>{labels}{''.join(rects)}{axis}"
+            "</svg>")
+
+
+class Timeline:
+    """A trace's reads, copies and compute: inline SVG for notebooks (it survives nbconvert and
+    GitHub) and a text summary for terminals. ``last_steps``: only the latest forward steps;
+    ``max_events``: at most the latest this many events are drawn. The lane totals of the
+    summary count the whole trace."""
+
+    def __init__(self, trace, title: str = "", last_steps: int | None = None, max_events: int = 5000):
+        events = list(trace)
+        if last_steps is not None and events:
+            last = max(e.step for e in events)
+            events = [e for e in events if e.step > last - last_steps]
+        self.events = events[-max_events:]
+        self.title = title
+        self.summary = trace.summary()
+
+    def __repr__(self):
+        if not self.events:
+            return f"<Timeline {self.title}: no events yet; run a generate first>"
+        t0 = min(e.start for e in self.events)
+        t1 = max(e.end for e in self.events)
+        lines = [f"timeline {self.title}: {len(self.events)} events over {(t1 - t0) * 1e3:.1f} ms"]
+        for lane, s in self.summary.items():
+            if s["count"]:
+                rate = f", {s['bytes'] / s['seconds'] / 1e9:.1f} GB/s while busy" if s["bytes"] and s["seconds"] else ""
+                lines.append(f"  {lane:<8} {s['count']:>6} events, {format_size(s['bytes']):>10}, "
+                             f"busy {s['seconds'] * 1e3:.1f} ms{rate}")
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, p, cycle):
+        p.text(repr(self))
+
+    def _repr_html_(self):
+        if not self.events:
+            return f"<div><i>{html.escape(repr(self))}</i></div>"
+        return (f"<div><b>nb_offload timeline</b> {html.escape(self.title)} ({len(self.events)} events)"
+                f"{timeline_svg(self.events)}<pre>{html.escape(repr(self))}</pre></div>")

@@ -1,0 +1,88 @@
+"""Plain helpers and constants the test modules share (fixtures live in conftest.py).
+
+A module of its own, so no test module imports another or conftest. It is importable as
+``helpers`` from tests/ and tests/gpu/: pytest's default "prepend" import mode puts tests/ on
+sys.path when it loads tests/conftest.py, which it does for any test under tests/.
+torch and transformers are imported inside the helpers, so modules that need neither stay light.
+"""
+
+import nb_offload
+
+ARCHS = ["llama", "mistral", "qwen2", "gemma", "phi3", "gpt2", "opt", "mixtral", "qwen2_moe"]
+PROMPT = [[5, 17, 42, 7, 99, 3, 64, 12]]
+
+
+def reference(folder, device="cpu", max_new_tokens=10):
+    """Greedy tokens and prompt logits of the plain transformers model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder).to(device).eval()
+    ids = torch.tensor(PROMPT, device=device)
+    with torch.inference_mode():
+        logits = model(ids).logits.float().cpu()
+        tokens = model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                do_sample=False).cpu()
+    del model
+    return tokens, logits
+
+
+def run_offloaded(llm, max_new_tokens=10):
+    import torch
+    ids = torch.tensor(PROMPT)
+    logits = llm(ids).logits.float().cpu()
+    tokens = llm.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                          do_sample=False).cpu()
+    return tokens, logits
+
+
+def greedy(llm, n=10, **kw):
+    import torch
+    ids = torch.tensor(PROMPT)
+    return llm.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw).cpu()
+
+
+def staging_bytes(folder, prefetch):
+    """What streaming blocks costs the compute device with split_blocks=True: slots for the largest
+    piece, plus every block's leftovers kept resident while it streams."""
+    from nb_offload.loader import Inspection
+    units = [u for u in Inspection(folder).units if u.kind == "block"]
+    return (prefetch + 1) * max(u.stream_nbytes for u in units) + sum(u.rest_nbytes for u in units)
+
+
+def host_staging(folder, read_ahead=2):
+    """Page-locked disk staging with blocks split (split_blocks=True): a buffer per piece of
+    ``read_ahead`` blocks."""
+    from nb_offload.loader import Inspection
+    units = [u for u in Inspection(folder).units if u.kind == "block"]
+    return read_ahead * max(len(u.pieces) for u in units) * max(u.stream_nbytes for u in units)
+
+
+def blocks(plan):
+    return [e for e in plan if e.kind == "block"]
+
+
+def tight_cpu_budget(folder, disk, keep_blocks=1):
+    """A cpu budget that fits the resident minimum plus ``keep_blocks`` blocks: the rest go to disk
+    (load with split_blocks=True: the budget counts slots for pieces)."""
+    p = nb_offload.plan(folder, device="cpu", cpu="64GiB", disk=disk)
+    bl = blocks(p)
+    tops = sum(e.bytes for e in p if e.kind == "top")
+    slots = staging_bytes(folder, p.prefetch)
+    fixed = sum(v for k, v in p.reserved.items() if k != "staging_slots")
+    return fixed + tops + slots + keep_blocks * bl[0].bytes + 1024
+
+
+def load_tight(folder, disk, **kw):
+    """A CPU load under tight_cpu_budget: one block resident, the rest streamed from disk."""
+    return nb_offload.load(folder, device="cpu", cpu=tight_cpu_budget(folder, disk), disk=disk,
+                           progress=False, split_blocks=True, **kw)
+
+
+def run_cell(sh, code):
+    """Run a cell; errors are raised, not swallowed."""
+    result = sh.run_cell(code, store_history=False)
+    if result.error_before_exec:
+        raise result.error_before_exec
+    if result.error_in_exec:
+        raise result.error_in_exec
+    return result

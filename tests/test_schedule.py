@@ -1,0 +1,138 @@
+"""The schedule alone: slots, read-ahead, surprises, learning and holds, with no torch and no model."""
+
+import random
+import subprocess
+import sys
+
+from nb_offload.schedule import Schedule
+
+
+def run_pass(s, order, computed=None):
+    """Take and release each unit of ``order`` as a forward pass would; returns the jobs taken."""
+    s.begin_step()
+    jobs = []
+    for idx in order:
+        job, _ = s.take(idx)
+        jobs.append(job)
+        s.fill()
+        s.release(idx)
+        if computed is not None:
+            computed.append((idx, job.slot))
+    s.end_step()
+    return jobs
+
+
+def test_slots_alternate_and_the_queue_wraps_into_the_next_step():
+    s = Schedule([0, 1, 2], slots=2, prefetch=1)
+    first = s.begin_step()
+    assert [(j.unit, j.slot) for j in first.jobs] == [(0, 0), (1, 1)]     # one computing, one ahead
+    taken = []
+    for idx in (0, 1, 2):
+        job, work = s.take(idx)
+        assert not work.abandoned and not work.jobs          # in order: no reset
+        taken.append((job.unit, job.slot))
+        s.fill()
+        s.release(idx)
+    assert taken == [(0, 0), (1, 1), (2, 0)]
+    assert [j.unit for j in s.queue] == [0]                  # the next step's first unit is already queued
+    assert s.pos == 3
+
+
+def test_a_slot_is_never_given_to_two_units_at_once():
+    rng = random.Random(7)
+    order = list(range(9))
+    s = Schedule(order, slots=3, prefetch=2)
+    for _ in range(40):
+        s.begin_step()
+        run = order if rng.random() < 0.7 else rng.sample(order, len(order))
+        for idx in run:
+            s.take(idx)
+            s.fill()
+            busy = [j.slot for j in s.queue] + [j.slot for j in s.active.values()]
+            assert len(busy) == len(set(busy)) <= 3, busy
+            s.release(idx)
+        s.end_step()
+
+
+def test_a_surprise_resets_the_queue_and_restarts_at_that_unit():
+    s = Schedule([0, 1, 2, 3], slots=3, prefetch=2, staging=2, read_ahead=2, from_disk={1, 2, 3})
+    s.begin_step()
+    job, _ = s.take(0)
+    s.fill()
+    issued = list(s.reads)
+    assert [r.unit for r in issued] == [1, 2, 3]
+    s.release(0)
+    job, work = s.take(3)               # skips 1 and 2
+    assert job.unit == 3
+    assert set(work.abandoned) >= set(issued[:2])         # their reads are of no use now
+    assert [j.unit for j in s.queue] == [0, 1]             # restarted at 3, wrapping round
+    assert s.pos == 4
+
+
+def test_the_run_order_is_learned_from_a_pass_that_ran_every_unit():
+    s = Schedule([0, 1, 2], slots=2, prefetch=1)
+    run_pass(s, [2, 0, 1])
+    assert s.order == [2, 0, 1]
+    computed = []
+    s2 = Schedule([0, 1, 2], slots=2, prefetch=1)
+    run_pass(s2, [0, 1])                 # a partial pass teaches nothing
+    assert s2.order == [0, 1, 2]
+    run_pass(s, [2, 0, 1], computed)
+    assert [j for j, _ in computed] == [2, 0, 1]
+
+
+def test_a_unit_missing_from_the_order_runs_and_is_learned():
+    s = Schedule([0, 1], slots=2, prefetch=1)
+    s.begin_step()
+    for idx in (0, 5, 1):
+        job, _ = s.take(idx)
+        assert job.unit == idx
+        s.fill()
+        s.release(idx)
+    s.end_step()
+    assert s.order == [0, 5, 1]
+
+
+def test_disk_reads_run_ahead_of_the_copies_in_run_order():
+    order = list(range(8))
+    disk = {1, 3, 4, 6}
+    s = Schedule(order, slots=2, prefetch=1, staging=2, read_ahead=2, from_disk=disk)
+    work = s.begin_step()
+    # unit 1 is queued: its read is issued, plus read_ahead more not yet claimed by a job
+    assert [r.unit for r in work.reads] == [1, 3, 4]
+    assert [r.staging for r in work.reads] == [0, 1, 0]         # a ring of staging buffers
+    job1 = s.queue[1]
+    assert job1.unit == 1 and job1.read is work.reads[0] and job1.read.claimed
+    for read in list(s.reads):          # the copies out of them are issued: they no longer count ahead
+        if read.claimed:
+            s.copied(read)
+    issued = []
+    for idx in order:
+        _, w = s.take(idx)
+        issued += [r.unit for r in w.reads]
+        w2 = s.fill()
+        issued += [r.unit for r in w2.reads]
+        for read in [r for r in s.reads if r.claimed]:
+            s.copied(read)
+        assert sum(1 for r in s.reads if not r.claimed) <= 2
+        s.release(idx)
+    assert issued == [6, 1, 3]           # in run order, wrapping into the next step
+    assert all(j.read is not None for j in s.queue if j.unit in disk)
+
+
+def test_holding_takes_units_out_of_the_order_until_released():
+    s = Schedule([0, 1, 2, 3], slots=2, prefetch=1)
+    run_pass(s, [0, 1, 2, 3])
+    s.hold({1, 3})
+    assert s.order == [0, 2]
+    jobs = run_pass(s, [0, 2])
+    assert [j.unit for j in jobs] == [0, 2]
+    s.unhold()
+    assert s.order == [0, 1, 2, 3] and s.pos == 0
+
+
+def test_the_schedule_imports_no_torch():
+    code = "import sys, nb_offload.schedule; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
