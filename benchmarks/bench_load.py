@@ -275,7 +275,7 @@ def main():
     ap.add_argument("--fp32-gpu", default="1.5GiB",
                     help="the fp32 case's gpu budget (1GiB is under its plan's minimum at the default context)")
     ap.add_argument("--fp32-layers", type=int, default=8)
-    ap.add_argument("--fp32-headroom", default="1GiB", help="the fp32 case's cpu= over what its plan needs")
+    ap.add_argument("--fp32-headroom", default="64MiB", help="the fp32 case's cpu= over what its plan needs")
     ap.add_argument("--cold-reference", action="store_true", help="also time from_pretrained cold, once")
     ap.add_argument("--json", default=None)
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)   # fp32 path on the CPU, tiny model

@@ -180,15 +180,16 @@ class Engine:
         return out
 
     def _enter(self, idx):
+        if self.cuda and not self.in_step:
+            self.mover.begin_step()             # a module called outside a forward pass: its stream
         if idx in self.sources:
-            if self.cuda and not self.in_step:
-                self.mover.begin_step()         # a module called outside a forward pass
             job, work = self.schedule.take(idx)
             if job is None:                     # already bound (a module reused inside one pass)
                 return
-            self._do(work)
+            self._do(work, first=job)
             self.mover.wait(job)
             bind_views(self.params[idx], self._slot_views(idx, job.slot))
+            self.schedule.start(job)
             self._do(self.schedule.fill())
         if self.trace.enabled:
             self._open[idx] = self.mover.mark()
@@ -201,17 +202,19 @@ class Engine:
             self.mover.done(job)
             self.mover.pump(self.schedule.queue)
 
-    def _do(self, work: Work):
-        """Carry out a schedule decision: drop abandoned reads, issue new ones, start the jobs."""
+    def _do(self, work: Work, first=None):
+        """Carry out a schedule decision: drop abandoned reads, issue new ones, start the jobs and
+        issue their copies in run order (``first``, the unit about to compute, ahead of the queue)."""
         for read in work.abandoned:
-            self.reader.abandon(read.io)
+            if read.io is not None:             # None: decided, never issued (an exception came between)
+                self.reader.abandon(read.io)
         for read in work.reads:
             unit = self.units[read.unit]
             read.io = self.reader.read_staged(unit.name, unit.nbytes, self.sources[read.unit].extents, read.staging)
         for job in work.jobs:
             self.mover.start(job, self.units[job.unit], self.sources[job.unit])
         if work.jobs:
-            self.mover.pump(self.schedule.queue)
+            self.mover.pump(([first] if first is not None else []) + list(self.schedule.queue))
 
     def _span_end(self, idx):
         start = self._open.pop(idx, None)

@@ -4,7 +4,8 @@ Every tensor of a unit bound for the GPU or host tier is split into chunks that 
 reads straight from its safetensors file (``pread``: no mapping of the file stays in the process):
 - into its place in the unit's host buffer, when the dtype already matches;
 - through a small buffer of the reading thread, converted into place, when it doesn't (float32
-  weights loaded as bfloat16: no temporary the size of a tensor or a unit);
+  weights loaded as bfloat16: no temporary the size of a tensor or a unit; all threads' temporaries
+  together take at most 2 % of the cpu budget, and 4 MiB each);
 - through two small page-locked buffers of the reading thread, copied to the GPU on a stream of
   the thread's own, for units that live on the GPU.
 
@@ -23,7 +24,8 @@ from concurrent.futures import wait as futures_wait
 from .files import read_buffered
 
 CHUNK = 16 * 2**20      # source bytes a thread reads at once: large reads keep a drive's queue deep
-SMALL = 4 * 2**20       # source bytes a thread converts or stages at once (per-thread temporaries)
+SMALL = 4 * 2**20       # the most bytes of each per-thread temporary (a conversion or staging buffer)
+SCRATCH_SHARE = 0.02    # of the cpu budget, the most all threads' temporaries take together
 
 
 def readable(unit, checkpoint) -> bool:
@@ -48,9 +50,13 @@ class _Thread:
 class Ingest:
     """Fills the destinations given by ``add`` when ``run`` is called; see the module's docstring."""
 
-    def __init__(self, checkpoint, *, threads: int, lock, device=None):
+    def __init__(self, checkpoint, *, threads: int, lock, device=None, host_budget: int | None = None):
         self.checkpoint = checkpoint
         self.device = device        # the GPU, where units go to one
+        # Each thread may hold three temporaries (a conversion buffer, two staging buffers): together
+        # a small share of the host budget, so a small budget gets small (slower) temporaries.
+        share = SMALL if host_budget is None else int(host_budget * SCRATCH_SHARE) // (3 * max(1, threads))
+        self.small = max(64 * 2**10, min(SMALL, share - share % (64 * 2**10)))
         self.threads = max(1, threads)
         self.lock = lock            # lock(flat): page-lock a filled host buffer (None: nothing to lock)
         self.tasks = []             # (unit index, path, file offset, src bytes, src dtype, dst view)
@@ -72,7 +78,7 @@ class Ingest:
             if flat.device.type == "cpu" and src_dtype == slot.dtype:
                 step = CHUNK
             else:       # whichever side is wider fills SMALL bytes of the thread's buffers
-                step = SMALL * src_dtype.itemsize // max(src_dtype.itemsize, slot.dtype.itemsize)
+                step = self.small * src_dtype.itemsize // max(src_dtype.itemsize, slot.dtype.itemsize)
             for start in range(0, info.nbytes, step):
                 n = min(step, info.nbytes - start)
                 self.tasks.append((unit.index, info.file, info.offset + start, n, src_dtype, slot.dtype, dst, start))
@@ -157,7 +163,7 @@ class Ingest:
     def _converting(self, me, nbytes):
         import torch
         if me.convert is None:
-            me.convert = torch.empty(SMALL, dtype=torch.uint8)
+            me.convert = torch.empty(self.small, dtype=torch.uint8)
         return me.convert[:nbytes]
 
     def _staging(self, me, nbytes):
@@ -167,7 +173,7 @@ class Ingest:
         from .tiers import alloc_host
         if me.stream is None:
             me.stream = torch.cuda.Stream(self.device)
-            me.pinned = [[alloc_host(SMALL, pinned=True), torch.cuda.Event()] for _ in range(2)]
+            me.pinned = [[alloc_host(self.small, pinned=True), torch.cuda.Event()] for _ in range(2)]
         me.turn ^= 1
         flat, event = me.pinned[me.turn]
         event.synchronize()

@@ -180,7 +180,7 @@ def load(model, **options):
     the_plan = insp.make_plan(dev.type, budgets, pin_map)
     from .model import OffloadedModel
     from .storage import Storage
-    storage = Storage(insp, dev, opts.disk, read_threads=opts.read_threads)
+    storage = Storage(insp, dev, opts.disk, read_threads=opts.read_threads, host_budget=budgets["cpu"])
     try:
         storage.materialize(the_plan, progress=opts.progress)
         handle = OffloadedModel._assemble(insp, storage, the_plan, pin_map, dev, budgets=budgets,

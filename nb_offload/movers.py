@@ -30,7 +30,7 @@ class CpuMover:
         self.stats.bytes_from_disk += unit.nbytes
         job.ready = self.reader.read_into(unit.name, unit.nbytes, source.extents, self.slots[job.slot])
 
-    def pump(self, queue, first=None):
+    def pump(self, jobs, first=None):
         pass
 
     def wait(self, job):
@@ -76,14 +76,13 @@ class CudaMover:
     def start(self, job, unit, source):
         pass            # copies are issued by pump, in queue order
 
-    def pump(self, queue, first=None):
-        """Issue host-to-device copies for scheduled jobs, in order.
-
-        Only ``first`` (the unit about to compute) may wait for its disk read; the others are
-        issued once their reads have landed, at a later hook.
+    def pump(self, jobs, first=None):
+        """Issue host-to-device copies for scheduled ``jobs``, in order, up to the first whose disk read
+        has not landed. Only ``first`` (the unit about to compute, issued ahead of them) may wait for
+        its read; the others are issued once their reads have landed, at a later hook.
         """
         torch = self.torch
-        for job in ([first] if first is not None else []) + list(queue):
+        for job in ([first] if first is not None else []) + list(jobs):
             if job.copied:
                 continue
             unit = self.units[job.unit]

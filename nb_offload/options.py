@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import os
 import re
 
-from .budget import ACCEPTED as SIZES
 from .budget import parse_size
-from .errors import BudgetError, DiskTierError, OptionError
+from .errors import DiskTierError, OptionError
 from .planner import check_tier
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -32,18 +30,8 @@ OPT_INS = {"trust_remote_code": "runs Python code from the model folder",
 
 # -- checks: each returns the value to keep, or raises an OffloadError naming the accepted form ----
 def _size(name, value):
-    if value is None:
-        return None
-    if isinstance(value, str) and value.strip().endswith("%"):
-        share = value.strip()[:-1].strip()
-        try:
-            ok = 0 <= float(share) <= 100 and math.isfinite(float(share))
-        except ValueError:
-            ok = False
-        if not ok:
-            raise BudgetError(f"{name}={value!r} is not a share from 0% to 100%; give {SIZES}.")
-        return value
-    parse_size(value, what=name)
+    if value is not None:
+        parse_size(value, capacity=100, what=name)      # any capacity: a share is checked, not computed
     return value
 
 
@@ -93,7 +81,7 @@ def _device(name, value):
     if value is None:
         return None
     text = str(value)
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+    if not re.fullmatch(r"(cpu|cuda)(:\d+)?", text):
         raise OptionError(f"{name}={value!r} is not supported; accepted: \"cuda\", \"cuda:N\" or \"cpu\".")
     return text
 

@@ -153,18 +153,63 @@ def footprint(config, dtype_size: int, context: int, batch: int, device: str) ->
     return {"kv_cache": kv, "activations": activations, "workspace": WORKSPACE if device == "cuda" else 0}
 
 
+@dataclass
+class _Slots:
+    """Staging slots on the compute device: ``count`` of them, each holding the largest streamed unit,
+    or its largest piece when blocks stream split (their leftovers then stay resident)."""
+
+    count: int
+    split: bool = False
+
+    def size(self, u) -> int:
+        return u.stream_nbytes if self.split else u.nbytes
+
+    def bytes(self, streamed) -> int:
+        return (self.count * max((self.size(u) for u in streamed), default=0)
+                + (sum(u.rest_nbytes for u in streamed) if self.split else 0))
+
+
 def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_size: int,
               context: int = DEFAULT_CONTEXT, batch: int = 1, prefetch: int = 1, model_name: str = "",
               read_ahead: int = 2, policy: str = "auto", split_blocks="auto", library_code: int = 0) -> Plan:
-    """Place every unit on a tier.
+    """Place every unit on a tier: the compute device's first (``_choose_resident``), then, on CUDA,
+    host memory and disk (``_place_on_host``); on the CPU everything else streams from disk.
 
     ``budgets``: tier -> bytes, None where the tier is absent (disk without a folder) or unbounded.
     ``pins``: unit index -> tier. ``library_code``: host memory the load's own imports took (charged
     to the cpu budget: on the CPU device with the other reservations, on CUDA to the host's).
     """
     resident = "gpu" if device == "cuda" else "cpu"
-    streamed = ("cpu", "disk") if device == "cuda" else ("disk",)
-    allowed = (resident,) + streamed
+    _check_pins(units, pins, device, budgets)
+    reserved = footprint(config, dtype_size, context, batch, device)
+    if device == "cpu" and library_code:
+        reserved["library_code"] = library_code
+    on_res, slots = _choose_resident(units, pins, resident, budgets[resident], reserved, _Slots(prefetch + 1),
+                                     split_blocks, policy, context)
+    stream = [u for u in units if u.index not in on_res]
+    reserved["staging_slots"] = slots.bytes(stream)
+    tiers = {u.index: resident for u in units if u.index in on_res}
+    if device == "cuda":
+        host_reserved = _place_on_host(stream, pins, budgets, library_code, read_ahead, slots, policy, tiers)
+    else:
+        host_reserved = {}
+        if stream and budgets.get("disk") is None:
+            need = sum(reserved.values()) - reserved["staging_slots"] + sum(u.nbytes for u in units)
+            raise BudgetError(
+                f"cpu={format_size(budgets[resident])} can't hold this model: it needs {format_size(need)} with "
+                f"everything in memory at context {context}; give cpu= at least {format_size(need)}, or a disk= "
+                "folder to stream blocks from.")
+        tiers.update((u.index, "disk") for u in stream)
+    entries = [PlanEntry(name=u.name, bytes=u.nbytes, tier=tiers[u.index], pinned=u.index in pins,
+                         kind=u.kind, aliases=tuple(u.modules)) for u in units]
+    return Plan(entries=entries, device=device, budgets=dict(budgets), reserved=reserved,
+                host_reserved=host_reserved, context=context, batch=batch, prefetch=prefetch, model=model_name,
+                split_blocks=slots.split)
+
+
+def _check_pins(units, pins, device, budgets):
+    resident = "gpu" if device == "cuda" else "cpu"
+    allowed = (resident, "cpu", "disk") if device == "cuda" else ("cpu", "disk")
     for idx, tier in pins.items():
         u = units[idx]
         if tier not in allowed:
@@ -175,31 +220,18 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
                            "folder; load with disk=\"./offload\" to enable the disk tier.")
         if tier != resident and u.resident_only:
             raise PinError(f"{u.name!r} holds weights used outside any block, so it must stay on {resident}.")
-    reserved = footprint(config, dtype_size, context, batch, device)
-    if device == "cpu" and library_code:
-        reserved["library_code"] = library_code
-    slots = prefetch + 1
-    fixed = sum(reserved.values())
-    cap = budgets[resident]
 
+
+def _choose_resident(units, pins, resident, cap, reserved, slots, split_blocks, policy, context):
+    """The units kept on the compute device within ``cap`` (counting ``reserved`` and the staging slots
+    the rest need), and the slots: split into pieces or not (``split_blocks``)."""
+    fixed = sum(reserved.values())
     must = [u for u in units if pins.get(u.index) == resident or u.resident_only]
     free = [u for u in units if u.index not in pins and not u.resident_only]
     # Top-level units first (streaming a 2 GiB embedding for a few rows wastes the link), then
     # blocks in the order they run.
     candidates = [u for u in free if u.kind == "top"] + [u for u in free if u.kind == "block"]
     streamable = [u for u in units if not u.resident_only and pins.get(u.index) != resident]
-
-    can_split = any(u.pieces for u in streamable)
-    split = False
-
-    def stream_size(u):
-        return u.stream_nbytes if split else u.nbytes
-
-    def slot_bytes(streamed_units):
-        """Staging slots for the largest unit (piece, when split), plus split blocks' leftovers."""
-        return (slots * max((stream_size(u) for u in streamed_units), default=0)
-                + (sum(u.rest_nbytes for u in streamed_units) if split else 0))
-
     on_res = {u.index for u in must}
     used = fixed + sum(u.nbytes for u in must)
     # The least this needs: everything streams, or the top-level units stay (they may be larger
@@ -207,20 +239,22 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
     tops = [u for u in streamable if u.kind == "top"]
 
     def minimum():
-        return min(used + slot_bytes(streamable),
-                   used + sum(u.nbytes for u in tops) + slot_bytes([u for u in streamable if u.kind != "top"]))
+        return min(used + slots.bytes(streamable),
+                   used + sum(u.nbytes for u in tops) + slots.bytes([u for u in streamable if u.kind != "top"]))
 
     everything = fixed + sum(u.nbytes for u in units)
-    if can_split and split_blocks is not False:
+    if any(u.pieces for u in streamable) and split_blocks is not False:
         # "auto": split where whole-block slots would take a large share of the budget, or
         # where only pieces fit at all
-        split = (split_blocks is True or slot_bytes(streamable) > SPLIT_SHARE * (cap - fixed)
-                 or (minimum() > cap and everything > cap))
+        slots.split = (split_blocks is True or slots.bytes(streamable) > SPLIT_SHARE * (cap - fixed)
+                       or (minimum() > cap and everything > cap))
     min_needed = minimum()
+
+    def too_small():
+        return BudgetError(_too_small(resident, cap, min_needed, reserved, slots, streamable, context, must))
     if everything > cap and min_needed > cap:
-        raise BudgetError(_too_small(resident, cap, min_needed, reserved, slots, streamable, context, must,
-                                     stream_size))
-    if everything > cap and used + slot_bytes(streamable) > cap:
+        raise too_small()
+    if everything > cap and used + slots.bytes(streamable) > cap:
         # only the second way fits: keep the free top-level units, all at once
         for u in tops:
             if u.index not in pins:
@@ -230,91 +264,78 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
         if u.index in on_res:
             continue
         rest = [v for v in streamable if v.index not in on_res and v.index != u.index]
-        if used + u.nbytes + slot_bytes(rest) <= cap:
+        if used + u.nbytes + slots.bytes(rest) <= cap:
             on_res.add(u.index)
             used += u.nbytes
     if policy == "auto":
-        on_res = _spread(units, free, on_res, cap - fixed, slot_bytes)
+        on_res = _spread(units, free, on_res, cap - fixed, slots.bytes)
     stream = [u for u in units if u.index not in on_res]
-    reserved["staging_slots"] = slot_bytes(stream)
-    if everything > cap and fixed + sum(u.nbytes for u in units if u.index in on_res) + reserved["staging_slots"] > cap:
-        raise BudgetError(_too_small(resident, cap, min_needed, reserved, slots, streamable, context, must,
-                                     stream_size))
+    if everything > cap and fixed + sum(u.nbytes for u in units if u.index in on_res) + slots.bytes(stream) > cap:
+        reserved["staging_slots"] = slots.bytes(stream)      # for the message
+        raise too_small()
+    return on_res, slots
 
-    tiers = {u.index: resident for u in units if u.index in on_res}
-    host_reserved = {"library_code": library_code} if device == "cuda" and library_code else {}
-    if device == "cuda":
-        cpu_cap = budgets["cpu"] - library_code
-        to_disk = [u for u in stream if pins.get(u.index) == "disk"]
-        to_cpu = [u for u in stream if pins.get(u.index) == "cpu"]
-        loose = [u for u in stream if u.index not in pins]
-        cpu_used = sum(u.nbytes for u in to_cpu)
-        disk_on = budgets.get("disk") is not None
 
-        def host_staging(disk_units):
-            # read_ahead blocks' worth: with pieces, read_ahead buffers per piece of a block
-            per_block = max((len(u.pieces) for u in disk_units), default=1) if split else 1
-            return read_ahead * per_block * max((stream_size(u) for u in disk_units), default=0)
+def _place_on_host(stream, pins, budgets, library_code, read_ahead, slots, policy, tiers) -> dict:
+    """On CUDA, the streamed units' tiers (into ``tiers``): as many in host memory as the cpu budget
+    holds beside the page-locked staging that disk units need there, the rest on disk. Returns the
+    host memory reserved besides weights."""
+    host_reserved = {"library_code": library_code} if library_code else {}
+    cpu_cap = budgets["cpu"] - library_code
+    to_disk = [u for u in stream if pins.get(u.index) == "disk"]
+    to_cpu = [u for u in stream if pins.get(u.index) == "cpu"]
+    loose = [u for u in stream if u.index not in pins]
+    cpu_used = sum(u.nbytes for u in to_cpu)
+    disk_on = budgets.get("disk") is not None
 
-        # The first k loose units go to cpu, the rest to disk: the largest k that fits, counting
-        # the page-locked staging buffers that disk units need in host memory.
-        best = None
-        for k in range(len(loose), -1, -1):
-            rest = loose[k:]
-            if rest and not disk_on:
-                continue
-            staging = host_staging(rest + to_disk) if (rest or to_disk) else 0
-            if cpu_used + sum(u.nbytes for u in loose[:k]) + staging <= cpu_cap:
-                best = k
-                break
-        if best is None:
-            need = sum(v.nbytes for v in stream if pins.get(v.index) != "disk")
-            if not disk_on:
-                raise BudgetError(
-                    f"cpu={format_size(cpu_cap)} can't hold the {format_size(need)} of weights that don't fit "
-                    f"on the GPU (gpu={format_size(cap)}); give cpu= at least {format_size(need)}, "
-                    "a larger gpu budget, or a disk= folder for the rest.")
-            best = 0
-        on_disk = set(range(best, len(loose)))
-        if policy == "auto" and 0 < best < len(loose):
-            # Space the disk units out among the cpu ones: the drive then reads all step long,
-            # while the link copies cpu units, instead of idling through a run of cpu units.
-            spaced = _evenly_spaced(len(loose), len(loose) - best)
-            if spaced is not None:
-                spread_cpu = sum(u.nbytes for i, u in enumerate(loose) if i not in spaced)
-                spread_staging = host_staging([u for i, u in enumerate(loose) if i in spaced] + to_disk)
-                if cpu_used + spread_cpu + spread_staging <= cpu_cap:
-                    on_disk = spaced
-        for i, u in enumerate(loose):
-            tiers[u.index] = "disk" if i in on_disk else "cpu"
-        cpu_used += sum(u.nbytes for i, u in enumerate(loose) if i not in on_disk)
-        for u in to_cpu:
-            tiers[u.index] = "cpu"
-        for u in to_disk:
-            tiers[u.index] = "disk"
-        disk_units = [u for u in stream if tiers[u.index] == "disk"]
-        if disk_units:
-            host_reserved["disk_staging"] = host_staging(disk_units)
-        if cpu_used + host_reserved.get("disk_staging", 0) > cpu_cap:
+    def host_staging(disk_units):
+        # read_ahead blocks' worth: with pieces, read_ahead buffers per piece of a block
+        per_block = max((len(u.pieces) for u in disk_units), default=1) if slots.split else 1
+        return read_ahead * per_block * max((slots.size(u) for u in disk_units), default=0)
+
+    # The first k loose units go to cpu, the rest to disk: the largest k that fits, counting
+    # the page-locked staging buffers that disk units need in host memory.
+    best = None
+    for k in range(len(loose), -1, -1):
+        rest = loose[k:]
+        if rest and not disk_on:
+            continue
+        staging = host_staging(rest + to_disk) if (rest or to_disk) else 0
+        if cpu_used + sum(u.nbytes for u in loose[:k]) + staging <= cpu_cap:
+            best = k
+            break
+    if best is None:
+        need = sum(v.nbytes for v in stream if pins.get(v.index) != "disk")
+        if not disk_on:
             raise BudgetError(
-                f"cpu={format_size(cpu_cap)} is below the "
-                f"{format_size(cpu_used + host_reserved.get('disk_staging', 0))} "
-                "that the units pinned to cpu and the disk staging buffers need; raise cpu= or pin fewer units to cpu.")
-    else:
-        if stream and budgets.get("disk") is None:
-            need = everything
-            raise BudgetError(
-                f"cpu={format_size(cap)} can't hold this model: it needs {format_size(need)} with everything "
-                f"in memory at context {context}; give cpu= at least {format_size(need)}, or a disk= folder "
-                "to stream blocks from.")
-        for u in stream:
-            tiers[u.index] = "disk"
-
-    entries = [PlanEntry(name=u.name, bytes=u.nbytes, tier=tiers[u.index], pinned=u.index in pins,
-                         kind=u.kind, aliases=tuple(u.modules)) for u in units]
-    return Plan(entries=entries, device=device, budgets=dict(budgets), reserved=reserved,
-                host_reserved=host_reserved, context=context, batch=batch, prefetch=prefetch, model=model_name,
-                split_blocks=split)
+                f"cpu={format_size(cpu_cap)} can't hold the {format_size(need)} of weights that don't fit "
+                f"on the GPU (gpu={format_size(budgets['gpu'])}); give cpu= at least {format_size(need)}, "
+                "a larger gpu budget, or a disk= folder for the rest.")
+        best = 0
+    on_disk = set(range(best, len(loose)))
+    if policy == "auto" and 0 < best < len(loose):
+        # Space the disk units out among the cpu ones: the drive then reads all step long,
+        # while the link copies cpu units, instead of idling through a run of cpu units.
+        spaced = _evenly_spaced(len(loose), len(loose) - best)
+        if spaced is not None:
+            spread_cpu = sum(u.nbytes for i, u in enumerate(loose) if i not in spaced)
+            spread_staging = host_staging([u for i, u in enumerate(loose) if i in spaced] + to_disk)
+            if cpu_used + spread_cpu + spread_staging <= cpu_cap:
+                on_disk = spaced
+    for i, u in enumerate(loose):
+        tiers[u.index] = "disk" if i in on_disk else "cpu"
+    cpu_used += sum(u.nbytes for i, u in enumerate(loose) if i not in on_disk)
+    tiers.update((u.index, "cpu") for u in to_cpu)
+    tiers.update((u.index, "disk") for u in to_disk)
+    disk_units = [u for u in stream if tiers[u.index] == "disk"]
+    if disk_units:
+        host_reserved["disk_staging"] = host_staging(disk_units)
+    if cpu_used + host_reserved.get("disk_staging", 0) > cpu_cap:
+        raise BudgetError(
+            f"cpu={format_size(cpu_cap)} is below the "
+            f"{format_size(cpu_used + host_reserved.get('disk_staging', 0))} "
+            "that the units pinned to cpu and the disk staging buffers need; raise cpu= or pin fewer units to cpu.")
+    return host_reserved
 
 
 def _evenly_spaced(n: int, k: int) -> set | None:
@@ -346,10 +367,10 @@ def _spread(units, free, on_res, room, slot_bytes):
     return on_res
 
 
-def _too_small(tier, cap, need, reserved, slots, streamable, context, must, stream_size):
+def _too_small(tier, cap, need, reserved, slots, streamable, context, must):
     parts = [f"{k.replace('_', ' ')} {format_size(v)}" for k, v in reserved.items() if v]
     if streamable:
-        parts.append(f"{slots} staging slots of {format_size(max(stream_size(u) for u in streamable))}")
+        parts.append(f"{slots.count} staging slots of {format_size(max(slots.size(u) for u in streamable))}")
     if must:
         parts.append(f"units kept on {tier} {format_size(sum(u.nbytes for u in must))}")
     return (f"{tier}={format_size(cap)} is below the minimum {format_size(need)} this model needs on the "

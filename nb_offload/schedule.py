@@ -87,7 +87,8 @@ class Schedule:
 
     def take(self, idx: int) -> tuple[Job | None, Work]:
         """The job of ``idx``, about to compute (None when it is computing already: a module reused
-        within one pass). A surprise first resets the queue and restarts it at ``idx``."""
+        within one pass); ``start`` it once its bytes are in. A surprise first resets the queue and
+        restarts it at ``idx``."""
         if idx in self.active:
             return None, Work()
         self.seen.append(idx)
@@ -98,8 +99,11 @@ class Schedule:
             work += self.fill()
         job = self.queue.popleft()
         self.pos += 1
-        self.active[idx] = job
         return job, work
+
+    def start(self, job: Job):
+        """``job``'s unit computes now: its slot stays taken until ``release``."""
+        self.active[job.unit] = job
 
     def release(self, idx: int) -> Job | None:
         """``idx`` finished computing: its slot may be refilled once the compute is done."""
@@ -159,11 +163,13 @@ class Schedule:
         self.reads.remove(read)
 
     def reset(self) -> list[Read]:
-        """Forget the queue; returns the issued reads nobody will copy now (to abandon)."""
+        """Forget the queue; returns the issued reads nobody will copy now (to abandon). Reading
+        starts again from the next unit to compute."""
         abandoned = list(self.reads)
         self.reads.clear()
         self.queue.clear()
         self.active.clear()
+        self.read_pos = self.pos
         return abandoned
 
     def _position_of(self, idx: int) -> int:

@@ -13,12 +13,13 @@ from .tiers import Source, alloc_host, direct_extents, lock_host, pack, param_vi
 
 
 class Storage:
-    def __init__(self, inspection, device, disk, *, read_threads=4):
+    def __init__(self, inspection, device, disk, *, read_threads=4, host_budget=None):
         self.insp = inspection
         self.device = device
         self.cuda = device.type == "cuda"
         self.stores: dict[int, Source] = {}     # unit index -> where its bytes are now
         self.read_threads = read_threads
+        self.host_budget = host_budget       # the cpu budget, which the load's temporaries take a share of
         self.cache = None
         self.seconds = self.lock_seconds = 0.0       # the last materialize: all of it, and page-locking
         if disk is not None:
@@ -92,7 +93,7 @@ class Storage:
 
     def _ingest(self) -> Ingest:
         return Ingest(self.insp.checkpoint, threads=self.read_threads, lock=lock_host if self.cuda else None,
-                      device=self.device if self.cuda else None)
+                      device=self.device if self.cuda else None, host_budget=self.host_budget)
 
     def _host_copy_of(self, unit):
         import torch
@@ -105,7 +106,11 @@ class Storage:
         """A new store for ``unit`` on ``tier`` (the old one, if any, is left untouched)."""
         if tier in ("gpu", "cpu"):
             flat = self._buffer(unit, tier, resident_tier)
-            self.fill(unit, flat)
+            try:
+                self.fill(unit, flat)
+            except BaseException:
+                release_host(flat)
+                raise
             lock_host(flat)
             return Source(tier, flat=flat)
         if tier == "disk":

@@ -244,3 +244,14 @@ def test_an_abandoned_read_drops_its_chunks_not_yet_started(tmp_path):
     finally:
         tiers.CHUNK = old_chunk
     assert read.abandoned and all(c.cancelled() for c in read.chunks)
+
+
+def test_the_load_progress_bar_counts_bytes_and_shows_the_rate(model_dirs, capsys):
+    llm = nb_offload.load(model_dirs("llama"), device="cpu", progress=True)
+    llm.unload()
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    last = [line for line in bar if "nb_offload: loading" in line][-1]
+    total = sum(e.bytes for e in llm.plan)
+    from tqdm import tqdm
+    done = tqdm.format_sizeof(total, divisor=1024)
+    assert "100%" in last and f"{done}/{done}" in last and "B/s]" in last, last   # bytes, share and rate

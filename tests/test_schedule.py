@@ -13,6 +13,7 @@ def run_pass(s, order, computed=None):
     jobs = []
     for idx in order:
         job, _ = s.take(idx)
+        s.start(job)
         jobs.append(job)
         s.fill()
         s.release(idx)
@@ -30,6 +31,7 @@ def test_slots_alternate_and_the_queue_wraps_into_the_next_step():
     for idx in (0, 1, 2):
         job, work = s.take(idx)
         assert not work.abandoned and not work.jobs          # in order: no reset
+        s.start(job)
         taken.append((job.unit, job.slot))
         s.fill()
         s.release(idx)
@@ -46,7 +48,8 @@ def test_a_slot_is_never_given_to_two_units_at_once():
         s.begin_step()
         run = order if rng.random() < 0.7 else rng.sample(order, len(order))
         for idx in run:
-            s.take(idx)
+            job, _ = s.take(idx)
+            s.start(job)
             s.fill()
             busy = [j.slot for j in s.queue] + [j.slot for j in s.active.values()]
             assert len(busy) == len(set(busy)) <= 3, busy
@@ -58,6 +61,7 @@ def test_a_surprise_resets_the_queue_and_restarts_at_that_unit():
     s = Schedule([0, 1, 2, 3], slots=3, prefetch=2, staging=2, read_ahead=2, from_disk={1, 2, 3})
     s.begin_step()
     job, _ = s.take(0)
+    s.start(job)
     s.fill()
     issued = list(s.reads)
     assert [r.unit for r in issued] == [1, 2, 3]
@@ -86,6 +90,7 @@ def test_a_unit_missing_from_the_order_runs_and_is_learned():
     s.begin_step()
     for idx in (0, 5, 1):
         job, _ = s.take(idx)
+        s.start(job)
         assert job.unit == idx
         s.fill()
         s.release(idx)
@@ -108,7 +113,8 @@ def test_disk_reads_run_ahead_of_the_copies_in_run_order():
             s.copied(read)
     issued = []
     for idx in order:
-        _, w = s.take(idx)
+        job, w = s.take(idx)
+        s.start(job)
         issued += [r.unit for r in w.reads]
         w2 = s.fill()
         issued += [r.unit for r in w2.reads]
@@ -136,3 +142,31 @@ def test_the_schedule_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_after_a_pass_cut_short_reading_restarts_at_the_next_unit():
+    """An exception mid-pass resets the schedule; the next pass must find a read for every disk unit
+    (the reads issued ahead were dropped, so reading starts again where computing does)."""
+    s = Schedule([0, 1, 2, 3], slots=2, prefetch=1, staging=2, read_ahead=2, from_disk={0, 1, 2, 3})
+    s.begin_step()
+    for idx in (0, 1):
+        job, _ = s.take(idx)
+        s.start(job)
+        s.fill()
+        s.release(idx)
+    abandoned = s.reset()               # what the engine does when the pass raised
+    assert abandoned and not s.reads
+    work = s.begin_step()
+    assert [j.unit for j in work.jobs] == [2, 3]
+    assert all(j.read is not None and j.read in work.reads for j in work.jobs)
+    assert [r.unit for r in work.reads][:2] == [2, 3]
+
+
+def test_a_job_counts_as_computing_only_once_started():
+    s = Schedule([0, 1, 2], slots=2, prefetch=1)
+    s.begin_step()
+    job, _ = s.take(0)
+    assert 0 not in s.active            # its bytes may still be on their way
+    s.start(job)
+    assert s.active == {0: job}
+    assert s.take(0) == (None, s.take(0)[1])     # re-entered within the pass: nothing to do

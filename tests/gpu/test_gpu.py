@@ -204,6 +204,30 @@ def test_out_of_order_and_trace_off(model_dirs, tmp_path):
         llm.unload()
 
 
+def test_a_pass_cut_short_leaves_the_model_usable(model_dirs, tmp_path):
+    """An exception inside a forward pass (an interrupt, an out-of-memory) with disk units in flight:
+    the next generate gives the same tokens."""
+    folder = model_dirs("llama")
+    want_tokens, _ = reference(folder, device="cuda")
+    llm = nb_offload.load(folder, disk=tmp_path, pins={"model.layers.0-1": "cpu", "model.layers.2-3": "disk"},
+                          read_ahead=2, progress=False)
+    try:
+        run(llm)
+        layer = llm.model.model.layers[2].self_attn
+
+        def interrupt(module, args):
+            raise KeyboardInterrupt
+        handle = layer.register_forward_pre_hook(interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(torch.tensor(PROMPT), max_new_tokens=3, do_sample=False)
+        handle.remove()
+        for _ in range(2):
+            tokens, _ = run(llm)
+            assert torch.equal(tokens, want_tokens)
+    finally:
+        llm.unload()
+
+
 def test_magics_on_gpu_report_the_pcie_share(model_dirs, tmp_path):
     pytest.importorskip("IPython")
     import io
