@@ -113,7 +113,7 @@ def units_drive_rate(llm, cold, uncached):
     disk = [i for i in eng.order if eng.sources[i].tier == "disk"]
     total = sum(eng.units[i].nbytes for i in disk)
     buf = torch.empty(total + 2 * ALIGN * (len(disk) + 1), dtype=torch.uint8)
-    with ThreadPoolExecutor(llm._engine_options["read_threads"]) as pool:
+    with ThreadPoolExecutor(llm.options.read_threads) as pool:
         if cold and not drop_caches():
             return None
         t0 = time.perf_counter()

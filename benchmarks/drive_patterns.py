@@ -190,7 +190,7 @@ def main():
     offload = tempfile.mkdtemp(prefix="nb_offload-disk-")
     if args.tiny:       # the CPU is the compute device: the tests' tight budget
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-        from test_equality import tight_cpu_budget
+        from helpers import tight_cpu_budget
         cpu_budget = tight_cpu_budget(args.folder, offload)
     llm = nb_offload.load(args.folder, cpu=cpu_budget, disk=offload, context=None if args.tiny else 1024, device=dev,
                           drop_page_cache=True, progress=False, **gpu)
