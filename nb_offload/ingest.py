@@ -109,8 +109,16 @@ class Ingest:
             pool.shutdown(wait=True)
             self._close()
 
-    def _chunk(self, unit, path, offset, nbytes, src_dtype, dst_dtype, dst, start) -> int:
+    def _chunk(self, *task) -> int:
         """Read one chunk into place; returns the unit's bytes if this was its last chunk, else 0."""
+        import torch
+        # A load called under inference_mode makes its buffers inference tensors, which only code
+        # in that mode may write; this thread's mode is its own, so it enters it too (writing a
+        # normal tensor is allowed there as well).
+        with torch.inference_mode():
+            return self._read_chunk(*task)
+
+    def _read_chunk(self, unit, path, offset, nbytes, src_dtype, dst_dtype, dst, start) -> int:
         import torch
         me = self._thread()
         on_gpu = dst.device.type != "cpu"

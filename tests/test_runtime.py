@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import torch
-from helpers import PROMPT
+from helpers import PROMPT, run_offloaded
 
 import nb_offload
 
@@ -255,3 +255,15 @@ def test_the_load_progress_bar_counts_bytes_and_shows_the_rate(model_dirs, capsy
     from tqdm import tqdm
     done = tqdm.format_sizeof(total, divisor=1024)
     assert "100%" in last and f"{done}/{done}" in last and "B/s]" in last, last   # bytes, share and rate
+
+
+def test_a_load_under_inference_mode_converts_on_its_threads(model_dirs):
+    """Buffers made under inference_mode are inference tensors; the reading threads may write them."""
+    folder = model_dirs("llama")
+    want, _ = run_offloaded(nb_offload.load(folder, device="cpu", dtype="bfloat16", progress=False))
+    with torch.inference_mode():
+        llm = nb_offload.load(folder, device="cpu", dtype="bfloat16", progress=False)
+    try:
+        assert llm.plan.entries and torch.equal(run_offloaded(llm)[0], want)
+    finally:
+        llm.unload()
