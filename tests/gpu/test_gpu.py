@@ -228,6 +228,20 @@ def test_a_pass_cut_short_leaves_the_model_usable(model_dirs, tmp_path):
         llm.unload()
 
 
+def test_a_load_under_inference_mode_fills_the_gpu_on_its_threads(model_dirs):
+    """GPU buffers made under inference_mode are inference tensors: the reading threads' copies into
+    them must run in that mode too (found by the benchmark, which loads inside inference_mode)."""
+    folder = model_dirs("llama")
+    want_tokens, _ = reference(folder, device="cuda")
+    with torch.inference_mode():
+        llm = nb_offload.load(folder, dtype="float32", gpu="1GiB", progress=False)
+    try:
+        assert {e.tier for e in llm.plan} == {"gpu"}
+        assert torch.equal(run(llm)[0], want_tokens)
+    finally:
+        llm.unload()
+
+
 def test_magics_on_gpu_report_the_pcie_share(model_dirs, tmp_path):
     pytest.importorskip("IPython")
     import io
