@@ -41,6 +41,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cases", default="decode,resident,verify")
+    ap.add_argument("--decode-budgets", default="4GiB",
+                    help="gpu budgets of the decode case, e.g. 4GiB,12GiB (12GiB: compute-bound on an H200)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
@@ -81,19 +83,22 @@ def main():
         kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
         return bool(torch.equal(a.generate(ids, **kw).cpu(), b.generate(ids, **kw).cpu()))
 
-    if "decode" in cases and prev is not None:
-        opts = dict(gpu="4GiB", cpu="100GiB")
+    for budget in args.decode_budgets.split(",") if "decode" in cases and prev is not None else ():
+        opts = dict(gpu=budget, cpu="100GiB")
         new, old = loaded(nb_offload, **opts), loaded(prev, **opts)
-        t = {"new": [], "prev": []}
-        for llm in (new, old):       # warm-up
-            decode_step(llm.generate, ids, n)
+        t = {"new": [], "prev": [], "transformers": []}
+        for gen in (new.generate, old.generate, ref.generate):       # warm-up
+            decode_step(gen, ids, n)
         for _ in range(args.repeats):
             t["new"].append(decode_step(new.generate, ids, n))
             t["prev"].append(decode_step(old.generate, ids, n))
+            t["transformers"].append(decode_step(ref.generate, ids, n))
         streamed = new.plan.streamed_bytes_per_token()["cpu"]
-        add(case="decode, gpu 4GiB: this nb_offload vs the previous one", new_tok_s=1 / med(t["new"]),
+        add(case=f"decode, gpu {budget}: this nb_offload vs the previous one", new_tok_s=1 / med(t["new"]),
             prev_tok_s=1 / med(t["prev"]), cost_pct=100 * (med(t["new"]) - med(t["prev"])) / med(t["prev"]),
+            transformers_tok_s=1 / med(t["transformers"]),
             new_spread=spread(t["new"]), prev_spread=spread(t["prev"]), new_all_s=t["new"], prev_all_s=t["prev"],
+            transformers_all_s=t["transformers"],
             link_bound_tok_s=out["meta"]["link_gbps"] * 1e9 / streamed if streamed else None,
             same_tokens_as_prev=same(new, old), same_tokens_as_resident=same(new, ref),
             host_peak=new.stats.host_peak, host_now=new.stats.host_now, stats=str(new.stats))

@@ -284,13 +284,15 @@ def readme_load(data) -> str:
 
 
 def render_checks(data, command, title) -> str:
-    """A bench_checks.py run: what issue 10's checks cost per step and at load."""
+    """A bench_checks.py run: what a change (issue 10's checks, issue 11's cut) costs per step and at load."""
     m = data["meta"]
+    prev = ("the package at the commit the command names" if "git archive" in command
+            else "a copy of the package before the checks")
     lines = [f"## {m['date']}, {title or 'the checks of issue 10'} · {m['card']} · torch {m['torch']}, "
              f"transformers {m['transformers']}", "", "Command (GPU machine, repository root):", "",
              f"    {command}", "", "LLaMA-7B shape, bf16; page-locked link "
-             f"{m['link_gbps']:.1f} GB/s. Steps: the previous nb_offload (`--prev`, a copy of the package "
-             "before the checks) and this one loaded side by side, timed in interleaved rounds.", ""]
+             f"{m['link_gbps']:.1f} GB/s. Steps: the previous nb_offload (`--prev`: {prev}) and this one "
+             "loaded side by side, timed in interleaved rounds.", ""]
     steps = [r for r in data["rows"] if "prev_tok_s" in r]
     if steps:
         lines += ["| case | this nb_offload | previous | per-step cost | transformers resident | same tokens |",
