@@ -1,6 +1,8 @@
 """nb_offload: run language models larger than GPU memory, from a notebook.
 
-Importing this package is cheap: torch and transformers load with the first model.
+The public surface is what this module exports (``__all__``): ``load``, ``plan``, ``Options`` and the
+types they return. The submodules are internal and may change between versions. Importing this
+package is cheap: torch and transformers load with the first model.
 """
 
 from __future__ import annotations

@@ -34,7 +34,6 @@ _MAX_JSON_DEPTH = 64             # real headers nest 3 deep; safetensors' JSON p
 _U64_MAX = 2**64 - 1             # safetensors computes sizes in 64-bit unsigned ints
 _I64_MAX = 2**63 - 1             # the largest dimension torch can hold
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 _PICKLE_FILE = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin")
 _ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")

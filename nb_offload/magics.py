@@ -105,10 +105,6 @@ def _out_of_memory(exc) -> bool:
     return isinstance(exc, (BudgetError, *oom)) or isinstance(exc.__cause__, oom)
 
 
-class GenerationInterrupted(OffloadError):
-    """Generation stopped by a kernel interrupt; the partial text was kept."""
-
-
 @magics_class
 class OffloadMagics(Magics):
     """Load, run, re-pin and inspect offloaded models from notebook cells.

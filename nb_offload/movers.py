@@ -39,9 +39,6 @@ class CpuMover:
     def done(self, job):
         pass
 
-    def copy_now(self, flat, src):
-        flat.copy_(src)
-
     def synchronize(self):
         pass
 
@@ -119,10 +116,6 @@ class CudaMover:
 
     def done(self, job):
         self.slot_free[job.slot].record(self.compute_stream)
-
-    def copy_now(self, flat, src):
-        """A synchronous copy outside the stream (holding a unit): ``src`` is free once it returns."""
-        flat.copy_(src)
 
     def synchronize(self):
         self.copy_stream.synchronize()
