@@ -99,6 +99,7 @@ class Inspection:
                 self.config = AutoConfig.from_pretrained(self.folder, trust_remote_code=options.trust_remote_code)
             except Exception as exc:
                 raise CheckpointError(f"model folder {self.folder!r}: config.json can't be read ({exc}).") from exc
+        _refuse_prequantized(self.folder, self.config)
         self.dtype = resolve_dtype(options.dtype, self.config)
         self.trust_remote_code = options.trust_remote_code
         # The config is untrusted too: check it against the checkpoint on a model that allocates
@@ -133,6 +134,18 @@ class Inspection:
                          dtype_size=self.dtype_size, context=o.context or self.default_context(), batch=o.batch,
                          prefetch=prefetch_for(o, device_type), model_name=self.name, read_ahead=o.read_ahead,
                          policy=o.policy, split_blocks=o.split_blocks, library_code=self.library_code)
+
+
+def _refuse_prequantized(folder, config):
+    """A checkpoint saved quantized (bitsandbytes, GPTQ, fp8...) holds packed values and their scales,
+    not weights: read as weights it would give wrong output, so it is refused until it can be read."""
+    quant = getattr(config, "quantization_config", None)
+    if quant is None:
+        return
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    raise CheckpointError(f"model folder {folder!r} holds weights quantized by {method or 'an unknown method'} "
+                          "(config.json's quantization_config), which nb_offload can't read yet; load the "
+                          "unquantized checkpoint instead (dtype= picks the precision).")
 
 
 def prefetch_for(options: Options, device_type: str) -> int:

@@ -240,6 +240,7 @@ def map_checkpoint(model, units: list[Unit], checkpoint) -> tuple[dict, dict]:
                 target, pattern = key, None
         if target in meta_sd and pattern is None:
             _check_shape(key, info, meta_sd[target].shape)
+            _check_dtype(key, info, meta_sd[target].dtype)
         if target in buffers:
             buffer_keys[target] = key
             continue
@@ -288,6 +289,16 @@ def _check_shape(key, info, expected):
             f"checkpoint tensor {key!r} in {info.file!r} has shape {list(info.shape)}, but the model "
             f"built from config.json expects {list(expected)}; is config.json from the same model as the "
             "weights?")
+
+
+def _check_dtype(key, info, expected):
+    """A floating-point parameter can't take integer or bool bytes (a bitsandbytes int8 checkpoint's
+    weights): casting them would turn quantized values into wrong weights without a word."""
+    if getattr(expected, "is_floating_point", False) and not info.dtype.startswith(("float", "bfloat")):
+        raise CheckpointError(
+            f"checkpoint tensor {key!r} in {info.file!r} holds {info.dtype} values, but the model built from "
+            f"config.json has a {str(expected).removeprefix('torch.')} weight there; a quantized checkpoint "
+            "can't be read as plain weights: load the unquantized checkpoint.")
 
 
 def _re_search(pattern, name):

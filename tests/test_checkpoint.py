@@ -285,6 +285,34 @@ def test_valid_edits_still_load(tmp_path, tiny):
     assert len(Checkpoint(folder).tensors) == len(ref.tensors)
 
 
+# -- quantized checkpoints: packed values are not weights ----------------------------------------
+
+def test_a_prequantized_checkpoint_is_refused_by_its_config(tmp_path, tiny):
+    """config.json's quantization_config says the tensors are packed values and scales: reading them
+    as weights would give wrong output, so plan and load refuse it, naming the method."""
+    folder = copy_model(tiny, tmp_path / "int8")
+    with open(os.path.join(folder, "config.json")) as fh:
+        config = json.load(fh)
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    with open(os.path.join(folder, "config.json"), "w") as fh:
+        json.dump(config, fh)
+    for call in (nb_offload.plan, nb_offload.load):
+        with pytest.raises(CheckpointError, match="quantized by bitsandbytes.*load the unquantized checkpoint"):
+            call(folder, device="cpu")
+
+
+def test_integer_values_for_a_float_weight_are_refused(tmp_path, tiny):
+    """An int8 tensor where the model has a float weight (a quantized checkpoint without its config)."""
+    from safetensors.torch import load_file, save_file
+    folder = copy_model(tiny, tmp_path / "ints", weights=False)
+    state = load_file(os.path.join(tiny, "model.safetensors"))
+    key = next(k for k in sorted(state) if k.endswith("q_proj.weight"))
+    state[key] = state[key].to(torch.int8)
+    save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"{key}.*holds int8 values.*float32 weight"):
+        nb_offload.load(folder, device="cpu", progress=False)
+
+
 # -- following the index -------------------------------------------------------------------------
 
 def shard(src, dst, index_name="model.safetensors.index.json", pickle=False):
