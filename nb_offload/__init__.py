@@ -13,9 +13,10 @@ from .model import OffloadedModel
 from .options import Options, document
 from .planner import Plan, PlanEntry
 from .trace import Stats, Trace, TraceEvent
+from .views import Timeline
 
 __version__ = "0.1.0"
-__all__ = ["load", "plan", "Options", "OffloadedModel", "Plan", "PlanEntry", "Stats", "Trace", "TraceEvent",
+__all__ = ["load", "plan", "Options", "OffloadedModel", "Plan", "PlanEntry", "Stats", "Trace", "TraceEvent", "Timeline",
            "OffloadError", "BudgetError", "CheckpointError", "DiskTierError", "OptionError", "PinError",
            "parse_size", "format_size", "__version__"]
 

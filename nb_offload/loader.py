@@ -75,6 +75,7 @@ def library_code() -> int:
     had it, e.g. from using transformers before)."""
     global _library_code
     if _library_code is None:
+        import torch  # noqa: F401  (already there for a load; imported first so only transformers is counted)
         before = process_memory()
         import transformers.core_model_loading  # noqa: F401
         import transformers.generation.utils  # noqa: F401
@@ -159,7 +160,6 @@ def plan(model, **options) -> Plan:
     With ``gpu=`` given the plan is for a CUDA device, also on a machine without one.
     """
     opts = Options.given("plan", options)
-    insp = Inspection(model, opts)
     if opts.device is not None:
         dev_type = opts.device.split(":")[0]
     elif opts.gpu is not None:
@@ -167,7 +167,8 @@ def plan(model, **options) -> Plan:
     else:
         import torch
         dev_type = "cuda" if torch.cuda.is_available() else "cpu"
-    budgets = _budgets(dev_type, opts.gpu, opts.cpu, opts.disk, planning=True)
+    budgets = _budgets(dev_type, opts.gpu, opts.cpu, opts.disk, planning=True)     # before any file is read
+    insp = Inspection(model, opts)
     return insp.make_plan(dev_type, budgets, resolve_pins(opts.pins, insp.units))
 
 

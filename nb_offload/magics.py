@@ -114,11 +114,16 @@ class OffloadMagics(Magics):
 
     # Defaults for the options every loading magic takes, where the cell doesn't give them; checked
     # with the rest when a model loads.
-    default_gpu = Unicode(None, allow_none=True, help=options.help_of("gpu")).tag(config=True)
-    default_cpu = Unicode(None, allow_none=True, help=options.help_of("cpu")).tag(config=True)
-    default_disk = Unicode(None, allow_none=True, help=options.help_of("disk")).tag(config=True)
-    default_dtype = Unicode(None, allow_none=True, help=options.help_of("dtype")).tag(config=True)
-    default_context = Int(0, help=options.help_of("context") + "; 0: the model's").tag(config=True)
+    default_gpu = Unicode(None, allow_none=True,
+                          help="Used when --gpu is not given: " + options.help_of("gpu")).tag(config=True)
+    default_cpu = Unicode(None, allow_none=True,
+                          help="Used when --cpu is not given: " + options.help_of("cpu")).tag(config=True)
+    default_disk = Unicode(None, allow_none=True,
+                          help="Used when --disk is not given: " + options.help_of("disk")).tag(config=True)
+    default_dtype = Unicode(None, allow_none=True,
+                          help="Used when --dtype is not given: " + options.help_of("dtype")).tag(config=True)
+    default_context = Int(0, help="Used when --context is not given (0: the model's): "
+                                  + options.help_of("context")).tag(config=True)
     max_new_tokens = Int(128, help="%%generate's --max-new-tokens default.").tag(config=True)
     stream = Bool(True, help="Stream tokens into the output as they are made.").tag(config=True)
     progress = Bool(True, help="Show a progress bar while loading.").tag(config=True)
@@ -165,6 +170,7 @@ class OffloadMagics(Magics):
         from . import loader
         _check_name(name, spelling)
         kwargs = {**self._with_defaults(**given), "progress": self.progress}
+        options.Options.given("load", kwargs)      # a badly written option fails here, before the memory hint
         # A model already under this name stays loaded and bound until the new one has loaded: a
         # failed load must not lose it. Only then is the old one freed.
         try:
@@ -251,9 +257,8 @@ class OffloadMagics(Magics):
         """Load a model configured in the cell body, one ``key: value`` a line (YAML).
 
         Usage: %%offload [NAME]
-        Keys: model, gpu, cpu, disk, dtype, quant, context, device, batch, prefetch, trace,
-        hold_spare (true/false), split_blocks (auto/true/false), drop_page_cache (auto/true/false),
-        read_threads, as, and pin: a mapping of pattern to tier.
+        Keys: model, as (the variable), pin (a mapping of pattern to tier), and every option of
+        nb_offload.load but pins and progress, spelled as there (help(nb_offload.load) lists them).
 
         Example:
             %%offload llm2
@@ -288,13 +293,16 @@ class OffloadMagics(Magics):
                                   "e.g. `gpu: 6GiB`.")
         for key in options.FLAGS:           # said in the cell's own spelling
             if key in cfg and not isinstance(cfg[key], bool):
+                if isinstance(cfg[key], str) and cfg[key].strip().lower() in ("true", "false"):
+                    raise OptionError(f"%%offload `{key}: {cfg[key]!r}` is quoted text; write {key}: "
+                                      f"{cfg[key].strip().lower()} without quotes.")
                 raise OptionError(f"%%offload `{key}: {cfg[key]}` is not valid; accepted: true or false.")
         pins = cfg.get("pin") or {}
         if not isinstance(pins, dict):
             raise OptionError(f"%%offload `pin:` must be a mapping of pattern to tier, got {pins!r}.")
         name, spelling = (args.name, "%%offload") if args.name else (str(cfg.get("as") or "llm"), "%%offload as:")
         given = {k: cfg[k] for k in OPTION_KEYS if k in cfg}
-        for k in ("gpu", "cpu"):        # YAML reads `gpu: 6e9` as a number, `gpu: 6GiB` as text: a size either way
+        for k in ("gpu", "cpu", "revision"):    # YAML reads `gpu: 6000000000` or `revision: 1234567` as numbers
             if given.get(k) is not None:
                 given[k] = str(given[k])
         self._load(str(cfg["model"]), name=name, spelling=spelling, pins={str(k): v for k, v in pins.items()},

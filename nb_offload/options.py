@@ -9,9 +9,12 @@ generated from these fields. Imports no torch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import os
 import re
+from collections.abc import Mapping
+from types import MappingProxyType
 
 from .budget import parse_size
 from .errors import DiskTierError, OptionError
@@ -41,6 +44,8 @@ def _folder(name, value):
     text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
     if not isinstance(text, str) or not text.strip() or "\0" in text:
         raise DiskTierError(f"{name}={value!r} is not a folder path; give a path such as \"./offload\".")
+    if os.path.exists(os.path.expanduser(text)) and not os.path.isdir(os.path.expanduser(text)):
+        raise DiskTierError(f"{name}={value!r} is a file, not a folder; give a folder (it is created if missing).")
     return value
 
 
@@ -70,20 +75,23 @@ def _quant(name, value):
 
 def _pins(name, value):
     from .errors import PinError
-    if not value:
-        return {}
-    if not isinstance(value, dict):
+    if value is None or (isinstance(value, Mapping) and not value):
+        return MappingProxyType({})
+    if not isinstance(value, Mapping):
         raise PinError(f"{name}={value!r} is not a mapping; give a dict such as {{\"model.layers.0-3\": \"gpu\"}}.")
-    return {pattern: check_tier(tier) for pattern, tier in value.items()}
+    # read-only, as the rest of a frozen Options
+    return MappingProxyType({pattern: check_tier(tier) for pattern, tier in value.items()})
 
 
 def _device(name, value):
+    """The device's canonical spelling: "cpu", "cuda" or "cuda:N" (also "cpu:N", as torch takes it)."""
     if value is None:
         return None
-    text = str(value)
-    if not re.fullmatch(r"(cpu|cuda)(:\d+)?", text):
+    match = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", str(value))
+    if match is None:
         raise OptionError(f"{name}={value!r} is not supported; accepted: \"cuda\", \"cuda:N\" or \"cpu\".")
-    return text
+    kind, index = match.groups()
+    return kind if index is None else f"{kind}:{int(index)}"
 
 
 def _one_of(*accepted, why=""):
@@ -156,7 +164,7 @@ class Options:
     dtype: str | None = _option(None, _dtype, "weights' dtype: bfloat16, float16 or float32 (default: the "
                                               "checkpoint's)")
     quant: str | None = _option(None, _quant, "quantization; none is available yet")
-    pins: dict = _option(None, _pins, "{pattern: tier}: units kept on a tier, e.g. {\"model.layers.0-3\": \"gpu\"}")
+    pins: Mapping = _option(None, _pins, "{pattern: tier}: units kept on a tier, e.g. {\"model.layers.0-3\": \"gpu\"}")
     device: str | None = _option(None, _device, "where compute runs: \"cuda\", \"cuda:N\" or \"cpu\" (default: "
                                                 "cuda where there is one)")
     policy: str = _option("auto", _one_of(*POLICIES), "\"auto\" spreads streamed blocks between resident ones so "
@@ -198,10 +206,7 @@ class Options:
     @classmethod
     def given(cls, function: str, kwargs: dict) -> Options:
         """The options of a ``load`` (or ``plan``) call, refusing names it doesn't take."""
-        accepted = names(load=function == "load")
-        unknown = sorted(k for k in kwargs if k not in accepted)
-        if unknown:
-            raise OptionError(f"unsupported option(s) {unknown}; nb_offload.{function} takes {', '.join(accepted)}.")
+        _refuse_unknown(f"nb_offload.{function}", kwargs, names(load=function == "load"))
         return cls(**kwargs)
 
     def replace(self, **changes) -> Options:
@@ -210,6 +215,24 @@ class Options:
 
 def _flags() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(Options) if f.metadata["check"] in (_flag, _opt_in))
+
+
+def _refuse_unknown(who: str, kwargs: dict, accepted):
+    unknown = sorted(k for k in kwargs if k not in accepted)
+    if unknown:
+        raise OptionError(f"unsupported option(s) {unknown}; {who} takes {', '.join(accepted)}.")
+
+
+def _checked_init(init):
+    """``Options(**kwargs)`` refuses an unknown name with an OptionError, as ``load`` does (not a TypeError)."""
+    @functools.wraps(init)
+    def __init__(self, **kwargs):
+        _refuse_unknown("Options", kwargs, names())
+        init(self, **kwargs)
+    return __init__
+
+
+Options.__init__ = _checked_init(Options.__init__)
 
 
 def names(*, load: bool = True) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ that validates does not run out of memory within its context length.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .budget import format_size
@@ -383,7 +384,7 @@ def resolve_pins(pins, units) -> dict:
     out = {}
     if not pins:
         return out
-    if not isinstance(pins, dict):
+    if not isinstance(pins, Mapping):
         raise PinError(f"pins={pins!r} is not a mapping; give a dict such as {{\"model.layers.0-3\": \"gpu\"}}.")
     for pattern, tier in pins.items():
         tier = check_tier(tier)

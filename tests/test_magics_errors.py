@@ -231,6 +231,9 @@ def test_failed_reload_keeps_the_old_model(shell, folder, tmp_path, capsys):
         with pytest.raises(BudgetError, match=r"cpu=1\.0 KiB is below.* The model loaded before as keep still "
                                               r"holds its memory; %offload_unload keep frees it first\.$"):
             run(shell, f"{load} --cpu 1KiB --as keep")
+        with pytest.raises(BudgetError) as info:      # a badly written budget is no memory shortage
+            run(shell, f"{load} --cpu 101% --as keep")
+        assert "more than 100%" in str(info.value) and "still holds its memory" not in str(info.value)
         assert shell.user_ns["keep"] is old and shell._nb_offload_magics.models["keep"] is old
         assert "2 tokens in" in output(shell, "%%generate --model keep --max-new-tokens 2\nhello", capsys)
         with pytest.raises(BudgetError) as info:        # a new name: no old model to mention
@@ -256,6 +259,8 @@ def test_pin_item_must_be_pattern_equals_tier(shell, folder, item):
     ("gpu: [1, 2]", r"%%offload `gpu: \[1, 2\]` is not valid; every key but pin takes one value"),
     ("cpu: {a: 1}", r"%%offload `cpu: {'a': 1}` is not valid; every key but pin takes one value"),
     ("trace: maybe", r"%%offload `trace: maybe` is not valid; accepted: true or false"),
+    ('trust_remote_code: "true"', r"%%offload `trust_remote_code: 'true'` is quoted text; write "
+                                  r"trust_remote_code: true without quotes"),
     ("1: a\nfoo: b", r"%%offload: unknown key\(s\) \['1', 'foo'\]"),
     ("model:", r"%%offload needs a `model:` line"),
     ("- a", r"%%offload body is not valid YAML \(expected <block end>, but found '-' at line 3\)"),

@@ -87,3 +87,39 @@ def test_a_loaded_model_keeps_its_options(model_dirs):
     finally:
         llm.unload()
     assert issubclass(BudgetError, OffloadError)
+
+
+def test_devices_are_spelled_one_way_and_checked_before_torch_sees_them(model_dirs):
+    assert [Options(device=d).device for d in ("cuda:01", "cpu:00", "cuda", "cpu")] == ["cuda:1", "cpu:0", "cuda",
+                                                                                        "cpu"]
+    import torch
+    if not torch.cuda.is_available():
+        with pytest.raises(OptionError, match="no CUDA device"):
+            nb_offload.load(model_dirs("llama"), device="cuda:01")
+
+
+def test_options_refuse_unknown_names_and_stay_frozen_inside():
+    with pytest.raises(OptionError, match=r"unsupported option\(s\) \['bogus'\]; Options takes gpu"):
+        Options(bogus=1)
+    o = Options(pins={"lm_head": "gpu"})
+    with pytest.raises(TypeError):
+        o.pins["model.norm"] = "cpu"          # the pins of a frozen Options are read-only too
+    assert o == Options(pins={"lm_head": "gpu"}) and o.replace(batch=2).pins == {"lm_head": "gpu"}
+
+
+def test_what_needs_no_model_is_refused_before_the_model_is_read(tmp_path):
+    """A bad option is named even when the model folder is missing (nothing was read to find that out)."""
+    missing = str(tmp_path / "no-such-model")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    with pytest.raises(DiskTierError, match="is a file, not a folder"):
+        nb_offload.plan(missing, device="cpu", disk=a_file)
+    import torch
+    if not torch.cuda.is_available():
+        with pytest.raises(BudgetError, match="a percentage is a share of the card's memory"):
+            nb_offload.plan(missing, gpu="80%")
+
+
+def test_the_static_timeline_is_public():
+    from nb_offload.views import Timeline
+    assert nb_offload.Timeline is Timeline and "Timeline" in nb_offload.__all__
