@@ -164,7 +164,9 @@ class Stats:
         the process has since freed more than the load took)."""
         from .budget import process_memory
         now = process_memory()
-        return 0 if now is None or self.host_before is None else max(0, now - self.host_before)
+        held = 0 if now is None or self.host_before is None else max(0, now - self.host_before)
+        self.host_peak = max(self.host_peak, held)      # so "at most" is never below "now"
+        return held
 
     def sample_host(self, every: float = 0.0):
         """Note host memory, if ``every`` seconds have passed since the last note (a step samples

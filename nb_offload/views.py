@@ -122,7 +122,7 @@ def plan_html(plan) -> str:
     foot = "".join(
         f"<tr><th>{t}</th><td colspan=3>{format_size(totals[t])} weights, {format_size(used[t])} used"
         + (f" of {format_size(plan.budgets[t])}" if plan.budgets.get(t) is not None else "") + "</td></tr>"
-        for t in totals if not (t == "gpu" and plan.device != "cuda"))
+        for t in shown_tiers(plan))
     return (f"<div><b>nb_offload plan</b> for <code>{html.escape(plan.model)}</code> "
             f"(compute on {plan.device}, context {plan.context}, batch {plan.batch})"
             f"<table><tr><th>module</th><th>tier</th><th>size</th><th>pinned</th></tr>{body}{foot}</table></div>")
@@ -249,7 +249,8 @@ class Timeline:
             return f"<Timeline {self.title}: no events yet; run a generate first>"
         t0 = min(e.start for e in self.events)
         t1 = max(e.end for e in self.events)
-        lines = [f"timeline {self.title}: {len(self.events)} events over {(t1 - t0) * 1e3:.1f} ms"]
+        lines = [f"timeline{' ' + self.title if self.title else ''}: {len(self.events)} events over "
+                 f"{(t1 - t0) * 1e3:.1f} ms"]
         for lane, s in self.summary.items():
             if s["count"]:
                 rate = f", {s['bytes'] / s['seconds'] / 1e9:.1f} GB/s while busy" if s["bytes"] and s["seconds"] else ""
