@@ -267,3 +267,12 @@ def test_a_load_under_inference_mode_converts_on_its_threads(model_dirs):
         assert llm.plan.entries and torch.equal(run_offloaded(llm)[0], want)
     finally:
         llm.unload()
+
+
+def test_stats_never_show_host_memory_now_above_its_peak():
+    from nb_offload.budget import process_memory
+    from nb_offload.trace import Stats
+    stats = Stats(host_budget=2**30, host_before=process_memory() - 2**20)   # 1 MiB taken "since the load"
+    now = stats.host_now
+    assert now >= 2**20 and stats.host_peak >= now
+    assert stats.as_dict()["host_peak"] >= stats.as_dict()["host_now"] - 2**20     # sampled one after the other
