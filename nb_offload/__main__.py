@@ -1,4 +1,4 @@
-"""Command line: ``python -m nb_offload demo`` or ``python -m nb_offload plan MODEL --gpu 6GiB``."""
+"""Command line: ``nb-offload demo`` or ``nb-offload plan MODEL --gpu 6GiB`` (also ``python -m nb_offload ...``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="nb_offload", description=__doc__)
+    parser = argparse.ArgumentParser(prog="nb-offload", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="load a tiny model made here through every tier and generate")
     demo.add_argument("--folder", default=None, help="where to keep the model (default ./.demo)")
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
         print(make_plan(args.model, gpu=args.gpu, cpu=args.cpu, disk=args.disk, context=args.context))
         return 0
     except OffloadError as exc:
-        print(f"nb_offload: {exc}", file=sys.stderr)
+        print(f"nb-offload: {exc}", file=sys.stderr)
         return 2
 
 

@@ -39,7 +39,8 @@ def run(folder: str | None = None, max_new_tokens: int = 24, prompt: str = "Mode
     inputs = tok(prompt, return_tensors="pt")
     out = llm.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
     text = tok.decode(out[0, inputs["input_ids"].shape[1]:])
-    print(f"prompt: {prompt!r}\ngenerated (random weights, so not prose): {text!r}")
+    shown = "".join(c if c.isprintable() else "\N{MIDDLE DOT}" for c in text)   # random bytes: no escapes
+    print(f"prompt: {prompt}\ngenerated (random weights, so not prose): {shown}")
     print(f"stats: {llm.stats}")
     summary = llm.trace.summary()
     print("trace: " + ", ".join(f"{k} {v['count']} events" for k, v in summary.items()))

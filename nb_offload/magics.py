@@ -24,6 +24,7 @@ from traitlets import Bool, Int, Unicode
 from . import options
 from .budget import format_size, link_gbps
 from .errors import BudgetError, OffloadError, OptionError
+from .views import moves_text
 
 # %%offload keys: the model, the variable, pins (as `pin:`), and every load option but the progress
 # bar (a %config default here)
@@ -382,7 +383,7 @@ class OffloadMagics(Magics):
             print(text, end="")
         link = link_gbps(llm.device) if llm.device.type == "cuda" else None
         summary = llm.stats.run_summary(before, streamer.tokens, seconds, held_on=llm.plan.resident_tier,
-                                        link_gbps=link)
+                                        link_gbps=link, asked=None if interrupted else max_new)
         print(f"\n[{summary}]" + (" interrupted: partial text kept" if interrupted else ""))
         if args.var:
             self.shell.user_ns[args.var] = text
@@ -405,7 +406,7 @@ class OffloadMagics(Magics):
         args = self._parse(self.offload_pin, line)
         name, llm = self._pick(args.name)
         moved = llm.pin(args.pattern, args.tier)
-        print(f"{name}: pinned {args.pattern} to {args.tier}; moved {len(moved)} unit(s).")
+        print(f"{name}: pinned {args.pattern} to {args.tier}; {moves_text(moved, llm.plan)}.")
         self._show(llm.plan)
 
     @magic_arguments()
@@ -423,7 +424,7 @@ class OffloadMagics(Magics):
         args = self._parse(self.offload_unpin, line)
         name, llm = self._pick(args.name)
         moved = llm.unpin(args.pattern)
-        print(f"{name}: unpinned {args.pattern}; moved {len(moved)} unit(s).")
+        print(f"{name}: unpinned {args.pattern}; {moves_text(moved, llm.plan)}.")
         self._show(llm.plan)
 
     @magic_arguments()

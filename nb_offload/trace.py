@@ -193,19 +193,24 @@ class Stats:
                 "host_budget": self.host_budget, "load_seconds": self.load_seconds, "load_bytes": self.load_bytes}
 
     def run_summary(self, before: dict, tokens: int, seconds: float, *, held_on: str = "gpu",
-                    link_gbps: float | None = None) -> str:
-        """One line on a generate: tokens and rate, bytes streamed per tier since ``before`` (an
-        ``as_dict()`` taken before it), units held and, given the link's rate, the share of it used."""
+                    link_gbps: float | None = None, asked: int | None = None) -> str:
+        """One line on a generate, in words a newcomer reads: tokens and rate (and, given ``asked``,
+        whether it stopped early at the end-of-sequence token), what it brought in from each tier
+        since ``before`` (an ``as_dict()`` taken before it), the units it kept resident for its
+        duration and, given the link's rate, the share of it used."""
         from .budget import format_size
-        moved_cpu = self.bytes_from_cpu - before["bytes_from_cpu"]
-        moved_disk = self.bytes_from_disk - before["bytes_from_disk"]
-        text = (f"{tokens} tokens in {seconds:.2f} s, {tokens / seconds if seconds else 0:.2f} tok/s · streamed "
-                f"{format_size(moved_cpu)} from cpu, {format_size(moved_disk)} from disk")
+        moved = {"host memory": self.bytes_from_cpu - before["bytes_from_cpu"],
+                 "disk": self.bytes_from_disk - before["bytes_from_disk"]}
+        text = f"{tokens} tokens in {seconds:.2f} s, {tokens / seconds if seconds else 0:.2f} tok/s"
+        if asked is not None and tokens < asked:
+            text += f" (stopped at the end-of-sequence token, {asked} allowed)"
+        streamed = [f"{format_size(n)} from {where}" for where, n in moved.items() if n]
+        text += " · streamed " + ", ".join(streamed) if streamed else " · nothing streamed"
         if self.held_last:
-            text += (f" · {self.held_last} streamed unit(s) held on {held_on} in room this generate's length "
-                     "left unused")
-        if link_gbps and seconds and moved_cpu + moved_disk:
-            share = (moved_cpu + moved_disk) / seconds / 1e9 / link_gbps
+            text += (f" · {self.held_last} streamed unit(s) kept on the {held_on} for this generate, in room "
+                     "its short length left free")
+        if link_gbps and seconds and sum(moved.values()):
+            share = sum(moved.values()) / seconds / 1e9 / link_gbps
             text += f" · {100 * share:.0f}% of the PCIe limit ({link_gbps:.0f} GB/s)"
         return text
 

@@ -82,6 +82,32 @@ def plan_rows(plan) -> list:
     return rows
 
 
+def fold_names(names) -> list:
+    """Unit names with runs of consecutive indices folded: model.layers.3, .4, .5 -> model.layers.3-5."""
+    out = []
+    for name in names:
+        head, _, idx = name.rpartition(".")
+        last = out[-1] if out else None
+        if last and idx.isdigit() and last[0] == head and last[2] + 1 == int(idx):
+            last[2] = int(idx)
+            continue
+        out.append([head, int(idx), int(idx)] if idx.isdigit() else [name, None, None])
+    return [n if first is None else (f"{n}.{first}" if first == last else f"{n}.{first}-{last}")
+            for n, first, last in out]
+
+
+def moves_text(moved: dict, plan) -> str:
+    """What a re-plan moved (``{unit index: (old tier, new tier)}``), named: "moved model.layers.20-23
+    cpu -> gpu, lm_head gpu -> cpu"."""
+    if not moved:
+        return "nothing moved"
+    by_move = {}
+    for idx in sorted(moved):
+        by_move.setdefault(moved[idx], []).append(plan.entries[idx].name)
+    return "moved " + ", ".join(f"{', '.join(fold_names(names))} {old} -> {new}"
+                                for (old, new), names in by_move.items())
+
+
 # -- the plan as a table ----------------------------------------------------------------------------
 def plan_text(plan) -> str:
     """The plan for a terminal: folded rows, then each tier's totals, reservations and traffic."""
@@ -117,7 +143,7 @@ def plan_html(plan) -> str:
         f"<tr><td><code>{html.escape(r['name'])}</code></td>"
         f"<td><span style='color:{TIER_COLORS[r['tier']]};font-weight:bold'>{r['tier']}</span></td>"
         f"<td style='text-align:right'>{format_size(r['bytes'])}</td>"
-        f"<td>{'&#128204;' if r['pinned'] else ''}</td></tr>" for r in plan_rows(plan))
+        f"<td>{'yes' if r['pinned'] else ''}</td></tr>" for r in plan_rows(plan))
     totals, used = plan.totals(), plan.used()
     foot = "".join(
         f"<tr><th>{t}</th><td colspan=3>{format_size(totals[t])} weights, {format_size(used[t])} used"

@@ -135,8 +135,9 @@ def test_pins_by_magic_and_model_choice(shell, model_dirs, tmp_path):
     run(shell, "%offload_pin model.layers.1 disk")          # no name: the most recent
     assert shell.user_ns["second"].plan.tier_of("model.layers.1") == "disk"
     assert shell.user_ns["first"].plan.tier_of("model.layers.1") == "cpu"
-    run(shell, "%offload_pin first model.layers.0-1 disk")
+    out = capture(shell, "%offload_pin first model.layers.0-1 disk")
     assert shell.user_ns["first"].plan.tier_of("model.layers.0") == "disk"
+    assert "first: pinned model.layers.0-1 to disk; moved model.layers.0-1 cpu -> disk." in out.text
     run(shell, "%offload_unpin first model.layers.0-1")
     assert not shell.user_ns["first"].plan["model.layers.0"].pinned
     from nb_offload import PinError

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from helpers import PROMPT, run_offloaded
 
@@ -137,6 +138,7 @@ def test_demo_runs(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "tokens identical to plain transformers: yes" in out.stdout
     assert "disk" in out.stdout and "tok/s" in out.stdout
+    assert "\\x" not in out.stdout            # the generated text is shown, not its repr
 
 
 PEAK_SCRIPT = r"""
@@ -276,3 +278,10 @@ def test_stats_never_show_host_memory_now_above_its_peak():
     now = stats.host_now
     assert now >= 2**20 and stats.host_peak >= now
     assert stats.as_dict()["host_peak"] >= stats.as_dict()["host_now"] - 2**20     # sampled one after the other
+
+
+def test_the_command_line_is_named_as_installed(capsys):
+    from nb_offload.__main__ import main
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: nb-offload ")

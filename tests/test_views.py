@@ -225,3 +225,31 @@ def test_views_imports_no_torch_ipython_or_widgets():
             "             or m.startswith(('nb_offload.widgets', 'nb_offload.magics')))\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def test_moves_are_named_with_consecutive_blocks_folded():
+    assert views.fold_names(["model.layers.3", "model.layers.4", "model.layers.5", "lm_head", "model.layers.9"]) \
+        == ["model.layers.3-5", "lm_head", "model.layers.9"]
+    plan = cuda_plan()
+    names = [e.name for e in plan.entries]
+    moved = {names.index("model.layers.1"): ("cpu", "gpu"), names.index("model.layers.2"): ("cpu", "gpu"),
+             names.index("model.norm"): ("gpu", "cpu")}
+    assert views.moves_text(moved, plan) == "moved model.layers.1-2 cpu -> gpu, model.norm gpu -> cpu"
+    assert views.moves_text({}, plan) == "nothing moved"
+
+
+def test_the_generate_summary_says_what_streamed_in_words():
+    from nb_offload.trace import Stats
+    stats = Stats()
+    before = stats.as_dict()
+    assert "nothing streamed" in stats.run_summary(before, 8, 1.0)
+    stats.bytes_from_disk += 3 * 2**20
+    line = stats.run_summary(before, 5, 1.0, held_on="cpu", asked=8)
+    assert "streamed 3.0 MiB from disk" in line and "host memory" not in line      # a CPU machine: no "0 B"
+    assert "(stopped at the end-of-sequence token, 8 allowed)" in line
+    assert "stopped" not in stats.run_summary(before, 8, 1.0, asked=8)
+    stats.bytes_from_cpu += 2**30
+    stats.held_last = 2
+    line = stats.run_summary(before, 8, 1.0, link_gbps=50.0)
+    assert "1.0 GiB from host memory, 3.0 MiB from disk" in line and "kept on the gpu for this generate" in line
+    assert "% of the PCIe limit (50 GB/s)" in line
