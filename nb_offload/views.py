@@ -45,14 +45,17 @@ def shown_tiers(plan) -> list:
 
 
 def memory_state(plan) -> list:
-    """Per tier: weights, each reservation apart (KV cache, activations, ...), and the budget."""
+    """Per tier: weights, each reservation apart (KV cache, activations, ...), and the budget (none for disk)."""
     totals, used = plan.totals(), plan.used()
     rows = []
     for tier in shown_tiers(plan):
         reserved = dict(plan.reserved) if tier == plan.resident_tier else {}
         if tier == "cpu":
             reserved.update(plan.host_reserved)
-        rows.append({"tier": tier, "weights": totals[tier], "used": used[tier], "budget": plan.budgets.get(tier),
+        # The disk tier's "budget" is the drive's free space when planned: not a limit the user set, and
+        # so large that a bar against it always looks empty. Its bar shows what is there.
+        budget = None if tier == "disk" else plan.budgets.get(tier)
+        rows.append({"tier": tier, "weights": totals[tier], "used": used[tier], "budget": budget,
                      "reserved": [{"name": k, "bytes": v} for k, v in reserved.items() if v]})
     return rows
 
