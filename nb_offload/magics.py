@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import contextlib
 import errno
 import keyword
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -99,6 +101,27 @@ def _unwritable(path, exc: OSError) -> str:
     return f"the folder {folder} can't be written ({exc.strerror}); give FILE.json in a folder you can write to."
 
 
+# The options a line magic takes as flags (--gpu 6GiB); a %%offload body takes every option as a key.
+FLAGGED = ("gpu", "cpu", "disk", "dtype", "quant", "context", "device", "pins")
+
+
+@contextlib.contextmanager
+def _spoken_as_typed(cell: bool):
+    """The API names an option as its keyword (``give cpu= at least 2 GiB``); a magic user typed a flag
+    (``--cpu``) or a cell key (``cpu:``): its errors are re-raised in that spelling."""
+    try:
+        yield
+    except OffloadError as exc:
+        text = str(exc)
+        for name in OPTION_KEYS + ("pins",) if cell else FLAGGED:
+            typed = ("pin:" if cell else "--pin") if name == "pins" else (f"{name}:" if cell else f"--{name}")
+            text = re.sub(rf"(?<![\w-]){name}=(?=\S)", typed + " ", text)
+            text = re.sub(rf"(?<![\w-]){name}=", typed, text)
+        if text == str(exc):
+            raise
+        raise type(exc)(text) from exc
+
+
 def _out_of_memory(exc) -> bool:
     """A budget too small, or the GPU running out (the loader re-raises that as an OffloadError from it)."""
     torch = sys.modules.get("torch")       # loaded by then, unless the load failed before it
@@ -170,12 +193,15 @@ class OffloadMagics(Magics):
         """Load with the options given (None: not given, so the %config default, else load's own)."""
         from . import loader
         _check_name(name, spelling)
+        cell = spelling.startswith("%%")
         kwargs = {**self._with_defaults(**given), "progress": self.progress}
-        options.Options.given("load", kwargs)      # a badly written option fails here, before the memory hint
+        with _spoken_as_typed(cell):
+            options.Options.given("load", kwargs)      # a badly written option fails here, before the memory hint
         # A model already under this name stays loaded and bound until the new one has loaded: a
         # failed load must not lose it. Only then is the old one freed.
         try:
-            llm = loader.load(model, **kwargs)
+            with _spoken_as_typed(cell):
+                llm = loader.load(model, **kwargs)
         except Exception as exc:
             if name not in self.models or not _out_of_memory(exc):
                 raise
@@ -445,7 +471,8 @@ class OffloadMagics(Magics):
         from . import loader
         args = self._parse(self.offload_plan, line)
         given = dict(gpu=args.gpu, cpu=args.cpu, disk=args.disk, dtype=args.dtype, context=args.context)
-        plan = loader.plan(args.model, **self._with_defaults(**given))
+        with _spoken_as_typed(cell=False):
+            plan = loader.plan(args.model, **self._with_defaults(**given))
         self._show(plan)
         link = args.link
         if link is None:

@@ -228,7 +228,8 @@ def test_failed_reload_keeps_the_old_model(shell, folder, tmp_path, capsys):
     try:
         with pytest.raises(PinError):
             run(shell, f"{load} no.such.module=cpu --as keep")
-        with pytest.raises(BudgetError, match=r"cpu=1\.0 KiB is below.* The model loaded before as keep still "
+        with pytest.raises(BudgetError, match=r"^--cpu 1\.0 KiB is below.*give --cpu at least .* The model loaded "
+                                              r"before as keep still "
                                               r"holds its memory; %offload_unload keep frees it first\.$"):
             run(shell, f"{load} --cpu 1KiB --as keep")
         with pytest.raises(BudgetError) as info:      # a badly written budget is no memory shortage
@@ -273,8 +274,9 @@ def test_offload_cell_values_of_the_wrong_kind(shell, folder, body, named):
 
 
 def test_offload_cell_api_errors_still_name_the_value(shell, folder):
-    """Values of the right kind but out of range are the API's to refuse; the cell fails the same way."""
-    for body, named in (("batch: x", "batch='x' is not valid"), ("context: 0", "context=0 is not valid"),
+    """Values of the right kind but out of range are the API's to refuse; the cell fails the same way, in the
+    cell's spelling (``batch:``, not the API's ``batch=``)."""
+    for body, named in (("batch: x", "batch: 'x' is not valid"), ("context: 0", "context: 0 is not valid"),
                         ("pin:\n  lm_head: tape", "tier 'tape' is unknown")):
         with pytest.raises(OffloadError, match=named):
             run(shell, f"%%offload typed\nmodel: {folder}\ndevice: cpu\n{body}\n")
