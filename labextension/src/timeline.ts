@@ -125,6 +125,7 @@ export function renderTimeline(model: AnyModel<TimelineState>, root: HTMLElement
   }
 
   function drawAxis(t0: number, t1: number, scale: number) {
+    if (store.length === 0) return; // nothing to measure: no "0 µs, 0 µs, 1 µs" ticks over an empty span
     const y = lanes.length * LANE_H;
     const raw = (t1 - t0) / 8;
     const mag = Math.pow(10, Math.floor(Math.log10(Math.max(raw, MIN_SPAN / 10))));
