@@ -39,8 +39,7 @@ class ModuleHooks:
 
 def bind(params, unit, flat):
     """Point each of ``unit``'s parameters at its view inside ``flat`` (shapes and dtypes from the layout)."""
-    for p, v in zip(params, param_views(unit, flat)):
-        p.data = v
+    bind_views(params, param_views(unit, flat))
 
 
 def bind_views(params, views):

@@ -102,7 +102,6 @@ class Inspection:
                 raise CheckpointError(f"model folder {self.folder!r}: config.json can't be read ({exc}).") from exc
         _refuse_prequantized(self.folder, self.config)
         self.dtype = resolve_dtype(options.dtype, self.config)
-        self.trust_remote_code = options.trust_remote_code
         # The config is untrusted too: check it against the checkpoint on a model that allocates
         # nothing (vocab_size=10**12 would otherwise try a 256 TB allocation), then build the one
         # that runs, with its real buffers.

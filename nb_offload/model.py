@@ -114,7 +114,7 @@ class OffloadedModel:
             with quiet_transformers():
                 # The load's decision on remote code, said outright: left unsaid, transformers asks
                 # on stdin for a tokenizer with code of its own, which hangs a notebook kernel.
-                return AutoTokenizer.from_pretrained(folder, trust_remote_code=self._insp.trust_remote_code)
+                return AutoTokenizer.from_pretrained(folder, trust_remote_code=self.options.trust_remote_code)
         except Exception as exc:
             warnings.warn(f"nb_offload: the tokenizer in {folder!r} was not loaded ({exc}); llm.tokenizer is "
                           "None, generate from token ids.", RuntimeWarning, stacklevel=2)

@@ -44,6 +44,17 @@ def shown_tiers(plan) -> list:
             and not (t == "disk" and plan.budgets.get("disk") is None and totals["disk"] == 0)]
 
 
+def tier_totals(plan) -> list:
+    """``(tier, "W weights, U used of B")`` for each tier the plan uses: the table's last lines."""
+    totals, used = plan.totals(), plan.used()
+    out = []
+    for tier in shown_tiers(plan):
+        budget = plan.budgets.get(tier)
+        of = f" of {format_size(budget)}" if budget is not None else ""
+        out.append((tier, f"{format_size(totals[tier])} weights, {format_size(used[tier])} used{of}"))
+    return out
+
+
 def memory_state(plan) -> list:
     """Per tier: weights, each reservation apart (KV cache, activations, ...), and the budget (none for disk)."""
     totals, used = plan.totals(), plan.used()
@@ -123,15 +134,7 @@ def plan_text(plan) -> str:
         count = f" ({r['count']} blocks)" if r["count"] > 1 else ""
         lines.append(f"  {r['name']:<{width}}  {r['tier']:<4}  {format_size(r['bytes']):>10}  "
                      f"{'yes' if r['pinned'] else '':<6}{count}".rstrip())
-    totals, used = plan.totals(), plan.used()
-    for tier in totals:
-        budget = plan.budgets.get(tier)
-        if tier == "gpu" and plan.device != "cuda":
-            continue
-        if tier == "disk" and budget is None and totals["disk"] == 0:
-            continue
-        of = f" of {format_size(budget)}" if budget is not None else ""
-        lines.append(f"  {tier}: {format_size(totals[tier])} weights, {format_size(used[tier])} used{of}")
+    lines += [f"  {tier}: {total}" for tier, total in tier_totals(plan)]
     extra = ", ".join(f"{k.replace('_', ' ')} {format_size(v)}" for k, v in plan.reserved.items() if v)
     lines.append(f"  reserved on {plan.resident_tier}: {extra}")
     moved = plan.streamed_bytes_per_token()
@@ -147,11 +150,7 @@ def plan_html(plan) -> str:
         f"<td><span style='color:{TIER_COLORS[r['tier']]};font-weight:bold'>{r['tier']}</span></td>"
         f"<td style='text-align:right'>{format_size(r['bytes'])}</td>"
         f"<td>{'yes' if r['pinned'] else ''}</td></tr>" for r in plan_rows(plan))
-    totals, used = plan.totals(), plan.used()
-    foot = "".join(
-        f"<tr><th>{t}</th><td colspan=3>{format_size(totals[t])} weights, {format_size(used[t])} used"
-        + (f" of {format_size(plan.budgets[t])}" if plan.budgets.get(t) is not None else "") + "</td></tr>"
-        for t in shown_tiers(plan))
+    foot = "".join(f"<tr><th>{tier}</th><td colspan=3>{total}</td></tr>" for tier, total in tier_totals(plan))
     return (f"<div><b>nb_offload plan</b> for <code>{html.escape(plan.model)}</code> "
             f"(compute on {plan.device}, context {plan.context}, batch {plan.batch})"
             f"<table><tr><th>module</th><th>tier</th><th>size</th><th>pinned</th></tr>{body}{foot}</table></div>")

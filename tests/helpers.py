@@ -86,3 +86,40 @@ def run_cell(sh, code):
     if result.error_in_exec:
         raise result.error_in_exec
     return result
+
+
+def pin_while_generating(llm, pattern, tier, max_new_tokens=24):
+    """Generate greedily while another thread pins ``pattern`` to ``tier``, started once the first
+    forward pass runs (each pass is slowed a little, so the pin is asked for inside the generate).
+    Returns the generated tokens (on the CPU) and whether the pin ended after the generate's last token."""
+    import threading
+    import time
+
+    import torch
+    started, times = threading.Event(), {}
+
+    class LastToken:                    # notes the end of the generate from inside it
+        def put(self, value):
+            times["generated"] = time.perf_counter()
+
+        def end(self):
+            pass
+
+    def slow(module, args):
+        started.set()
+        time.sleep(0.002)              # keep each pass long enough for the pin to land inside it
+
+    def repin():
+        started.wait()
+        llm.pin(pattern, tier)
+        times["pinned"] = time.perf_counter()
+    hook = llm.model.get_submodule("model.layers.1").register_forward_pre_hook(slow)
+    thread = threading.Thread(target=repin)
+    thread.start()
+    try:
+        got = llm.generate(torch.tensor(PROMPT), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                           do_sample=False, streamer=LastToken()).cpu()
+    finally:
+        thread.join()
+        hook.remove()
+    return got, times["pinned"] > times["generated"]

@@ -50,6 +50,16 @@ def pack(header, data, n=None) -> bytes:
     return struct.pack("<Q", len(hb) if n is None else n) + hb + data
 
 
+def relayout(header, data, order) -> bytes:
+    """The tensors' data laid out in ``order``, with ``header``'s offsets rewritten to match (a valid file)."""
+    out = b""
+    for key in order:
+        begin, end = header[key]["data_offsets"]
+        header[key]["data_offsets"] = [len(out), len(out) + end - begin]
+        out += data[begin:end]
+    return out
+
+
 def by_offset(header):
     """Tensor keys in data order."""
     return sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
@@ -267,13 +277,7 @@ def test_valid_edits_still_load(tmp_path, tiny):
     def edit(h, data):
         h.pop("__metadata__")
         h["model.norm.weight"]["note"] = "extra fields are ignored"
-        keys = by_offset(h)[::-1]
-        out, pos = b"", 0
-        for k in keys:
-            b, e = h[k]["data_offsets"]
-            out += data[b:e]
-            h[k]["data_offsets"] = [pos, pos + e - b]
-            pos += e - b
+        out = relayout(h, data, by_offset(h)[::-1])      # rewrites the offsets: before dumps(h)
         return dumps(h) + b"   ", out
     folder, path = broken(tmp_path, tiny, edit)
     ckpt = Checkpoint(folder)
@@ -502,12 +506,7 @@ def _mutate(rng, header, data):
     elif kind == "relayout":  # a valid file: the tensors' data in another order, offsets rewritten
         order = list(keys)
         rng.shuffle(order)
-        tail, pos = b"", 0
-        for key in order:
-            kb, ke = h[key]["data_offsets"]
-            tail += data[kb:ke]
-            h[key]["data_offsets"] = [pos, pos + ke - kb]
-            pos += ke - kb
+        tail = relayout(h, data, order)
         if rng.random() < 0.5:
             h = {key: h[key] for key in rng.sample(list(h), len(h))}  # and the header in another order
     elif kind == "root":

@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import PROMPT
+from helpers import PROMPT, pin_while_generating
 
 import nb_offload
 from nb_offload import DiskTierError, OffloadError, OptionError
@@ -320,30 +320,9 @@ def test_pin_from_another_thread_waits_for_the_generate(model_dirs, tmp_path):
     folder = model_dirs("llama")
     llm = load(folder, disk=tmp_path / "offload", pins={"model.layers.2-3": "disk"}, hold_spare=False)
     want = greedy(llm, 24)
-    started, times = threading.Event(), {}
-
-    def slow(module, args):
-        started.set()
-        time.sleep(0.002)              # keep each pass long enough for the pin to land inside it
-    hook = llm.model.get_submodule("model.layers.1").register_forward_pre_hook(slow)
-
-    def repin():
-        started.wait()
-        llm.pin("model.layers.0-1", "disk")
-        times["pinned"] = time.perf_counter()
-    thread = threading.Thread(target=repin)
-    thread.start()
-    class LastToken:                    # notes the end of the generate from inside it
-        def put(self, value):
-            times["generated"] = time.perf_counter()
-
-        def end(self):
-            pass
-    got = llm.generate(IDS, max_new_tokens=24, min_new_tokens=24, do_sample=False, streamer=LastToken())
-    thread.join()
-    hook.remove()
+    got, pin_waited = pin_while_generating(llm, "model.layers.0-1", "disk")
     assert torch.equal(got, want)
-    assert times["pinned"] > times["generated"]        # the pin waited for the generate
+    assert pin_waited                                   # the pin waited for the generate
     assert llm.plan.tier_of("model.layers.0") == "disk"
     assert torch.equal(greedy(llm, 24), want)
     llm.unload()

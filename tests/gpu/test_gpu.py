@@ -7,7 +7,7 @@ import gc
 
 import pytest
 import torch
-from helpers import PROMPT, blocks, host_staging, reference, staging_bytes
+from helpers import PROMPT, blocks, host_staging, pin_while_generating, reference, staging_bytes
 
 import nb_offload
 
@@ -308,42 +308,14 @@ def test_verified_offload_cache_on_cuda(arch, uncached, model_dirs, tmp_path):
 
 
 def test_pin_from_another_thread_waits_on_cuda(model_dirs, tmp_path):
-    import threading
-    import time
     folder = model_dirs("llama")
     pins = three_tier_pins(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))
     llm = nb_offload.load(folder, disk=tmp_path, pins=pins, hold_spare=False, progress=False)
-    ids = torch.tensor(PROMPT)
-    started, times = threading.Event(), {}
-
-    class LastToken:                    # notes the end of the generate from inside it
-        def put(self, value):
-            times["generated"] = time.perf_counter()
-
-        def end(self):
-            pass
-
-    def generate():
-        return llm.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, streamer=LastToken()).cpu()
     try:
-        want = generate()
-
-        def slow(module, args):
-            started.set()
-            time.sleep(0.002)
-        hook = llm.model.get_submodule("model.layers.1").register_forward_pre_hook(slow)
-
-        def repin():
-            started.wait()
-            llm.pin("model.layers.0-1", "disk")
-            times["pinned"] = time.perf_counter()
-        thread = threading.Thread(target=repin)
-        thread.start()
-        got = generate()
-        thread.join()
-        hook.remove()
-        assert torch.equal(got, want) and times["pinned"] > times["generated"]
-        assert torch.equal(generate(), want)
+        want = run(llm, 24)[0]
+        got, pin_waited = pin_while_generating(llm, "model.layers.0-1", "disk")
+        assert torch.equal(got, want) and pin_waited
+        assert torch.equal(run(llm, 24)[0], want)
     finally:
         llm.unload()
 
