@@ -31,7 +31,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_offload import build, decode_step, drop_caches, med, pinned_rate, spread, step_times  # noqa: E402
+from bench_offload import build, drop_caches, med, pinned_rate, step_times  # noqa: E402
 
 
 def main():
@@ -83,22 +83,51 @@ def main():
         kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
         return bool(torch.equal(a.generate(ids, **kw).cpu(), b.generate(ids, **kw).cpu()))
 
+    def quartiles(xs):
+        xs = sorted(xs)
+        return "/".join(f"{xs[int(q * (len(xs) - 1))] * 1e3:.1f}" for q in (0.25, 0.5, 0.75)) + " ms"
+
+    def hook_clock(pkg):
+        """Host seconds spent in the engine's hooks (``_enter`` + ``_exit``), added up: at a budget
+        where the step is bound by Python launching kernels, this is what the engine adds to it."""
+        engine_cls = importlib.import_module(pkg.__name__ + ".engine").Engine
+        spent = {"s": 0.0}
+        for name in ("_enter", "_exit"):
+            real = getattr(engine_cls, name)
+
+            def timed(self, idx, _real=real):
+                t0 = time.perf_counter()
+                try:
+                    return _real(self, idx)
+                finally:
+                    spent["s"] += time.perf_counter() - t0
+            setattr(engine_cls, name, timed)
+        return spent
+
     for budget in args.decode_budgets.split(",") if "decode" in cases and prev is not None else ():
         opts = dict(gpu=budget, cpu="100GiB")
+        clocks = {"new": hook_clock(nb_offload), "prev": hook_clock(prev)}
         new, old = loaded(nb_offload, **opts), loaded(prev, **opts)
-        t = {"new": [], "prev": [], "transformers": []}
-        for gen in (new.generate, old.generate, ref.generate):       # warm-up
-            decode_step(gen, ids, n)
-        for _ in range(args.repeats):
-            t["new"].append(decode_step(new.generate, ids, n))
-            t["prev"].append(decode_step(old.generate, ids, n))
-            t["transformers"].append(decode_step(ref.generate, ids, n))
+        gens = {"new": new.generate, "prev": old.generate, "transformers": ref.generate}
+        m = 4 * n
+        steps = {k: [] for k in gens}
+        hook_s = {"new": 0.0, "prev": 0.0}
+        for gen in gens.values():       # warm-up
+            step_times(gen, ids, m)
+        for _ in range(args.repeats):   # interleaved, so a slow spell of the host hits all three
+            for name, gen in gens.items():
+                before = clocks[name]["s"] if name in clocks else 0.0
+                steps[name] += step_times(gen, ids, m)
+                if name in clocks:
+                    hook_s[name] += clocks[name]["s"] - before
+        a, b, r = (med(steps[k]) for k in ("new", "prev", "transformers"))
+        calls = args.repeats * m       # prefill included in the hook time: one pass more a generate
         streamed = new.plan.streamed_bytes_per_token()["cpu"]
-        add(case=f"decode, gpu {budget}: this nb_offload vs the previous one", new_tok_s=1 / med(t["new"]),
-            prev_tok_s=1 / med(t["prev"]), cost_pct=100 * (med(t["new"]) - med(t["prev"])) / med(t["prev"]),
-            transformers_tok_s=1 / med(t["transformers"]),
-            new_spread=spread(t["new"]), prev_spread=spread(t["prev"]), new_all_s=t["new"], prev_all_s=t["prev"],
-            transformers_all_s=t["transformers"],
+        add(case=f"decode, gpu {budget}: this nb_offload vs the previous one (per-step medians)",
+            new_tok_s=1 / a, prev_tok_s=1 / b, cost_pct=100 * (a - b) / b, transformers_tok_s=1 / r,
+            new_quartiles=quartiles(steps["new"]), prev_quartiles=quartiles(steps["prev"]),
+            transformers_quartiles=quartiles(steps["transformers"]), steps_each=len(steps["new"]),
+            hooks_us_per_step_new=1e6 * hook_s["new"] / calls, hooks_us_per_step_prev=1e6 * hook_s["prev"] / calls,
             link_bound_tok_s=out["meta"]["link_gbps"] * 1e9 / streamed if streamed else None,
             same_tokens_as_prev=same(new, old), same_tokens_as_resident=same(new, ref),
             host_peak=new.stats.host_peak, host_now=new.stats.host_now, stats=str(new.stats))

@@ -300,11 +300,21 @@ def render_checks(data, command, title) -> str:
         for r in steps:
             cost = r.get("cost_pct", r.get("new_vs_prev_pct"))
             ref = f"{r['transformers_tok_s']:.2f} tok/s" if "transformers_tok_s" in r else ""
-            spread = f" ({r['new_spread']} / {r['prev_spread']} a step)" if "new_spread" in r else ""
+            spread = (f" ({r['new_spread']} / {r['prev_spread']} a step)" if "new_spread" in r else
+                      f" (quartiles {r['new_quartiles']} / {r['prev_quartiles']} a step)" if "new_quartiles" in r else "")
             same = r.get("same_tokens_as_prev", True) and r.get("same_tokens_as_resident")
             lines.append(f"| {r['case']}{spread} | {r['new_tok_s']:.2f} tok/s | {r['prev_tok_s']:.2f} tok/s | "
                          f"{cost:+.2f} % | {ref} | {'yes' if same else 'NO'} |")
         lines.append("")
+        hooks = [r for r in steps if "hooks_us_per_step_new" in r]
+        if hooks:
+            lines += ["Host time inside the engine's hooks (`_enter` + `_exit`), per forward pass, added up over "
+                      "the timed passes of each package (at a budget bound by the host launching kernels, "
+                      "this is what the engine adds to a step):", "",
+                      "| case | this nb_offload | previous |", "|---|---:|---:|"]
+            lines += [f"| {r['case']} | {r['hooks_us_per_step_new']:.0f} µs | {r['hooks_us_per_step_prev']:.0f} µs |"
+                      for r in hooks]
+            lines.append("")
     loads = [r for r in data["rows"] if "cached_bytes" in r]
     if loads:
         lines += ["| load, offload cache of | first load (writes it) | read and hashed | header only | "
