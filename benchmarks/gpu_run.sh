@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_run.sh tests dashboard   # tests/gpu, then bench_dashboard.py
 #   bash benchmarks/gpu_run.sh bench=1,5         # bench_offload.py --cases 1,5 (bench = all cases)
 #   BENCH_ARGS="--read-threads 8" BENCH_TAG=-t8 bash benchmarks/gpu_run.sh bench=5   # extra options
+#   bash benchmarks/gpu_run.sh quant             # bench_quant.py (needs the bitsandbytes wheel in .whl); QUANT_ARGS too
 #   bash benchmarks/gpu_run.sh load              # bench_load.py (as root: it drops the page cache); LOAD_ARGS too
 set -uo pipefail
 export PYTHONPATH="$(pwd):/tmp/site" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
@@ -26,6 +27,9 @@ for step in "${@:-tests}"; do
             timeout "${BENCH_TIMEOUT:-590}" python3 benchmarks/bench_offload.py --cases "${cases:-all}" \
                 --json "$OUT/bench${BENCH_TAG:-}.json" ${BENCH_ARGS:-} 2>&1 \
                 | grep -v "Loading weights\|Writing model\|attention mask" | tee "$OUT/bench.log" | tail -16 ;;
+        quant)
+            timeout "${QUANT_TIMEOUT:-540}" python3 benchmarks/bench_quant.py --json "$OUT/quant${BENCH_TAG:-}.json" \
+                ${QUANT_ARGS:-} 2>&1 | grep -v "Loading weights\|Writing model\|will be cast" | tee "$OUT/quant.log" | tail -16 ;;
         load)
             timeout "${LOAD_TIMEOUT:-540}" python3 benchmarks/bench_load.py --json "$OUT/load${BENCH_TAG:-}.json" \
                 ${LOAD_ARGS:-} 2>&1 | grep -v "Loading weights\|Writing model" | tee "$OUT/load.log" | tail -16 ;;

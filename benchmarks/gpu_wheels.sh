@@ -12,4 +12,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     "ipython>=8.12,<10" ipython_pygments_lexers traitlets decorator jedi parso matplotlib-inline pexpect \
     ptyprocess prompt_toolkit wcwidth stack_data executing asttokens pure_eval \
     anywidget ipywidgets widgetsnbextension jupyterlab_widgets comm psygnal
+# bitsandbytes for the quantized tiers (tests/gpu/test_quant_gpu.py, bench_quant.py): 43 MB with its CUDA
+# libraries, within what a device call carries.
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 -d .whl "bitsandbytes==0.50.2"
 ls .whl

@@ -9,6 +9,7 @@ The JSON files live in benchmarks/runs/ (raw-DATE-CARD-WHAT.json). From the repo
     python3 benchmarks/report.py A.json B.json --contention    # host_contention.py runs
     python3 benchmarks/report.py DASH.json --dashboard         # a bench_dashboard.py run
     python3 benchmarks/report.py LOAD.json                     # a bench_load.py run ("kind": "load"; or --load)
+    python3 benchmarks/report.py QUANT.json                    # a bench_quant.py run (or --quant)
 
 With --readme, files after the first run add lines: more bench_offload.py runs (case 5 alone), a
 host_contention.py run, a bench_load.py run.
@@ -300,8 +301,11 @@ def render_checks(data, command, title) -> str:
         for r in steps:
             cost = r.get("cost_pct", r.get("new_vs_prev_pct"))
             ref = f"{r['transformers_tok_s']:.2f} tok/s" if "transformers_tok_s" in r else ""
-            spread = (f" ({r['new_spread']} / {r['prev_spread']} a step)" if "new_spread" in r else
-                      f" (quartiles {r['new_quartiles']} / {r['prev_quartiles']} a step)" if "new_quartiles" in r else "")
+            spread = ""
+            if "new_spread" in r:
+                spread = f" ({r['new_spread']} / {r['prev_spread']} a step)"
+            elif "new_quartiles" in r:
+                spread = f" (quartiles {r['new_quartiles']} / {r['prev_quartiles']} a step)"
             same = r.get("same_tokens_as_prev", True) and r.get("same_tokens_as_resident")
             lines.append(f"| {r['case']}{spread} | {r['new_tok_s']:.2f} tok/s | {r['prev_tok_s']:.2f} tok/s | "
                          f"{cost:+.2f} % | {ref} | {'yes' if same else 'NO'} |")
@@ -401,6 +405,38 @@ def render_load(data, command, title) -> str:
     return "\n".join(lines + [""] + [x for n in notes for x in (n, "")])
 
 
+def render_quant(data, command, title) -> str:
+    """A bench_quant.py run: quantized tiers against bf16 streaming and bitsandbytes' own offload."""
+    m = data["meta"]
+    lines = [f"## {m['date']}, {title or 'quantized tiers (bitsandbytes)'} · {m['card']} · torch {m['torch']}, "
+             f"transformers {m['transformers']}, bitsandbytes {m['bitsandbytes']}", "",
+             "Command (GPU machine, repository root, with the bitsandbytes wheel carried):", "", f"    {command}", "",
+             f"LLaMA-7B shape, 32 layers, random bf16 weights; page-locked link {m['link_gbps']:.1f} GB/s. Each row "
+             "loaded in turn (its peak GPU memory from just before its load through a warm-up generate), then "
+             "all timed together in interleaved rounds: decode at batch 1, median of the rounds (spread in "
+             "brackets). Bound: the larger of the quantized bytes streamed per step over the link and the same "
+             "format's step with everything on the GPU (transformers' bitsandbytes model, timed in the same "
+             "rounds; the bf16 row has only the link's). Streamed bytes are the plan's: a short generate holds some "
+             "streamed blocks in room it leaves unused, so a row can pass its link bound. Same tokens: 8 greedy "
+             "tokens against transformers' model of the same format.", "",
+             "| row | tok/s | bound | % of bound | x bf16 | x bitsandbytes offload | peak GPU / budget | "
+             "within budget | same tokens |", "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in data["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error']} | | | | | | | |")
+            continue
+        spread = f" ({min(r['all_s']) * 1e3:.0f}-{max(r['all_s']) * 1e3:.0f} ms)"
+        bound = (f"{r['bound_tok_s']:.2f} ({r['bound_is']})" if r.get("bound_tok_s") else "")
+        pct = f"{r['pct_of_bound']:.1f} %" if "pct_of_bound" in r else ""
+        xb = f"{r['x_bf16']:.2f}x" if "x_bf16" in r else ""
+        xo = f"{r['x_bnb_offload']:.2f}x" if "x_bnb_offload" in r else ""
+        budget = f" / {r['budget'] / GiB:.1f}" if r.get("budget") else ""
+        same = {True: "yes", False: "NO"}.get(r.get("same_tokens_as_transformers"), "")
+        lines.append(f"| {r['name']} | {r['tok_s']:.2f}{spread} | {bound} | {pct} | {xb} | {xo} | "
+                     f"{r['peak_gpu'] / GiB:.2f}{budget} GiB | {'yes' if r['within_budget'] else 'NO'} | {same} |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("json", nargs="+")
@@ -411,6 +447,7 @@ def main():
     ap.add_argument("--contention", action="store_true", help="the JSON files are host_contention.py's")
     ap.add_argument("--checks", action="store_true", help="the JSON is bench_checks.py's")
     ap.add_argument("--load", action="store_true", help="the JSON is bench_load.py's (found by its kind too)")
+    ap.add_argument("--quant", action="store_true", help="the JSON is bench_quant.py's (found by its meta too)")
     ap.add_argument("--command", default=None, help="the command shown in the section")
     ap.add_argument("--title", default=None)
     args = ap.parse_args()
@@ -425,6 +462,9 @@ def main():
         title = f' --title "{args.title}"' if args.title else ""
         print(render_readme(data, args.title, list(zip(args.json[1:], loaded[1:])),
                             f"python3 benchmarks/report.py {' '.join(args.json)} --readme{title}"))
+    elif args.quant or "bitsandbytes" in data.get("meta", {}):
+        print(render_quant(data, args.command or "PYTHONPATH=. python3 benchmarks/bench_quant.py --json out.json",
+                           args.title))
     elif args.load or data.get("kind") == "load":
         print(render_load(data, command, args.title))
     elif args.contention:

@@ -227,7 +227,8 @@ class Engine:
         """Give streamed units buffers of their own on the compute device, filled once, and run
         them as resident until ``release_held`` (room a short generate leaves unused)."""
         torch = self.torch
-        indices = [i for i in indices if i in self.sources]
+        # once each: a unit that runs twice a pass (tied embedding and lm_head) is in the order twice
+        indices = list(dict.fromkeys(i for i in indices if i in self.sources))
         if not indices:
             return
         self.drain()

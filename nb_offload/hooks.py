@@ -8,6 +8,7 @@ swapping ``Parameter.data``, so the model's own forward code runs unchanged.
 
 from __future__ import annotations
 
+from .quant import QuantBinding
 from .tiers import param_views
 
 
@@ -44,7 +45,10 @@ def bind(params, unit, flat):
 
 def bind_views(params, views):
     for p, v in zip(params, views):
-        p.data = v
+        if type(v) is QuantBinding:
+            v.bind_to(p)
+        else:
+            p.data = v
 
 
 def to_device(obj, device):

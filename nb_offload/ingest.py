@@ -31,7 +31,7 @@ SCRATCH_SHARE = 0.02    # of the cpu budget, the most all threads' temporaries t
 def readable(unit, checkpoint) -> bool:
     """Whether each of ``unit``'s parameters is one safetensors tensor (no key conversion), so its
     bytes can be read in chunks straight from the file."""
-    if checkpoint.is_pickle:
+    if checkpoint.is_pickle or unit.quantized:     # quantized units are quantized on their way (quant.py)
         return False
     names = {n for s in unit.params for n in s.names}
     return all(k in names for k in unit.checkpoint_keys)

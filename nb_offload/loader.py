@@ -10,7 +10,7 @@ import os
 
 from .budget import format_size, host_memory, parse_size, process_memory
 from .checkpoint import Checkpoint, resolve
-from .errors import BudgetError, CheckpointError, OffloadError, OptionError
+from .errors import BudgetError, CheckpointError, OffloadError, OptionError, PinError
 from .options import Options
 from .planner import DEFAULT_CONTEXT, Plan, make_plan, resolve_pins
 from .units import build_meta_model, find_units, map_checkpoint, quiet_transformers, resolve_dtype
@@ -88,7 +88,7 @@ def library_code() -> int:
 class Inspection:
     """A model's config, meta model, units and checkpoint map: everything a plan needs."""
 
-    def __init__(self, model, options: Options | None = None):
+    def __init__(self, model, options: Options | None = None, device_type: str = "cpu"):
         self.library_code = library_code()      # first: it measures what these imports take
         from transformers import AutoConfig
         self.options = options = options or Options()
@@ -100,8 +100,14 @@ class Inspection:
                 self.config = AutoConfig.from_pretrained(self.folder, trust_remote_code=options.trust_remote_code)
             except Exception as exc:
                 raise CheckpointError(f"model folder {self.folder!r}: config.json can't be read ({exc}).") from exc
-        _refuse_prequantized(self.folder, self.config)
+        self.saved_quant = _saved_quantization(self.folder, self.config)    # its quantization_config, or None
         self.dtype = resolve_dtype(options.dtype, self.config)
+        self.quant = options.quant      # a checked quant.QuantSpec, or None
+        if self.saved_quant is not None:
+            self.quant = _as_saved(self.folder, self.saved_quant, options.quant)
+        if self.quant is not None:
+            from .quant import check_device
+            check_device(self.quant, _device_of(device_type))
         # The config is untrusted too: check it against the checkpoint on a model that allocates
         # nothing (vocab_size=10**12 would otherwise try a 256 TB allocation), then build the one
         # that runs, with its real buffers.
@@ -109,13 +115,62 @@ class Inspection:
         with quiet_transformers():
             structure = build_meta_model(self.config, self.dtype, attn, remote, buffers=False)
         self.units = find_units(structure)
-        from .pieces import split_unit
-        for u in self.units:
-            split_unit(structure, u)
-        self.buffer_keys, self.conversions = map_checkpoint(structure, self.units, self.checkpoint)
+        self.buffer_keys, self.conversions = map_checkpoint(structure, self.units, self.checkpoint,
+                                                            saved_quantized=self.saved_quant is not None)
         del structure
         with quiet_transformers():
             self.meta = build_meta_model(self.config, self.dtype, attn, remote)
+        self._check_formats(device_type)
+        from .pieces import split_unit
+        for u in self.units:
+            split_unit(self.meta, u)
+
+    def _check_formats(self, device_type):
+        """Quantize (``quant=``), keeping the units whose pins name the load dtype's format unquantized;
+        a pin naming any other format is a PinError here, before any weight is read."""
+        from .planner import pin_formats
+        from .units import dtype_name
+        formats = pin_formats(self.options.pins, self.units)
+        plain = dtype_name(self.dtype)
+        accepted = [plain] + ([self.quant.format] if self.quant is not None else [])
+        for idx, fmt in formats.items():
+            if fmt not in accepted:
+                why = ("one quantization per load" if self.quant is not None
+                       else "nothing is quantized without quant=")
+                raise PinError(f"format {fmt!r} for {self.units[idx].name!r} can't be given here ({why}); "
+                               f"accepted: {', '.join(accepted)}.")
+        if self.quant is None:
+            return
+        keep = [self.units[i] for i, f in formats.items() if f == plain]
+        if keep and self.saved_quant is not None:
+            raise PinError(f"{keep[0].name!r} can't be pinned to {plain}: the checkpoint is saved quantized, and its "
+                           f"units load as saved ({self.quant.format}).")
+        self._quantize_units(device_type, keep=keep)
+        for idx, fmt in formats.items():
+            if fmt != plain and not self.units[idx].quantized:
+                raise PinError(f"{self.units[idx].name!r} has no Linear that quant={self.quant.format!r} quantizes "
+                               f"(transformers' skip rules); accepted for it: {plain}.")
+
+    def _quantize_units(self, device_type, keep=()):
+        """Swap the meta model's Linears for bitsandbytes' as transformers would (those of ``keep``
+        swapped back), and lay the units out quantized (quant.py)."""
+        import torch
+
+        from . import quant
+        with quiet_transformers():
+            quant.quantize_model(self.meta, self.quant, self.dtype, _device_of(device_type), self.saved_quant)
+        for unit in keep:
+            quant.unquantize_modules(self.meta, unit.modules, self.dtype)
+        compute = getattr(torch, self.quant.compute_dtype) if self.quant.compute_dtype else self.dtype
+        quant.lay_out_units(self.meta, self.units, self.quant, self.dtype, _device_of(device_type),
+                            compute.itemsize)
+        for u in self.units:
+            if u.quantized:
+                u.direct = False
+        if self.saved_quant is not None:
+            quant.check_saved(self.units, self.checkpoint)
+        if self.quant.format == "int8":
+            quant.quiet_int8_casts()
 
     def default_context(self):
         cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
@@ -136,16 +191,40 @@ class Inspection:
                          policy=o.policy, split_blocks=o.split_blocks, library_code=self.library_code)
 
 
-def _refuse_prequantized(folder, config):
-    """A checkpoint saved quantized (bitsandbytes, GPTQ, fp8...) holds packed values and their scales,
-    not weights: read as weights it would give wrong output, so it is refused until it can be read."""
+def _device_of(device_type):
+    import torch
+    return torch.device(device_type)
+
+
+def _saved_quantization(folder, config):
+    """The ``quantization_config`` of a checkpoint saved quantized by bitsandbytes (a dict), or None.
+
+    Weights saved by another method (GPTQ, AWQ, fp8 ...) hold packed values and scales that would
+    read as wrong weights: refused."""
     quant = getattr(config, "quantization_config", None)
     if quant is None:
-        return
-    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
-    raise CheckpointError(f"model folder {folder!r} holds weights quantized by {method or 'an unknown method'} "
-                          "(config.json's quantization_config), which nb_offload can't read yet; load the "
-                          "unquantized checkpoint instead (dtype= picks the precision).")
+        return None
+    saved = quant if isinstance(quant, dict) else quant.to_dict() if hasattr(quant, "to_dict") else {}
+    method = saved.get("quant_method")
+    if method != "bitsandbytes":
+        raise CheckpointError(f"model folder {folder!r} holds weights quantized by {method or 'an unknown method'} "
+                              "(config.json's quantization_config), which nb_offload can't read; accepted: "
+                              "checkpoints saved by transformers with bitsandbytes, or unquantized ones.")
+    return saved
+
+
+def _as_saved(folder, saved, asked):
+    """The QuantSpec a checkpoint saved quantized loads as; ``quant=`` may only name the same format."""
+    from .quant import spec_of
+    try:
+        spec = spec_of("config.json's quantization_config", saved)
+    except OptionError as exc:
+        raise CheckpointError(f"model folder {folder!r}: {exc}") from exc
+    if asked is not None and (asked.format != spec.format or asked.double_quant != spec.double_quant):
+        raise OptionError(f"quant={asked.format!r}{' with double_quant' if asked.double_quant else ''} can't apply: "
+                          f"{folder!r} is saved quantized as {spec.format}"
+                          f"{' with double_quant' if spec.double_quant else ''}; drop quant= to load it as saved.")
+    return spec
 
 
 def prefetch_for(options: Options, device_type: str) -> int:
@@ -167,7 +246,7 @@ def plan(model, **options) -> Plan:
         import torch
         dev_type = "cuda" if torch.cuda.is_available() else "cpu"
     budgets = _budgets(dev_type, opts.gpu, opts.cpu, opts.disk, planning=True)     # before any file is read
-    insp = Inspection(model, opts)
+    insp = Inspection(model, opts, dev_type)
     return insp.make_plan(dev_type, budgets, resolve_pins(opts.pins, insp.units))
 
 
@@ -183,7 +262,7 @@ def load(model, **options):
     if dev.type == "cpu" and opts.gpu is not None:
         raise OptionError(f"gpu={opts.gpu!r} was given but compute runs on the CPU (no CUDA device, or "
                           "device=\"cpu\"); drop gpu=, or load on a machine with a GPU.")
-    insp = Inspection(model, opts)
+    insp = Inspection(model, opts, dev.type)
     if dev.type == "cuda":
         with torch.cuda.device(dev):
             budgets = _budgets("cuda", opts.gpu, opts.cpu, opts.disk)

@@ -57,10 +57,13 @@ TOP_P = _number(float, "a share 0 < p <= 1", lambda p: 0 < p <= 1)
 
 
 def _model_and_budget_arguments(func):
-    """The options %offload_load and %offload_plan share: the model, its budgets, dtype, context."""
+    """The options %offload_load and %offload_plan share: the model, its budgets, dtype, quantization, context."""
     def helps(name, more=""):       # argparse formats help with %: a literal one is written %%
         return (options.help_of(name) + more).replace("%", "%%")
     for arg in (argument("--context", type=COUNT, metavar="N", help=helps("context")),
+                argument("--quant", metavar="Q", help="bitsandbytes quantization of the blocks' Linears: int8, nf4 "
+                         "or fp4 (pip install 'nb_offload[quant]'); a %%offload body also takes a mapping, e.g. "
+                         "{format: nf4, double_quant: true}"),
                 argument("--dtype", metavar="D", help=helps("dtype")),
                 argument("--disk", metavar="DIR", help=helps("disk")),
                 argument("--cpu", metavar="SIZE", help=helps("cpu")),
@@ -252,7 +255,6 @@ class OffloadMagics(Magics):
     # -- loading -------------------------------------------------------------------------
     @magic_arguments()
     @_model_and_budget_arguments
-    @argument("--quant", metavar="Q", help="quantization (none available yet)")
     @argument("--pin", nargs="+", default=[], metavar="PATTERN=TIER",
               help="keep units on a tier, e.g. model.layers.0-3=gpu lm_head=gpu")
     @argument("--device", metavar="D", help="cuda, cuda:N or cpu")
@@ -264,8 +266,9 @@ class OffloadMagics(Magics):
         Usage: %offload_load MODEL [--gpu SIZE] [--cpu SIZE] [--disk DIR] [--dtype D] [--quant Q]
                              [--pin PATTERN=TIER ...] [--context N] [--device D] [--as NAME]
 
-        Example:
+        Examples:
             %offload_load ./llama-7b --gpu 6GiB --cpu 24GiB --disk ./offload --pin model.layers.0-3=gpu --as llm
+            %offload_load ./llama-7b --gpu 4GiB --quant nf4
         """
         args = self._parse(self.offload_load, line)
         pins = {}
@@ -294,6 +297,7 @@ class OffloadMagics(Magics):
             cpu: 40GiB
             disk: ./offload
             dtype: bfloat16
+            quant: {format: nf4, double_quant: true}
             pin:
               model.layers.0-7: gpu
         """
@@ -315,9 +319,9 @@ class OffloadMagics(Magics):
         if cfg.get("model") is None:
             raise OptionError("%%offload needs a `model:` line (a folder or a Hub id).")
         for key, value in cfg.items():
-            if key != "pin" and isinstance(value, (list, dict)):
-                raise OptionError(f"%%offload `{key}: {value}` is not valid; every key but pin takes one value, "
-                                  "e.g. `gpu: 6GiB`.")
+            if key not in ("pin", "quant") and isinstance(value, (list, dict)):
+                raise OptionError(f"%%offload `{key}: {value}` is not valid; every key but pin and quant takes one "
+                                  "value, e.g. `gpu: 6GiB`.")
         for key in options.FLAGS:           # said in the cell's own spelling
             if key in cfg and not isinstance(cfg[key], bool):
                 if isinstance(cfg[key], str) and cfg[key].strip().lower() in ("true", "false"):
@@ -462,15 +466,17 @@ class OffloadMagics(Magics):
     def offload_plan(self, line):
         """Dry run: where each unit would live, and the predicted decode speed. No weight is read.
 
-        Usage: %offload_plan MODEL [--gpu SIZE] [--cpu SIZE] [--disk DIR] [--dtype D] [--context N]
-                                   [--link GBPS] [--drive GBPS]
+        Usage: %offload_plan MODEL [--gpu SIZE] [--cpu SIZE] [--disk DIR] [--dtype D] [--quant Q]
+                                   [--context N] [--link GBPS] [--drive GBPS]
 
-        Example:
+        Examples:
             %offload_plan ./llama-70b --gpu 20GiB --cpu 64GiB --disk ./offload
+            %offload_plan ./llama-70b --gpu 20GiB --cpu 64GiB --quant nf4   # a quarter of the bytes to stream
         """
         from . import loader
         args = self._parse(self.offload_plan, line)
-        given = dict(gpu=args.gpu, cpu=args.cpu, disk=args.disk, dtype=args.dtype, context=args.context)
+        given = dict(gpu=args.gpu, cpu=args.cpu, disk=args.disk, dtype=args.dtype, context=args.context,
+                     quant=args.quant)
         with _spoken_as_typed(cell=False):
             plan = loader.plan(args.model, **self._with_defaults(**given))
         self._show(plan)

@@ -13,7 +13,7 @@ from .budget import format_size, host_memory, trim_heap
 from .errors import OffloadError, PinError
 from .gate import RunGate
 from .patterns import match_units
-from .planner import check_tier
+from .planner import split_pin
 from .trace import Stats, Trace
 
 
@@ -56,7 +56,11 @@ class OffloadedModel:
             plist = []
             for slot in u.params:
                 # Zero-sized until the engine binds it: .data may change shape, not device type.
-                p = torch.nn.Parameter(torch.empty(0, dtype=slot.dtype, device=device), requires_grad=False)
+                if slot.quant is not None:      # bitsandbytes' own parameter class, as its modules expect
+                    from .quant import make_param
+                    p = make_param(model.get_submodule(slot.names[0].rpartition(".")[0]), slot.quant, device)
+                else:
+                    p = torch.nn.Parameter(torch.empty(0, dtype=slot.dtype, device=device), requires_grad=False)
                 for alias in slot.names:
                     mod, _, attr = alias.rpartition(".")
                     (model.get_submodule(mod) if mod else model)._parameters[attr] = p
@@ -220,7 +224,8 @@ class OffloadedModel:
             return []
         room = spare.spare_bytes(self.plan, self._insp.config, self._insp.dtype_size, *extent)
         eng = self._engine
-        candidates = [(i, self.plan.entries[eng.model_unit(i)].tier, eng.units[i].nbytes) for i in eng.order
+        candidates = [(i, self.plan.entries[eng.model_unit(i)].tier, eng.units[i].nbytes)
+                      for i in dict.fromkeys(eng.order)       # a tied unit runs twice a pass: once each
                       if i in eng.sources and eng.model_unit(i) not in self._pins]
         return spare.choose(candidates, room, spare.granularity(self.plan.device))
 
@@ -236,11 +241,19 @@ class OffloadedModel:
     def pin(self, pattern: str, tier: str):
         """Keep the units matching ``pattern`` on ``tier``; the others are re-planned around them.
 
+        ``tier`` may name the units' format too ("gpu:nf4"); formats are chosen at load (``pins=``).
         Waits for a generate or forward pass running in another thread to end first."""
-        tier = check_tier(tier)
+        tier, fmt = split_pin(tier)
+        if tier is None:
+            raise PinError(f"pin {fmt!r} names a format, not a tier; re-pinning moves units between tiers "
+                           "(gpu, cpu, disk); a unit's format is chosen at load, with pins=.")
         with self._gate.exclusive("re-pin"):
             self._check_loaded()
             units = match_units(pattern, self._insp.units)
+            changed = [u for u in units if fmt is not None and u.fmt != fmt]
+            if changed:
+                raise PinError(f"{changed[0].name!r} is stored as {changed[0].fmt}, not {fmt}: a unit's format is "
+                               f"chosen at load; load again with pins={{{pattern!r}: {tier + ':' + fmt!r}}}.")
             pins = dict(self._pins)
             for u in units:
                 pins[u.index] = tier
@@ -283,9 +296,11 @@ class OffloadedModel:
             return
         import torch
         self._stop_engine()
+        from .quant import unbind
         for plist in self._params.values():
             for p in plist:
                 p.data = torch.empty(0, dtype=p.dtype, device=self._device)
+                unbind(p)
         for mod in self.model.modules():
             for attr, buf in list(mod._buffers.items()):
                 if buf is not None:

@@ -17,13 +17,12 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from .budget import parse_size
+from .dtypes import canonical_dtype
 from .errors import DiskTierError, OptionError
-from .planner import check_tier
+from .planner import canonical_pin
+from .quant import spec_of
 
-DTYPES = ("float32", "float16", "bfloat16")
-DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 POLICIES = ("auto", "sequential")
-QUANTS_PLANNED = ("int8", "nf4", "fp4")
 TRACE_DETAILS = ("streamed", "full")
 # Opt-ins that let a checkpoint folder run code: only the bool True opts in (the string "False"
 # is truthy, so bool() of it would turn them on).
@@ -49,28 +48,9 @@ def _folder(name, value):
     return value
 
 
-def _dtype(name, value):
-    """The dtype's canonical name ("auto" or None: the checkpoint's)."""
-    if value is None:
-        return None
-    text = str(value) if type(value).__name__ == "dtype" else value     # a torch.dtype, without importing torch
-    if isinstance(text, str):
-        key = text.removeprefix("torch.").lower()
-        key = DTYPE_ALIASES.get(key, key)
-        if key in DTYPES or key == "auto":
-            return key
-    raise OptionError(f"{name}={value!r} is not supported; accepted: {', '.join(DTYPES)} (or None / \"auto\" for "
-                      "the checkpoint's).")
-
-
 def _quant(name, value):
-    if value is None:
-        return None
-    if value in QUANTS_PLANNED:
-        raise OptionError(f"{name}={value!r} is not available in this version of nb_offload yet; "
-                          "accepted now: None (weights in the checkpoint's dtype or dtype=).")
-    raise OptionError(f"{name}={value!r} is unknown; accepted: None (and, in a later version, "
-                      f"{', '.join(QUANTS_PLANNED)}).")
+    """A QuantSpec (quant.py), or None."""
+    return spec_of(name, value)
 
 
 def _pins(name, value):
@@ -80,7 +60,7 @@ def _pins(name, value):
     if not isinstance(value, Mapping):
         raise PinError(f"{name}={value!r} is not a mapping; give a dict such as {{\"model.layers.0-3\": \"gpu\"}}.")
     # read-only, as the rest of a frozen Options
-    return MappingProxyType({pattern: check_tier(tier) for pattern, tier in value.items()})
+    return MappingProxyType({pattern: canonical_pin(pin) for pattern, pin in value.items()})
 
 
 def _device(name, value):
@@ -161,9 +141,13 @@ class Options:
                                                   "available now)")
     disk: str | os.PathLike | None = _option(None, _folder, "folder for the disk tier, made private to you "
                                                             "(default: no disk tier)")
-    dtype: str | None = _option(None, _dtype, "weights' dtype: bfloat16, float16 or float32 (default: the "
+    dtype: str | None = _option(None, canonical_dtype, "weights' dtype: bfloat16, float16 or float32 (default: the "
                                               "checkpoint's)")
-    quant: str | None = _option(None, _quant, "quantization; none is available yet")
+    quant: str | Mapping | None = _option(None, _quant, "bitsandbytes quantization of the blocks' Linears: "
+                                                        "\"int8\", \"nf4\", \"fp4\", or {\"format\": \"nf4\", "
+                                                        "\"double_quant\": True, \"compute_dtype\": ..., \"skip\": "
+                                                        "[...], \"threshold\": 6.0}, or a BitsAndBytesConfig "
+                                                        "(needs nb_offload[quant])")
     pins: Mapping = _option(None, _pins, "{pattern: tier}: units kept on a tier, e.g. {\"model.layers.0-3\": \"gpu\"}")
     device: str | None = _option(None, _device, "where compute runs: \"cuda\", \"cuda:N\" or \"cpu\" (default: "
                                                 "cuda where there is one)")

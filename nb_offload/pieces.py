@@ -14,7 +14,7 @@ the block that owns no parameters directly is split into its children in turn.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .units import ParamSlot, round_up
 
@@ -83,14 +83,13 @@ def split_unit(model, unit) -> None:
         start = min(s.offset for s in slots)
         end = max(s.offset + s.nbytes for s in slots)
         end = round_up(end)
-        params = [ParamSlot(names=s.names, shape=s.shape, dtype=s.dtype, offset=s.offset - start, nbytes=s.nbytes)
-                  for s in sorted(slots, key=lambda s: s.offset)]
+        params = [replace(s, offset=s.offset - start) for s in sorted(slots, key=lambda s: s.offset)]
         unit.pieces.append(Piece(module=name, start=start, end=min(end, unit.nbytes), params=params))
     unit.pieces.sort(key=lambda pc: pc.start)
     offset = 0
     for s in unit.params:
         if id(s) not in in_pieces:
-            unit.rest.append(ParamSlot(names=s.names, shape=s.shape, dtype=s.dtype, offset=offset, nbytes=s.nbytes))
+            unit.rest.append(replace(s, offset=offset))
             unit.rest_from.append(s.offset)
             offset += round_up(s.nbytes)
     unit.rest_nbytes = offset

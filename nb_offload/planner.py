@@ -34,6 +34,7 @@ class PlanEntry:
     pinned: bool
     kind: str = "block"
     aliases: tuple = ()
+    fmt: str = ""                   # how its weights are stored: "bf16", "nf4", "int8" ...
 
 
 @dataclass
@@ -109,7 +110,7 @@ class Plan:
             "reserved": self.reserved,
             "host_reserved": self.host_reserved,
             "entries": [{"name": e.name, "bytes": e.bytes, "tier": e.tier, "pinned": e.pinned,
-                         "kind": e.kind, "aliases": list(e.aliases)} for e in self.entries],
+                         "kind": e.kind, "aliases": list(e.aliases), "format": e.fmt} for e in self.entries],
         }
 
     # The renderings live in views.py (imported here on use: the core does not render).
@@ -183,6 +184,9 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
     resident = "gpu" if device == "cuda" else "cpu"
     _check_pins(units, pins, device, budgets)
     reserved = footprint(config, dtype_size, context, batch, device)
+    dequant = max((u.dequant_bytes for u in units), default=0)
+    if device == "cuda" and dequant:     # a quantized forward's temporaries, one weight at a time (quant.py)
+        reserved["dequant"] = dequant
     if device == "cpu" and library_code:
         reserved["library_code"] = library_code
     on_res, slots = _choose_resident(units, pins, resident, budgets[resident], reserved, _Slots(prefetch + 1),
@@ -202,7 +206,7 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
                 "folder to stream blocks from.")
         tiers.update((u.index, "disk") for u in stream)
     entries = [PlanEntry(name=u.name, bytes=u.nbytes, tier=tiers[u.index], pinned=u.index in pins,
-                         kind=u.kind, aliases=tuple(u.modules)) for u in units]
+                         kind=u.kind, aliases=tuple(u.modules), fmt=getattr(u, "fmt", "")) for u in units]
     return Plan(entries=entries, device=device, budgets=dict(budgets), reserved=reserved,
                 host_reserved=host_reserved, context=context, batch=batch, prefetch=prefetch, model=model_name,
                 split_blocks=slots.split)
@@ -380,17 +384,67 @@ def _too_small(tier, cap, need, reserved, slots, streamable, context, must):
 
 
 def resolve_pins(pins, units) -> dict:
-    """Turn ``{pattern: tier}`` into ``{unit index: tier}``, checking every pattern and tier."""
+    """Turn ``{pattern: pin}`` into ``{unit index: tier}`` for the pins that name a tier, checking every
+    pattern and value (see ``split_pin``)."""
     out = {}
+    for pattern, value in _checked_pins(pins):
+        tier, _ = split_pin(value)
+        for u in match_units(pattern, units):
+            if tier is not None:
+                out[u.index] = tier
+    return out
+
+
+def pin_formats(pins, units) -> dict:
+    """``{unit index: format}`` for the pins that name a format ("bf16", "nf4" ...)."""
+    out = {}
+    for pattern, value in _checked_pins(pins):
+        _, fmt = split_pin(value)
+        for u in match_units(pattern, units):
+            if fmt is not None:
+                out[u.index] = fmt
+    return out
+
+
+def _checked_pins(pins):
     if not pins:
-        return out
+        return []
     if not isinstance(pins, Mapping):
         raise PinError(f"pins={pins!r} is not a mapping; give a dict such as {{\"model.layers.0-3\": \"gpu\"}}.")
-    for pattern, tier in pins.items():
-        tier = check_tier(tier)
-        for u in match_units(pattern, units):
-            out[u.index] = tier
-    return out
+    return list(pins.items())
+
+
+# A pin names a tier, a format, or both ("gpu:bf16"): the format keeps a unit unquantized (in the
+# load dtype) or says it is quantized; formats are chosen at load.
+QUANT_FORMATS = ("int8", "nf4", "fp4")
+PLAIN_FORMATS = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "fp32": "fp32",
+                 "float32": "fp32"}
+
+
+def split_pin(value) -> tuple:
+    """``(tier or None, format or None)`` of a pin: "gpu", "nf4", "gpu:bf16" (also "bf16:gpu")."""
+    if not isinstance(value, str) or not value.strip():
+        raise PinError(f"pin {value!r} is unknown; accepted: a tier ({', '.join(TIERS)}), a format "
+                       f"({', '.join(QUANT_FORMATS + ('bf16', 'fp16', 'fp32'))}) or both, e.g. \"gpu:bf16\".")
+    tier = fmt = None
+    for part in value.strip().lower().split(":"):
+        part = part.strip()
+        if part in TIERS and tier is None:
+            tier = part
+        elif part in QUANT_FORMATS and fmt is None:
+            fmt = part
+        elif part in PLAIN_FORMATS and fmt is None:
+            fmt = PLAIN_FORMATS[part]
+        else:
+            which = "tier" if ":" not in value else "pin"
+            raise PinError(f"{which} {value!r} is unknown; accepted: a tier ({', '.join(TIERS)}), a format "
+                           f"({', '.join(QUANT_FORMATS + ('bf16', 'fp16', 'fp32'))}) or both, e.g. \"gpu:bf16\".")
+    return tier, fmt
+
+
+def canonical_pin(value) -> str:
+    tier, fmt = split_pin(value)
+    return ":".join(p for p in (tier, fmt) if p)
 
 
 def check_tier(tier) -> str:

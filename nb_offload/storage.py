@@ -12,6 +12,20 @@ from .ingest import Ingest, readable
 from .tiers import Source, alloc_host, direct_extents, lock_host, pack, param_views, read_extents, release_host
 
 
+def _source_shape(slot) -> tuple:
+    """The shape a parameter has in the checkpoint (a quantized one's before quantizing)."""
+    return tuple(slot.shape) if slot.quant is None else slot.quant.source_shape
+
+
+def _quant_key(inspection, device):
+    """What makes quantized bytes differ: the quantization, bitsandbytes' version, where it ran."""
+    if inspection.quant is None:
+        return None
+    from .quant import require_bitsandbytes
+    packed = any(s.quant.cpu_packed for u in inspection.units for s in u.params if s.quant is not None)
+    return f"{inspection.quant.key()},bnb={require_bitsandbytes().__version__},{device.type},packed={packed}"
+
+
 class Storage:
     def __init__(self, inspection, device, disk, *, read_threads=4, host_budget=None):
         self.insp = inspection
@@ -23,7 +37,8 @@ class Storage:
         self.cache = None
         self.seconds = self.lock_seconds = 0.0       # the last materialize: all of it, and page-locking
         if disk is not None:
-            fp = OffloadCache.fingerprint_of(inspection.checkpoint, inspection.dtype, None, inspection.units)
+            fp = OffloadCache.fingerprint_of(inspection.checkpoint, inspection.dtype, _quant_key(inspection, device),
+                                             inspection.units)
             self.cache = OffloadCache(os.fspath(disk), fp)
 
     # -- reading units from the checkpoint -----------------------------------------------------
@@ -52,18 +67,18 @@ class Storage:
                                   f"converted to {unit.name!r}'s weights ({exc}).") from exc
         finally:
             for slot in unit.params:     # back to meta, so the meta model never holds weights
-                empty = torch.nn.Parameter(torch.empty(slot.shape, dtype=slot.dtype, device="meta"),
+                empty = torch.nn.Parameter(torch.empty(_source_shape(slot), dtype=slot.dtype, device="meta"),
                                            requires_grad=False)
                 for alias in slot.names:
                     m, _, a = alias.rpartition(".")
                     meta.get_submodule(m)._parameters[a] = empty
         for slot in unit.params:
             got = out[slot.names[0]]
-            if got.is_meta or tuple(got.shape) != tuple(slot.shape):
+            if got.is_meta or tuple(got.shape) != _source_shape(slot):
                 raise CheckpointError(
                     f"checkpoint tensors {sorted(unit.checkpoint_keys)[:4]} in {ckpt.folder!r} convert to "
                     f"{slot.names[0]!r} of shape {list(got.shape)}, but the model built from config.json expects "
-                    f"{list(slot.shape)}; is config.json from the same model as the weights?")
+                    f"{list(_source_shape(slot))}; is config.json from the same model as the weights?")
         return out
 
     def fill(self, unit, flat):
@@ -81,7 +96,9 @@ class Storage:
                 flat.copy_(self._host_copy_of(unit))
             return
         ckpt = self.insp.checkpoint
-        if readable(unit, ckpt):
+        if unit.quantized:
+            self._fill_quantized(unit, flat)
+        elif readable(unit, ckpt):
             ingest = self._ingest()
             ingest.add(unit, flat)
             ingest.run()
@@ -90,6 +107,30 @@ class Storage:
         else:
             for slot, view in zip(unit.params, param_views(unit, flat)):
                 view.copy_(ckpt.get(next(n for n in slot.names if n in ckpt.tensors)))
+
+    def _fill_quantized(self, unit, flat):
+        """Quantize a unit's weights on the compute device, one tensor at a time, into ``flat`` (quant.py);
+        its other parameters are copied in the load dtype."""
+        from .quant import load_saved_into, quantize_into
+        ckpt = self.insp.checkpoint
+        names = {n for s in unit.params for n in s.names}
+        converted = None
+        if not ckpt.is_pickle and not all(k in names for k in unit.checkpoint_keys):
+            converted = self._read_converted(unit)      # e.g. fused experts beside quantized attention
+        for slot in unit.params:
+            if slot.quant is not None and self.insp.saved_quant is not None:
+                key = next(n for n in slot.names if n in ckpt.tensors)
+                load_saved_into(slot.quant, key, ckpt, flat[slot.offset:slot.offset + slot.nbytes], self.device)
+                continue
+            if converted is not None:
+                tensor = converted[slot.names[0]]
+            else:
+                tensor = ckpt.get(next(n for n in slot.names if n in ckpt.tensors))
+            dest = flat[slot.offset:slot.offset + slot.nbytes]
+            if slot.quant is None:
+                dest.view(slot.dtype).view(slot.shape).copy_(tensor)
+            else:       # in the load dtype first, as transformers materializes it before quantizing
+                quantize_into(slot.quant, tensor.to(self.insp.dtype), dest, self.device)
 
     def _ingest(self) -> Ingest:
         return Ingest(self.insp.checkpoint, threads=self.read_threads, lock=lock_host if self.cuda else None,

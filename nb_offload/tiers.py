@@ -69,15 +69,21 @@ def release_host(flat):
 
 
 def param_views(unit, flat):
-    """Typed views of every parameter of ``unit`` inside its flat buffer ``flat``."""
+    """Typed views of every parameter of ``unit`` inside its flat buffer ``flat`` (for a quantized
+    weight, a ``quant.QuantBinding`` of its parts)."""
     out = []
     for slot in unit.params:
-        out.append(flat[slot.offset:slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape))
+        raw = flat[slot.offset:slot.offset + slot.nbytes]
+        if slot.quant is not None:
+            from .quant import QuantBinding
+            out.append(QuantBinding(slot.quant, raw))
+        else:
+            out.append(raw.view(slot.dtype).view(slot.shape))
     return out
 
 
 def pack(unit, tensors: dict, flat):
-    """Copy a unit's tensors (by parameter name) into its flat buffer."""
+    """Copy a unit's tensors (by parameter name) into its flat buffer (unquantized units)."""
     for slot, view in zip(unit.params, param_views(unit, flat)):
         name = next(n for n in slot.names if n in tensors)
         view.copy_(tensors[name])

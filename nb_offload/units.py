@@ -12,8 +12,8 @@ import contextlib
 import fnmatch
 from dataclasses import dataclass, field
 
+from .dtypes import DTYPES
 from .errors import CheckpointError, OptionError
-from .options import DTYPES
 
 ALIGN = 256  # bytes; keeps every tensor view aligned for vectorised kernels on any device
 
@@ -32,6 +32,7 @@ class ParamSlot:
     dtype: object             # torch.dtype
     offset: int
     nbytes: int
+    quant: object = None      # a quant.QuantLayout where the weight is quantized (shape, dtype: its data's)
 
 
 @dataclass
@@ -51,6 +52,12 @@ class Unit:
     rest: list[ParamSlot] = field(default_factory=list)     # offsets in a small buffer of their own
     rest_from: list[int] = field(default_factory=list)      # each one's offset in the unit's layout
     rest_nbytes: int = 0
+    fmt: str = ""             # how its weights are stored: "bf16", "nf4", "int8" ... (see quant.py)
+    dequant_bytes: int = 0    # GPU bytes its largest 4-bit Linear dequantizes into at prefill
+
+    @property
+    def quantized(self) -> bool:
+        return any(s.quant is not None for s in self.params)
 
     @property
     def aliases(self) -> list[str]:
@@ -60,6 +67,21 @@ class Unit:
     def stream_nbytes(self) -> int:
         """The most bytes of this unit one staging slot must hold while it streams."""
         return max((pc.nbytes for pc in self.pieces), default=self.nbytes)
+
+
+def dtype_name(dtype) -> str:
+    """The short name of a weight dtype, as the plan shows it ("bf16", "fp16", "fp32")."""
+    text = str(dtype).removeprefix("torch.")
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(text, text)
+
+
+def lay_out(unit):
+    """Give ``unit``'s params consecutive aligned offsets, from their sizes."""
+    offset = 0
+    for slot in unit.params:
+        slot.offset = offset
+        offset += round_up(slot.nbytes)
+    unit.nbytes = offset
 
 
 def resolve_dtype(name, config=None):
@@ -198,6 +220,7 @@ def find_units(model) -> list[Unit]:
                                          offset=offset, nbytes=nbytes))
             offset += round_up(nbytes)
         unit.nbytes = offset
+        unit.fmt = dtype_name(unit.params[0].dtype) if unit.params else ""
         units.append(unit)
     units.sort(key=lambda u: module_order.get(u.name, 0))
     for i, u in enumerate(units):
@@ -205,8 +228,11 @@ def find_units(model) -> list[Unit]:
     return units
 
 
-def map_checkpoint(model, units: list[Unit], checkpoint) -> tuple[dict, dict]:
+def map_checkpoint(model, units: list[Unit], checkpoint, *, saved_quantized=False) -> tuple[dict, dict]:
     """Assign every checkpoint tensor to its unit (through transformers' key conversions).
+
+    ``saved_quantized``: the checkpoint was saved quantized by bitsandbytes; its quantized weights
+    are checked against the quantized layout later (quant.check_saved), not against the plain model.
 
     Returns ``(buffer_keys, conversions)``: checkpoint keys of persistent buffers by buffer
     name, and the conversion list to hand to transformers for units that need one.
@@ -238,7 +264,7 @@ def map_checkpoint(model, units: list[Unit], checkpoint) -> tuple[dict, dict]:
             target, pattern = rename(key, renamings, converters, model.base_model_prefix, meta_sd)
             if target not in meta_sd and key in meta_sd:
                 target, pattern = key, None
-        if target in meta_sd and pattern is None:
+        if target in meta_sd and pattern is None and not (saved_quantized and _saved_quantized(key, info, checkpoint)):
             _check_shape(key, info, meta_sd[target].shape)
             _check_dtype(key, info, meta_sd[target].dtype)
         if target in buffers:
@@ -279,6 +305,13 @@ def map_checkpoint(model, units: list[Unit], checkpoint) -> tuple[dict, dict]:
             and tuple(by_name[next(n for n in s.names if n in by_name)].shape) == s.shape
             for s in u.params)
     return buffer_keys, conversions
+
+
+def _saved_quantized(key, info, checkpoint) -> bool:
+    """Whether checkpoint tensor ``key`` is a bitsandbytes weight saved quantized (integer bytes with
+    their quantization state beside them: quant.py reads them)."""
+    return info.dtype in ("uint8", "int8") and (key + ".absmax" in checkpoint.tensors
+                                                 or key.rsplit(".", 1)[0] + ".SCB" in checkpoint.tensors)
 
 
 def _check_shape(key, info, expected):

@@ -78,7 +78,7 @@ def plan_rows(plan) -> list:
         prev = rows[-1] if rows else None
         head, _, idx = e.name.rpartition(".")
         if (prev and e.kind == "block" and prev["kind"] == "block" and prev["tier"] == e.tier
-                and prev["pinned"] == e.pinned and idx.isdigit() and prev["head"] == head
+                and prev["pinned"] == e.pinned and prev["fmt"] == e.fmt and idx.isdigit() and prev["head"] == head
                 and prev["last"] + 1 == int(idx)):
             prev["last"] = int(idx)
             prev["bytes"] += e.bytes
@@ -86,7 +86,7 @@ def plan_rows(plan) -> list:
             continue
         rows.append({"head": head, "first": int(idx) if idx.isdigit() else None,
                      "last": int(idx) if idx.isdigit() else None, "name": e.name, "kind": e.kind,
-                     "tier": e.tier, "pinned": e.pinned, "bytes": e.bytes, "count": 1,
+                     "tier": e.tier, "pinned": e.pinned, "bytes": e.bytes, "count": 1, "fmt": e.fmt,
                      "aliases": e.aliases})
     for r in rows:
         if r["count"] > 1:
@@ -129,10 +129,10 @@ def plan_text(plan) -> str:
     width = max([len(r["name"]) for r in rows] + [6])
     lines = [f"nb_offload plan for {plan.model or 'model'}: compute on {plan.device}, "
              f"context {plan.context}, batch {plan.batch}",
-             f"  {'module':<{width}}  {'tier':<4}  {'size':>10}  pinned"]
+             f"  {'module':<{width}}  {'tier':<4}  {'format':<6}  {'size':>10}  pinned"]
     for r in rows:
         count = f" ({r['count']} blocks)" if r["count"] > 1 else ""
-        lines.append(f"  {r['name']:<{width}}  {r['tier']:<4}  {format_size(r['bytes']):>10}  "
+        lines.append(f"  {r['name']:<{width}}  {r['tier']:<4}  {r['fmt']:<6}  {format_size(r['bytes']):>10}  "
                      f"{'yes' if r['pinned'] else '':<6}{count}".rstrip())
     lines += [f"  {tier}: {total}" for tier, total in tier_totals(plan)]
     extra = ", ".join(f"{k.replace('_', ' ')} {format_size(v)}" for k, v in plan.reserved.items() if v)
@@ -148,12 +148,13 @@ def plan_html(plan) -> str:
     body = "".join(
         f"<tr><td><code>{html.escape(r['name'])}</code></td>"
         f"<td><span style='color:{TIER_COLORS[r['tier']]};font-weight:bold'>{r['tier']}</span></td>"
-        f"<td style='text-align:right'>{format_size(r['bytes'])}</td>"
+        f"<td>{html.escape(r['fmt'])}</td><td style='text-align:right'>{format_size(r['bytes'])}</td>"
         f"<td>{'yes' if r['pinned'] else ''}</td></tr>" for r in plan_rows(plan))
-    foot = "".join(f"<tr><th>{tier}</th><td colspan=3>{total}</td></tr>" for tier, total in tier_totals(plan))
+    foot = "".join(f"<tr><th>{tier}</th><td colspan=4>{total}</td></tr>" for tier, total in tier_totals(plan))
     return (f"<div><b>nb_offload plan</b> for <code>{html.escape(plan.model)}</code> "
             f"(compute on {plan.device}, context {plan.context}, batch {plan.batch})"
-            f"<table><tr><th>module</th><th>tier</th><th>size</th><th>pinned</th></tr>{body}{foot}</table></div>")
+            f"<table><tr><th>module</th><th>tier</th><th>format</th><th>size</th><th>pinned</th></tr>{body}{foot}"
+            "</table></div>")
 
 
 # -- the layer map and the memory bars, as SVG --------------------------------------------------------

@@ -26,6 +26,33 @@ def reference(folder, device="cpu", max_new_tokens=10):
     return tokens, logits
 
 
+def bnb_config(fmt, dtype="bfloat16", double_quant=False):
+    """The BitsAndBytesConfig that nb_offload's ``quant=fmt`` stands for (compute in the load dtype)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+    if fmt == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=fmt, bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, dtype))
+
+
+def quant_reference(folder, config, device="cpu", dtype="bfloat16", max_new_tokens=10):
+    """Greedy tokens and prompt logits of transformers' own bitsandbytes model, loaded with
+    ``from_pretrained(quantization_config=config)`` entirely on ``device`` (quantized there)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    extra = {} if config is None else {"quantization_config": config}     # None: a checkpoint saved quantized
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), device_map=device,
+                                                 **extra).eval()
+    ids = torch.tensor(PROMPT, device=device)
+    with torch.inference_mode():
+        logits = model(ids).logits.float().cpu()
+        tokens = model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                do_sample=False).cpu()
+    del model
+    return tokens, logits
+
+
 def run_offloaded(llm, max_new_tokens=10):
     import torch
     ids = torch.tensor(PROMPT)

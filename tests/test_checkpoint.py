@@ -291,17 +291,24 @@ def test_valid_edits_still_load(tmp_path, tiny):
 
 # -- quantized checkpoints: packed values are not weights ----------------------------------------
 
-def test_a_prequantized_checkpoint_is_refused_by_its_config(tmp_path, tiny):
+@pytest.mark.parametrize("quant_config,fragment", [
+    ({"quant_method": "gptq", "bits": 4}, "quantized by gptq.*accepted: checkpoints saved by transformers with "
+                                          "bitsandbytes, or unquantized ones"),
+    # a bitsandbytes config over plain float weights: they are not the quantized weights it promises
+    ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "q_proj.weight.*is not the int8 weight of shape"),
+])
+def test_a_checkpoint_quantized_another_way_is_refused_by_its_config(quant_config, fragment, tmp_path, tiny):
     """config.json's quantization_config says the tensors are packed values and scales: reading them
-    as weights would give wrong output, so plan and load refuse it, naming the method."""
-    folder = copy_model(tiny, tmp_path / "int8")
+    as weights would give wrong output, so plan and load refuse what nb_offload can't read, naming it."""
+    pytest.importorskip("bitsandbytes")
+    folder = copy_model(tiny, tmp_path / "quantized")
     with open(os.path.join(folder, "config.json")) as fh:
         config = json.load(fh)
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    config["quantization_config"] = quant_config
     with open(os.path.join(folder, "config.json"), "w") as fh:
         json.dump(config, fh)
     for call in (nb_offload.plan, nb_offload.load):
-        with pytest.raises(CheckpointError, match="quantized by bitsandbytes.*load the unquantized checkpoint"):
+        with pytest.raises(CheckpointError, match=fragment):
             call(folder, device="cpu")
 
 

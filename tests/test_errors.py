@@ -85,7 +85,7 @@ def test_pin_inside_a_block(model_dirs):
 
 
 def test_unknown_tier(model_dirs):
-    with pytest.raises(PinError, match="tier 'vram' is unknown; accepted: gpu, cpu, disk"):
+    with pytest.raises(PinError, match=r"tier 'vram' is unknown; accepted: a tier \(gpu, cpu, disk\)"):
         load(model_dirs("llama"), pins={"model.layers.0": "vram"})
 
 
@@ -102,7 +102,6 @@ def test_backwards_range(model_dirs):
 @pytest.mark.parametrize("kw,fragment", [
     (dict(dtype="float12"), "dtype='float12' is not supported; accepted: float32, float16, bfloat16"),
     (dict(quant="int3"), "quant='int3' is unknown"),
-    (dict(quant="nf4"), "quant='nf4' is not available"),
     (dict(policy="fastest"), "policy='fastest' is unknown; accepted: 'auto'"),
     (dict(device="tpu"), "device='tpu' is not supported"),
     (dict(context=0), "context=0 is not valid"),

@@ -257,8 +257,8 @@ def test_pin_item_must_be_pattern_equals_tier(shell, folder, item):
 
 
 @pytest.mark.parametrize("body,named", [
-    ("gpu: [1, 2]", r"%%offload `gpu: \[1, 2\]` is not valid; every key but pin takes one value"),
-    ("cpu: {a: 1}", r"%%offload `cpu: {'a': 1}` is not valid; every key but pin takes one value"),
+    ("gpu: [1, 2]", r"%%offload `gpu: \[1, 2\]` is not valid; every key but pin and quant takes one value"),
+    ("cpu: {a: 1}", r"%%offload `cpu: {'a': 1}` is not valid; every key but pin and quant takes one value"),
     ("trace: maybe", r"%%offload `trace: maybe` is not valid; accepted: true or false"),
     ('trust_remote_code: "true"', r"%%offload `trust_remote_code: 'true'` is quoted text; write "
                                   r"trust_remote_code: true without quotes"),

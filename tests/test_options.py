@@ -11,7 +11,7 @@ from nb_offload import BudgetError, DiskTierError, OffloadError, OptionError, Op
 # one value each option refuses, and the error it is refused with
 BAD = {
     "gpu": ("6 gigs", BudgetError), "cpu": ("120%", BudgetError), "disk": ("", DiskTierError),
-    "dtype": ("float8", OptionError), "quant": ("nf4", OptionError), "pins": ({"lm_head": "tpu"}, PinError),
+    "dtype": ("float8", OptionError), "quant": ("nf5", OptionError), "pins": ({"lm_head": "tpu"}, PinError),
     "device": ("mps", OptionError), "policy": ("fastest", OptionError), "context": (0, OptionError),
     "batch": (True, OptionError), "prefetch": (1.5, OptionError), "read_ahead": (-1, OptionError),
     "split_blocks": ("yes", OptionError), "allow_pickle": ("False", OptionError),
