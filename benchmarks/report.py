@@ -437,6 +437,25 @@ def render_quant(data, command, title) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_variants(data, command, title) -> str:
+    """A quant_variants.py run: one quantized decode with the engine's knobs varied one at a time."""
+    lines = [f"## {data['date']}, {title or 'where a quantized step goes'} · {data['card']}", "",
+             "Command (GPU machine, repository root):", "", f"    {command}", "",
+             f"{data['quant']} at gpu={data['gpu']}, LLaMA-7B shape; each variant loaded alone and timed on its own "
+             "(per-step median of a 48-token generate): compare within the run only. Hooks: host time inside the "
+             "engine's hooks per forward pass. Trace: one decode step of a 3-token generate.", "",
+             "| variant | tok/s | hooks per pass | streamed units | copies in the traced step | copy busy | "
+             "traced step |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        hooks = f"{r['hooks_us_per_pass']:.0f} µs" if "hooks_us_per_pass" in r else ""
+        copies = str(r.get("copies", ""))
+        busy = f"{r['copy_ms']:.1f} ms" if "copy_ms" in r else ""
+        step = f"{r['step_ms']:.1f} ms" if "step_ms" in r else ""
+        lines.append(f"| {r['variant']} | {r['tok_s']:.2f} | {hooks} | {r.get('streamed_units', '')} | {copies} | "
+                     f"{busy} | {step} |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("json", nargs="+")
@@ -462,6 +481,9 @@ def main():
         title = f' --title "{args.title}"' if args.title else ""
         print(render_readme(data, args.title, list(zip(args.json[1:], loaded[1:])),
                             f"python3 benchmarks/report.py {' '.join(args.json)} --readme{title}"))
+    elif "variant" in (data.get("rows") or [{}])[0]:
+        print(render_variants(data, args.command or "PYTHONPATH=. python3 benchmarks/quant_variants.py --json out.json",
+                              args.title))
     elif args.quant or "bitsandbytes" in data.get("meta", {}):
         print(render_quant(data, args.command or "PYTHONPATH=. python3 benchmarks/bench_quant.py --json out.json",
                            args.title))

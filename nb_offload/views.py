@@ -181,7 +181,8 @@ def layer_map_svg(plan) -> str:
     for i, e in enumerate(plan.entries):
         x, y = (i % PER_ROW) * (CELL + GAP), (i // PER_ROW) * (CELL + GAP)
         label = short_label(e)
-        tip = f"{e.name}: {e.tier}, {format_size(e.bytes)}" + (", pinned" if e.pinned else "")
+        tip = (f"{e.name}: {e.tier}, " + (f"{e.fmt}, " if e.fmt else "") + format_size(e.bytes)
+               + (", pinned" if e.pinned else ""))
         pin = (f"<path d='M{x + CELL - 10},{y} h10 v10 z' fill='white'/>" if e.pinned else "")
         cells.append(f"<g><title>{html.escape(tip)}</title>"
                      f"<rect x='{x}' y='{y}' width='{CELL}' height='{CELL}' rx='3' fill='{TIER_COLORS[e.tier]}'/>{pin}"

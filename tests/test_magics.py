@@ -284,3 +284,22 @@ def test_dashboard_in_a_jupyter_kernel(shell, model_dirs, monkeypatch):
     assert "<table>" in cap.outputs[0].data["text/html"]
     run(shell, "%config OffloadMagics.dashboard = True")
     run(shell, "%offload_unload board")
+
+
+def test_quantization_in_the_magics(shell, model_dirs, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    folder = model_dirs("llama", dtype="bfloat16")
+    run(shell, f"%offload_load {folder} --device cpu --quant int8 --pin model.layers.0=cpu:bf16 --as q8")
+    llm = shell.user_ns["q8"]
+    assert [e.fmt for e in llm.plan if e.kind == "block"] == ["bf16", "int8", "int8", "int8"]
+    run(shell, "%offload_unload q8")
+    run(shell, f"%%offload q4\nmodel: {folder}\ndevice: cpu\nquant: {{format: nf4, double_quant: true}}\n"
+               "pin:\n  model.layers.3: bf16\n")
+    llm = shell.user_ns["q4"]
+    assert llm.options.quant.double_quant and llm.plan["model.layers.3"].fmt == "bf16"
+    run(shell, "%offload_unload q4")
+    capsys.readouterr()
+    run(shell, f"%offload_plan {folder} --gpu 1GiB --cpu 1GiB --quant fp4")
+    assert " fp4 " in capsys.readouterr().out
+    with pytest.raises(Exception, match=r"--quant 'nf5' is unknown"):
+        run(shell, f"%offload_plan {folder} --gpu 1GiB --quant nf5")

@@ -52,7 +52,8 @@ export function renderLayerMap(model: AnyModel<LayerMapState>, root: HTMLElement
     cells = plan.entries.map((e, i) => {
       const cell = el("div", `nbo-cell nbo-${e.kind}${e.pinned ? " nbo-pinned" : ""}`, e.label);
       cell.style.background = colors[e.tier] ?? "#999";
-      cell.title = `${e.name}\n${e.tier} \u00b7 ${formatSize(e.bytes)}${e.pinned ? " \u00b7 pinned" : ""}`;
+      const format = e.format ? ` \u00b7 ${e.format}` : "";
+      cell.title = `${e.name}\n${e.tier}${format} \u00b7 ${formatSize(e.bytes)}${e.pinned ? " \u00b7 pinned" : ""}`;
       cell.dataset.name = e.name;
       cell.dataset.tier = e.tier;
       cell.dataset.index = String(i);

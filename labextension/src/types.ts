@@ -13,6 +13,7 @@ export interface PlanEntry {
   tier: string;
   pinned: boolean;
   kind: string;
+  format?: string;      // "bf16", "nf4", "int8" ... (quantized tiers)
 }
 
 export interface PlanState {

@@ -24,5 +24,5 @@ def plan_state(plan) -> dict:
     return {
         "model": plan.model, "device": plan.device, "targets": pin_targets(plan),
         "entries": [{"name": e.name, "label": short_label(e), "bytes": e.bytes, "tier": e.tier,
-                     "pinned": e.pinned, "kind": e.kind} for e in plan.entries],
+                     "pinned": e.pinned, "kind": e.kind, "format": e.fmt} for e in plan.entries],
     }
