@@ -11,7 +11,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="load a tiny model made here through every tier and generate")
     demo.add_argument("--folder", default=None, help="where to keep the model (default ./.demo)")
-    demo.add_argument("--max-new-tokens", type=int, default=24)
+    demo.add_argument("--max-new-tokens", type=int, default=40)
     plan = sub.add_parser("plan", help="dry run: where each unit would live (no weights read)")
     plan.add_argument("model")
     for tier in ("gpu", "cpu"):

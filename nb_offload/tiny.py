@@ -40,6 +40,16 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
+SMALL_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "small-llama")
+
+
+def small_model() -> str:
+    """The folder of the small model that ships with nb_offload: a 4-layer Llama (3 MB) trained on
+    ``data/corpus.txt``, so its greedy generations from a prompt in that text are English sentences
+    (``scripts/train_small_model.py`` made it). Read-only: load it, don't write into it."""
+    return SMALL_MODEL
+
+
 def build_tokenizer(vocab_size: int = 256):
     """A byte-level BPE tokenizer trained in memory: same on every machine, no download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

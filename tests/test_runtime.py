@@ -139,6 +139,8 @@ def test_demo_runs(tmp_path):
     assert "tokens identical to plain transformers: yes" in out.stdout
     assert "disk" in out.stdout and "tok/s" in out.stdout
     assert "\\x" not in out.stdout            # the generated text is shown, not its repr
+    # the small model that ships with nb_offload writes the sentence it learned
+    assert "The old baker opened his shop before the sun was up, as he had done for forty years." in out.stdout
 
 
 PEAK_SCRIPT = r"""
