@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # On a GPU machine, set TORCH_SPEC to the build you want, or use a venv that has it.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test lint test-gpu clean
+.PHONY: setup demo test test-notebooks lab lint test-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,15 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The teaching notebooks, run top to bottom; nbval compares the outputs of the cells marked to be checked.
+test-notebooks: setup
+	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg notebooks
+
+# JupyterLab with nb_offload, opened at the quick-start notebook.
+lab: setup
+	$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install -q -e ".[notebook]"
+	$(VENV)/bin/jupyter lab notebooks/01-quick-start.ipynb
 
 lint: setup
 	$(VENV)/bin/ruff check .

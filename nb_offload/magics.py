@@ -510,19 +510,21 @@ class OffloadMagics(Magics):
     @magic_arguments()
     @_name_argument()
     @argument("--export", default=None, metavar="FILE.json", help="write the trace as Chrome-trace JSON")
+    @argument("--all", action="store_true", help="every run in the trace, the idle time between them cut out")
     @line_magic
     def offload_timeline(self, line):
-        """The last cell's reads, copies and compute, as a timeline; optionally exported.
+        """The last run's reads, copies and compute (a generate, a cell), as a timeline; optionally exported.
 
-        Usage: %offload_timeline [NAME] [--export FILE.json]
+        Usage: %offload_timeline [NAME] [--all] [--export FILE.json]
 
-        Example:
+        Examples:
             %offload_timeline llm --export trace.json
+            %offload_timeline llm --all     # every run, the idle time between cells cut out
         """
         args = self._parse(self.offload_timeline, line)
         name, llm = self._pick(args.name)
         from .views import Timeline
-        self._show(Timeline(llm.trace, title=name))
+        self._show(Timeline(llm.trace, title=name, runs="all" if args.all else "last"))
         if args.export is not None:
             path = os.path.expanduser(args.export)
             try:

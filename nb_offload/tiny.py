@@ -50,6 +50,40 @@ def small_model() -> str:
     return SMALL_MODEL
 
 
+def hollow_llama(folder: str, *, layers: int = 32, hidden: int = 4096, intermediate: int = 11008, heads: int = 32,
+                 vocab: int = 32000, dtype: str = "bfloat16") -> str:
+    """A LLaMA-7B-shaped checkpoint with no weights in it, for dry-run plans at real sizes on any machine.
+
+    Its safetensors header names every tensor, and the file is as long as the weights would be, but
+    sparse: it takes no disk space and holds zeros. ``nb_offload.plan`` reads only headers, so it plans
+    this as it would the real model; loading it would give a model of zeros."""
+    import json
+    import struct
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                      max_position_embeddings=4096, dtype=dtype)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
+    codes = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, p in model.state_dict().items():
+        nbytes = p.numel() * p.element_size()
+        header[name] = {"dtype": codes[str(p.dtype).removeprefix("torch.")], "shape": list(p.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    os.makedirs(folder, exist_ok=True)
+    cfg.save_pretrained(folder)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(os.path.join(folder, "model.safetensors"), "wb") as fh:
+        fh.write(struct.pack("<Q", len(text)) + text)
+        fh.truncate(8 + len(text) + offset)     # sparse: the length without the bytes
+    return folder
+
+
 def build_tokenizer(vocab_size: int = 256):
     """A byte-level BPE tokenizer trained in memory: same on every machine, no download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

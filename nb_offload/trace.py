@@ -14,6 +14,36 @@ from collections import deque
 from dataclasses import dataclass, field
 
 LANES = ("read", "copy", "compute", "step")
+IDLE = 0.25     # seconds with no event in any lane that end a run (a generate, a cell)
+
+
+def split_runs(events, idle: float = IDLE) -> list:
+    """``events`` grouped into runs separated by more than ``idle`` seconds of nothing."""
+    runs, end = [], None
+    for e in sorted(events, key=lambda e: e.start):
+        if end is None or e.start - end > idle:
+            runs.append([])
+            end = e.end
+        runs[-1].append(e)
+        end = max(end, e.end)
+    return runs
+
+
+def collapse_idle(runs, gap_share: float = 0.02):
+    """The events of ``runs`` on one time axis with the idle time between runs cut to a short gap
+    (``gap_share`` of the busy time): a list of ``(event, start, end)`` in seconds from the first run's
+    start, and the positions where runs were joined."""
+    busy = sum(max(e.end for e in run) - min(e.start for e in run) for run in runs) or 1e-9
+    gap = gap_share * busy
+    out, joins, offset = [], [], 0.0
+    for i, run in enumerate(runs):
+        t0, t1 = min(e.start for e in run), max(e.end for e in run)
+        if i:
+            offset += gap
+            joins.append(offset - gap / 2)
+        out += [(e, offset + e.start - t0, offset + e.end - t0) for e in run]
+        offset += t1 - t0
+    return out, joins
 
 
 @dataclass
@@ -121,6 +151,17 @@ class Trace:
         with open(path, "w") as fh:
             json.dump(self.to_chrome_trace(), fh)
         return path
+
+    def runs(self, idle: float = IDLE) -> list:
+        """The events split into runs: a new run starts after ``idle`` seconds with nothing in any lane
+        (the time a person spends between two cells). Each run is a list of events, by start."""
+        return split_runs(list(self.events), idle)
+
+    def figure(self, runs: str = "last", **kw):
+        """The timeline as a plotly Figure (``fig.write_html("timeline.html")`` saves it): the last run by
+        default, ``runs="all"`` every run with the idle time between them cut out (see figures.py)."""
+        from .figures import timeline_figure
+        return timeline_figure(self, runs=runs, **kw)
 
     def summary(self) -> dict:
         """Totals per lane: count, bytes and busy seconds."""

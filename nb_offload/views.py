@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 
 from .budget import format_size
+from .errors import OffloadError
 
 # -- the palette ----------------------------------------------------------------------------------
 # One set of colours for every view, static and live: the widgets send PALETTE to the browser
@@ -236,23 +237,30 @@ def memory_html(plan, title: str = "") -> str:
 
 
 # -- a trace ------------------------------------------------------------------------------------------
-def timeline_svg(events) -> str:
-    """One lane per event kind (in LANE_COLORS order), one rect per event, and a time axis."""
-    lanes = [k for k in LANE_COLORS if any(e.kind == k for e in events)]
-    t0 = min(e.start for e in events)
-    span = max(max(e.end for e in events) - t0, 1e-9)
+def timeline_svg(events, joins=()) -> str:
+    """One lane per event kind (in LANE_COLORS order), one rect per event, and a time axis. ``events``:
+    TraceEvents, or ``(event, start, end)`` already placed on a collapsed axis (trace.collapse_idle), whose
+    ``joins`` (where idle time was cut out) are drawn as dotted lines."""
+    placed = [e if isinstance(e, tuple) else (e, e.start, e.end) for e in events]
+    lanes = [k for k in LANE_COLORS if any(e.kind == k for e, _, _ in placed)]
+    t0 = min(a for _, a, _ in placed)
+    span = max(max(b for _, _, b in placed) - t0, 1e-9)
     width, lane_h, left = 900, 22, 70
     rects = []
-    for e in events:
+    for e, a, b in placed:
         y = lanes.index(e.kind) * lane_h + 4
-        x = left + (e.start - t0) / span * (width - left)
-        w = max((e.end - e.start) / span * (width - left), 0.5)
-        tip = (f"{e.kind} {e.unit} {(e.end - e.start) * 1e3:.2f} ms"
+        x = left + (a - t0) / span * (width - left)
+        w = max((b - a) / span * (width - left), 0.5)
+        tip = (f"{e.kind} {e.unit} {(b - a) * 1e3:.2f} ms"
                + (f" {format_size(e.bytes)}" if e.bytes else ""))
         rects.append(f"<rect x='{x:.1f}' y='{y}' width='{w:.1f}' height='{lane_h - 8}' "
                      f"fill='{LANE_COLORS[e.kind]}'><title>{html.escape(tip)}</title></rect>")
-    labels = "".join(f"<text x='2' y='{i * lane_h + 17}' font-size='12'>{k}</text>" for i, k in enumerate(lanes))
     h = len(lanes) * lane_h + 18
+    for j in joins:
+        x = left + (j - t0) / span * (width - left)
+        rects.append(f"<line x1='{x:.1f}' x2='{x:.1f}' y1='0' y2='{h - 14}' stroke='#999' stroke-dasharray='3,3'>"
+                     "<title>idle time between runs, cut out</title></line>")
+    labels = "".join(f"<text x='2' y='{i * lane_h + 17}' font-size='12'>{k}</text>" for i, k in enumerate(lanes))
     axis = f"<text x='{left}' y='{h - 2}' font-size='11'>0 ms</text>" \
            f"<text x='{width - 60}' y='{h - 2}' font-size='11'>{span * 1e3:.1f} ms</text>"
     return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{h}'>{labels}{''.join(rects)}{axis}"
@@ -261,26 +269,44 @@ def timeline_svg(events) -> str:
 
 class Timeline:
     """A trace's reads, copies and compute: inline SVG for notebooks (it survives nbconvert and
-    GitHub) and a text summary for terminals. ``last_steps``: only the latest forward steps;
-    ``max_events``: at most the latest this many events are drawn. The lane totals of the
-    summary count the whole trace."""
+    GitHub) and a text summary for terminals.
 
-    def __init__(self, trace, title: str = "", last_steps: int | None = None, max_events: int = 5000):
+    ``runs``: "last" (default: the latest generate or cell, not the idle time before it), "all" (every
+    run, the idle time between them cut out), or a count of the latest runs; ``last_steps``: only the
+    latest forward steps; ``max_events``: at most the latest this many events are drawn. The summary
+    counts the runs shown."""
+
+    def __init__(self, trace, title: str = "", last_steps: int | None = None, max_events: int = 5000,
+                 runs="last"):
+        from .trace import collapse_idle, split_runs
         events = list(trace)
         if last_steps is not None and events:
             last = max(e.step for e in events)
             events = [e for e in events if e.step > last - last_steps]
-        self.events = events[-max_events:]
+        chosen = split_runs(events[-max_events:])
+        all_runs = len(chosen)
+        if runs == "last":
+            chosen = chosen[-1:]
+        elif isinstance(runs, int) and not isinstance(runs, bool) and runs > 0:
+            chosen = chosen[-runs:]
+        elif runs != "all":
+            raise OffloadError(f"runs={runs!r} is not valid; accepted: \"last\", \"all\", or a count of the "
+                               "latest runs.")
+        self.placed, self.joins = collapse_idle(chosen) if chosen else ([], [])
+        self.events = [e for e, _, _ in self.placed]
+        self.runs, self.all_runs = len(chosen), all_runs
         self.title = title
-        self.summary = trace.summary()
+        self.summary = _lane_totals(self.events)
 
     def __repr__(self):
         if not self.events:
             return f"<Timeline {self.title}: no events yet; run a generate first>"
-        t0 = min(e.start for e in self.events)
-        t1 = max(e.end for e in self.events)
+        busy = max(b for _, _, b in self.placed)
+        which = ("the last run" if self.runs == 1 else f"{self.runs} runs, the idle time between them cut out")
+        if self.all_runs > self.runs:
+            which += f" ({self.all_runs} in the trace: runs=\"all\" or --all shows them)"
         lines = [f"timeline{' ' + self.title if self.title else ''}: {len(self.events)} events over "
-                 f"{(t1 - t0) * 1e3:.1f} ms"]
+                 f"{busy * 1e3:.1f} ms, {which}"]
         for lane, s in self.summary.items():
             if s["count"]:
                 rate = f", {s['bytes'] / s['seconds'] / 1e9:.1f} GB/s while busy" if s["bytes"] and s["seconds"] else ""
@@ -295,4 +321,15 @@ class Timeline:
         if not self.events:
             return f"<div><i>{html.escape(repr(self))}</i></div>"
         return (f"<div><b>nb_offload timeline</b> {html.escape(self.title)} ({len(self.events)} events)"
-                f"{timeline_svg(self.events)}<pre>{html.escape(repr(self))}</pre></div>")
+                f"{timeline_svg(self.placed, self.joins)}<pre>{html.escape(repr(self))}</pre></div>")
+
+
+def _lane_totals(events) -> dict:
+    from .trace import LANES
+    out = {k: {"count": 0, "bytes": 0, "seconds": 0.0} for k in LANES}
+    for e in events:
+        lane = out.setdefault(e.kind, {"count": 0, "bytes": 0, "seconds": 0.0})
+        lane["count"] += 1
+        lane["bytes"] += e.bytes
+        lane["seconds"] += e.duration
+    return out

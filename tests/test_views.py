@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from nb_offload import views
+from nb_offload import OffloadError, views
 from nb_offload.budget import format_size
 from nb_offload.planner import TIERS, Plan, PlanEntry
 from nb_offload.trace import LANES, Trace
@@ -179,7 +179,7 @@ def test_timeline_svg_has_one_rect_per_event_in_its_lane_colour():
 def test_timeline_text_gives_counts_and_bytes_per_lane():
     timeline = views.Timeline(make_trace(), title="run")
     lines = repr(timeline).splitlines()
-    assert lines[0] == "timeline run: 12 events over 2900.0 ms"
+    assert lines[0] == "timeline run: 12 events over 2900.0 ms, the last run"
     per_lane = {line.split()[0]: line for line in lines[1:]}
     assert list(per_lane) == list(LANES)
     assert per_lane["read"].split()[1:3] == ["3", "events,"]
@@ -196,13 +196,60 @@ def test_timeline_keeps_the_latest_steps_and_escapes_names():
     trace = make_trace()
     trace.host_event("copy", HOSTILE, 5.0, 5.1, 10)
     trace.flush()
-    latest = views.Timeline(trace, title=HOSTILE, last_steps=1)
+    latest = views.Timeline(trace, title=HOSTILE, last_steps=1, runs="all")
     assert {e.step for e in latest.events} == {2} and len(latest.events) == 5
     out = latest._repr_html_()
     assert "<script" not in out and out.count("&lt;script&gt;") >= 2      # title and tooltip
-    assert len(views.Timeline(trace, max_events=3).events) == 3
+    assert len(views.Timeline(trace, max_events=3, runs="all").events) == 3
     empty = views.Timeline(Trace(), title="t")
     assert "no events yet" in repr(empty) and "<svg" not in empty._repr_html_()
+
+
+def two_cells_apart(idle=15.0):
+    """Two generates' worth of events with ``idle`` seconds between them, as two notebook cells."""
+    trace = Trace()
+    for base in (100.0, 100.0 + 0.6 + idle):
+        for i in range(3):
+            t = base + 0.2 * i
+            trace.host_event("copy", f"layers.{i}", t, t + 0.1, 4096)
+            trace.host_event("compute", f"layers.{i}", t + 0.1, t + 0.2)
+    trace.flush()
+    return trace
+
+
+def test_the_timeline_shows_the_last_run_and_cuts_idle_time_out():
+    trace = two_cells_apart()
+    assert [len(run) for run in trace.runs()] == [6, 6]
+    last = views.Timeline(trace, title="t")
+    assert len(last.events) == 6 and min(e.start for e in last.events) > 110      # the second cell only
+    assert "over 600.0 ms, the last run (2 in the trace" in repr(last)
+    both = views.Timeline(trace, title="t", runs="all")
+    assert len(both.events) == 12 and len(both.joins) == 1
+    span = max(b for _, _, b in both.placed)
+    assert 1.2 <= span < 1.3            # 2 x 600 ms busy and a short mark, not the 15 s between the cells
+    assert "2 runs, the idle time between them cut out" in repr(both)
+    assert "stroke-dasharray" in both._repr_html_() and "stroke-dasharray" not in last._repr_html_()
+    assert len(views.Timeline(trace, runs=1).events) == 6
+    with pytest.raises(OffloadError, match="runs='first' is not valid"):
+        views.Timeline(trace, runs="first")
+
+
+def test_the_plotly_timeline_and_figures():
+    pytest.importorskip("plotly")
+    from nb_offload.figures import budget_figure, rates_figure, timeline_figure
+    trace = two_cells_apart()
+    fig = trace.figure()
+    assert {d.name for d in fig.data} == {"copy", "compute"}
+    assert max(b + x for d in fig.data for b, x in zip(d.base, d.x)) < 700        # ms: the last run only
+    both = timeline_figure(trace, runs="all")
+    assert max(b + x for d in both.data for b, x in zip(d.base, d.x)) < 1300
+    assert len(both.layout.shapes) == 1 and "2 runs" in both.layout.title.text
+    rates = rates_figure(trace, runs="all", bins=10)
+    assert [d.name for d in rates.data] == ["link (copies)"] and max(rates.data[0].y) > 0
+    b = budget_figure([{"budget": 12, "predicted": 20.0, "measured": 19.0}, {"budget": 4, "predicted": 5.0}])
+    assert list(b.data[0].x) == [4, 12] and list(b.data[1].y) == [19.0]
+    with pytest.raises(OffloadError, match="runs=0 is not valid"):
+        trace.figure(runs=0)
 
 
 # -- one palette, and a light module --------------------------------------------------------------
