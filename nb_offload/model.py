@@ -163,9 +163,15 @@ class OffloadedModel:
 
     def _check_loaded(self):
         if self._engine is None:
-            raise OffloadError(f"model {self.name!r} was unloaded; load it again with nb_offload.load().")
+            raise OffloadError(f"model {self.name!r} was unloaded; load it again (nb_offload.load(), or "
+                               "%offload_load in a notebook).")
 
     # -- running ----------------------------------------------------------------------------
+    @property
+    def loaded(self) -> bool:
+        """False once ``unload`` has run (then calling the model is an OffloadError)."""
+        return self._engine is not None
+
     @property
     def device(self):
         return self._device
@@ -335,6 +341,12 @@ class OffloadedModel:
             raise OffloadError(f"the dashboard needs anywidget and ipywidgets ({exc}); "
                                "pip install 'nb_offload[widgets]'.") from exc
         return dashboard(self)
+
+    def timeline_figure(self, runs="last", **kw):
+        """The trace's timeline as a plotly Figure (``fig.write_html("timeline.html")`` saves it): the last
+        run by default, ``runs="all"`` every run with the idle time between them cut out (figures.py)."""
+        from .figures import timeline_figure
+        return timeline_figure(self.trace, runs=runs, **kw)
 
     def to_device_map(self) -> dict:
         """The plan as a device map that Accelerate's ``dispatch_model`` accepts."""

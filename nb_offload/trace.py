@@ -157,12 +157,6 @@ class Trace:
         (the time a person spends between two cells). Each run is a list of events, by start."""
         return split_runs(list(self.events), idle)
 
-    def figure(self, runs: str = "last", **kw):
-        """The timeline as a plotly Figure (``fig.write_html("timeline.html")`` saves it): the last run by
-        default, ``runs="all"`` every run with the idle time between them cut out (see figures.py)."""
-        from .figures import timeline_figure
-        return timeline_figure(self, runs=runs, **kw)
-
     def summary(self) -> dict:
         """Totals per lane: count, bytes and busy seconds."""
         out = {k: {"count": 0, "bytes": 0, "seconds": 0.0} for k in LANES}

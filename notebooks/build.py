@@ -127,7 +127,7 @@ llm = nb_offload.load(MODEL, device="cpu", disk=OFFLOAD, pins={"model.layers.1-3
 prompt = llm.tokenizer("A notebook is", return_tensors="pt")
 out = llm.generate(**prompt, max_new_tokens=40, do_sample=False)
 print(llm.tokenizer.decode(out[0], skip_special_tokens=True))"""),
-        ("code", "llm.trace.figure()      # the last run; runs=\"all\": every run, the idle time between them cut out"),
+        ("code", "llm.timeline_figure()   # the last run; runs=\"all\": every run, idle time between them cut out"),
         ("code", "from nb_offload.figures import rates_figure\nrates_figure(llm.trace)"),
         ("md", """On this machine the CPU computes and three blocks stream from the disk (read into memory each step):
 the `read` lane sits beside `compute` in every step. `llm.trace.summary()` adds the lanes up.

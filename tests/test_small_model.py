@@ -47,3 +47,18 @@ def test_its_chat_template_renders():
     tok = AutoTokenizer.from_pretrained(small_model())
     text = tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True)
     assert "hello" in text and text.endswith("<|assistant|>")
+
+
+def test_the_model_draws_its_timeline_with_plotly(tmp_path):
+    pytest.importorskip("plotly")
+    llm = nb_offload.load(small_model(), device="cpu", disk=tmp_path, pins={"model.layers.2-3": "disk"},
+                          hold_spare=False, progress=False)
+    try:
+        llm.generate(**llm.tokenizer("The old baker", return_tensors="pt"), max_new_tokens=8, do_sample=False)
+        fig = llm.timeline_figure()
+        assert {"read", "compute"} <= {d.name for d in fig.data}
+        path = tmp_path / "timeline.html"
+        fig.write_html(path)
+        assert path.stat().st_size > 1000
+    finally:
+        llm.unload()

@@ -238,7 +238,7 @@ def test_the_plotly_timeline_and_figures():
     pytest.importorskip("plotly")
     from nb_offload.figures import budget_figure, rates_figure, timeline_figure
     trace = two_cells_apart()
-    fig = trace.figure()
+    fig = timeline_figure(trace)
     assert {d.name for d in fig.data} == {"copy", "compute"}
     assert max(b + x for d in fig.data for b, x in zip(d.base, d.x)) < 700        # ms: the last run only
     both = timeline_figure(trace, runs="all")
@@ -249,7 +249,7 @@ def test_the_plotly_timeline_and_figures():
     b = budget_figure([{"budget": 12, "predicted": 20.0, "measured": 19.0}, {"budget": 4, "predicted": 5.0}])
     assert list(b.data[0].x) == [4, 12] and list(b.data[1].y) == [19.0]
     with pytest.raises(OffloadError, match="runs=0 is not valid"):
-        trace.figure(runs=0)
+        timeline_figure(trace, runs=0)
 
 
 # -- one palette, and a light module --------------------------------------------------------------

@@ -362,3 +362,23 @@ def test_event_log_keeps_the_latest_events_with_sequence_numbers():
     header, _ = log.pack(since=0)                     # older than what is kept: everything kept
     assert (header["first"], header["count"]) == (log.first, len(log))
     assert log.names == [f"model.layers.{i}" for i in range(10)]
+
+
+def test_a_dashboard_of_an_unloaded_model_stops_offering_to_change_it(model_dirs, tmp_path):
+    import nb_offload
+    llm = nb_offload.load(model_dirs("llama"), device="cpu", progress=False)
+    d = dashboard(llm)
+    try:
+        d.layer_map.selection = ["model.layers.0"]
+        llm.unload()
+        d.layer_map.feed.flush()                  # what the end of the cell does
+        assert d.layer_map.status["state"] == "unloaded" and d.layer_map.selection == []
+        assert "was unloaded, or loaded again under its name" in d.layer_map.status["message"]
+        assert "%offload_load" in d.layer_map.status["message"]
+        d.layer_map._on_message(d.layer_map, {"type": "apply", "tier": "disk", "names": ["model.layers.0"],
+                                              "request": "late"}, [])
+        assert d.layer_map.status["state"] == "unloaded"      # a stale view's request changes nothing
+        with pytest.raises(Exception, match=r"load it again \(nb_offload.load\(\), or %offload_load"):
+            generate(llm)
+    finally:
+        d.close()

@@ -98,7 +98,7 @@ export function renderLayerMap(model: AnyModel<LayerMapState>, root: HTMLElement
     const sel = new Set(model.get("selection"));
     cells.forEach((c) => c.classList.toggle("nbo-selected", sel.has(c.dataset.name!)));
     chosen.textContent = sel.size ? `${sel.size} selected \u2192` : "Click a unit (shift-click: range)";
-    apply.disabled = !sel.size || myRequest !== null;
+    apply.disabled = !sel.size || myRequest !== null || model.get("status").state === "unloaded";
   }
 
   // -- re-pinning ---------------------------------------------------------------------------
@@ -122,11 +122,12 @@ export function renderLayerMap(model: AnyModel<LayerMapState>, root: HTMLElement
   function onStatus() {
     const s = model.get("status");
     // A status for another view's request (or none) is shown too, but leaves ours pending.
-    if (myRequest !== null && s.request === myRequest && (s.state === "done" || s.state === "error")) {
+    const over = s.state === "done" || s.state === "error" || s.state === "unloaded";
+    if (myRequest !== null && (s.request === myRequest || s.state === "unloaded") && over) {
       myRequest = null;
       cells.forEach((c) => c.classList.remove("nbo-pending"));
     }
-    if (myRequest === null || s.request === myRequest) showStatus(s);
+    if (myRequest === null || s.request === myRequest || s.state === "unloaded") showStatus(s);
     drawSelection();
   }
 

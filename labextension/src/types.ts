@@ -24,7 +24,7 @@ export interface PlanState {
 }
 
 export interface Status {
-  state: "idle" | "pending" | "applying" | "done" | "error";
+  state: "idle" | "pending" | "applying" | "done" | "error" | "unloaded";
   message: string;
   request?: string | null;
 }

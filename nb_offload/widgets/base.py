@@ -44,6 +44,10 @@ class LiveView:
     def plan_changed(self, plan):
         self._changed = True
 
+    def unloaded(self):
+        """The model is gone: a view that could change it says so and stops offering."""
+        self._changed = True
+
     def settle(self):
         if self._changed:
             self._changed = False

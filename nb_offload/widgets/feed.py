@@ -21,6 +21,7 @@ class TraceFeed:
         self._pending: list = []
         self._last_sent = float("-inf")
         self._plan = llm.plan
+        self._gone = False          # the model was unloaded (or replaced by a load under its name)
         self._unsubscribe = None
         self._shell = None
 
@@ -64,10 +65,18 @@ class TraceFeed:
             for listener in list(self._listeners):
                 listener.plan_changed(self._plan)
 
+    def check_loaded(self):
+        """Tell the listeners once if the model was unloaded: their views stop offering to change it."""
+        if not self._gone and not self.llm.loaded:
+            self._gone = True
+            for listener in list(self._listeners):
+                listener.unloaded()
+
     def flush(self):
         """Send what is pending, then let every listener settle (full detail, fresh static view)."""
         self._send_pending()
         self.check_plan()
+        self.check_loaded()
         for listener in list(self._listeners):
             listener.settle()
 

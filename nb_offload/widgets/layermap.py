@@ -23,7 +23,7 @@ class LayerMap(OffloadWidget):
     _kind = Unicode("layermap").tag(sync=True)
     plan = Dict().tag(sync=True)
     selection = List(Unicode()).tag(sync=True)
-    status = Dict(IDLE).tag(sync=True)      # state: idle | pending | applying | done | error
+    status = Dict(IDLE).tag(sync=True)      # state: idle | pending | applying | done | error | unloaded
 
     def __init__(self, llm, **kwargs):
         super().__init__(llm, plan=plan_state(llm.plan), **kwargs)
@@ -43,6 +43,13 @@ class LayerMap(OffloadWidget):
         self.plan = plan_state(plan)
         super().plan_changed(plan)
 
+    def unloaded(self):
+        self.selection = []
+        self.status = {"state": "unloaded", "message": f"{self.llm.name} was unloaded, or loaded again under its "
+                       "name: this map shows its last plan and no longer changes it. Load it again (%offload_load, "
+                       "or nb_offload.load) for a new dashboard."}
+        super().unloaded()
+
     def static_html(self) -> str:
         return layer_map_html(self.llm.plan, self.llm.name)
 
@@ -50,6 +57,9 @@ class LayerMap(OffloadWidget):
         if content.get("type") != "apply":
             return
         request = content.get("request")
+        if not self.llm.loaded:         # a stale view (another browser tab) asking anyway
+            self.feed.check_loaded()
+            return
         if self._gate.busy:      # said before queuing: the work may run (and report) at once
             self.status = {"state": "pending", "request": request,
                            "message": "queued in the kernel: runs when the running cell finishes"}
