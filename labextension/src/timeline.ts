@@ -1,7 +1,8 @@
 // The transfer timeline: one lane per event kind, drawn on a canvas (one fillRect per pixel
 // run, not an element per event, so 10,000+ events pan and zoom smoothly). Wheel zooms
 // around the pointer, drag pans, double-click fits; new events keep the view fitted until
-// the user zooms or pans.
+// the user zooms or pans. Events fall into runs (a generate, a cell) separated by idle time:
+// the view fits the last run, and "All runs" shows every run with the idle time cut out.
 
 import type { AnyModel } from "@anywidget/types";
 import { EventStore } from "./events";
@@ -14,6 +15,8 @@ const LANE_H = 22;
 const GUTTER = 64;
 const AXIS_H = 20;
 const MIN_SPAN = 1e-6;
+const IDLE = 0.25; // seconds with no event that end a run (as nb_offload.trace.IDLE)
+const JOIN_SHARE = 0.02; // all runs: the idle time between two is cut to this share of the busy time
 
 interface Range { t0: number; t1: number; follow: boolean }
 
@@ -34,10 +37,12 @@ export function renderTimeline(model: AnyModel<TimelineState>, root: HTMLElement
   const zoomIn = el("button", "nbo-btn", "+");
   const zoomOut = el("button", "nbo-btn", "\u2212");
   const fit = el("button", "nbo-btn", "Fit");
+  const allRuns = el("button", "nbo-btn", "All runs");
   zoomIn.title = "Zoom in (or scroll up over the lanes)";
   zoomOut.title = "Zoom out (or scroll down)";
-  fit.title = "Show everything and follow new events (or double-click)";
-  buttons.append(zoomIn, zoomOut, fit);
+  fit.title = "Show the run and follow new events (or double-click)";
+  allRuns.title = "Every run, with the idle time between them cut out (click again: the last run)";
+  buttons.append(zoomIn, zoomOut, fit, allRuns);
   bar.append(title, summary, buttons);
   const frame = el("div", "nbo-canvas-frame");
   const canvas = el("canvas");
@@ -58,6 +63,49 @@ export function renderTimeline(model: AnyModel<TimelineState>, root: HTMLElement
     });
   }
 
+  // Runs, and where the idle time between them is cut out when all are shown: display time is
+  // trace time less the idle time cut before its run.
+  let runs: { t0: number; t1: number }[] = [];
+  let removed: number[] = [];
+  let showAll = false;
+  function computeRuns() {
+    const order = Array.from({ length: store.length }, (_, i) => i).sort((a, b) => store.start[a] - store.start[b]);
+    runs = [];
+    for (const i of order) {
+      const last = runs[runs.length - 1];
+      if (!last || store.start[i] - last.t1 > IDLE) runs.push({ t0: store.start[i], t1: store.end[i] });
+      else last.t1 = Math.max(last.t1, store.end[i]);
+    }
+    const busy = runs.reduce((sum, r) => sum + r.t1 - r.t0, 0) || MIN_SPAN;
+    removed = [];
+    let cut = 0;
+    runs.forEach((r, k) => {
+      if (k) cut += r.t0 - runs[k - 1].t1 - JOIN_SHARE * busy;
+      removed.push(cut);
+    });
+  }
+  const warped = () => showAll && runs.length > 1;
+  const runOf = (t: number, at: (k: number) => number) => {
+    let lo = 0;
+    let hi = runs.length - 1;
+    let k = 0;
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1;
+      if (at(mid) <= t) {
+        k = mid;
+        lo = mid + 1;
+      } else hi = mid - 1;
+    }
+    return k;
+  };
+  const toDisplay = (t: number) => (warped() ? t - removed[runOf(t, (k) => runs[k].t0)] : t);
+  const toTrace = (x: number) => (warped() ? x + removed[runOf(x, (k) => runs[k].t0 - removed[k])] : x);
+  const shownSpan = (): [number, number] => {
+    if (!runs.length) return store.span;
+    if (showAll) return [toDisplay(runs[0].t0), toDisplay(runs[runs.length - 1].t1)];
+    return [runs[runs.length - 1].t0, runs[runs.length - 1].t1];
+  };
+
   let range: Range = model.get("_range") ?? { t0: 0, t1: 0, follow: true };
   const setRange = (r: Range) => {
     range = r;
@@ -65,9 +113,10 @@ export function renderTimeline(model: AnyModel<TimelineState>, root: HTMLElement
     schedule();
   };
   const fitAll = () => {
-    const [t0, t1] = store.span;
+    const [t0, t1] = shownSpan();
     setRange({ t0, t1: Math.max(t1, t0 + MIN_SPAN), follow: true });
   };
+  computeRuns();
   if (range.follow) fitAll();
 
   const resize = () => {
@@ -103,11 +152,11 @@ export function renderTimeline(model: AnyModel<TimelineState>, root: HTMLElement
       const idx = store.byLane[l];
       let run0 = -1;
       let run1 = -1;
-      for (let k = store.lowerBound(l, t0 - store.maxDuration[l]); k < store.laneLength[l]; k++) {
+      for (let k = store.lowerBound(l, toTrace(t0) - store.maxDuration[l]); k < store.laneLength[l]; k++) {
         const i = idx[k];
-        const s = store.start[i];
+        const s = toDisplay(store.start[i]);
         if (s > t1) break;
-        const e = store.end[i];
+        const e = s + store.end[i] - store.start[i];
         if (e < t0) continue;
         const x0 = Math.max(GUTTER, GUTTER + Math.floor((s - t0) * scale));
         const x1 = Math.min(width, Math.max(x0 + 1, GUTTER + Math.ceil((e - t0) * scale)));
@@ -121,6 +170,15 @@ export function renderTimeline(model: AnyModel<TimelineState>, root: HTMLElement
       }
       if (run1 > run0) ctx.fillRect(run0, y + 4, run1 - run0, LANE_H - 8);
     });
+    if (warped()) { // where idle time was cut out: a dotted line
+      const busy = runs.reduce((sum, r) => sum + r.t1 - r.t0, 0);
+      ctx.fillStyle = fg;
+      for (let k = 1; k < runs.length; k++) {
+        const x = GUTTER + (toDisplay(runs[k].t0) - (JOIN_SHARE * busy) / 2 - t0) * scale;
+        if (x < GUTTER || x > width) continue;
+        for (let y = 0; y < lanes.length * LANE_H; y += 6) ctx.fillRect(Math.round(x), y, 1, 3);
+      }
+    }
     drawAxis(t0, t1, scale);
   }
 
@@ -144,21 +202,31 @@ export function renderTimeline(model: AnyModel<TimelineState>, root: HTMLElement
   }
 
   function updateSummary() {
+    computeRuns();
+    const last = runs[runs.length - 1];
+    const from = showAll || !last ? -Infinity : last.t0; // the runs shown
     const busy = new Array(lanes.length).fill(0);
     const moved = new Array(lanes.length).fill(0);
+    const counts = new Array(lanes.length).fill(0);
+    let shown = 0;
     for (let i = 0; i < store.length; i++) {
+      if (store.start[i] < from) continue;
       const l = Math.min(store.kind[i], lanes.length - 1);
       busy[l] += store.end[i] - store.start[i];
       moved[l] += store.bytes[i];
+      counts[l] += 1;
+      shown += 1;
     }
-    const [t0, t1] = store.span;
+    const [t0, t1] = shownSpan();
+    const which = runs.length < 2 ? ""
+      : showAll ? ` (${runs.length} runs, idle time cut out)` : ` (the last of ${runs.length} runs)`;
     const parts = lanes
-      .map((lane, l) => (store.laneLength[l]
-        ? `${lane} ${store.laneLength[l]}${moved[l] ? ` (${formatSize(moved[l])})` : ""} busy ${formatSeconds(busy[l])}`
+      .map((lane, l) => (counts[l]
+        ? `${lane} ${counts[l]}${moved[l] ? ` (${formatSize(moved[l])})` : ""} busy ${formatSeconds(busy[l])}`
         : ""))
       .filter(Boolean);
     summary.textContent = store.length
-      ? `${store.length} events over ${formatSeconds(t1 - t0)} \u00b7 ${parts.join(" \u00b7 ")}`
+      ? `${shown} events over ${formatSeconds(t1 - t0)}${which} \u00b7 ${parts.join(" \u00b7 ")}`
       : "no events yet: run a generate";
     root.dataset.events = String(store.length);
   }
@@ -216,6 +284,12 @@ export function renderTimeline(model: AnyModel<TimelineState>, root: HTMLElement
   });
   canvas.addEventListener("pointerleave", () => (tip.style.display = "none"));
   canvas.addEventListener("dblclick", fitAll);
+  allRuns.onclick = () => {
+    showAll = !showAll;
+    allRuns.textContent = showAll ? "Last run" : "All runs";
+    updateSummary();
+    fitAll();
+  };
   zoomIn.onclick = () => zoom(0.5, GUTTER + (width - GUTTER) / 2);
   zoomOut.onclick = () => zoom(2, GUTTER + (width - GUTTER) / 2);
   fit.onclick = fitAll;
@@ -226,7 +300,7 @@ export function renderTimeline(model: AnyModel<TimelineState>, root: HTMLElement
       tip.style.display = "none";
       return;
     }
-    const t = timeAt(x);
+    const t = toTrace(timeAt(x));
     const slack = 3 * (range.t1 - range.t0) / (width - GUTTER); // a few pixels either side
     const idx = store.byLane[l];
     let found = -1;

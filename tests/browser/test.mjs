@@ -129,6 +129,15 @@ try {
   assert.ok(lanePixels.read > 100 && lanePixels.compute > 100, `timeline lanes drawn: ${JSON.stringify(lanePixels)}`);
   await shot("2-timeline-after-generate");
 
+  step = "timeline runs: the last by default, all with the idle time cut out";
+  const timelineSummary = cells.nth(1).locator(".nbo-timeline .nbo-summary");
+  assert.match(await timelineSummary.innerText(), /\(the last of \d+ runs\)/);
+  await cells.nth(1).locator(".nbo-timeline button", { hasText: "All runs" }).click();
+  assert.match(await timelineSummary.innerText(), /^\d+ events over .* \(\d+ runs, idle time cut out\)/);
+  await shot("2b-timeline-all-runs");
+  await cells.nth(1).locator(".nbo-timeline button", { hasText: "Last run" }).click();
+  assert.match(await timelineSummary.innerText(), /\(the last of \d+ runs\)/);
+
   step = "timeline zoom and hover";
   const canvas = cells.nth(1).locator(".nbo-timeline canvas");
   const box = await canvas.boundingBox();
