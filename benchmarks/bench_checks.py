@@ -31,7 +31,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_offload import build, drop_caches, med, pinned_rate, step_times  # noqa: E402
+from bench_offload import build, drop_caches, hook_clock, med, pinned_rate, step_times  # noqa: E402
 
 
 def main():
@@ -87,26 +87,10 @@ def main():
         xs = sorted(xs)
         return "/".join(f"{xs[int(q * (len(xs) - 1))] * 1e3:.1f}" for q in (0.25, 0.5, 0.75)) + " ms"
 
-    def hook_clock(pkg):
-        """Host seconds spent in the engine's hooks (``_enter`` + ``_exit``), added up: at a budget
-        where the step is bound by Python launching kernels, this is what the engine adds to it."""
-        engine_cls = importlib.import_module(pkg.__name__ + ".engine").Engine
-        spent = {"s": 0.0}
-        for name in ("_enter", "_exit"):
-            real = getattr(engine_cls, name)
-
-            def timed(self, idx, _real=real):
-                t0 = time.perf_counter()
-                try:
-                    return _real(self, idx)
-                finally:
-                    spent["s"] += time.perf_counter() - t0
-            setattr(engine_cls, name, timed)
-        return spent
-
     for budget in args.decode_budgets.split(",") if "decode" in cases and prev is not None else ():
         opts = dict(gpu=budget, cpu="100GiB")
-        clocks = {"new": hook_clock(nb_offload), "prev": hook_clock(prev)}
+        clocks = {name: hook_clock(importlib.import_module(pkg.__name__ + ".engine").Engine)
+                  for name, pkg in (("new", nb_offload), ("prev", prev))}
         new, old = loaded(nb_offload, **opts), loaded(prev, **opts)
         gens = {"new": new.generate, "prev": old.generate, "transformers": ref.generate}
         m = 4 * n

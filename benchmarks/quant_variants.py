@@ -18,7 +18,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_offload import build, med, step_times  # noqa: E402
+from bench_offload import build, hook_clock, med, step_times  # noqa: E402
 
 VARIANTS = {"default": {}, "prefetch 2": {"prefetch": 2}, "prefetch 3": {"prefetch": 3}, "trace off": {"trace": False},
             "no holding": {"hold_spare": False}, "sequential": {"policy": "sequential"}}
@@ -38,17 +38,7 @@ def main():
     from nb_offload.engine import Engine
     if not os.path.isfile(os.path.join(args.folder, "config.json")):
         build(args.folder, 32)
-    spent = {"s": 0.0}
-    for name in ("_enter", "_exit"):
-        real = getattr(Engine, name)
-
-        def timed(self, idx, _real=real):
-            t0 = time.perf_counter()
-            try:
-                return _real(self, idx)
-            finally:
-                spent["s"] += time.perf_counter() - t0
-        setattr(Engine, name, timed)
+    spent = hook_clock(Engine)
     torch.manual_seed(0)
     ids = torch.randint(3, 31000, (1, 16), device="cuda")
     rows = []

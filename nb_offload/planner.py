@@ -386,32 +386,27 @@ def _too_small(tier, cap, need, reserved, slots, streamable, context, must):
 def resolve_pins(pins, units) -> dict:
     """Turn ``{pattern: pin}`` into ``{unit index: tier}`` for the pins that name a tier, checking every
     pattern and value (see ``split_pin``)."""
-    out = {}
-    for pattern, value in _checked_pins(pins):
-        tier, _ = split_pin(value)
-        for u in match_units(pattern, units):
-            if tier is not None:
-                out[u.index] = tier
-    return out
+    return _resolved(pins, units, 0)
 
 
 def pin_formats(pins, units) -> dict:
     """``{unit index: format}`` for the pins that name a format ("bf16", "nf4" ...)."""
-    out = {}
-    for pattern, value in _checked_pins(pins):
-        _, fmt = split_pin(value)
-        for u in match_units(pattern, units):
-            if fmt is not None:
-                out[u.index] = fmt
-    return out
+    return _resolved(pins, units, 1)
 
 
-def _checked_pins(pins):
+def _resolved(pins, units, part: int) -> dict:
+    """``{unit index: part of its pin}`` (0: the tier, 1: the format) where the pin names that part."""
     if not pins:
-        return []
+        return {}
     if not isinstance(pins, Mapping):
         raise PinError(f"pins={pins!r} is not a mapping; give a dict such as {{\"model.layers.0-3\": \"gpu\"}}.")
-    return list(pins.items())
+    out = {}
+    for pattern, value in pins.items():
+        named = split_pin(value)[part]
+        for u in match_units(pattern, units):
+            if named is not None:
+                out[u.index] = named
+    return out
 
 
 # A pin names a tier, a format, or both ("gpu:bf16"): the format keeps a unit unquantized (in the

@@ -84,8 +84,8 @@ def hollow_llama(folder: str, *, layers: int = 32, hidden: int = 4096, intermedi
     return folder
 
 
-def build_tokenizer(vocab_size: int = 256):
-    """A byte-level BPE tokenizer trained in memory: same on every machine, no download."""
+def build_tokenizer(vocab_size: int = 256, texts=CORPUS):
+    """A byte-level BPE tokenizer trained in memory on ``texts``: same on every machine, no download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -93,7 +93,7 @@ def build_tokenizer(vocab_size: int = 256):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATE
     return fast

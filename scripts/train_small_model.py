@@ -18,22 +18,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "nb_offload", "data")
 
 
-def build_tokenizer(lines, vocab_size):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from nb_offload.tiny import CHAT_TEMPLATE
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(lines, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(DATA, "small-llama"))
@@ -42,11 +26,13 @@ def main():
     args = ap.parse_args()
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nb_offload.tiny import build_tokenizer
     torch.manual_seed(0)
     torch.set_num_threads(1)        # the same weights on every machine
     with open(os.path.join(DATA, "corpus.txt")) as fh:
         lines = [line.strip() for line in fh if line.strip()]
-    tok = build_tokenizer(lines, args.vocab)
+    tok = build_tokenizer(args.vocab, lines)
     ids = []
     for line in lines:
         ids += [tok.bos_token_id] + tok(line)["input_ids"] + [tok.eos_token_id]

@@ -26,6 +26,16 @@ def reference(folder, device="cpu", max_new_tokens=10):
     return tokens, logits
 
 
+def three_tier_pins(plan):
+    """Pins putting the first third of the blocks on the GPU, the next third in host memory, the rest on disk."""
+    names = [e.name for e in blocks(plan)]
+    third = max(1, len(names) // 3)
+    pins = {n: "gpu" for n in names[:third]}
+    pins.update({n: "cpu" for n in names[third:2 * third]})
+    pins.update({n: "disk" for n in names[2 * third:]})
+    return pins
+
+
 def bnb_config(fmt, dtype="bfloat16", double_quant=False):
     """The BitsAndBytesConfig that nb_offload's ``quant=fmt`` stands for (compute in the load dtype)."""
     import torch

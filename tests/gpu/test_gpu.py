@@ -7,7 +7,7 @@ import gc
 
 import pytest
 import torch
-from helpers import PROMPT, blocks, host_staging, pin_while_generating, reference, staging_bytes
+from helpers import PROMPT, blocks, host_staging, pin_while_generating, reference, staging_bytes, three_tier_pins
 
 import nb_offload
 
@@ -20,15 +20,6 @@ def run(llm, n=10):
     logits = llm(ids).logits.float().cpu()
     tokens = llm.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False).cpu()
     return tokens, logits
-
-
-def three_tier_pins(plan):
-    names = [e.name for e in blocks(plan)]
-    third = max(1, len(names) // 3)
-    pins = {n: "gpu" for n in names[:third]}
-    pins.update({n: "cpu" for n in names[third:2 * third]})
-    pins.update({n: "disk" for n in names[2 * third:]})
-    return pins
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "gemma", "gpt2", "opt", "mixtral", "qwen2_moe", "phi3"])

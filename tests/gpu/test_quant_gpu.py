@@ -6,22 +6,13 @@ Run on a CUDA machine with bitsandbytes: ``PYTHONPATH=. python3 -m pytest tests/
 
 import pytest
 import torch
-from helpers import blocks, bnb_config, quant_reference, run_offloaded
+from helpers import blocks, bnb_config, quant_reference, run_offloaded, three_tier_pins
 
 import nb_offload
 
 bnb = pytest.importorskip("bitsandbytes")
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-
-def three_tier_pins(plan):
-    names = [e.name for e in blocks(plan)]
-    third = max(1, len(names) // 3)
-    pins = {n: "gpu" for n in names[:third]}
-    pins.update({n: "cpu" for n in names[third:2 * third]})
-    pins.update({n: "disk" for n in names[2 * third:]})
-    return pins
 
 
 def assert_same(llm, want):
