@@ -29,7 +29,7 @@ test-notebooks: setup
 # JupyterLab with nb_offload, opened at the quick-start notebook.
 lab: setup
 	$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install -q -e ".[notebook]"
-	$(VENV)/bin/jupyter lab notebooks/01-quick-start.ipynb
+	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/01-quick-start.ipynb
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -20,7 +20,7 @@ CHECK = "# NBVAL_CHECK_OUTPUT"
 SETUP = '''import tempfile
 
 import plotly.io as pio
-pio.renderers.default = "plotly_mimetype+notebook_connected"   # figures as data; JupyterLab draws them
+pio.renderers.default = "plotly_mimetype"   # figures as data, drawn by JupyterLab's plotly extension (offline)
 import nb_offload
 from nb_offload.tiny import small_model
 MODEL = small_model()          # the 4-layer Llama that ships with nb_offload (3 MB)
@@ -144,7 +144,7 @@ reads. `pin` re-plans and moves only what changed (on a GPU, `llm.pin("model.lay
         ("code", f"""{CHECK}
 before = llm.stats.bytes_from_disk
 moved = llm.pin("model.layers.1-3", "cpu")        # re-plan and move the blocks into memory
-print({{llm._insp.units[i].name: f"{{src}} -> {{dst}}" for i, (src, dst) in moved.items()}})"""),
+print({{llm.plan.entries[i].name: f"{{src}} -> {{dst}}" for i, (src, dst) in moved.items()}})"""),
         ("code", f"""{CHECK}
 llm.trace.clear()
 again = llm.generate(**prompt, max_new_tokens=40, do_sample=False)
@@ -255,8 +255,10 @@ def build(name, cells):
     from nbclient import NotebookClient
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    for kind, text in cells:
-        nb.cells.append(nbformat.v4.new_markdown_cell(text) if kind == "md" else nbformat.v4.new_code_cell(text))
+    for i, (kind, text) in enumerate(cells):
+        cell = nbformat.v4.new_markdown_cell(text) if kind == "md" else nbformat.v4.new_code_cell(text)
+        cell.id = f"{name.split('-')[0]}-{i:02d}"     # stable ids: a rebuild changes only what changed
+        nb.cells.append(cell)
     t0 = time.perf_counter()
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": HERE}}).execute()
     seconds = time.perf_counter() - t0

@@ -18,9 +18,9 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENI
 say() { echo "[browser-test] $*"; }
 
 # -- set up ---------------------------------------------------------------------------------
-if ! "$PY" -c "import jupyterlab, anywidget, ipywidgets, nbformat" 2>/dev/null; then
-    say "installing JupyterLab and the widget packages into $VENV"
-    "$PY" -m pip install -q "jupyterlab>=4" "anywidget>=0.9" "ipywidgets>=8"
+if ! "$PY" -c "import jupyterlab, anywidget, ipywidgets, nbformat, plotly, ipykernel" 2>/dev/null; then
+    say "installing JupyterLab, the widget packages and plotly into $VENV"
+    "$PY" -m pip install -q "jupyterlab>=4" "anywidget>=0.9" "ipywidgets>=8" "plotly>=5.20" ipykernel
 fi
 if [ ! -f "$ROOT/nb_offload/widgets/static/widget.js" ]; then
     "$ROOT/labextension/build.sh"
@@ -54,6 +54,10 @@ trap cleanup EXIT INT TERM
 
 mkdir -p "$OUT" "$WORK/nb"
 rm -f "$OUT"/*.png
+# the teaching notebooks, with the benchmark runs they read (../benchmarks/runs from notebooks/)
+mkdir -p "$WORK/nb/notebooks" "$WORK/nb/benchmarks"
+cp "$ROOT"/notebooks/*.ipynb "$WORK/nb/notebooks/"
+cp -r "$ROOT/benchmarks/runs" "$WORK/nb/benchmarks/"
 say "making the tiny model and the notebook"
 BUSY_SECONDS="$(PYTHONPATH="$ROOT" "$PY" "$HERE/make_notebook.py" "$WORK/nb" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['busy_seconds'])")"
 

@@ -137,6 +137,8 @@ try {
   await shot("2b-timeline-all-runs");
   await cells.nth(1).locator(".nbo-timeline button", { hasText: "Last run" }).click();
   assert.match(await timelineSummary.innerText(), /\(the last of \d+ runs\)/);
+  // zoom and hover over every run: the last alone is a few short steps, mostly gaps when zoomed in
+  await cells.nth(1).locator(".nbo-timeline button", { hasText: "All runs" }).click();
 
   step = "timeline zoom and hover";
   const canvas = cells.nth(1).locator(".nbo-timeline canvas");
@@ -239,6 +241,40 @@ try {
 
   step = "save";
   await page.evaluate(() => window.jupyterapp.commands.execute("docmanager:save"));
+
+  // The teaching notebooks, each run top to bottom in this JupyterLab: no error output, their
+  // plotly figures and widgets drawn (run.sh copies notebooks/ and the benchmark runs they read).
+  const teaching = { "01-quick-start.ipynb": [".nbo-layermap", "The old baker opened his shop"],
+    "02-tiers-and-budgets.ipynb": [".js-plotly-plot", "correct"],
+    "03-timelines-and-repinning.ipynb": [".js-plotly-plot", "same text: True"],
+    "04-quantization.ipynb": [".js-plotly-plot", "correct"],
+    "05-disk-and-cache.ipynb": [null, "warned: True"] };
+  for (const [name, [drawn, text]] of Object.entries(teaching)) {
+    step = `teaching notebook ${name}`;
+    await page.evaluate(async (name) => {
+      await window.jupyterapp.commands.execute("docmanager:open", { path: `notebooks/${name}` });   // a widget: not returned
+    }, name);
+    await page.waitForFunction((name) => window.jupyterapp.shell.currentWidget?.context?.path === `notebooks/${name}`
+      && window.jupyterapp.shell.currentWidget.sessionContext?.session?.kernel, name, { timeout: 60_000 });
+    await page.evaluate(() => window.jupyterapp.shell.currentWidget.sessionContext.ready);
+    const t0 = Date.now();
+    await page.evaluate(async () => {
+      await window.jupyterapp.commands.execute("notebook:run-all-cells");
+    });
+    await page.waitForFunction(() => {
+      const nb = window.jupyterapp.shell.currentWidget;
+      const prompts = [...nb.node.querySelectorAll(".jp-CodeCell .jp-InputArea-prompt")].map((p) => p.textContent);
+      return prompts.length && prompts.every((p) => /\[\d+\]/.test(p))
+        && nb.sessionContext.session?.kernel?.status === "idle";
+    }, null, { timeout: 120_000 });
+    const panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)");
+    const failed = await panel.locator("[data-mime-type='application/vnd.jupyter.error']").count();
+    assert.equal(failed, 0, `${name}: ${await panel.locator("[data-mime-type='application/vnd.jupyter.error']").allInnerTexts()}`);
+    if (drawn) await panel.locator(drawn).first().waitFor({ timeout: 30_000 });
+    assert.ok((await panel.innerText()).includes(text), `${name} shows "${text}"`);
+    log(`${name}: ran top to bottom in ${((Date.now() - t0) / 1000).toFixed(0)} s`);
+    await shot(`8-${name.replace(".ipynb", "")}`);
+  }
 
   step = "console";
   assert.deepEqual(errors, [], "no errors in the browser console");
