@@ -1,7 +1,8 @@
 // Drives JupyterLab in headless Chromium: runs the notebook written by make_notebook.py,
 // checks the dashboard (layer map tiers and colours, live timeline, memory rows), re-pins
 // two blocks by clicking while a cell runs (pending, then done), checks the kernel's plan in
-// a later cell, and fails on any browser console error. Screenshots go to $OUT.
+// a later cell, runs each teaching notebook (notebooks/) top to bottom, and fails on any browser
+// console error. Screenshots go to $OUT.
 // Environment: LAB_URL, LAB_TOKEN, CHROMIUM, OUT, BUSY_SECONDS.
 
 import assert from "node:assert/strict";
