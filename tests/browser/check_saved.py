@@ -1,5 +1,8 @@
 """After the browser run: the saved notebook's dashboard output carries a static copy (inline
-SVG) next to the widget view, showing the re-pinned plan, and nbconvert renders it."""
+SVG) next to the widget view, showing the re-pinned plan; the notebook carries the widget state
+(make lab's settings save it, so JupyterLab redraws the dashboard without a kernel); nbconvert's
+HTML shows the dashboard: the static copy, or, where the widget state is saved, the widgets drawn
+from it (nbconvert then prefers them, with their scripts from a CDN)."""
 
 import subprocess
 import sys
@@ -25,8 +28,11 @@ def main(folder):
                     f"{folder}/widgets.ipynb"], check=True)
     with open(f"{folder}/widgets.html") as fh:
         page = fh.read()
-    assert "nb_offload layer map" in page and "<svg" in page, "nbconvert's HTML lacks the static views"
-    print("saved notebook: static layer map and timeline present, nbconvert renders them")
+    state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    assert any(m.get("state", {}).get("_kind") == "layermap" for m in state.values()), "no saved widget state"
+    assert ("nb_offload layer map" in page and "<svg" in page) or "application/vnd.jupyter.widget-state+json" in page, \
+        "nbconvert's HTML lacks both the static views and the widget state"
+    print("saved notebook: static layer map and timeline present, widget state saved, nbconvert renders them")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,10 @@ if ! "$PY" -c "import jupyterlab, anywidget, ipywidgets, nbformat, plotly, ipyke
     say "installing JupyterLab, the widget packages and plotly into $VENV"
     "$PY" -m pip install -q "jupyterlab>=4" "anywidget>=0.9" "ipywidgets>=8" "plotly>=5.20" ipykernel
 fi
+# the settings make lab gives this venv's JupyterLab: widget state saved with the notebook
+SETTINGS="$("$PY" -c "import sys; print(sys.prefix)")/share/jupyter/lab/settings"
+mkdir -p "$SETTINGS"
+[ -f "$SETTINGS/overrides.json" ] || cp "$ROOT/jupyter/overrides.json" "$SETTINGS/"
 if [ ! -f "$ROOT/nb_offload/widgets/static/widget.js" ]; then
     "$ROOT/labextension/build.sh"
 fi

@@ -277,6 +277,24 @@ try {
     await shot(`8-${name.replace(".ipynb", "")}`);
   }
 
+  step = "reopened without a kernel";
+  await page.evaluate(async () => {
+    const { commands, serviceManager } = window.jupyterapp;
+    await commands.execute("docmanager:save-all");     // so closing asks nothing
+    await commands.execute("application:close-all");
+    await serviceManager.sessions.refreshRunning();     // every kernel shut down: the widget models are gone
+    for (const s of [...serviceManager.sessions.running()]) await serviceManager.sessions.shutdown(s.id);
+  });
+  // A fresh page: a new widget manager, which knows only what the notebook file carries.
+  await page.goto(`${LAB_URL}/lab/tree/widgets.ipynb?token=${LAB_TOKEN}`);
+  const reopened = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)");
+  await reopened.locator(".jp-Cell").first().waitFor({ timeout: 60_000 });
+  await reopened.locator(".nbo-layermap").first().waitFor({ timeout: 30_000 });
+  assert.ok(!(await reopened.innerText()).includes("model not found"), "no 'model not found' in the reopened notebook");
+  assert.ok(await reopened.locator(".nbo-timeline").count() > 0 && await reopened.locator(".nbo-memory").count() > 0,
+    "the reopened notebook draws its dashboard from the saved widget state");
+  await shot("9-reopened-without-kernel");
+
   step = "console";
   assert.deepEqual(errors, [], "no errors in the browser console");
   log("all browser checks passed");
