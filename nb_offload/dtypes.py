@@ -6,6 +6,7 @@ from .errors import OptionError
 
 DTYPES = ("float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+SHORT_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}     # as plans and pins name formats
 
 
 def canonical_dtype(name, value):

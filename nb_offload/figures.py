@@ -8,7 +8,7 @@ keeps its own canvas timeline, which redraws faster.
 from __future__ import annotations
 
 from .errors import OffloadError
-from .trace import IDLE, collapse_idle, split_runs
+from .trace import IDLE, choose_runs, collapse_idle, split_runs
 from .views import LANE_COLORS, TIER_COLORS
 
 GB = 1e9
@@ -23,14 +23,7 @@ def _plotly():
 
 
 def _chosen_runs(trace, runs, idle):
-    found = split_runs(list(trace), idle)
-    if runs == "last":
-        return found[-1:]
-    if runs == "all":
-        return found
-    if isinstance(runs, int) and not isinstance(runs, bool) and runs > 0:
-        return found[-runs:]
-    raise OffloadError(f"runs={runs!r} is not valid; accepted: \"last\", \"all\", or a count of the latest runs.")
+    return choose_runs(split_runs(list(trace), idle), runs)
 
 
 def timeline_figure(trace, runs="last", idle: float = IDLE, title: str = ""):
@@ -39,7 +32,7 @@ def timeline_figure(trace, runs="last", idle: float = IDLE, title: str = ""):
     between runs is cut out and each join marked with a dotted line."""
     go = _plotly()
     chosen = _chosen_runs(trace, runs, idle)
-    placed, joins = collapse_idle(chosen) if chosen else ([], [])
+    placed, joins = collapse_idle(chosen)
     fig = go.Figure()
     for lane, color in LANE_COLORS.items():
         mine = [(e, a, b) for e, a, b in placed if e.kind == lane]
@@ -64,7 +57,7 @@ def rates_figure(trace, runs="last", idle: float = IDLE, bins: int = 40):
     """GB/s moved by copies (the link) and by reads (the drive) over a run, in ``bins`` time slices."""
     go = _plotly()
     chosen = _chosen_runs(trace, runs, idle)
-    placed, _ = collapse_idle(chosen) if chosen else ([], [])
+    placed, _ = collapse_idle(chosen)
     span = max((b for _, _, b in placed), default=0.0) or 1e-9
     width = span / bins
     fig = go.Figure()

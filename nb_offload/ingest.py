@@ -33,6 +33,11 @@ def readable(unit, checkpoint) -> bool:
     bytes can be read in chunks straight from the file."""
     if checkpoint.is_pickle or unit.quantized:     # quantized units are quantized on their way (quant.py)
         return False
+    return keys_are_params(unit)
+
+
+def keys_are_params(unit) -> bool:
+    """Whether every checkpoint key of ``unit`` is the name of one of its parameters (no key conversion)."""
     names = {n for s in unit.params for n in s.names}
     return all(k in names for k in unit.checkpoint_keys)
 

@@ -13,8 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .budget import format_size
+from .dtypes import SHORT_NAMES
 from .errors import BudgetError, PinError
 from .patterns import match_units
+from .quant import FORMATS as QUANT_FORMATS
 
 TIERS = ("gpu", "cpu", "disk")
 WORKSPACE = 64 * 2**20        # cuBLAS workspace, allocator rounding, small temporaries
@@ -206,7 +208,7 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
                 "folder to stream blocks from.")
         tiers.update((u.index, "disk") for u in stream)
     entries = [PlanEntry(name=u.name, bytes=u.nbytes, tier=tiers[u.index], pinned=u.index in pins,
-                         kind=u.kind, aliases=tuple(u.modules), fmt=getattr(u, "fmt", "")) for u in units]
+                         kind=u.kind, aliases=tuple(u.modules), fmt=u.fmt) for u in units]
     return Plan(entries=entries, device=device, budgets=dict(budgets), reserved=reserved,
                 host_reserved=host_reserved, context=context, batch=batch, prefetch=prefetch, model=model_name,
                 split_blocks=slots.split)
@@ -411,16 +413,15 @@ def _resolved(pins, units, part: int) -> dict:
 
 # A pin names a tier, a format, or both ("gpu:bf16"): the format keeps a unit unquantized (in the
 # load dtype) or says it is quantized; formats are chosen at load.
-QUANT_FORMATS = ("int8", "nf4", "fp4")
-PLAIN_FORMATS = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "fp32": "fp32",
-                 "float32": "fp32"}
+PLAIN_FORMATS = {**{short: short for short in SHORT_NAMES.values()}, **SHORT_NAMES}   # "bfloat16" -> "bf16" too
+PIN_FORMS = (f"a tier ({', '.join(TIERS)}), a format ({', '.join(QUANT_FORMATS + tuple(SHORT_NAMES.values()))}) "
+             "or both, e.g. \"gpu:bf16\"")
 
 
 def split_pin(value) -> tuple:
     """``(tier or None, format or None)`` of a pin: "gpu", "nf4", "gpu:bf16" (also "bf16:gpu")."""
     if not isinstance(value, str) or not value.strip():
-        raise PinError(f"pin {value!r} is unknown; accepted: a tier ({', '.join(TIERS)}), a format "
-                       f"({', '.join(QUANT_FORMATS + ('bf16', 'fp16', 'fp32'))}) or both, e.g. \"gpu:bf16\".")
+        raise PinError(f"pin {value!r} is unknown; accepted: {PIN_FORMS}.")
     tier = fmt = None
     for part in value.strip().lower().split(":"):
         part = part.strip()
@@ -432,8 +433,7 @@ def split_pin(value) -> tuple:
             fmt = PLAIN_FORMATS[part]
         else:
             which = "tier" if ":" not in value else "pin"
-            raise PinError(f"{which} {value!r} is unknown; accepted: a tier ({', '.join(TIERS)}), a format "
-                           f"({', '.join(QUANT_FORMATS + ('bf16', 'fp16', 'fp32'))}) or both, e.g. \"gpu:bf16\".")
+            raise PinError(f"{which} {value!r} is unknown; accepted: {PIN_FORMS}.")
     return tier, fmt
 
 
@@ -441,8 +441,3 @@ def canonical_pin(value) -> str:
     tier, fmt = split_pin(value)
     return ":".join(p for p in (tier, fmt) if p)
 
-
-def check_tier(tier) -> str:
-    if not isinstance(tier, str) or tier.strip().lower() not in TIERS:
-        raise PinError(f"tier {tier!r} is unknown; accepted: {', '.join(TIERS)}.")
-    return tier.strip().lower()

@@ -251,10 +251,7 @@ def _pack_parts(specs) -> tuple[list, int]:
     from .units import round_up
     parts, offset = [], 0
     for role, dtype, shape in specs:
-        n = 1
-        for s in shape:
-            n *= s
-        nbytes = n * dtype.itemsize
+        nbytes = _numel(shape) * dtype.itemsize
         parts.append(Part(role, offset, nbytes, dtype, tuple(shape)))
         offset += round_up(nbytes)
     return parts, offset
@@ -270,7 +267,6 @@ def layout_of(module, param, load_dtype, device) -> QuantLayout:
     """
     import torch
 
-    from .errors import OptionError as _OptionError
     bnb = require_bitsandbytes()
     from transformers.pytorch_utils import Conv1D
     out_f, in_f = module.out_features, module.in_features
@@ -285,7 +281,7 @@ def layout_of(module, param, load_dtype, device) -> QuantLayout:
     cpu_packed = device.type == "cpu" and bool(getattr(module, "support_avx512bf16_for_cpu", False))
     if cpu_packed:
         if out_f % 32 or in_f % blocksize:
-            raise _OptionError(
+            raise OptionError(
                 f"quant={param.quant_type!r} on this CPU: bitsandbytes' AVX512-BF16 kernel needs a weight's output "
                 f"features divisible by 32 and input features by {blocksize}, and {module.__class__.__name__} "
                 f"of shape [{out_f}, {in_f}] has neither; use quant=\"int8\", or a CUDA device.")

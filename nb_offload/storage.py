@@ -8,7 +8,7 @@ import time
 from .budget import trim_heap
 from .cache import OffloadCache
 from .errors import CheckpointError, DiskTierError
-from .ingest import Ingest, readable
+from .ingest import Ingest, keys_are_params, readable
 from .tiers import Source, alloc_host, direct_extents, lock_host, pack, param_views, read_extents, release_host
 
 
@@ -113,9 +113,8 @@ class Storage:
         its other parameters are copied in the load dtype."""
         from .quant import load_saved_into, quantize_into
         ckpt = self.insp.checkpoint
-        names = {n for s in unit.params for n in s.names}
         converted = None
-        if not ckpt.is_pickle and not all(k in names for k in unit.checkpoint_keys):
+        if not ckpt.is_pickle and not keys_are_params(unit):
             converted = self._read_converted(unit)      # e.g. fused experts beside quantized attention
         for slot in unit.params:
             if slot.quant is not None and self.insp.saved_quant is not None:

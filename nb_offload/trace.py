@@ -13,6 +13,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from .errors import OffloadError
+
 LANES = ("read", "copy", "compute", "step")
 IDLE = 0.25     # seconds with no event in any lane that end a run (a generate, a cell)
 
@@ -27,6 +29,28 @@ def split_runs(events, idle: float = IDLE) -> list:
         runs[-1].append(e)
         end = max(end, e.end)
     return runs
+
+
+def choose_runs(runs: list, which) -> list:
+    """The runs to show: ``which`` is "last", "all", or a count of the latest."""
+    if which == "last":
+        return runs[-1:]
+    if which == "all":
+        return runs
+    if isinstance(which, int) and not isinstance(which, bool) and which > 0:
+        return runs[-which:]
+    raise OffloadError(f"runs={which!r} is not valid; accepted: \"last\", \"all\", or a count of the latest runs.")
+
+
+def lane_totals(events) -> dict:
+    """Totals per lane: count, bytes and busy seconds (every lane of LANES, and any other kind seen)."""
+    out = {k: {"count": 0, "bytes": 0, "seconds": 0.0} for k in LANES}
+    for e in events:
+        lane = out.setdefault(e.kind, {"count": 0, "bytes": 0, "seconds": 0.0})
+        lane["count"] += 1
+        lane["bytes"] += e.bytes
+        lane["seconds"] += e.duration
+    return out
 
 
 def collapse_idle(runs, gap_share: float = 0.02):
@@ -159,13 +183,7 @@ class Trace:
 
     def summary(self) -> dict:
         """Totals per lane: count, bytes and busy seconds."""
-        out = {k: {"count": 0, "bytes": 0, "seconds": 0.0} for k in LANES}
-        for e in self.events:
-            lane = out.setdefault(e.kind, {"count": 0, "bytes": 0, "seconds": 0.0})
-            lane["count"] += 1
-            lane["bytes"] += e.bytes
-            lane["seconds"] += e.duration
-        return out
+        return lane_totals(self.events)
 
 
 @dataclass

@@ -12,7 +12,7 @@ import contextlib
 import fnmatch
 from dataclasses import dataclass, field
 
-from .dtypes import DTYPES
+from .dtypes import DTYPES, SHORT_NAMES
 from .errors import CheckpointError, OptionError
 
 ALIGN = 256  # bytes; keeps every tensor view aligned for vectorised kernels on any device
@@ -72,7 +72,7 @@ class Unit:
 def dtype_name(dtype) -> str:
     """The short name of a weight dtype, as the plan shows it ("bf16", "fp16", "fp32")."""
     text = str(dtype).removeprefix("torch.")
-    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(text, text)
+    return SHORT_NAMES.get(text, text)
 
 
 def lay_out(unit):

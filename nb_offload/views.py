@@ -16,7 +16,6 @@ from __future__ import annotations
 import html
 
 from .budget import format_size
-from .errors import OffloadError
 
 # -- the palette ----------------------------------------------------------------------------------
 # One set of colours for every view, static and live: the widgets send PALETTE to the browser
@@ -278,25 +277,18 @@ class Timeline:
 
     def __init__(self, trace, title: str = "", last_steps: int | None = None, max_events: int = 5000,
                  runs="last"):
-        from .trace import collapse_idle, split_runs
+        from .trace import choose_runs, collapse_idle, lane_totals, split_runs
         events = list(trace)
         if last_steps is not None and events:
             last = max(e.step for e in events)
             events = [e for e in events if e.step > last - last_steps]
-        chosen = split_runs(events[-max_events:])
-        all_runs = len(chosen)
-        if runs == "last":
-            chosen = chosen[-1:]
-        elif isinstance(runs, int) and not isinstance(runs, bool) and runs > 0:
-            chosen = chosen[-runs:]
-        elif runs != "all":
-            raise OffloadError(f"runs={runs!r} is not valid; accepted: \"last\", \"all\", or a count of the "
-                               "latest runs.")
-        self.placed, self.joins = collapse_idle(chosen) if chosen else ([], [])
+        found = split_runs(events[-max_events:])
+        chosen = choose_runs(found, runs)
+        self.placed, self.joins = collapse_idle(chosen)
         self.events = [e for e, _, _ in self.placed]
-        self.runs, self.all_runs = len(chosen), all_runs
+        self.runs, self.all_runs = len(chosen), len(found)
         self.title = title
-        self.summary = _lane_totals(self.events)
+        self.summary = lane_totals(self.events)
 
     def __repr__(self):
         if not self.events:
@@ -323,13 +315,3 @@ class Timeline:
         return (f"<div><b>nb_offload timeline</b> {html.escape(self.title)} ({len(self.events)} events)"
                 f"{timeline_svg(self.placed, self.joins)}<pre>{html.escape(repr(self))}</pre></div>")
 
-
-def _lane_totals(events) -> dict:
-    from .trace import LANES
-    out = {k: {"count": 0, "bytes": 0, "seconds": 0.0} for k in LANES}
-    for e in events:
-        lane = out.setdefault(e.kind, {"count": 0, "bytes": 0, "seconds": 0.0})
-        lane["count"] += 1
-        lane["bytes"] += e.bytes
-        lane["seconds"] += e.duration
-    return out

@@ -17,13 +17,8 @@ def reference(folder, device="cpu", max_new_tokens=10):
     import torch
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(folder).to(device).eval()
-    ids = torch.tensor(PROMPT, device=device)
     with torch.inference_mode():
-        logits = model(ids).logits.float().cpu()
-        tokens = model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                do_sample=False).cpu()
-    del model
-    return tokens, logits
+        return run_offloaded(model, max_new_tokens, device=device)
 
 
 def three_tier_pins(plan):
@@ -54,18 +49,14 @@ def quant_reference(folder, config, device="cpu", dtype="bfloat16", max_new_toke
     extra = {} if config is None else {"quantization_config": config}     # None: a checkpoint saved quantized
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), device_map=device,
                                                  **extra).eval()
-    ids = torch.tensor(PROMPT, device=device)
     with torch.inference_mode():
-        logits = model(ids).logits.float().cpu()
-        tokens = model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                do_sample=False).cpu()
-    del model
-    return tokens, logits
+        return run_offloaded(model, max_new_tokens, device=device)
 
 
-def run_offloaded(llm, max_new_tokens=10):
+def run_offloaded(llm, max_new_tokens=10, device="cpu"):
+    """Greedy tokens and prompt logits of ``llm`` (an OffloadedModel, or a plain model on ``device``)."""
     import torch
-    ids = torch.tensor(PROMPT)
+    ids = torch.tensor(PROMPT, device=device)
     logits = llm(ids).logits.float().cpu()
     tokens = llm.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                           do_sample=False).cpu()
