@@ -27,10 +27,11 @@ test-notebooks: setup
 	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg notebooks
 
 # JupyterLab with nb_offload, opened at the quick-start notebook. Its settings (jupyter/overrides.json,
-# for this venv's JupyterLab only) save widget state with the notebook, so a notebook reopened without a
-# kernel shows its dashboards as they were instead of "model not found".
+# for this venv's JupyterLab and Notebook 7, which read the same folder) save widget state with the
+# notebook, so a notebook reopened without its kernel shows its dashboards as they were instead of
+# "model not found". For Notebook 7, run .venv/bin/jupyter notebook once make lab has set this up.
 lab: setup
-	$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install -q -e ".[notebook]"
+	$(PY) -c "import jupyterlab, notebook" 2>/dev/null || $(PY) -m pip install -q -e ".[notebook]"
 	mkdir -p $(VENV)/share/jupyter/lab/settings
 	test -f $(VENV)/share/jupyter/lab/settings/overrides.json || cp jupyter/overrides.json $(VENV)/share/jupyter/lab/settings/
 	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/01-quick-start.ipynb

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Browser test of nb_offload's widgets: JupyterLab on localhost, driven by headless Chromium
-# (Debian's, through playwright-core). CPU only. Exit status: 0 when every check passed.
+# Browser test of nb_offload's widgets: JupyterLab (and Notebook 7, for the saved notebook reopened
+# there) on localhost, driven by headless Chromium (Debian's, through playwright-core). CPU only.
+# Exit status: 0 when every check passed.
 #
 #   tests/browser/run.sh            # uses .venv (or $VENV); screenshots in tests/browser/out/
 #
-# Sets itself up: the Python packages the widgets and JupyterLab need (into the venv), the
-# front-end bundle if missing, playwright-core (npm ci), and Chromium (apt, when root).
+# Sets itself up: the Python packages the widgets, JupyterLab and Notebook 7 need (into the venv),
+# the front-end bundle if missing, playwright-core (npm ci), and Chromium (apt, when root).
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
@@ -18,11 +19,12 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENI
 say() { echo "[browser-test] $*"; }
 
 # -- set up ---------------------------------------------------------------------------------
-if ! "$PY" -c "import jupyterlab, anywidget, ipywidgets, nbformat, plotly, ipykernel" 2>/dev/null; then
-    say "installing JupyterLab, the widget packages and plotly into $VENV"
-    "$PY" -m pip install -q "jupyterlab>=4" "anywidget>=0.9" "ipywidgets>=8" "plotly>=5.20" ipykernel
+if ! "$PY" -c "import jupyterlab, notebook, anywidget, ipywidgets, nbformat, plotly, ipykernel" 2>/dev/null; then
+    say "installing JupyterLab, Notebook 7, the widget packages and plotly into $VENV"
+    "$PY" -m pip install -q "jupyterlab>=4" "notebook>=7" "anywidget>=0.9" "ipywidgets>=8" "plotly>=5.20" ipykernel
 fi
-# the settings make lab gives this venv's JupyterLab: widget state saved with the notebook
+# the settings make lab gives this venv's JupyterLab: widget state saved with the notebook (Notebook 7
+# reads the same folder: its app_settings_dir is JupyterLab's app dir's settings/)
 SETTINGS="$("$PY" -c "import sys; print(sys.prefix)")/share/jupyter/lab/settings"
 mkdir -p "$SETTINGS"
 [ -f "$SETTINGS/overrides.json" ] || cp "$ROOT/jupyter/overrides.json" "$SETTINGS/"
@@ -45,13 +47,17 @@ fi
 
 # -- fixtures and server --------------------------------------------------------------------
 WORK="$(mktemp -d)"
-SERVER_PID=""
-cleanup() {
-    if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill "$SERVER_PID" 2>/dev/null || true
-        for _ in $(seq 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$SERVER_PID" 2>/dev/null || true
+SERVER_PID="" NB_SERVER_PID=""
+stop() {
+    if [ -n "$1" ] && kill -0 "$1" 2>/dev/null; then
+        kill "$1" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$1" 2>/dev/null || true
     fi
+}
+cleanup() {
+    stop "$SERVER_PID"
+    stop "$NB_SERVER_PID"
     rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
@@ -65,7 +71,10 @@ cp -r "$ROOT/benchmarks/runs" "$WORK/nb/benchmarks/"
 say "making the tiny model and the notebook"
 BUSY_SECONDS="$(PYTHONPATH="$ROOT" "$PY" "$HERE/make_notebook.py" "$WORK/nb" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['busy_seconds'])")"
 
-PORT="$("$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")"
+free_port() { "$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
+PORT="$(free_port)"
+NB_PORT="$(free_port)"
+while [ "$NB_PORT" = "$PORT" ]; do NB_PORT="$(free_port)"; done
 TOKEN="$("$PY" -c "import secrets; print(secrets.token_hex(16))")"
 # A private Jupyter home: no user settings, workspaces or kernels leak in or out.
 export JUPYTER_CONFIG_DIR="$WORK/config" JUPYTER_RUNTIME_DIR="$WORK/runtime" IPYTHONDIR="$WORK/ipython"
@@ -85,24 +94,40 @@ say "starting JupyterLab on 127.0.0.1:$PORT"
     --LabApp.extension_manager=readonly --LabApp.expose_app_in_browser=True \
     >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
-for _ in $(seq 120); do
-    if "$PY" -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$PORT/api/status?token=$TOKEN', timeout=2)" 2>/dev/null; then
-        break
-    fi
-    kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/server.log"; say "JupyterLab did not start"; exit 1; }
-    sleep 0.5
-done
+# Notebook 7 on the same folder, for the saved notebook reopened there: its kernels are its own, so
+# none of them ever held the dashboards' widget models.
+say "starting Notebook 7 on 127.0.0.1:$NB_PORT"
+# shellcheck disable=SC2086
+"$PY" -m jupyter notebook $ROOT_FLAG --no-browser --ip=127.0.0.1 --port="$NB_PORT" --ServerApp.port_retries=0 \
+    --IdentityProvider.token="$TOKEN" --ServerApp.root_dir="$WORK/nb" \
+    --JupyterNotebookApp.expose_app_in_browser=True \
+    >"$WORK/notebook-server.log" 2>&1 &
+NB_SERVER_PID=$!
+wait_up() {   # port, pid, log, name
+    for _ in $(seq 120); do
+        if "$PY" -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$1/api/status?token=$TOKEN', timeout=2)" 2>/dev/null; then
+            return 0
+        fi
+        kill -0 "$2" 2>/dev/null || { cat "$3"; say "$4 did not start"; exit 1; }
+        sleep 0.5
+    done
+    cat "$3"; say "$4 did not answer"; exit 1
+}
+wait_up "$PORT" "$SERVER_PID" "$WORK/server.log" JupyterLab
+wait_up "$NB_PORT" "$NB_SERVER_PID" "$WORK/notebook-server.log" "Notebook 7"
 
 # -- the test ---------------------------------------------------------------------------------
 status=0
-LAB_URL="http://127.0.0.1:$PORT" LAB_TOKEN="$TOKEN" CHROMIUM="$CHROMIUM" OUT="$OUT" BUSY_SECONDS="$BUSY_SECONDS" \
+LAB_URL="http://127.0.0.1:$PORT" NB_URL="http://127.0.0.1:$NB_PORT" LAB_TOKEN="$TOKEN" CHROMIUM="$CHROMIUM" OUT="$OUT" BUSY_SECONDS="$BUSY_SECONDS" \
     node "$HERE/test.mjs" || status=$?
 if [ "$status" = 0 ]; then
     "$PY" "$HERE/check_saved.py" "$WORK/nb" || status=$?
 fi
 if [ "$status" != 0 ]; then
-    say "server log (last 40 lines):"
+    say "JupyterLab server log (last 40 lines):"
     tail -n 40 "$WORK/server.log"
+    say "Notebook 7 server log (last 40 lines):"
+    tail -n 40 "$WORK/notebook-server.log"
 fi
 say "screenshots in $OUT"
 exit "$status"
