@@ -130,13 +130,18 @@ def units_drive_rate(llm, cold, uncached):
 
 def build(folder, layers, dtype="bfloat16"):
     """Save a LLaMA-7B-shaped model of ``layers`` layers with random ``dtype`` weights."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
                       max_position_embeddings=4096, dtype=dtype)
+    save_random(LlamaForCausalLM, cfg, folder, dtype)
+
+
+def save_random(model_class, cfg, folder, dtype="bfloat16"):
+    """Save a ``model_class`` of ``cfg`` with random ``dtype`` weights (made on the GPU, then freed)."""
+    import torch
     with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+        model = model_class(cfg).to(getattr(torch, dtype))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)

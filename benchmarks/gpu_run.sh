@@ -6,6 +6,8 @@
 #   BENCH_ARGS="--read-threads 8" BENCH_TAG=-t8 bash benchmarks/gpu_run.sh bench=5   # extra options
 #   bash benchmarks/gpu_run.sh quant             # bench_quant.py (needs the bitsandbytes wheel in .whl); QUANT_ARGS too
 #   bash benchmarks/gpu_run.sh load              # bench_load.py (as root: it drops the page cache); LOAD_ARGS too
+#   bash benchmarks/gpu_run.sh graph             # bench_graph.py (the captured decode step); GRAPH_ARGS too
+#   TESTS=tests/gpu/test_graph_gpu.py bash benchmarks/gpu_run.sh tests      # a part of tests/gpu
 set -uo pipefail
 export PYTHONPATH="$(pwd):/tmp/site" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 OUT="${OUT:-/tmp/out}"
@@ -18,8 +20,11 @@ for step in "${@:-tests}"; do
     start=$SECONDS
     case "$step" in
         tests)
-            timeout 240 python3 -m pytest -q -s tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" \
-                | grep -E "passed|failed|error|budget|hold=|PCIe|^FAILED|^E " | tail -30 ;;
+            timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -q -s ${TESTS:-tests/gpu} 2>&1 | tee "$OUT/gpu-tests.log" \
+                | grep -E "passed|failed|error|budget|hold=|PCIe|capture|static|^FAILED|^E " | tail -40 ;;
+        graph)
+            timeout "${GRAPH_TIMEOUT:-540}" python3 benchmarks/bench_graph.py --json "$OUT/graph${BENCH_TAG:-}.json" \
+                ${GRAPH_ARGS:-} 2>&1 | grep -v "Loading weights\|Writing model\|will be cast" | tee "$OUT/graph.log" | tail -20 ;;
         dashboard)
             timeout 300 python3 benchmarks/bench_dashboard.py --json "$OUT/dashboard.json" 2>&1 | tail -3 ;;
         bench|bench=*)

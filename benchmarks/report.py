@@ -456,6 +456,122 @@ def render_variants(data, command, title) -> str:
     return "\n".join(lines) + "\n"
 
 
+def llamacpp_rows(path) -> dict:
+    """llama-bench's markdown rows from a saved log: {(model, ngl, n_cpu_moe or None, test): (t/s, ±)}."""
+    out = {}
+    for line in open(path):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 7 or not cells[-1][:1].isdigit():
+            continue
+        moe = cells[5] if len(cells) == 8 else None
+        value, _, err = cells[-1].partition("±")
+        out[(cells[0], int(cells[4]), int(moe) if moe else None, cells[-2])] = (float(value), float(err or 0))
+    return out
+
+
+def render_graph(data, command, title, llama=None) -> str:
+    """A bench_graph.py run (the captured decode step), with the same session's llama.cpp figures."""
+    m = data["meta"]
+    rows = {r["row"]: r for r in data["rows"]}
+    cpp = llamacpp_rows(llama) if llama else {}
+    dense = next((v[0] for k, v in cpp.items()
+                  if "7B" in k[0] and k[1] == 99 and k[2] is None and k[3] == "tg32"), None)
+    moe_all = next((v[0] for k, v in cpp.items() if "7B" not in k[0] and k[1] == 99 and k[2] is None
+                    and k[3] == "tg32"), None)
+
+    def met(ok):
+        return "met" if ok else "**not met**"
+    lines = [f"## {m['date']}, {title or 'the decode step as one CUDA graph'} · {m['card']} · torch {m['torch']}, "
+             f"transformers {m['transformers']}", "",
+             "Command (GPU machine, repository root, with the wheels carried):", "", f"    {command}", "",
+             f"Decode at batch 1, {m['tokens']} new tokens, per-step medians (prefill excluded) over interleaved "
+             f"rounds, spread (min-max) in brackets; LLaMA-7B and Mixtral shapes, random bf16 weights; page-locked "
+             f"link {m['link_gbps']:.1f} GB/s. *graph*: nb_offload's captured decode (graphs.py); *eager*: the "
+             "same model with `cuda_graph` off. transformers *static*: its generate given the static cache of the "
+             "length nb_offload uses, eager: the reference for the captured step's tokens.", ""]
+    if "resident" in rows:
+        r = rows["resident"]
+        sp = r["spread"]
+        lines += ["Everything resident (LLaMA-7B shape):", "", "| variant | tok/s | same tokens as |", "|---|---:|---|"]
+        names = [("hf_eager", "transformers eager", "nb_offload eager" if r["nb_eager_equals_hf_eager"] else ""),
+                 ("hf_eager_static", "transformers eager, static cache",
+                  "transformers eager" if r["hf_static_equals_hf_eager"] else ""),
+                 ("hf_compile", "transformers `torch.compile(mode=\"reduce-overhead\")`, static cache",
+                  "transformers static" if r.get("compile_equals_hf_static") else "NOT transformers static"),
+                 ("nb_eager", "nb_offload eager", "transformers eager" if r["nb_eager_equals_hf_eager"] else "NO"),
+                 ("nb_graph", "**nb_offload graph**",
+                  "transformers static" if r["nb_graph_equals_hf_static"] else "NOT transformers static")]
+        for key, name, same in names:
+            if f"{key}_tok_s" in r:
+                lines.append(f"| {name} | {r[key + '_tok_s']:.1f} ({sp[key]}) | {same} |")
+        if dense:
+            lines.append(f"| llama.cpp all on the GPU (F16, same session) | {dense:.1f} | |")
+        lines += ["", f"- graph over transformers eager: **{r['graph_over_hf_eager']:.2f}x** (goal 5x: "
+                      f"{met(r['graph_over_hf_eager'] >= 5)})"]
+        if dense:
+            lines.append(f"- graph over llama.cpp all on the GPU: **{r['nb_graph_tok_s'] / dense:.2f}** (goal 0.5: "
+                         f"{met(r['nb_graph_tok_s'] / dense >= 0.5)})")
+        if "hf_compile_tok_s" in r:
+            lines.append(f"- transformers compiled (reduce-overhead) over nb_offload graph: "
+                         f"{r['hf_compile_tok_s'] / r['nb_graph_tok_s']:.2f}x; its compile took "
+                         f"{m.get('compile_warmup_s', 0):.0f} s")
+        lines.append(f"- a replay alone (GPU): {r['replay_ms']:.2f} ms; the host between replays (transformers' "
+                     f"generate loop, nb_offload's step): {r['host_ms_per_step']:.2f} ms; "
+                     f"capture {r['capture_ms']:.0f} ms; graph pool {r['pool_bytes'] / 2**20:.1f} MiB "
+                     f"(plan reserves {r['pool_reserved'] / 2**20:.1f} "
+                     f"MiB: {met(r['pool_bytes'] <= r['pool_reserved'])})")
+        lines.append("")
+    streamed = [rows[k] for k in ("4GiB", "12GiB") if k in rows]
+    if streamed:
+        lines += ["Streamed (LLaMA-7B shape). Link bound: the bytes a step moves (the model's own counters) over "
+                  "the link. *held*: the default, units held in room a short generate leaves unused (spare.py).", "",
+                  "| budget | graph tok/s | eager tok/s | link bound | % of bound | graph, held (units) | "
+                  "held % of its bound | same tokens |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in streamed:
+            sp = r["spread"]
+            lines.append(f"| {r['budget']} | {r['nb_graph_tok_s']:.2f} ({sp['nb_graph']}) | {r['nb_eager_tok_s']:.2f} "
+                         f"| {r['link_bound_tok_s']:.2f} | {r['pct_of_link_bound']:.1f} % | "
+                         f"{r['nb_graph_held_tok_s']:.2f} ({r['held_units']}) | {r['held_pct_of_link_bound']:.1f} % | "
+                         f"{'yes' if r['tokens_equal'] else 'NO'} |")
+        lines.append("")
+        if "4GiB" in rows:
+            lines.append(f"- 4 GiB: graph at {rows['4GiB']['pct_of_link_bound']:.1f} % of the link bound (goal 99 %: "
+                         f"{met(rows['4GiB']['pct_of_link_bound'] >= 99)})")
+        if "12GiB" in rows:
+            r = rows["12GiB"]
+            lines.append(f"- 12 GiB: the link binds ({r['moved_per_step'] / 1e9:.2f} GB a step unheld, "
+                         f"{r['held_moved_per_step'] / 1e9:.2f} GB held); "
+                         f"graph held {r['nb_graph_held_tok_s']:.1f} tok/s "
+                         f"= {r['nb_graph_held_tok_s'] / 19.4:.2f}x the 19.4 tok/s the issue measured (goal 1.2x: "
+                         f"{met(r['nb_graph_held_tok_s'] / 19.4 >= 1.2)}), "
+                         f"{r['nb_graph_held_tok_s'] / r['nb_eager_tok_s']:.2f}x "
+                         "this run's eager unheld step")
+        lines.append("")
+    if "nf4" in rows:
+        r = rows["nf4"]
+        lines += [f"nf4 fully resident: nb_offload graph {r['nb_graph_tok_s']:.1f} tok/s ({r['spread']['nb_graph']}), "
+                  f"bitsandbytes' own eager step {r['bnb_eager_tok_s']:.1f} ({r['spread']['bnb_eager']}), nb_offload "
+                  f"eager {r['nb_eager_tok_s']:.1f}: **{r['graph_over_bnb_eager']:.2f}x** (goal 2x: "
+                  f"{met(r['graph_over_bnb_eager'] >= 2)}); tokens equal bitsandbytes' with the same static cache: "
+                  f"{'yes' if r['nb_graph_equals_bnb_static'] else 'NO'}.", ""]
+    if "moe" in rows:
+        r = rows["moe"]
+        lines += [f"Mixtral shape (8 experts, top 2) fully resident, experts implementation "
+                  f"`{r['experts_implementation']}` in both: nb_offload graph {r['nb_graph_tok_s']:.1f} tok/s "
+                  f"({r['spread']['nb_graph']}), transformers eager {r['hf_eager_tok_s']:.1f} "
+                  f"({r['spread']['hf_eager']}): **{r['graph_over_hf_eager']:.2f}x** "
+                  f"(goal 5x: {met(r['graph_over_hf_eager'] >= 5)}); tokens equal "
+                  f"transformers' with the same static cache: {'yes' if r['nb_graph_equals_hf_static'] else 'NO'}"
+                  + (f"; llama.cpp all on the GPU {moe_all:.0f} tok/s." if moe_all else "."), ""]
+    if cpp:
+        lines += ["llama.cpp in the same machine session (`../shared/bench/llamacpp_anchor.sh bench` and `moe`, "
+                  "16 threads):", "", "| model | -ngl | --n-cpu-moe | test | t/s |", "|---|---:|---:|---|---:|"]
+        for (model, ngl, ncmoe, test), (v, err) in cpp.items():
+            lines.append(f"| {model} | {ngl} | {ncmoe if ncmoe is not None else ''} | {test} | {v:.2f} ± {err:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("json", nargs="+")
@@ -467,6 +583,7 @@ def main():
     ap.add_argument("--checks", action="store_true", help="the JSON is bench_checks.py's")
     ap.add_argument("--load", action="store_true", help="the JSON is bench_load.py's (found by its kind too)")
     ap.add_argument("--quant", action="store_true", help="the JSON is bench_quant.py's (found by its meta too)")
+    ap.add_argument("--llama", default=None, help="llama-bench's rows of the same session, for a bench_graph.py run")
     ap.add_argument("--command", default=None, help="the command shown in the section")
     ap.add_argument("--title", default=None)
     args = ap.parse_args()
@@ -481,6 +598,8 @@ def main():
         title = f' --title "{args.title}"' if args.title else ""
         print(render_readme(data, args.title, list(zip(args.json[1:], loaded[1:])),
                             f"python3 benchmarks/report.py {' '.join(args.json)} --readme{title}"))
+    elif any("nb_graph_tok_s" in r for r in data.get("rows", [])):
+        print(render_graph(data, args.command or "bash benchmarks/gpu_run.sh graph", args.title, args.llama))
     elif "variant" in (data.get("rows") or [{}])[0]:
         print(render_variants(data, args.command or "PYTHONPATH=. python3 benchmarks/quant_variants.py --json out.json",
                               args.title))

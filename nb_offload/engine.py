@@ -19,6 +19,7 @@ import time
 from collections import deque
 from concurrent.futures import wait as futures_wait
 
+from .graphs import DecodeGraphs
 from .hooks import ModuleHooks, bind, bind_views, to_device
 from .movers import CpuMover, CudaMover
 from .reader import DiskReader
@@ -29,7 +30,7 @@ from .tiers import param_views
 class Engine:
     def __init__(self, model, units, params, sources: dict, device, trace, stats, *,
                  prefetch: int = 1, read_ahead: int = 2, read_threads: int = 8,
-                 drop_page_cache: bool = False, split: bool = False):
+                 drop_page_cache: bool = False, split: bool = False, cuda_graph: bool = True):
         import torch
         self.torch = torch
         self.model = model
@@ -67,6 +68,7 @@ class Engine:
             self.mover = CpuMover(torch, slot_bytes, slots, reader=self.reader, trace=trace, stats=stats)
         for u in streamed:      # shapes, dtypes and device are right from the start
             bind_views(self.params[u.index], self._slot_views(u.index, 0))
+        self.graphs = DecodeGraphs(self, enabled=cuda_graph)
 
     # -- set-up ---------------------------------------------------------------------------------
     def _split_into_pieces(self) -> int:
@@ -144,6 +146,7 @@ class Engine:
                 self.hooks.install(u, self._enter, self._exit)
 
     def remove(self):
+        self.graphs.drop()
         self.hooks.remove()
         self.release_held()
         self.drain()
@@ -152,6 +155,7 @@ class Engine:
 
     def drain(self):
         """Wait for everything in flight and forget the queue (before re-planning or unload)."""
+        self.graphs.primed = None
         self._do(Work(abandoned=self.schedule.reset()))     # so no read waits for a copy that won't come
         self.reader.drain()
         self.mover.synchronize()
@@ -159,15 +163,25 @@ class Engine:
 
     # -- one forward pass -------------------------------------------------------------------------
     def step(self, forward, args, kwargs):
-        """Run the model's own ``forward`` once, streaming as planned (inputs may be on the CPU)."""
+        """Run the model's own ``forward`` once, streaming as planned (inputs may be on the CPU); a decode
+        step of a generate given a static cache is captured and replayed (graphs.py)."""
+        if self.graphs.takes(args, kwargs):
+            return self.graphs.step(forward, to_device(args, self.device), to_device(kwargs, self.device))
+        return self.eager_step(forward, args, kwargs)
+
+    def eager_step(self, forward, args, kwargs):
         if self.in_step:        # the last step ended in an exception: start clean
             self._do(Work(abandoned=self.schedule.reset()))
         self.in_step = True
+        self.graphs.primed = None               # the slots will no longer hold a replay's first units
         if self.cuda:
             self.mover.begin_step()
         if self.trace.enabled:
             self._open["step"] = self.mover.mark()
-        self._do(self.schedule.begin_step())
+        work = self.schedule.begin_step()
+        if self.cuda and self.mover.in_capture:     # a replay finds these in their slots (see replay)
+            self.mover.present(work.jobs)
+        self._do(work)
         out = forward(*to_device(args, self.device), **to_device(kwargs, self.device))
         if self.trace.enabled:
             self._span_end("step")
@@ -178,6 +192,61 @@ class Engine:
         self.trace.step += 1
         self.trace.flush()
         return out
+
+    # -- a captured step (graphs.py) ------------------------------------------------------------------
+    def capture_step(self, graph, forward, args, kwargs):
+        """Record one forward pass into ``graph``: its copies, its compute and the events between them,
+        with the slots filled from the start of the step, the first ones (``mover.ahead``) already
+        there. Returns the output (in the graph's memory pool), the trace records the graph stamps on
+        every replay, and the bytes it copies a replay."""
+        torch = self.torch
+        self.drain()
+        self.schedule.restart(wrap=False)       # a replay is whole: nothing fetched for the next step
+        moved = self.stats.bytes_from_cpu
+        steps, trace_step = self.stats.steps, self.trace.step
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"), self.mover.capturing() as slots, \
+                    self.trace.capturing() as records:
+                out = self.eager_step(forward, args, kwargs)
+        finally:
+            nbytes = self.stats.bytes_from_cpu - moved
+            self.stats.bytes_from_cpu, self.stats.steps, self.trace.step = moved, steps, trace_step
+            self.schedule.restart(wrap=True)
+        return out, records, nbytes, slots
+
+    def after_failed_capture(self):
+        self.in_step = False
+        self._open.clear()
+        self.mover.reset_events()
+        self.schedule.restart(wrap=True)
+
+    def replay(self, captured):
+        """One decode step: the captured graph, ordered after any copy still in flight and before any to come.
+
+        The graph finds its first streamed units in their slots: copied right after the last replay
+        was launched, each once its slot's last use in that replay is done (so the copies run under
+        the step's tail and the host's work between steps), or here, before the first replay."""
+        self.trace.flush(wait=True)             # the last replay's stamps, read before this one overwrites them
+        self._do(Work(abandoned=self.schedule.restart(wrap=True)))  # an eager step's prefetch, forgotten
+        self.mover.begin_step()
+        if self.graphs.primed is not captured:
+            self.mover.prefetch(captured.ahead, None)
+        self.mover.before_graph()
+        # the graph stamps its own events; captured without them, the step is timed from outside
+        start = self.mover.mark() if self.trace.enabled and not captured.records else None
+        captured.graph.replay()
+        if self.trace.enabled and captured.records:
+            self.trace.replay(captured.records)
+        if start is not None:
+            self.mover.span("step", "forward", start)
+        self.mover.prefetch(captured.ahead, captured.last_use)     # the next step's first units
+        self.graphs.primed = captured
+        self.mover.after_graph()
+        self.stats.bytes_from_cpu += captured.nbytes
+        self.stats.graph_replays += 1
+        self.stats.steps += 1
+        self.stats.sample_host(every=0.05)
+        self.trace.step += 1
 
     def _enter(self, idx):
         if self.cuda and not self.in_step:
@@ -303,3 +372,4 @@ class Engine:
             bind_views(self.params[idx], self._slot_views(idx, 0))
         self.held.clear()
         self.schedule.unhold()
+        self.graphs.forget_held()

@@ -188,7 +188,8 @@ class Inspection:
         return make_plan(self.units, device=device_type, budgets=budgets, pins=pins, config=self.config,
                          dtype_size=self.dtype_size, context=o.context or self.default_context(), batch=o.batch,
                          prefetch=prefetch_for(o, device_type), model_name=self.name, read_ahead=o.read_ahead,
-                         policy=o.policy, split_blocks=o.split_blocks, library_code=self.library_code)
+                         policy=o.policy, split_blocks=o.split_blocks, library_code=self.library_code,
+                         decode_graph=o.cuda_graph)
 
 
 def _device_of(device_type):

@@ -35,6 +35,7 @@ class OffloadedModel:
         self._pins = dict(pin_map)
         self._budgets = budgets
         self.hold_spare = self.options.hold_spare  # may be switched off and on between generates
+        self.cuda_graph = self.options.cuda_graph  # so may this (graphs.py)
         self.uncached_disk_reads = False           # drop_page_cache as it applies to the present plan
         self.plan = plan
         self.trace = Trace(enabled=self.options.trace, detail=self.options.trace_detail)
@@ -140,7 +141,7 @@ class OffloadedModel:
         self._engine = Engine(self.model, self._insp.units, self._params, sources, self._device, self.trace,
                               self.stats, prefetch=self.plan.prefetch, read_ahead=o.read_ahead,
                               read_threads=o.read_threads, drop_page_cache=self.uncached_disk_reads,
-                              split=self.plan.split_blocks)
+                              split=self.plan.split_blocks, cuda_graph=o.cuda_graph)
         self._engine.install()
 
     def _skip_page_cache(self, sources) -> bool:
@@ -194,8 +195,10 @@ class OffloadedModel:
         with self._gate.run():
             self._check_loaded()        # unloaded by another thread while this one waited
             try:
-                with torch.inference_mode(), self._holding_spare(args, kwargs):
-                    out = self.model.generate(*args, **kwargs)
+                with torch.inference_mode():    # the static cache's tensors are inference tensors
+                    given, length = self._with_static_cache(args, kwargs)
+                    with self._holding_spare(args, kwargs, length), self._engine.graphs.generating():
+                        out = self.model.generate(*args, **given)
             except KeyboardInterrupt:   # the cache and temporaries of the generate cut short, freed
                 self._release_memory()
                 raise
@@ -209,10 +212,39 @@ class OffloadedModel:
             self.stats.tokens += (seqs.shape[1] - inputs.shape[1]) * seqs.shape[0]
         return out
 
+    def _with_static_cache(self, args, kwargs):
+        """The generate's keyword arguments with a static KV cache from the engine's decode graphs, so its
+        decode steps are captured and replayed (graphs.py), and the cache's length; or as given, and None,
+        where they run eager (``stats.graph_eager`` says why)."""
+        from . import spare
+        why = ""
+        config = kwargs.get("generation_config") or self.model.generation_config
+        extent = spare.generate_extent(self.model, args, kwargs)
+        if not self.cuda_graph:
+            why = "cuda_graph=False"
+        elif kwargs.get("past_key_values") is not None or kwargs.get("cache_implementation") \
+                or getattr(config, "cache_implementation", None):
+            why = "the generate brings its own cache"
+        elif not kwargs.get("use_cache", getattr(config, "use_cache", True)):
+            why = "use_cache=False"
+        elif extent is None:
+            why = "the generate's length is unknown (assistant model, prompt lookup, or no max length)"
+        elif max(int(kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1), 1) > 1:
+            why = "beam search reorders the cache"
+        if not why:
+            # sequences, as the cache will hold them (num_return_sequences included)
+            cache, why = self._engine.graphs.static_cache(self.model, *extent, self.plan.context)
+            if cache is not None:
+                self.stats.graph_eager = ""
+                return {**kwargs, "past_key_values": cache, "disable_compile": True}, cache.max_cache_len
+        self.stats.graph_eager = why
+        return kwargs, None
+
     @contextlib.contextmanager
-    def _holding_spare(self, args, kwargs):
-        """For one generate, hold streamed units in the room its length leaves unused (see spare.py)."""
-        picks = self._spare_picks(args, kwargs) if self.hold_spare else []
+    def _holding_spare(self, args, kwargs, length=None):
+        """For one generate, hold streamed units in the room its length leaves unused (see spare.py);
+        ``length``: a static cache's, where the generate was given one."""
+        picks = self._spare_picks(args, kwargs, length) if self.hold_spare else []
         self.stats.held_last = len(picks)
         if not picks:
             yield
@@ -223,11 +255,13 @@ class OffloadedModel:
         finally:
             self._engine.release_held()
 
-    def _spare_picks(self, args, kwargs) -> list:
+    def _spare_picks(self, args, kwargs, length=None) -> list:
         from . import spare
         extent = spare.generate_extent(self.model, args, kwargs)
         if extent is None:
             return []
+        if length is not None:
+            extent = (max(length, extent[0]), extent[1])
         room = spare.spare_bytes(self.plan, self._insp.config, self._insp.dtype_size, *extent)
         eng = self._engine
         candidates = [(i, self.plan.entries[eng.model_unit(i)].tier, eng.units[i].nbytes)

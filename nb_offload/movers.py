@@ -16,7 +16,9 @@ A new way to bring bytes in (quantized units, experts on demand) is a new mover 
 
 from __future__ import annotations
 
+import contextlib
 import time
+from types import SimpleNamespace
 
 from .reader import read_finished, wait_read
 
@@ -63,6 +65,7 @@ class CudaMover:
         self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(slots)]
         self.slot_free = [torch.cuda.Event() for _ in range(slots)]
         self.compute_stream = torch.cuda.current_stream(device)
+        self.in_capture = False
         if trace.enabled:
             trace.calibrate(torch.cuda)
 
@@ -94,15 +97,15 @@ class CudaMover:
             timed = self.trace.enabled
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(self.slot_free[job.slot])
-                start = torch.cuda.Event(enable_timing=True) if timed else None
-                if timed:
-                    start.record(self.copy_stream)
+                start = self._stamp(self.copy_stream) if timed else None
                 self.slots[job.slot][:unit.nbytes].copy_(src[:unit.nbytes], non_blocking=True)
-                done = torch.cuda.Event(enable_timing=timed)
+                # inside a capture the ordering event and the timing stamp are separate events
+                done = self._kept(torch.cuda.Event(enable_timing=timed and not self.in_capture))
                 done.record(self.copy_stream)
+                end = self._stamp(self.copy_stream) if timed and self.in_capture else done
             job.ready, job.copied = done, True
             if timed:
-                self.trace.cuda_event("copy", unit.name, start, done, unit.nbytes)
+                self.trace.cuda_event("copy", unit.name, start, end, unit.nbytes)
             if read is not None:
                 self.schedule.copied(read)
                 read.io.staging.finish(done)
@@ -112,20 +115,99 @@ class CudaMover:
 
     def wait(self, job):
         self.pump(self.schedule.queue, first=job)
-        self.compute_stream.wait_event(job.ready)
+        if job.ready is not None:           # None: in its slot before the step began (a replay's first units)
+            self.compute_stream.wait_event(job.ready)
 
     def done(self, job):
         self.slot_free[job.slot].record(self.compute_stream)
+        if self.in_capture:     # the slot's last use so far, as an event the graph records on every replay
+            self._captured.last_use[job.slot] = ev = self._kept(self.torch.cuda.Event(external=True))
+            ev.record(self.compute_stream)
+
+    def _kept(self, event):
+        """An event recorded inside a capture lives as long as the graph: one destroyed before the capture
+        ends leaves the graph pointing at freed driver state (a crash at ``capture_end``)."""
+        if self.in_capture:
+            self._captured.keep.append(event)
+        return event
 
     def synchronize(self):
         self.copy_stream.synchronize()
         self.torch.cuda.current_stream(self.device).synchronize()
 
-    # -- the trace's clock: events on the compute stream, resolved after the step ---------------------
-    def mark(self):
-        ev = self.torch.cuda.Event(enable_timing=True)
+    # -- capture and replay (graphs.py) ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def capturing(self):
+        """Inside ``torch.cuda.graph``: the copy stream forks from the capture and joins it at the end, and
+        the slots start free, so everything the step does between them is recorded."""
+        torch = self.torch
+        capture = torch.cuda.current_stream(self.device)
+        self.in_capture = True
+        self._captured = SimpleNamespace(ahead=[], last_use={}, keep=list(self.slot_free))
+        fork = self._kept(torch.cuda.Event())
+        fork.record(capture)
+        self.copy_stream.wait_event(fork)
+        for ev in self.slot_free:
+            ev.record(capture)
+        try:
+            yield self._captured
+            join = self._kept(torch.cuda.Event())
+            join.record(self.copy_stream)
+            capture.wait_event(join)
+        finally:
+            self.in_capture = False
+            self.reset_events()
+
+    def present(self, jobs):
+        """Inside a capture: ``jobs`` are in their slots when a replay begins (``prefetch`` put them there)."""
+        for job in jobs:
+            job.copied, job.ready = True, None
+            self._captured.ahead.append((job.unit, job.slot))
+
+    def prefetch(self, ahead, last_use):
+        """Copy a replay's first units into their slots: each once ``last_use[slot]`` (an event of the replay
+        before) has passed, or, with ``last_use`` None, after everything the compute stream has queued."""
+        torch = self.torch
+        timed = self.trace.enabled
+        with torch.cuda.stream(self.copy_stream):
+            if last_use is None:
+                self.copy_stream.wait_stream(self.compute_stream)
+            for unit_index, slot in ahead:
+                if last_use is not None and slot in last_use:
+                    self.copy_stream.wait_event(last_use[slot])
+                unit = self.units[unit_index]
+                start = self._stamp(self.copy_stream) if timed else None
+                self.slots[slot][:unit.nbytes].copy_(self.sources[unit_index].flat[:unit.nbytes], non_blocking=True)
+                if timed:
+                    self.trace.cuda_event("copy", unit.name, start, self._stamp(self.copy_stream), unit.nbytes)
+                self.stats.bytes_from_cpu += unit.nbytes
+
+    def reset_events(self):
+        """Fresh slot events: those recorded inside a capture mean nothing outside it."""
+        self.in_capture = False
+        self.slot_free = [self.torch.cuda.Event() for _ in self.slots]
+
+    def before_graph(self):
+        """A replay's copies wait for any eager copy still in flight into the slots."""
+        ev = self.torch.cuda.Event()
+        ev.record(self.copy_stream)
+        self.compute_stream.wait_event(ev)
+
+    def after_graph(self):
+        """Eager copies after a replay wait for it to be done with the slots."""
+        ev = self.torch.cuda.Event()
         ev.record(self.compute_stream)
+        self.copy_stream.wait_event(ev)
+
+    # -- the trace's clock: events on the compute stream, resolved after the step ---------------------
+    def _stamp(self, stream):
+        """A timing event recorded on ``stream``; inside a capture, one the graph records on every replay."""
+        ev = self._kept(self.torch.cuda.Event(enable_timing=True, external=self.in_capture))
+        ev.record(stream)
         return ev
+
+    def mark(self):
+        return self._stamp(self.compute_stream)
 
     def span(self, kind, name, start, end_mark=None):
         self.trace.cuda_event(kind, name, start, self.mark() if end_mark is None else end_mark)

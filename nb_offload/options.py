@@ -163,6 +163,8 @@ class Options:
     split_blocks: bool | str = _option("auto", _tristate("split when whole-block staging would take over a tenth "
                                                          "of the room left for weights"),
                                        "stream blocks a submodule at a time (smaller staging slots)")
+    cuda_graph: bool = _option(True, _flag, "decode steps captured as one CUDA graph and replayed per token, "
+                                            "with a static KV cache (graphs.py says where they run eager)")
     allow_pickle: bool = _option(False, _opt_in, "read .bin/.pt weight files (unpickling can run code); True only")
     trust_remote_code: bool = _option(False, _opt_in, "run Python code from the model folder; True only")
     attn_implementation: str | None = _option(None, _text("None (the model's default), \"eager\", \"sdpa\" or "

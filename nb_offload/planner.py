@@ -157,6 +157,16 @@ def footprint(config, dtype_size: int, context: int, batch: int, device: str) ->
     return {"kv_cache": kv, "activations": activations, "workspace": WORKSPACE if device == "cuda" else 0}
 
 
+def graph_pool(config, dtype_size: int, context: int, batch: int) -> int:
+    """Bytes a captured decode step's private memory pool may hold (graphs.py): its live tensors at one token
+    a sequence, attention scores over the whole static cache, the logits, twice over for the allocator's
+    rounding, and three of its 2 MiB segments. Reserved apart from ``activations``: the pool stays while
+    the next prefill runs."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scores = batch * getattr(cfg, "num_attention_heads", 1) * context * 4
+    return 2 * (footprint(config, dtype_size, 1, batch, "cuda")["activations"] + 2 * scores) + 6 * 2**20
+
+
 @dataclass
 class _Slots:
     """Staging slots on the compute device: ``count`` of them, each holding the largest streamed unit,
@@ -175,7 +185,8 @@ class _Slots:
 
 def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_size: int,
               context: int = DEFAULT_CONTEXT, batch: int = 1, prefetch: int = 1, model_name: str = "",
-              read_ahead: int = 2, policy: str = "auto", split_blocks="auto", library_code: int = 0) -> Plan:
+              read_ahead: int = 2, policy: str = "auto", split_blocks="auto", library_code: int = 0,
+              decode_graph: bool = False) -> Plan:
     """Place every unit on a tier: the compute device's first (``_choose_resident``), then, on CUDA,
     host memory and disk (``_place_on_host``); on the CPU everything else streams from disk.
 
@@ -191,6 +202,8 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
         reserved["dequant"] = dequant
     if device == "cpu" and library_code:
         reserved["library_code"] = library_code
+    if device == "cuda" and decode_graph:   # the captured decode step's memory pool stays between generates
+        reserved["decode_graph"] = graph_pool(config, dtype_size, context, batch)
     on_res, slots = _choose_resident(units, pins, resident, budgets[resident], reserved, _Slots(prefetch + 1),
                                      split_blocks, policy, context)
     stream = [u for u in units if u.index not in on_res]

@@ -78,6 +78,7 @@ class Schedule:
         self.active: dict[int, Job] = {}      # computing now
         self.seen: list[int] = []             # streamed units entered this step, in order
         self.next_slot = self.next_staging = 0
+        self.wrap = True              # fill on into the next step (False while a step is captured)
         self._order_before_hold = None
 
     # -- a step ---------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ class Schedule:
 
     def end_step(self) -> Work:
         """After a forward pass: a pass that ran every streamed unit in a new order teaches it."""
-        if self.seen and self.seen != self.order and set(self.seen) >= set(self.order):
+        if self.wrap and self.seen and self.seen != self.order and set(self.seen) >= set(self.order):
             self.order = list(self.seen)
             work = Work(abandoned=self.reset())
             self.pos = self.read_pos = 0
@@ -129,6 +130,8 @@ class Schedule:
         want = min(self.prefetch + (0 if self.active else 1), self.slots)
         while len(self.queue) < want:
             position = self.pos + len(self.queue)
+            if not self.wrap and position >= n:
+                break
             job = Job(self.order[position % n], self.next_slot)
             self.next_slot = (self.next_slot + 1) % self.slots
             if self.staging and job.unit in self.from_disk:
@@ -170,6 +173,14 @@ class Schedule:
         self.queue.clear()
         self.active.clear()
         self.read_pos = self.pos
+        return abandoned
+
+    def restart(self, *, wrap: bool):
+        """Start over from the first unit of a step, in the first slot (a captured step begins so, and
+        the eager steps after it: the graph's slot events mean nothing outside it)."""
+        abandoned = self.reset()
+        self.pos = self.read_pos = self.next_slot = self.next_staging = 0
+        self.wrap = wrap
         return abandoned
 
     def _position_of(self, idx: int) -> int:

@@ -7,6 +7,7 @@ are handed to observers in batches, once a step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -99,6 +100,7 @@ class Trace:
         self._observers: list = []
         self._origin_event = None       # CUDA event matched to _origin_time
         self._origin_time = 0.0
+        self._captured = None           # while a step is captured (graphs.py): its records go here
         self.step = 0
 
     # -- recording (engine side) -------------------------------------------------------
@@ -109,7 +111,23 @@ class Trace:
 
     def cuda_event(self, kind, unit, start_ev, end_ev, nbytes=0):
         if self.enabled:
-            self._pending.append((kind, unit, start_ev, end_ev, nbytes, self.step))
+            if self._captured is not None:
+                self._captured.append((kind, unit, start_ev, end_ev, nbytes))
+            else:
+                self._pending.append((kind, unit, start_ev, end_ev, nbytes, self.step))
+
+    @contextlib.contextmanager
+    def capturing(self):
+        """While a step is captured: its CUDA records are kept aside (the graph stamps their events on
+        every replay; ``replay`` queues them once a replay), and nothing is resolved."""
+        self._captured = []
+        try:
+            yield self._captured
+        finally:
+            self._captured = None
+
+    def replay(self, records):
+        self._pending += [(*rec, self.step) for rec in records]
 
     def calibrate(self, torch_cuda):
         """Tie CUDA event times to the host clock (one synchronize, at engine start)."""
@@ -120,6 +138,8 @@ class Trace:
 
     def flush(self, wait: bool = False):
         """Resolve finished CUDA records, move everything into the ring, notify observers."""
+        if self._captured is not None:
+            return
         batch = []
         keep = []
         for rec in self._pending:
@@ -196,6 +216,11 @@ class Stats:
     bytes_from_cpu: int = 0     # host-to-device copies
     bytes_from_disk: int = 0    # drive reads
     held_last: int = 0          # streamed units held in spare room during the last generate
+    graph_replays: int = 0      # decode steps run as a captured CUDA graph (graphs.py)
+    graph_captures: int = 0
+    capture_seconds: float = 0.0
+    graph_pool_bytes: int = 0   # the largest captured graph's private memory pool
+    graph_eager: str = ""       # why the last generate's decode ran eager, where it did
     load_seconds: float = 0.0   # nb_offload.load, from the call to the model ready
     load_bytes: int = 0         # the weights it placed
     # Host memory against the cpu= budget: the process's RssAnon + RssShmem (page-locked buffers
@@ -208,7 +233,8 @@ class Stats:
 
     def reset(self):
         self.steps = self.tokens = self.bytes_from_cpu = self.bytes_from_disk = self.held_last = 0
-        self.seconds = 0.0
+        self.graph_replays = self.graph_captures = 0
+        self.seconds = self.capture_seconds = 0.0
         self.host_peak = self.host_now
 
     @property
@@ -242,7 +268,10 @@ class Stats:
         return {"steps": self.steps, "tokens": self.tokens, "seconds": self.seconds,
                 "tokens_per_second": self.tokens_per_second, "bytes_from_cpu": self.bytes_from_cpu,
                 "bytes_from_disk": self.bytes_from_disk, "streamed_gbps": self.streamed_gbps,
-                "held_last": self.held_last, "host_now": self.host_now, "host_peak": self.host_peak,
+                "held_last": self.held_last, "graph_replays": self.graph_replays,
+                "graph_captures": self.graph_captures, "capture_seconds": self.capture_seconds,
+                "graph_pool_bytes": self.graph_pool_bytes, "graph_eager": self.graph_eager,
+                "host_now": self.host_now, "host_peak": self.host_peak,
                 "host_budget": self.host_budget, "load_seconds": self.load_seconds, "load_bytes": self.load_bytes}
 
     def run_summary(self, before: dict, tokens: int, seconds: float, *, held_on: str = "gpu",
@@ -265,6 +294,11 @@ class Stats:
         if link_gbps and seconds and sum(moved.values()):
             share = sum(moved.values()) / seconds / 1e9 / link_gbps
             text += f" · {100 * share:.0f}% of the PCIe limit ({link_gbps:.0f} GB/s)"
+        replays = self.graph_replays - before.get("graph_replays", 0)
+        if replays:
+            text += f" · {replays} decode steps replayed as one CUDA graph"
+        elif held_on == "gpu" and self.graph_eager and self.graph_eager != "cuda_graph=False":
+            text += f" · decode ran eager: {self.graph_eager}"
         return text
 
     def __str__(self):

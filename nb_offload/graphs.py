@@ -1,0 +1,248 @@
+"""The captured decode step: a generate's decode forward pass recorded once as a CUDA graph, replayed per token.
+
+At batch 1, transformers' eager decode launches every kernel from Python, and the host, not the card,
+sets the pace (about 19 tok/s for a 7B on an H200, whose memory would allow some 350). A decode step
+of a fixed plan is the same every token: the same kernels on the same shapes, the same units copied
+into the same slots in the same order. So it is captured once and replayed:
+
+- ``OffloadedModel.generate`` gives the generate a static KV cache (transformers' ``StaticCache``)
+  from here, its length rounded up to a bucket, so every decode step has the same shapes and
+  addresses; the cache and its graphs are kept for the next generate of the same bucket and batch.
+- The first decode step of a new shape runs eager, so lazy set-up (cuBLAS handles, code tables)
+  happens outside any capture. The second is captured: the engine runs it through its hooks as
+  usual, with the copy stream joined into the capture and the slots filled from the start of the
+  step (no prefetch across steps: each replay is whole on its own), then replayed. Every later
+  decode step copies its inputs into the captured ones and replays.
+- Copies stay overlapped with compute inside the graph, as the events order them eagerly.
+
+Eager as before: prefill; the CPU device; plans that stream from disk (reads are CPU work between
+the copies, and the drive, not the launches, bounds those steps); int8 units (bitsandbytes splits
+outlier columns with a host synchronisation); beam search (it reorders the cache into new tensors);
+sliding-window caches (their lengths are host integers); models transformers doesn't compile with a
+static cache; a step whose capture fails (``Stats.graph_eager`` says why).
+
+Tokens: replaying the kernels of an eager step gives that step's results bit for bit, so greedy
+tokens equal transformers' own generate with the same static cache (``cache_implementation=
+"static"`` without compiling; tests/gpu check it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+MIN_BUCKET = 256        # the shortest static cache: generates up to this length share one capture
+
+
+def bucket(tokens: int) -> int:
+    """The static cache length for a generate reaching ``tokens``: the next power of two, at least MIN_BUCKET."""
+    length = MIN_BUCKET
+    while length < tokens:
+        length *= 2
+    return length
+
+
+def _leaves(obj, path=()):
+    """(path, value) of every leaf of nested tuples, lists and dicts."""
+    if isinstance(obj, (tuple, list)):
+        for i, o in enumerate(obj):
+            yield from _leaves(o, path + (i,))
+    elif isinstance(obj, dict):
+        for k, o in obj.items():
+            yield from _leaves(o, path + (k,))
+    else:
+        yield path, obj
+
+
+def signature(torch, cache, args, kwargs):
+    """What a captured step depends on: every tensor's shape, dtype and device, every other value, and the
+    cache by identity; None where an input is of a kind a capture can't take."""
+    sig = []
+    for path, value in _leaves((args, kwargs)):
+        if value is cache:
+            sig.append((path, "cache"))
+        elif isinstance(value, torch.Tensor):
+            sig.append((path, tuple(value.shape), value.dtype, value.device))
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            sig.append((path, value))
+        else:
+            return None
+    return tuple(sig)
+
+
+class Captured:
+    """One captured decode step: the graph, the inputs it reads, the output it writes, what it moves."""
+
+    def __init__(self, graph, inputs, output, records, nbytes, slots, seconds, pool_bytes):
+        self.graph, self.inputs, self.output, self.records = graph, inputs, output, records
+        # the units a replay finds in their slots, (unit, slot), and an event per slot marking its last
+        # use in the replay (recorded by the graph itself), after which the next step's may be copied
+        self.ahead, self.last_use = slots.ahead, slots.last_use
+        self.events = slots.keep        # every event recorded in the capture, kept for the graph's life
+        self.nbytes, self.seconds, self.pool_bytes = nbytes, seconds, pool_bytes
+
+
+class DecodeGraphs:
+    """The static cache and captured decode steps of one engine (a re-plan starts a new engine: recapture)."""
+
+    def __init__(self, engine, *, enabled: bool):
+        self.engine = engine
+        self.torch = engine.torch
+        self.enabled, self.why_not = self._eligible(enabled)
+        self.cache = None
+        self.cache_key = None       # (batch, length) of self.cache
+        self.active = False         # a generate given self.cache is running
+        self.graphs: dict = {}      # (signature, held units) -> Captured
+        self.warm: set = set()      # keys whose first step ran eager
+        self.failed: dict = {}      # key -> why its capture failed (it runs eager)
+        self.primed = None          # the Captured whose first units are in their slots (engine.replay)
+
+    def _eligible(self, enabled):
+        e = self.engine
+        if not enabled:
+            return False, "cuda_graph=False"
+        if not e.cuda:
+            return False, "the CPU device runs eager"
+        if any(s.tier == "disk" for s in e.sources.values()):
+            return False, "units stream from disk (the reads are CPU work between copies; the drive bounds the step)"
+        if any(getattr(u, "fmt", "") == "int8" for u in e.units[:e.n_model]):
+            return False, "int8 units (bitsandbytes splits outlier columns with a host synchronisation)"
+        return True, ""
+
+    # -- the cache a generate is given ---------------------------------------------------------------
+    def static_cache(self, model, tokens: int, batch: int, limit: int):
+        """A reset static cache for a generate reaching ``tokens`` at ``batch``, or ``(None, why)``.
+
+        ``limit``: the plan's context (the KV cache it reserved room for)."""
+        if not self.enabled:
+            return None, self.why_not
+        if not getattr(model, "_can_compile_fullgraph", False):
+            return None, f"{type(model).__name__} has no static-cache decode in transformers"
+        length = bucket(tokens)
+        if length > limit:
+            length = tokens
+            if length > limit:
+                return None, f"the generate reaches {tokens} tokens, past the plan's context of {limit}"
+        key = (batch, length)
+        if key != self.cache_key:
+            self.drop()
+            from transformers import StaticCache
+            cache = StaticCache(config=model.config, max_cache_len=length)
+            if any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", ())):
+                return None, "sliding-window attention (its cache keeps lengths on the host)"
+            self.cache, self.cache_key = cache, key
+        self.cache.reset()
+        return self.cache, ""
+
+    @contextlib.contextmanager
+    def generating(self):
+        """Decode steps that use ``self.cache`` are captured and replayed while this is open."""
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+
+    def drop(self):
+        """Forget the graphs and the cache (their memory goes back to the allocator)."""
+        self.primed = None
+        self.graphs.clear()
+        self.warm.clear()
+        self.failed.clear()
+        self.cache = self.cache_key = None
+
+    def forget_held(self):
+        """Graphs that read held units' buffers go with those buffers."""
+        self.primed = None
+        for key in [k for k in self.graphs if k[1]]:
+            del self.graphs[key]
+        self.warm = {k for k in self.warm if not k[1]}
+
+    # -- a forward pass -------------------------------------------------------------------------------
+    def takes(self, args, kwargs) -> bool:
+        """Whether this forward pass is a decode step of the generate given ``self.cache``."""
+        if not self.active or self.cache is None or kwargs.get("past_key_values") is not self.cache:
+            return False
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        return getattr(ids, "ndim", 0) >= 2 and ids.shape[1] == 1
+
+    def step(self, forward, args, kwargs):
+        e = self.engine
+        sig = signature(self.torch, self.cache, args, kwargs)
+        key = (sig, frozenset(e.held))
+        if sig is None or key in self.failed:
+            e.stats.graph_eager = self.failed.get(key, "an input a capture can't hold")
+            return e.eager_step(forward, args, kwargs)
+        captured = self.graphs.get(key)
+        if captured is None:
+            if key not in self.warm:        # lazy set-up happens here, outside any capture
+                self.warm.add(key)
+                return e.eager_step(forward, args, kwargs)
+            captured = self._capture(key, forward, args, kwargs)
+            if captured is None:
+                return e.eager_step(forward, args, kwargs)
+            self.graphs[key] = captured
+        else:
+            for path, value in _leaves((args, kwargs)):
+                static = captured.inputs.get(path)
+                if static is not None:
+                    static.copy_(value, non_blocking=True)
+        e.replay(captured)
+        return _copied(self.torch, captured.output, self.cache)
+
+    def _capture(self, key, forward, args, kwargs):
+        """Capture one decode step (None, and the reason kept, where it can't be captured)."""
+        torch, e = self.torch, self.engine
+        inputs = {}
+
+        def static(path, value):
+            if isinstance(value, torch.Tensor) and value is not self.cache:
+                inputs[path] = value.clone()
+                return inputs[path]
+            return value
+        s_args, s_kwargs = _rebuild((args, kwargs), static)
+        t0 = time.perf_counter()
+        before = torch.cuda.memory_reserved(e.device)
+        trace = e.trace
+        tracing = trace.enabled
+        for attempt in ("with per-unit trace events", "without"):
+            graph = torch.cuda.CUDAGraph()
+            try:
+                output, records, nbytes, slots = e.capture_step(graph, forward, s_args, s_kwargs)
+                break
+            except Exception as exc:           # any failure means "run this step eager"
+                e.after_failed_capture()
+                if not trace.enabled or attempt == "without":
+                    self.failed[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    e.stats.graph_eager = self.failed[key]
+                    trace.enabled = tracing
+                    return None
+                trace.enabled = False           # events inside a graph unsupported here: step times only
+        trace.enabled = tracing
+        captured = Captured(graph, inputs, output, records, nbytes, slots, time.perf_counter() - t0,
+                            torch.cuda.memory_reserved(e.device) - before)
+        e.stats.graph_captures += 1
+        e.stats.capture_seconds += captured.seconds
+        e.stats.graph_pool_bytes = max(e.stats.graph_pool_bytes, captured.pool_bytes)
+        return captured
+
+
+def _rebuild(obj, leaf, path=()):
+    if isinstance(obj, tuple):
+        return tuple(_rebuild(o, leaf, path + (i,)) for i, o in enumerate(obj))
+    if isinstance(obj, list):
+        return [_rebuild(o, leaf, path + (i,)) for i, o in enumerate(obj)]
+    if isinstance(obj, dict):
+        return {k: _rebuild(o, leaf, path + (k,)) for k, o in obj.items()}
+    return leaf(path, obj)
+
+
+def _copied(torch, output, cache):
+    """The step's output with its tensors copied out of the graph's pool (the next replay overwrites them)."""
+    def clone(path, value):
+        return value.clone() if isinstance(value, torch.Tensor) else value
+    if hasattr(output, "keys") and hasattr(output, "__class__"):
+        return type(output)(**{k: (v if v is cache else _rebuild(v, clone)) for k, v in output.items()})
+    return _rebuild(output, clone)

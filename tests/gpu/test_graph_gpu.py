@@ -1,0 +1,234 @@
+"""CUDA tests of the captured decode step (graphs.py): tokens, recapture, held units, the trace, memory.
+
+The reference for a captured step is the same step run eager with the same static cache: transformers'
+own ``generate`` given a ``StaticCache`` of the same length, without compiling.
+"""
+
+import pytest
+import torch
+from helpers import PROMPT, blocks, staging_bytes
+
+import nb_offload
+from nb_offload.graphs import bucket
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+N = 12
+
+
+def plain(folder):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(folder, device_map="cuda").eval()
+
+
+def plain_generate(model, ids, n=N, static=True, **kw):
+    """transformers' generate; ``static``: with a static cache of the length nb_offload gives this generate."""
+    from transformers import StaticCache
+    if static:
+        kw.update(past_key_values=StaticCache(config=model.config, max_cache_len=bucket(ids.shape[1] + n)),
+                  disable_compile=True)
+    kw.setdefault("do_sample", False)
+    with torch.inference_mode():
+        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw).cpu()
+
+
+def offloaded(llm, ids, n=N, **kw):
+    kw.setdefault("do_sample", False)
+    return llm.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw).cpu()
+
+
+def streamed_pins(folder):
+    names = [e.name for e in blocks(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))]
+    return {n: "cpu" for n in names[::2]}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "phi3", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("where", ["resident", "streamed"])
+def test_captured_decode_matches_transformers(arch, where, model_dirs):
+    folder = model_dirs(arch)
+    ids = torch.tensor(PROMPT, device="cuda")
+    ref = plain(folder)
+    want = plain_generate(ref, ids)
+    dynamic = plain_generate(ref, ids, static=False)
+    del ref
+    pins = streamed_pins(folder) if where == "streamed" else {}
+    llm = nb_offload.load(folder, pins=pins, progress=False)
+    try:
+        assert (where == "streamed") == any(e.tier == "cpu" for e in llm.plan)
+        first = offloaded(llm, ids)
+        captures = llm.stats.graph_captures
+        assert llm.stats.graph_eager == "", llm.stats.graph_eager
+        assert captures == 1 and llm.stats.graph_replays == N - 2       # decode step 1 eager, then captured
+        assert torch.equal(first, want), (first, want)
+        second = offloaded(llm, ids)                                     # the same bucket: replayed from the start
+        assert torch.equal(second, want)
+        assert llm.stats.graph_captures == captures and llm.stats.graph_replays == 2 * N - 3
+        llm.cuda_graph = False
+        eager = offloaded(llm, ids)                                      # the eager path, dynamic cache
+        assert torch.equal(eager, dynamic)
+        print(f"{arch} {where}: captured == static reference; eager dynamic == static: {torch.equal(eager, want)}")
+    finally:
+        llm.unload()
+
+
+def test_recapture_after_a_repin_and_with_held_units(model_dirs):
+    # blocks large enough that a short generate leaves room to hold some (spare.py), two of eight resident
+    folder = model_dirs("llama", hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                        num_attention_heads=8, num_key_value_heads=8, vocab_size=4096, dtype="bfloat16")
+    p = nb_offload.plan(folder, gpu="64GiB", cpu="8GiB", context=1024)
+    block = blocks(p)[0].bytes
+    fixed = sum(v for k, v in p.reserved.items() if k != "staging_slots")
+    tops = sum(e.bytes for e in p if e.kind == "top")
+    budget = fixed + tops + staging_bytes(folder, p.prefetch) + 2 * block + 4096
+    ids = torch.randint(3, 4000, (1, 24), device="cuda")
+    want = plain_generate(plain(folder), ids)
+    llm = nb_offload.load(folder, gpu=budget, cpu="8GiB", context=1024, hold_spare=False, progress=False)
+    try:
+        assert [e.tier for e in blocks(llm.plan)].count("gpu") == 2, str(llm.plan)
+        assert torch.equal(offloaded(llm, ids), want)
+        cpu_block = next(e.name for e in blocks(llm.plan) if e.tier == "cpu")
+        llm.pin(cpu_block, "gpu")                   # a new engine: its step captured afresh
+        before = llm.stats.graph_captures
+        assert torch.equal(offloaded(llm, ids), want)
+        assert llm.stats.graph_captures == before + 1
+        llm.unpin(cpu_block)
+        llm.hold_spare = True                       # held units run from buffers of their own: another graph
+        before = llm.stats.graph_captures
+        assert torch.equal(offloaded(llm, ids), want)
+        assert llm.stats.held_last >= 2 and llm.stats.graph_captures == before + 1
+        assert not llm._engine.held and not any(k[1] for k in llm._engine.graphs.graphs)
+        assert torch.equal(offloaded(llm, ids), want)     # held again, captured again
+    finally:
+        llm.unload()
+
+
+def test_captured_steps_move_the_same_bytes_and_keep_the_trace(model_dirs):
+    folder = model_dirs("llama")
+    ids = torch.tensor(PROMPT, device="cuda")
+    llm = nb_offload.load(folder, pins=streamed_pins(folder), hold_spare=False, progress=False)
+    try:
+        units = [e.bytes for e in llm.plan if e.tier == "cpu"]
+        offloaded(llm, ids)
+        llm.trace.clear()
+        before = llm.stats.bytes_from_cpu
+        offloaded(llm, ids)
+        # prefill and every decode step bring each streamed unit once; besides, the prefill's prefetch
+        # for the next step and the last replay's for a step that doesn't come (two slots each) go unused
+        moved = llm.stats.bytes_from_cpu - before
+        assert N * sum(units) <= moved <= N * sum(units) + 4 * max(units)
+        events = list(llm.trace)
+        steps = [e for e in events if e.kind == "step"]
+        copies = [e for e in events if e.kind == "copy"]
+        assert len(steps) == N and N * len(units) <= len(copies) <= N * len(units) + 4
+        assert all(e.end >= e.start > 0 for e in events)
+        # a replay's copies (those its graph stamps, and the next step's first units after it) follow its start
+        last = steps[-1]
+        assert [c for c in copies if c.step == last.step]
+        assert all(c.start >= steps[0].start - 1e-4 for c in copies)
+        assert sorted(events, key=lambda e: e.start)[-1].end <= last.end + 0.05
+    finally:
+        llm.unload()
+
+
+def test_pool_and_capture_cost_are_within_the_reservation(model_dirs):
+    folder = model_dirs("llama")
+    ids = torch.tensor(PROMPT, device="cuda")
+    llm = nb_offload.load(folder, progress=False)
+    try:
+        offloaded(llm, ids)
+        s = llm.stats
+        print(f"capture {s.capture_seconds * 1e3:.1f} ms, pool {s.graph_pool_bytes} B, "
+              f"reserved {llm.plan.reserved['decode_graph']} B")
+        assert s.graph_captures == 1 and s.capture_seconds > 0
+        assert 0 < s.graph_pool_bytes <= llm.plan.reserved["decode_graph"]
+    finally:
+        llm.unload()
+
+
+def test_sampling_streamers_and_stops_work_through_the_graph(model_dirs):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    folder = model_dirs("llama")
+    ids = torch.tensor(PROMPT, device="cuda")
+    ref = plain(folder)
+    torch.manual_seed(7)
+    want = plain_generate(ref, ids, do_sample=True, top_k=20)
+    llm = nb_offload.load(folder, pins=streamed_pins(folder), progress=False)
+    try:
+        torch.manual_seed(7)
+        assert torch.equal(offloaded(llm, ids, do_sample=True, top_k=20), want)
+
+        class Collect:
+            def __init__(self):
+                self.tokens = []
+
+            def put(self, value):
+                self.tokens += value.flatten().tolist()
+
+            def end(self):
+                pass
+
+        class StopAt(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw):
+                return torch.full((input_ids.shape[0],), input_ids.shape[1] >= len(PROMPT[0]) + 6,
+                                  dtype=torch.bool, device=input_ids.device)
+        streamer = Collect()
+        out = llm.generate(ids, max_new_tokens=N, do_sample=False, streamer=streamer,
+                           stopping_criteria=StoppingCriteriaList([StopAt()])).cpu()
+        assert out.shape[1] == len(PROMPT[0]) + 6
+        assert streamer.tokens == out[0].tolist()
+        assert torch.equal(out, plain_generate(ref, ids)[:, :out.shape[1]])
+    finally:
+        llm.unload()
+
+
+def test_an_interrupt_between_replays_leaves_the_model_usable(model_dirs):
+    folder = model_dirs("llama")
+    ids = torch.tensor(PROMPT, device="cuda")
+    want = plain_generate(plain(folder), ids)
+    llm = nb_offload.load(folder, pins=streamed_pins(folder), progress=False)
+
+    class Interrupt:
+        def __init__(self):
+            self.n = 0
+
+        def put(self, value):
+            self.n += 1
+            if self.n == 6:
+                raise KeyboardInterrupt
+
+        def end(self):
+            pass
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            offloaded(llm, ids, streamer=Interrupt())
+        assert torch.equal(offloaded(llm, ids), want)
+    finally:
+        llm.unload()
+
+
+def test_plans_that_stay_eager_say_why(model_dirs, tmp_path):
+    folder = model_dirs("llama")
+    ids = torch.tensor(PROMPT, device="cuda")
+    want = plain_generate(plain(folder), ids, static=False)
+    llm = nb_offload.load(folder, disk=tmp_path, pins={"model.layers.0": "disk"}, progress=False)
+    try:
+        assert torch.equal(offloaded(llm, ids), want)
+        assert "disk" in llm.stats.graph_eager and llm.stats.graph_replays == 0
+    finally:
+        llm.unload()
+    llm = nb_offload.load(folder, cuda_graph=False, progress=False)
+    try:
+        assert torch.equal(offloaded(llm, ids), want)
+        assert llm.stats.graph_eager == "cuda_graph=False" and "decode_graph" not in llm.plan.reserved
+    finally:
+        llm.unload()
+    ref = plain(folder)
+    want = plain_generate(ref, ids, static=False, num_beams=2)
+    llm = nb_offload.load(folder, progress=False)
+    try:
+        assert torch.equal(offloaded(llm, ids, num_beams=2), want)
+        assert "beam" in llm.stats.graph_eager and llm.stats.graph_replays == 0
+    finally:
+        llm.unload()

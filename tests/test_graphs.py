@@ -1,0 +1,115 @@
+"""The captured decode step's parts that run without a GPU: buckets, signatures, the schedule of a
+captured step, trace records kept aside, the plan's reservation, and why a generate stays eager.
+(Capture and replay themselves: tests/gpu/test_graph_gpu.py.)"""
+
+import pytest
+import torch
+from helpers import PROMPT
+
+import nb_offload
+from nb_offload.graphs import MIN_BUCKET, bucket, signature
+from nb_offload.schedule import Schedule
+from nb_offload.trace import Trace
+
+
+def test_buckets_round_up_to_powers_of_two():
+    assert [bucket(t) for t in (1, MIN_BUCKET, MIN_BUCKET + 1, 1000, 2048, 3000)] == \
+        [MIN_BUCKET, MIN_BUCKET, 2 * MIN_BUCKET, 1024, 2048, 4096]
+
+
+def test_a_signature_names_shapes_values_and_the_cache():
+    cache = object()
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    mask = {"full_attention": torch.ones(1, 1, 1, 256, dtype=torch.bool)}
+    sig = signature(torch, cache, (ids,), {"past_key_values": cache, "attention_mask": mask, "use_cache": True})
+    assert sig == signature(torch, cache, (ids + 5,), {"past_key_values": cache, "attention_mask": mask,
+                                                       "use_cache": True})
+    assert ((1, "past_key_values"), "cache") in sig
+    # another shape, another value, another cache: another capture
+    assert sig != signature(torch, cache, (torch.zeros(2, 1, dtype=torch.long),),
+                            {"past_key_values": cache, "attention_mask": mask, "use_cache": True})
+    assert sig != signature(torch, cache, (ids,), {"past_key_values": cache, "attention_mask": mask,
+                                                   "use_cache": False})
+    assert sig != signature(torch, object(), (ids,), {"past_key_values": cache, "attention_mask": mask,
+                                                      "use_cache": True})
+    # a value of a kind a capture can't hold: no signature (the step runs eager)
+    assert signature(torch, cache, (ids,), {"past_key_values": cache, "streamer": object()}) is None
+
+
+def test_a_captured_step_fills_slots_from_its_start_and_fetches_nothing_for_the_next():
+    s = Schedule([10, 11, 12], slots=2, prefetch=1)
+    s.begin_step()
+    for idx in (10, 11, 12):
+        job, _ = s.take(idx)
+        s.start(job)
+        s.release(idx)
+        s.fill()
+    assert s.queue              # eagerly, the next step's first unit is already queued
+    s.restart(wrap=False)
+    work = s.begin_step()
+    assert [(j.unit, j.slot) for j in work.jobs] == [(10, 0), (11, 1)]
+    slots = []
+    for idx in (10, 11, 12):
+        job, work = s.take(idx)
+        slots.append(job.slot)
+        s.start(job)
+        s.release(idx)
+        work = s.fill()
+        assert all(j.unit != 10 for j in work.jobs)         # nothing of the next step
+    assert slots == [0, 1, 0] and not s.queue
+    assert not s.end_step().jobs
+    s.restart(wrap=True)
+    assert [(j.unit, j.slot) for j in s.begin_step().jobs] == [(10, 0), (11, 1)]
+
+
+def test_trace_records_of_a_capture_are_kept_aside_and_queued_once_a_replay():
+    t = Trace()
+    t.step = 4
+    with t.capturing() as records:
+        t.cuda_event("copy", "model.layers.0", "s", "e", 10)
+        t.flush()                                   # nothing is resolved while capturing
+    assert records == [("copy", "model.layers.0", "s", "e", 10)] and not t._pending
+    t.replay(records)
+    t.step = 5
+    t.replay(records)
+    assert [p[-1] for p in t._pending] == [4, 5]
+
+
+def test_the_plan_reserves_the_graph_pool_on_cuda_only(tmp_path):
+    from nb_offload.tiny import hollow_llama
+    folder = hollow_llama(str(tmp_path / "h"), layers=4)
+    on = nb_offload.plan(folder, gpu="20GiB", cpu="20GiB")
+    off = nb_offload.plan(folder, gpu="20GiB", cpu="20GiB", cuda_graph=False)
+    cpu = nb_offload.plan(folder, device="cpu", cpu="20GiB")
+    assert on.reserved["decode_graph"] > 0
+    assert "decode_graph" not in off.reserved and "decode_graph" not in cpu.reserved
+    assert "decode graph" in str(on)
+    with pytest.raises(nb_offload.OptionError, match="cuda_graph"):
+        nb_offload.plan(folder, gpu="20GiB", cuda_graph="yes")
+
+
+def test_a_generate_says_why_its_decode_runs_eager(model_dirs):
+    llm = nb_offload.load(model_dirs("llama"), device="cpu", progress=False)
+    try:
+        ids = torch.tensor(PROMPT)
+        llm.generate(ids, max_new_tokens=3, do_sample=False)
+        assert llm.stats.graph_eager == "the CPU device runs eager" and llm.stats.graph_replays == 0
+        llm.generate(ids, max_new_tokens=3, do_sample=False, num_beams=2)
+        assert llm.stats.graph_eager == "beam search reorders the cache"
+        llm.cuda_graph = False
+        llm.generate(ids, max_new_tokens=3, do_sample=False)
+        assert llm.stats.graph_eager == "cuda_graph=False"
+        assert "graph_replays" in llm.stats.as_dict()
+    finally:
+        llm.unload()
+
+
+def test_the_generate_summary_says_how_decode_ran():
+    from nb_offload.trace import Stats
+    s = Stats()
+    before = s.as_dict()
+    s.graph_replays = 30
+    assert "30 decode steps replayed as one CUDA graph" in s.run_summary(before, 32, 1.0)
+    s.graph_replays, s.graph_eager = 0, "beam search reorders the cache"
+    assert "decode ran eager: beam search" in s.run_summary(s.as_dict(), 32, 1.0)
+    assert "eager" not in s.run_summary(s.as_dict(), 32, 1.0, held_on="cpu")     # the CPU device: nothing to say
