@@ -19,12 +19,13 @@ import time
 from collections import deque
 from concurrent.futures import wait as futures_wait
 
+from . import experts
 from .graphs import DecodeGraphs
 from .hooks import ModuleHooks, bind, bind_views, to_device
 from .movers import CpuMover, CudaMover
 from .reader import DiskReader
 from .schedule import Schedule, Work
-from .tiers import param_views
+from .tiers import Source, param_views
 
 
 class Engine:
@@ -69,6 +70,16 @@ class Engine:
         for u in streamed:      # shapes, dtypes and device are right from the start
             bind_views(self.params[u.index], self._slot_views(u.index, 0))
         self.graphs = DecodeGraphs(self, enabled=cuda_graph)
+        # MoE blocks streamed from disk on the CPU: read without their expert rows, the routed ones
+        # read once the router has picked them (experts.py)
+        self.routed, self._without_experts = {}, {}
+        for u in streamed if not self.cuda else ():
+            found = experts.find(model, u)
+            src = self.sources[u.index]
+            if found is not None and src.tier == "disk":
+                self.routed[u.index] = found
+                rest = experts.placed(src.extents, found.rest(u.nbytes))
+                self._without_experts[u.index] = (Source(src.tier, extents=rest), sum(e[2] for e in rest))
 
     # -- set-up ---------------------------------------------------------------------------------
     def _split_into_pieces(self) -> int:
@@ -144,6 +155,8 @@ class Engine:
         for u in self.units:
             if u.index in self.sources or full:     # resident and not traced one by one: no hook, no cost
                 self.hooks.install(u, self._enter, self._exit)
+        for idx, found in self.routed.items():
+            self.hooks.before_call(found.module, lambda args, kwargs, idx=idx: self._read_routed(idx, args, kwargs))
 
     def remove(self):
         self.graphs.drop()
@@ -281,9 +294,28 @@ class Engine:
             unit = self.units[read.unit]
             read.io = self.reader.read_staged(unit.name, unit.nbytes, self.sources[read.unit].extents, read.staging)
         for job in work.jobs:
-            self.mover.start(job, self.units[job.unit], self.sources[job.unit])
+            source, nbytes = self._without_experts.get(job.unit, (self.sources[job.unit], None))
+            self.mover.start(job, self.units[job.unit], source, nbytes)
         if work.jobs:
             self.mover.pump(([first] if first is not None else []) + list(self.schedule.queue))
+
+    def _read_routed(self, idx, args, kwargs):
+        """Before a streamed MoE block's experts compute: read the rows of the experts routed to into its slot."""
+        job = self.schedule.active.get(idx)
+        if job is None or idx not in self.sources:      # held (whole in a buffer of its own), or not streaming
+            return
+        found = self.routed[idx]
+        chosen = found.routed(args, kwargs)
+        extents = experts.placed(self.sources[idx].extents, found.ranges(chosen))
+        t0 = time.perf_counter()
+        for chunk in self.reader.read_now(extents, self.mover.slots[job.slot]):
+            chunk.result()
+        nbytes = sum(e[2] for e in extents)
+        self.stats.bytes_from_disk += nbytes
+        self.stats.experts_read += len(chosen)
+        self.stats.experts_skipped += found.count - len(chosen)
+        self.trace.host_event("read", f"{found.module} ({len(chosen)} of {found.count} experts)", t0,
+                              time.perf_counter(), nbytes)
 
     def _span_end(self, idx):
         start = self._open.pop(idx, None)

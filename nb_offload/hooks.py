@@ -32,6 +32,12 @@ class ModuleHooks:
             self._handles.append(module.register_forward_pre_hook(pre))
             self._handles.append(module.register_forward_hook(post))
 
+    def before_call(self, name, fn):
+        """Call ``fn(args, kwargs)`` before module ``name``'s forward runs (it sees the call's arguments)."""
+        def pre(module, args, kwargs):
+            fn(args, kwargs)
+        self._handles.append(self.root.get_submodule(name).register_forward_pre_hook(pre, with_kwargs=True))
+
     def remove(self):
         for h in self._handles:
             h.remove()

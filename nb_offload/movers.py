@@ -28,9 +28,11 @@ class CpuMover:
         self.slots = [torch.empty(slot_bytes, dtype=torch.uint8) for _ in range(slots)]
         self.reader, self.trace, self.stats = reader, trace, stats
 
-    def start(self, job, unit, source):
-        self.stats.bytes_from_disk += unit.nbytes
-        job.ready = self.reader.read_into(unit.name, unit.nbytes, source.extents, self.slots[job.slot])
+    def start(self, job, unit, source, nbytes=None):
+        """``nbytes``: what ``source`` holds where it is a part of the unit (a block without its experts)."""
+        nbytes = unit.nbytes if nbytes is None else nbytes
+        self.stats.bytes_from_disk += nbytes
+        job.ready = self.reader.read_into(unit.name, nbytes, source.extents, self.slots[job.slot])
 
     def pump(self, jobs, first=None):
         pass
@@ -73,7 +75,7 @@ class CudaMover:
         """Compute runs on the caller's current stream, looked up once a step."""
         self.compute_stream = self.torch.cuda.current_stream(self.device)
 
-    def start(self, job, unit, source):
+    def start(self, job, unit, source, nbytes=None):
         pass            # copies are issued by pump, in queue order
 
     def pump(self, jobs, first=None):

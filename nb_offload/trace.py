@@ -221,6 +221,8 @@ class Stats:
     capture_seconds: float = 0.0
     graph_pool_bytes: int = 0   # the largest captured graph's private memory pool
     graph_eager: str = ""       # why the last generate's decode ran eager, where it did
+    experts_read: int = 0       # routed experts of streamed MoE blocks read (experts.py), per block call
+    experts_skipped: int = 0    # and those not routed, so not read
     load_seconds: float = 0.0   # nb_offload.load, from the call to the model ready
     load_bytes: int = 0         # the weights it placed
     # Host memory against the cpu= budget: the process's RssAnon + RssShmem (page-locked buffers
@@ -233,7 +235,7 @@ class Stats:
 
     def reset(self):
         self.steps = self.tokens = self.bytes_from_cpu = self.bytes_from_disk = self.held_last = 0
-        self.graph_replays = self.graph_captures = 0
+        self.graph_replays = self.graph_captures = self.experts_read = self.experts_skipped = 0
         self.seconds = self.capture_seconds = 0.0
         self.host_peak = self.host_now
 
@@ -271,6 +273,7 @@ class Stats:
                 "held_last": self.held_last, "graph_replays": self.graph_replays,
                 "graph_captures": self.graph_captures, "capture_seconds": self.capture_seconds,
                 "graph_pool_bytes": self.graph_pool_bytes, "graph_eager": self.graph_eager,
+                "experts_read": self.experts_read, "experts_skipped": self.experts_skipped,
                 "host_now": self.host_now, "host_peak": self.host_peak,
                 "host_budget": self.host_budget, "load_seconds": self.load_seconds, "load_bytes": self.load_bytes}
 
@@ -294,6 +297,10 @@ class Stats:
         if link_gbps and seconds and sum(moved.values()):
             share = sum(moved.values()) / seconds / 1e9 / link_gbps
             text += f" · {100 * share:.0f}% of the PCIe limit ({link_gbps:.0f} GB/s)"
+        read = self.experts_read - before.get("experts_read", 0)
+        skipped = self.experts_skipped - before.get("experts_skipped", 0)
+        if read + skipped:
+            text += f" · read {read} of {read + skipped} experts (the ones routed to)"
         replays = self.graph_replays - before.get("graph_replays", 0)
         if replays:
             text += f" · {replays} decode steps replayed as one CUDA graph"

@@ -1,0 +1,94 @@
+"""Routed experts (experts.py): a streamed MoE block is read without its expert rows, and only the rows
+of the experts the router picks are read before they compute. CPU device, blocks on disk."""
+
+import pytest
+import torch
+from helpers import PROMPT, reference, run_offloaded
+
+import nb_offload
+from nb_offload.experts import RoutedExperts
+
+
+def test_an_experts_rows_and_the_rest_of_the_block():
+    found = RoutedExperts("model.layers.0.mlp.experts", 4, [(100, 10), (200, 5)])
+    assert found.ranges([1, 3]) == [(110, 120), (130, 140), (205, 210), (215, 220)]
+    assert found.rest(300) == [(0, 100), (140, 200), (220, 300)]
+    index = torch.tensor([[3, 1], [1, 0]])
+    assert found.routed((None, index, None), {}) == [0, 1, 3]
+    assert found.routed((None,), {"top_k_index": torch.tensor([[2, 2]])}) == [2]
+
+
+def batch_of_four():
+    ids = torch.tensor(PROMPT * 4)
+    ids[1:, 0] = torch.tensor([9, 11, 13])
+    return ids
+
+
+def plain_generate(folder, ids, n=8):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.inference_mode():
+        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_streamed_moe_blocks_read_only_the_routed_experts(arch, model_dirs, tmp_path):
+    folder = model_dirs(arch)
+    want_tokens, want_logits = reference(folder)
+    llm = nb_offload.load(folder, device="cpu", disk=tmp_path, pins={"model.layers.*": "disk"}, hold_spare=False,
+                          progress=False)
+    try:
+        eng = llm._engine
+        blocks = [i for i in eng.stream_order() if eng.units[i].kind == "block"]
+        assert set(eng.routed) == set(blocks) and blocks
+        before = llm.stats.as_dict()
+        tokens, logits = run_offloaded(llm)
+        assert torch.equal(tokens, want_tokens)
+        torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+        s = llm.stats
+        assert s.experts_read > 0 and s.experts_skipped > 0
+        whole = sum(eng.units[i].nbytes for i in blocks)
+        assert s.bytes_from_disk - before["bytes_from_disk"] < s.steps * whole     # fewer bytes than whole blocks
+        assert any(e.kind == "read" and "experts)" in e.unit for e in llm.trace)
+        assert "experts (the ones routed to)" in s.run_summary(before, 10, 1.0)
+        ids = batch_of_four()                   # a batch reads the union of its tokens' experts
+        assert torch.equal(llm.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False),
+                           plain_generate(folder, ids))
+    finally:
+        llm.unload()
+
+
+def test_re_pinned_and_held_moe_blocks_stay_exact(model_dirs, tmp_path):
+    folder = model_dirs("qwen2_moe")
+    want_tokens, _ = reference(folder)
+    llm = nb_offload.load(folder, device="cpu", disk=tmp_path, pins={"model.layers.*": "disk"}, hold_spare=False,
+                          progress=False)
+    try:
+        llm.pin("model.layers.0", "cpu")        # resident now: read whole, once
+        assert all(llm._engine.units[i].name != "model.layers.0" for i in llm._engine.routed)
+        assert torch.equal(run_offloaded(llm)[0], want_tokens)
+        llm.hold_spare = True                   # held blocks run whole from buffers of their own
+        assert torch.equal(run_offloaded(llm)[0], want_tokens)
+    finally:
+        llm.unload()
+
+
+def test_dense_blocks_have_no_routed_experts(model_dirs, tmp_path):
+    llm = nb_offload.load(model_dirs("llama"), device="cpu", disk=tmp_path, pins={"model.layers.*": "disk"},
+                          progress=False)
+    try:
+        assert llm._engine.routed == {}
+    finally:
+        llm.unload()
+
+
+def test_routed_experts_read_around_the_page_cache(model_dirs, tmp_path):
+    folder = model_dirs("mixtral")
+    want_tokens, _ = reference(folder)
+    llm = nb_offload.load(folder, device="cpu", disk=tmp_path, pins={"model.layers.*": "disk"}, drop_page_cache=True,
+                          progress=False)
+    try:
+        assert llm.uncached_disk_reads
+        assert torch.equal(run_offloaded(llm)[0], want_tokens) and llm.stats.experts_skipped > 0
+    finally:
+        llm.unload()
