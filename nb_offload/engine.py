@@ -247,14 +247,16 @@ class Engine:
         self.mover.before_graph()
         # the graph stamps its own events; captured without them, the step is timed from outside
         start = self.mover.mark() if self.trace.enabled and not captured.records else None
-        captured.graph.replay()
-        if self.trace.enabled and captured.records:
-            self.trace.replay(captured.records)
-        if start is not None:
-            self.mover.span("step", "forward", start)
-        self.mover.prefetch(captured.ahead, captured.last_use)     # the next step's first units
-        self.graphs.primed = captured
-        self.mover.after_graph()
+        try:
+            captured.graph.replay()
+            if self.trace.enabled and captured.records:
+                self.trace.replay(captured.records)
+            if start is not None:
+                self.mover.span("step", "forward", start)
+            self.mover.prefetch(captured.ahead, captured.last_use)     # the next step's first units
+            self.graphs.primed = captured
+        finally:
+            self.mover.after_graph()
         self.stats.bytes_from_cpu += captured.nbytes
         self.stats.graph_replays += 1
         self.stats.steps += 1
@@ -308,8 +310,15 @@ class Engine:
         chosen = found.routed(args, kwargs)
         extents = experts.placed(self.sources[idx].extents, found.ranges(chosen))
         t0 = time.perf_counter()
-        for chunk in self.reader.read_now(extents, self.mover.slots[job.slot]):
-            chunk.result()
+        chunks = self.reader.read_urgent(extents, self.mover.slots[job.slot])
+        try:
+            for chunk in chunks:
+                chunk.result()
+        except BaseException:       # nothing may land in the slot after this
+            for chunk in chunks:
+                chunk.cancel()
+            futures_wait(chunks)
+            raise
         nbytes = sum(e[2] for e in extents)
         self.stats.bytes_from_disk += nbytes
         self.stats.experts_read += len(chosen)

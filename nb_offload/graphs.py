@@ -29,6 +29,7 @@ tokens equal transformers' own generate with the same static cache (``cache_impl
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 
 MIN_BUCKET = 256        # the shortest static cache: generates up to this length share one capture
@@ -40,6 +41,18 @@ def bucket(tokens: int) -> int:
     while length < tokens:
         length *= 2
     return length
+
+
+def cache_name(model) -> str:
+    """The keyword a model's forward, and its generate, take the KV cache by: ``cache`` in recent
+    transformers, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def given_cache(kwargs):
+    """The cache a call was given, under either name."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
 
 
 def _leaves(obj, path=()):
@@ -161,7 +174,7 @@ class DecodeGraphs:
     # -- a forward pass -------------------------------------------------------------------------------
     def takes(self, args, kwargs) -> bool:
         """Whether this forward pass is a decode step of the generate given ``self.cache``."""
-        if not self.active or self.cache is None or kwargs.get("past_key_values") is not self.cache:
+        if not self.active or self.cache is None or given_cache(kwargs) is not self.cache:
             return False
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
@@ -204,23 +217,29 @@ class DecodeGraphs:
             return value
         s_args, s_kwargs = _rebuild((args, kwargs), static)
         t0 = time.perf_counter()
+        torch.cuda.synchronize(e.device)
+        torch.cuda.empty_cache()        # as torch.cuda.graph does on entry: what's reserved after is the pool
         before = torch.cuda.memory_reserved(e.device)
-        trace = e.trace
+        trace, stream = e.trace, torch.cuda.current_stream(e.device)
         tracing = trace.enabled
-        for attempt in ("with per-unit trace events", "without"):
-            graph = torch.cuda.CUDAGraph()
-            try:
-                output, records, nbytes, slots = e.capture_step(graph, forward, s_args, s_kwargs)
-                break
-            except Exception as exc:           # any failure means "run this step eager"
-                e.after_failed_capture()
-                if not trace.enabled or attempt == "without":
-                    self.failed[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                    e.stats.graph_eager = self.failed[key]
-                    trace.enabled = tracing
-                    return None
-                trace.enabled = False           # events inside a graph unsupported here: step times only
-        trace.enabled = tracing
+        try:
+            for attempt in ("with per-unit trace events", "without"):
+                graph = torch.cuda.CUDAGraph()
+                try:
+                    output, records, nbytes, slots = e.capture_step(graph, forward, s_args, s_kwargs)
+                    break
+                except BaseException as exc:   # any failure means "run this step eager"; an interrupt, stop
+                    e.after_failed_capture()
+                    torch.cuda.set_stream(stream)   # a failed capture_end leaves its side stream current
+                    if not isinstance(exc, Exception):
+                        raise
+                    if not trace.enabled or attempt == "without":
+                        self.failed[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                        e.stats.graph_eager = self.failed[key]
+                        return None
+                    trace.enabled = False       # events inside a graph unsupported here: step times only
+        finally:
+            trace.enabled = tracing
         captured = Captured(graph, inputs, output, records, nbytes, slots, time.perf_counter() - t0,
                             torch.cuda.memory_reserved(e.device) - before)
         e.stats.graph_captures += 1

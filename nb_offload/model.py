@@ -217,12 +217,13 @@ class OffloadedModel:
         decode steps are captured and replayed (graphs.py), and the cache's length; or as given, and None,
         where they run eager (``stats.graph_eager`` says why)."""
         from . import spare
+        from .graphs import cache_name, given_cache
         why = ""
         config = kwargs.get("generation_config") or self.model.generation_config
         extent = spare.generate_extent(self.model, args, kwargs)
         if not self.cuda_graph:
             why = "cuda_graph=False"
-        elif kwargs.get("past_key_values") is not None or kwargs.get("cache_implementation") \
+        elif given_cache(kwargs) is not None or kwargs.get("cache_implementation") \
                 or getattr(config, "cache_implementation", None):
             why = "the generate brings its own cache"
         elif not kwargs.get("use_cache", getattr(config, "use_cache", True)):
@@ -236,8 +237,9 @@ class OffloadedModel:
             cache, why = self._engine.graphs.static_cache(self.model, *extent, self.plan.context)
             if cache is not None:
                 self.stats.graph_eager = ""
-                return {**kwargs, "past_key_values": cache, "disable_compile": True}, cache.max_cache_len
+                return {**kwargs, cache_name(self.model): cache, "disable_compile": True}, cache.max_cache_len
         self.stats.graph_eager = why
+        self._engine.graphs.drop()      # a kept cache and its graphs would sit in room this generate may use
         return kwargs, None
 
     @contextlib.contextmanager

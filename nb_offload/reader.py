@@ -86,6 +86,8 @@ class DiskReader:
         self._io = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nb_offload-io") \
             if threads > 1 else None
         self._landing = {}          # buffer address -> chunk futures last queued into it
+        self._urgent = None         # a pool of its own for reads a compute waits on (read_urgent)
+        self._threads = threads
         self._last_read_end = 0.0
         pad = ALIGN if uncached else 0
         self.staging = [Staging(alloc_host(staging_bytes + pad, pinned=True)) for _ in range(staging_count)] \
@@ -155,6 +157,13 @@ class DiskReader:
         """Queue a read of ``extents`` into ``flat`` on the I/O pool at once; its chunks' futures."""
         return read_extents(extents, flat, pool=self._io, uncached=self.uncached, wait=False)
 
+    def read_urgent(self, extents, flat):
+        """Like ``read_now``, on threads of their own: a read the compute is waiting on (a MoE block's routed
+        experts) doesn't queue behind the reads ahead already issued."""
+        if self._urgent is None and self._threads > 1:
+            self._urgent = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="nb_offload-urgent")
+        return read_extents(extents, flat, pool=self._urgent, uncached=self.uncached, wait=False)
+
     # -- ending ------------------------------------------------------------------------------------
     def drain(self):
         """Wait until every read queued so far has landed (or failed: a failed read is of a unit no
@@ -166,8 +175,9 @@ class DiskReader:
 
     def close(self):
         self._thread.shutdown(wait=True)
-        if self._io is not None:
-            self._io.shutdown(wait=True)
+        for pool in (self._io, self._urgent):
+            if pool is not None:
+                pool.shutdown(wait=True)
         for st in self.staging:
             release_host(st.flat)
         self.staging = []

@@ -113,3 +113,31 @@ def test_the_generate_summary_says_how_decode_ran():
     s.graph_replays, s.graph_eager = 0, "beam search reorders the cache"
     assert "decode ran eager: beam search" in s.run_summary(s.as_dict(), 32, 1.0)
     assert "eager" not in s.run_summary(s.as_dict(), 32, 1.0, held_on="cpu")     # the CPU device: nothing to say
+
+
+def test_the_cache_reaches_forward_under_the_name_generate_is_given_it(model_dirs):
+    """transformers renamed ``past_key_values`` to ``cache``: the static cache is given, and a decode step
+    recognised, under whichever name the installed version uses."""
+    import inspect
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, StaticCache
+
+    from nb_offload.graphs import DecodeGraphs, cache_name, given_cache
+    model = AutoModelForCausalLM.from_pretrained(model_dirs("llama")).eval()
+    cache = StaticCache(config=model.config, max_cache_len=MIN_BUCKET)
+    graphs = DecodeGraphs(SimpleNamespace(torch=torch, cuda=True, sources={}, units=[], n_model=0), enabled=True)
+    graphs.cache, graphs.active = cache, True
+    seen = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        seen.append((given_cache(kwargs) is cache, graphs.takes(args, kwargs)))
+        return forward(*args, **kwargs)
+    spy.__signature__ = inspect.signature(forward)
+    model.forward = spy
+    with torch.inference_mode():
+        model.generate(torch.tensor(PROMPT), max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                       **{cache_name(model): cache})
+    # the prefill (8 tokens) is not a decode step; the two after it are
+    assert seen == [(True, False), (True, True), (True, True)]
