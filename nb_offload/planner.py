@@ -17,6 +17,7 @@ from .dtypes import SHORT_NAMES
 from .errors import BudgetError, PinError
 from .patterns import match_units
 from .quant import FORMATS as QUANT_FORMATS
+from .units import round_up
 
 TIERS = ("gpu", "cpu", "disk")
 WORKSPACE = 64 * 2**20        # cuBLAS workspace, allocator rounding, small temporaries
@@ -164,7 +165,14 @@ def graph_pool(config, dtype_size: int, context: int, batch: int) -> int:
     the next prefill runs."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     scores = batch * getattr(cfg, "num_attention_heads", 1) * context * 4
-    return 2 * (footprint(config, dtype_size, 1, batch, "cuda")["activations"] + 2 * scores) + 6 * 2**20
+    live = footprint(config, dtype_size, 1, batch, "cuda")["activations"] + 2 * scores
+    # tensors of 1 MiB or more come from 20 MiB segments of their own (PyTorch's caching allocator)
+    inter = max(getattr(cfg, "intermediate_size", 0) or 0,
+                (getattr(cfg, "moe_intermediate_size", 0) or 0) * (getattr(cfg, "num_experts_per_tok", 1) or 1))
+    largest = batch * max(getattr(cfg, "vocab_size", 0) * 4, getattr(cfg, "num_attention_heads", 1) * context * 4,
+                          inter * dtype_size)
+    large = round_up(live, 20 * 2**20) if largest >= 2**20 else 0
+    return 2 * live + large + 6 * 2**20
 
 
 @dataclass
