@@ -316,4 +316,10 @@ class Stats:
         if self.host_before is not None:
             text += (f"; host memory {format_size(self.host_now)} now, {format_size(self.host_peak)} at most, "
                      f"of cpu={format_size(self.host_budget)}")
+        if self.graph_captures:
+            text += (f"; decode: {self.graph_replays} steps replayed from {self.graph_captures} CUDA graph(s), "
+                     f"{1e3 * self.capture_seconds / self.graph_captures:.0f} ms a capture, pool "
+                     f"{format_size(self.graph_pool_bytes)}")
+        if self.experts_read + self.experts_skipped:
+            text += f"; experts read {self.experts_read} of {self.experts_read + self.experts_skipped} (routed)"
         return text

@@ -50,7 +50,7 @@ def test_streamed_moe_blocks_read_only_the_routed_experts(arch, model_dirs, tmp_
         whole = sum(eng.units[i].nbytes for i in blocks)
         assert s.bytes_from_disk - before["bytes_from_disk"] < s.steps * whole     # fewer bytes than whole blocks
         assert any(e.kind == "read" and "experts)" in e.unit for e in llm.trace)
-        assert "experts (the ones routed to)" in s.run_summary(before, 10, 1.0)
+        assert "experts (the ones routed to)" in s.run_summary(before, 10, 1.0) and "experts read" in str(s)
         ids = batch_of_four()                   # a batch reads the union of its tokens' experts
         assert torch.equal(llm.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False),
                            plain_generate(folder, ids))

@@ -141,3 +141,11 @@ def test_the_cache_reaches_forward_under_the_name_generate_is_given_it(model_dir
                        **{cache_name(model): cache})
     # the prefill (8 tokens) is not a decode step; the two after it are
     assert seen == [(True, False), (True, True), (True, True)]
+
+
+def test_the_stats_say_what_the_graphs_did():
+    from nb_offload.trace import Stats
+    s = Stats()
+    assert "CUDA graph" not in str(s)
+    s.graph_captures, s.graph_replays, s.capture_seconds, s.graph_pool_bytes = 2, 60, 0.1, 6 * 2**20
+    assert "decode: 60 steps replayed from 2 CUDA graph(s), 50 ms a capture, pool 6.0 MiB" in str(s)
