@@ -33,6 +33,7 @@ import inspect
 import time
 
 MIN_BUCKET = 256        # the shortest static cache: generates up to this length share one capture
+KEEP = 4                # captured steps kept per engine (one per set of held units seen lately)
 
 
 def bucket(tokens: int) -> int:
@@ -105,7 +106,7 @@ class DecodeGraphs:
         self.cache = None
         self.cache_key = None       # (batch, length) of self.cache
         self.active = False         # a generate given self.cache is running
-        self.graphs: dict = {}      # (signature, held units) -> Captured
+        self.graphs: dict = {}      # (signature, held units and their buffers' addresses) -> Captured
         self.warm: set = set()      # keys whose first step ran eager
         self.failed: dict = {}      # key -> why its capture failed (it runs eager)
         self.primed = None          # the Captured whose first units are in their slots (engine.replay)
@@ -165,11 +166,10 @@ class DecodeGraphs:
         self.cache = self.cache_key = None
 
     def forget_held(self):
-        """Graphs that read held units' buffers go with those buffers."""
+        """Held units went back to streaming. Graphs that read their buffers stay, keyed by the buffers'
+        addresses: a later generate that holds the same units where the allocator puts them again (as it
+        often does) replays them without a capture; one that can't, captures afresh."""
         self.primed = None
-        for key in [k for k in self.graphs if k[1]]:
-            del self.graphs[key]
-        self.warm = {k for k in self.warm if not k[1]}
 
     # -- a forward pass -------------------------------------------------------------------------------
     def takes(self, args, kwargs) -> bool:
@@ -184,18 +184,22 @@ class DecodeGraphs:
     def step(self, forward, args, kwargs):
         e = self.engine
         sig = signature(self.torch, self.cache, args, kwargs)
-        key = (sig, frozenset(e.held))
+        key = (sig, frozenset((idx, buf.data_ptr()) for idx, (_, buf) in e.held.items()))
         if sig is None or key in self.failed:
             e.stats.graph_eager = self.failed.get(key, "an input a capture can't hold")
             return e.eager_step(forward, args, kwargs)
         captured = self.graphs.get(key)
         if captured is None:
             if key not in self.warm:        # lazy set-up happens here, outside any capture
+                if len(self.warm) > 8 * KEEP:   # keys of held buffers long gone
+                    self.warm.clear()
                 self.warm.add(key)
                 return e.eager_step(forward, args, kwargs)
             captured = self._capture(key, forward, args, kwargs)
             if captured is None:
                 return e.eager_step(forward, args, kwargs)
+            while len(self.graphs) >= KEEP:        # the oldest go, with their memory pools
+                self.graphs.pop(next(iter(self.graphs)))
             self.graphs[key] = captured
         else:
             for path, value in _leaves((args, kwargs)):
