@@ -64,6 +64,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="add torch.compile reduce-overhead to the resident row")
+    ap.add_argument("--experts", default=None, help="the Mixtral row's experts implementation, in both models "
+                    "(default: transformers' own choice)")
     ap.add_argument("--profile", action="store_true", help="print where the host's time goes in a captured generate")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -246,8 +248,10 @@ def main():
             t0 = time.perf_counter()
             build_moe(args.moe_folder)
             print(f"built the Mixtral shape in {time.perf_counter() - t0:.0f} s", flush=True)
-        model = AutoModelForCausalLM.from_pretrained(args.moe_folder, dtype=torch.bfloat16, device_map="cuda").eval()
-        llm = nb_offload.load(args.moe_folder, gpu="60GiB", cpu="100GiB", progress=False)
+        chosen = {"experts_implementation": args.experts} if args.experts else {}
+        model = AutoModelForCausalLM.from_pretrained(args.moe_folder, dtype=torch.bfloat16, device_map="cuda",
+                                                     **chosen).eval()
+        llm = nb_offload.load(args.moe_folder, gpu="60GiB", cpu="100GiB", progress=False, **chosen)
         t, sp, tok = timed({"hf_eager": lambda: steps(model.generate, ids, n),
                             "hf_eager_static": lambda: steps(model.generate, ids, n, **static(model)),
                             **nb_variants(llm)})

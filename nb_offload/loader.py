@@ -112,14 +112,15 @@ class Inspection:
         # nothing (vocab_size=10**12 would otherwise try a 256 TB allocation), then build the one
         # that runs, with its real buffers.
         attn, remote = options.attn_implementation, options.trust_remote_code
+        experts = options.experts_implementation
         with quiet_transformers():
-            structure = build_meta_model(self.config, self.dtype, attn, remote, buffers=False)
+            structure = build_meta_model(self.config, self.dtype, attn, remote, buffers=False, experts=experts)
         self.units = find_units(structure)
         self.buffer_keys, self.conversions = map_checkpoint(structure, self.units, self.checkpoint,
                                                             saved_quantized=self.saved_quant is not None)
         del structure
         with quiet_transformers():
-            self.meta = build_meta_model(self.config, self.dtype, attn, remote)
+            self.meta = build_meta_model(self.config, self.dtype, attn, remote, experts=experts)
         self._check_formats(device_type)
         from .pieces import split_unit
         for u in self.units:

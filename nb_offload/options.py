@@ -170,6 +170,10 @@ class Options:
     attn_implementation: str | None = _option(None, _text("None (the model's default), \"eager\", \"sdpa\" or "
                                                           "another name transformers knows"),
                                               "attention kernel, as transformers names it")
+    experts_implementation: str | None = _option(None, _text("None (transformers' default), \"eager\", "
+                                                             "\"batched_mm\" or \"grouped_mm\""),
+                                                 "how MoE blocks compute their routed experts, as transformers "
+                                                 "names it")
     local_files_only: bool | None = _option(None, _optional_flag, "for a Hub id: use only the local cache "
                                                                   "(default: when HF_HUB_OFFLINE is set)")
     revision: str | None = _option(None, _text("None or a branch, tag or commit"), "for a Hub id: which revision")

@@ -114,14 +114,15 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def build_meta_model(config, dtype, attn_implementation=None, trust_remote_code=False, *, buffers=True):
+def build_meta_model(config, dtype, attn_implementation=None, trust_remote_code=False, *, buffers=True,
+                     experts=None):
     """Instantiate the model with parameters on the meta device.
 
     ``buffers=True``: buffers are real, computed on the CPU by the model's own ``__init__`` (the
     rotary tables then match ``from_pretrained``'s to the bit); each parameter is briefly
     allocated on the CPU on its way to meta. ``buffers=False``: everything on meta, nothing
     allocated, so it is safe for a config that describes absurd sizes; use it to check the config
-    against the checkpoint first.
+    against the checkpoint first. ``experts``: the MoE experts implementation, as transformers names it.
     """
     import torch
     from accelerate import init_empty_weights
@@ -130,11 +131,16 @@ def build_meta_model(config, dtype, attn_implementation=None, trust_remote_code=
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if experts:
+        kwargs["experts_implementation"] = experts
     context = init_empty_weights(include_buffers=False) if buffers else torch.device("meta")
     try:
         with context:
             model = AutoModelForCausalLM.from_config(config, **kwargs)
     except (ValueError, ImportError) as exc:
+        if experts and "experts" in str(exc).lower():
+            raise OptionError(f"experts_implementation={experts!r} can't run here ({str(exc).splitlines()[0]}); "
+                              "accepted: \"eager\", \"batched_mm\" or \"grouped_mm\".") from exc
         if attn_implementation and any(w in str(exc).lower() for w in ("attn", "attention")):
             raise OptionError(
                 f"attn_implementation={attn_implementation!r} can't run here ({str(exc).splitlines()[0]}); "

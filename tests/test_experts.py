@@ -92,3 +92,25 @@ def test_routed_experts_read_around_the_page_cache(model_dirs, tmp_path):
         assert torch.equal(run_offloaded(llm)[0], want_tokens) and llm.stats.experts_skipped > 0
     finally:
         llm.unload()
+
+
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm", "grouped_mm"])
+def test_every_experts_implementation_reads_only_routed_rows_and_matches_its_reference(implementation, model_dirs,
+                                                                                       tmp_path):
+    from transformers import AutoModelForCausalLM
+    folder = model_dirs("mixtral")
+    model = AutoModelForCausalLM.from_pretrained(folder, experts_implementation=implementation).eval()
+    with torch.inference_mode():
+        want, _ = run_offloaded(model)
+    llm = nb_offload.load(folder, device="cpu", disk=tmp_path, pins={"model.layers.*": "disk"},
+                          experts_implementation=implementation, progress=False)
+    try:
+        assert llm.model.config._experts_implementation == implementation
+        assert torch.equal(run_offloaded(llm)[0], want) and llm.stats.experts_skipped > 0
+    finally:
+        llm.unload()
+
+
+def test_an_unknown_experts_implementation_is_refused(model_dirs):
+    with pytest.raises(nb_offload.OptionError, match="experts_implementation='fast'.*accepted"):
+        nb_offload.load(model_dirs("mixtral"), device="cpu", experts_implementation="fast", progress=False)
