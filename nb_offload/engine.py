@@ -78,7 +78,7 @@ class Engine:
             src = self.sources[u.index]
             if found is not None and src.tier == "disk":
                 self.routed[u.index] = found
-                rest = experts.placed(src.extents, found.rest(u.nbytes))
+                rest = experts.placed(src.extents, found.rest(u.params))
                 self._without_experts[u.index] = (Source(src.tier, extents=rest), sum(e[2] for e in rest))
 
     # -- set-up ---------------------------------------------------------------------------------

@@ -34,15 +34,18 @@ class RoutedExperts:
         """Byte ranges of the block's layout holding ``experts`` (indices), in layout order."""
         return sorted((offset + e * row, offset + (e + 1) * row) for offset, row in self.rows for e in experts)
 
-    def rest(self, nbytes: int) -> list:
-        """Byte ranges of the block's layout outside every expert row (read with the block)."""
-        out, at = [], 0
-        for start, end in sorted((offset, offset + self.count * row) for offset, row in self.rows):
-            if start > at:
-                out.append((at, start))
-            at = max(at, end)
-        if at < nbytes:
-            out.append((at, nbytes))
+    def rest(self, params) -> list:
+        """Byte ranges of the block's other weights (``params``: the unit's slots), read with the block:
+        their bytes only, not the layout's padding, so what a step reads is what ``step_bytes`` counts."""
+        fused = {offset for offset, _ in self.rows}
+        out = []
+        for s in sorted(params, key=lambda s: s.offset):
+            if s.offset in fused or not s.nbytes:
+                continue
+            if out and out[-1][1] == s.offset:
+                out[-1] = (out[-1][0], s.offset + s.nbytes)
+            else:
+                out.append((s.offset, s.offset + s.nbytes))
         return out
 
     def routed(self, args, kwargs) -> list:
@@ -71,6 +74,17 @@ def find(model, unit) -> RoutedExperts | None:
             rows.append((slot.offset, slot.nbytes // count))
         return RoutedExperts(prefix[:-1], count, rows, params.index("top_k_index")) if rows else None
     return None
+
+
+def step_bytes(model, unit, top_k: int) -> int:
+    """Bytes a batch-1 decode step reads of ``unit`` when its experts are read as routed (``top_k`` of them):
+    every other weight and ``top_k`` rows of each fused tensor; 0 where the unit has no routed experts."""
+    found = find(model, unit)
+    if found is None:
+        return 0
+    fused = {offset for offset, _ in found.rows}
+    rest = sum(s.nbytes for s in unit.params if s.offset not in fused)
+    return rest + min(top_k, found.count) * sum(row for _, row in found.rows)
 
 
 def _parameters(module) -> tuple:

@@ -122,9 +122,13 @@ class Inspection:
         with quiet_transformers():
             self.meta = build_meta_model(self.config, self.dtype, attn, remote, experts=experts)
         self._check_formats(device_type)
+        from .experts import step_bytes
         from .pieces import split_unit
+        cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        top_k = getattr(cfg, "num_experts_per_tok", None) or 1
         for u in self.units:
             split_unit(self.meta, u)
+            u.routed_nbytes = step_bytes(self.meta, u, top_k)
 
     def _check_formats(self, device_type):
         """Quantize (``quant=``), keeping the units whose pins name the load dtype's format unquantized;

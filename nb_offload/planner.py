@@ -38,6 +38,7 @@ class PlanEntry:
     kind: str = "block"
     aliases: tuple = ()
     fmt: str = ""                   # how its weights are stored: "bf16", "nf4", "int8" ...
+    routed_bytes: int = 0           # streamed MoE block: what a batch-1 decode step reads of it (experts.py)
 
 
 @dataclass
@@ -96,8 +97,9 @@ class Plan:
         return out
 
     def streamed_bytes_per_token(self) -> dict:
-        """Bytes each forward step moves to the compute device, by source tier."""
-        return {t: sum(e.bytes for e in self.entries if e.tier == t) for t in self.streamed_tiers}
+        """Bytes a batch-1 decode step moves to the compute device, by source tier (a MoE block that reads
+        only its routed experts counts what it reads)."""
+        return {t: sum(e.routed_bytes or e.bytes for e in self.entries if e.tier == t) for t in self.streamed_tiers}
 
     def predicted_seconds_per_step(self, link_gbps: float = 25.0, disk_gbps: float = 1.0) -> float:
         """A lower bound on a decode step's time from the bytes it streams (compute not counted)."""
@@ -228,8 +230,11 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
                 f"everything in memory at context {context}; give cpu= at least {format_size(need)}, or a disk= "
                 "folder to stream blocks from.")
         tiers.update((u.index, "disk") for u in stream)
+    # MoE blocks read only their routed experts where the engine does so: streamed from disk on the CPU
     entries = [PlanEntry(name=u.name, bytes=u.nbytes, tier=tiers[u.index], pinned=u.index in pins,
-                         kind=u.kind, aliases=tuple(u.modules), fmt=u.fmt) for u in units]
+                         kind=u.kind, aliases=tuple(u.modules), fmt=u.fmt,
+                         routed_bytes=u.routed_nbytes if device == "cpu" and tiers[u.index] == "disk" else 0)
+               for u in units]
     return Plan(entries=entries, device=device, budgets=dict(budgets), reserved=reserved,
                 host_reserved=host_reserved, context=context, batch=batch, prefetch=prefetch, model=model_name,
                 split_blocks=slots.split)

@@ -27,6 +27,9 @@ ARCHITECTURES = {
     "qwen2_moe": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                       num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                       shared_expert_intermediate_size=64),
+    "qwen3_moe": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=32),
 }
 
 CORPUS = [

@@ -54,6 +54,7 @@ class Unit:
     rest_nbytes: int = 0
     fmt: str = ""             # how its weights are stored: "bf16", "nf4", "int8" ... (see quant.py)
     dequant_bytes: int = 0    # GPU bytes its largest 4-bit Linear dequantizes into at prefill
+    routed_nbytes: int = 0    # a MoE block: what a batch-1 decode step reads of it, routed experts only (experts.py)
 
     @property
     def quantized(self) -> bool:

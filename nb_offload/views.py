@@ -139,7 +139,8 @@ def plan_text(plan) -> str:
     lines.append(f"  reserved on {plan.resident_tier}: {extra}")
     moved = plan.streamed_bytes_per_token()
     lines.append("  streamed per step: " + ", ".join(f"{format_size(v)} from {k}" for k, v in moved.items())
-                 + (" (blocks a submodule at a time)" if plan.split_blocks else ""))
+                 + (" (blocks a submodule at a time)" if plan.split_blocks else "")
+                 + (" (MoE blocks: only the routed experts, at batch 1)" if any(e.routed_bytes for e in plan) else ""))
     return "\n".join(lines)
 
 
