@@ -22,6 +22,12 @@ def test_an_experts_rows_and_the_rest_of_the_block():
     assert found.routed((None,), {"top_k_index": torch.tensor([[2, 2]])}) == [2]
 
 
+def all_on_disk(folder, disk, **options):
+    """The model loaded on the CPU device with every block streamed from disk."""
+    return nb_offload.load(folder, device="cpu", disk=disk, pins={"model.layers.*": "disk"}, progress=False,
+                           **options)
+
+
 def batch_of_four():
     ids = torch.tensor(PROMPT * 4)
     ids[1:, 0] = torch.tensor([9, 11, 13])
@@ -39,8 +45,7 @@ def plain_generate(folder, ids, n=8):
 def test_streamed_moe_blocks_read_only_the_routed_experts(arch, model_dirs, tmp_path):
     folder = model_dirs(arch)
     want_tokens, want_logits = reference(folder)
-    llm = nb_offload.load(folder, device="cpu", disk=tmp_path, pins={"model.layers.*": "disk"}, hold_spare=False,
-                          progress=False)
+    llm = all_on_disk(folder, tmp_path, hold_spare=False)
     try:
         eng = llm._engine
         blocks = [i for i in eng.stream_order() if eng.units[i].kind == "block"]
@@ -65,8 +70,7 @@ def test_streamed_moe_blocks_read_only_the_routed_experts(arch, model_dirs, tmp_
 def test_re_pinned_and_held_moe_blocks_stay_exact(model_dirs, tmp_path):
     folder = model_dirs("qwen2_moe")
     want_tokens, _ = reference(folder)
-    llm = nb_offload.load(folder, device="cpu", disk=tmp_path, pins={"model.layers.*": "disk"}, hold_spare=False,
-                          progress=False)
+    llm = all_on_disk(folder, tmp_path, hold_spare=False)
     try:
         llm.pin("model.layers.0", "cpu")        # resident now: read whole, once
         assert all(llm._engine.units[i].name != "model.layers.0" for i in llm._engine.routed)
@@ -78,8 +82,7 @@ def test_re_pinned_and_held_moe_blocks_stay_exact(model_dirs, tmp_path):
 
 
 def test_dense_blocks_have_no_routed_experts(model_dirs, tmp_path):
-    llm = nb_offload.load(model_dirs("llama"), device="cpu", disk=tmp_path, pins={"model.layers.*": "disk"},
-                          progress=False)
+    llm = all_on_disk(model_dirs("llama"), tmp_path)
     try:
         assert llm._engine.routed == {}
     finally:
@@ -89,8 +92,7 @@ def test_dense_blocks_have_no_routed_experts(model_dirs, tmp_path):
 def test_routed_experts_read_around_the_page_cache(model_dirs, tmp_path):
     folder = model_dirs("mixtral")
     want_tokens, _ = reference(folder)
-    llm = nb_offload.load(folder, device="cpu", disk=tmp_path, pins={"model.layers.*": "disk"}, drop_page_cache=True,
-                          progress=False)
+    llm = all_on_disk(folder, tmp_path, drop_page_cache=True)
     try:
         assert llm.uncached_disk_reads
         assert torch.equal(run_offloaded(llm)[0], want_tokens) and llm.stats.experts_skipped > 0
@@ -106,8 +108,7 @@ def test_every_experts_implementation_reads_only_routed_rows_and_matches_its_ref
     model = AutoModelForCausalLM.from_pretrained(folder, experts_implementation=implementation).eval()
     with torch.inference_mode():
         want, _ = run_offloaded(model)
-    llm = nb_offload.load(folder, device="cpu", disk=tmp_path, pins={"model.layers.*": "disk"},
-                          experts_implementation=implementation, progress=False)
+    llm = all_on_disk(folder, tmp_path, experts_implementation=implementation)
     try:
         assert llm.model.config._experts_implementation == implementation
         assert torch.equal(run_offloaded(llm)[0], want) and llm.stats.experts_skipped > 0
@@ -129,8 +130,7 @@ def test_the_plan_predicts_the_bytes_a_decode_step_reads(arch, model_dirs, tmp_p
     predicted = plan.streamed_bytes_per_token()["disk"]
     assert 0 < predicted < sum(e.bytes for e in plan if e.tier == "disk")
     assert "only the routed experts" in str(plan)
-    llm = nb_offload.load(folder, device="cpu", disk=tmp_path / "l", pins={"model.layers.*": "disk"},
-                          hold_spare=False, progress=False)
+    llm = all_on_disk(folder, tmp_path / "l", hold_spare=False)
     try:
         ids = torch.tensor(PROMPT)
 
