@@ -23,7 +23,6 @@ import functools
 import gc
 import glob
 import importlib
-import json
 import os
 import shutil
 import sys
@@ -31,7 +30,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_offload import build, drop_caches, hook_clock, med, pinned_rate, step_times  # noqa: E402
+from bench_offload import build, drop_caches, hook_clock, med, pinned_rate, row_recorder, step_times  # noqa: E402
 
 
 def main():
@@ -55,12 +54,7 @@ def main():
     out = {"meta": {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
                     "torch": torch.__version__, "transformers": transformers.__version__}, "rows": []}
 
-    def add(**row):
-        out["rows"].append(row)
-        print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(out, fh, indent=1, default=str)
+    add = row_recorder(out, args.json)
 
     if not os.path.isfile(os.path.join(args.folder, "config.json")):
         t0 = time.perf_counter()

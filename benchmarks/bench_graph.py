@@ -24,7 +24,18 @@ import tempfile
 import time
 import traceback
 
-from bench_offload import StepClock, build, med, moved_per_step, pinned_rate, save_random, spread
+from bench_offload import (
+    StepClock,
+    build,
+    interleave,
+    med,
+    moved_per_step,
+    pinned_rate,
+    row_recorder,
+    save_random,
+    spread,
+    switched,
+)
 
 
 def build_moe(folder):
@@ -74,7 +85,7 @@ def main():
     from transformers import AutoModelForCausalLM, StaticCache
 
     import nb_offload
-    from nb_offload.graphs import bucket
+    from nb_offload.graphs import bucket, cache_name
     torch.manual_seed(0)
     ids = torch.randint(3, 31000, (1, 16), device="cuda")
     n, reps = args.tokens, args.repeats
@@ -85,41 +96,24 @@ def main():
     out["meta"]["link_gbps"] = med(links)
     rows = args.rows.split(",")
 
-    def add(**row):
-        out["rows"].append(row)
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(out, fh, indent=1, default=str)
+    add = row_recorder(out, args.json, digits=4)
 
     def static(model):
-        return {"past_key_values": StaticCache(config=model.config, max_cache_len=bucket(ids.shape[1] + n)),
-                "disable_compile": True}
+        cache = StaticCache(config=model.config, max_cache_len=bucket(ids.shape[1] + n))
+        return {cache_name(model): cache, "disable_compile": True}
 
     def timed(variants: dict):
         """Per-step seconds of each variant (warm-up run first, then interleaved rounds) and its last tokens."""
-        times, tokens = {k: [] for k in variants}, {}
-        for fn in variants.values():
-            fn()
-        for _ in range(reps):
-            for k, fn in variants.items():
-                t, toks = fn()
-                times[k] += t
-                tokens[k] = toks.cpu()
+        runs = interleave(variants, reps)
+        times = {k: [x for t, _ in r for x in t] for k, r in runs.items()}
+        tokens = {k: r[-1][1].cpu() for k, r in runs.items()}
         return {k: med(v) for k, v in times.items()}, {k: spread(v) for k, v in times.items()}, tokens
 
     def nb_variants(llm):
-        def graph():
-            llm.cuda_graph = True
+        def run():
             return steps(llm.generate, ids, n)
-
-        def eager():
-            llm.cuda_graph = False
-            try:
-                return steps(llm.generate, ids, n)
-            finally:
-                llm.cuda_graph = True
-        return {"nb_graph": graph, "nb_eager": eager}
+        return {"nb_graph": lambda: switched(llm, "cuda_graph", True, run),
+                "nb_eager": lambda: switched(llm, "cuda_graph", False, run)}
 
     def guard(name, fn):
         if name not in rows:
@@ -195,11 +189,7 @@ def main():
         moved = moved_per_step(llm, ids, 8)["cpu"]
 
         def graph_held():
-            llm.hold_spare = True
-            try:
-                return steps(llm.generate, ids, n)
-            finally:
-                llm.hold_spare = False
+            return switched(llm, "hold_spare", True, lambda: steps(llm.generate, ids, n))
         variants = {**nb_variants(llm), "nb_graph_held": graph_held,
                     "hf_eager_static": lambda: steps(model.generate, ids, n, **static(model))}
         t, sp, tok = timed(variants)

@@ -215,22 +215,37 @@ def read_busy(trace, t0, t1):
     return busy / (t1 - t0)
 
 
-def unheld(llm, fn):
-    """Run ``fn`` with spare-room holding switched off (the plan's streaming as it stands)."""
-    llm.hold_spare = False
+def switched(obj, name, value, fn):
+    """Run ``fn`` with ``obj.name`` set to ``value``, then put back what it was."""
+    before = getattr(obj, name)
+    setattr(obj, name, value)
     try:
         return fn()
     finally:
-        llm.hold_spare = True
+        setattr(obj, name, before)
+
+
+def unheld(llm, fn):
+    """Run ``fn`` with spare-room holding switched off (the plan's streaming as it stands)."""
+    return switched(llm, "hold_spare", False, fn)
 
 
 def untraced(llm, fn):
     """Run ``fn`` with the model's trace switched off (case 7's baseline)."""
-    llm.trace.enabled = False
-    try:
-        return fn()
-    finally:
-        llm.trace.enabled = True
+    return switched(llm.trace, "enabled", False, fn)
+
+
+def row_recorder(out, path, digits=5):
+    """An ``add(**row)`` that appends the row to ``out["rows"]``, prints it as a JSON line (floats to
+    ``digits`` places) and, given ``path``, rewrites the JSON there, so a run cut short keeps its rows."""
+    def add(**row):
+        out["rows"].append(row)
+        print(json.dumps({k: (round(v, digits) if isinstance(v, float) else v) for k, v in row.items()}),
+              flush=True)
+        if path:
+            with open(path, "w") as fh:
+                json.dump(out, fh, indent=1, default=str)
+    return add
 
 
 def interleave(fns: dict, repeats):
@@ -282,6 +297,7 @@ class Bench:
                      "torch": torch.__version__, "transformers": transformers.__version__,
                      "accelerate": accelerate.__version__, "layers": args.layers}
         self.links = []
+        self.add = row_recorder({"meta": self.meta, "links": self.links, "rows": self.rows}, args.json)
 
     def link(self):
         return med(self.links)
@@ -312,13 +328,6 @@ class Bench:
 
     def peak(self, llm):
         return llm._bench_peak
-
-    def add(self, **row):
-        self.rows.append(row)
-        print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-        if self.args.json:
-            with open(self.args.json, "w") as fh:
-                json.dump({"meta": self.meta, "links": self.links, "rows": self.rows}, fh, indent=1, default=str)
 
 
 def run(args):

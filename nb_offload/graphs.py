@@ -71,8 +71,12 @@ def _leaves(obj, path=()):
 def signature(torch, cache, args, kwargs):
     """What a captured step depends on: every tensor's shape, dtype and device, every other value, and the
     cache by identity; None where an input is of a kind a capture can't take."""
+    return _signature(torch, cache, _leaves((args, kwargs)))
+
+
+def _signature(torch, cache, leaves):
     sig = []
-    for path, value in _leaves((args, kwargs)):
+    for path, value in leaves:
         if value is cache:
             sig.append((path, "cache"))
         elif isinstance(value, torch.Tensor):
@@ -183,7 +187,8 @@ class DecodeGraphs:
 
     def step(self, forward, args, kwargs):
         e = self.engine
-        sig = signature(self.torch, self.cache, args, kwargs)
+        leaves = list(_leaves((args, kwargs)))     # walked once: for the signature, then the inputs' copies
+        sig = _signature(self.torch, self.cache, leaves)
         key = (sig, frozenset((idx, buf.data_ptr()) for idx, (_, buf) in e.held.items()))
         if sig is None or key in self.failed:
             e.stats.graph_eager = self.failed.get(key, "an input a capture can't hold")
@@ -202,7 +207,7 @@ class DecodeGraphs:
                 self.graphs.pop(next(iter(self.graphs)))
             self.graphs[key] = captured
         else:
-            for path, value in _leaves((args, kwargs)):
+            for path, value in leaves:
                 static = captured.inputs.get(path)
                 if static is not None:
                     static.copy_(value, non_blocking=True)

@@ -12,7 +12,7 @@ from .budget import format_size, host_memory, parse_size, process_memory
 from .checkpoint import Checkpoint, resolve
 from .errors import BudgetError, CheckpointError, OffloadError, OptionError, PinError
 from .options import Options
-from .planner import DEFAULT_CONTEXT, Plan, make_plan, resolve_pins
+from .planner import DEFAULT_CONTEXT, Plan, make_plan, resolve_pins, text_config
 from .units import build_meta_model, find_units, map_checkpoint, quiet_transformers, resolve_dtype
 
 GPU_HEADROOM = 0.05     # share of the card left free when gpu=None
@@ -124,7 +124,7 @@ class Inspection:
         self._check_formats(device_type)
         from .experts import step_bytes
         from .pieces import split_unit
-        cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        cfg = text_config(self.config)
         top_k = getattr(cfg, "num_experts_per_tok", None) or 1
         for u in self.units:
             split_unit(self.meta, u)
@@ -178,7 +178,7 @@ class Inspection:
             quant.quiet_int8_casts()
 
     def default_context(self):
-        cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        cfg = text_config(self.config)
         limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         return min(DEFAULT_CONTEXT, limit) if limit else DEFAULT_CONTEXT
 

@@ -157,7 +157,6 @@ class CudaMover:
             join.record(self.copy_stream)
             capture.wait_event(join)
         finally:
-            self.in_capture = False
             self.reset_events()
 
     def present(self, jobs):
@@ -191,15 +190,11 @@ class CudaMover:
 
     def before_graph(self):
         """A replay's copies wait for any eager copy still in flight into the slots."""
-        ev = self.torch.cuda.Event()
-        ev.record(self.copy_stream)
-        self.compute_stream.wait_event(ev)
+        self.compute_stream.wait_stream(self.copy_stream)
 
     def after_graph(self):
         """Eager copies after a replay wait for it to be done with the slots."""
-        ev = self.torch.cuda.Event()
-        ev.record(self.compute_stream)
-        self.copy_stream.wait_event(ev)
+        self.copy_stream.wait_stream(self.compute_stream)
 
     # -- the trace's clock: events on the compute stream, resolved after the step ---------------------
     def _stamp(self, stream):

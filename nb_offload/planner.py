@@ -136,9 +136,14 @@ class Plan:
         return plan_html(self)
 
 
+def text_config(config):
+    """The config of a model's language part (a multimodal config nests it), or the config itself."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def footprint(config, dtype_size: int, context: int, batch: int, device: str) -> dict:
     """Bytes a generate needs on the compute device besides weights, at this context and batch."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cfg = text_config(config)
     layers = getattr(cfg, "num_hidden_layers", 1)
     heads = getattr(cfg, "num_attention_heads", 1)
     hidden = getattr(cfg, "hidden_size", 0)
@@ -165,7 +170,7 @@ def graph_pool(config, dtype_size: int, context: int, batch: int) -> int:
     a sequence, attention scores over the whole static cache, the logits, twice over for the allocator's
     rounding, and three of its 2 MiB segments. Reserved apart from ``activations``: the pool stays while
     the next prefill runs."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cfg = text_config(config)
     scores = batch * getattr(cfg, "num_attention_heads", 1) * context * 4
     live = footprint(config, dtype_size, 1, batch, "cuda")["activations"] + 2 * scores
     # tensors of 1 MiB or more come from 20 MiB segments of their own (PyTorch's caching allocator)

@@ -14,6 +14,7 @@ Units the user pinned are never held: a pin says where a unit's bytes come from.
 
 from __future__ import annotations
 
+from .graphs import given_cache
 from .planner import footprint
 
 
@@ -28,8 +29,7 @@ def generate_extent(model, args, kwargs):
     Unknown when the cache is passed in (it may already hold any length), or when the call
     uses an assistant model or prompt lookup (they run extra forward passes of their own).
     """
-    if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None \
-            or kwargs.get("assistant_model") is not None \
+    if given_cache(kwargs) is not None or kwargs.get("assistant_model") is not None \
             or kwargs.get("prompt_lookup_num_tokens"):
         return None
     ids = kwargs.get("input_ids", args[0] if args else None)

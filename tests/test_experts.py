@@ -45,8 +45,7 @@ def plain_generate(folder, ids, n=8):
 def test_streamed_moe_blocks_read_only_the_routed_experts(arch, model_dirs, tmp_path):
     folder = model_dirs(arch)
     want_tokens, want_logits = reference(folder)
-    llm = all_on_disk(folder, tmp_path, hold_spare=False)
-    try:
+    with all_on_disk(folder, tmp_path, hold_spare=False) as llm:
         eng = llm._engine
         blocks = [i for i in eng.stream_order() if eng.units[i].kind == "block"]
         assert set(eng.routed) == set(blocks) and blocks
@@ -63,41 +62,30 @@ def test_streamed_moe_blocks_read_only_the_routed_experts(arch, model_dirs, tmp_
         ids = batch_of_four()                   # a batch reads the union of its tokens' experts
         assert torch.equal(llm.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False),
                            plain_generate(folder, ids))
-    finally:
-        llm.unload()
 
 
 def test_re_pinned_and_held_moe_blocks_stay_exact(model_dirs, tmp_path):
     folder = model_dirs("qwen2_moe")
     want_tokens, _ = reference(folder)
-    llm = all_on_disk(folder, tmp_path, hold_spare=False)
-    try:
+    with all_on_disk(folder, tmp_path, hold_spare=False) as llm:
         llm.pin("model.layers.0", "cpu")        # resident now: read whole, once
         assert all(llm._engine.units[i].name != "model.layers.0" for i in llm._engine.routed)
         assert torch.equal(run_offloaded(llm)[0], want_tokens)
         llm.hold_spare = True                   # held blocks run whole from buffers of their own
         assert torch.equal(run_offloaded(llm)[0], want_tokens)
-    finally:
-        llm.unload()
 
 
 def test_dense_blocks_have_no_routed_experts(model_dirs, tmp_path):
-    llm = all_on_disk(model_dirs("llama"), tmp_path)
-    try:
+    with all_on_disk(model_dirs("llama"), tmp_path) as llm:
         assert llm._engine.routed == {}
-    finally:
-        llm.unload()
 
 
 def test_routed_experts_read_around_the_page_cache(model_dirs, tmp_path):
     folder = model_dirs("mixtral")
     want_tokens, _ = reference(folder)
-    llm = all_on_disk(folder, tmp_path, drop_page_cache=True)
-    try:
+    with all_on_disk(folder, tmp_path, drop_page_cache=True) as llm:
         assert llm.uncached_disk_reads
         assert torch.equal(run_offloaded(llm)[0], want_tokens) and llm.stats.experts_skipped > 0
-    finally:
-        llm.unload()
 
 
 @pytest.mark.parametrize("implementation", ["eager", "batched_mm", "grouped_mm"])
@@ -108,12 +96,9 @@ def test_every_experts_implementation_reads_only_routed_rows_and_matches_its_ref
     model = AutoModelForCausalLM.from_pretrained(folder, experts_implementation=implementation).eval()
     with torch.inference_mode():
         want, _ = run_offloaded(model)
-    llm = all_on_disk(folder, tmp_path, experts_implementation=implementation)
-    try:
+    with all_on_disk(folder, tmp_path, experts_implementation=implementation) as llm:
         assert llm.model.config._experts_implementation == implementation
         assert torch.equal(run_offloaded(llm)[0], want) and llm.stats.experts_skipped > 0
-    finally:
-        llm.unload()
 
 
 def test_an_unknown_experts_implementation_is_refused(model_dirs):
@@ -130,8 +115,7 @@ def test_the_plan_predicts_the_bytes_a_decode_step_reads(arch, model_dirs, tmp_p
     predicted = plan.streamed_bytes_per_token()["disk"]
     assert 0 < predicted < sum(e.bytes for e in plan if e.tier == "disk")
     assert "only the routed experts" in str(plan)
-    llm = all_on_disk(folder, tmp_path / "l", hold_spare=False)
-    try:
+    with all_on_disk(folder, tmp_path / "l", hold_spare=False) as llm:
         ids = torch.tensor(PROMPT)
 
         def read(n):
@@ -140,5 +124,3 @@ def test_the_plan_predicts_the_bytes_a_decode_step_reads(arch, model_dirs, tmp_p
             return llm.stats.bytes_from_disk - before
         read(2)             # the first pass after a load learns the run order (a surprise re-reads)
         assert (read(10) - read(2)) / 8 == predicted
-    finally:
-        llm.unload()

@@ -9,7 +9,7 @@ import torch
 from helpers import PROMPT, blocks, staging_bytes
 
 import nb_offload
-from nb_offload.graphs import bucket
+from nb_offload.graphs import bucket, cache_name
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -26,7 +26,7 @@ def plain_generate(model, ids, n=N, static=True, **kw):
     """transformers' generate; ``static``: with a static cache of the length nb_offload gives this generate."""
     from transformers import StaticCache
     if static:
-        kw.update(past_key_values=StaticCache(config=model.config, max_cache_len=bucket(ids.shape[1] + n)),
+        kw.update({cache_name(model): StaticCache(config=model.config, max_cache_len=bucket(ids.shape[1] + n))},
                   disable_compile=True)
     kw.setdefault("do_sample", False)
     with torch.inference_mode():
