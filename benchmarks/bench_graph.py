@@ -35,13 +35,15 @@ from bench_offload import (
     save_random,
     spread,
     switched,
+    untraced,
 )
 
 
 def build_moe(folder):
-    """A Mixtral shape (hidden 4096, 16 layers, 8 experts of 5632, top 2) with random bf16 weights."""
+    """The Mixtral shape of the shared llama.cpp anchor (make_gguf_moe.py: hidden 2048, 16 layers, 16 heads,
+    8 KV heads, 8 experts of 5632, top 2; 4.8 B parameters) with random bf16 weights."""
     from transformers import MixtralConfig, MixtralForCausalLM
-    cfg = MixtralConfig(hidden_size=4096, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+    cfg = MixtralConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
                         num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
                         max_position_embeddings=4096, dtype="bfloat16")
     save_random(MixtralForCausalLM, cfg, folder)
@@ -50,7 +52,10 @@ def build_moe(folder):
 def replay_seconds(llm, k=50):
     """GPU seconds of one replay of the model's captured decode step, replayed back to back."""
     import torch
-    captured = next(iter(llm._engine.graphs.graphs.values()))
+    captured = next(iter(llm._engine.graphs.graphs.values()), None)
+    if captured is None:
+        print(f"no captured step to replay: {llm.stats.graph_eager}", flush=True)
+        return float("nan")
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     captured.graph.replay()
     start.record()
@@ -59,6 +64,36 @@ def replay_seconds(llm, k=50):
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / 1e3 / k
+
+
+def host_profile(generate, ids, n):
+    """Where the host's time goes in a generate (cProfile, the 25 costliest functions by own time)."""
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    steps(generate, ids, n)
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+def kernel_times(llm, ids, n=8):
+    """The GPU kernels of ``n`` eager decode steps (the kernels a replay runs), by total time per step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        switched(llm, "cuda_graph", False,
+                 lambda: llm.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False))
+    torch.cuda.synchronize()
+    rows = sorted(((e.key, e.device_time_total, e.count) for e in prof.key_averages()
+                   if e.device_time_total > 0), key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    launches = sum(r[2] for r in rows)
+    print(f"kernels of a prefill and {n} eager decode steps: {total / 1e3:.1f} ms in {launches} launches")
+    for key, us, count in rows[:18]:
+        print(f"  {us / 1e3:8.2f} ms {count:6d}x  {key[:90]}")
+    return {"total_ms": total / 1e3, "launches": launches,
+            "top": [(k[:90], us / 1e3, c) for k, us, c in rows[:18]]}
 
 
 def steps(generate, ids, n, **kw):
@@ -78,6 +113,7 @@ def main():
     ap.add_argument("--experts", default=None, help="the Mixtral row's experts implementation, in both models "
                     "(default: transformers' own choice)")
     ap.add_argument("--profile", action="store_true", help="print where the host's time goes in a captured generate")
+    ap.add_argument("--kernels", action="store_true", help="print the GPU kernels of eager decode steps by total time")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
@@ -147,7 +183,8 @@ def main():
         llm = nb_offload.load(args.folder, gpu="60GiB", cpu="100GiB", progress=False)
         variants = {"hf_eager": lambda: steps(model.generate, ids, n),
                     "hf_eager_static": lambda: steps(model.generate, ids, n, **static(model)),
-                    **nb_variants(llm)}
+                    **nb_variants(llm),
+                    "nb_graph_untraced": lambda: untraced(llm, lambda: steps(llm.generate, ids, n))}
         if args.compile:
             from transformers import CompileConfig
             cc = CompileConfig(mode="reduce-overhead", fullgraph=True)
@@ -160,15 +197,11 @@ def main():
         resident_step.update(t)
         replay = replay_seconds(llm)
         if args.profile:
-            import cProfile
-            import pstats
-            prof = cProfile.Profile()
-            prof.enable()
-            steps(llm.generate, ids, n)
-            prof.disable()
-            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+            host_profile(llm.generate, ids, n)
+        kernels = kernel_times(llm, ids) if args.kernels else None
         add(row="resident", **{f"{k}_tok_s": 1 / v for k, v in t.items()}, spread=sp,
             replay_ms=1e3 * replay, host_ms_per_step=1e3 * (t["nb_graph"] - replay),
+            untraced_host_ms_per_step=1e3 * (t["nb_graph_untraced"] - replay), kernels=kernels,
             graph_over_hf_eager=t["hf_eager"] / t["nb_graph"],
             nb_graph_equals_hf_static=bool(torch.equal(tok["nb_graph"], tok["hf_eager_static"])),
             nb_eager_equals_hf_eager=bool(torch.equal(tok["nb_eager"], tok["hf_eager"])),
@@ -245,12 +278,19 @@ def main():
         t, sp, tok = timed({"hf_eager": lambda: steps(model.generate, ids, n),
                             "hf_eager_static": lambda: steps(model.generate, ids, n, **static(model)),
                             **nb_variants(llm)})
+        steps(llm.generate, ids, n)     # the eager variant, run last, dropped the captured steps
+        replay = replay_seconds(llm)
+        if args.profile:
+            host_profile(llm.generate, ids, n)
+        kernels = kernel_times(llm, ids) if args.kernels else None
         add(row="moe", experts_implementation=model.config._experts_implementation,
+            replay_ms=1e3 * replay, host_ms_per_step=1e3 * (t["nb_graph"] - replay), kernels=kernels,
             nb_experts_implementation=llm.model.config._experts_implementation,
             hf_eager_tok_s=1 / t["hf_eager"], nb_graph_tok_s=1 / t["nb_graph"], nb_eager_tok_s=1 / t["nb_eager"],
             spread=sp, graph_over_hf_eager=t["hf_eager"] / t["nb_graph"],
             nb_graph_equals_hf_static=bool(torch.equal(tok["nb_graph"], tok["hf_eager_static"])),
-            graph_eager=llm.stats.graph_eager)
+            graph_eager=llm.stats.graph_eager, graph_captures=llm.stats.graph_captures,
+            graph_replays=llm.stats.graph_replays)
         llm.unload()
 
     guard("resident", row_resident)
