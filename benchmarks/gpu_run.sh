@@ -25,6 +25,9 @@ for step in "${@:-tests}"; do
         graph)
             timeout "${GRAPH_TIMEOUT:-540}" python3 benchmarks/bench_graph.py --json "$OUT/graph${BENCH_TAG:-}.json" \
                 ${GRAPH_ARGS:-} 2>&1 | grep -v "Loading weights\|Writing model\|will be cast" | tee "$OUT/graph.log" | tail -20 ;;
+        moe)
+            timeout "${MOE_TIMEOUT:-540}" python3 benchmarks/bench_moe.py --json "$OUT/moe${BENCH_TAG:-}.json" \
+                ${MOE_ARGS:-} 2>&1 | grep -v "Loading weights\|Writing model\|will be cast" | tee "$OUT/moe.log" | tail -20 ;;
         dashboard)
             timeout 300 python3 benchmarks/bench_dashboard.py --json "$OUT/dashboard.json" 2>&1 | tail -3 ;;
         bench|bench=*)

@@ -23,6 +23,7 @@ from . import experts
 from .graphs import DecodeGraphs
 from .hooks import ModuleHooks, bind, bind_views, to_device
 from .movers import CpuMover, CudaMover
+from .planner import text_config
 from .reader import DiskReader
 from .schedule import Schedule, Work
 from .tiers import Source, param_views
@@ -31,7 +32,8 @@ from .tiers import Source, param_views
 class Engine:
     def __init__(self, model, units, params, sources: dict, device, trace, stats, *,
                  prefetch: int = 1, read_ahead: int = 2, read_threads: int = 8,
-                 drop_page_cache: bool = False, split: bool = False, cuda_graph: bool = True):
+                 drop_page_cache: bool = False, split: bool = False, cuda_graph: bool = True,
+                 expert_cache: int = 0, pinned_experts: dict | None = None):
         import torch
         self.torch = torch
         self.model = model
@@ -69,19 +71,50 @@ class Engine:
             self.mover = CpuMover(torch, slot_bytes, slots, reader=self.reader, trace=trace, stats=stats)
         for u in streamed:      # shapes, dtypes and device are right from the start
             bind_views(self.params[u.index], self._slot_views(u.index, 0))
-        self.graphs = DecodeGraphs(self, enabled=cuda_graph)
-        # MoE blocks streamed from disk on the CPU: read without their expert rows, the routed ones
-        # read once the router has picked them (experts.py)
+        # Streamed MoE blocks come without their expert rows, and the routed ones once the router has
+        # picked them (experts.py): read from disk on the CPU, copied from page-locked memory on CUDA.
         self.routed, self._without_experts = {}, {}
-        for u in streamed if not self.cuda else ():
-            found = experts.find(model, u)
+        self.routing = True         # this step brings MoE blocks as routed (set per step from its tokens)
+        self.last_routed = {}       # model unit name -> the experts its last call brought as routed
+        top_k = getattr(text_config(model.config), "num_experts_per_tok", None) or 1
+        for u in streamed:
+            found = experts.find(model, u, top_k)
             src = self.sources[u.index]
-            if found is not None and src.tier == "disk":
-                self.routed[u.index] = found
-                rest = experts.placed(src.extents, found.rest(u.params))
+            if found is None or not found.worth_it(self.cuda) or src.tier != ("cpu" if self.cuda else "disk") \
+                    or (self.cuda and src.flat is None):
+                continue
+            self.routed[u.index] = found
+            rest = found.rest(u.params)
+            if self.cuda:
+                self._without_experts[u.index] = (rest, sum(b - a for a, b in rest))
+            else:
+                rest = experts.placed(src.extents, rest)
                 self._without_experts[u.index] = (Source(src.tier, extents=rest), sum(e[2] for e in rest))
+        self.graphs = DecodeGraphs(self, enabled=cuda_graph)
+        # copies of often routed experts in the room the plan reserved for them
+        row = max((sum(r for _, r in f.rows) for f in self.routed.values()), default=0)
+        self.expert_cache = experts.ExpertCache(torch, device, row, expert_cache // row) \
+            if row and expert_cache >= row else None
+        if self.expert_cache is not None and pinned_experts:
+            self._pin_experts(pinned_experts)
 
     # -- set-up ---------------------------------------------------------------------------------
+    def _pin_experts(self, pinned):
+        """Fill the expert cache with the pinned experts (``pinned``: model unit index -> experts), kept
+        for good; experts of blocks that don't stream as routed are on the device, or come whole, anyway."""
+        cache = self.expert_cache
+        for idx, found in self.routed.items():
+            for e in sorted(pinned.get(self.model_unit(idx), ())):
+                if not cache.free:      # the plan reserved room for them all; nothing more to keep
+                    return
+                key = (idx, e)
+                entry = cache.pin(key)
+                try:
+                    cache.fill(found, e, self.sources[idx], entry)
+                except BaseException:
+                    cache.forget(key)
+                    raise
+
     def _split_into_pieces(self) -> int:
         """Streamed units that have pieces (pieces.py) stream a piece at a time; returns the most
         pieces of a disk block (reads ahead count in pieces, a staging buffer each, as planned).
@@ -156,13 +189,14 @@ class Engine:
             if u.index in self.sources or full:     # resident and not traced one by one: no hook, no cost
                 self.hooks.install(u, self._enter, self._exit)
         for idx, found in self.routed.items():
-            self.hooks.before_call(found.module, lambda args, kwargs, idx=idx: self._read_routed(idx, args, kwargs))
+            self.hooks.before_call(found.module, lambda args, kwargs, idx=idx: self._bring_routed(idx, args, kwargs))
 
     def remove(self):
         self.graphs.drop()
         self.hooks.remove()
         self.release_held()
         self.drain()
+        self.expert_cache = None
         self.reader.close()
         self.mover.slots, self._views, self.rest = [], {}, {}
 
@@ -178,6 +212,9 @@ class Engine:
     def step(self, forward, args, kwargs):
         """Run the model's own ``forward`` once, streaming as planned (inputs may be on the CPU); a decode
         step of a generate given a static cache is captured and replayed (graphs.py)."""
+        if self.routed:
+            found = next(iter(self.routed.values()))
+            self.routing = found.worth_routing(_tokens(args, kwargs))
         if self.graphs.takes(args, kwargs):
             return self.graphs.step(forward, to_device(args, self.device), to_device(kwargs, self.device))
         return self.eager_step(forward, args, kwargs)
@@ -296,21 +333,69 @@ class Engine:
             unit = self.units[read.unit]
             read.io = self.reader.read_staged(unit.name, unit.nbytes, self.sources[read.unit].extents, read.staging)
         for job in work.jobs:
-            source, nbytes = self._without_experts.get(job.unit, (self.sources[job.unit], None))
+            source, nbytes = self.sources[job.unit], None
+            if self.routing and job.unit in self._without_experts:     # its routed experts come later
+                part, nbytes = self._without_experts[job.unit]
+                if self.cuda:
+                    job.ranges = part
+                else:
+                    source, job.ranges = part, []
             self.mover.start(job, self.units[job.unit], source, nbytes)
         if work.jobs:
             self.mover.pump(([first] if first is not None else []) + list(self.schedule.queue))
 
-    def _read_routed(self, idx, args, kwargs):
-        """Before a streamed MoE block's experts compute: read the rows of the experts routed to into its slot."""
+    def _bring_routed(self, idx, args, kwargs):
+        """Before a streamed MoE block's experts compute: bring the rows of the experts routed to into its
+        slot, where the block came without them: from the expert cache where it holds them, else over the
+        link from host memory (CUDA) or from disk (the CPU device), then kept in the cache if it takes them."""
         job = self.schedule.active.get(idx)
-        if job is None or idx not in self.sources:      # held (whole in a buffer of its own), or not streaming
+        if job is None or idx not in self.sources or job.ranges is None:   # held, not streaming, or whole
             return
-        found = self.routed[idx]
-        chosen = found.routed(args, kwargs)
-        extents = experts.placed(self.sources[idx].extents, found.ranges(chosen))
+        found, slot, cache = self.routed[idx], self.mover.slots[job.slot], self.expert_cache
         t0 = time.perf_counter()
-        chunks = self.reader.read_urgent(extents, self.mover.slots[job.slot])
+        chosen = found.routed(args, kwargs)         # on CUDA the host waits here for the router's choice
+        if self.cuda:
+            self.stats.route_wait_seconds += time.perf_counter() - t0
+        cached = {e: cache.lookup((idx, e)) for e in chosen} if cache is not None else {}
+        missed = [e for e in chosen if cached.get(e) is None]
+        hits = len(chosen) - len(missed)
+        name = f"{found.module} ({len(chosen)} of {found.count} experts" + (f", {hits} cached)" if hits else ")")
+        if missed and self.cuda:
+            self.stats.bytes_from_cpu += self.mover.copy_now(name, found.ranges(missed), self.sources[idx].flat, slot)
+        elif missed:
+            self._read_rows(name, found.ranges(missed), self.sources[idx].extents, slot, t0)
+        if cache is not None:
+            for e, entry in cached.items():
+                if entry is not None:
+                    cache.load(found, e, slot, entry)
+            for e in missed:
+                try:
+                    entry = cache.place((idx, e))
+                    if entry is not None:
+                        cache.store(found, e, slot, entry)
+                except BaseException:       # an interrupt: an entry half written must not be found later
+                    cache.forget((idx, e))
+                    raise
+        self.stats.expert_hits += hits
+        self.stats.experts_read += len(chosen)
+        self.stats.experts_skipped += found.count - len(chosen)
+        self.last_routed[self.units[self.model_unit(idx)].name] = chosen
+
+    def expert_state(self) -> dict:
+        """Per MoE block brought as routed: the experts its last call brought, and those the expert cache
+        holds (the layer map shows them)."""
+        cached = {}
+        if self.expert_cache is not None:
+            for idx, e in self.expert_cache.where:
+                cached.setdefault(self.units[self.model_unit(idx)].name, []).append(e)
+        names = dict.fromkeys(self.units[self.model_unit(i)].name for i in sorted(self.routed))
+        return {n: {"routed": list(self.last_routed.get(n, [])), "cached": sorted(cached.get(n, []))}
+                for n in names}
+
+    def _read_rows(self, name, ranges, source_extents, slot, t0):
+        """Read byte ``ranges`` of a disk unit into the same ranges of ``slot``, now (the compute waits)."""
+        extents = experts.placed(source_extents, ranges)
+        chunks = self.reader.read_urgent(extents, slot)
         try:
             for chunk in chunks:
                 chunk.result()
@@ -321,10 +406,7 @@ class Engine:
             raise
         nbytes = sum(e[2] for e in extents)
         self.stats.bytes_from_disk += nbytes
-        self.stats.experts_read += len(chosen)
-        self.stats.experts_skipped += found.count - len(chosen)
-        self.trace.host_event("read", f"{found.module} ({len(chosen)} of {found.count} experts)", t0,
-                              time.perf_counter(), nbytes)
+        self.trace.host_event("read", name, t0, time.perf_counter(), nbytes)
 
     def _span_end(self, idx):
         start = self._open.pop(idx, None)
@@ -414,3 +496,12 @@ class Engine:
         self.held.clear()
         self.schedule.unhold()
         self.graphs.forget_held()
+
+
+def _tokens(args, kwargs) -> int:
+    """The tokens a forward pass computes (batch x length of its ids or embeddings; 1 where it can't tell)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    shape = getattr(ids, "shape", ())
+    return int(shape[0] * shape[1]) if len(shape) >= 2 else 1

@@ -16,7 +16,8 @@ into the same slots in the same order. So it is captured once and replayed:
 - Copies stay overlapped with compute inside the graph, as the events order them eagerly.
 
 Eager as before: prefill; the CPU device; plans that stream from disk (reads are CPU work between
-the copies, and the drive, not the launches, bounds those steps); int8 units (bitsandbytes splits
+the copies, and the drive, not the launches, bounds those steps); plans that stream MoE blocks (their
+routed experts are copied once the host has read the router's choice, experts.py); int8 units (bitsandbytes splits
 outlier columns with a host synchronisation); beam search (it reorders the cache into new tensors);
 sliding-window caches (their lengths are host integers); models transformers doesn't compile with a
 static cache; a step whose capture fails (``Stats.graph_eager`` says why).
@@ -123,6 +124,9 @@ class DecodeGraphs:
             return False, "the CPU device runs eager"
         if any(s.tier == "disk" for s in e.sources.values()):
             return False, "units stream from disk (the reads are CPU work between copies; the drive bounds the step)"
+        if e.routed:
+            return False, ("streamed MoE blocks bring only their routed experts, copied once the host has read "
+                           "the router's choice")
         if any(getattr(u, "fmt", "") == "int8" for u in e.units[:e.n_model]):
             return False, "int8 units (bitsandbytes splits outlier columns with a host synchronisation)"
         return True, ""

@@ -12,7 +12,7 @@ from .budget import format_size, host_memory, parse_size, process_memory
 from .checkpoint import Checkpoint, resolve
 from .errors import BudgetError, CheckpointError, OffloadError, OptionError, PinError
 from .options import Options
-from .planner import DEFAULT_CONTEXT, Plan, make_plan, resolve_pins, text_config
+from .planner import DEFAULT_CONTEXT, Plan, make_plan, resolve_expert_pins, resolve_pins, text_config
 from .units import build_meta_model, find_units, map_checkpoint, quiet_transformers, resolve_dtype
 
 GPU_HEADROOM = 0.05     # share of the card left free when gpu=None
@@ -122,13 +122,13 @@ class Inspection:
         with quiet_transformers():
             self.meta = build_meta_model(self.config, self.dtype, attn, remote, experts=experts)
         self._check_formats(device_type)
-        from .experts import step_bytes
+        from .experts import describe
         from .pieces import split_unit
         cfg = text_config(self.config)
         top_k = getattr(cfg, "num_experts_per_tok", None) or 1
         for u in self.units:
             split_unit(self.meta, u)
-            u.routed_nbytes = step_bytes(self.meta, u, top_k)
+            describe(self.meta, u, top_k, cuda=device_type == "cuda")
 
     def _check_formats(self, device_type):
         """Quantize (``quant=``), keeping the units whose pins name the load dtype's format unquantized;
@@ -187,14 +187,24 @@ class Inspection:
         """Bytes per element of the weights (and of the KV cache) in the load dtype."""
         return self.dtype.itemsize if hasattr(self.dtype, "itemsize") else 2
 
-    def make_plan(self, device_type, budgets, pins) -> Plan:
-        """The plan for these options on ``device_type`` under ``budgets``, with ``pins`` (unit index -> tier)."""
+    def make_plan(self, device_type, budgets, pins, expert_pins=None) -> Plan:
+        """The plan for these options on ``device_type`` under ``budgets``, with ``pins`` (unit index -> tier)
+        and ``expert_pins`` (unit index -> experts kept in the expert cache)."""
         o = self.options
         return make_plan(self.units, device=device_type, budgets=budgets, pins=pins, config=self.config,
                          dtype_size=self.dtype_size, context=o.context or self.default_context(), batch=o.batch,
                          prefetch=prefetch_for(o, device_type), model_name=self.name, read_ahead=o.read_ahead,
                          policy=o.policy, split_blocks=o.split_blocks, library_code=self.library_code,
-                         decode_graph=o.cuda_graph)
+                         decode_graph=o.cuda_graph, expert_cache=self._expert_cache(device_type, budgets),
+                         expert_pins=expert_pins)
+
+    def _expert_cache(self, device_type, budgets):
+        """The ``expert_cache`` option in bytes (a share is of the compute device's budget), or "auto"."""
+        asked = self.options.expert_cache
+        if asked in ("auto", 0):
+            return asked
+        tier = "gpu" if device_type == "cuda" else "cpu"
+        return parse_size(asked, capacity=budgets.get(tier), what="expert_cache")
 
 
 def _device_of(device_type):
@@ -253,7 +263,8 @@ def plan(model, **options) -> Plan:
         dev_type = "cuda" if torch.cuda.is_available() else "cpu"
     budgets = _budgets(dev_type, opts.gpu, opts.cpu, opts.disk, planning=True)     # before any file is read
     insp = Inspection(model, opts, dev_type)
-    return insp.make_plan(dev_type, budgets, resolve_pins(opts.pins, insp.units))
+    expert_pins = resolve_expert_pins(opts.pins, insp.units, "gpu" if dev_type == "cuda" else "cpu")
+    return insp.make_plan(dev_type, budgets, resolve_pins(opts.pins, insp.units), expert_pins)
 
 
 def load(model, **options):
@@ -275,14 +286,15 @@ def load(model, **options):
     else:
         budgets = _budgets("cpu", opts.gpu, opts.cpu, opts.disk)
     pin_map = resolve_pins(opts.pins, insp.units)
-    the_plan = insp.make_plan(dev.type, budgets, pin_map)
+    expert_pins = resolve_expert_pins(opts.pins, insp.units, "gpu" if dev.type == "cuda" else "cpu")
+    the_plan = insp.make_plan(dev.type, budgets, pin_map, expert_pins)
     from .model import OffloadedModel
     from .storage import Storage
     storage = Storage(insp, dev, opts.disk, read_threads=opts.read_threads, host_budget=budgets["cpu"])
     try:
         storage.materialize(the_plan, progress=opts.progress)
         handle = OffloadedModel._assemble(insp, storage, the_plan, pin_map, dev, budgets=budgets,
-                                          host_before=host_before)
+                                          host_before=host_before, expert_pins=expert_pins)
     except BaseException as exc:
         storage.abort()
         if isinstance(exc, (OffloadError, KeyboardInterrupt)):

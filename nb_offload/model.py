@@ -13,7 +13,7 @@ from .budget import format_size, host_memory, trim_heap
 from .errors import OffloadError, PinError
 from .gate import RunGate
 from .patterns import match_units
-from .planner import split_pin
+from .planner import is_expert_pattern, resolve_expert_pins, split_pin
 from .trace import Stats, Trace
 
 
@@ -27,12 +27,13 @@ class OffloadedModel:
         raise TypeError("use nb_offload.load(...) to make an OffloadedModel")
 
     @classmethod
-    def _assemble(cls, insp, storage, plan, pin_map, device, *, budgets, host_before=None):
+    def _assemble(cls, insp, storage, plan, pin_map, device, *, budgets, host_before=None, expert_pins=None):
         import torch
         self = object.__new__(cls)
         self._insp, self._storage, self._device = insp, storage, device
         self.options = insp.options               # as given to load(), checked
         self._pins = dict(pin_map)
+        self._expert_pins = dict(expert_pins or {})     # unit index -> experts kept in the expert cache
         self._budgets = budgets
         self.hold_spare = self.options.hold_spare  # may be switched off and on between generates
         self.cuda_graph = self.options.cuda_graph  # so may this (graphs.py)
@@ -141,7 +142,9 @@ class OffloadedModel:
         self._engine = Engine(self.model, self._insp.units, self._params, sources, self._device, self.trace,
                               self.stats, prefetch=self.plan.prefetch, read_ahead=o.read_ahead,
                               read_threads=o.read_threads, drop_page_cache=self.uncached_disk_reads,
-                              split=self.plan.split_blocks, cuda_graph=o.cuda_graph)
+                              split=self.plan.split_blocks, cuda_graph=o.cuda_graph,
+                              expert_cache=self.plan.reserved.get("expert_cache", 0),
+                              pinned_experts=self._expert_pins)
         self._engine.install()
 
     def _skip_page_cache(self, sources) -> bool:
@@ -172,6 +175,11 @@ class OffloadedModel:
     def loaded(self) -> bool:
         """False once ``unload`` has run (then calling the model is an OffloadError)."""
         return self._engine is not None
+
+    def expert_state(self) -> dict:
+        """MoE blocks whose routed experts come apart (experts.py), by name: the experts their last call
+        brought (``"routed"``) and those the GPU expert cache holds (``"cached"``); empty for other models."""
+        return self._engine.expert_state() if self._engine is not None else {}
 
     @property
     def device(self):
@@ -284,7 +292,16 @@ class OffloadedModel:
         """Keep the units matching ``pattern`` on ``tier``; the others are re-planned around them.
 
         ``tier`` may name the units' format too ("gpu:nf4"); formats are chosen at load (``pins=``).
+        A pattern naming single routed experts of MoE blocks (``model.layers.3.mlp.experts.5``, ranges
+        and globs too) keeps them in the expert cache on the compute device: ``tier`` is then its tier.
         Waits for a generate or forward pass running in another thread to end first."""
+        if is_expert_pattern(pattern):
+            with self._gate.exclusive("re-pin"):
+                self._check_loaded()
+                named = resolve_expert_pins({pattern: tier}, self._insp.units, self.plan.resident_tier)
+                pinned = {i: self._expert_pins.get(i, frozenset()) | named.get(i, frozenset())
+                          for i in set(self._expert_pins) | set(named)}
+                return self._replan(self._pins, pinned)
         tier, fmt = split_pin(tier)
         if tier is None:
             raise PinError(f"pin {fmt!r} names a format, not a tier; re-pinning moves units between tiers "
@@ -305,6 +322,14 @@ class OffloadedModel:
         """Let the planner place the units matching ``pattern`` again (waits like ``pin``)."""
         with self._gate.exclusive("unpin"):
             self._check_loaded()
+            if is_expert_pattern(pattern):
+                named = resolve_expert_pins({pattern: self.plan.resident_tier}, self._insp.units,
+                                            self.plan.resident_tier)
+                if not any(self._expert_pins.get(i, frozenset()) & e for i, e in named.items()):
+                    raise PinError(f"pattern {pattern!r} matches no pinned expert; pinned now: "
+                                   f"{self.pinned_experts() or 'none'}.")
+                pinned = {i: left for i, e in self._expert_pins.items() if (left := e - named.get(i, frozenset()))}
+                return self._replan(self._pins, pinned)
             units = match_units(pattern, self._insp.units)
             pinned = [u for u in units if u.index in self._pins]
             if not pinned:
@@ -313,15 +338,21 @@ class OffloadedModel:
             pins = {i: t for i, t in self._pins.items() if i not in {u.index for u in pinned}}
             return self._replan(pins)
 
-    def _replan(self, pins):
-        new_plan = self._insp.make_plan(self.plan.device, self._budgets, pins)  # raises before any change
+    def pinned_experts(self) -> dict:
+        """The experts pinned in the expert cache, by experts module: ``{"model.layers.3.mlp.experts": [5]}``."""
+        units = self._insp.units
+        return {units[i].experts_module: sorted(e) for i, e in sorted(self._expert_pins.items())}
+
+    def _replan(self, pins, expert_pins=None):
+        expert_pins = self._expert_pins if expert_pins is None else expert_pins
+        new_plan = self._insp.make_plan(self.plan.device, self._budgets, pins, expert_pins)  # raises before change
         self._stop_engine()
         try:
             moved = self._storage.migrate(new_plan)
         except BaseException:
             self._start_engine()       # the old stores are intact: carry on under the old plan
             raise
-        self._pins, self.plan = pins, new_plan
+        self._pins, self._expert_pins, self.plan = pins, expert_pins, new_plan
         self._start_engine()
         self._release_memory()
         return moved

@@ -97,23 +97,39 @@ class CudaMover:
             else:
                 src = self.sources[job.unit].flat
             timed = self.trace.enabled
+            ranges = [(0, unit.nbytes)] if job.ranges is None else job.ranges
+            nbytes = sum(b - a for a, b in ranges)
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(self.slot_free[job.slot])
                 start = self._stamp(self.copy_stream) if timed else None
-                self.slots[job.slot][:unit.nbytes].copy_(src[:unit.nbytes], non_blocking=True)
+                for a, b in ranges:
+                    self.slots[job.slot][a:b].copy_(src[a:b], non_blocking=True)
                 # inside a capture the ordering event and the timing stamp are separate events
                 done = self._kept(torch.cuda.Event(enable_timing=timed and not self.in_capture))
                 done.record(self.copy_stream)
                 end = self._stamp(self.copy_stream) if timed and self.in_capture else done
             job.ready, job.copied = done, True
             if timed:
-                self.trace.cuda_event("copy", unit.name, start, end, unit.nbytes)
+                self.trace.cuda_event("copy", unit.name, start, end, nbytes)
             if read is not None:
                 self.schedule.copied(read)
                 read.io.staging.finish(done)
-                self.stats.bytes_from_disk += unit.nbytes
+                self.stats.bytes_from_disk += nbytes
             else:
-                self.stats.bytes_from_cpu += unit.nbytes
+                self.stats.bytes_from_cpu += nbytes
+
+    def copy_now(self, name, ranges, src, slot) -> int:
+        """Copy byte ``ranges`` of ``src`` (page-locked) into the same ranges of ``slot``, in order on the
+        compute stream, which then waits for them (a MoE block's routed experts); the bytes copied."""
+        timed = self.trace.enabled
+        start = self._stamp(self.compute_stream) if timed else None
+        with self.torch.cuda.stream(self.compute_stream):
+            for a, b in ranges:
+                slot[a:b].copy_(src[a:b], non_blocking=True)
+        nbytes = sum(b - a for a, b in ranges)
+        if timed:
+            self.trace.cuda_event("copy", name, start, self._stamp(self.compute_stream), nbytes)
+        return nbytes
 
     def wait(self, job):
         self.pump(self.schedule.queue, first=job)

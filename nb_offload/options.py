@@ -37,6 +37,15 @@ def _size(name, value):
     return value
 
 
+def _cache_size(name, value):
+    if value != "auto" and value != 0:
+        if value is None or isinstance(value, bool):
+            raise OptionError(f"{name}={value!r} is not valid; accepted: \"auto\", 0, or a size such as "
+                              "\"2GiB\", 2**30 or \"10%\" (of the compute device's budget).")
+        parse_size(value, capacity=100, what=name)
+    return value
+
+
 def _folder(name, value):
     if value is None:
         return None
@@ -163,6 +172,9 @@ class Options:
     split_blocks: bool | str = _option("auto", _tristate("split when whole-block staging would take over a tenth "
                                                          "of the room left for weights"),
                                        "stream blocks a submodule at a time (smaller staging slots)")
+    expert_cache: str | int = _option("auto", _cache_size, "room on the compute device for copies of the most often "
+                                                           "routed experts of streamed MoE blocks: a size, 0 for "
+                                                           "none, or \"auto\" (the room the plan leaves free)")
     cuda_graph: bool = _option(True, _flag, "decode steps captured as one CUDA graph and replayed per token, "
                                             "with a static KV cache (graphs.py says where they run eager)")
     allow_pickle: bool = _option(False, _opt_in, "read .bin/.pt weight files (unpickling can run code); True only")

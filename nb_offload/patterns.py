@@ -30,6 +30,12 @@ def _segment_matcher(seg: str, pattern: str):
     return lambda s: rx.match(s) is not None
 
 
+def expert_matcher(seg: str, pattern: str):
+    """A test of an expert's index (as a string) against the last part of an expert pin: an index, a
+    range ("0-3") or a glob ("*")."""
+    return _segment_matcher(seg, pattern)
+
+
 def compile_pattern(pattern: str):
     """Return a function that tells whether a module name falls under ``pattern``."""
     if not isinstance(pattern, str):

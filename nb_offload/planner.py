@@ -39,6 +39,8 @@ class PlanEntry:
     aliases: tuple = ()
     fmt: str = ""                   # how its weights are stored: "bf16", "nf4", "int8" ...
     routed_bytes: int = 0           # streamed MoE block: what a batch-1 decode step reads of it (experts.py)
+    experts: int = 0                # a MoE block's routed experts (experts.py), and how many a token uses
+    top_k: int = 0
 
 
 @dataclass
@@ -168,8 +170,8 @@ def footprint(config, dtype_size: int, context: int, batch: int, device: str) ->
 def graph_pool(config, dtype_size: int, context: int, batch: int) -> int:
     """Bytes a captured decode step's private memory pool may hold (graphs.py): its live tensors at one token
     a sequence, attention scores over the whole static cache, the logits, twice over for the allocator's
-    rounding, and three of its 2 MiB segments. Reserved apart from ``activations``: the pool stays while
-    the next prefill runs."""
+    rounding, three of its 2 MiB segments, and cuBLAS's workspace for the capture stream. Reserved apart
+    from ``activations``: the pool stays while the next prefill runs."""
     cfg = text_config(config)
     scores = batch * getattr(cfg, "num_attention_heads", 1) * context * 4
     live = footprint(config, dtype_size, 1, batch, "cuda")["activations"] + 2 * scores
@@ -179,7 +181,13 @@ def graph_pool(config, dtype_size: int, context: int, batch: int) -> int:
     largest = batch * max(getattr(cfg, "vocab_size", 0) * 4, getattr(cfg, "num_attention_heads", 1) * context * 4,
                           inter * dtype_size)
     large = round_up(live, 20 * 2**20) if largest >= 2**20 else 0
-    return 2 * live + large + 6 * 2**20
+    return 2 * live + large + 6 * 2**20 + CUBLAS_CAPTURE_WORKSPACE
+
+
+# The first capture in a process gives cuBLAS a workspace for the capture stream, and takes it from the
+# graph's pool: 32 MiB on Hopper (its default CUBLAS_WORKSPACE_CONFIG, 4096 KiB x 8). Measured on an H200:
+# a first capture's pool 36 MiB, later ones 4 MiB (benchmarks/RESULTS.md, issue 14).
+CUBLAS_CAPTURE_WORKSPACE = 32 << 20
 
 
 @dataclass
@@ -201,13 +209,17 @@ class _Slots:
 def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_size: int,
               context: int = DEFAULT_CONTEXT, batch: int = 1, prefetch: int = 1, model_name: str = "",
               read_ahead: int = 2, policy: str = "auto", split_blocks="auto", library_code: int = 0,
-              decode_graph: bool = False) -> Plan:
+              decode_graph: bool = False, expert_cache="auto", expert_pins=None) -> Plan:
     """Place every unit on a tier: the compute device's first (``_choose_resident``), then, on CUDA,
     host memory and disk (``_place_on_host``); on the CPU everything else streams from disk.
 
     ``budgets``: tier -> bytes, None where the tier is absent (disk without a folder) or unbounded.
     ``pins``: unit index -> tier. ``library_code``: host memory the load's own imports took (charged
     to the cpu budget: on the CPU device with the other reservations, on CUDA to the host's).
+    ``expert_cache``: bytes on the compute device for copies of routed experts (experts.ExpertCache), taken
+    before the resident blocks are chosen, or "auto": what the plan leaves free (both only where MoE blocks
+    stream as routed). ``expert_pins``: unit index -> experts kept in that cache (``resolve_expert_pins``);
+    the cache holds at least them.
     """
     resident = "gpu" if device == "cuda" else "cpu"
     _check_pins(units, pins, device, budgets)
@@ -219,6 +231,11 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
         reserved["library_code"] = library_code
     if device == "cuda" and decode_graph:   # the captured decode step's memory pool stays between generates
         reserved["decode_graph"] = graph_pool(config, dtype_size, context, batch)
+    experts_apart = any(u.expert_row_nbytes for u in units)
+    expert_pins = expert_pins or {}
+    pinned = sum(len(expert_pins.get(u.index, ())) * u.expert_row_nbytes for u in units)
+    if experts_apart and (expert_cache not in ("auto", 0) or pinned):
+        reserved["expert_cache"] = max(pinned, 0 if expert_cache == "auto" else expert_cache)
     on_res, slots = _choose_resident(units, pins, resident, budgets[resident], reserved, _Slots(prefetch + 1),
                                      split_blocks, policy, context)
     stream = [u for u in units if u.index not in on_res]
@@ -235,14 +252,41 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
                 f"everything in memory at context {context}; give cpu= at least {format_size(need)}, or a disk= "
                 "folder to stream blocks from.")
         tiers.update((u.index, "disk") for u in stream)
-    # MoE blocks read only their routed experts where the engine does so: streamed from disk on the CPU
+    # MoE blocks bring only their routed experts where the engine does so (experts.py): streamed from disk
+    # on the CPU, from host memory on CUDA
+    routed_tier = "disk" if device == "cpu" else "cpu"
     entries = [PlanEntry(name=u.name, bytes=u.nbytes, tier=tiers[u.index], pinned=u.index in pins,
                          kind=u.kind, aliases=tuple(u.modules), fmt=u.fmt,
-                         routed_bytes=u.routed_nbytes if device == "cpu" and tiers[u.index] == "disk" else 0)
+                         routed_bytes=0 if tiers[u.index] != routed_tier
+                         else u.routed_split_nbytes if slots.split and u.pieces else u.routed_nbytes,
+                         experts=u.expert_count, top_k=u.top_k)
                for u in units]
+    if experts_apart:
+        _size_expert_cache(units, entries, reserved, budgets[resident], resident, expert_cache, expert_pins)
     return Plan(entries=entries, device=device, budgets=dict(budgets), reserved=reserved,
                 host_reserved=host_reserved, context=context, batch=batch, prefetch=prefetch, model=model_name,
                 split_blocks=slots.split)
+
+
+AUTO_CACHE_SHARE = 0.9      # "auto" keeps a tenth of the free room free: the allocator rounds up
+
+
+def _size_expert_cache(units, entries, reserved, budget, resident, asked, expert_pins):
+    """Size the expert cache (on the compute device) in whole experts, at most every expert of the blocks
+    streamed as routed, at least those pinned of them; none where no block is streamed as routed."""
+    routed = [u for u, e in zip(units, entries) if e.routed_bytes]
+    row = max((u.expert_row_nbytes for u in routed), default=0)
+    if asked == "auto" and row and budget is not None:
+        weights = sum(e.bytes for e in entries if e.tier == resident)
+        free = max(0, budget - weights - sum(reserved.values()))
+        asked = reserved.get("expert_cache", 0) + int(AUTO_CACHE_SHARE * free)
+    useful = sum(u.expert_row_nbytes * u.expert_count for u in routed)
+    pinned = sum(len(expert_pins.get(u.index, ())) for u in routed) * row
+    size = max(pinned, (min(asked, useful) // row) * row) if row and asked != "auto" else 0
+    if size:
+        reserved["expert_cache"] = size
+    else:
+        reserved.pop("expert_cache", None)
 
 
 def _check_pins(units, pins, device, budgets):
@@ -436,9 +480,50 @@ def _resolved(pins, units, part: int) -> dict:
     out = {}
     for pattern, value in pins.items():
         named = split_pin(value)[part]
+        if is_expert_pattern(pattern):      # single experts: resolve_expert_pins
+            continue
         for u in match_units(pattern, units):
             if named is not None:
                 out[u.index] = named
+    return out
+
+
+def is_expert_pattern(pattern) -> bool:
+    """Whether a pin pattern names single routed experts of MoE blocks: ``model.layers.3.mlp.experts.5``,
+    ``model.layers.*.mlp.experts.0-3`` (an index, a range or a glob after an ``experts`` module)."""
+    segs = pattern.strip().split(".") if isinstance(pattern, str) else []
+    return len(segs) >= 3 and segs[-2] == "experts"
+
+
+def resolve_expert_pins(pins, units, resident: str) -> dict:
+    """``{unit index: frozenset of experts}`` for the pins that name single experts (``is_expert_pattern``):
+    kept on the compute device, in the expert cache, for as long as the pin stands. Only the compute
+    device's tier (``resident``) is accepted for them: an expert that isn't kept comes with its block."""
+    from .patterns import compile_pattern, expert_matcher
+    out = {}
+    for pattern, value in (pins or {}).items():
+        if not is_expert_pattern(pattern):
+            continue
+        tier, fmt = split_pin(value)
+        if tier != resident or fmt is not None:
+            raise PinError(f"pin {value!r} for {pattern!r}: single experts are kept on the compute device "
+                           f"({resident!r}), in the expert cache, or come with their block; pin them {resident!r}, "
+                           "or pin their block to move them.")
+        prefix, last = pattern.strip().rsplit(".", 1)
+        module, pick = compile_pattern(prefix), expert_matcher(last, pattern)
+        depth = len(prefix.split("."))
+        found = [u for u in units if u.expert_count and len(u.experts_module.split(".")) == depth
+                 and module(u.experts_module)]
+        if not found:
+            named = [u.experts_module for u in units if u.expert_count]
+            raise PinError(f"pin pattern {pattern!r} names no experts module of this model"
+                           + (f"; its MoE blocks' are e.g. {named[0]!r}." if named else ": it has no MoE blocks."))
+        for u in found:
+            chosen = frozenset(e for e in range(u.expert_count) if pick(str(e)))
+            if not chosen:
+                raise PinError(f"pin pattern {pattern!r} names no expert of {u.experts_module!r}, which has "
+                               f"experts 0-{u.expert_count - 1}.")
+            out[u.index] = out.get(u.index, frozenset()) | chosen
     return out
 
 

@@ -39,6 +39,8 @@ class Job:
     read: Read | None = None
     ready: object = None       # the mover's: a CUDA event (copy done) or a future (read done)
     copied: bool = False       # the mover's: the copy into the slot has been issued
+    ranges: list | None = None  # the engine's: byte ranges of the unit brought now (a MoE block without its
+                                # experts, experts.py); None: all of it
 
 
 @dataclass

@@ -223,6 +223,8 @@ class Stats:
     graph_eager: str = ""       # why the last generate's decode ran eager, where it did
     experts_read: int = 0       # routed experts of streamed MoE blocks read (experts.py), per block call
     experts_skipped: int = 0    # and those not routed, so not read
+    route_wait_seconds: float = 0.0     # host time waiting for routers' choices (CUDA: copies start after)
+    expert_hits: int = 0        # routed experts copied from the GPU expert cache, not over the link
     load_seconds: float = 0.0   # nb_offload.load, from the call to the model ready
     load_bytes: int = 0         # the weights it placed
     # Host memory against the cpu= budget: the process's RssAnon + RssShmem (page-locked buffers
@@ -236,7 +238,8 @@ class Stats:
     def reset(self):
         self.steps = self.tokens = self.bytes_from_cpu = self.bytes_from_disk = self.held_last = 0
         self.graph_replays = self.graph_captures = self.experts_read = self.experts_skipped = 0
-        self.seconds = self.capture_seconds = 0.0
+        self.expert_hits = 0
+        self.seconds = self.capture_seconds = self.route_wait_seconds = 0.0
         self.host_peak = self.host_now
 
     @property
@@ -274,6 +277,7 @@ class Stats:
                 "graph_captures": self.graph_captures, "capture_seconds": self.capture_seconds,
                 "graph_pool_bytes": self.graph_pool_bytes, "graph_eager": self.graph_eager,
                 "experts_read": self.experts_read, "experts_skipped": self.experts_skipped,
+                "route_wait_seconds": self.route_wait_seconds, "expert_hits": self.expert_hits,
                 "host_now": self.host_now, "host_peak": self.host_peak,
                 "host_budget": self.host_budget, "load_seconds": self.load_seconds, "load_bytes": self.load_bytes}
 
@@ -300,7 +304,13 @@ class Stats:
         read = self.experts_read - before.get("experts_read", 0)
         skipped = self.experts_skipped - before.get("experts_skipped", 0)
         if read + skipped:
-            text += f" · read {read} of {read + skipped} experts (the ones routed to)"
+            text += f" · brought {read} of {read + skipped} experts of streamed MoE blocks (the routed ones)"
+            hits = self.expert_hits - before.get("expert_hits", 0)
+            if hits:
+                text += f", {hits} of them from the expert cache ({100 * hits / read:.0f}%)"
+            waited = self.route_wait_seconds - before.get("route_wait_seconds", 0.0)
+            if waited:
+                text += f", {1e3 * waited:.0f} ms waiting for the routers' choices"
         replays = self.graph_replays - before.get("graph_replays", 0)
         if replays:
             text += f" · {replays} decode steps replayed as one CUDA graph"
@@ -321,5 +331,7 @@ class Stats:
                      f"{1e3 * self.capture_seconds / self.graph_captures:.0f} ms a capture, pool "
                      f"{format_size(self.graph_pool_bytes)}")
         if self.experts_read + self.experts_skipped:
-            text += f"; experts read {self.experts_read} of {self.experts_read + self.experts_skipped} (routed)"
+            text += (f"; experts brought {self.experts_read} of {self.experts_read + self.experts_skipped} (routed)"
+                     + (f", {1e3 * self.route_wait_seconds:.0f} ms waiting for routers" if self.route_wait_seconds
+                        else ""))
         return text

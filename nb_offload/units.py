@@ -54,7 +54,12 @@ class Unit:
     rest_nbytes: int = 0
     fmt: str = ""             # how its weights are stored: "bf16", "nf4", "int8" ... (see quant.py)
     dequant_bytes: int = 0    # GPU bytes its largest 4-bit Linear dequantizes into at prefill
-    routed_nbytes: int = 0    # a MoE block: what a batch-1 decode step reads of it, routed experts only (experts.py)
+    routed_nbytes: int = 0    # a MoE block: what a batch-1 decode step brings of it, routed experts only (experts.py)
+    routed_split_nbytes: int = 0    # the same where it streams as pieces
+    expert_row_nbytes: int = 0      # one routed expert's bytes (all its fused tensors' rows), where they come apart
+    expert_count: int = 0           # a MoE block's routed experts, and how many a token is routed to
+    top_k: int = 0
+    experts_module: str = ""        # its routed experts' module (pins may name single experts of it)
 
     @property
     def quantized(self) -> bool:

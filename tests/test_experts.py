@@ -22,16 +22,23 @@ def test_an_experts_rows_and_the_rest_of_the_block():
     assert found.routed((None,), {"top_k_index": torch.tensor([[2, 2]])}) == [2]
 
 
-def all_on_disk(folder, disk, **options):
-    """The model loaded on the CPU device with every block streamed from disk."""
-    return nb_offload.load(folder, device="cpu", disk=disk, pins={"model.layers.*": "disk"}, progress=False,
-                           **options)
+def all_on_disk(folder, disk, pins=None, **options):
+    """The model loaded on the CPU device with every block streamed from disk (and ``pins`` besides)."""
+    return nb_offload.load(folder, device="cpu", disk=disk, pins={"model.layers.*": "disk", **(pins or {})},
+                           progress=False, **options)
 
 
 def batch_of_four():
     ids = torch.tensor(PROMPT * 4)
     ids[1:, 0] = torch.tensor([9, 11, 13])
     return ids
+
+
+def read_by(llm, n):
+    """Bytes a greedy generate of ``n`` tokens from PROMPT reads from disk."""
+    before = llm.stats.bytes_from_disk
+    llm.generate(torch.tensor(PROMPT), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return llm.stats.bytes_from_disk - before
 
 
 def plain_generate(folder, ids, n=8):
@@ -58,7 +65,8 @@ def test_streamed_moe_blocks_read_only_the_routed_experts(arch, model_dirs, tmp_
         whole = sum(eng.units[i].nbytes for i in blocks)
         assert s.bytes_from_disk - before["bytes_from_disk"] < s.steps * whole     # fewer bytes than whole blocks
         assert any(e.kind == "read" and "experts)" in e.unit for e in llm.trace)
-        assert "experts (the ones routed to)" in s.run_summary(before, 10, 1.0) and "experts read" in str(s)
+        assert "experts of streamed MoE blocks (the routed ones)" in s.run_summary(before, 10, 1.0)
+        assert "experts brought" in str(s)
         ids = batch_of_four()                   # a batch reads the union of its tokens' experts
         assert torch.equal(llm.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False),
                            plain_generate(folder, ids))
@@ -106,21 +114,198 @@ def test_an_unknown_experts_implementation_is_refused(model_dirs):
         nb_offload.load(model_dirs("mixtral"), device="cpu", experts_implementation="fast", progress=False)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
-def test_the_plan_predicts_the_bytes_a_decode_step_reads(arch, model_dirs, tmp_path):
+@pytest.mark.parametrize("arch,split", [("mixtral", False), ("qwen3_moe", False), ("mixtral", True)])
+def test_the_plan_predicts_the_bytes_a_decode_step_reads(arch, split, model_dirs, tmp_path):
     """On the CPU, a streamed MoE block's entry counts what a batch-1 decode step reads of it; the engine's
-    own counters, over a long and a short generate, read exactly that."""
+    own counters, over a long and a short generate, read exactly that. Split into pieces (pieces.py), the
+    experts module is a piece of its own, read as routed."""
     folder = model_dirs(arch)
-    plan = nb_offload.plan(folder, device="cpu", disk=tmp_path / "p", pins={"model.layers.*": "disk"})
+    plan = nb_offload.plan(folder, device="cpu", disk=tmp_path / "p", pins={"model.layers.*": "disk"},
+                           split_blocks=split, expert_cache=0)
+    assert plan.split_blocks == split
     predicted = plan.streamed_bytes_per_token()["disk"]
     assert 0 < predicted < sum(e.bytes for e in plan if e.tier == "disk")
     assert "only the routed experts" in str(plan)
-    with all_on_disk(folder, tmp_path / "l", hold_spare=False) as llm:
-        ids = torch.tensor(PROMPT)
+    with all_on_disk(folder, tmp_path / "l", hold_spare=False, split_blocks=split, expert_cache=0) as llm:
+        assert all(llm._engine.units[i].kind == ("piece" if split else "block") for i in llm._engine.routed)
+        assert torch.equal(run_offloaded(llm)[0], reference(folder)[0])
+        read_by(llm, 2)     # the first pass after a load learns the run order (a surprise re-reads)
+        assert (read_by(llm, 10) - read_by(llm, 2)) / 8 == predicted
 
-        def read(n):
-            before = llm.stats.bytes_from_disk
-            llm.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            return llm.stats.bytes_from_disk - before
-        read(2)             # the first pass after a load learns the run order (a surprise re-reads)
-        assert (read(10) - read(2)) / 8 == predicted
+
+def test_which_steps_and_which_blocks_bring_experts_as_routed():
+    mixtral = RoutedExperts("e", 8, [(0, 100 << 20)], top_k=2)
+    assert [mixtral.worth_routing(t) for t in (1, 4, 5, 512)] == [True, True, False, False]
+    qwen3 = RoutedExperts("e", 128, [(0, 1 << 20)], top_k=8)
+    assert qwen3.worth_routing(21) and not qwen3.worth_routing(22)
+    assert mixtral.saved() == 6 * (100 << 20) and qwen3.saved() == 120 << 20
+    # on CUDA only where a step saves enough to pay for running eager; from disk on the CPU always
+    tiny = RoutedExperts("e", 8, [(0, 4096)], top_k=2)
+    assert mixtral.worth_it(cuda=True) and not tiny.worth_it(cuda=True) and tiny.worth_it(cuda=False)
+
+
+def test_a_prefill_brings_moe_blocks_whole_and_decode_steps_the_routed_experts(model_dirs, tmp_path):
+    folder = model_dirs("mixtral")          # 2 of 4 experts: a prompt of 8 tokens routes to almost all
+    ids = torch.tensor(PROMPT)
+    with all_on_disk(folder, tmp_path, hold_spare=False) as llm:
+        blocks = sum(llm._engine.units[i].nbytes for i in llm._engine.routed)
+        llm.generate(ids, max_new_tokens=1)                 # the prefill alone
+        assert llm.stats.experts_read == llm.stats.experts_skipped == 0
+        assert llm.stats.bytes_from_disk >= blocks
+        before = llm.stats.bytes_from_disk
+        out = llm.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        assert llm.stats.experts_read > 0 and llm.stats.experts_skipped > 0
+        assert llm.stats.bytes_from_disk - before < 4 * blocks
+        assert torch.equal(out, plain_generate(folder, ids, n=4))
+
+
+def test_the_expert_cache_keeps_the_most_often_routed_and_copies_rows_both_ways():
+    from nb_offload.experts import ExpertCache
+    found = RoutedExperts("e", 4, [(0, 3), (12, 2)], top_k=1)     # 4 experts: rows of 3 and of 2 bytes
+    cache = ExpertCache(torch, "cpu", 5, 2)
+    slot = torch.arange(20, dtype=torch.uint8)
+    for key in [("b", 1), ("b", 3)]:                        # room: both kept
+        assert cache.lookup(key) is None
+        cache.store(found, key[1], slot, cache.place(key))
+    assert cache.lookup(("b", 1)) == 0                     # routed twice now
+    assert cache.lookup(("c", 0)) is None and cache.place(("c", 0)) is None     # once, like ("b", 3): not kept
+    assert cache.lookup(("c", 0)) is None and cache.place(("c", 0)) == 1        # twice: in place of ("b", 3)
+    assert cache.lookup(("b", 3)) is None and set(cache.where) == {("b", 1), ("c", 0)}
+    # a step visiting more experts than the cache holds, over and over, keeps hitting the ones kept
+    hits = 0
+    for _ in range(5):
+        for key in [("b", 1), ("b", 2), ("c", 0), ("c", 3)]:
+            if cache.lookup(key) is not None:
+                hits += 1
+            elif cache.place(key) is not None:
+                raise AssertionError(f"{key} displaced one routed as often")
+    assert hits == 10
+    other = torch.zeros(20, dtype=torch.uint8)
+    cache.load(found, 1, other, 0)
+    assert other[3:6].tolist() == [3, 4, 5] and other[14:16].tolist() == [14, 15]
+    assert int(other.count_nonzero()) == 5
+
+
+def test_the_plan_sizes_the_expert_cache_in_whole_experts(model_dirs, monkeypatch):
+    from nb_offload import experts
+    monkeypatch.setattr(experts, "CUDA_MIN_SAVED", 0)     # tiny experts come apart too
+    folder = model_dirs("mixtral")
+    pins = {"model.layers.*": "cpu"}
+    auto = nb_offload.plan(folder, gpu="1GiB", cpu="1GiB", pins=pins)
+    streamed = [e for e in auto if e.routed_bytes]
+    assert len(streamed) == 4
+    row = nb_offload.plan(folder, gpu="1GiB", cpu="1GiB", pins=pins, expert_cache=0)
+    assert "expert_cache" not in row.reserved
+    # every expert of the streamed blocks fits in 1 GiB: "auto" takes them all, and no more
+    size = auto.reserved["expert_cache"]
+    sized = nb_offload.plan(folder, gpu="1GiB", cpu="1GiB", pins=pins, expert_cache=size // 4 + 1)
+    one = size // 16        # 4 blocks of 4 experts
+    assert sized.reserved["expert_cache"] == (size // 4 + 1) // one * one
+    assert "expert cache" in str(sized)
+    none_streamed = nb_offload.plan(folder, gpu="1GiB", cpu="1GiB")
+    assert "expert_cache" not in none_streamed.reserved
+    with pytest.raises(nb_offload.OptionError, match="expert_cache=None is not valid"):
+        nb_offload.plan(folder, gpu="1GiB", expert_cache=None)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_the_expert_cache_full_small_and_empty_stays_exact(arch, model_dirs, tmp_path):
+    """On the CPU device the cache holds experts read from disk in RAM (where the disk tier is larger than
+    the page cache could keep): full, a decode step reads only the blocks' other weights."""
+    folder = model_dirs(arch)
+    want_tokens, _ = reference(folder)
+    ids = batch_of_four()
+    want_four = plain_generate(folder, ids)
+    row = None
+    for size in ("auto", "small", 0):
+        cache = 2 * row if size == "small" else size
+        with all_on_disk(folder, tmp_path / str(size), hold_spare=False, expert_cache=cache) as llm:
+            eng = llm._engine
+            row = next(u.expert_row_nbytes for u in llm._insp.units if u.expert_row_nbytes)
+            every = sum(u.expert_count for u in llm._insp.units if u.expert_row_nbytes)
+            held = eng.expert_cache.capacity if eng.expert_cache is not None else 0
+            assert held == {"auto": every, "small": 2, 0: 0}[size]
+            assert ("expert_cache" in llm.plan.reserved) == bool(held)
+            for _ in range(2):
+                assert torch.equal(run_offloaded(llm)[0], want_tokens)
+            assert torch.equal(llm.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False), want_four)
+            s = llm.stats
+            assert (s.expert_hits > 0) == bool(held)
+            if size == "auto":      # every expert kept: a decode step reads the rest of each block only
+                rest = sum(e[2] for i in eng.routed for e in eng._without_experts[i][0].extents)
+                assert read_by(llm, 10) - read_by(llm, 2) == 8 * rest
+                since_load = {**s.as_dict(), "expert_hits": 0, "experts_read": 0, "experts_skipped": 0}
+                assert "from the expert cache" in s.run_summary(since_load, 1, 1.0, held_on="cpu")
+            llm.pin("model.layers.0", "cpu")        # a re-pin: a new engine, a new cache; still exact
+            assert torch.equal(run_offloaded(llm)[0], want_tokens)
+
+
+def test_an_interrupt_while_the_cache_keeps_an_expert_leaves_no_half_written_entry(model_dirs, tmp_path,
+                                                                                   monkeypatch):
+    from nb_offload.experts import ExpertCache
+    folder = model_dirs("mixtral")
+    store = ExpertCache.store
+
+    def interrupted(self, found, expert, slot, entry):     # Ctrl-C between an expert's two rows
+        (a, b), (c, d) = next(ExpertCache._pairs(found, expert))
+        self.rows[entry, c:d].copy_(slot[a:b])
+        raise KeyboardInterrupt
+    with all_on_disk(folder, tmp_path, hold_spare=False) as llm:
+        monkeypatch.setattr(ExpertCache, "store", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(torch.tensor(PROMPT), max_new_tokens=10, min_new_tokens=10, do_sample=False)
+        monkeypatch.setattr(ExpertCache, "store", store)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            ids = torch.randint(3, 300, (1, 6), generator=g)
+            assert torch.equal(llm.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False),
+                               plain_generate(folder, ids))
+        assert llm.stats.expert_hits > 0
+
+
+def test_the_expert_cache_forgets_old_prompts_counts():
+    from nb_offload import experts
+    cache = experts.ExpertCache(torch, "cpu", 4, 1)
+    assert cache.lookup(("b", 0)) is None and cache.place(("b", 0)) == 0
+    for _ in range(4 * experts.AGE_EVERY):          # a long generate routes to expert 0 over and over
+        cache.lookup(("b", 0))
+    # a new prompt routes to expert 1 from now on: without halving the counts it would take more routings
+    # than expert 0 had to displace it
+    admitted = next(n for n in range(1, 4 * experts.AGE_EVERY)
+                    if cache.lookup(("b", 1)) is None and cache.place(("b", 1)) is not None)
+    assert admitted < 2 * experts.AGE_EVERY and set(cache.where) == {("b", 1)}
+
+
+def test_pinned_experts_are_kept_in_the_cache_from_the_start(model_dirs, tmp_path):
+    folder = model_dirs("qwen3_moe")         # 8 experts a block, 2 a token
+    want_tokens, _ = reference(folder)
+    pins = {"model.layers.*": "disk", "model.layers.1-2.mlp.experts.0-2": "cpu"}
+    plan = nb_offload.plan(folder, device="cpu", disk=tmp_path / "p", pins=pins, expert_cache=0)
+    with all_on_disk(folder, tmp_path / "l", hold_spare=False, expert_cache=0,
+                     pins={"model.layers.1-2.mlp.experts.0-2": "cpu"}) as llm:
+        row = next(u.expert_row_nbytes for u in llm._insp.units if u.expert_row_nbytes)
+        assert plan.reserved["expert_cache"] == llm.plan.reserved["expert_cache"] == 6 * row
+        assert llm.pinned_experts() == {"model.layers.1.mlp.experts": [0, 1, 2],
+                                        "model.layers.2.mlp.experts": [0, 1, 2]}
+        state = llm.expert_state()              # filled at load, before any step
+        assert state["model.layers.1"]["cached"] == [0, 1, 2] and state["model.layers.0"]["cached"] == []
+        assert torch.equal(run_offloaded(llm)[0], want_tokens)
+        hits = llm.stats.expert_hits
+        assert hits > 0 and llm._engine.expert_cache.free == []     # room for the pinned ones only
+        llm.pin("model.layers.3.mlp.experts.7", "cpu")
+        assert llm.plan.reserved["expert_cache"] == 7 * row and llm.expert_state()["model.layers.3"]["cached"] == [7]
+        llm.unpin("model.layers.*.mlp.experts.0-2")
+        assert llm.pinned_experts() == {"model.layers.3.mlp.experts": [7]}
+        assert torch.equal(run_offloaded(llm)[0], want_tokens)
+        with pytest.raises(nb_offload.PinError, match="has experts 0-7"):
+            llm.pin("model.layers.1.mlp.experts.8", "cpu")
+        with pytest.raises(nb_offload.PinError, match="single experts are kept on the compute device"):
+            llm.pin("model.layers.1.mlp.experts.1", "disk")
+        with pytest.raises(nb_offload.PinError, match="matches no pinned expert"):
+            llm.unpin("model.layers.0.mlp.experts.1")
+        assert llm.pinned_experts() == {"model.layers.3.mlp.experts": [7]}     # the refusals changed nothing
+
+
+def test_expert_pins_of_a_dense_model_are_refused(model_dirs):
+    with pytest.raises(nb_offload.PinError, match="it has no MoE blocks"):
+        nb_offload.plan(model_dirs("llama"), device="cpu", pins={"model.layers.0.mlp.experts.1": "cpu"})

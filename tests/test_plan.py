@@ -23,7 +23,7 @@ def test_dry_run_reads_no_weight(model_dirs, monkeypatch):
     monkeypatch.setattr(ck.Checkpoint, "get", boom)
     monkeypatch.setattr(ck.Checkpoint, "get_slice", boom)
     monkeypatch.setattr(tiers, "read_extents", boom)
-    p = nb_offload.plan(model_dirs("mixtral"), gpu="74MiB", cpu="1GiB")
+    p = nb_offload.plan(model_dirs("mixtral"), gpu="106MiB", cpu="1GiB")
     assert p.device == "cuda"
     assert {e.tier for e in p} == {"gpu", "cpu"}
     assert len(blocks(p)) == 4

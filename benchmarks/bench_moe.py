@@ -1,0 +1,161 @@
+"""Routed experts on CUDA (experts.py, issue 15) against whole MoE blocks streamed, on one card, in one process.
+
+For each shape, at a GPU budget that streams most blocks from page-locked host memory, two loads of the
+same model: *routed* (the default: a decode step copies each streamed block without its experts, then
+the routed experts once the router has chosen; eager) and *whole* (every expert of every streamed block,
+the captured decode step of graphs.py). Decode per-step medians over interleaved rounds, the bytes a
+step moves (the model's own counters), the host's wait for routers, prefill of 2048 tokens, and tokens
+against transformers with the whole model on the GPU (dynamic cache for the eager routed step, the
+static cache for the captured one).
+
+    PYTHONPATH=. python3 benchmarks/bench_moe.py --json out.json [--rows mixtral,qwen3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import tempfile
+import time
+import traceback
+
+from bench_graph import build_moe, steps
+from bench_offload import interleave, med, moved_per_step, pinned_rate, row_recorder, save_random, spread, time_call
+
+
+def build_qwen3(folder, layers):
+    """A Qwen3-MoE shape (Qwen3-30B-A3B's blocks: hidden 2048, 128 experts of 768, top 8; ``layers`` of
+    them, vocabulary 32000) with random bf16 weights."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    cfg = Qwen3MoeConfig(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                         num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                         num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, vocab_size=32000,
+                         max_position_embeddings=4096, dtype="bfloat16")
+    save_random(Qwen3MoeForCausalLM, cfg, folder)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="mixtral,qwen3")
+    ap.add_argument("--mixtral-folder", default=os.path.join(tempfile.gettempdir(), "nb_offload-bench-moe"))
+    ap.add_argument("--qwen3-folder", default=os.path.join(tempfile.gettempdir(), "nb_offload-bench-qwen3"))
+    ap.add_argument("--qwen3-layers", type=int, default=16)
+    ap.add_argument("--mixtral-gpu", default="3GiB")
+    ap.add_argument("--qwen3-gpu", default="4GiB")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, StaticCache
+
+    import nb_offload
+    from nb_offload import experts
+    from nb_offload.graphs import bucket, cache_name
+    torch.manual_seed(0)
+    ids = torch.randint(3, 31000, (1, 16), device="cuda")
+    long_ids = torch.randint(3, 31000, (1, 2048), device="cuda")
+    n = args.tokens
+    out = {"meta": {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                    "torch": torch.__version__, "transformers": transformers.__version__, "tokens": n},
+           "rows": []}
+    out["meta"]["link_gbps"] = link = med(pinned_rate())
+    add = row_recorder(out, args.json, digits=4)
+    inference = torch.inference_mode()
+    inference.__enter__()
+
+    def load(folder, gpu, routed, **options):
+        saved = experts.CUDA_MIN_SAVED
+        experts.CUDA_MIN_SAVED = saved if routed else 1 << 62      # whole: no block saves that much
+        try:
+            return nb_offload.load(folder, gpu=gpu, cpu="110GiB", progress=False, **options)
+        finally:
+            experts.CUDA_MIN_SAVED = saved
+
+    def row(name, folder, gpu, make):
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            t0 = time.perf_counter()
+            make(folder)
+            print(f"built {name} in {time.perf_counter() - t0:.0f} s", flush=True)
+        ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda").eval()
+        static = {cache_name(ref): StaticCache(config=ref.config, max_cache_len=bucket(ids.shape[1] + n)),
+                  "disable_compile": True}
+        want_dynamic = steps(ref.generate, ids, n)[1].cpu()
+        want_static = steps(ref.generate, ids, n, **static)[1].cpu()
+        hf_step = med(steps(ref.generate, ids, n)[0])
+        del ref, static
+        gc.collect()
+        torch.cuda.empty_cache()
+        llms = {"routed": load(folder, gpu, True), "whole": load(folder, gpu, False),
+                "routed_nocache": load(folder, gpu, True, expert_cache=0)}
+        try:
+            routed, whole = llms["routed"], llms["whole"]
+            assert routed._engine.routed and not whole._engine.routed, "the two loads must differ"
+            assert llms["routed_nocache"]._engine.expert_cache is None
+            moved = {k: moved_per_step(llm, ids, 8)["cpu"] for k, llm in llms.items()}
+            waits, hits = {}, {}
+
+            def timed(llm, key):
+                def fn():
+                    w0, s0 = llm.stats.route_wait_seconds, llm.stats.steps
+                    h0, r0 = llm.stats.expert_hits, llm.stats.experts_read
+                    result = steps(llm.generate, ids, n)
+                    waits.setdefault(key, []).append((llm.stats.route_wait_seconds - w0) / (llm.stats.steps - s0))
+                    if llm.stats.experts_read > r0:
+                        hits.setdefault(key, []).append((llm.stats.expert_hits - h0) / (llm.stats.experts_read - r0))
+                    return result
+                return fn
+            runs = interleave({k: timed(llm, k) for k, llm in llms.items()}, args.repeats)
+            t = {k: med([x for s, _ in r for x in s]) for k, r in runs.items()}
+            sp = {k: spread([x for s, _ in r for x in s]) for k, r in runs.items()}
+            tokens = {k: r[-1][1].cpu() for k, r in runs.items()}
+            prefill = {k: med([time_call(lambda llm=llm: llm.generate(long_ids, max_new_tokens=1))
+                               for _ in range(3)]) for k, llm in llms.items()}
+            cache = routed._engine.expert_cache
+            add(row=name, budget=gpu, link_gbps=link,
+                routed_tok_s=1 / t["routed"], whole_tok_s=1 / t["whole"], spread=sp,
+                routed_nocache_tok_s=1 / t["routed_nocache"], routed_nocache_moved_per_step=moved["routed_nocache"],
+                expert_cache_bytes=routed.plan.reserved.get("expert_cache", 0),
+                expert_cache_experts=cache.capacity if cache is not None else 0,
+                experts_streamed=sum(u.expert_count for u in routed._insp.units if u.expert_row_nbytes and
+                                     routed.plan[u.name].tier == "cpu"),
+                hit_rate=med(hits["routed"]) if "routed" in hits else 0.0,
+                routed_over_whole=t["whole"] / t["routed"], hf_resident_eager_tok_s=1 / hf_step,
+                routed_moved_per_step=moved["routed"], whole_moved_per_step=moved["whole"],
+                routed_predicted_per_step=routed.plan.streamed_bytes_per_token()["cpu"],
+                routed_link_bound_tok_s=link * 1e9 / moved["routed"],
+                whole_link_bound_tok_s=link * 1e9 / moved["whole"],
+                routed_pct_of_link_bound=100 * moved["routed"] / (link * 1e9) / t["routed"],
+                whole_pct_of_link_bound=100 * moved["whole"] / (link * 1e9) / t["whole"],
+                route_wait_ms_per_step=1e3 * med(waits["routed"]), routed_units=len(routed._engine.routed),
+                split_blocks=routed.plan.split_blocks,
+                prefill_2048_routed_s=prefill["routed"], prefill_2048_whole_s=prefill["whole"],
+                routed_equals_hf=bool(torch.equal(tokens["routed"], want_dynamic)),
+                whole_equals_hf_static=bool(torch.equal(tokens["whole"], want_static)),
+                routed_graph_eager=routed.stats.graph_eager, whole_graph_replays=whole.stats.graph_replays,
+                plan=str(routed.plan).splitlines()[-4:])
+        finally:
+            for llm in llms.values():
+                llm.unload()
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    for name in args.rows.split(","):
+        t0 = time.perf_counter()
+        try:
+            if name == "mixtral":
+                row("mixtral", args.mixtral_folder, args.mixtral_gpu, build_moe)
+            elif name == "qwen3":
+                row("qwen3", args.qwen3_folder, args.qwen3_gpu, lambda f: build_qwen3(f, args.qwen3_layers))
+            else:
+                raise SystemExit(f"unknown row {name!r}: mixtral or qwen3")
+        except Exception:
+            traceback.print_exc()
+            add(row=name, error=traceback.format_exc(limit=4))
+        print(f"[{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""CUDA tests of routed experts (experts.py): a MoE block streamed from host memory comes without its
+expert rows, and only the routed ones are copied in once the router has chosen. Tiny models save too
+little for the engine to choose that on its own (``CUDA_MIN_SAVED``), so these tests lower the bar."""
+
+import pytest
+import torch
+from helpers import PROMPT, blocks
+
+import nb_offload
+from nb_offload import experts
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+N = 10
+
+
+def plain_generate(folder, ids, n=N):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cuda").eval()
+    with torch.inference_mode():
+        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False).cpu()
+
+
+def moved(llm, ids, n):
+    """Bytes a generate of ``n`` tokens copies from host memory."""
+    before = llm.stats.bytes_from_cpu
+    llm.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return llm.stats.bytes_from_cpu - before
+
+
+def batch_of_four():
+    ids = torch.tensor(PROMPT * 4, device="cuda")
+    ids[1:, 0] = torch.tensor([9, 11, 13])
+    return ids
+
+
+CASES = [(arch, experts.ROUTED_SHARE, False) for arch in ("mixtral", "qwen2_moe", "qwen3_moe")] + [
+    ("mixtral", 1.0, False), ("qwen3_moe", 1.0, False),     # every step routed, the prefill too
+    ("mixtral", experts.ROUTED_SHARE, True), ("qwen2_moe", 1.0, True)]      # blocks as pieces (pieces.py)
+
+
+@pytest.mark.parametrize("arch,share,split", CASES)
+def test_routed_experts_copied_after_the_router_match_transformers(arch, share, split, model_dirs, monkeypatch):
+    monkeypatch.setattr(experts, "CUDA_MIN_SAVED", 0)
+    monkeypatch.setattr(experts, "ROUTED_SHARE", share)
+    folder = model_dirs(arch)
+    names = [e.name for e in blocks(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))]
+    pins = {n: "cpu" for n in names[1:]}
+    ids = torch.tensor(PROMPT, device="cuda")
+    llm = nb_offload.load(folder, pins=pins, hold_spare=False, split_blocks=split, expert_cache=0, progress=False)
+    try:
+        eng = llm._engine
+        assert llm.plan.split_blocks == split
+        assert {eng.units[i].name for i in eng.routed} == set(names[1:])
+        assert all(eng.units[i].kind == ("piece" if split else "block") for i in eng.routed)
+        assert "routed experts" in eng.graphs.why_not
+        predicted = llm.plan.streamed_bytes_per_token()["cpu"]
+        assert predicted < sum(e.bytes for e in llm.plan if e.tier == "cpu")
+        assert torch.equal(llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu(),
+                           plain_generate(folder, ids))
+        s = llm.stats
+        assert s.experts_read > 0 and s.experts_skipped > 0 and s.route_wait_seconds > 0
+        assert any(e.kind == "copy" and "experts)" in e.unit for e in llm.trace)
+        # a decode step brings what the plan predicts (two generates differenced: the prefill cancels)
+        if share < 1.0:
+            assert (moved(llm, ids, N) - moved(llm, ids, 2)) / (N - 2) == predicted
+        four = batch_of_four()
+        assert torch.equal(llm.generate(four, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu(),
+                           plain_generate(folder, four))
+        # re-pinned and held blocks come whole and stay exact
+        llm.pin(names[1], "gpu")
+        assert eng is not llm._engine and {llm._engine.units[i].name for i in llm._engine.routed} == set(names[2:])
+        llm.hold_spare = True
+        assert torch.equal(llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu(),
+                           plain_generate(folder, ids))
+    finally:
+        llm.unload()
+
+
+def test_small_experts_stream_whole_and_the_step_is_captured(model_dirs):
+    folder = model_dirs("mixtral")
+    names = [e.name for e in blocks(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))]
+    llm = nb_offload.load(folder, pins={n: "cpu" for n in names}, hold_spare=False, progress=False)
+    try:
+        assert llm._engine.routed == {} and llm._engine.graphs.enabled
+        assert llm.plan.streamed_bytes_per_token()["cpu"] == sum(e.bytes for e in llm.plan if e.tier == "cpu")
+    finally:
+        llm.unload()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_the_expert_cache_full_small_and_empty(arch, model_dirs, monkeypatch):
+    monkeypatch.setattr(experts, "CUDA_MIN_SAVED", 0)
+    folder = model_dirs(arch)
+    names = [e.name for e in blocks(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))]
+    pins = {n: "cpu" for n in names}
+    ids = torch.tensor(PROMPT, device="cuda")
+    want = plain_generate(folder, ids)
+    four = batch_of_four()
+    want_four = plain_generate(folder, four)
+    row = None
+    for cache in ("auto", "small", 0):
+        if cache == "small":
+            cache = 2 * row
+        llm = nb_offload.load(folder, pins=pins, hold_spare=False, expert_cache=cache, progress=False)
+        try:
+            eng = llm._engine
+            row = next(u.expert_row_nbytes for u in llm._insp.units if u.expert_row_nbytes)
+            held = eng.expert_cache.capacity if eng.expert_cache is not None else 0
+            every = sum(u.expert_count for u in llm._insp.units if u.expert_row_nbytes)
+            assert held == {"auto": every, 0: 0}.get(llm.options.expert_cache, 2), (cache, held)
+            for _ in range(2):          # the second generate finds what the first kept
+                assert torch.equal(llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu(),
+                                   want)
+            assert torch.equal(llm.generate(four, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu(),
+                               want_four)
+            s = llm.stats
+            if held == every:           # full: every routed expert is a hit, so a decode step moves the rest only
+                hits, read = s.expert_hits, s.experts_read
+                rest = sum(b - a for i in eng.routed for a, b in eng._without_experts[i][0])
+                assert moved(llm, ids, N) - moved(llm, ids, 2) == (N - 2) * rest
+                assert s.expert_hits - hits == s.experts_read - read > 0
+            assert (s.expert_hits > 0) == (held > 0)
+            print(f"{arch} expert_cache={cache!r}: {held} of {every} experts kept, hits {s.expert_hits} of "
+                  f"{s.experts_read} routed")
+        finally:
+            llm.unload()
+
+
+def test_pinned_experts_are_kept_on_the_gpu_from_the_start(model_dirs, monkeypatch):
+    monkeypatch.setattr(experts, "CUDA_MIN_SAVED", 0)
+    folder = model_dirs("qwen3_moe")
+    names = [e.name for e in blocks(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))]
+    pins = {**{n: "cpu" for n in names}, "model.layers.1.mlp.experts.0-3": "gpu"}
+    ids = torch.tensor(PROMPT, device="cuda")
+    llm = nb_offload.load(folder, pins=pins, hold_spare=False, expert_cache=0, progress=False)
+    try:
+        assert llm.expert_state()["model.layers.1"]["cached"] == [0, 1, 2, 3]
+        assert torch.equal(llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu(),
+                           plain_generate(folder, ids))
+        assert llm.stats.expert_hits > 0
+    finally:
+        llm.unload()
