@@ -140,7 +140,9 @@ def plan_text(plan) -> str:
     moved = plan.streamed_bytes_per_token()
     lines.append("  streamed per step: " + ", ".join(f"{format_size(v)} from {k}" for k, v in moved.items())
                  + (" (blocks a submodule at a time)" if plan.split_blocks else "")
-                 + (" (MoE blocks: only the routed experts, at batch 1)" if any(e.routed_bytes for e in plan) else ""))
+                 + (" (MoE blocks: only the routed experts, at batch 1" if any(e.routed_bytes for e in plan) else "")
+                 + (", before the expert cache's hits)" if plan.reserved.get("expert_cache")
+                    else ")" if any(e.routed_bytes for e in plan) else ""))
     return "\n".join(lines)
 
 
@@ -176,6 +178,20 @@ def _legend(plan, y: int) -> str:
     return "".join(parts)
 
 
+def _expert_moves(plan, e) -> str:
+    if e.routed_bytes:
+        return "a step brings only those routed to"
+    return "resident" if e.tier == plan.resident_tier else "streamed with the block"
+
+
+def _expert_strip(e, x, y) -> str:
+    """A MoE block's experts as ticks along the cell's foot (a plain bar where there are more than 16)."""
+    ticks = e.experts if e.experts <= 16 else 1
+    width = (CELL - 4 - (ticks - 1)) / ticks
+    return "".join(f"<rect x='{x + 2 + k * (width + 1):.1f}' y='{y + CELL - 6}' width='{width:.1f}' height='4' "
+                   "fill='white' fill-opacity='0.45'/>" for k in range(ticks))
+
+
 def layer_map_svg(plan) -> str:
     """One square per unit, in plan order, coloured by tier; pinned units get a white corner."""
     cells = []
@@ -185,6 +201,9 @@ def layer_map_svg(plan) -> str:
         tip = (f"{e.name}: {e.tier}, " + (f"{e.fmt}, " if e.fmt else "") + format_size(e.bytes)
                + (", pinned" if e.pinned else ""))
         pin = (f"<path d='M{x + CELL - 10},{y} h10 v10 z' fill='white'/>" if e.pinned else "")
+        if e.experts:
+            tip += f"; experts: {e.experts}, {e.top_k} a token, {_expert_moves(plan, e)}"
+            pin += _expert_strip(e, x, y)
         cells.append(f"<g><title>{html.escape(tip)}</title>"
                      f"<rect x='{x}' y='{y}' width='{CELL}' height='{CELL}' rx='3' fill='{TIER_COLORS[e.tier]}'/>{pin}"
                      f"<text x='{x + CELL / 2}' y='{y + CELL / 2 + 4}' font-size='{10 if len(label) < 6 else 8}' "

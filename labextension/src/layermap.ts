@@ -12,6 +12,7 @@ import type { Lifetime } from "./views";
 
 const REPLAY_MIN_MS = 250;
 const REPLAY_MAX_MS = 900;
+const MAX_TICKS = 16; // experts drawn one tick each; more: shares of a bar
 
 export function renderLayerMap(model: AnyModel<LayerMapState>, root: HTMLElement, life: Lifetime): void {
   root.classList.add("nbo-layermap");
@@ -58,9 +59,15 @@ export function renderLayerMap(model: AnyModel<LayerMapState>, root: HTMLElement
       cell.dataset.tier = e.tier;
       cell.dataset.index = String(i);
       cell.onclick = (ev) => select(i, ev);
+      if (e.experts) {
+        cell.dataset.experts = String(e.experts.count);
+        cell.dataset.moves = e.experts.moves;
+        cell.append(el("div", "nbo-experts"));
+      }
       return cell;
     });
     grid.replaceChildren(...cells);
+    drawExperts();
     const targets = plan.targets;
     const current = tierSelect.value;
     tierSelect.replaceChildren(...targets.map((t) => {
@@ -70,6 +77,45 @@ export function renderLayerMap(model: AnyModel<LayerMapState>, root: HTMLElement
     }));
     if (targets.includes(current)) tierSelect.value = current;
     drawSelection();
+  }
+
+  // -- MoE blocks: a strip of their experts under the label ------------------------------------
+  // One tick per expert (a bar of shares where there are too many to draw): picked by the router in
+  // the last step, held in the GPU expert cache, or neither. The tooltip says how a step brings them.
+  function drawExperts() {
+    const plan = model.get("plan");
+    const state = model.get("experts") ?? {};
+    const gpu = model.get("colors").tiers.gpu ?? "#2e7d32";
+    cells.forEach((cell, i) => {
+      const info = plan.entries[i]?.experts;
+      const strip = cell.querySelector<HTMLDivElement>(".nbo-experts");
+      if (!info || !strip) return;
+      const live = state[cell.dataset.name!] ?? { routed: [], cached: [] };
+      const routed = new Set(live.routed);
+      const cached = new Set(live.cached);
+      cell.dataset.routed = live.routed.join(",");
+      cell.dataset.cached = String(live.cached.length);
+      if (info.count <= MAX_TICKS) {
+        strip.replaceChildren(...Array.from({ length: info.count }, (_, x) => {
+          const tick = el("span", `nbo-expert${routed.has(x) ? " nbo-routed" : ""}`);
+          if (cached.has(x)) tick.style.background = gpu;
+          return tick;
+        }));
+      } else {
+        const share = el("span", "nbo-expert-share");
+        share.style.width = `${(100 * live.cached.length) / info.count}%`;
+        share.style.background = gpu;
+        const picked = el("span", "nbo-expert-share nbo-routed");
+        picked.style.width = `${(100 * live.routed.length) / info.count}%`;
+        strip.replaceChildren(share, picked);
+      }
+      const how = info.moves === "routed" ? `a step brings only the ${info.top_k} routed to (per token)`
+        : info.moves === "whole" ? "streamed with the block, every one each step" : "resident";
+      const last = live.routed.length ? `\nlast step: ${live.routed.join(", ")}` : "";
+      const held = live.cached.length ? `\n${live.cached.length} in the GPU expert cache` : "";
+      const base = cell.title.split("\nexperts:")[0];
+      cell.title = `${base}\nexperts: ${info.count}, ${info.top_k} a token; ${how}${last}${held}`;
+    });
   }
 
   // -- selection ----------------------------------------------------------------------------
@@ -168,6 +214,7 @@ export function renderLayerMap(model: AnyModel<LayerMapState>, root: HTMLElement
   life.on("change:plan", drawPlan);
   life.on("change:selection", drawSelection);
   life.on("change:status", onStatus);
+  life.on("change:experts", drawExperts);
   life.add(() => cancelAnimationFrame(frame));
   drawPlan();
   showStatus(model.get("status"));

@@ -14,7 +14,17 @@ export interface PlanEntry {
   pinned: boolean;
   kind: string;
   format?: string;      // "bf16", "nf4", "int8" ... (quantized tiers)
+  experts?: Experts;    // a MoE block's routed experts
 }
+
+export interface Experts {
+  count: number;
+  top_k: number;
+  moves: "routed" | "whole" | "resident"; // routed: a step brings only the experts its router picks
+}
+
+// MoE blocks brought as routed: the experts of the last call, and those the GPU expert cache holds
+export type ExpertState = Record<string, { routed: number[]; cached: number[] }>;
 
 export interface PlanState {
   model: string;
@@ -40,6 +50,7 @@ export interface LayerMapState extends Common {
   plan: PlanState;
   selection: string[];
   status: Status;
+  experts: ExpertState;
 }
 
 export interface MemoryRow {

@@ -24,6 +24,8 @@ class LayerMap(OffloadWidget):
     plan = Dict().tag(sync=True)
     selection = List(Unicode()).tag(sync=True)
     status = Dict(IDLE).tag(sync=True)      # state: idle | pending | applying | done | error | unloaded
+    # MoE blocks brought as routed: {name: {"routed": experts of the last call, "cached": on the GPU}}
+    experts = Dict().tag(sync=True)
 
     def __init__(self, llm, **kwargs):
         super().__init__(llm, plan=plan_state(llm.plan), **kwargs)
@@ -37,6 +39,8 @@ class LayerMap(OffloadWidget):
         log.extend([e for e in events if e.step == last])
         header, buffers = log.pack()
         self.send({"type": "activity", "step": last, **header}, buffers)
+        if self.llm.loaded:
+            self.experts = self.llm.expert_state()
         super().live(events)
 
     def plan_changed(self, plan):

@@ -20,9 +20,18 @@ def pin_targets(plan) -> list:
     return tiers + [UNPIN]
 
 
+def _experts(plan, e) -> dict:
+    """A MoE block's routed experts: how many, how many a token uses, and how a step brings them: "routed"
+    (only those chosen, experts.py), "whole" (streamed with the block) or "resident"."""
+    if not e.experts:
+        return {}
+    moves = "routed" if e.routed_bytes else "resident" if e.tier == plan.resident_tier else "whole"
+    return {"experts": {"count": e.experts, "top_k": e.top_k, "moves": moves}}
+
+
 def plan_state(plan) -> dict:
     return {
         "model": plan.model, "device": plan.device, "targets": pin_targets(plan),
         "entries": [{"name": e.name, "label": short_label(e), "bytes": e.bytes, "tier": e.tier,
-                     "pinned": e.pinned, "kind": e.kind, "format": e.fmt} for e in plan.entries],
+                     "pinned": e.pinned, "kind": e.kind, "format": e.fmt, **_experts(plan, e)} for e in plan.entries],
     }

@@ -41,11 +41,21 @@ for i in range(12_000):
     llm.trace.host_event(("read", "copy", "compute")[i % 3], blocks[i % len(blocks)], s, s + 4e-5, 1 << 16)
 llm.trace.flush()
 print("STRESS", len(llm.trace))""",
+    # 6: a mixture-of-experts model, its blocks read from disk with only the routed experts: its layer map.
+    """from nb_offload.widgets import LayerMap
+moe = nb_offload.load("tiny-mixtral", device="cpu", disk="offload-moe", pins={"model.layers.*": "disk"},
+                      progress=False)
+print("MOE " + json.dumps({"blocks": [e.name for e in moe.plan if e.experts], "experts": moe.plan.entries[1].experts}))
+LayerMap(moe)""",
+    # 7: decode steps bring the routed experts; the map marks the last step's.
+    """moe.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+print("ROUTED " + json.dumps({k: v["routed"] for k, v in moe.expert_state().items()}))""",
 ]
 
 
 def main(folder):
     make_tiny_model(f"{folder}/tiny-llama", "llama")
+    make_tiny_model(f"{folder}/tiny-mixtral", "mixtral")
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.cells = [nbformat.v4.new_code_cell(src) for src in CELLS]

@@ -241,6 +241,32 @@ try {
   await cells.nth(1).locator(".nbo-timeline button", { hasText: "Fit" }).click();
   await shot("7-timeline-12k-events");
 
+  step = "a MoE model's experts on the layer map (cells 6-7)";
+  await runCell(6, 180_000);
+  const moe = JSON.parse((await output(6).allInnerTexts()).join("\n").match(/MOE (.*)/)[1]);
+  const moeMap = cells.nth(6).locator(".nbo-layermap");
+  const moeBlocks = moeMap.locator(".nbo-cell[data-experts]");
+  await moeBlocks.first().waitFor({ timeout: 30_000 });
+  assert.equal(await moeBlocks.count(), moe.blocks.length, "a strip of experts on every MoE block");
+  for (const name of moe.blocks) {
+    const cell = moeMap.locator(`.nbo-cell[data-name='${name}']`);
+    assert.equal(await cell.getAttribute("data-moves"), "routed", `${name}: only routed experts read`);
+    assert.equal(await cell.locator(".nbo-expert").count(), moe.experts, `${name}: a tick per expert`);
+    assert.match(await cell.getAttribute("title"), /experts: \d+, \d+ a token; a step brings only/);
+  }
+  await runCell(7);
+  const routed = JSON.parse((await output(7).innerText()).match(/ROUTED (.*)/)[1]);
+  await page.waitForFunction(([names]) => names.every((n) =>
+    document.querySelectorAll(".nbo-layermap")[1]?.querySelector(`.nbo-cell[data-name='${n}']`)?.dataset.routed),
+  [moe.blocks], { timeout: 15_000 });
+  for (const name of moe.blocks) {
+    const cell = moeMap.locator(`.nbo-cell[data-name='${name}']`);
+    assert.equal(await cell.getAttribute("data-routed"), routed[name].join(","), `${name}: the last step's experts`);
+    assert.equal(await cell.locator(".nbo-expert.nbo-routed").count(), routed[name].length);
+  }
+  log(`MoE layer map: ${moe.blocks.length} blocks, last step's experts ${JSON.stringify(routed)}`);
+  await moeMap.screenshot({ path: path.join(OUT, "7b-moe-experts.png") });
+
   step = "save";
   await page.evaluate(() => window.jupyterapp.commands.execute("docmanager:save"));
 
