@@ -472,7 +472,7 @@ def llamacpp_rows(path) -> dict:
 def render_graph(data, command, title, llama=None) -> str:
     """A bench_graph.py run (the captured decode step), with the same session's llama.cpp figures."""
     m = data["meta"]
-    rows = {r["row"]: r for r in data["rows"]}
+    rows = {r["row"]: r for r in data["rows"] if "error" not in r}
     cpp = llamacpp_rows(llama) if llama else {}
     dense = next((v[0] for k, v in cpp.items()
                   if "7B" in k[0] and k[1] == 99 and k[2] is None and k[3] == "tg32"), None)
@@ -500,7 +500,8 @@ def render_graph(data, command, title, llama=None) -> str:
                   "transformers static" if r.get("compile_equals_hf_static") else "NOT transformers static"),
                  ("nb_eager", "nb_offload eager", "transformers eager" if r["nb_eager_equals_hf_eager"] else "NO"),
                  ("nb_graph", "**nb_offload graph**",
-                  "transformers static" if r["nb_graph_equals_hf_static"] else "NOT transformers static")]
+                  "transformers static" if r["nb_graph_equals_hf_static"] else "NOT transformers static"),
+                 ("nb_graph_untraced", "nb_offload graph, trace off", "")]
         for key, name, same in names:
             if f"{key}_tok_s" in r:
                 lines.append(f"| {name} | {r[key + '_tok_s']:.1f} ({sp[key]}) | {same} |")
@@ -562,13 +563,79 @@ def render_graph(data, command, title, llama=None) -> str:
                   f"({r['spread']['hf_eager']}): **{r['graph_over_hf_eager']:.2f}x** "
                   f"(goal 5x: {met(r['graph_over_hf_eager'] >= 5)}); tokens equal "
                   f"transformers' with the same static cache: {'yes' if r['nb_graph_equals_hf_static'] else 'NO'}"
+                  + (f"; a replay alone {r['replay_ms']:.2f} ms, the host between replays "
+                     f"{r['host_ms_per_step']:.2f} ms" if "replay_ms" in r else "")
                   + (f"; llama.cpp all on the GPU {moe_all:.0f} tok/s." if moe_all else "."), ""]
+    for key in ("resident", "moe"):
+        k = rows.get(key, {}).get("kernels")
+        if k:
+            top = ", ".join(f"{name.split('<')[0][:40]} {ms:.1f} ms ({n}x)" for name, ms, n in k["top"][:5])
+            lines += [f"GPU kernels of a prefill and 8 eager decode steps ({key}, torch.profiler): "
+                      f"{k['total_ms']:.1f} ms in {k['launches']} launches; the largest: {top}.", ""]
     if cpp:
         lines += ["llama.cpp in the same machine session (`../shared/bench/llamacpp_anchor.sh bench` and `moe`, "
                   "16 threads):", "", "| model | -ngl | --n-cpu-moe | test | t/s |", "|---|---:|---:|---|---:|"]
         for (model, ngl, ncmoe, test), (v, err) in cpp.items():
             lines.append(f"| {model} | {ngl} | {ncmoe if ncmoe is not None else ''} | {test} | {v:.2f} ± {err:.2f} |")
         lines.append("")
+    return "\n".join(lines)
+
+
+def render_moe(data, command, title, llama=None) -> str:
+    """A bench_moe.py run: routed experts against whole MoE blocks streamed, and the GPU expert cache."""
+    m = data["meta"]
+    cpp = llamacpp_rows(llama) if llama else {}
+    # llama.cpp's Mixtral-shape configurations within about 2.5 GB of GPU memory (issue 15's table): every
+    # expert on the CPU (--n-cpu-moe 16), or 4 of 16 layers on the GPU (-ngl 4)
+    fits = [(k, v[0]) for k, v in cpp.items() if "7B" not in k[0] and k[3] == "tg32"
+            and ((k[2] or 0) >= 16 or (k[2] is None and k[1] <= 4))]
+    best = max((v for _, v in fits), default=None)
+    lines = [f"## {m['date']}, {title or 'routed experts against whole MoE blocks'} · {m['card']} · torch "
+             f"{m['torch']}, transformers {m['transformers']}", "",
+             "Command (GPU machine, repository root):", "", f"    {command}", "",
+             f"Decode at batch 1, {m['tokens']} new tokens, per-step medians over interleaved rounds (spread in "
+             f"brackets), random bf16 weights, page-locked link {m['link_gbps']:.1f} GB/s. Three loads of each "
+             "model at the same budget: *routed* (the default: streamed MoE blocks come without their experts, "
+             "then the routed ones once the router has chosen; the GPU expert cache in the room the plan leaves), "
+             "*routed, no cache* (`expert_cache=0`) and *whole* (every expert of every streamed block, the "
+             "captured step). Bytes a step moves: the model's own counters (a 10- and a 2-token generate "
+             "differenced). Link bound: those bytes over the link.", "",
+             "| shape | budget | routed tok/s | routed, no cache | whole tok/s | routed / whole | moved a step: "
+             "routed / no cache / whole | % of link bound: routed / whole | host wait for routers a step | "
+             "expert cache: experts kept of streamed, hit rate | prefill 2048: routed / whole | same tokens |",
+             "|---|---|---:|---:|---:|---:|---|---|---:|---|---|---|"]
+    for r in data["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['row']} | error: {r['error'].splitlines()[-1][:80]} |")
+            continue
+        sp = r["spread"]
+        same = "yes" if r["routed_equals_hf"] and r["whole_equals_hf_static"] else "NO"
+        lines.append(
+            f"| {r['row']} | {r['budget']} | {r['routed_tok_s']:.2f} ({sp['routed']}) | "
+            f"{r.get('routed_nocache_tok_s', float('nan')):.2f} | {r['whole_tok_s']:.2f} ({sp['whole']}) | "
+            f"**{r['routed_over_whole']:.2f}x** | {r['routed_moved_per_step'] / 1e9:.2f} / "
+            f"{r.get('routed_nocache_moved_per_step', float('nan')) / 1e9:.2f} / "
+            f"{r['whole_moved_per_step'] / 1e9:.2f} GB"
+            f" | {r['routed_pct_of_link_bound']:.0f} % / {r['whole_pct_of_link_bound']:.0f} % | "
+            f"{r['route_wait_ms_per_step']:.1f} ms | {r.get('expert_cache_experts', 0)} of "
+            f"{r.get('experts_streamed', '?')}, {100 * r.get('hit_rate', 0):.1f} % | "
+            f"{r['prefill_2048_routed_s'] * 1e3:.0f} / {r['prefill_2048_whole_s'] * 1e3:.0f} ms | {same} |")
+    lines.append("")
+    for r in data["rows"]:
+        if "error" in r:
+            continue
+        lines.append(f"- {r['row']}: the plan predicted {r['routed_predicted_per_step'] / 1e9:.2f} GB a routed step "
+                     f"(before the cache's hits); transformers with the whole model on the GPU, eager: "
+                     f"{r['hf_resident_eager_tok_s']:.1f} tok/s; plan: {'; '.join(x.strip() for x in r['plan'][2:])}")
+        if r["row"] == "qwen3":
+            lines.append(f"- qwen3: routed over whole streaming {r['routed_over_whole']:.2f}x (goal 4x: "
+                         f"{'met' if r['routed_over_whole'] >= 4 else '**not met**'})")
+        if r["row"] == "mixtral" and best:
+            lines.append(f"- mixtral: routed over the best llama.cpp configuration within the GPU memory "
+                         f"({best:.1f} tok/s, of {', '.join(f'ngl {k[1]} ncmoe {k[2]}: {v:.1f}' for k, v in fits)}; "
+                         f"{llama}): {r['routed_tok_s'] / best:.2f}x (goal 1.2x: "
+                         f"{'met' if r['routed_tok_s'] / best >= 1.2 else '**not met**'})")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -598,6 +665,8 @@ def main():
         title = f' --title "{args.title}"' if args.title else ""
         print(render_readme(data, args.title, list(zip(args.json[1:], loaded[1:])),
                             f"python3 benchmarks/report.py {' '.join(args.json)} --readme{title}"))
+    elif any("routed_tok_s" in r for r in data.get("rows", [])):
+        print(render_moe(data, args.command or "bash benchmarks/gpu_run.sh moe", args.title, args.llama))
     elif any("nb_graph_tok_s" in r for r in data.get("rows", [])):
         print(render_graph(data, args.command or "bash benchmarks/gpu_run.sh graph", args.title, args.llama))
     elif "variant" in (data.get("rows") or [{}])[0]:
