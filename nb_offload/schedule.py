@@ -39,8 +39,10 @@ class Job:
     read: Read | None = None
     ready: object = None       # the mover's: a CUDA event (copy done) or a future (read done)
     copied: bool = False       # the mover's: the copy into the slot has been issued
-    ranges: list | None = None  # the engine's: byte ranges of the unit brought now (a MoE block without its
-                                # experts, experts.py); None: all of it
+    # The engine's: None where the unit comes whole; else it comes without its routed experts (experts.py),
+    # which its experts module's pre-hook brings: on CUDA these are the byte ranges to copy now, on the
+    # CPU an empty list (the reader is given a source holding only those ranges)
+    ranges: list | None = None
 
 
 @dataclass

@@ -332,6 +332,7 @@ class Stats:
                      f"{format_size(self.graph_pool_bytes)}")
         if self.experts_read + self.experts_skipped:
             text += (f"; experts brought {self.experts_read} of {self.experts_read + self.experts_skipped} (routed)"
+                     + (f", {self.expert_hits} from the expert cache" if self.expert_hits else "")
                      + (f", {1e3 * self.route_wait_seconds:.0f} ms waiting for routers" if self.route_wait_seconds
                         else ""))
         return text
