@@ -15,6 +15,12 @@ mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
+# run_bench NAME SCRIPT LIMIT ARGS LINES: benchmarks/SCRIPT --json $OUT/NAME$BENCH_TAG.json ARGS under a time
+# limit, the libraries' progress noise filtered out, its output kept in $OUT/NAME.log, the last LINES shown
+run_bench() {
+    timeout "$3" python3 "benchmarks/$2" --json "$OUT/$1${BENCH_TAG:-}.json" $4 2>&1 \
+        | grep -v "Loading weights\|Writing model\|will be cast\|attention mask" | tee "$OUT/$1.log" | tail -"$5"
+}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv,noheader || true
 for step in "${@:-tests}"; do
     start=$SECONDS
@@ -22,25 +28,15 @@ for step in "${@:-tests}"; do
         tests)
             timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -q -s ${TESTS:-tests/gpu} 2>&1 | tee "$OUT/gpu-tests.log" \
                 | grep -E "passed|failed|error|budget|hold=|PCIe|capture|static|^FAILED|^E " | tail -40 ;;
-        graph)
-            timeout "${GRAPH_TIMEOUT:-540}" python3 benchmarks/bench_graph.py --json "$OUT/graph${BENCH_TAG:-}.json" \
-                ${GRAPH_ARGS:-} 2>&1 | grep -v "Loading weights\|Writing model\|will be cast" | tee "$OUT/graph.log" | tail -20 ;;
-        moe)
-            timeout "${MOE_TIMEOUT:-540}" python3 benchmarks/bench_moe.py --json "$OUT/moe${BENCH_TAG:-}.json" \
-                ${MOE_ARGS:-} 2>&1 | grep -v "Loading weights\|Writing model\|will be cast" | tee "$OUT/moe.log" | tail -20 ;;
+        graph) run_bench graph bench_graph.py "${GRAPH_TIMEOUT:-540}" "${GRAPH_ARGS:-}" 20 ;;
+        moe) run_bench moe bench_moe.py "${MOE_TIMEOUT:-540}" "${MOE_ARGS:-}" 20 ;;
         dashboard)
             timeout 300 python3 benchmarks/bench_dashboard.py --json "$OUT/dashboard.json" 2>&1 | tail -3 ;;
         bench|bench=*)
             cases="${step#bench}"; cases="${cases#=}"
-            timeout "${BENCH_TIMEOUT:-590}" python3 benchmarks/bench_offload.py --cases "${cases:-all}" \
-                --json "$OUT/bench${BENCH_TAG:-}.json" ${BENCH_ARGS:-} 2>&1 \
-                | grep -v "Loading weights\|Writing model\|attention mask" | tee "$OUT/bench.log" | tail -16 ;;
-        quant)
-            timeout "${QUANT_TIMEOUT:-540}" python3 benchmarks/bench_quant.py --json "$OUT/quant${BENCH_TAG:-}.json" \
-                ${QUANT_ARGS:-} 2>&1 | grep -v "Loading weights\|Writing model\|will be cast" | tee "$OUT/quant.log" | tail -16 ;;
-        load)
-            timeout "${LOAD_TIMEOUT:-540}" python3 benchmarks/bench_load.py --json "$OUT/load${BENCH_TAG:-}.json" \
-                ${LOAD_ARGS:-} 2>&1 | grep -v "Loading weights\|Writing model" | tee "$OUT/load.log" | tail -16 ;;
+            run_bench bench bench_offload.py "${BENCH_TIMEOUT:-590}" "--cases ${cases:-all} ${BENCH_ARGS:-}" 16 ;;
+        quant) run_bench quant bench_quant.py "${QUANT_TIMEOUT:-540}" "${QUANT_ARGS:-}" 16 ;;
+        load) run_bench load bench_load.py "${LOAD_TIMEOUT:-540}" "${LOAD_ARGS:-}" 16 ;;
         *) echo "unknown step $step"; exit 2 ;;
     esac
     echo "[$step: $((SECONDS - start)) s]"

@@ -20,7 +20,7 @@ from collections import deque
 from concurrent.futures import wait as futures_wait
 
 from . import experts
-from .graphs import DecodeGraphs
+from .graphs import DecodeGraphs, given_ids
 from .hooks import ModuleHooks, bind, bind_views, to_device
 from .movers import CpuMover, CudaMover
 from .planner import text_config
@@ -80,7 +80,7 @@ class Engine:
         for u in streamed:
             found = experts.find(model, u, top_k)
             src = self.sources[u.index]
-            if found is None or not found.worth_it(self.cuda) or src.tier != ("cpu" if self.cuda else "disk") \
+            if found is None or not found.worth_it(self.cuda) or src.tier != experts.routed_tier(self.cuda) \
                     or (self.cuda and src.flat is None):
                 continue
             self.routed[u.index] = found
@@ -92,7 +92,7 @@ class Engine:
                 self._without_experts[u.index] = (Source(src.tier, extents=rest), sum(e[2] for e in rest))
         self.graphs = DecodeGraphs(self, enabled=cuda_graph)
         # copies of often routed experts in the room the plan reserved for them
-        row = max((sum(r for _, r in f.rows) for f in self.routed.values()), default=0)
+        row = max((f.row_bytes for f in self.routed.values()), default=0)
         self.expert_cache = experts.ExpertCache(torch, device, row, expert_cache // row) \
             if row and expert_cache >= row else None
         if self.expert_cache is not None and pinned_experts:
@@ -500,8 +500,5 @@ class Engine:
 
 def _tokens(args, kwargs) -> int:
     """The tokens a forward pass computes (batch x length of its ids or embeddings; 1 where it can't tell)."""
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    if ids is None:
-        ids = kwargs.get("inputs_embeds")
-    shape = getattr(ids, "shape", ())
+    shape = getattr(given_ids(args, kwargs), "shape", ())
     return int(shape[0] * shape[1]) if len(shape) >= 2 else 1

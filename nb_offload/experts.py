@@ -55,9 +55,14 @@ class RoutedExperts:
         of them. Above that, as in a prefill, the block comes whole, ahead of use, with no wait for the router."""
         return 1 - (1 - min(self.top_k, self.count) / self.count) ** max(1, tokens) <= ROUTED_SHARE
 
+    @property
+    def row_bytes(self) -> int:
+        """One expert's bytes: its row of every fused tensor."""
+        return sum(row for _, row in self.rows)
+
     def saved(self) -> int:
         """Bytes a batch-1 decode step doesn't bring of the block: the rows of the experts not routed to."""
-        return max(0, self.count - self.top_k) * sum(row for _, row in self.rows)
+        return max(0, self.count - self.top_k) * self.row_bytes
 
     def worth_it(self, cuda: bool) -> bool:
         """Whether the block is brought as routed on this device at all (always from disk on the CPU)."""
@@ -87,6 +92,11 @@ class RoutedExperts:
         if index is None:
             return list(range(self.count))      # can't tell: read them all
         return sorted(e for e in set(index.flatten().tolist()) if 0 <= e < self.count)
+
+
+def routed_tier(cuda: bool) -> str:
+    """The tier streamed MoE blocks come apart from: host memory on CUDA, disk on the CPU device."""
+    return "cpu" if cuda else "disk"
 
 
 def find(model, unit, top_k: int = 1) -> RoutedExperts | None:
@@ -126,7 +136,7 @@ def describe(model, unit, top_k: int, cuda: bool) -> None:
         return
     unit.routed_nbytes = _routed_bytes(found, unit.params)
     unit.routed_split_nbytes = _split_bytes(model, unit, top_k) if unit.pieces else 0
-    unit.expert_row_nbytes = sum(row for _, row in found.rows)
+    unit.expert_row_nbytes = found.row_bytes
 
 
 def _split_bytes(model, unit, top_k) -> int:
@@ -143,7 +153,7 @@ def _routed_bytes(found, params) -> int:
     """Every weight but the fused ones, and ``top_k`` rows of each of those."""
     fused = {offset for offset, _ in found.rows}
     rest = sum(s.nbytes for s in params if s.offset not in fused)
-    return rest + min(found.top_k, found.count) * sum(row for _, row in found.rows)
+    return rest + min(found.top_k, found.count) * found.row_bytes
 
 
 class ExpertCache:

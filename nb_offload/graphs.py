@@ -57,6 +57,12 @@ def given_cache(kwargs):
     return cache if cache is not None else kwargs.get("past_key_values")
 
 
+def given_ids(args, kwargs):
+    """The token ids a forward (or generate) call was given, else its embeddings; None where neither."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    return kwargs.get("inputs_embeds") if ids is None else ids
+
+
 def _leaves(obj, path=()):
     """(path, value) of every leaf of nested tuples, lists and dicts."""
     if isinstance(obj, (tuple, list)):
@@ -184,9 +190,7 @@ class DecodeGraphs:
         """Whether this forward pass is a decode step of the generate given ``self.cache``."""
         if not self.active or self.cache is None or given_cache(kwargs) is not self.cache:
             return False
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
+        ids = given_ids(args, kwargs)
         return getattr(ids, "ndim", 0) >= 2 and ids.shape[1] == 1
 
     def step(self, forward, args, kwargs):

@@ -12,7 +12,15 @@ from .budget import format_size, host_memory, parse_size, process_memory
 from .checkpoint import Checkpoint, resolve
 from .errors import BudgetError, CheckpointError, OffloadError, OptionError, PinError
 from .options import Options
-from .planner import DEFAULT_CONTEXT, Plan, make_plan, resolve_expert_pins, resolve_pins, text_config
+from .planner import (
+    DEFAULT_CONTEXT,
+    Plan,
+    make_plan,
+    resident_tier_of,
+    resolve_expert_pins,
+    resolve_pins,
+    text_config,
+)
 from .units import build_meta_model, find_units, map_checkpoint, quiet_transformers, resolve_dtype
 
 GPU_HEADROOM = 0.05     # share of the card left free when gpu=None
@@ -203,8 +211,7 @@ class Inspection:
         asked = self.options.expert_cache
         if asked in ("auto", 0):
             return asked
-        tier = "gpu" if device_type == "cuda" else "cpu"
-        return parse_size(asked, capacity=budgets.get(tier), what="expert_cache")
+        return parse_size(asked, capacity=budgets.get(resident_tier_of(device_type)), what="expert_cache")
 
 
 def _device_of(device_type):
@@ -263,7 +270,7 @@ def plan(model, **options) -> Plan:
         dev_type = "cuda" if torch.cuda.is_available() else "cpu"
     budgets = _budgets(dev_type, opts.gpu, opts.cpu, opts.disk, planning=True)     # before any file is read
     insp = Inspection(model, opts, dev_type)
-    expert_pins = resolve_expert_pins(opts.pins, insp.units, "gpu" if dev_type == "cuda" else "cpu")
+    expert_pins = resolve_expert_pins(opts.pins, insp.units, dev_type)
     return insp.make_plan(dev_type, budgets, resolve_pins(opts.pins, insp.units), expert_pins)
 
 
@@ -286,7 +293,7 @@ def load(model, **options):
     else:
         budgets = _budgets("cpu", opts.gpu, opts.cpu, opts.disk)
     pin_map = resolve_pins(opts.pins, insp.units)
-    expert_pins = resolve_expert_pins(opts.pins, insp.units, "gpu" if dev.type == "cuda" else "cpu")
+    expert_pins = resolve_expert_pins(opts.pins, insp.units, dev.type)
     the_plan = insp.make_plan(dev.type, budgets, pin_map, expert_pins)
     from .model import OffloadedModel
     from .storage import Storage

@@ -298,7 +298,7 @@ class OffloadedModel:
         if is_expert_pattern(pattern):
             with self._gate.exclusive("re-pin"):
                 self._check_loaded()
-                named = resolve_expert_pins({pattern: tier}, self._insp.units, self.plan.resident_tier)
+                named = resolve_expert_pins({pattern: tier}, self._insp.units, self.plan.device)
                 pinned = {i: self._expert_pins.get(i, frozenset()) | named.get(i, frozenset())
                           for i in set(self._expert_pins) | set(named)}
                 return self._replan(self._pins, pinned)
@@ -323,8 +323,7 @@ class OffloadedModel:
         with self._gate.exclusive("unpin"):
             self._check_loaded()
             if is_expert_pattern(pattern):
-                named = resolve_expert_pins({pattern: self.plan.resident_tier}, self._insp.units,
-                                            self.plan.resident_tier)
+                named = resolve_expert_pins({pattern: self.plan.resident_tier}, self._insp.units, self.plan.device)
                 if not any(self._expert_pins.get(i, frozenset()) & e for i, e in named.items()):
                     raise PinError(f"pattern {pattern!r} matches no pinned expert; pinned now: "
                                    f"{self.pinned_experts() or 'none'}.")

@@ -16,7 +16,9 @@ ACCEPTED = ('a module name as in named_modules(), with * globs and index ranges,
             '"model.layers.*", "lm_head"')
 
 
-def _segment_matcher(seg: str, pattern: str):
+def segment_matcher(seg: str, pattern: str):
+    """A test of one part of a name against ``seg``, one part of ``pattern``: an index range ("0-3") or a
+    glob (a plain name, "*")."""
     m = _RANGE.match(seg)
     if m:
         lo, hi = int(m.group(1)), int(m.group(2))
@@ -30,12 +32,6 @@ def _segment_matcher(seg: str, pattern: str):
     return lambda s: rx.match(s) is not None
 
 
-def expert_matcher(seg: str, pattern: str):
-    """A test of an expert's index (as a string) against the last part of an expert pin: an index, a
-    range ("0-3") or a glob ("*")."""
-    return _segment_matcher(seg, pattern)
-
-
 def compile_pattern(pattern: str):
     """Return a function that tells whether a module name falls under ``pattern``."""
     if not isinstance(pattern, str):
@@ -45,7 +41,7 @@ def compile_pattern(pattern: str):
     pattern = pattern.strip()
     if pattern == "*":
         return lambda name: True
-    matchers = [_segment_matcher(seg, pattern) for seg in pattern.split(".")]
+    matchers = [segment_matcher(seg, pattern) for seg in pattern.split(".")]
 
     def matches(name: str) -> bool:
         parts = name.split(".") if name else []

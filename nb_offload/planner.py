@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from . import experts
 from .budget import format_size
 from .dtypes import SHORT_NAMES
 from .errors import BudgetError, PinError
-from .patterns import match_units
+from .patterns import compile_pattern, match_units, segment_matcher
 from .quant import FORMATS as QUANT_FORMATS
 from .units import round_up
 
@@ -27,6 +28,11 @@ DEFAULT_CONTEXT = 2048
 # workspace reservations), or when only pieces fit. Pieces free that room for resident
 # weights, but each costs a hook pair on the CPU, which shows when the step is compute-bound.
 SPLIT_SHARE = 0.10
+
+
+def resident_tier_of(device: str) -> str:
+    """The tier that computes: the GPU's on CUDA, host memory's on the CPU device."""
+    return "gpu" if device == "cuda" else "cpu"
 
 
 @dataclass
@@ -70,7 +76,7 @@ class Plan:
 
     @property
     def resident_tier(self) -> str:
-        return "gpu" if self.device == "cuda" else "cpu"
+        return resident_tier_of(self.device)
 
     @property
     def streamed_tiers(self) -> tuple:
@@ -221,7 +227,7 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
     stream as routed). ``expert_pins``: unit index -> experts kept in that cache (``resolve_expert_pins``);
     the cache holds at least them.
     """
-    resident = "gpu" if device == "cuda" else "cpu"
+    resident = resident_tier_of(device)
     _check_pins(units, pins, device, budgets)
     reserved = footprint(config, dtype_size, context, batch, device)
     dequant = max((u.dequant_bytes for u in units), default=0)
@@ -254,7 +260,7 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
         tiers.update((u.index, "disk") for u in stream)
     # MoE blocks bring only their routed experts where the engine does so (experts.py): streamed from disk
     # on the CPU, from host memory on CUDA
-    routed_tier = "disk" if device == "cpu" else "cpu"
+    routed_tier = experts.routed_tier(device == "cuda")
     entries = [PlanEntry(name=u.name, bytes=u.nbytes, tier=tiers[u.index], pinned=u.index in pins,
                          kind=u.kind, aliases=tuple(u.modules), fmt=u.fmt,
                          routed_bytes=0 if tiers[u.index] != routed_tier
@@ -290,7 +296,7 @@ def _size_expert_cache(units, entries, reserved, budget, resident, asked, expert
 
 
 def _check_pins(units, pins, device, budgets):
-    resident = "gpu" if device == "cuda" else "cpu"
+    resident = resident_tier_of(device)
     allowed = (resident, "cpu", "disk") if device == "cuda" else ("cpu", "disk")
     for idx, tier in pins.items():
         u = units[idx]
@@ -495,11 +501,12 @@ def is_expert_pattern(pattern) -> bool:
     return len(segs) >= 3 and segs[-2] == "experts"
 
 
-def resolve_expert_pins(pins, units, resident: str) -> dict:
+def resolve_expert_pins(pins, units, device: str) -> dict:
     """``{unit index: frozenset of experts}`` for the pins that name single experts (``is_expert_pattern``):
-    kept on the compute device, in the expert cache, for as long as the pin stands. Only the compute
-    device's tier (``resident``) is accepted for them: an expert that isn't kept comes with its block."""
-    from .patterns import compile_pattern, expert_matcher
+    kept on the compute device, in the expert cache, for as long as the pin stands. Only the tier of the
+    compute device (``device``: "cuda" or "cpu") is accepted for them: an expert that isn't kept comes with
+    its block."""
+    resident = resident_tier_of(device)
     out = {}
     for pattern, value in (pins or {}).items():
         if not is_expert_pattern(pattern):
@@ -510,7 +517,7 @@ def resolve_expert_pins(pins, units, resident: str) -> dict:
                            f"({resident!r}), in the expert cache, or come with their block; pin them {resident!r}, "
                            "or pin their block to move them.")
         prefix, last = pattern.strip().rsplit(".", 1)
-        module, pick = compile_pattern(prefix), expert_matcher(last, pattern)
+        module, pick = compile_pattern(prefix), segment_matcher(last, pattern)
         depth = len(prefix.split("."))
         found = [u for u in units if u.expert_count and len(u.experts_module.split(".")) == depth
                  and module(u.experts_module)]

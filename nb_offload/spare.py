@@ -14,7 +14,7 @@ Units the user pinned are never held: a pin says where a unit's bytes come from.
 
 from __future__ import annotations
 
-from .graphs import given_cache
+from .graphs import given_cache, given_ids
 from .planner import footprint
 
 
@@ -32,10 +32,7 @@ def generate_extent(model, args, kwargs):
     if given_cache(kwargs) is not None or kwargs.get("assistant_model") is not None \
             or kwargs.get("prompt_lookup_num_tokens"):
         return None
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    if ids is None:
-        ids = kwargs.get("inputs_embeds")
-    shape = getattr(ids, "shape", None)
+    shape = getattr(given_ids(args, kwargs), "shape", None)
     if shape is None or len(shape) < 2:
         return None
     batch, prompt = int(shape[0]), int(shape[1])

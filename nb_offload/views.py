@@ -178,10 +178,16 @@ def _legend(plan, y: int) -> str:
     return "".join(parts)
 
 
-def _expert_moves(plan, e) -> str:
+def expert_moves(plan, e) -> str:
+    """How a step brings a MoE block's routed experts: "routed" (only those chosen, experts.py), "whole"
+    (streamed with the block) or "resident"."""
     if e.routed_bytes:
-        return "a step brings only those routed to"
-    return "resident" if e.tier == plan.resident_tier else "streamed with the block"
+        return "routed"
+    return "resident" if e.tier == plan.resident_tier else "whole"
+
+
+EXPERT_MOVES = {"routed": "a step brings only those routed to", "whole": "streamed with the block",
+                "resident": "resident"}
 
 
 def _expert_strip(e, x, y) -> str:
@@ -202,7 +208,7 @@ def layer_map_svg(plan) -> str:
                + (", pinned" if e.pinned else ""))
         pin = (f"<path d='M{x + CELL - 10},{y} h10 v10 z' fill='white'/>" if e.pinned else "")
         if e.experts:
-            tip += f"; experts: {e.experts}, {e.top_k} a token, {_expert_moves(plan, e)}"
+            tip += f"; experts: {e.experts}, {e.top_k} a token, {EXPERT_MOVES[expert_moves(plan, e)]}"
             pin += _expert_strip(e, x, y)
         cells.append(f"<g><title>{html.escape(tip)}</title>"
                      f"<rect x='{x}' y='{y}' width='{CELL}' height='{CELL}' rx='3' fill='{TIER_COLORS[e.tier]}'/>{pin}"

@@ -151,3 +151,19 @@ def pin_while_generating(llm, pattern, tier, max_new_tokens=24):
         thread.join()
         hook.remove()
     return got, times["pinned"] > times["generated"]
+
+
+class InterruptAt:
+    """A generate streamer that raises KeyboardInterrupt (a notebook's interrupt) at its ``n``-th call:
+    the prompt, then one a token."""
+
+    def __init__(self, n: int):
+        self.n, self.calls = n, 0
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+
+    def end(self):
+        pass

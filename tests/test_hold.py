@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import PROMPT, blocks, greedy, load_tight, reference
+from helpers import PROMPT, InterruptAt, blocks, greedy, load_tight, reference
 
 import nb_offload
 from nb_offload import spare
@@ -90,21 +90,9 @@ def test_an_interrupted_generate_gives_the_units_back(model_dirs, tmp_path):
     want, _ = reference(folder)
     llm = load_tight(folder, tmp_path / "offload")
 
-    class Interrupt:
-        def __init__(self):
-            self.calls = 0
-
-        def put(self, value):
-            self.calls += 1
-            if self.calls == 4:
-                raise KeyboardInterrupt
-
-        def end(self):
-            pass
-
     try:
         with pytest.raises(KeyboardInterrupt):
-            greedy(llm, streamer=Interrupt())
+            greedy(llm, streamer=InterruptAt(4))
         assert llm.stats.held_last > 0 and llm.held == [] and not llm._engine.held
         assert torch.equal(greedy(llm), want)
     finally:

@@ -7,7 +7,7 @@ plan in one set of colours.
 
 from __future__ import annotations
 
-from ..views import PALETTE, short_label
+from ..views import PALETTE, expert_moves, short_label
 
 COLORS = PALETTE    # the widgets' ``colors`` state: the front end draws with these
 UNPIN = "auto"      # the re-pin target that hands units back to the planner
@@ -21,12 +21,11 @@ def pin_targets(plan) -> list:
 
 
 def _experts(plan, e) -> dict:
-    """A MoE block's routed experts: how many, how many a token uses, and how a step brings them: "routed"
-    (only those chosen, experts.py), "whole" (streamed with the block) or "resident"."""
+    """A MoE block's routed experts: how many, how many a token uses, and how a step brings them
+    (views.expert_moves)."""
     if not e.experts:
         return {}
-    moves = "routed" if e.routed_bytes else "resident" if e.tier == plan.resident_tier else "whole"
-    return {"experts": {"count": e.experts, "top_k": e.top_k, "moves": moves}}
+    return {"experts": {"count": e.experts, "top_k": e.top_k, "moves": expert_moves(plan, e)}}
 
 
 def plan_state(plan) -> dict:

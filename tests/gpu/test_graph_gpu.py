@@ -6,7 +6,7 @@ own ``generate`` given a ``StaticCache`` of the same length, without compiling.
 
 import pytest
 import torch
-from helpers import PROMPT, blocks, staging_bytes
+from helpers import PROMPT, InterruptAt, blocks, staging_bytes
 
 import nb_offload
 from nb_offload.graphs import bucket, cache_name
@@ -191,20 +191,9 @@ def test_an_interrupt_between_replays_leaves_the_model_usable(model_dirs):
     want = plain_generate(plain(folder), ids)
     llm = nb_offload.load(folder, pins=streamed_pins(folder), progress=False)
 
-    class Interrupt:
-        def __init__(self):
-            self.n = 0
-
-        def put(self, value):
-            self.n += 1
-            if self.n == 6:
-                raise KeyboardInterrupt
-
-        def end(self):
-            pass
     try:
         with pytest.raises(KeyboardInterrupt):
-            offloaded(llm, ids, streamer=Interrupt())
+            offloaded(llm, ids, streamer=InterruptAt(6))
         assert torch.equal(offloaded(llm, ids), want)
     finally:
         llm.unload()
