@@ -145,21 +145,29 @@ try {
   step = "timeline zoom and hover";
   const canvas = cells.nth(1).locator(".nbo-timeline canvas");
   const box = await canvas.boundingBox();
-  await page.mouse.move(box.x + box.width * 0.5, box.y + 10);
-  for (let k = 0; k < 5; k++) await page.mouse.wheel(0, -200);
-  await page.mouse.move(box.x + box.width * 0.3, box.y + 10);
-  await page.mouse.down();
-  await page.mouse.move(box.x + box.width * 0.5, box.y + 10, { steps: 5 });
-  await page.mouse.up();
-  // Hover the compute lane where it is drawn: the tooltip names the event.
-  const x = await canvas.evaluate((c, [r, g, b]) => {
+  const drawn = () => page.evaluate(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))));
+  // The first x (CSS px) where the compute lane is drawn, or -1. Compute is the third lane, 22 px each.
+  const computeX = () => canvas.evaluate((c, [r, g, b]) => {
     const dpr = window.devicePixelRatio || 1;
-    const y = Math.round((2 * 22 + 11) * dpr); // compute is the third lane, 22 px each
-    const row = c.getContext("2d").getImageData(0, y, c.width, 1).data;
+    const row = c.getContext("2d").getImageData(0, Math.round((2 * 22 + 11) * dpr), c.width, 1).data;
     for (let i = 0; i < row.length; i += 4) if (row[i] === r && row[i + 1] === g && row[i + 2] === b) return i / 4 / dpr;
     return -1;
   }, LANE_RGB.compute);
-  assert.ok(x >= 0, "compute lane visible after zooming");
+  // Zoom in around a compute event (the wheel zooms about the pointer), then drag it towards the wider side:
+  // where the gaps fall depends on the machine's speed, so a fixed spot could land in one.
+  await drawn();
+  const before = await computeX();
+  assert.ok(before >= 0, "compute lane drawn before zooming");
+  await page.mouse.move(box.x + before + 0.5, box.y + 10);
+  for (let k = 0; k < 5; k++) await page.mouse.wheel(0, -200);
+  const shift = (before < box.width / 2 ? 1 : -1) * box.width * 0.15;
+  await page.mouse.down();
+  await page.mouse.move(box.x + before + 0.5 + shift, box.y + 10, { steps: 5 });
+  await page.mouse.up();
+  await drawn();
+  // Hover the compute lane where it is drawn: the tooltip names the event.
+  const x = await computeX();
+  assert.ok(x >= 0, "compute lane visible after zooming and dragging");
   await page.mouse.move(box.x + x + 1, box.y + 2 * 22 + 11);
   const tip = cells.nth(1).locator(".nbo-tip");
   await tip.waitFor({ state: "visible", timeout: 5_000 });
