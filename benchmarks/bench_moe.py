@@ -8,7 +8,15 @@ step moves (the model's own counters), the host's wait for routers, prefill of 2
 against transformers with the whole model on the GPU (dynamic cache for the eager routed step, the
 static cache for the captured one).
 
-    PYTHONPATH=. python3 benchmarks/bench_moe.py --json out.json [--rows mixtral,qwen3]
+With ``--cpu-experts ROWS``, two more loads of those rows (cpu_experts.py): *split*
+(``expert_compute="auto"``: a share of the experts a step misses on the GPU computed on the CPU from host
+memory, the share from rates measured at load) and *CPU* (``expert_compute="cpu"``, no cache: every
+routed expert of a streamed block on the CPU, as llama.cpp's ``--n-cpu-moe``). They compute with the
+eager experts, so their tokens are compared with transformers' eager experts on the GPU: the CPU rounds
+differently, so they may part after a while; the row says how many of the first tokens agree (the exact
+reference is in tests/gpu/test_experts_gpu.py).
+
+    PYTHONPATH=. python3 benchmarks/bench_moe.py --json out.json [--rows mixtral,qwen3] [--cpu-experts mixtral]
 """
 
 from __future__ import annotations
@@ -46,6 +54,9 @@ def main():
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--cpu-experts", default="", help="rows that also get the split and CPU loads "
+                                                      "(cpu_experts.py), e.g. mixtral: five loads of a row "
+                                                      "hold five copies in host memory")
     args = ap.parse_args()
     import torch
     import transformers
@@ -86,10 +97,20 @@ def main():
         want_static = steps(ref.generate, ids, n, **static)[1].cpu()
         hf_step = med(steps(ref.generate, ids, n)[0])
         del ref, static
+        want_eager = None
+        with_cpu = name in args.cpu_experts.split(",")
+        if with_cpu:
+            ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda",
+                                                       experts_implementation="eager").eval()
+            want_eager = steps(ref.generate, ids, n)[1].cpu()
+            del ref
         gc.collect()
         torch.cuda.empty_cache()
         llms = {"routed": load(folder, gpu, True), "whole": load(folder, gpu, False),
                 "routed_nocache": load(folder, gpu, True, expert_cache=0)}
+        if with_cpu:
+            llms["split"] = load(folder, gpu, True, expert_compute="auto")
+            llms["cpu"] = load(folder, gpu, True, expert_compute="cpu", expert_cache=0)
         try:
             routed, whole = llms["routed"], llms["whole"]
             assert routed._engine.routed and not whole._engine.routed, "the two loads must differ"
@@ -114,6 +135,22 @@ def main():
             prefill = {k: med([time_call(lambda llm=llm: llm.generate(long_ids, max_new_tokens=1))
                                for _ in range(3)]) for k, llm in llms.items()}
             cache = routed._engine.expert_cache
+            on_cpu = {}
+            for k in ("split", "cpu"):
+                if k not in llms:
+                    continue
+                llm, eng = llms[k], llms[k]._engine
+                agree = int((tokens[k][0] == want_eager[0]).cumprod(0).sum()) - ids.shape[1]
+                on_cpu[k] = dict(tok_s=1 / t[k], spread=sp[k], moved_per_step=moved[k], share=eng.expert_share,
+                                 measured_cpu_gbps=eng.host_rates[0] / 1e9 if eng.host_rates else None,
+                                 measured_link_gbps=eng.host_rates[1] / 1e9 if eng.host_rates else None,
+                                 cpu_gbps=llm.stats.bytes_on_cpu / max(llm.stats.cpu_expert_seconds, 1e-9) / 1e9,
+                                 experts_on_cpu_per_step=llm.stats.experts_on_cpu / max(llm.stats.steps, 1),
+                                 cpu_threads=eng.host.threads, prefill_2048_s=prefill[k],
+                                 route_wait_ms_per_step=1e3 * med(waits[k]),
+                                 hit_rate=med(hits[k]) if k in hits else 0.0,
+                                 equals_hf_eager=bool(torch.equal(tokens[k], want_eager)),
+                                 tokens_agreeing=agree, over_routed=t["routed"] / t[k])
             add(row=name, budget=gpu, link_gbps=link,
                 routed_tok_s=1 / t["routed"], whole_tok_s=1 / t["whole"], spread=sp,
                 routed_nocache_tok_s=1 / t["routed_nocache"], routed_nocache_moved_per_step=moved["routed_nocache"],
@@ -135,7 +172,7 @@ def main():
                 routed_equals_hf=bool(torch.equal(tokens["routed"], want_dynamic)),
                 whole_equals_hf_static=bool(torch.equal(tokens["whole"], want_static)),
                 routed_graph_eager=routed.stats.graph_eager, whole_graph_replays=whole.stats.graph_replays,
-                plan=str(routed.plan).splitlines()[-4:])
+                plan=str(routed.plan).splitlines()[-4:], cpu_experts=on_cpu)
         finally:
             for llm in llms.values():
                 llm.unload()

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from concurrent.futures import wait as futures_wait
 
-from . import experts
+from . import cpu_experts, experts
 from .graphs import DecodeGraphs, given_ids
 from .hooks import ModuleHooks, bind, bind_views, to_device
 from .movers import CpuMover, CudaMover
@@ -33,7 +33,7 @@ class Engine:
     def __init__(self, model, units, params, sources: dict, device, trace, stats, *,
                  prefetch: int = 1, read_ahead: int = 2, read_threads: int = 8,
                  drop_page_cache: bool = False, split: bool = False, cuda_graph: bool = True,
-                 expert_cache: int = 0, pinned_experts: dict | None = None):
+                 expert_cache: int = 0, pinned_experts: dict | None = None, expert_compute=None):
         import torch
         self.torch = torch
         self.model = model
@@ -90,6 +90,12 @@ class Engine:
             else:
                 rest = experts.placed(src.extents, rest)
                 self._without_experts[u.index] = (Source(src.tier, extents=rest), sum(e[2] for e in rest))
+        # Routed experts the CPU computes from host memory instead of copying them (cpu_experts.py): on CUDA,
+        # for blocks whose experts come from page-locked memory; ``expert_compute``: a share, or "auto".
+        self.host, self.expert_share, self.host_rates = None, 0.0, None
+        self._twins, self._forwards, self._host_calls, self.last_on_cpu = {}, {}, {}, {}
+        if expert_compute is not None and self.cuda and self.routed:
+            self.compute_experts_on_cpu({i: self.sources[i].flat for i in self.routed}, expert_compute)
         self.graphs = DecodeGraphs(self, enabled=cuda_graph)
         # copies of often routed experts in the room the plan reserved for them
         row = max((f.row_bytes for f in self.routed.values()), default=0)
@@ -114,6 +120,49 @@ class Engine:
                 except BaseException:
                     cache.forget(key)
                     raise
+
+    def compute_experts_on_cpu(self, flats: dict, share):
+        """Let the CPU compute ``share`` (a number, or "auto": measured) of the routed experts a step needs
+        that the GPU doesn't hold, from ``flats`` (routed block index -> its bytes in host memory): a twin
+        of each block's experts module with its weights there, and the worker that computes them; the
+        experts modules' forwards then combine both sides (``_experts_forward``)."""
+        self._stop_host_experts()
+        for idx, found in self.routed.items():
+            unit, flat = self.units[idx], flats[idx]
+            fused = {offset for offset, _ in found.rows}
+            cut = len(found.module) + 1
+            weights = {slot.names[0][cut:]: view for slot, view in zip(unit.params, param_views(unit, flat))
+                       if slot.offset in fused}
+            module = self.model.get_submodule(found.module)
+            self._twins[idx] = cpu_experts.twin(module, weights)
+            self._forwards[idx] = (module, module.forward)
+            module.forward = self._experts_forward(idx, module.forward)
+        self.host = cpu_experts.HostCompute(self.torch, cpu_experts.host_threads())
+        if share != "auto":
+            self.expert_share = float(share)
+            return
+        idx, found = next(iter(self.routed.items()))
+        dtype = next(iter(self._twins[idx].parameters())).dtype
+        cpu = self.host.rate(self._twins[idx], text_config(self.model.config).hidden_size, dtype, found.row_bytes)
+        link = self._link_rate(idx, found)
+        self.host_rates = (cpu, link)
+        self.expert_share = cpu / (cpu + link)
+
+    def _link_rate(self, idx, found, repeats: int = 3) -> float:
+        """Bytes a second one expert's rows copy at from page-locked memory to the GPU (best of ``repeats``)."""
+        torch = self.torch
+        flat = self.sources[idx].flat
+        scratch = torch.empty(found.row_bytes, dtype=torch.uint8, device=self.device)
+        best = float("inf")
+        for _ in range(repeats + 1):
+            torch.cuda.synchronize(self.device)
+            t0, at = time.perf_counter(), 0
+            for a, b in found.ranges([0]):
+                scratch[at:at + b - a].copy_(flat[a:b], non_blocking=True)
+                at += b - a
+            torch.cuda.synchronize(self.device)
+            best = min(best, time.perf_counter() - t0)
+        return found.row_bytes / max(best, 1e-9)
 
     def _split_into_pieces(self) -> int:
         """Streamed units that have pieces (pieces.py) stream a piece at a time; returns the most
@@ -191,9 +240,19 @@ class Engine:
         for idx, found in self.routed.items():
             self.hooks.before_call(found.module, lambda args, kwargs, idx=idx: self._bring_routed(idx, args, kwargs))
 
+    def _stop_host_experts(self):
+        """The experts modules' own forwards again, and no worker."""
+        for module, _ in self._forwards.values():
+            del module.forward          # the class's own again
+        self._forwards, self._twins, self._host_calls = {}, {}, {}
+        if self.host is not None:
+            self.host.close()
+            self.host = None
+
     def remove(self):
         self.graphs.drop()
         self.hooks.remove()
+        self._stop_host_experts()
         self.release_held()
         self.drain()
         self.expert_cache = None
@@ -348,18 +407,32 @@ class Engine:
         """Before a streamed MoE block's experts compute: bring the rows of the experts routed to into its
         slot, where the block came without them: from the expert cache where it holds them, else over the
         link from host memory (CUDA) or from disk (the CPU device), then kept in the cache if it takes them."""
+        self._host_calls.pop(idx, None)
         job = self.schedule.active.get(idx)
         if job is None or idx not in self.sources or job.ranges is None:   # held, not streaming, or whole
             return
         found, slot, cache = self.routed[idx], self.mover.slots[job.slot], self.expert_cache
         t0 = time.perf_counter()
-        chosen = found.routed(args, kwargs)         # on CUDA the host waits here for the router's choice
+        twin = self._twins.get(idx)
+        if twin is not None:        # the CPU may compute some: it needs the call's inputs
+            hidden, index, weights = (None if t is None else t.to("cpu") for t in found.arguments(args, kwargs))
+            chosen = found.routed_in(index)
+        else:
+            chosen = found.routed(args, kwargs)     # on CUDA the host waits here for the router's choice
         if self.cuda:
             self.stats.route_wait_seconds += time.perf_counter() - t0
         cached = {e: cache.lookup((idx, e)) for e in chosen} if cache is not None else {}
         missed = [e for e in chosen if cached.get(e) is None]
         hits = len(chosen) - len(missed)
-        name = f"{found.module} ({len(chosen)} of {found.count} experts" + (f", {hits} cached)" if hits else ")")
+        on_cpu = []
+        if twin is not None and missed and index is not None and weights is not None:
+            missed, on_cpu = cpu_experts.split(missed, self.expert_share)
+        name = f"{found.module} ({len(chosen)} of {found.count} experts" + (f", {hits} cached" if hits else "") \
+            + (f", {len(on_cpu)} on the CPU" if on_cpu else "") + ")"
+        if on_cpu:      # the CPU starts on them now, while the link copies the others
+            work = cpu_experts.calls(index, chosen)
+            future = self.host.submit(twin, hidden, weights, {e: work[e] for e in on_cpu}, found.row_bytes)
+            self._host_calls[idx] = (future, work, set(on_cpu), name)
         if missed and self.cuda:
             self.stats.bytes_from_cpu += self.mover.copy_now(name, found.ranges(missed), self.sources[idx].flat, slot)
         elif missed:
@@ -377,20 +450,52 @@ class Engine:
                     cache.forget((idx, e))
                     raise
         self.stats.expert_hits += hits
-        self.stats.experts_read += len(chosen)
+        self.stats.experts_read += len(chosen) - len(on_cpu)
+        self.stats.experts_on_cpu += len(on_cpu)
         self.stats.experts_skipped += found.count - len(chosen)
-        self.last_routed[self.units[self.model_unit(idx)].name] = chosen
+        block = self.units[self.model_unit(idx)].name
+        self.last_routed[block] = chosen
+        if twin is not None:
+            self.last_on_cpu[block] = on_cpu
+
+    def _experts_forward(self, idx, original):
+        """The forward of a routed block's experts module where the CPU computes some of them: the call the
+        pre-hook split, else the module's own."""
+        def forward(*args, **kwargs):
+            pending = self._host_calls.pop(idx, None)
+            if pending is None:
+                return original(*args, **kwargs)
+            return self._combine(idx, original, pending, args, kwargs)
+        return forward
+
+    def _combine(self, idx, original, pending, args, kwargs):
+        """A split call's output: the experts on the GPU computed one at a time by the module's own forward
+        (launched while the CPU works), then the CPU's rows, all added in expert order (cpu_experts.py)."""
+        future, work, on_cpu, name = pending
+        found = self.routed[idx]
+        hidden, _, weights = found.arguments(args, kwargs)
+        device = hidden.device
+        tokens = {e: token.to(device) for e, (_, token) in work.items()}
+        rows = {e: cpu_experts.expert_rows(original, hidden, weights, e, pos.to(device), tokens[e])
+                for e, (pos, _) in work.items() if e not in on_cpu}
+        host_rows, t0, t1 = future.result()
+        nbytes = found.row_bytes * len(on_cpu)
+        self.stats.cpu_expert_seconds += t1 - t0
+        self.stats.bytes_on_cpu += nbytes
+        self.trace.host_event("cpu", name, t0, t1, nbytes)
+        rows.update((e, r.to(device)) for e, r in host_rows.items())
+        return cpu_experts.combine(hidden, rows, tokens)
 
     def expert_state(self) -> dict:
-        """Per MoE block brought as routed: the experts its last call brought, and those the expert cache
-        holds (the layer map shows them)."""
+        """Per MoE block brought as routed: the experts its last call routed to, those of them the CPU
+        computed, and those the expert cache holds (the layer map shows them)."""
         cached = {}
         if self.expert_cache is not None:
             for idx, e in self.expert_cache.where:
                 cached.setdefault(self.units[self.model_unit(idx)].name, []).append(e)
         names = dict.fromkeys(self.units[self.model_unit(i)].name for i in sorted(self.routed))
-        return {n: {"routed": list(self.last_routed.get(n, [])), "cached": sorted(cached.get(n, []))}
-                for n in names}
+        return {n: {"routed": list(self.last_routed.get(n, [])), "cached": sorted(cached.get(n, [])),
+                    "cpu": list(self.last_on_cpu.get(n, []))} for n in names}
 
     def _read_rows(self, name, ranges, source_extents, slot, t0):
         """Read byte ``ranges`` of a disk unit into the same ranges of ``slot``, now (the compute waits)."""

@@ -86,9 +86,18 @@ class RoutedExperts:
                 out.append((s.offset, s.offset + s.nbytes))
         return out
 
+    def arguments(self, args, kwargs) -> tuple:
+        """A call's (hidden_states, top_k_index, top_k_weights), each None where the call doesn't give it."""
+        def given(name, at):
+            return kwargs.get(name, args[at] if len(args) > at else None)
+        return given("hidden_states", 0), given("top_k_index", self.index_at), given("top_k_weights", self.index_at + 1)
+
     def routed(self, args, kwargs) -> list:
         """The experts a call of the experts module routes to (valid indices, sorted)."""
-        index = kwargs.get("top_k_index", args[self.index_at] if len(args) > self.index_at else None)
+        return self.routed_in(self.arguments(args, kwargs)[1])
+
+    def routed_in(self, index) -> list:
+        """The experts ``index`` (top_k_index) routes to (valid indices, sorted); all where it is None."""
         if index is None:
             return list(range(self.count))      # can't tell: read them all
         return sorted(e for e in set(index.flatten().tolist()) if 0 <= e < self.count)

@@ -120,7 +120,7 @@ class Inspection:
         # nothing (vocab_size=10**12 would otherwise try a 256 TB allocation), then build the one
         # that runs, with its real buffers.
         attn, remote = options.attn_implementation, options.trust_remote_code
-        experts = options.experts_implementation
+        experts = options.experts
         with quiet_transformers():
             structure = build_meta_model(self.config, self.dtype, attn, remote, buffers=False, experts=experts)
         self.units = find_units(structure)

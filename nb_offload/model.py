@@ -144,7 +144,7 @@ class OffloadedModel:
                               read_threads=o.read_threads, drop_page_cache=self.uncached_disk_reads,
                               split=self.plan.split_blocks, cuda_graph=o.cuda_graph,
                               expert_cache=self.plan.reserved.get("expert_cache", 0),
-                              pinned_experts=self._expert_pins)
+                              pinned_experts=self._expert_pins, expert_compute=o.host_expert_share)
         self._engine.install()
 
     def _skip_page_cache(self, sources) -> bool:

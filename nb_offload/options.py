@@ -24,6 +24,7 @@ from .quant import spec_of
 
 POLICIES = ("auto", "sequential")
 TRACE_DETAILS = ("streamed", "full")
+EXPERT_COMPUTE = ("gpu", "cpu", "auto")
 # Opt-ins that let a checkpoint folder run code: only the bool True opts in (the string "False"
 # is truthy, so bool() of it would turn them on).
 OPT_INS = {"trust_remote_code": "runs Python code from the model folder",
@@ -70,6 +71,15 @@ def _pins(name, value):
         raise PinError(f"{name}={value!r} is not a mapping; give a dict such as {{\"model.layers.0-3\": \"gpu\"}}.")
     # read-only, as the rest of a frozen Options
     return MappingProxyType({pattern: canonical_pin(pin) for pattern, pin in value.items()})
+
+
+def _expert_compute(name, value):
+    if isinstance(value, str) and value in EXPERT_COMPUTE:
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1:
+        return float(value)
+    raise OptionError(f"{name}={value!r} is not valid; accepted: \"gpu\", \"cpu\", \"auto\", or a share of them "
+                      "computed on the CPU between 0 and 1, such as 0.5.")
 
 
 def _device(name, value):
@@ -175,6 +185,13 @@ class Options:
     expert_cache: str | int = _option("auto", _cache_size, "room on the compute device for copies of the most often "
                                                            "routed experts of streamed MoE blocks: a size, 0 for "
                                                            "none, or \"auto\" (the room the plan leaves free)")
+    expert_compute: str | float = _option("gpu", _expert_compute, "where routed experts of streamed MoE blocks that "
+                                                                   "the GPU doesn't hold compute: \"gpu\" (copied "
+                                                                   "over the link), \"cpu\" (on the CPU, from host "
+                                                                   "memory), a share of them on the CPU each step "
+                                                                   "(0.4), or \"auto\" (the share from the CPU's and "
+                                                                   "the link's rates, measured at load); CUDA only, "
+                                                                   "with the eager experts")
     cuda_graph: bool = _option(True, _flag, "decode steps captured as one CUDA graph and replayed per token, "
                                             "with a static KV cache (graphs.py says where they run eager)")
     allow_pickle: bool = _option(False, _opt_in, "read .bin/.pt weight files (unpickling can run code); True only")
@@ -204,6 +221,23 @@ class Options:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, f.metadata["check"](f.name, getattr(self, f.name)))
+        if self.expert_compute != "gpu" and self.experts_implementation not in (None, "eager"):
+            raise OptionError(f"expert_compute={self.expert_compute!r} needs the eager experts; got "
+                              f"experts_implementation={self.experts_implementation!r}: leave it out, or give "
+                              "\"eager\" (cpu_experts.py says why).")
+
+    @property
+    def experts(self) -> str | None:
+        """The experts implementation to build with: the one given, else the eager one where the CPU computes
+        some experts (it combines them in eager's order), else transformers' default."""
+        if self.experts_implementation is None and self.expert_compute != "gpu":
+            return "eager"
+        return self.experts_implementation
+
+    @property
+    def host_expert_share(self):
+        """``expert_compute`` as the engine takes it: None (all on the GPU), a share, or "auto"."""
+        return {"gpu": None, "cpu": 1.0}.get(self.expert_compute, self.expert_compute)
 
     @classmethod
     def given(cls, function: str, kwargs: dict) -> Options:

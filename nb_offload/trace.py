@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from .errors import OffloadError
 
 LANES = ("read", "copy", "compute", "step")
+# Lanes shown only where a model has such events: the CPU's work on routed experts (cpu_experts.py).
+CPU_LANE = "cpu"
+ALL_LANES = LANES + (CPU_LANE,)
 IDLE = 0.25     # seconds with no event in any lane that end a run (a generate, a cell)
 
 
@@ -182,7 +185,7 @@ class Trace:
         """The events as Chrome-trace JSON (open in chrome://tracing or Perfetto)."""
         evs = list(self.events)
         t0 = min((e.start for e in evs), default=0.0)
-        lanes = {k: i for i, k in enumerate(LANES)}
+        lanes = {k: i for i, k in enumerate(ALL_LANES)}
         out = [{"name": "thread_name", "ph": "M", "pid": 1, "tid": i, "args": {"name": k}}
                for k, i in lanes.items()]
         for e in evs:
@@ -225,6 +228,9 @@ class Stats:
     experts_skipped: int = 0    # and those not routed, so not read
     route_wait_seconds: float = 0.0     # host time waiting for routers' choices (CUDA: copies start after)
     expert_hits: int = 0        # routed experts copied from the GPU expert cache, not over the link
+    experts_on_cpu: int = 0     # routed experts the CPU computed from host memory instead (cpu_experts.py)
+    bytes_on_cpu: int = 0       # their weights' bytes
+    cpu_expert_seconds: float = 0.0     # the CPU's time computing them
     load_seconds: float = 0.0   # nb_offload.load, from the call to the model ready
     load_bytes: int = 0         # the weights it placed
     # Host memory against the cpu= budget: the process's RssAnon + RssShmem (page-locked buffers
@@ -238,8 +244,8 @@ class Stats:
     def reset(self):
         self.steps = self.tokens = self.bytes_from_cpu = self.bytes_from_disk = self.held_last = 0
         self.graph_replays = self.graph_captures = self.experts_read = self.experts_skipped = 0
-        self.expert_hits = 0
-        self.seconds = self.capture_seconds = self.route_wait_seconds = 0.0
+        self.expert_hits = self.experts_on_cpu = self.bytes_on_cpu = 0
+        self.seconds = self.capture_seconds = self.route_wait_seconds = self.cpu_expert_seconds = 0.0
         self.host_peak = self.host_now
 
     @property
@@ -278,6 +284,8 @@ class Stats:
                 "graph_pool_bytes": self.graph_pool_bytes, "graph_eager": self.graph_eager,
                 "experts_read": self.experts_read, "experts_skipped": self.experts_skipped,
                 "route_wait_seconds": self.route_wait_seconds, "expert_hits": self.expert_hits,
+                "experts_on_cpu": self.experts_on_cpu, "bytes_on_cpu": self.bytes_on_cpu,
+                "cpu_expert_seconds": self.cpu_expert_seconds,
                 "host_now": self.host_now, "host_peak": self.host_peak,
                 "host_budget": self.host_budget, "load_seconds": self.load_seconds, "load_bytes": self.load_bytes}
 
@@ -303,11 +311,17 @@ class Stats:
             text += f" · {100 * share:.0f}% of the PCIe limit ({link_gbps:.0f} GB/s)"
         read = self.experts_read - before.get("experts_read", 0)
         skipped = self.experts_skipped - before.get("experts_skipped", 0)
-        if read + skipped:
-            text += f" · brought {read} of {read + skipped} experts of streamed MoE blocks (the routed ones)"
+        on_cpu = self.experts_on_cpu - before.get("experts_on_cpu", 0)
+        if read + skipped + on_cpu:
+            text += f" · brought {read} of {read + on_cpu + skipped} experts of streamed MoE blocks (the routed ones)"
             hits = self.expert_hits - before.get("expert_hits", 0)
             if hits:
                 text += f", {hits} of them from the expert cache ({100 * hits / read:.0f}%)"
+            if on_cpu:
+                busy = self.cpu_expert_seconds - before.get("cpu_expert_seconds", 0.0)
+                nbytes = self.bytes_on_cpu - before.get("bytes_on_cpu", 0)
+                text += (f", and computed {on_cpu} routed ones on the CPU from host memory"
+                         + (f" ({nbytes / busy / 1e9:.1f} GB/s)" if busy else ""))
             waited = self.route_wait_seconds - before.get("route_wait_seconds", 0.0)
             if waited:
                 text += f", {1e3 * waited:.0f} ms waiting for the routers' choices"
@@ -330,9 +344,11 @@ class Stats:
             text += (f"; decode: {self.graph_replays} steps replayed from {self.graph_captures} CUDA graph(s), "
                      f"{1e3 * self.capture_seconds / self.graph_captures:.0f} ms a capture, pool "
                      f"{format_size(self.graph_pool_bytes)}")
-        if self.experts_read + self.experts_skipped:
-            text += (f"; experts brought {self.experts_read} of {self.experts_read + self.experts_skipped} (routed)"
+        if self.experts_read + self.experts_skipped + self.experts_on_cpu:
+            total = self.experts_read + self.experts_skipped + self.experts_on_cpu
+            text += (f"; experts brought {self.experts_read} of {total} (routed)"
                      + (f", {self.expert_hits} from the expert cache" if self.expert_hits else "")
+                     + (f", {self.experts_on_cpu} computed on the CPU" if self.experts_on_cpu else "")
                      + (f", {1e3 * self.route_wait_seconds:.0f} ms waiting for routers" if self.route_wait_seconds
                         else ""))
         return text

@@ -19,9 +19,9 @@ from .budget import format_size
 
 # -- the palette ----------------------------------------------------------------------------------
 # One set of colours for every view, static and live: the widgets send PALETTE to the browser
-# as their ``colors`` state. Keys follow planner.TIERS and trace.LANES, in their order.
+# as their ``colors`` state. Keys follow planner.TIERS and trace.ALL_LANES, in their order.
 TIER_COLORS = {"gpu": "#2e7d32", "cpu": "#1565c0", "disk": "#8d6e63"}
-LANE_COLORS = {"read": "#8d6e63", "copy": "#1565c0", "compute": "#2e7d32", "step": "#9e9e9e"}
+LANE_COLORS = {"read": "#8d6e63", "copy": "#1565c0", "compute": "#2e7d32", "step": "#9e9e9e", "cpu": "#00897b"}
 # Reservations are what a tier holds besides weights; each gets its own colour in the bars.
 RESERVED_COLORS = {"kv_cache": "#ef6c00", "activations": "#7b1fa2", "workspace": "#757575",
                    "staging_slots": "#00838f", "disk_staging": "#5d4037"}

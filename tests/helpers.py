@@ -167,3 +167,17 @@ class InterruptAt:
 
     def end(self):
         pass
+
+
+def all_on_disk(folder, disk, pins=None, **options):
+    """The model loaded on the CPU device with every block streamed from disk (and ``pins`` besides)."""
+    import nb_offload
+    return nb_offload.load(folder, device="cpu", disk=disk, pins={"model.layers.*": "disk", **(pins or {})},
+                           progress=False, **options)
+
+
+def batch_of_four():
+    import torch
+    ids = torch.tensor(PROMPT * 4)
+    ids[1:, 0] = torch.tensor([9, 11, 13])
+    return ids

@@ -3,7 +3,7 @@ of the experts the router picks are read before they compute. CPU device, blocks
 
 import pytest
 import torch
-from helpers import PROMPT, reference, run_offloaded
+from helpers import PROMPT, all_on_disk, batch_of_four, reference, run_offloaded
 
 import nb_offload
 from nb_offload.experts import RoutedExperts
@@ -20,18 +20,6 @@ def test_an_experts_rows_and_the_rest_of_the_block():
     index = torch.tensor([[3, 1], [1, 0]])
     assert found.routed((None, index, None), {}) == [0, 1, 3]
     assert found.routed((None,), {"top_k_index": torch.tensor([[2, 2]])}) == [2]
-
-
-def all_on_disk(folder, disk, pins=None, **options):
-    """The model loaded on the CPU device with every block streamed from disk (and ``pins`` besides)."""
-    return nb_offload.load(folder, device="cpu", disk=disk, pins={"model.layers.*": "disk", **(pins or {})},
-                           progress=False, **options)
-
-
-def batch_of_four():
-    ids = torch.tensor(PROMPT * 4)
-    ids[1:, 0] = torch.tensor([9, 11, 13])
-    return ids
 
 
 def read_by(llm, n):

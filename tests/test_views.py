@@ -13,7 +13,7 @@ import pytest
 from nb_offload import OffloadError, views
 from nb_offload.budget import format_size
 from nb_offload.planner import TIERS, Plan, PlanEntry
-from nb_offload.trace import LANES, Trace
+from nb_offload.trace import ALL_LANES, LANES, Trace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SVG = "{http://www.w3.org/2000/svg}"
@@ -254,7 +254,7 @@ def test_the_plotly_timeline_and_figures():
 
 # -- one palette, and a light module --------------------------------------------------------------
 def test_one_palette_for_every_view():
-    assert tuple(views.TIER_COLORS) == TIERS and tuple(views.LANE_COLORS) == LANES
+    assert tuple(views.TIER_COLORS) == TIERS and tuple(views.LANE_COLORS) == ALL_LANES
     assert views.PALETTE == {"tiers": views.TIER_COLORS, "lanes": views.LANE_COLORS,
                              "reserved": views.RESERVED_COLORS}
     assert all(re.fullmatch(r"#[0-9a-f]{6}", c) for group in views.PALETTE.values() for c in group.values())

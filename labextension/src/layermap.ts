@@ -81,24 +81,30 @@ export function renderLayerMap(model: AnyModel<LayerMapState>, root: HTMLElement
 
   // -- MoE blocks: a strip of their experts under the label ------------------------------------
   // One tick per expert (a bar of shares where there are too many to draw): picked by the router in
-  // the last step, held in the GPU expert cache, or neither. The tooltip says how a step brings them.
+  // the last step, held in the GPU expert cache, computed on the CPU from host memory in the last step
+  // (expert_compute), or none of these. The tooltip says how a step brings them.
   function drawExperts() {
     const plan = model.get("plan");
     const state = model.get("experts") ?? {};
     const gpu = model.get("colors").tiers.gpu ?? "#2e7d32";
+    const host = model.get("colors").tiers.cpu ?? "#1565c0";
     cells.forEach((cell, i) => {
       const info = plan.entries[i]?.experts;
       const strip = cell.querySelector<HTMLDivElement>(".nbo-experts");
       if (!info || !strip) return;
-      const live = state[cell.dataset.name!] ?? { routed: [], cached: [] };
+      const live = state[cell.dataset.name!] ?? { routed: [], cached: [], cpu: [] };
+      const onCpu = live.cpu ?? [];
       const routed = new Set(live.routed);
       const cached = new Set(live.cached);
+      const computed = new Set(onCpu);
       cell.dataset.routed = live.routed.join(",");
       cell.dataset.cached = String(live.cached.length);
+      cell.dataset.cpu = onCpu.join(",");
       if (info.count <= MAX_TICKS) {
         strip.replaceChildren(...Array.from({ length: info.count }, (_, x) => {
-          const tick = el("span", `nbo-expert${routed.has(x) ? " nbo-routed" : ""}`);
-          if (cached.has(x)) tick.style.background = gpu;
+          const tick = el("span", `nbo-expert${routed.has(x) ? " nbo-routed" : ""}${computed.has(x) ? " nbo-on-cpu" : ""}`);
+          if (computed.has(x)) tick.style.background = host;
+          else if (cached.has(x)) tick.style.background = gpu;
           return tick;
         }));
       } else {
@@ -106,15 +112,19 @@ export function renderLayerMap(model: AnyModel<LayerMapState>, root: HTMLElement
         share.style.width = `${(100 * live.cached.length) / info.count}%`;
         share.style.background = gpu;
         const picked = el("span", "nbo-expert-share nbo-routed");
-        picked.style.width = `${(100 * live.routed.length) / info.count}%`;
-        strip.replaceChildren(share, picked);
+        picked.style.width = `${(100 * (live.routed.length - onCpu.length)) / info.count}%`;
+        const hostShare = el("span", "nbo-expert-share nbo-routed nbo-on-cpu");
+        hostShare.style.width = `${(100 * onCpu.length) / info.count}%`;
+        hostShare.style.background = host;
+        strip.replaceChildren(share, picked, hostShare);
       }
       const how = info.moves === "routed" ? `a step brings only the ${info.top_k} routed to (per token)`
         : info.moves === "whole" ? "streamed with the block, every one each step" : "resident";
       const last = live.routed.length ? `\nlast step: ${live.routed.join(", ")}` : "";
       const held = live.cached.length ? `\n${live.cached.length} in the GPU expert cache` : "";
+      const cpu = onCpu.length ? `\ncomputed on the CPU from host memory: ${onCpu.join(", ")}` : "";
       const base = cell.title.split("\nexperts:")[0];
-      cell.title = `${base}\nexperts: ${info.count}, ${info.top_k} a token; ${how}${last}${held}`;
+      cell.title = `${base}\nexperts: ${info.count}, ${info.top_k} a token; ${how}${last}${cpu}${held}`;
     });
   }
 

@@ -23,8 +23,9 @@ export interface Experts {
   moves: "routed" | "whole" | "resident"; // routed: a step brings only the experts its router picks
 }
 
-// MoE blocks brought as routed: the experts of the last call, and those the GPU expert cache holds
-export type ExpertState = Record<string, { routed: number[]; cached: number[] }>;
+// MoE blocks brought as routed: the experts of the last call, those of them the CPU computed (absent
+// from older kernels' state), and those the GPU expert cache holds
+export type ExpertState = Record<string, { routed: number[]; cached: number[]; cpu?: number[] }>;
 
 export interface PlanState {
   model: string;

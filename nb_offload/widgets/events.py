@@ -9,11 +9,11 @@ from __future__ import annotations
 import sys
 from array import array
 
-from ..trace import LANES
+from ..trace import ALL_LANES
 
 # (column, array typecode): the browser reads them as Float64Array, Uint8Array, Int32Array.
 COLUMNS = (("start", "d"), ("end", "d"), ("bytes", "d"), ("kind", "B"), ("unit", "i"), ("step", "i"))
-KIND_CODES = {k: i for i, k in enumerate(LANES)}
+KIND_CODES = {k: i for i, k in enumerate(ALL_LANES)}
 
 
 def _little_endian(col: array) -> bytes:
@@ -77,7 +77,7 @@ class EventLog:
         """Events from sequence number ``since`` (default: all kept): a header and one buffer per column."""
         lo = max(0, (since if since is not None else self.first) - self.first)
         header = {"first": self.first + lo, "count": len(self) - lo, "names": list(self.names),
-                  "kinds": list(LANES), "columns": [name for name, _ in COLUMNS]}
+                  "kinds": list(ALL_LANES), "columns": [name for name, _ in COLUMNS]}
         return header, [_little_endian(self.cols[name][lo:]) for name, _ in COLUMNS]
 
     def snapshot(self) -> dict:

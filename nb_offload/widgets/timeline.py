@@ -1,10 +1,11 @@
-"""The transfer timeline: read / copy / compute / step lanes, zoomable, updated live."""
+"""The transfer timeline: read / copy / compute / step lanes (and the CPU's, where the model computes routed
+experts there), zoomable, updated live."""
 
 from __future__ import annotations
 
 from traitlets import Dict, Int, List, Unicode
 
-from ..trace import LANES
+from ..trace import ALL_LANES, LANES
 from ..views import Timeline as StaticTimeline
 from .base import OffloadWidget
 from .events import EventLog
@@ -22,7 +23,9 @@ class Timeline(OffloadWidget):
     def __init__(self, llm, *, max_events: int = 50_000, **kwargs):
         self._log = EventLog(max_events)
         self._log.extend(list(llm.trace))
-        super().__init__(llm, events=self._log.snapshot(), max_events=max_events, **kwargs)
+        engine = getattr(llm, "_engine", None)
+        lanes = ALL_LANES if getattr(engine, "host", None) is not None else LANES
+        super().__init__(llm, events=self._log.snapshot(), max_events=max_events, lanes=list(lanes), **kwargs)
 
     def live(self, events):
         since = self._log.end

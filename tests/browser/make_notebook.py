@@ -44,12 +44,17 @@ print("STRESS", len(llm.trace))""",
     # 6: a mixture-of-experts model, its blocks read from disk with only the routed experts: its layer map.
     """from nb_offload.widgets import LayerMap
 moe = nb_offload.load("tiny-mixtral", device="cpu", disk="offload-moe", pins={"model.layers.*": "disk"},
-                      progress=False)
+                      expert_cache=0, progress=False)
 print("MOE " + json.dumps({"blocks": [e.name for e in moe.plan if e.experts], "experts": moe.plan.entries[1].experts}))
 LayerMap(moe)""",
-    # 7: decode steps bring the routed experts; the map marks the last step's.
-    """moe.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-print("ROUTED " + json.dumps({k: v["routed"] for k, v in moe.expert_state().items()}))""",
+    # 7: decode steps bring the routed experts; the map marks the last step's, and those the CPU computed.
+    # (On the CPU device every expert computes on the CPU anyway: splitting them as on CUDA, half of those
+    # a step needs computed from a host copy of their block, lets the map show CPU-computed experts.)
+    """eng = moe._engine
+eng.compute_experts_on_cpu({i: eng.sources[i].read(0, eng.units[i].nbytes).clone() for i in eng.routed}, 0.5)
+moe.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+print("ROUTED " + json.dumps({k: v["routed"] for k, v in moe.expert_state().items()}))
+print("ON_CPU " + json.dumps({k: v["cpu"] for k, v in moe.expert_state().items()}))""",
 ]
 
 

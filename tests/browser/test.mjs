@@ -267,12 +267,18 @@ try {
   await page.waitForFunction(([names]) => names.every((n) =>
     document.querySelectorAll(".nbo-layermap")[1]?.querySelector(`.nbo-cell[data-name='${n}']`)?.dataset.routed),
   [moe.blocks], { timeout: 15_000 });
+  const onCpu = JSON.parse((await output(7).innerText()).match(/ON_CPU (.*)/)[1]);
   for (const name of moe.blocks) {
     const cell = moeMap.locator(`.nbo-cell[data-name='${name}']`);
     assert.equal(await cell.getAttribute("data-routed"), routed[name].join(","), `${name}: the last step's experts`);
     assert.equal(await cell.locator(".nbo-expert.nbo-routed").count(), routed[name].length);
+    assert.ok(onCpu[name].length >= 1, `${name}: half the step's experts computed on the CPU`);
+    assert.equal(await cell.getAttribute("data-cpu"), onCpu[name].join(","), `${name}: those the CPU computed`);
+    assert.equal(await cell.locator(".nbo-expert.nbo-on-cpu").count(), onCpu[name].length);
+    assert.match(await cell.getAttribute("title"), /computed on the CPU from host memory: \d/);
   }
-  log(`MoE layer map: ${moe.blocks.length} blocks, last step's experts ${JSON.stringify(routed)}`);
+  log(`MoE layer map: ${moe.blocks.length} blocks, last step's experts ${JSON.stringify(routed)}, on the CPU `
+    + JSON.stringify(onCpu));
   await moeMap.screenshot({ path: path.join(OUT, "7b-moe-experts.png") });
 
   step = "save";

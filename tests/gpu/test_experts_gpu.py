@@ -142,3 +142,77 @@ def test_pinned_experts_are_kept_on_the_gpu_from_the_start(model_dirs, monkeypat
         assert llm.stats.expert_hits > 0
     finally:
         llm.unload()
+
+
+def eager_reference(folder, ids, share, n=N):
+    """Greedy tokens of transformers (eager experts) with the experts of every block computed as an engine
+    with ``expert_compute`` and no cache computes them at every routed step: ``share`` of each call's
+    experts (the highest-numbered) on the CPU from a copy of the module there, the rest on the GPU, added in
+    expert order. ``share`` 1: the experts modules placed on "cpu" (Accelerate's hook moves their inputs
+    there and their output back), independent of cpu_experts.py."""
+    import copy
+
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    from transformers import AutoModelForCausalLM
+
+    from nb_offload import cpu_experts
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cuda", experts_implementation="eager").eval()
+    for layer in model.model.layers:
+        module = layer.mlp.experts
+        if share == 1.0:
+            module.to("cpu")
+            add_hook_to_module(module, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+            continue
+        on_cpu, own = copy.deepcopy(module).to("cpu"), module.forward
+
+        def forward(hidden, index, weights, on_cpu=on_cpu, own=own):
+            host_index = index.cpu()
+            chosen = sorted(set(host_index.flatten().tolist()))
+            work = cpu_experts.calls(host_index, chosen)
+            cpu_side = set(cpu_experts.split(chosen, share)[1])
+            rows = {}
+            for e, (pos, token) in work.items():
+                if e in cpu_side:
+                    rows[e] = cpu_experts.expert_rows(on_cpu.forward, hidden.cpu(), weights.cpu(), e, pos,
+                                                      token).cuda()
+                else:
+                    rows[e] = cpu_experts.expert_rows(own, hidden, weights, e, pos.cuda(), token.cuda())
+            return cpu_experts.combine(hidden, rows, {e: token.cuda() for e, (_, token) in work.items()})
+        module.forward = forward
+    with torch.inference_mode():
+        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False).cpu()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_experts_computed_on_the_cpu_match_transformers_computing_them_there(arch, model_dirs, monkeypatch):
+    monkeypatch.setattr(experts, "CUDA_MIN_SAVED", 0)
+    monkeypatch.setattr(experts, "ROUTED_SHARE", 1.0)      # every step routed, the prefill too
+    folder = model_dirs(arch)
+    names = [e.name for e in blocks(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))]
+    pins = {n: "cpu" for n in names}
+    ids = torch.tensor(PROMPT, device="cuda")
+    four = batch_of_four()
+    for compute in ("cpu", 0.5, "auto"):
+        llm = nb_offload.load(folder, pins=pins, hold_spare=False, expert_cache=0, expert_compute=compute,
+                              progress=False)
+        try:
+            eng = llm._engine
+            assert eng.host is not None and set(eng._twins) == set(eng.routed) == set(eng.sources)
+            share = eng.expert_share
+            if compute == "auto":
+                cpu, link = eng.host_rates
+                assert cpu > 0 and link > 0 and share == pytest.approx(cpu / (cpu + link))
+                print(f"{arch}: measured at load CPU {cpu / 1e9:.1f} GB/s, link {link / 1e9:.1f} GB/s, share "
+                      f"{share:.2f}")
+            got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
+            assert torch.equal(got, eager_reference(folder, ids, share)), (compute, share)
+            assert torch.equal(llm.generate(four, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu(),
+                               eager_reference(folder, four, share)), (compute, share)
+            s = llm.stats
+            assert (s.experts_on_cpu > 0) == (share > 0) and s.route_wait_seconds > 0
+            if share == 1.0:            # the link carries the blocks' other weights only
+                rest = sum(b - a for i in eng.routed for a, b in eng._without_experts[i][0])
+                assert moved(llm, ids, N) - moved(llm, ids, 2) == (N - 2) * rest
+            assert any(e.kind == "cpu" for e in llm.trace)
+        finally:
+            llm.unload()

@@ -1,0 +1,135 @@
+"""Routed experts computed on the CPU, from the host memory their bytes live in, while the link copies others.
+
+A streamed MoE block on CUDA brings only its routed experts (experts.py), copied from page-locked host
+memory once the router has chosen. With ``expert_compute`` set, some of those the GPU doesn't hold are
+not copied at all: the CPU computes them from the same host bytes, on a worker thread, while the link
+carries the others and the GPU computes them, so the two rates add (as llama.cpp's ``--n-cpu-moe`` keeps
+experts on the CPU, but per step and per expert rather than per layer).
+
+How a call of the experts module is split. transformers' eager experts compute, for each routed expert
+in ascending order, its tokens' rows (``top_k_index == e``, ordered by top-k position then token), and add
+each weighted result into a zeroed output with ``index_add_``. ``combine`` does exactly that, with each
+expert's rows computed by one call of the module's own forward restricted to that expert: on the GPU from
+the slot, or on the CPU by a ``twin`` (the module with its fused weights as views of host memory). So an
+all-GPU split gives eager's tokens bit for bit, and one where the CPU computes every routed expert gives
+the tokens of transformers with the experts module placed on ``"cpu"``; a mixed split rounds each expert
+where it was computed. This needs the eager implementation (``experts_implementation="eager"``, which
+``expert_compute`` selects): the batched ones combine the top-k results in another order.
+
+Which experts the CPU takes: the share ``expert_compute`` gives (or, for ``"auto"``, the CPU's rate over
+both rates, measured at load) of the step's experts that are not on the GPU already, rounded, the
+highest-numbered ones: fixed for given routing, so a run's tokens don't depend on timing.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+# Cores left to the copy thread, the disk reader and the caller's thread: with every core computing, the
+# CPU side fell from 55 to 7 GB/s on the H200 host while copies ran (the copy thread was starved).
+CORES_LEFT = 4
+
+
+def host_threads() -> int:
+    """Threads the CPU computes experts with: the cores this process may use, less CORES_LEFT."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:      # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - CORES_LEFT)
+
+
+def twin(module, host_weights: dict):
+    """A copy of the experts ``module`` sharing everything but its weights, which are ``host_weights``
+    (parameter name -> a view of host memory). Only its ``forward`` is called, never the module: hooks
+    on the original don't run for it."""
+    import torch
+    out = copy.copy(module)
+    out._parameters = dict(module._parameters)
+    for name, view in host_weights.items():
+        out._parameters[name] = torch.nn.Parameter(view, requires_grad=False)
+    return out
+
+
+def calls(index, experts) -> dict:
+    """For each of ``experts``: the (top-k positions, tokens) routed to it in ``index`` ([tokens, top_k], on
+    the CPU), in the order eager experts visit them (by position, then token), as two index tensors."""
+    import torch
+    out = {}
+    for e in experts:
+        token, pos = torch.nonzero(index == e, as_tuple=True)
+        order = torch.argsort(pos * index.shape[0] + token)
+        out[e] = (pos[order], token[order])
+    return out
+
+
+def expert_rows(forward, hidden, weights, e, pos, token):
+    """Expert ``e``'s weighted rows for ``token`` (``pos``: where ``e`` stands in each one's top k), computed
+    by the experts' own ``forward`` given only those tokens, routed only to ``e``."""
+    import torch
+    index = torch.full((len(token), 1), e, dtype=torch.long, device=hidden.device)
+    return forward(hidden[token], index, weights[token, pos].unsqueeze(-1))
+
+
+def combine(hidden, rows: dict, tokens: dict):
+    """The experts module's output: each expert's ``rows`` added at its ``tokens`` (on ``hidden``'s device),
+    in ascending expert order, into zeros, as the eager experts do."""
+    out = hidden.new_zeros(hidden.shape)
+    for e in sorted(rows):
+        out.index_add_(0, tokens[e], rows[e].to(out.dtype))
+    return out
+
+
+def split(missed: list, share: float) -> tuple[list, list]:
+    """``missed`` (sorted experts the GPU doesn't hold) as (copied, computed on the CPU): the CPU takes the
+    highest-numbered ``share x len(missed)``, rounded half up."""
+    n = min(len(missed), max(0, int(share * len(missed) + 0.5)))
+    return missed[:len(missed) - n], missed[len(missed) - n:]
+
+
+class HostCompute:
+    """The CPU side: one worker thread computing experts from host memory (``torch`` threads: ``threads``),
+    and the rate it reaches (bytes of expert weights a second), for ``"auto"``'s share and the stats."""
+
+    def __init__(self, torch, threads: int):
+        self.torch, self.threads = torch, threads
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb_offload-cpu-experts",
+                                       initializer=torch.set_num_threads, initargs=(threads,))
+        self.seconds = 0.0      # busy, since load
+        self.nbytes = 0         # expert bytes computed from, since load
+        self._lock = threading.Lock()
+
+    def submit(self, twin, hidden, weights, work: dict, row_bytes: int):
+        """Compute each expert of ``work`` (expert -> (positions, tokens)) with ``twin`` on the CPU; a future of
+        (expert -> rows, start, end) on the perf_counter clock."""
+        return self.pool.submit(self._run, twin, hidden, weights, work, row_bytes)
+
+    def _run(self, twin, hidden, weights, work, row_bytes):
+        t0 = time.perf_counter()
+        with self.torch.inference_mode():
+            rows = {e: expert_rows(twin.forward, hidden, weights, e, pos, token) for e, (pos, token) in work.items()}
+        t1 = time.perf_counter()
+        with self._lock:
+            self.seconds += t1 - t0
+            self.nbytes += row_bytes * len(work)
+        return rows, t0, t1
+
+    def rate(self, twin, hidden_size: int, dtype, row_bytes: int, repeats: int = 3) -> float:
+        """Bytes a second the CPU computes one expert for one token at (the best of ``repeats``, after one
+        to warm up)."""
+        torch = self.torch
+        hidden = torch.zeros((1, hidden_size), dtype=dtype)
+        weights = torch.ones((1, 1), dtype=dtype)
+        work = {0: (torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))}
+        best = float("inf")
+        for _ in range(repeats + 1):
+            _, t0, t1 = self.pool.submit(self._run, twin, hidden, weights, work, 0).result()
+            best = min(best, t1 - t0)
+        return row_bytes / max(best, 1e-9)
+
+    def close(self):
+        self.pool.shutdown(wait=True)

@@ -1,0 +1,165 @@
+"""Routed experts computed on the CPU from host memory (cpu_experts.py), while the others are brought to the
+compute device. Here the compute device is the CPU too, so every side rounds alike: the engine's split
+calls must give plain transformers' eager tokens to the bit. On CUDA the same calls split between the
+GPU and the CPU (tests/gpu/test_experts_gpu.py)."""
+
+import pytest
+import torch
+from helpers import PROMPT, all_on_disk, batch_of_four, run_offloaded
+
+import nb_offload
+from nb_offload import cpu_experts
+from nb_offload.tiers import param_views
+
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
+
+
+def eager_model(folder):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(folder, experts_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("arch", MOE)
+@pytest.mark.parametrize("tokens", [1, 4, 9])
+def test_an_experts_call_split_any_way_adds_up_to_the_eager_experts(arch, tokens, model_dirs):
+    experts = eager_model(model_dirs(arch)).model.layers[0].mlp.experts
+    g = torch.Generator().manual_seed(tokens)
+    with torch.no_grad():
+        for p in experts.parameters():      # the tiny model's are near zero: make the sums round
+            p.normal_(0, 0.5, generator=g)
+    k = 2
+    hidden = torch.randn(tokens, experts.gate_up_proj.shape[-1], generator=g).to(experts.gate_up_proj.dtype)
+    index = torch.stack([torch.randperm(experts.num_experts, generator=g)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, generator=g).to(hidden.dtype)
+    with torch.no_grad():
+        want = experts(hidden, index, weights)
+        host = {n: p.detach().clone() for n, p in experts.named_parameters()}
+        twin = cpu_experts.twin(experts, host)
+        assert twin.gate_up_proj.data_ptr() == host["gate_up_proj"].data_ptr()
+        assert experts.gate_up_proj.data_ptr() != host["gate_up_proj"].data_ptr()     # the original untouched
+        chosen = sorted(set(index.flatten().tolist()))
+        work = cpu_experts.calls(index, chosen)
+        for on_host in (set(), set(chosen), set(chosen[::2])):
+            rows = {e: cpu_experts.expert_rows((twin if e in on_host else experts).forward, hidden, weights, e,
+                                               *work[e]) for e in chosen}
+            got = cpu_experts.combine(hidden, rows, {e: token for e, (_, token) in work.items()})
+            assert torch.equal(got, want), (arch, tokens, sorted(on_host))
+
+
+def test_which_experts_the_cpu_takes():
+    assert cpu_experts.split([1, 4, 6], 0.5) == ([1], [4, 6])       # the highest-numbered, 1.5 rounded up
+    assert cpu_experts.split([3], 0.5) == ([], [3])
+    assert cpu_experts.split([1, 4, 6], 0.4) == ([1, 4], [6])
+    assert cpu_experts.split([1, 4, 6, 7], 0.5) == ([1, 4], [6, 7])
+    assert cpu_experts.split([1, 4], 1.0) == ([], [1, 4])
+    assert cpu_experts.split([1, 4], 0.0) == ([1, 4], [])
+    assert cpu_experts.split([], 1.0) == ([], [])
+
+
+def test_the_worker_computes_on_its_own_threads_and_measures_its_rate(model_dirs):
+    experts = eager_model(model_dirs("mixtral")).model.layers[0].mlp.experts
+    mine = torch.get_num_threads()
+    host = cpu_experts.HostCompute(torch, threads=1)
+    try:
+        assert host.pool.submit(torch.get_num_threads).result() == 1
+        assert torch.get_num_threads() == mine          # the caller's threads are its own
+        twin = cpu_experts.twin(experts, {n: p.detach() for n, p in experts.named_parameters()})
+        row = experts.gate_up_proj[0].nbytes + experts.down_proj[0].nbytes
+        assert host.rate(twin, experts.gate_up_proj.shape[-1], experts.gate_up_proj.dtype, row) > 0
+        assert host.nbytes == 0         # calibration doesn't count
+    finally:
+        host.close()
+    assert 1 <= cpu_experts.host_threads()
+
+
+def host_flats(llm):
+    """Each routed block's bytes, read into host memory (what page-locked memory holds on CUDA)."""
+    eng = llm._engine
+    return {i: eng.sources[i].read(0, eng.units[i].nbytes).clone() for i in eng.routed}
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_the_engine_computes_a_share_of_the_missing_experts_on_the_cpu_and_stays_exact(arch, model_dirs, tmp_path):
+    folder = model_dirs(arch)
+    with torch.inference_mode():
+        want, _ = run_offloaded(eager_model(folder))
+        ids = batch_of_four()
+        want_four = eager_model(folder).generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    for share, cache in ((1.0, 0), (0.5, 0), (0.5, "auto")):
+        with all_on_disk(folder, tmp_path / f"{share}-{cache}", hold_spare=False, expert_compute="cpu",
+                         expert_cache=cache) as llm:
+            assert llm.model.config._experts_implementation == "eager"      # expert_compute selects it
+            eng = llm._engine
+            assert eng.host is None         # the CPU device computes every expert anyway
+            eng.compute_experts_on_cpu(host_flats(llm), share)
+            before = llm.stats.as_dict()
+            assert torch.equal(run_offloaded(llm)[0], want), (share, cache)
+            assert torch.equal(llm.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False), want_four)
+            s = llm.stats
+            assert s.experts_on_cpu > 0 and s.bytes_on_cpu > 0 and s.cpu_expert_seconds > 0
+            if share == 1.0 and not cache:
+                assert s.experts_read == before["experts_read"]      # nothing read for the experts
+            else:
+                assert s.experts_read > before["experts_read"]
+            assert any(e.kind == "cpu" and "on the CPU)" in e.unit for e in llm.trace)
+            state = llm.expert_state()      # the last step's (the CPU's are never copied, so never cached)
+            assert any(v["cpu"] for v in state.values())
+            assert all(set(v["cpu"]) <= set(v["routed"]) for v in state.values())
+            line = s.run_summary(before, 10, 1.0, held_on="cpu")
+            assert "routed ones on the CPU from host memory" in line and "GB/s" in line
+            assert "computed on the CPU" in str(s)
+            modules = [m for m, _ in eng._forwards.values()]
+        for m in modules:                   # unload gives the experts modules their own forward back
+            assert "forward" not in vars(m)
+
+
+def test_an_interrupted_split_call_leaves_nothing_for_the_next(model_dirs, tmp_path):
+    folder = model_dirs("mixtral")
+    with torch.inference_mode():
+        want, _ = run_offloaded(eager_model(folder))
+    with all_on_disk(folder, tmp_path, hold_spare=False, expert_compute="cpu", expert_cache=0) as llm:
+        eng = llm._engine
+        eng.compute_experts_on_cpu(host_flats(llm), 0.5)
+        idx = next(iter(eng.routed))
+        module, original = eng._forwards[idx]
+        calls = []
+
+        def interrupted(*args, **kwargs):       # a decode step's split call never runs: an interrupt between
+            if idx not in eng._host_calls:
+                return original(*args, **kwargs)
+            calls.append(dict(eng._host_calls))
+            raise KeyboardInterrupt
+        module.forward = interrupted
+        try:            # a generate may end at an interrupt with the tokens it has
+            llm.generate(torch.tensor(PROMPT), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        except KeyboardInterrupt:
+            pass
+        assert calls and idx in calls[0]        # the pre-hook had split the call
+        module.forward = eng._experts_forward(idx, original)
+        assert torch.equal(run_offloaded(llm)[0], want)
+
+
+def test_expert_compute_is_checked_and_picks_the_eager_experts(model_dirs):
+    with pytest.raises(nb_offload.OptionError, match="expert_compute='cpu' needs the eager experts"):
+        nb_offload.Options(expert_compute="cpu", experts_implementation="grouped_mm")
+    o = nb_offload.Options(expert_compute=0.25)
+    assert (o.expert_compute, o.host_expert_share, o.experts) == (0.25, 0.25, "eager")
+    assert nb_offload.Options().experts is None and nb_offload.Options().host_expert_share is None
+    assert nb_offload.Options(expert_compute="cpu").host_expert_share == 1.0
+    # a dense model takes it too (it has no experts to compute anywhere)
+    with nb_offload.load(model_dirs("llama"), device="cpu", expert_compute="auto", progress=False) as llm:
+        assert llm._engine.host is None
+
+
+def test_twins_see_the_host_bytes_the_engine_gave_them(model_dirs, tmp_path):
+    with all_on_disk(model_dirs("qwen3_moe"), tmp_path, expert_compute="cpu") as llm:
+        eng = llm._engine
+        flats = host_flats(llm)
+        eng.compute_experts_on_cpu(flats, 0.5)
+        eng.compute_experts_on_cpu(flats, 1.0)         # again: the first set-up is undone, not wrapped
+        for module, own in eng._forwards.values():
+            assert own.__func__ is type(module).forward
+        assert eng.expert_share == 1.0
+        for idx, twin in eng._twins.items():
+            views = {v.data_ptr() for v in param_views(eng.units[idx], flats[idx]) if hasattr(v, "data_ptr")}
+            assert {p.data_ptr() for p in twin.parameters()} <= views
