@@ -199,12 +199,15 @@ class Inspection:
         """The plan for these options on ``device_type`` under ``budgets``, with ``pins`` (unit index -> tier)
         and ``expert_pins`` (unit index -> experts kept in the expert cache)."""
         o = self.options
-        return make_plan(self.units, device=device_type, budgets=budgets, pins=pins, config=self.config,
+        plan = make_plan(self.units, device=device_type, budgets=budgets, pins=pins, config=self.config,
                          dtype_size=self.dtype_size, context=o.context or self.default_context(), batch=o.batch,
                          prefetch=prefetch_for(o, device_type), model_name=self.name, read_ahead=o.read_ahead,
                          policy=o.policy, split_blocks=o.split_blocks, library_code=self.library_code,
                          decode_graph=o.cuda_graph, expert_cache=self._expert_cache(device_type, budgets),
                          expert_pins=expert_pins)
+        if device_type == "cuda" and any(e.routed_bytes for e in plan):
+            plan.expert_share = o.host_expert_share
+        return plan
 
     def _expert_cache(self, device_type, budgets):
         """The ``expert_cache`` option in bytes (a share is of the compute device's budget), or "auto"."""

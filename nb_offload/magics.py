@@ -79,6 +79,14 @@ def _name_argument(help="which loaded model (default: the most recent)"):
     return argument("name", nargs="?", default=None, metavar="NAME", help=help)
 
 
+def _share_or_word(text):
+    """An ``expert_compute`` as typed: a number is a share, a word is passed on (the options check both)."""
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return text
+
+
 def _check_name(name, spelling="--as"):
     """The variable a magic binds must be a plain name: not a keyword, and not a builtin it would hide
     for the rest of the session (``--as print``)."""
@@ -462,21 +470,27 @@ class OffloadMagics(Magics):
     @argument("--link", type=RATE, default=None, metavar="GBPS", help="host-to-GPU GB/s for the prediction "
               "(default: measured here on a GPU, else 25)")
     @argument("--drive", type=RATE, default=1.0, metavar="GBPS", help="drive GB/s for the prediction (default 1)")
+    @argument("--expert-compute", metavar="WHERE", help="MoE models: " + options.help_of("expert_compute")
+              .replace("%", "%%"))
+    @argument("--cpu-rate", type=RATE, default=None, metavar="GBPS", help="the CPU's GB/s on routed experts, for "
+              "the prediction with --expert-compute (default: their time not counted)")
     @line_magic
     def offload_plan(self, line):
         """Dry run: where each unit would live, and the predicted decode speed. No weight is read.
 
         Usage: %offload_plan MODEL [--gpu SIZE] [--cpu SIZE] [--disk DIR] [--dtype D] [--quant Q]
                                    [--context N] [--link GBPS] [--drive GBPS]
+                                   [--expert-compute WHERE] [--cpu-rate GBPS]
 
         Examples:
             %offload_plan ./llama-70b --gpu 20GiB --cpu 64GiB --disk ./offload
             %offload_plan ./llama-70b --gpu 20GiB --cpu 64GiB --quant nf4   # a quarter of the bytes to stream
+            %offload_plan ./mixtral --gpu 3GiB --expert-compute auto --cpu-rate 40   # experts on the CPU too
         """
         from . import loader
         args = self._parse(self.offload_plan, line)
         given = dict(gpu=args.gpu, cpu=args.cpu, disk=args.disk, dtype=args.dtype, context=args.context,
-                     quant=args.quant)
+                     quant=args.quant, expert_compute=_share_or_word(args.expert_compute))
         with _spoken_as_typed(cell=False):
             plan = loader.plan(args.model, **self._with_defaults(**given))
         self._show(plan)
@@ -484,11 +498,16 @@ class OffloadMagics(Magics):
         if link is None:
             import torch
             link = link_gbps() if torch.cuda.is_available() else 25.0
-        step = plan.predicted_seconds_per_step(link_gbps=link, disk_gbps=args.drive)
+        step = plan.predicted_seconds_per_step(link_gbps=link, disk_gbps=args.drive, cpu_gbps=args.cpu_rate)
+        share = plan.share_on_cpu(link, args.cpu_rate)
         if step:
+            on_cpu = plan.cpu_bytes_per_token(share)
             print(f"predicted decode: at most {1 / step:.2f} tok/s (streams "
-                  + ", ".join(f"{format_size(v)} from {k}" for k, v in plan.streamed_bytes_per_token().items())
-                  + f" a token at {link:.0f} GB/s link, {args.drive:g} GB/s drive)")
+                  + ", ".join(f"{format_size(v)} from {k}" for k, v in plan.streamed_bytes_per_token(share).items())
+                  + f" a token at {link:.0f} GB/s link, {args.drive:g} GB/s drive"
+                  + (f"; the CPU computes experts from {format_size(on_cpu)} of host memory a token"
+                     + (f" at {args.cpu_rate:g} GB/s" if args.cpu_rate else ", its time not counted (--cpu-rate)")
+                     if on_cpu else "") + ")")
         else:
             print("predicted decode: nothing streams; the speed is the resident model's.")
 

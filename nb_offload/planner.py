@@ -47,6 +47,7 @@ class PlanEntry:
     routed_bytes: int = 0           # streamed MoE block: what a batch-1 decode step reads of it (experts.py)
     experts: int = 0                # a MoE block's routed experts (experts.py), and how many a token uses
     top_k: int = 0
+    expert_row_bytes: int = 0       # one routed expert's bytes, where a step brings them as routed
 
 
 @dataclass
@@ -61,6 +62,9 @@ class Plan:
     prefetch: int = 1
     model: str = ""
     split_blocks: bool = False      # streamed blocks travel as pieces (pieces.py)
+    # routed experts the GPU doesn't hold that the CPU computes instead (cpu_experts.py): None (none),
+    # a share, or "auto" (the CPU's rate over both rates, measured at load)
+    expert_share: float | str | None = None
 
     def __iter__(self):
         return iter(self.entries)
@@ -104,17 +108,37 @@ class Plan:
         out["cpu"] += sum(self.host_reserved.values())
         return out
 
-    def streamed_bytes_per_token(self) -> dict:
-        """Bytes a batch-1 decode step moves to the compute device, by source tier (a MoE block that reads
-        only its routed experts counts what it reads)."""
-        return {t: sum(e.routed_bytes or e.bytes for e in self.entries if e.tier == t) for t in self.streamed_tiers}
+    def share_on_cpu(self, link_gbps: float = 25.0, cpu_gbps: float | None = None) -> float:
+        """The share of the routed experts a step misses that the CPU computes: ``expert_share``, or for
+        "auto" the CPU's rate over both (0 without one)."""
+        if self.expert_share == "auto":
+            return cpu_gbps / (cpu_gbps + link_gbps) if cpu_gbps else 0.0
+        return float(self.expert_share or 0.0)
 
-    def predicted_seconds_per_step(self, link_gbps: float = 25.0, disk_gbps: float = 1.0) -> float:
-        """A lower bound on a decode step's time from the bytes it streams (compute not counted)."""
-        moved = self.streamed_bytes_per_token()
-        if self.device == "cuda":
-            return moved.get("cpu", 0) / (link_gbps * 1e9) + moved.get("disk", 0) / (disk_gbps * 1e9)
-        return moved.get("disk", 0) / (disk_gbps * 1e9)
+    def cpu_bytes_per_token(self, share: float | None = None) -> int:
+        """Expert bytes a batch-1 decode step has the CPU compute from host memory (at ``share``, else the
+        plan's own), before the expert cache's hits."""
+        share = self.share_on_cpu() if share is None else share
+        return int(sum(share * e.top_k * e.expert_row_bytes for e in self.entries if e.routed_bytes))
+
+    def streamed_bytes_per_token(self, share: float | None = None) -> dict:
+        """Bytes a batch-1 decode step moves to the compute device, by source tier (a MoE block that reads
+        only its routed experts counts what it reads, less what the CPU computes at ``share``)."""
+        share = self.share_on_cpu() if share is None else share
+        return {t: sum((e.routed_bytes - int(share * e.top_k * e.expert_row_bytes)) if e.routed_bytes else e.bytes
+                       for e in self.entries if e.tier == t) for t in self.streamed_tiers}
+
+    def predicted_seconds_per_step(self, link_gbps: float = 25.0, disk_gbps: float = 1.0,
+                                   cpu_gbps: float | None = None) -> float:
+        """A lower bound on a decode step's time from the bytes it streams, and from those the CPU computes
+        experts from (at ``cpu_gbps``; both at once, so the longer counts); other compute not counted."""
+        share = self.share_on_cpu(link_gbps, cpu_gbps)
+        moved = self.streamed_bytes_per_token(share)
+        if self.device != "cuda":
+            return moved.get("disk", 0) / (disk_gbps * 1e9)
+        link = moved.get("cpu", 0) / (link_gbps * 1e9) + moved.get("disk", 0) / (disk_gbps * 1e9)
+        on_cpu = self.cpu_bytes_per_token(share)
+        return max(link, on_cpu / (cpu_gbps * 1e9)) if on_cpu and cpu_gbps else link
 
     def to_dict(self) -> dict:
         return {
@@ -265,7 +289,8 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
                          kind=u.kind, aliases=tuple(u.modules), fmt=u.fmt,
                          routed_bytes=0 if tiers[u.index] != routed_tier
                          else u.routed_split_nbytes if slots.split and u.pieces else u.routed_nbytes,
-                         experts=u.expert_count, top_k=u.top_k)
+                         experts=u.expert_count, top_k=u.top_k,
+                         expert_row_bytes=u.expert_row_nbytes if tiers[u.index] == routed_tier else 0)
                for u in units]
     if experts_apart:
         _size_expert_cache(units, entries, reserved, budgets[resident], resident, expert_cache, expert_pins)

@@ -143,6 +143,12 @@ def plan_text(plan) -> str:
                  + (" (MoE blocks: only the routed experts, at batch 1" if any(e.routed_bytes for e in plan) else "")
                  + (", before the expert cache's hits)" if plan.reserved.get("expert_cache")
                     else ")" if any(e.routed_bytes for e in plan) else ""))
+    if plan.expert_share == "auto":
+        lines.append("  routed experts the GPU doesn't hold: a share computed on the CPU from host memory, from the "
+                     "CPU's and the link's rates measured at load (expert_compute=\"auto\")")
+    elif plan.expert_share:
+        lines.append(f"  routed experts the GPU doesn't hold: {100 * plan.expert_share:.0f}% computed on the CPU from "
+                     f"host memory, {format_size(plan.cpu_bytes_per_token())} of them a step, not streamed")
     return "\n".join(lines)
 
 

@@ -163,3 +163,57 @@ def test_twins_see_the_host_bytes_the_engine_gave_them(model_dirs, tmp_path):
         for idx, twin in eng._twins.items():
             views = {v.data_ptr() for v in param_views(eng.units[idx], flats[idx]) if hasattr(v, "data_ptr")}
             assert {p.data_ptr() for p in twin.parameters()} <= views
+
+
+def test_the_plan_counts_the_experts_the_cpu_computes(model_dirs, monkeypatch):
+    from nb_offload import experts
+    monkeypatch.setattr(experts, "CUDA_MIN_SAVED", 0)       # tiny experts: routed on CUDA anyway
+    folder = model_dirs("mixtral")
+    kw = dict(gpu="1GiB", cpu="1GiB", pins={"model.layers.*": "cpu"})
+    base = nb_offload.plan(folder, **kw)
+    assert base.device == "cuda" and base.expert_share is None and base.cpu_bytes_per_token() == 0
+    routed = [e for e in base if e.routed_bytes]
+    assert routed and all(e.expert_row_bytes for e in routed)
+    half = nb_offload.plan(folder, expert_compute=0.5, **kw)
+    on_cpu = sum(int(0.5 * e.top_k * e.expert_row_bytes) for e in routed)
+    assert half.expert_share == 0.5 and half.cpu_bytes_per_token() > 0
+    assert base.streamed_bytes_per_token()["cpu"] - half.streamed_bytes_per_token()["cpu"] == on_cpu
+    assert "50% computed on the CPU from host memory" in str(half)
+    # both at once: the longer of the link's time and the CPU's counts
+    link = half.streamed_bytes_per_token()["cpu"] / 50e9
+    cpu = half.cpu_bytes_per_token() / 50e9
+    assert half.predicted_seconds_per_step(50, cpu_gbps=50) == pytest.approx(max(link, cpu))
+    assert half.predicted_seconds_per_step(50) == pytest.approx(link)         # no CPU rate: its time not counted
+    auto = nb_offload.plan(folder, expert_compute="auto", **kw)
+    assert auto.share_on_cpu(50, 25) == pytest.approx(1 / 3) and auto.share_on_cpu(50) == 0.0
+    assert auto.predicted_seconds_per_step(50, cpu_gbps=25) < base.predicted_seconds_per_step(50)
+    assert "rates measured at load" in str(auto)
+    # all of them: only the blocks' other weights stream
+    every = nb_offload.plan(folder, expert_compute="cpu", **kw)
+    assert every.streamed_bytes_per_token()["cpu"] == sum(
+        e.routed_bytes - e.top_k * e.expert_row_bytes if e.routed_bytes else e.bytes for e in every if e.tier == "cpu")
+    # the CPU device computes everything on the CPU: nothing to split
+    assert nb_offload.plan(folder, device="cpu", expert_compute="cpu").expert_share is None
+
+
+def test_the_plan_magic_predicts_with_experts_on_the_cpu(shell, model_dirs, monkeypatch):
+    from IPython.utils.capture import capture_output
+
+    from nb_offload import experts, loader
+    monkeypatch.setattr(experts, "CUDA_MIN_SAVED", 0)
+    own_plan = loader.plan       # the magic has no pins: every block in host memory, as a large model's would be
+    monkeypatch.setattr(loader, "plan", lambda *a, **kw: own_plan(*a, pins={"model.layers.*": "cpu"}, **kw))
+    folder = model_dirs("mixtral")
+    line = f"%offload_plan {folder} --gpu 1GiB --cpu 1GiB --link 50"
+    with capture_output() as plain:
+        shell.run_line_magic("offload_plan", line.split(" ", 1)[1])
+    with capture_output() as split:
+        shell.run_line_magic("offload_plan", line.split(" ", 1)[1] + " --expert-compute 0.5 --cpu-rate 40")
+    assert "the CPU computes experts from" in split.stdout and "at 40 GB/s" in split.stdout
+    assert "50% computed on the CPU" in split.outputs[0].data["text/plain"]      # the plan, shown
+    assert "the CPU computes" not in plain.stdout
+    with capture_output() as auto:
+        shell.run_line_magic("offload_plan", line.split(" ", 1)[1] + " --expert-compute auto")
+    assert "its time not counted (--cpu-rate)" not in auto.stdout      # no CPU rate: "auto" computes none
+    with pytest.raises(nb_offload.OptionError, match="expert_compute='everywhere' is not valid"):
+        shell.run_line_magic("offload_plan", line.split(" ", 1)[1] + " --expert-compute everywhere")
