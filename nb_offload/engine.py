@@ -33,7 +33,8 @@ class Engine:
     def __init__(self, model, units, params, sources: dict, device, trace, stats, *,
                  prefetch: int = 1, read_ahead: int = 2, read_threads: int = 8,
                  drop_page_cache: bool = False, split: bool = False, cuda_graph: bool = True,
-                 expert_cache: int = 0, pinned_experts: dict | None = None, expert_compute=None):
+                 expert_cache: int = 0, pinned_experts: dict | None = None, expert_compute=None,
+                 cpu_blocks=()):
         import torch
         self.torch = torch
         self.model = model
@@ -96,6 +97,8 @@ class Engine:
         self._twins, self._forwards, self._host_calls, self.last_on_cpu = {}, {}, {}, {}
         if expert_compute is not None and self.cuda and self.routed:
             self.compute_experts_on_cpu({i: self.sources[i].flat for i in self.routed}, expert_compute)
+        # Blocks the CPU computes from host memory, bound there by the caller (hybrid.py): CUDA only.
+        self.cpu_blocks = list(cpu_blocks) if self.cuda else []
         self.graphs = DecodeGraphs(self, enabled=cuda_graph)
         # copies of often routed experts in the room the plan reserved for them
         row = max((f.row_bytes for f in self.routed.values()), default=0)
@@ -235,10 +238,21 @@ class Engine:
         """Hook the units' modules (the forward pass as a whole goes through ``step``)."""
         full = self.trace.enabled and self.trace.detail == "full"
         for u in self.units:
+            if u.index in self.cpu_blocks:          # their hooks below time them on the host
+                continue
             if u.index in self.sources or full:     # resident and not traced one by one: no hook, no cost
                 self.hooks.install(u, self._enter, self._exit)
         for idx, found in self.routed.items():
             self.hooks.before_call(found.module, lambda args, kwargs, idx=idx: self._bring_routed(idx, args, kwargs))
+        if self.cpu_blocks:
+            from .cpu_experts import host_threads
+            from .hybrid import CpuBlock
+            threads = host_threads()
+            for idx in self.cpu_blocks:
+                u = self.units[idx]
+                block = CpuBlock(self.torch, u.name, u.nbytes, self.device, threads, self.trace, self.stats)
+                for name in u.modules:
+                    self.hooks.around(name, block.before, block.after)
 
     def _stop_host_experts(self):
         """The experts modules' own forwards again, and no worker."""

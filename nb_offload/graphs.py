@@ -133,6 +133,8 @@ class DecodeGraphs:
         if e.routed:
             return False, ("streamed MoE blocks bring only their routed experts, copied once the host has read "
                            "the router's choice")
+        if e.cpu_blocks:
+            return False, "blocks computed on the CPU (the host runs them between the GPU's kernels)"
         if any(getattr(u, "fmt", "") == "int8" for u in e.units[:e.n_model]):
             return False, "int8 units (bitsandbytes splits outlier columns with a host synchronisation)"
         return True, ""

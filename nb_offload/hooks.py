@@ -32,6 +32,14 @@ class ModuleHooks:
             self._handles.append(module.register_forward_pre_hook(pre))
             self._handles.append(module.register_forward_hook(post))
 
+    def around(self, name, before, after):
+        """``before(args, kwargs)`` returns the (args, kwargs) module ``name``'s forward is called with, and
+        ``after(output)`` what the call returns."""
+        module = self.root.get_submodule(name) if name else self.root
+        self._handles.append(module.register_forward_pre_hook(lambda m, args, kwargs: before(args, kwargs),
+                                                              with_kwargs=True))
+        self._handles.append(module.register_forward_hook(lambda m, args, output: after(output)))
+
     def before_call(self, name, fn):
         """Call ``fn(args, kwargs)`` before module ``name``'s forward runs (it sees the call's arguments)."""
         def pre(module, args, kwargs):
@@ -57,15 +65,16 @@ def bind_views(params, views):
             p.data = v
 
 
-def to_device(obj, device):
-    """Move tensors in (nested) args to the compute device, as callers pass CPU inputs."""
+def to_device(obj, device, non_blocking: bool = True):
+    """Move tensors in (nested) args to ``device``, as callers pass CPU inputs to the compute device.
+    ``non_blocking=False`` for copies to the CPU that are read at once (an asynchronous one isn't there yet)."""
     import torch
     if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True) if obj.device != device else obj
+        return obj.to(device, non_blocking=non_blocking) if obj.device != device else obj
     if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
+        return tuple(to_device(o, device, non_blocking) for o in obj)
     if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
+        return [to_device(o, device, non_blocking) for o in obj]
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device, non_blocking) for k, v in obj.items()}
     return obj

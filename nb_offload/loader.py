@@ -108,6 +108,7 @@ class Inspection:
                 self.config = AutoConfig.from_pretrained(self.folder, trust_remote_code=options.trust_remote_code)
             except Exception as exc:
                 raise CheckpointError(f"model folder {self.folder!r}: config.json can't be read ({exc}).") from exc
+        self._cpu_rates = None      # (cpu, link) GB/s, measured on the first hybrid plan (cpu_rates)
         self.saved_quant = _saved_quantization(self.folder, self.config)    # its quantization_config, or None
         self.dtype = resolve_dtype(options.dtype, self.config)
         self.quant = options.quant      # a checked quant.QuantSpec, or None
@@ -204,10 +205,28 @@ class Inspection:
                          prefetch=prefetch_for(o, device_type), model_name=self.name, read_ahead=o.read_ahead,
                          policy=o.policy, split_blocks=o.split_blocks, library_code=self.library_code,
                          decode_graph=o.cuda_graph, expert_cache=self._expert_cache(device_type, budgets),
-                         expert_pins=expert_pins)
+                         expert_pins=expert_pins,
+                         cpu_rates=self.cpu_rates() if o.compute == "hybrid" and device_type == "cuda" else None)
         if device_type == "cuda" and any(e.routed_bytes for e in plan):
             plan.expert_share = o.host_expert_share
         return plan
+
+    def cpu_rates(self) -> tuple:
+        """(cpu, link) GB/s for ``compute="hybrid"``, measured once: the CPU's batch-1 product over a block's
+        largest weight in the load dtype with the threads it would have (hybrid.py), the page-locked link
+        (25 GB/s assumed on a machine without a GPU, as for a dry run's prediction)."""
+        if self._cpu_rates is None:
+            import torch
+
+            from . import budget, hybrid
+            from .cpu_experts import host_threads
+            cfg = text_config(self.config)
+            hidden = cfg.hidden_size
+            wide = getattr(cfg, "intermediate_size", None) or 4 * hidden
+            cpu = hybrid.cpu_rate(torch, self.dtype, wide, hidden, host_threads()) / 1e9
+            link = budget.link_gbps() if torch.cuda.is_available() else 25.0
+            self._cpu_rates = (cpu, link)
+        return self._cpu_rates
 
     def _expert_cache(self, device_type, budgets):
         """The ``expert_cache`` option in bytes (a share is of the compute device's budget), or "auto"."""

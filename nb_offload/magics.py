@@ -472,25 +472,27 @@ class OffloadMagics(Magics):
     @argument("--drive", type=RATE, default=1.0, metavar="GBPS", help="drive GB/s for the prediction (default 1)")
     @argument("--expert-compute", metavar="WHERE", help="MoE models: " + options.help_of("expert_compute")
               .replace("%", "%%"))
-    @argument("--cpu-rate", type=RATE, default=None, metavar="GBPS", help="the CPU's GB/s on routed experts, for "
-              "the prediction with --expert-compute (default: their time not counted)")
+    @argument("--compute", metavar="WHERE", help=options.help_of("compute").replace("%", "%%"))
+    @argument("--cpu-rate", type=RATE, default=None, metavar="GBPS", help="the CPU's GB/s on blocks and experts it "
+              "computes, for the prediction (default: their time not counted)")
     @line_magic
     def offload_plan(self, line):
         """Dry run: where each unit would live, and the predicted decode speed. No weight is read.
 
         Usage: %offload_plan MODEL [--gpu SIZE] [--cpu SIZE] [--disk DIR] [--dtype D] [--quant Q]
                                    [--context N] [--link GBPS] [--drive GBPS]
-                                   [--expert-compute WHERE] [--cpu-rate GBPS]
+                                   [--compute WHERE] [--expert-compute WHERE] [--cpu-rate GBPS]
 
         Examples:
             %offload_plan ./llama-70b --gpu 20GiB --cpu 64GiB --disk ./offload
             %offload_plan ./llama-70b --gpu 20GiB --cpu 64GiB --quant nf4   # a quarter of the bytes to stream
             %offload_plan ./mixtral --gpu 3GiB --expert-compute auto --cpu-rate 40   # experts on the CPU too
+            %offload_plan ./llama-7b --gpu 4GiB --compute hybrid --cpu-rate 40     # and blocks
         """
         from . import loader
         args = self._parse(self.offload_plan, line)
         given = dict(gpu=args.gpu, cpu=args.cpu, disk=args.disk, dtype=args.dtype, context=args.context,
-                     quant=args.quant, expert_compute=_share_or_word(args.expert_compute))
+                     quant=args.quant, expert_compute=_share_or_word(args.expert_compute), compute=args.compute)
         with _spoken_as_typed(cell=False):
             plan = loader.plan(args.model, **self._with_defaults(**given))
         self._show(plan)
@@ -505,7 +507,7 @@ class OffloadMagics(Magics):
             print(f"predicted decode: at most {1 / step:.2f} tok/s (streams "
                   + ", ".join(f"{format_size(v)} from {k}" for k, v in plan.streamed_bytes_per_token(share).items())
                   + f" a token at {link:.0f} GB/s link, {args.drive:g} GB/s drive"
-                  + (f"; the CPU computes experts from {format_size(on_cpu)} of host memory a token"
+                  + (f"; the CPU computes from {format_size(on_cpu)} of host memory a token"
                      + (f" at {args.cpu_rate:g} GB/s" if args.cpu_rate else ", its time not counted (--cpu-rate)")
                      if on_cpu else "") + ")")
         else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from . import experts
+from . import experts, hybrid
 from .budget import format_size
 from .dtypes import SHORT_NAMES
 from .errors import BudgetError, PinError
@@ -48,6 +48,7 @@ class PlanEntry:
     experts: int = 0                # a MoE block's routed experts (experts.py), and how many a token uses
     top_k: int = 0
     expert_row_bytes: int = 0       # one routed expert's bytes, where a step brings them as routed
+    compute: str = ""               # "cpu": a block in host memory the CPU computes, not streamed (hybrid.py)
 
 
 @dataclass
@@ -65,6 +66,10 @@ class Plan:
     # routed experts the GPU doesn't hold that the CPU computes instead (cpu_experts.py): None (none),
     # a share, or "auto" (the CPU's rate over both rates, measured at load)
     expert_share: float | str | None = None
+    # compute="hybrid" (hybrid.py): the share of the blocks in host memory the CPU computes, and the rates
+    # in GB/s (cpu, link) it was chosen from; None where the plan chose none
+    block_share: float | None = None
+    rates: tuple | None = None
 
     def __iter__(self):
         return iter(self.entries)
@@ -116,17 +121,18 @@ class Plan:
         return float(self.expert_share or 0.0)
 
     def cpu_bytes_per_token(self, share: float | None = None) -> int:
-        """Expert bytes a batch-1 decode step has the CPU compute from host memory (at ``share``, else the
-        plan's own), before the expert cache's hits."""
+        """Bytes a batch-1 decode step has the CPU compute from host memory: its blocks (``compute="cpu"``)
+        and routed experts (at ``share``, else the plan's own, before the expert cache's hits)."""
         share = self.share_on_cpu() if share is None else share
-        return int(sum(share * e.top_k * e.expert_row_bytes for e in self.entries if e.routed_bytes))
+        return sum(e.bytes for e in self.entries if e.compute == "cpu") + int(
+            sum(share * e.top_k * e.expert_row_bytes for e in self.entries if e.routed_bytes))
 
     def streamed_bytes_per_token(self, share: float | None = None) -> dict:
         """Bytes a batch-1 decode step moves to the compute device, by source tier (a MoE block that reads
         only its routed experts counts what it reads, less what the CPU computes at ``share``)."""
         share = self.share_on_cpu() if share is None else share
         return {t: sum((e.routed_bytes - int(share * e.top_k * e.expert_row_bytes)) if e.routed_bytes else e.bytes
-                       for e in self.entries if e.tier == t) for t in self.streamed_tiers}
+                       for e in self.entries if e.tier == t and e.compute != "cpu") for t in self.streamed_tiers}
 
     def predicted_seconds_per_step(self, link_gbps: float = 25.0, disk_gbps: float = 1.0,
                                    cpu_gbps: float | None = None) -> float:
@@ -147,7 +153,8 @@ class Plan:
             "reserved": self.reserved,
             "host_reserved": self.host_reserved,
             "entries": [{"name": e.name, "bytes": e.bytes, "tier": e.tier, "pinned": e.pinned,
-                         "kind": e.kind, "aliases": list(e.aliases), "format": e.fmt} for e in self.entries],
+                         "kind": e.kind, "aliases": list(e.aliases), "format": e.fmt, "compute": e.compute}
+                        for e in self.entries],
         }
 
     # The renderings live in views.py (imported here on use: the core does not render).
@@ -239,7 +246,7 @@ class _Slots:
 def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_size: int,
               context: int = DEFAULT_CONTEXT, batch: int = 1, prefetch: int = 1, model_name: str = "",
               read_ahead: int = 2, policy: str = "auto", split_blocks="auto", library_code: int = 0,
-              decode_graph: bool = False, expert_cache="auto", expert_pins=None) -> Plan:
+              decode_graph: bool = False, expert_cache="auto", expert_pins=None, cpu_rates=None) -> Plan:
     """Place every unit on a tier: the compute device's first (``_choose_resident``), then, on CUDA,
     host memory and disk (``_place_on_host``); on the CPU everything else streams from disk.
 
@@ -249,9 +256,17 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
     ``expert_cache``: bytes on the compute device for copies of routed experts (experts.ExpertCache), taken
     before the resident blocks are chosen, or "auto": what the plan leaves free (both only where MoE blocks
     stream as routed). ``expert_pins``: unit index -> experts kept in that cache (``resolve_expert_pins``);
-    the cache holds at least them.
+    the cache holds at least them. ``cpu_rates``: (cpu, link) GB/s for ``compute="hybrid"`` on CUDA
+    (hybrid.py): the CPU computes their share of the blocks in host memory; None for none. A pin of
+    ``"cpu-compute"`` keeps a block in host memory, computed there, either way.
     """
     resident = resident_tier_of(device)
+    on_cpu = {i for i, t in pins.items() if t == hybrid.CPU_COMPUTE}
+    for i in on_cpu:
+        if units[i].kind != "block" or units[i].quantized:
+            raise PinError(f"{units[i].name!r} can't be pinned {hybrid.CPU_COMPUTE!r}: only blocks in the load "
+                           "dtype are computed on the CPU; pin it \"cpu\" to keep it in host memory.")
+    pins = {i: ("cpu" if t == hybrid.CPU_COMPUTE else t) for i, t in pins.items()}
     _check_pins(units, pins, device, budgets)
     reserved = footprint(config, dtype_size, context, batch, device)
     dequant = max((u.dequant_bytes for u in units), default=0)
@@ -292,11 +307,31 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
                          experts=u.expert_count, top_k=u.top_k,
                          expert_row_bytes=u.expert_row_nbytes if tiers[u.index] == routed_tier else 0)
                for u in units]
+    share = _computed_on_cpu(units, entries, on_cpu, cpu_rates, device)
     if experts_apart:
         _size_expert_cache(units, entries, reserved, budgets[resident], resident, expert_cache, expert_pins)
     return Plan(entries=entries, device=device, budgets=dict(budgets), reserved=reserved,
                 host_reserved=host_reserved, context=context, batch=batch, prefetch=prefetch, model=model_name,
-                split_blocks=slots.split)
+                split_blocks=slots.split, block_share=share, rates=tuple(cpu_rates) if share is not None else None)
+
+
+def _computed_on_cpu(units, entries, pinned, rates, device):
+    """Mark the blocks the CPU computes on CUDA (hybrid.py): those pinned ``"cpu-compute"``, and with
+    ``rates`` (cpu, link GB/s) their share of the other blocks in host memory, spread between the streamed
+    ones. Quantized blocks and those with routed experts stream. Returns the share, or None."""
+    if device != "cuda":
+        return None         # the CPU device computes everything on the CPU
+    for u, e in zip(units, entries):
+        if u.index in pinned:
+            e.compute, e.routed_bytes, e.expert_row_bytes = "cpu", 0, 0     # whole, where its bytes are
+    if rates is None:
+        return None
+    share = hybrid.cpu_share(*rates)
+    candidates = [e for u, e in zip(units, entries) if e.tier == "cpu" and e.kind == "block" and not e.compute
+                  and not e.routed_bytes and not u.quantized]
+    for e in hybrid.spread(candidates, share):
+        e.compute = "cpu"
+    return share
 
 
 AUTO_CACHE_SHARE = 0.9      # "auto" keeps a tenth of the free room free: the allocator rounds up
@@ -562,8 +597,8 @@ def resolve_expert_pins(pins, units, device: str) -> dict:
 # A pin names a tier, a format, or both ("gpu:bf16"): the format keeps a unit unquantized (in the
 # load dtype) or says it is quantized; formats are chosen at load.
 PLAIN_FORMATS = {**{short: short for short in SHORT_NAMES.values()}, **SHORT_NAMES}   # "bfloat16" -> "bf16" too
-PIN_FORMS = (f"a tier ({', '.join(TIERS)}), a format ({', '.join(QUANT_FORMATS + tuple(SHORT_NAMES.values()))}) "
-             "or both, e.g. \"gpu:bf16\"")
+PIN_FORMS = (f"a tier ({', '.join(TIERS)}, or {hybrid.CPU_COMPUTE}: in host memory, computed by the CPU), "
+             f"a format ({', '.join(QUANT_FORMATS + tuple(SHORT_NAMES.values()))}) or both, e.g. \"gpu:bf16\"")
 
 
 def split_pin(value) -> tuple:
@@ -573,7 +608,7 @@ def split_pin(value) -> tuple:
     tier = fmt = None
     for part in value.strip().lower().split(":"):
         part = part.strip()
-        if part in TIERS and tier is None:
+        if (part in TIERS or part == hybrid.CPU_COMPUTE) and tier is None:
             tier = part
         elif part in QUANT_FORMATS and fmt is None:
             fmt = part

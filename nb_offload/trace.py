@@ -231,6 +231,9 @@ class Stats:
     experts_on_cpu: int = 0     # routed experts the CPU computed from host memory instead (cpu_experts.py)
     bytes_on_cpu: int = 0       # their weights' bytes
     cpu_expert_seconds: float = 0.0     # the CPU's time computing them
+    cpu_block_calls: int = 0            # blocks computed on the CPU where their bytes are (hybrid.py)
+    cpu_block_bytes: int = 0
+    cpu_block_seconds: float = 0.0
     load_seconds: float = 0.0   # nb_offload.load, from the call to the model ready
     load_bytes: int = 0         # the weights it placed
     # Host memory against the cpu= budget: the process's RssAnon + RssShmem (page-locked buffers
@@ -246,6 +249,8 @@ class Stats:
         self.graph_replays = self.graph_captures = self.experts_read = self.experts_skipped = 0
         self.expert_hits = self.experts_on_cpu = self.bytes_on_cpu = 0
         self.seconds = self.capture_seconds = self.route_wait_seconds = self.cpu_expert_seconds = 0.0
+        self.cpu_block_seconds = 0.0
+        self.cpu_block_calls = self.cpu_block_bytes = 0
         self.host_peak = self.host_now
 
     @property
@@ -285,7 +290,8 @@ class Stats:
                 "experts_read": self.experts_read, "experts_skipped": self.experts_skipped,
                 "route_wait_seconds": self.route_wait_seconds, "expert_hits": self.expert_hits,
                 "experts_on_cpu": self.experts_on_cpu, "bytes_on_cpu": self.bytes_on_cpu,
-                "cpu_expert_seconds": self.cpu_expert_seconds,
+                "cpu_expert_seconds": self.cpu_expert_seconds, "cpu_block_seconds": self.cpu_block_seconds,
+                "cpu_block_calls": self.cpu_block_calls, "cpu_block_bytes": self.cpu_block_bytes,
                 "host_now": self.host_now, "host_peak": self.host_peak,
                 "host_budget": self.host_budget, "load_seconds": self.load_seconds, "load_bytes": self.load_bytes}
 
@@ -325,6 +331,13 @@ class Stats:
             waited = self.route_wait_seconds - before.get("route_wait_seconds", 0.0)
             if waited:
                 text += f", {1e3 * waited:.0f} ms waiting for the routers' choices"
+        calls = self.cpu_block_calls - before.get("cpu_block_calls", 0)
+        if calls:
+            steps = max(1, self.steps - before.get("steps", 0))
+            busy = self.cpu_block_seconds - before.get("cpu_block_seconds", 0.0)
+            nbytes = self.cpu_block_bytes - before.get("cpu_block_bytes", 0)
+            text += (f" · {calls / steps:.0f} blocks a step computed on the CPU from host memory"
+                     + (f" ({nbytes / busy / 1e9:.1f} GB/s)" if busy else ""))
         replays = self.graph_replays - before.get("graph_replays", 0)
         if replays:
             text += f" · {replays} decode steps replayed as one CUDA graph"

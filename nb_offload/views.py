@@ -79,7 +79,7 @@ def plan_rows(plan) -> list:
         head, _, idx = e.name.rpartition(".")
         if (prev and e.kind == "block" and prev["kind"] == "block" and prev["tier"] == e.tier
                 and prev["pinned"] == e.pinned and prev["fmt"] == e.fmt and idx.isdigit() and prev["head"] == head
-                and prev["last"] + 1 == int(idx)):
+                and prev["last"] + 1 == int(idx) and prev["compute"] == e.compute):
             prev["last"] = int(idx)
             prev["bytes"] += e.bytes
             prev["count"] += 1
@@ -87,7 +87,7 @@ def plan_rows(plan) -> list:
         rows.append({"head": head, "first": int(idx) if idx.isdigit() else None,
                      "last": int(idx) if idx.isdigit() else None, "name": e.name, "kind": e.kind,
                      "tier": e.tier, "pinned": e.pinned, "bytes": e.bytes, "count": 1, "fmt": e.fmt,
-                     "aliases": e.aliases})
+                     "aliases": e.aliases, "compute": e.compute})
     for r in rows:
         if r["count"] > 1:
             r["name"] = f"{r['head']}.{r['first']}-{r['last']}"
@@ -132,8 +132,9 @@ def plan_text(plan) -> str:
              f"  {'module':<{width}}  {'tier':<4}  {'format':<6}  {'size':>10}  pinned"]
     for r in rows:
         count = f" ({r['count']} blocks)" if r["count"] > 1 else ""
+        on_cpu = " computed on the CPU" if r["compute"] == "cpu" else ""
         lines.append(f"  {r['name']:<{width}}  {r['tier']:<4}  {r['fmt']:<6}  {format_size(r['bytes']):>10}  "
-                     f"{'yes' if r['pinned'] else '':<6}{count}".rstrip())
+                     f"{'yes' if r['pinned'] else '':<6}{count}{on_cpu}".rstrip())
     lines += [f"  {tier}: {total}" for tier, total in tier_totals(plan)]
     extra = ", ".join(f"{k.replace('_', ' ')} {format_size(v)}" for k, v in plan.reserved.items() if v)
     lines.append(f"  reserved on {plan.resident_tier}: {extra}")
@@ -143,6 +144,13 @@ def plan_text(plan) -> str:
                  + (" (MoE blocks: only the routed experts, at batch 1" if any(e.routed_bytes for e in plan) else "")
                  + (", before the expert cache's hits)" if plan.reserved.get("expert_cache")
                     else ")" if any(e.routed_bytes for e in plan) else ""))
+    blocks = [e for e in plan if e.compute == "cpu"]
+    if blocks:
+        why = (f"compute=\"hybrid\": {100 * plan.block_share:.0f}% of the blocks in host memory, from the CPU's "
+               f"{plan.rates[0]:.1f} and the link's {plan.rates[1]:.1f} GB/s" if plan.block_share is not None
+               else "pinned \"cpu-compute\"")
+        lines.append(f"  computed on the CPU where their bytes are, not streamed: {len(blocks)} blocks, "
+                     f"{format_size(sum(e.bytes for e in blocks))} a step ({why})")
     if plan.expert_share == "auto":
         lines.append("  routed experts the GPU doesn't hold: a share computed on the CPU from host memory, from the "
                      "CPU's and the link's rates measured at load (expert_compute=\"auto\")")
@@ -158,7 +166,8 @@ def plan_html(plan) -> str:
         f"<tr><td><code>{html.escape(r['name'])}</code></td>"
         f"<td><span style='color:{TIER_COLORS[r['tier']]};font-weight:bold'>{r['tier']}</span></td>"
         f"<td>{html.escape(r['fmt'])}</td><td style='text-align:right'>{format_size(r['bytes'])}</td>"
-        f"<td>{'yes' if r['pinned'] else ''}</td></tr>" for r in plan_rows(plan))
+        f"<td>{'yes' if r['pinned'] else ''}{', computed on the CPU' if r['compute'] == 'cpu' else ''}</td></tr>"
+        for r in plan_rows(plan))
     foot = "".join(f"<tr><th>{tier}</th><td colspan=4>{total}</td></tr>" for tier, total in tier_totals(plan))
     return (f"<div><b>nb_offload plan</b> for <code>{html.escape(plan.model)}</code> "
             f"(compute on {plan.device}, context {plan.context}, batch {plan.batch})"
@@ -205,7 +214,8 @@ def _expert_strip(e, x, y) -> str:
 
 
 def layer_map_svg(plan) -> str:
-    """One square per unit, in plan order, coloured by tier; pinned units get a white corner."""
+    """One square per unit, in plan order, coloured by tier; pinned units get a white corner, blocks the CPU
+    computes are hatched."""
     cells = []
     for i, e in enumerate(plan.entries):
         x, y = (i % PER_ROW) * (CELL + GAP), (i // PER_ROW) * (CELL + GAP)
@@ -216,6 +226,10 @@ def layer_map_svg(plan) -> str:
         if e.experts:
             tip += f"; experts: {e.experts}, {e.top_k} a token, {EXPERT_MOVES[expert_moves(plan, e)]}"
             pin += _expert_strip(e, x, y)
+        if e.compute == "cpu":      # hatched: the CPU computes it where its bytes are (hybrid.py)
+            tip += "; computed on the CPU where its bytes are, not streamed"
+            pin += "".join(f"<path d='M{x},{y + k} L{x + k},{y} M{x + k},{y + CELL} L{x + CELL},{y + k}' "
+                           "stroke='white' stroke-opacity='0.35' stroke-width='2'/>" for k in range(7, CELL, 7))
         cells.append(f"<g><title>{html.escape(tip)}</title>"
                      f"<rect x='{x}' y='{y}' width='{CELL}' height='{CELL}' rx='3' fill='{TIER_COLORS[e.tier]}'/>{pin}"
                      f"<text x='{x + CELL / 2}' y='{y + CELL / 2 + 4}' font-size='{10 if len(label) < 6 else 8}' "

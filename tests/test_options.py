@@ -20,7 +20,7 @@ BAD = {
     "drop_page_cache": (None, OptionError), "trace": ("on", OptionError), "trace_detail": ("all", OptionError),
     "hold_spare": (None, OptionError), "progress": ("no", OptionError), "cuda_graph": ("yes", OptionError),
     "experts_implementation": (3, OptionError), "expert_cache": (True, OptionError),
-    "expert_compute": (1.5, OptionError),
+    "expert_compute": (1.5, OptionError), "compute": ("cpu", OptionError),
 }
 
 

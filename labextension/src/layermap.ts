@@ -49,12 +49,16 @@ export function renderLayerMap(model: AnyModel<LayerMapState>, root: HTMLElement
       swatch.style.background = color;
       item.append(swatch, `${tier}: ${units.length} (${formatSize(units.reduce((a, e) => a + e.bytes, 0))})`);
       return item;
-    }), el("span", "nbo-legend-item nbo-pin-key", "pinned"));
+    }), el("span", "nbo-legend-item nbo-pin-key", "pinned"),
+    plan.entries.some((e) => e.compute === "cpu") ? el("span", "nbo-legend-item nbo-cpu-key", "computed on the CPU") : "");
     cells = plan.entries.map((e, i) => {
-      const cell = el("div", `nbo-cell nbo-${e.kind}${e.pinned ? " nbo-pinned" : ""}`, e.label);
-      cell.style.background = colors[e.tier] ?? "#999";
+      const onCpu = e.compute === "cpu";
+      const cell = el("div", `nbo-cell nbo-${e.kind}${e.pinned ? " nbo-pinned" : ""}${onCpu ? " nbo-cpu-compute" : ""}`,
+        e.label);
+      cell.style.backgroundColor = colors[e.tier] ?? "#999";
       const format = e.format ? ` \u00b7 ${e.format}` : "";
-      cell.title = `${e.name}\n${e.tier}${format} \u00b7 ${formatSize(e.bytes)}${e.pinned ? " \u00b7 pinned" : ""}`;
+      const where = onCpu ? " \u00b7 computed on the CPU where its bytes are, not streamed" : "";
+      cell.title = `${e.name}\n${e.tier}${format} \u00b7 ${formatSize(e.bytes)}${e.pinned ? " \u00b7 pinned" : ""}${where}`;
       cell.dataset.name = e.name;
       cell.dataset.tier = e.tier;
       cell.dataset.index = String(i);

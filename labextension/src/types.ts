@@ -15,6 +15,7 @@ export interface PlanEntry {
   kind: string;
   format?: string;      // "bf16", "nf4", "int8" ... (quantized tiers)
   experts?: Experts;    // a MoE block's routed experts
+  compute?: "cpu";      // a block in host memory the CPU computes, not streamed (compute="hybrid", cpu-compute pins)
 }
 
 export interface Experts {

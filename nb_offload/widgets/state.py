@@ -7,6 +7,7 @@ plan in one set of colours.
 
 from __future__ import annotations
 
+from ..hybrid import CPU_COMPUTE
 from ..views import PALETTE, expert_moves, short_label
 
 COLORS = PALETTE    # the widgets' ``colors`` state: the front end draws with these
@@ -17,6 +18,8 @@ def pin_targets(plan) -> list:
     """Tiers a unit can be pinned to under this plan, then the planner's own choice."""
     tiers = [plan.resident_tier] + [t for t in plan.streamed_tiers
                                     if t != "disk" or plan.budgets.get("disk") is not None]
+    if plan.device == "cuda":      # blocks kept in host memory and computed there (hybrid.py)
+        tiers.insert(tiers.index("cpu") + 1, CPU_COMPUTE)
     return tiers + [UNPIN]
 
 
@@ -32,5 +35,6 @@ def plan_state(plan) -> dict:
     return {
         "model": plan.model, "device": plan.device, "targets": pin_targets(plan),
         "entries": [{"name": e.name, "label": short_label(e), "bytes": e.bytes, "tier": e.tier,
-                     "pinned": e.pinned, "kind": e.kind, "format": e.fmt, **_experts(plan, e)} for e in plan.entries],
+                     "pinned": e.pinned, "kind": e.kind, "format": e.fmt, **_experts(plan, e),
+                     **({"compute": e.compute} if e.compute else {})} for e in plan.entries],
     }

@@ -1,0 +1,159 @@
+"""Blocks computed on the CPU where their bytes are (hybrid.py): the split, the plan, the pins, the hooks.
+The plans here are for a CUDA device (made on a machine without one, as ``%offload_plan`` does); the
+engine's side runs on CUDA (tests/gpu/test_hybrid_gpu.py)."""
+
+import pytest
+import torch
+from helpers import blocks
+
+import nb_offload
+from nb_offload import hybrid, loader
+from nb_offload.hooks import ModuleHooks
+from nb_offload.trace import Stats, Trace
+
+RATES = (20.0, 60.0)        # CPU, link GB/s: the CPU takes a quarter
+
+
+def all_in_host_memory(folder, **options):
+    """A CUDA plan with every block in host memory, as a large model's would be."""
+    return nb_offload.plan(folder, gpu="1GiB", cpu="1GiB", pins={"model.layers.*": "cpu"}, **options)
+
+
+@pytest.fixture
+def rates(monkeypatch):
+    """Fixed rates instead of measured ones."""
+    monkeypatch.setattr(loader.Inspection, "cpu_rates", lambda self: RATES)
+
+
+def test_the_share_and_its_spread_between_streamed_blocks():
+    assert hybrid.cpu_share(20, 60) == 0.25 and hybrid.cpu_share(0, 60) == 0.0
+    assert hybrid.spread(list(range(8)), 0.25) == [2, 6]            # each followed by streamed ones
+    assert hybrid.spread(list(range(8)), 0.5) == [1, 3, 5, 7]
+    assert hybrid.spread(list(range(3)), 1.0) == [0, 1, 2]
+    assert hybrid.spread(list(range(3)), 0.0) == [] and hybrid.spread([], 0.5) == []
+    assert len(hybrid.spread(list(range(32)), 0.3)) == 10           # 9.6 rounded half up
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+def test_a_hybrid_plan_computes_the_cpus_share_of_the_blocks_in_host_memory(arch, model_dirs, rates):
+    folder = model_dirs(arch)
+    streamed = all_in_host_memory(folder)
+    hybrid_plan = all_in_host_memory(folder, compute="hybrid")
+    names = [e.name for e in blocks(hybrid_plan)]
+    on_cpu = [e.name for e in hybrid_plan if e.compute == "cpu"]
+    assert on_cpu == [names[i] for i in hybrid.spread(list(range(len(names))), 0.25)] and on_cpu
+    assert hybrid_plan.block_share == 0.25 and hybrid_plan.rates == RATES
+    assert all(hybrid_plan[n].tier == "cpu" for n in on_cpu)               # in host memory, where it computes
+    computed = sum(hybrid_plan[n].bytes for n in on_cpu)
+    assert streamed.streamed_bytes_per_token()["cpu"] - hybrid_plan.streamed_bytes_per_token()["cpu"] == computed
+    assert hybrid_plan.cpu_bytes_per_token() == computed and streamed.cpu_bytes_per_token() == 0
+    # the link and the CPU at once: the longer counts
+    link = hybrid_plan.streamed_bytes_per_token()["cpu"] / 60e9
+    assert hybrid_plan.predicted_seconds_per_step(60, cpu_gbps=20) == pytest.approx(max(link, computed / 20e9))
+    assert hybrid_plan.predicted_seconds_per_step(60, cpu_gbps=20) < streamed.predicted_seconds_per_step(60)
+    text = str(hybrid_plan)
+    assert "computed on the CPU where their bytes are, not streamed" in text and "25% of the blocks" in text
+    assert "computed on the CPU" not in str(streamed)
+    assert [e["compute"] for e in hybrid_plan.to_dict()["entries"]].count("cpu") == len(on_cpu)
+    assert "computed on the CPU" in hybrid_plan._repr_html_()
+
+
+def test_pins_keep_blocks_on_the_cpu_and_refuse_what_it_cant_compute(model_dirs):
+    folder = model_dirs("llama")
+    plan = nb_offload.plan(folder, gpu="1GiB", cpu="1GiB", pins={"model.layers.1-2": "cpu-compute"})
+    assert [e.name for e in plan if e.compute == "cpu"] == ["model.layers.1", "model.layers.2"]
+    assert all(plan[n].tier == "cpu" and plan[n].pinned for n in ("model.layers.1", "model.layers.2"))
+    assert plan.block_share is None and "pinned \"cpu-compute\"" in str(plan)
+    with pytest.raises(nb_offload.PinError, match="only blocks in the load dtype are computed on the CPU"):
+        nb_offload.plan(folder, gpu="1GiB", cpu="1GiB", pins={"lm_head": "cpu-compute"})
+    # on the CPU device every unit computes on the CPU: the pin is its host memory
+    cpu = nb_offload.plan(folder, device="cpu", cpu="1GiB", pins={"model.layers.1": "cpu-compute"})
+    assert cpu["model.layers.1"].tier == "cpu" and not any(e.compute for e in cpu)
+    with pytest.raises(nb_offload.PinError, match="cpu-compute: in host memory, computed by the CPU"):
+        nb_offload.plan(folder, gpu="1GiB", pins={"model.layers.1": "cpu-computed"})
+
+
+def test_a_model_pinned_on_the_cpu_device_computes_there_exactly(model_dirs):
+    from helpers import reference, run_offloaded
+    folder = model_dirs("qwen2")
+    with nb_offload.load(folder, device="cpu", pins={"model.layers.0": "cpu-compute"}, progress=False) as llm:
+        assert torch.equal(run_offloaded(llm)[0], reference(folder)[0])
+        llm.pin("model.layers.1", "cpu-compute")
+        assert llm.plan["model.layers.1"].pinned and llm._engine.cpu_blocks == []
+
+
+def test_the_compute_option_is_checked(model_dirs):
+    with pytest.raises(nb_offload.OptionError, match="compute='cpu' is unknown; accepted: 'gpu', 'hybrid'"):
+        nb_offload.Options(compute="cpu")
+    # a CPU-device plan has nothing to split
+    assert nb_offload.plan(model_dirs("llama"), device="cpu", compute="hybrid").block_share is None
+
+
+def test_the_cpu_rate_is_measured_with_the_threads_asked(model_dirs):
+    rate = hybrid.cpu_rate(torch, torch.bfloat16, 256, 128, threads=1)
+    assert rate > 0
+    before = torch.get_num_threads()
+    hybrid.cpu_rate(torch, torch.float32, 64, 32, threads=1)
+    assert torch.get_num_threads() == before
+    cpu, link = loader.Inspection(model_dirs("llama"), nb_offload.Options(compute="hybrid")).cpu_rates()
+    assert cpu > 0 and link == 25.0         # no GPU here: the link is assumed, as for a dry run
+
+
+def test_a_cpu_block_moves_its_call_to_the_cpu_and_its_output_back(model_dirs):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dirs("llama")).eval()
+    ids = torch.tensor([[1, 5, 9, 4]])
+    with torch.inference_mode():
+        want = model(ids).logits
+    seen = []
+    block = model.model.layers[1]
+    own = block.forward
+
+    def spy(*args, **kwargs):
+        seen.append((torch.get_num_threads(), args[0].device.type))
+        return own(*args, **kwargs)
+    block.forward = spy
+    trace, stats = Trace(enabled=True), Stats()
+    hooks = ModuleHooks(model)
+    cpu = hybrid.CpuBlock(torch, "model.layers.1", 1234, torch.device("cpu"), 1, trace, stats)
+    hooks.around("model.layers.1", cpu.before, cpu.after)
+    mine = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            got = model(ids).logits
+    finally:
+        hooks.remove()
+    assert torch.equal(got, want)
+    assert seen == [(1, "cpu")]                 # one torch thread while it computed
+    assert torch.get_num_threads() == mine      # and the caller's own after
+    assert stats.cpu_block_calls == 1 and stats.cpu_block_bytes == 1234 and stats.cpu_block_seconds > 0
+    trace.flush(wait=True)
+    assert [(e.kind, e.unit) for e in trace] == [("cpu", "model.layers.1")]
+    summary = stats.run_summary({**Stats().as_dict()}, 1, 1.0)
+    assert "1 blocks a step computed on the CPU from host memory" in summary
+
+
+def test_the_layer_map_marks_blocks_computed_on_the_cpu(model_dirs, rates):
+    from nb_offload import views
+    from nb_offload.widgets.state import pin_targets, plan_state
+    plan = all_in_host_memory(model_dirs("llama"), compute="hybrid")
+    on_cpu = [e.name for e in plan if e.compute == "cpu"]
+    state = plan_state(plan)
+    assert [e["name"] for e in state["entries"] if e.get("compute") == "cpu"] == on_cpu
+    assert pin_targets(plan)[:3] == ["gpu", "cpu", "cpu-compute"]
+    svg = views.layer_map_svg(plan)
+    assert svg.count("computed on the CPU where its bytes are") == len(on_cpu)
+    cpu_plan = nb_offload.plan(model_dirs("llama"), device="cpu", cpu="1GiB")
+    assert "cpu-compute" not in pin_targets(cpu_plan)
+
+
+def test_the_plan_magic_predicts_a_hybrid_split(shell, model_dirs, monkeypatch, rates):
+    from IPython.utils.capture import capture_output
+    own_plan = loader.plan
+    monkeypatch.setattr(loader, "plan", lambda *a, **kw: own_plan(*a, pins={"model.layers.*": "cpu"}, **kw))
+    folder = model_dirs("llama")
+    with capture_output() as out:
+        shell.run_line_magic("offload_plan", f"{folder} --gpu 1GiB --cpu 1GiB --link 60 --compute hybrid "
+                                             "--cpu-rate 20")
+    assert "computed on the CPU where their bytes are" in out.outputs[0].data["text/plain"]
+    assert "the CPU computes" in out.stdout and "at 20 GB/s" in out.stdout
