@@ -667,6 +667,63 @@ def _cpu_experts_table(data, tokens) -> list:
     return lines
 
 
+def render_hybrid(data, command, title, llama=None) -> str:
+    """A bench_hybrid.py run: blocks computed on the CPU while the link streams the others (issue 16)."""
+    m = data["meta"]
+    cpp = llamacpp_rows(llama) if llama else {}
+
+    def cpp_best(ngl):
+        """llama.cpp's 7B decode at ``ngl`` layers on the GPU, the best of its rows (thread counts)."""
+        return max((v[0] for k, v in cpp.items() if "7B" in k[0] and k[1] == ngl and k[2] is None
+                    and k[3].startswith("tg")), default=None)
+
+    def met(ok):
+        return "met" if ok else "**not met**"
+    lines = [f"## {m['date']}, {title or 'hybrid decode: blocks computed on the CPU while the link streams'} · "
+             f"{m['card']} · torch {m['torch']}, transformers {m['transformers']}", "",
+             "Command (GPU machine, repository root):", "", f"    {command}", "",
+             f"LLaMA-7B shape, random bf16 weights, decode at batch 1, {m['tokens']} new tokens, per-step medians "
+             f"over interleaved rounds (range in brackets); page-locked link {m['link_gbps']:.1f} GB/s; the CPU "
+             f"computes with {m['cpu_threads']} of {m['cores']} cores. *streamed*: every off-GPU block streams; "
+             "*hybrid*: `compute=\"hybrid\"`.", "",
+             "| budget | streamed tok/s | hybrid tok/s | hybrid / streamed | blocks on the CPU / streamed | share "
+             "(rates at load: CPU / link) | while running: CPU / link | predicted | prefill 2048: streamed / "
+             "hybrid | tokens |", "|---|---:|---:|---:|---|---|---|---:|---|---|"]
+    for r in data["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['budget']} | error: {r['error'].splitlines()[-1][:80]} |")
+            continue
+        sp = r["spread"]
+        same = "yes" if r["streamed_equals_hf"] and r["hybrid_equals_reference"] else "NO"
+        lines.append(
+            f"| {r['budget']} | {r['streamed_tok_s']:.2f} ({sp['streamed']}) | {r['hybrid_tok_s']:.2f} "
+            f"({sp['hybrid']}) | **{r['hybrid_over_streamed']:.2f}x** | {r['blocks_on_cpu']} / {r['blocks_streamed']} "
+            f"| {r['block_share'] or 0:.2f} ({r['measured_at_load_cpu_gbps']:.1f} / "
+            f"{r['measured_at_load_link_gbps']:.1f} GB/s) | {r['cpu_gbps_while_running']:.1f} / "
+            f"{r['link_gbps_while_running']:.1f} GB/s | {r['predicted_tok_s']:.2f} tok/s "
+            f"({100 * (r['predicted_tok_s'] / r['hybrid_tok_s'] - 1):+.0f} %) | "
+            f"{r['prefill_2048_streamed_s'] * 1e3:.0f} / {r['prefill_2048_hybrid_s'] * 1e3:.0f} ms | {same} |")
+    lines.append("")
+    for r in data["rows"]:
+        if "error" in r:
+            continue
+        goals = [f"hybrid over streaming {r['hybrid_over_streamed']:.2f}x (goal 1.6x at 4GiB: "
+                 f"{met(r['hybrid_over_streamed'] >= 1.6)})" if r["budget"] == "4GiB" else None,
+                 f"prediction within {abs(100 * (r['predicted_tok_s'] / r['hybrid_tok_s'] - 1)):.0f} % (goal 15 %: "
+                 f"{met(abs(r['predicted_tok_s'] / r['hybrid_tok_s'] - 1) <= 0.15)})",
+                 f"prefill 2048 {met(r['prefill_2048_hybrid_s'] <= r['prefill_2048_streamed_s'] * 1.05)} "
+                 "(goal: no slower than streaming)"]
+        for ngl, goal, budget in ((8, 1.2, "4GiB"), (26, 1.2, "12GiB")):
+            best = cpp_best(ngl)
+            if best and r["budget"] == budget:
+                goals.append(f"over llama.cpp -ngl {ngl} ({best:.1f} tok/s, its best thread count; {llama}): "
+                             f"{r['hybrid_tok_s'] / best:.2f}x (goal {goal}x: {met(r['hybrid_tok_s'] / best >= goal)})")
+        lines.append(f"- {r['budget']}: " + "; ".join(g for g in goals if g) + f"; decode ran eager: "
+                     f"{r['graph_eager'] or '-'}; plan: {'; '.join(x.strip() for x in r['plan'])}")
+    lines.append("")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("json", nargs="+")
@@ -693,6 +750,8 @@ def main():
         title = f' --title "{args.title}"' if args.title else ""
         print(render_readme(data, args.title, list(zip(args.json[1:], loaded[1:])),
                             f"python3 benchmarks/report.py {' '.join(args.json)} --readme{title}"))
+    elif any("hybrid_tok_s" in r for r in data.get("rows", [])):
+        print(render_hybrid(data, args.command or "bash benchmarks/gpu_run.sh hybrid", args.title, args.llama))
     elif any("routed_tok_s" in r for r in data.get("rows", [])):
         print(render_moe(data, args.command or "bash benchmarks/gpu_run.sh moe", args.title, args.llama))
     elif any("nb_graph_tok_s" in r for r in data.get("rows", [])):

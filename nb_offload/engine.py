@@ -34,7 +34,7 @@ class Engine:
                  prefetch: int = 1, read_ahead: int = 2, read_threads: int = 8,
                  drop_page_cache: bool = False, split: bool = False, cuda_graph: bool = True,
                  expert_cache: int = 0, pinned_experts: dict | None = None, expert_compute=None,
-                 cpu_blocks=()):
+                 cpu_blocks=None, cpu_max_tokens: int = 1):
         import torch
         self.torch = torch
         self.model = model
@@ -97,8 +97,12 @@ class Engine:
         self._twins, self._forwards, self._host_calls, self.last_on_cpu = {}, {}, {}, {}
         if expert_compute is not None and self.cuda and self.routed:
             self.compute_experts_on_cpu({i: self.sources[i].flat for i in self.routed}, expert_compute)
-        # Blocks the CPU computes from host memory, bound there by the caller (hybrid.py): CUDA only.
-        self.cpu_blocks = list(cpu_blocks) if self.cuda else []
+        # Blocks the CPU computes from host memory (index -> their bytes there; the caller bound them there),
+        # and the buffer a step too large for the CPU computes them from on the GPU, one at a time (hybrid.py).
+        self.cpu_blocks = dict(cpu_blocks or {}) if self.cuda else {}
+        self.cpu_max_tokens = cpu_max_tokens
+        self._upload = torch.empty(max(self.units[i].nbytes for i in self.cpu_blocks), dtype=torch.uint8,
+                                   device=device) if self.cpu_blocks else None
         self.graphs = DecodeGraphs(self, enabled=cuda_graph)
         # copies of often routed experts in the room the plan reserved for them
         row = max((f.row_bytes for f in self.routed.values()), default=0)
@@ -245,12 +249,15 @@ class Engine:
         for idx, found in self.routed.items():
             self.hooks.before_call(found.module, lambda args, kwargs, idx=idx: self._bring_routed(idx, args, kwargs))
         if self.cpu_blocks:
+            from . import hybrid
             from .cpu_experts import host_threads
-            from .hybrid import CpuBlock
             threads = host_threads()
-            for idx in self.cpu_blocks:
+            for idx, host in self.cpu_blocks.items():
                 u = self.units[idx]
-                block = CpuBlock(self.torch, u.name, u.nbytes, self.device, threads, self.trace, self.stats)
+                layer = hybrid.layer_index(self.model.get_submodule(u.modules[0]))
+                block = hybrid.CpuBlock(self.torch, u, self.params[idx], host, layer=layer, device=self.device,
+                                        upload=self._upload, max_tokens=self.cpu_max_tokens, threads=threads,
+                                        mover=self.mover, trace=self.trace, stats=self.stats)
                 for name in u.modules:
                     self.hooks.around(name, block.before, block.after)
 
@@ -271,7 +278,7 @@ class Engine:
         self.drain()
         self.expert_cache = None
         self.reader.close()
-        self.mover.slots, self._views, self.rest = [], {}, {}
+        self.mover.slots, self._views, self.rest, self._upload = [], {}, {}, None
 
     def drain(self):
         """Wait for everything in flight and forget the queue (before re-planning or unload)."""

@@ -43,11 +43,11 @@ def spread(candidates: list, share: float) -> list:
     return [candidates[min(len(candidates) - 1, int((k + 0.5) * step))] for k in range(n)]
 
 
-def cpu_rate(torch, dtype, rows: int, cols: int, threads: int, repeats: int = 3) -> float:
-    """Bytes a second the CPU reads a [rows, cols] weight at in a batch-1 product in ``dtype`` with
-    ``threads`` torch threads (best of ``repeats``, after one to warm up)."""
+def cpu_rate(torch, dtype, rows: int, cols: int, threads: int, tokens: int = 1, repeats: int = 3) -> float:
+    """Bytes a second the CPU reads a [rows, cols] weight at in a product with ``tokens`` rows in ``dtype``,
+    with ``threads`` torch threads (best of ``repeats``, after one to warm up)."""
     weight = torch.randn(rows, cols).to(dtype)
-    x = torch.randn(1, cols).to(dtype)
+    x = torch.randn(tokens, cols).to(dtype)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -62,31 +62,100 @@ def cpu_rate(torch, dtype, rows: int, cols: int, threads: int, repeats: int = 3)
     return weight.nbytes / max(best, 1e-9)
 
 
-class CpuBlock:
-    """The hooks of one block computed on the CPU: its call's tensors to the CPU and its output back to
-    ``device``, with ``threads`` torch threads meanwhile; the time it took, on the trace's CPU lane."""
+# Step sizes tried for the most tokens a CPU block computes on the CPU (``cpu_max_tokens``).
+TRIED_TOKENS = (1, 4, 16, 64)
 
-    def __init__(self, torch, name: str, nbytes: int, device, threads: int, trace, stats):
-        self.torch, self.name, self.nbytes, self.device = torch, name, nbytes, device
-        self.threads, self.trace, self.stats = threads, trace, stats
-        self._before = None
+
+def cpu_max_tokens(torch, dtype, rows: int, cols: int, threads: int, link_gbps: float) -> int:
+    """The most tokens a step may have for the CPU to compute a block faster than the link brings it to the
+    GPU: the largest of TRIED_TOKENS whose product over a [rows, cols] weight takes the CPU no longer than
+    the weight's copy (measured; at least 1). Larger steps, prefills, bring CPU blocks to the GPU."""
+    nbytes = rows * cols * torch.empty((), dtype=dtype).element_size()
+    copy = nbytes / (link_gbps * 1e9) if link_gbps > 0 else 0.0
+    best = 1
+    for tokens in TRIED_TOKENS:
+        if nbytes / cpu_rate(torch, dtype, rows, cols, threads, tokens=tokens, repeats=2) <= copy:
+            best = tokens
+    return best
+
+
+def layer_index(block) -> int | None:
+    """The KV-cache layer a decoder block writes (its attention's ``layer_idx``), or None."""
+    for module in block.modules():
+        idx = getattr(module, "layer_idx", None)
+        if isinstance(idx, int):
+            return idx
+    return None
+
+
+def move_layer_cache(torch, cache, layer: int | None, device):
+    """Move layer ``layer``'s keys and values in ``cache`` (a transformers Cache) to ``device``, where they
+    are elsewhere: a CPU block keeps its KV cache in host memory, and a prefill it computes on the GPU
+    writes it there first."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer is None or layer >= len(layers):
+        return
+    entry = layers[layer]
+    for name in ("keys", "values"):
+        t = getattr(entry, name, None)
+        if isinstance(t, torch.Tensor) and t.device != device:
+            setattr(entry, name, t.to(device))
+    if isinstance(getattr(entry, "device", None), torch.device):
+        entry.device = torch.device(device)
+
+
+class CpuBlock:
+    """The hooks of one block computed on the CPU from ``host`` (its bytes in host memory, its parameters
+    bound there): a step of at most ``max_tokens`` tokens moves the call's tensors to the CPU and the output
+    back to ``device``, with ``threads`` torch threads meanwhile; a larger one (a prefill) copies the block
+    into ``upload`` (a buffer on ``device``, shared by the CPU blocks, used in stream order) and computes it
+    there, as a streamed block would be. The CPU's time goes on the trace's CPU lane."""
+
+    def __init__(self, torch, unit, params, host, *, layer, device, upload, max_tokens: int, threads: int, mover,
+                 trace, stats):
+        self.torch, self.unit, self.params, self.host, self.layer = torch, unit, params, host, layer
+        self.device, self.upload, self.max_tokens, self.threads = device, upload, max_tokens, threads
+        self.mover, self.trace, self.stats = mover, trace, stats
+        self._before = self._cache = None
 
     def before(self, args, kwargs):
-        from .hooks import to_device
+        from .hooks import bind, to_device
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        tokens = hidden.shape[0] * hidden.shape[1] if getattr(hidden, "dim", lambda: 0)() >= 2 else 1
+        self._cache = kwargs.get("past_key_values")
+        if tokens > self.max_tokens and self.upload is not None:
+            move_layer_cache(self.torch, self._cache, self.layer, self.device)
+            n = self.unit.nbytes
+            start = self.mover.mark() if self.trace.enabled else None
+            self.upload[:n].copy_(self.host[:n], non_blocking=True)      # on the compute stream, in order
+            if start is not None:
+                self.trace.cuda_event("copy", self.unit.name + " (a large step: on the GPU)", start, self.mover.mark(),
+                                      n)
+            bind(self.params, self.unit, self.upload)
+            self.stats.bytes_from_cpu += n
+            self._before = "uploaded"
+            return args, kwargs
         cpu = self.torch.device("cpu")
+        move_layer_cache(self.torch, self._cache, self.layer, cpu)
         args, kwargs = to_device(args, cpu, False), to_device(kwargs, cpu, False)   # waits for the GPU's work
         self._before = (self.torch.get_num_threads(), time.perf_counter())
         self.torch.set_num_threads(self.threads)
         return args, kwargs
 
     def after(self, output):
-        from .hooks import to_device
-        threads, t0 = self._before or (self.torch.get_num_threads(), time.perf_counter())
-        self._before = None
+        from .hooks import bind, to_device
+        state, self._before = self._before, None
+        if state == "uploaded":
+            bind(self.params, self.unit, self.host)
+            move_layer_cache(self.torch, self._cache, self.layer, self.torch.device("cpu"))   # where decode reads it
+            self._cache = None
+            return output
+        self._cache = None
+        threads, t0 = state or (self.torch.get_num_threads(), time.perf_counter())
         self.torch.set_num_threads(threads)
         t1 = time.perf_counter()
         self.stats.cpu_block_seconds += t1 - t0
-        self.stats.cpu_block_bytes += self.nbytes
+        self.stats.cpu_block_bytes += self.unit.nbytes
         self.stats.cpu_block_calls += 1
-        self.trace.host_event("cpu", self.name, t0, t1, self.nbytes)
+        self.trace.host_event("cpu", self.unit.name, t0, t1, self.unit.nbytes)
         return to_device(output, self.device)

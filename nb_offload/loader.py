@@ -108,7 +108,7 @@ class Inspection:
                 self.config = AutoConfig.from_pretrained(self.folder, trust_remote_code=options.trust_remote_code)
             except Exception as exc:
                 raise CheckpointError(f"model folder {self.folder!r}: config.json can't be read ({exc}).") from exc
-        self._cpu_rates = None      # (cpu, link) GB/s, measured on the first hybrid plan (cpu_rates)
+        self._cpu_rates = self._cpu_max_tokens = None     # measured on the first hybrid plan (cpu_rates)
         self.saved_quant = _saved_quantization(self.folder, self.config)    # its quantization_config, or None
         self.dtype = resolve_dtype(options.dtype, self.config)
         self.quant = options.quant      # a checked quant.QuantSpec, or None
@@ -209,6 +209,8 @@ class Inspection:
                          cpu_rates=self.cpu_rates() if o.compute == "hybrid" and device_type == "cuda" else None)
         if device_type == "cuda" and any(e.routed_bytes for e in plan):
             plan.expert_share = o.host_expert_share
+        if any(e.compute == "cpu" for e in plan):
+            plan.cpu_max_tokens = self.cpu_max_tokens()
         return plan
 
     def cpu_rates(self) -> tuple:
@@ -220,13 +222,28 @@ class Inspection:
 
             from . import budget, hybrid
             from .cpu_experts import host_threads
-            cfg = text_config(self.config)
-            hidden = cfg.hidden_size
-            wide = getattr(cfg, "intermediate_size", None) or 4 * hidden
+            wide, hidden = self._widest_weight()
             cpu = hybrid.cpu_rate(torch, self.dtype, wide, hidden, host_threads()) / 1e9
             link = budget.link_gbps() if torch.cuda.is_available() else 25.0
             self._cpu_rates = (cpu, link)
         return self._cpu_rates
+
+    def cpu_max_tokens(self) -> int:
+        """The most tokens a step may have for CPU blocks to compute on the CPU (hybrid.cpu_max_tokens),
+        measured once."""
+        if self._cpu_max_tokens is None:
+            import torch
+
+            from . import hybrid
+            from .cpu_experts import host_threads
+            wide, hidden = self._widest_weight()
+            self._cpu_max_tokens = hybrid.cpu_max_tokens(torch, self.dtype, wide, hidden, host_threads(),
+                                                         self.cpu_rates()[1])
+        return self._cpu_max_tokens
+
+    def _widest_weight(self) -> tuple:
+        cfg = text_config(self.config)
+        return getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size, cfg.hidden_size
 
     def _expert_cache(self, device_type, budgets):
         """The ``expert_cache`` option in bytes (a share is of the compute device's budget), or "auto"."""

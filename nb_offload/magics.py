@@ -430,16 +430,18 @@ class OffloadMagics(Magics):
     @magic_arguments()
     @_name_argument()
     @argument("pattern", metavar="PATTERN", help="module name with * globs and index ranges, e.g. model.layers.0-3")
-    @argument("tier", metavar="TIER", help="gpu, cpu or disk")
+    @argument("tier", metavar="TIER", help="gpu, cpu or disk (or cpu-compute: in host memory, computed by the CPU)")
     @line_magic
     def offload_pin(self, line):
         """Keep units on a tier; the rest are re-planned around them and bytes migrate.
 
         Usage: %offload_pin [NAME] PATTERN TIER
-        TIER is gpu, cpu or disk; PATTERN a module name with * globs and index ranges.
+        TIER is gpu, cpu or disk, or cpu-compute (blocks kept in host memory and computed by the CPU there,
+        on CUDA); PATTERN a module name with * globs and index ranges.
 
         Example:
             %offload_pin llm model.layers.20-23 gpu
+            %offload_pin llm model.layers.10-15 cpu-compute
         """
         args = self._parse(self.offload_pin, line)
         name, llm = self._pick(args.name)

@@ -130,13 +130,13 @@ class OffloadedModel:
         from .engine import Engine
         from .hooks import bind
         resident = self.plan.resident_tier
-        sources, on_cpu = {}, []
+        sources, on_cpu = {}, {}
         for u, entry in zip(self._insp.units, self.plan.entries):
             store = self._storage.stores[u.index]
             if store.tier == resident or entry.compute == "cpu":    # the CPU computes it where it is (hybrid.py)
                 bind(self._params[u.index], u, store.flat)
                 if store.tier != resident:
-                    on_cpu.append(u.index)
+                    on_cpu[u.index] = store.flat
             else:
                 sources[u.index] = store
         o = self.options
@@ -147,7 +147,7 @@ class OffloadedModel:
                               split=self.plan.split_blocks, cuda_graph=o.cuda_graph,
                               expert_cache=self.plan.reserved.get("expert_cache", 0),
                               pinned_experts=self._expert_pins, expert_compute=o.host_expert_share,
-                              cpu_blocks=on_cpu)
+                              cpu_blocks=on_cpu, cpu_max_tokens=self.plan.cpu_max_tokens)
         self._engine.install()
 
     def _skip_page_cache(self, sources) -> bool:

@@ -67,9 +67,11 @@ class Plan:
     # a share, or "auto" (the CPU's rate over both rates, measured at load)
     expert_share: float | str | None = None
     # compute="hybrid" (hybrid.py): the share of the blocks in host memory the CPU computes, and the rates
-    # in GB/s (cpu, link) it was chosen from; None where the plan chose none
+    # in GB/s (cpu, link) it was chosen from; None where the plan chose none. The most tokens a step may have
+    # for them to compute on the CPU (larger ones bring them to the GPU), set by the loader.
     block_share: float | None = None
     rates: tuple | None = None
+    cpu_max_tokens: int = 1
 
     def __iter__(self):
         return iter(self.entries)
@@ -276,6 +278,10 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
         reserved["library_code"] = library_code
     if device == "cuda" and decode_graph:   # the captured decode step's memory pool stays between generates
         reserved["decode_graph"] = graph_pool(config, dtype_size, context, batch)
+    upload = max((u.nbytes for u in units if u.kind == "block" and not u.quantized
+                   and (cpu_rates is not None or u.index in on_cpu)), default=0)
+    if device == "cuda" and upload:         # where a prefill computes a CPU block on the GPU (hybrid.py)
+        reserved["cpu_block_upload"] = upload
     experts_apart = any(u.expert_row_nbytes for u in units)
     expert_pins = expert_pins or {}
     pinned = sum(len(expert_pins.get(u.index, ())) * u.expert_row_nbytes for u in units)

@@ -79,7 +79,7 @@ def test_a_model_pinned_on_the_cpu_device_computes_there_exactly(model_dirs):
     with nb_offload.load(folder, device="cpu", pins={"model.layers.0": "cpu-compute"}, progress=False) as llm:
         assert torch.equal(run_offloaded(llm)[0], reference(folder)[0])
         llm.pin("model.layers.1", "cpu-compute")
-        assert llm.plan["model.layers.1"].pinned and llm._engine.cpu_blocks == []
+        assert llm.plan["model.layers.1"].pinned and llm._engine.cpu_blocks == {}
 
 
 def test_the_compute_option_is_checked(model_dirs):
@@ -99,38 +99,63 @@ def test_the_cpu_rate_is_measured_with_the_threads_asked(model_dirs):
     assert cpu > 0 and link == 25.0         # no GPU here: the link is assumed, as for a dry run
 
 
-def test_a_cpu_block_moves_its_call_to_the_cpu_and_its_output_back(model_dirs):
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(model_dirs("llama")).eval()
-    ids = torch.tensor([[1, 5, 9, 4]])
-    with torch.inference_mode():
-        want = model(ids).logits
-    seen = []
-    block = model.model.layers[1]
-    own = block.forward
+def test_a_cpu_block_computes_small_steps_on_the_cpu_and_large_ones_from_an_upload(model_dirs):
+    """On the CPU device both sides are the CPU, so the tokens stay plain transformers' to the bit while the
+    hooks do their work: a decode step runs with the block's own threads and on the CPU lane, a prefill
+    (more tokens than ``max_tokens``) copies the block into the upload buffer and computes it from there."""
+    from helpers import reference, run_offloaded
+    folder = model_dirs("llama")
+    want, _ = reference(folder)
+    with nb_offload.load(folder, device="cpu", progress=False) as llm:
+        idx = next(u.index for u in llm._insp.units if u.name == "model.layers.1")
+        unit, params = llm._insp.units[idx], llm._params[idx]
+        host = llm._storage.stores[idx].flat
+        block = llm.model.get_submodule("model.layers.1")
+        seen = []
+        own = block.forward
 
-    def spy(*args, **kwargs):
-        seen.append((torch.get_num_threads(), args[0].device.type))
-        return own(*args, **kwargs)
-    block.forward = spy
-    trace, stats = Trace(enabled=True), Stats()
-    hooks = ModuleHooks(model)
-    cpu = hybrid.CpuBlock(torch, "model.layers.1", 1234, torch.device("cpu"), 1, trace, stats)
-    hooks.around("model.layers.1", cpu.before, cpu.after)
-    mine = torch.get_num_threads()
-    try:
-        with torch.inference_mode():
-            got = model(ids).logits
-    finally:
-        hooks.remove()
-    assert torch.equal(got, want)
-    assert seen == [(1, "cpu")]                 # one torch thread while it computed
-    assert torch.get_num_threads() == mine      # and the caller's own after
-    assert stats.cpu_block_calls == 1 and stats.cpu_block_bytes == 1234 and stats.cpu_block_seconds > 0
-    trace.flush(wait=True)
-    assert [(e.kind, e.unit) for e in trace] == [("cpu", "model.layers.1")]
-    summary = stats.run_summary({**Stats().as_dict()}, 1, 1.0)
-    assert "1 blocks a step computed on the CPU from host memory" in summary
+        def spy(*args, **kwargs):
+            seen.append((torch.get_num_threads(), params[0].data.data_ptr()))
+            return own(*args, **kwargs)
+        block.forward = spy
+        upload = torch.empty(unit.nbytes, dtype=torch.uint8)
+        stats = Stats()
+        cpu = hybrid.CpuBlock(torch, unit, params, host, layer=hybrid.layer_index(block), device=torch.device("cpu"),
+                              upload=upload, max_tokens=1, threads=1, mover=None, trace=Trace(enabled=False),
+                              stats=stats)
+        assert cpu.layer == 1
+        hooks = ModuleHooks(llm.model)
+        hooks.around("model.layers.1", cpu.before, cpu.after)
+        mine = torch.get_num_threads()
+        try:
+            tokens = llm.generate(torch.tensor([list(range(1, 9))]), max_new_tokens=3, min_new_tokens=3,
+                                  do_sample=False)
+            assert torch.equal(run_offloaded(llm)[0], want)
+        finally:
+            hooks.remove()
+            block.forward = own
+        assert tokens.shape[1] == 11
+        in_upload = [ptr for _, ptr in seen if upload.data_ptr() <= ptr < upload.data_ptr() + unit.nbytes]
+        assert len(in_upload) == 3          # the generates' prefills and run_offloaded's forward, from the upload
+        assert [t for t, ptr in seen if ptr not in in_upload] == [1] * (len(seen) - 3)     # decode: one thread
+        assert host.data_ptr() <= params[0].data.data_ptr() < host.data_ptr() + unit.nbytes   # bound back
+        assert torch.get_num_threads() == mine      # the caller's threads its own again
+        assert stats.cpu_block_calls == len(seen) - 3 and stats.cpu_block_bytes == stats.cpu_block_calls * unit.nbytes
+        assert stats.bytes_from_cpu == 3 * unit.nbytes
+        summary = stats.run_summary(Stats().as_dict(), 1, 1.0)
+        assert "blocks a step computed on the CPU from host memory" in summary
+
+
+def test_a_layers_cache_moves_where_its_block_computes():
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    cache.update(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4), 0)
+    cache.update(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4), 1)
+    hybrid.move_layer_cache(torch, cache, 1, torch.device("meta"))
+    assert cache.layers[1].keys.device.type == "meta" and cache.layers[1].values.device.type == "meta"
+    assert cache.layers[0].keys.device.type == "cpu"
+    hybrid.move_layer_cache(torch, cache, 7, torch.device("meta"))     # no such layer: nothing
+    hybrid.move_layer_cache(torch, None, 0, torch.device("meta"))
 
 
 def test_the_layer_map_marks_blocks_computed_on_the_cpu(model_dirs, rates):

@@ -1,5 +1,5 @@
-"""The transfer timeline: read / copy / compute / step lanes (and the CPU's, where the model computes routed
-experts there), zoomable, updated live."""
+"""The transfer timeline: read / copy / compute / step lanes (and the CPU's, where the model computes blocks
+or routed experts there), zoomable, updated live."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ class Timeline(OffloadWidget):
         self._log = EventLog(max_events)
         self._log.extend(list(llm.trace))
         engine = getattr(llm, "_engine", None)
-        lanes = ALL_LANES if getattr(engine, "host", None) is not None else LANES
+        on_cpu = getattr(engine, "host", None) is not None or getattr(engine, "cpu_blocks", None)
+        lanes = ALL_LANES if on_cpu else LANES
         super().__init__(llm, events=self._log.snapshot(), max_events=max_events, lanes=list(lanes), **kwargs)
 
     def live(self, events):

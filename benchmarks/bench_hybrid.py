@@ -1,0 +1,133 @@
+"""Hybrid decode (hybrid.py, issue 16): blocks computed on the CPU where their bytes are while the link
+streams the others, against streaming only, on one card, in one process.
+
+LLaMA-7B shape (bench_offload.build), random bf16 weights. At each budget two loads: *streamed* (every
+off-GPU block streams) and *hybrid* (``compute="hybrid"``: the CPU computes the share of the blocks in host
+memory its measured rate gives, spread between the streamed ones). Decode per-step medians over
+interleaved rounds; prefill of 2048 tokens; the split, the rates measured at load and those reached while
+both ran (the CPU's from the model's counters, the link's from the bytes streamed over the step's time);
+the dry-run prediction at the measured rates against the measured step; tokens against transformers with
+the same blocks computed on the CPU (the model on the GPU, those blocks moved to the CPU under Accelerate's
+AlignDevicesHook), and the streamed load's against transformers on the GPU.
+
+    PYTHONPATH=. python3 benchmarks/bench_hybrid.py --json out.json [--budgets 4GiB,12GiB]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import tempfile
+import time
+import traceback
+
+from bench_graph import steps
+from bench_offload import build, interleave, med, moved_per_step, pinned_rate, row_recorder, spread, time_call
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--folder", default=os.path.join(tempfile.gettempdir(), "nb_offload-bench-7b"))
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--budgets", default="4GiB,12GiB")
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    import torch
+    import transformers
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    from transformers import AutoModelForCausalLM
+
+    import nb_offload
+    from nb_offload.cpu_experts import host_threads
+    if not os.path.isfile(os.path.join(args.folder, "config.json")):
+        t0 = time.perf_counter()
+        build(args.folder, args.layers)
+        print(f"built the 7B shape in {time.perf_counter() - t0:.0f} s", flush=True)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 31000, (1, 16), device="cuda")
+    long_ids = torch.randint(3, 31000, (1, 2048), device="cuda")
+    n = args.tokens
+    out = {"meta": {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                    "torch": torch.__version__, "transformers": transformers.__version__, "tokens": n,
+                    "cpu_threads": host_threads(), "cores": os.cpu_count()}, "rows": []}
+    out["meta"]["link_gbps"] = link = med(pinned_rate())
+    add = row_recorder(out, args.json, digits=4)
+    torch.inference_mode().__enter__()
+
+    def reference(on_cpu):
+        """transformers on the GPU with the blocks ``on_cpu`` computed on the CPU: greedy tokens."""
+        model = AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.bfloat16, device_map="cuda").eval()
+        for name in on_cpu:
+            add_hook_to_module(model.get_submodule(name).to("cpu"),
+                               AlignDevicesHook(execution_device="cpu", io_same_device=True,
+                                                skip_keys="past_key_values"))
+        tokens = steps(model.generate, ids, n)[1].cpu()
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        return tokens
+
+    want_gpu = reference([])
+    for budget in args.budgets.split(","):
+        t0 = time.perf_counter()
+        llms = {}
+        try:
+            llms = {"streamed": nb_offload.load(args.folder, gpu=budget, cpu="100GiB", progress=False),
+                    "hybrid": nb_offload.load(args.folder, gpu=budget, cpu="100GiB", compute="hybrid",
+                                              progress=False)}
+            hyb = llms["hybrid"]
+            on_cpu = [e.name for e in hyb.plan if e.compute == "cpu"]
+            moved = {k: moved_per_step(llm, ids, 8)["cpu"] for k, llm in llms.items()}
+            counters = {}
+
+            def timed(llm, key, counters=counters):
+                def fn():
+                    s0, b0, c0 = llm.stats.cpu_block_seconds, llm.stats.cpu_block_bytes, llm.stats.steps
+                    result = steps(llm.generate, ids, n)
+                    counters.setdefault(key, []).append((llm.stats.cpu_block_seconds - s0,
+                                                         llm.stats.cpu_block_bytes - b0, llm.stats.steps - c0))
+                    return result
+                return fn
+            runs = interleave({k: timed(llm, k) for k, llm in llms.items()}, args.repeats)
+            t = {k: med([x for s, _ in r for x in s]) for k, r in runs.items()}
+            sp = {k: spread([x for s, _ in r for x in s]) for k, r in runs.items()}
+            tokens = {k: r[-1][1].cpu() for k, r in runs.items()}
+            prefill = {k: med([time_call(lambda llm=llm: llm.generate(long_ids, max_new_tokens=1))
+                               for _ in range(3)]) for k, llm in llms.items()}
+            busy = sum(c[0] for c in counters["hybrid"])
+            cpu_bytes = sum(c[1] for c in counters["hybrid"])
+            cpu_rate, link_rate = hyb.plan.rates or (0.0, 0.0)
+            predicted = hyb.plan.predicted_seconds_per_step(link_gbps=link, cpu_gbps=cpu_rate)
+            want_hybrid = reference(on_cpu)
+            add(budget=budget, link_gbps=link, streamed_tok_s=1 / t["streamed"], hybrid_tok_s=1 / t["hybrid"],
+                spread=sp, hybrid_over_streamed=t["streamed"] / t["hybrid"],
+                blocks_on_cpu=len(on_cpu), blocks_streamed=sum(1 for e in hyb.plan if e.tier == "cpu"
+                                                               and e.compute != "cpu"),
+                block_share=hyb.plan.block_share, measured_at_load_cpu_gbps=cpu_rate,
+                measured_at_load_link_gbps=link_rate,
+                cpu_gbps_while_running=cpu_bytes / busy / 1e9 if busy else 0.0,
+                cpu_busy_share_of_step=busy / sum(c[2] for c in counters["hybrid"]) / t["hybrid"],
+                link_gbps_while_running=moved["hybrid"] / t["hybrid"] / 1e9,
+                streamed_moved_per_step=moved["streamed"], hybrid_moved_per_step=moved["hybrid"],
+                cpu_bytes_per_step=hyb.plan.cpu_bytes_per_token(),
+                predicted_tok_s=1 / predicted,
+                prefill_2048_streamed_s=prefill["streamed"], prefill_2048_hybrid_s=prefill["hybrid"],
+                streamed_equals_hf=bool(torch.equal(tokens["streamed"], want_gpu)),
+                hybrid_equals_reference=bool(torch.equal(tokens["hybrid"], want_hybrid)),
+                graph_eager=hyb.stats.graph_eager, plan=str(hyb.plan).splitlines()[-4:])
+        except Exception:
+            traceback.print_exc()
+            add(budget=budget, error=traceback.format_exc(limit=4))
+        finally:
+            for llm in llms.values():
+                llm.unload()
+            gc.collect()
+            torch.cuda.empty_cache()
+        print(f"[{budget}: {time.perf_counter() - t0:.0f} s]", flush=True)
+
+
+if __name__ == "__main__":
+    main()

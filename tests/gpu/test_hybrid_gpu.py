@@ -1,0 +1,95 @@
+"""CUDA tests of blocks computed on the CPU where their bytes are (hybrid.py), while the others stream.
+
+The reference computes the same blocks on the CPU too, from a copy of each there, for steps the engine
+computes them on the CPU (those of at most ``cpu_max_tokens`` tokens, decode steps), with their KV cache in
+host memory; larger steps (a prefill) compute them on the GPU, then move their KV cache to host memory.
+(A device_map with "cpu" would not do: Accelerate runs such modules on the GPU, streaming their weights.)"""
+
+import copy
+
+import pytest
+import torch
+from helpers import PROMPT, blocks
+
+import nb_offload
+from nb_offload import loader
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+N = 10
+
+
+def _moved(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_moved(y, device) for y in x)
+    return x
+
+
+def reference(folder, ids, on_cpu, max_tokens, n=N):
+    """Greedy tokens of transformers with the blocks named ``on_cpu`` computed on the CPU for steps of at most
+    ``max_tokens`` tokens, as above."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cuda").eval()
+    for name in on_cpu:
+        block = model.get_submodule(name)
+        twin, own = copy.deepcopy(block).to("cpu"), block.forward
+        layer = block.self_attn.layer_idx
+
+        def forward(*args, twin=twin, own=own, layer=layer, **kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            cache = kwargs.get("past_key_values")
+            kv = cache.layers[layer] if cache is not None and layer < len(cache.layers) else None
+
+            def put(device):
+                if kv is not None and isinstance(getattr(kv, "keys", None), torch.Tensor):
+                    kv.keys, kv.values = kv.keys.to(device), kv.values.to(device)
+                    kv.device = torch.device(device)
+            if hidden.shape[0] * hidden.shape[1] > max_tokens:
+                put("cuda")
+                out = own(*args, **kwargs)
+                put("cpu")
+                return out
+            put("cpu")
+            return _moved(twin.forward(*_moved(args, "cpu"), **_moved(kwargs, "cpu")), "cuda")
+        block.forward = forward
+    with torch.inference_mode():
+        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False).cpu()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+def test_blocks_computed_on_the_cpu_match_transformers_computing_them_there(arch, model_dirs, monkeypatch):
+    folder = model_dirs(arch)
+    names = [e.name for e in blocks(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))]
+    ids = torch.tensor(PROMPT, device="cuda")
+    four = torch.tensor(PROMPT * 4, device="cuda")
+    four[1:, 0] = torch.tensor([9, 11, 13])
+    monkeypatch.setattr(loader.Inspection, "cpu_rates", lambda self: (20.0, 60.0))
+    for pins, compute in (({names[1]: "cpu-compute"}, "gpu"), ({n: "cpu" for n in names}, "hybrid")):
+        llm = nb_offload.load(folder, pins=pins, compute=compute, hold_spare=False, progress=False)
+        try:
+            eng = llm._engine
+            on_cpu = [e.name for e in llm.plan if e.compute == "cpu"]
+            assert on_cpu and sorted(eng.units[i].name for i in eng.cpu_blocks) == sorted(on_cpu)
+            assert not set(eng.cpu_blocks) & set(eng.sources)       # bound to host memory, never streamed
+            assert "computed on the CPU" in eng.graphs.why_not
+            most = eng.cpu_max_tokens
+            assert most == llm.plan.cpu_max_tokens >= 1
+            print(f"{arch}: {len(on_cpu)} blocks on the CPU, steps of up to {most} tokens there")
+            got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
+            assert torch.equal(got, reference(folder, ids, on_cpu, most)), (pins, compute)
+            assert torch.equal(llm.generate(four, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu(),
+                               reference(folder, four, on_cpu, most))
+            s = llm.stats
+            assert s.cpu_block_calls >= len(on_cpu) * (N - 1) and s.cpu_block_seconds > 0
+            assert "cpu_block_upload" in llm.plan.reserved
+            assert any(e.kind == "cpu" for e in llm.trace)
+            # a re-pin moves a block back to the GPU: still exact against its own reference
+            llm.pin(on_cpu[0], "gpu")
+            left = [e.name for e in llm.plan if e.compute == "cpu"]
+            got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
+            assert torch.equal(got, reference(folder, ids, left, llm._engine.cpu_max_tokens))
+        finally:
+            llm.unload()
