@@ -145,9 +145,8 @@ class CpuBlock:
     def after(self, output):
         from .hooks import bind, to_device
         state, self._before = self._before, None
-        if state == "uploaded":
+        if state == "uploaded":     # its KV cache moves to host memory at the next small step (no wait here)
             bind(self.params, self.unit, self.host)
-            move_layer_cache(self.torch, self._cache, self.layer, self.torch.device("cpu"))   # where decode reads it
             self._cache = None
             return output
         self._cache = None
