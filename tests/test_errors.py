@@ -85,7 +85,7 @@ def test_pin_inside_a_block(model_dirs):
 
 
 def test_unknown_tier(model_dirs):
-    with pytest.raises(PinError, match=r"tier 'vram' is unknown; accepted: a tier \(gpu, cpu, disk\)"):
+    with pytest.raises(PinError, match=r"tier 'vram' is unknown; accepted: a tier \(gpu, cpu, disk, or cpu-compute"):
         load(model_dirs("llama"), pins={"model.layers.0": "vram"})
 
 

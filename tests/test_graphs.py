@@ -126,7 +126,7 @@ def test_the_cache_reaches_forward_under_the_name_generate_is_given_it(model_dir
     from nb_offload.graphs import DecodeGraphs, cache_name, given_cache
     model = AutoModelForCausalLM.from_pretrained(model_dirs("llama")).eval()
     cache = StaticCache(config=model.config, max_cache_len=MIN_BUCKET)
-    engine = SimpleNamespace(torch=torch, cuda=True, sources={}, units=[], n_model=0, routed={})
+    engine = SimpleNamespace(torch=torch, cuda=True, sources={}, units=[], n_model=0, routed={}, cpu_blocks={})
     graphs = DecodeGraphs(engine, enabled=True)
     graphs.cache, graphs.active = cache, True
     seen = []

@@ -335,7 +335,7 @@ def test_state_of_a_cuda_plan():
     plan = Plan(entries=entries, device="cuda", budgets={"gpu": 1000, "cpu": 2000, "disk": 5000},
                 reserved={"kv_cache": 50, "activations": 20, "workspace": 10, "staging_slots": 200},
                 host_reserved={"disk_staging": 200})
-    assert plan_state(plan)["targets"] == ["gpu", "cpu", "disk", "auto"]
+    assert plan_state(plan)["targets"] == ["gpu", "cpu", "cpu-compute", "disk", "auto"]
     rows = {r["tier"]: r for r in memory_state(plan)}
     assert list(rows) == ["gpu", "cpu", "disk"]
     assert [p["name"] for p in rows["gpu"]["reserved"]] == ["kv_cache", "activations", "workspace", "staging_slots"]
@@ -343,7 +343,7 @@ def test_state_of_a_cuda_plan():
     assert {t: r["used"] for t, r in rows.items()} == plan.used()
     plan.budgets["disk"] = None
     plan.entries[2].tier = "cpu"
-    assert plan_state(plan)["targets"] == ["gpu", "cpu", "auto"]
+    assert plan_state(plan)["targets"] == ["gpu", "cpu", "cpu-compute", "auto"]
     assert [r["tier"] for r in memory_state(plan)] == ["gpu", "cpu"]
 
 
