@@ -49,6 +49,7 @@ def twin(module, host_weights: dict):
     on the original don't run for it."""
     import torch
     out = copy.copy(module)
+    vars(out).pop("forward", None)      # the class's forward, not a wrapper the engine put on the module
     out._parameters = dict(module._parameters)
     for name, view in host_weights.items():
         out._parameters[name] = torch.nn.Parameter(view, requires_grad=False)

@@ -95,21 +95,27 @@ class Engine:
         # for blocks whose experts come from page-locked memory; ``expert_compute``: a share, or "auto".
         self.host, self.expert_share, self.host_rates = None, 0.0, None
         self._twins, self._forwards, self._host_calls, self.last_on_cpu = {}, {}, {}, {}
-        if expert_compute is not None and self.cuda and self.routed:
-            self.compute_experts_on_cpu({i: self.sources[i].flat for i in self.routed}, expert_compute)
         # Blocks the CPU computes from host memory (index -> their bytes there; the caller bound them there),
         # and the buffer a step too large for the CPU computes them from on the GPU, one at a time (hybrid.py).
         self.cpu_blocks = dict(cpu_blocks or {}) if self.cuda else {}
         self.cpu_max_tokens = cpu_max_tokens
-        self._upload = torch.empty(max(self.units[i].nbytes for i in self.cpu_blocks), dtype=torch.uint8,
-                                   device=device) if self.cpu_blocks else None
-        self.graphs = DecodeGraphs(self, enabled=cuda_graph)
-        # copies of often routed experts in the room the plan reserved for them
-        row = max((f.row_bytes for f in self.routed.values()), default=0)
-        self.expert_cache = experts.ExpertCache(torch, device, row, expert_cache // row) \
-            if row and expert_cache >= row else None
-        if self.expert_cache is not None and pinned_experts:
-            self._pin_experts(pinned_experts)
+        self._cpu_hooks = []        # hybrid.CpuBlock of each (install)
+        try:        # a start that fails part way leaves no wrapped forward, worker or reader behind
+            if expert_compute is not None and self.cuda and self.routed:
+                self.compute_experts_on_cpu({i: self.sources[i].flat for i in self.routed}, expert_compute)
+            self._upload = torch.empty(max(self.units[i].nbytes for i in self.cpu_blocks), dtype=torch.uint8,
+                                       device=device) if self.cpu_blocks else None
+            self.graphs = DecodeGraphs(self, enabled=cuda_graph)
+            # copies of often routed experts in the room the plan reserved for them
+            row = max((f.row_bytes for f in self.routed.values()), default=0)
+            self.expert_cache = experts.ExpertCache(torch, device, row, expert_cache // row) \
+                if row and expert_cache >= row else None
+            if self.expert_cache is not None and pinned_experts:
+                self._pin_experts(pinned_experts)
+        except BaseException:
+            self._stop_host_experts()
+            self.reader.close()
+            raise
 
     # -- set-up ---------------------------------------------------------------------------------
     def _pin_experts(self, pinned):
@@ -142,8 +148,9 @@ class Engine:
                        if slot.offset in fused}
             module = self.model.get_submodule(found.module)
             self._twins[idx] = cpu_experts.twin(module, weights)
-            self._forwards[idx] = (module, module.forward)
-            module.forward = self._experts_forward(idx, module.forward)
+            own = type(module).forward.__get__(module)     # the class's, whatever a failed start left on it
+            self._forwards[idx] = (module, own)
+            module.forward = self._experts_forward(idx, own)
         self.host = cpu_experts.HostCompute(self.torch, cpu_experts.host_threads())
         if share != "auto":
             self.expert_share = float(share)
@@ -258,13 +265,14 @@ class Engine:
                 block = hybrid.CpuBlock(self.torch, u, self.params[idx], host, layer=layer, device=self.device,
                                         upload=self._upload, max_tokens=self.cpu_max_tokens, threads=threads,
                                         mover=self.mover, trace=self.trace, stats=self.stats)
+                self._cpu_hooks.append(block)
                 for name in u.modules:
                     self.hooks.around(name, block.before, block.after)
 
     def _stop_host_experts(self):
         """The experts modules' own forwards again, and no worker."""
         for module, _ in self._forwards.values():
-            del module.forward          # the class's own again
+            vars(module).pop("forward", None)       # the class's own again
         self._forwards, self._twins, self._host_calls = {}, {}, {}
         if self.host is not None:
             self.host.close()
@@ -274,6 +282,9 @@ class Engine:
         self.graphs.drop()
         self.hooks.remove()
         self._stop_host_experts()
+        for block in self._cpu_hooks:       # the caller's threads, whatever an interrupt left
+            block.reset()
+        self._cpu_hooks = []
         self.release_held()
         self.drain()
         self.expert_cache = None
@@ -302,6 +313,8 @@ class Engine:
     def eager_step(self, forward, args, kwargs):
         if self.in_step:        # the last step ended in an exception: start clean
             self._do(Work(abandoned=self.schedule.reset()))
+            for block in self._cpu_hooks:
+                block.reset()
         self.in_step = True
         self.graphs.primed = None               # the slots will no longer hold a replay's first units
         if self.cuda:
@@ -435,41 +448,50 @@ class Engine:
         found, slot, cache = self.routed[idx], self.mover.slots[job.slot], self.expert_cache
         t0 = time.perf_counter()
         twin = self._twins.get(idx)
-        if twin is not None:        # the CPU may compute some: it needs the call's inputs
-            hidden, index, weights = (None if t is None else t.to("cpu") for t in found.arguments(args, kwargs))
-            chosen = found.routed_in(index)
-        else:
-            chosen = found.routed(args, kwargs)     # on CUDA the host waits here for the router's choice
+        hidden, index, weights = found.arguments(args, kwargs)
+        if twin is not None and index is not None:
+            index = index.to("cpu")
+        chosen = found.routed_in(index)             # on CUDA the host waits here for the router's choice
         if self.cuda:
             self.stats.route_wait_seconds += time.perf_counter() - t0
         cached = {e: cache.lookup((idx, e)) for e in chosen} if cache is not None else {}
         missed = [e for e in chosen if cached.get(e) is None]
         hits = len(chosen) - len(missed)
+        # the cache takes the missed experts it keeps (they must be copied to be kept); the CPU may take a
+        # share of the rest (cpu_experts.py)
+        kept = {}
+        if cache is not None:
+            for e in missed:
+                entry = cache.place((idx, e))
+                if entry is not None:
+                    kept[e] = entry
         on_cpu = []
-        if twin is not None and missed and index is not None and weights is not None:
-            missed, on_cpu = cpu_experts.split(missed, self.expert_share)
+        if twin is not None and hidden is not None and weights is not None:
+            rest, on_cpu = cpu_experts.split([e for e in missed if e not in kept], self.expert_share)
+            missed = sorted(list(kept) + rest)
         name = f"{found.module} ({len(chosen)} of {found.count} experts" + (f", {hits} cached" if hits else "") \
             + (f", {len(on_cpu)} on the CPU" if on_cpu else "") + ")"
-        if on_cpu:      # the CPU starts on them now, while the link copies the others
-            work = cpu_experts.calls(index, chosen)
-            future = self.host.submit(twin, hidden, weights, {e: work[e] for e in on_cpu}, found.row_bytes)
-            self._host_calls[idx] = (future, work, set(on_cpu), name)
-        if missed and self.cuda:
-            self.stats.bytes_from_cpu += self.mover.copy_now(name, found.ranges(missed), self.sources[idx].flat, slot)
-        elif missed:
-            self._read_rows(name, found.ranges(missed), self.sources[idx].extents, slot, t0)
-        if cache is not None:
+        try:
+            if on_cpu:      # the CPU starts on them now, while the link copies the others
+                work = cpu_experts.calls(index, chosen)
+                future = self.host.submit(twin, hidden.to("cpu"), weights.to("cpu"), {e: work[e] for e in on_cpu},
+                                          found.row_bytes)
+                self._host_calls[idx] = (future, work, set(on_cpu), name)
+            if missed and self.cuda:
+                self.stats.bytes_from_cpu += self.mover.copy_now(name, found.ranges(missed), self.sources[idx].flat,
+                                                                 slot)
+            elif missed:
+                self._read_rows(name, found.ranges(missed), self.sources[idx].extents, slot, t0)
             for e, entry in cached.items():
                 if entry is not None:
                     cache.load(found, e, slot, entry)
-            for e in missed:
-                try:
-                    entry = cache.place((idx, e))
-                    if entry is not None:
-                        cache.store(found, e, slot, entry)
-                except BaseException:       # an interrupt: an entry half written must not be found later
-                    cache.forget((idx, e))
-                    raise
+            for e, entry in list(kept.items()):
+                cache.store(found, e, slot, entry)
+                del kept[e]
+        except BaseException:       # an interrupt: an entry not (wholly) written must not be found later
+            for e in kept:
+                cache.forget((idx, e))
+            raise
         self.stats.expert_hits += hits
         self.stats.experts_read += len(chosen) - len(on_cpu)
         self.stats.experts_on_cpu += len(on_cpu)

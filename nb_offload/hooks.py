@@ -34,11 +34,11 @@ class ModuleHooks:
 
     def around(self, name, before, after):
         """``before(args, kwargs)`` returns the (args, kwargs) module ``name``'s forward is called with, and
-        ``after(output)`` what the call returns."""
+        ``after(output)`` what the call returns; ``after`` runs where the forward raised too (``output`` None)."""
         module = self.root.get_submodule(name) if name else self.root
         self._handles.append(module.register_forward_pre_hook(lambda m, args, kwargs: before(args, kwargs),
                                                               with_kwargs=True))
-        self._handles.append(module.register_forward_hook(lambda m, args, output: after(output)))
+        self._handles.append(module.register_forward_hook(lambda m, args, output: after(output), always_call=True))
 
     def before_call(self, name, fn):
         """Call ``fn(args, kwargs)`` before module ``name``'s forward runs (it sees the call's arguments)."""

@@ -89,16 +89,15 @@ def layer_index(block) -> int | None:
 
 
 def move_layer_cache(torch, cache, layer: int | None, device):
-    """Move layer ``layer``'s keys and values in ``cache`` (a transformers Cache) to ``device``, where they
-    are elsewhere: a CPU block keeps its KV cache in host memory, and a prefill it computes on the GPU
-    writes it there first."""
+    """Move every tensor of layer ``layer`` of ``cache`` (a transformers Cache: keys, values, and such state as
+    a static layer's ``cumulative_length``) to ``device``, where it is elsewhere: a CPU block keeps its KV
+    cache in host memory, and a prefill it computes on the GPU writes it there first."""
     layers = getattr(cache, "layers", None)
     if layers is None or layer is None or layer >= len(layers):
         return
     entry = layers[layer]
-    for name in ("keys", "values"):
-        t = getattr(entry, name, None)
-        if isinstance(t, torch.Tensor) and t.device != device:
+    for name, t in list(vars(entry).items()):
+        if isinstance(t, torch.Tensor) and t.device != torch.device(device):
             setattr(entry, name, t.to(device))
     if isinstance(getattr(entry, "device", None), torch.device):
         entry.device = torch.device(device)
@@ -117,12 +116,14 @@ class CpuBlock:
         self.device, self.upload, self.max_tokens, self.threads = device, upload, max_tokens, threads
         self.mover, self.trace, self.stats = mover, trace, stats
         self._before = self._cache = None
+        self._callers_threads = torch.get_num_threads()
 
     def before(self, args, kwargs):
+        from .graphs import given_cache
         from .hooks import bind, to_device
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         tokens = hidden.shape[0] * hidden.shape[1] if getattr(hidden, "dim", lambda: 0)() >= 2 else 1
-        self._cache = kwargs.get("past_key_values")
+        self._cache = given_cache(kwargs)
         if tokens > self.max_tokens and self.upload is not None:
             move_layer_cache(self.torch, self._cache, self.layer, self.device)
             n = self.unit.nbytes
@@ -136,13 +137,26 @@ class CpuBlock:
             self._before = "uploaded"
             return args, kwargs
         cpu = self.torch.device("cpu")
+        bind(self.params, self.unit, self.host)     # where a large step interrupted before ``after`` left them
         move_layer_cache(self.torch, self._cache, self.layer, cpu)
         args, kwargs = to_device(args, cpu, False), to_device(kwargs, cpu, False)   # waits for the GPU's work
-        self._before = (self.torch.get_num_threads(), time.perf_counter())
+        now = self.torch.get_num_threads()
+        if now != self.threads:         # else still ours from a step an interrupt cut short
+            self._callers_threads = now
+        self._before = time.perf_counter()
         self.torch.set_num_threads(self.threads)
         return args, kwargs
 
+    def reset(self):
+        """After a step an interrupt cut short (forward hooks don't run for a KeyboardInterrupt): the caller's
+        threads again, the weights bound to host memory."""
+        from .hooks import bind
+        self.torch.set_num_threads(self._callers_threads)
+        bind(self.params, self.unit, self.host)
+        self._before = self._cache = None
+
     def after(self, output):
+        """Also called where the forward raised (``output`` None): the binding and the threads come back."""
         from .hooks import bind, to_device
         state, self._before = self._before, None
         if state == "uploaded":     # its KV cache moves to host memory at the next small step (no wait here)
@@ -150,9 +164,10 @@ class CpuBlock:
             self._cache = None
             return output
         self._cache = None
-        threads, t0 = state or (self.torch.get_num_threads(), time.perf_counter())
-        self.torch.set_num_threads(threads)
-        t1 = time.perf_counter()
+        self.torch.set_num_threads(self._callers_threads)
+        if state is None or output is None:     # the forward raised
+            return output
+        t0, t1 = state, time.perf_counter()
         self.stats.cpu_block_seconds += t1 - t0
         self.stats.cpu_block_bytes += self.unit.nbytes
         self.stats.cpu_block_calls += 1

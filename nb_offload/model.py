@@ -340,6 +340,10 @@ class OffloadedModel:
             pins = {i: t for i, t in self._pins.items() if i not in {u.index for u in pinned}}
             return self._replan(pins)
 
+    def pins(self) -> dict:
+        """The units pinned, by name, to what they were pinned: ``{"model.layers.3": "cpu-compute"}``."""
+        return {self._insp.units[i].name: tier for i, tier in sorted(self._pins.items())}
+
     def pinned_experts(self) -> dict:
         """The experts pinned in the expert cache, by experts module: ``{"model.layers.3.mlp.experts": [5]}``."""
         units = self._insp.units

@@ -85,30 +85,39 @@ def test_the_engine_computes_a_share_of_the_missing_experts_on_the_cpu_and_stays
         want, _ = run_offloaded(eager_model(folder))
         ids = batch_of_four()
         want_four = eager_model(folder).generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    for share, cache in ((1.0, 0), (0.5, 0), (0.5, "auto")):
+    row = None
+    for share, cache in ((1.0, 0), (0.5, 0), (1.0, "small"), (1.0, "auto")):
+        size = 2 * row if cache == "small" else cache
         with all_on_disk(folder, tmp_path / f"{share}-{cache}", hold_spare=False, expert_compute="cpu",
-                         expert_cache=cache) as llm:
+                         expert_cache=size) as llm:
             assert llm.model.config._experts_implementation == "eager"      # expert_compute selects it
             eng = llm._engine
+            row = next(u.expert_row_nbytes for u in llm._insp.units if u.expert_row_nbytes)
             assert eng.host is None         # the CPU device computes every expert anyway
             eng.compute_experts_on_cpu(host_flats(llm), share)
+            modules = [m for m, _ in eng._forwards.values()]
             before = llm.stats.as_dict()
             assert torch.equal(run_offloaded(llm)[0], want), (share, cache)
             assert torch.equal(llm.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False), want_four)
             s = llm.stats
+            # the cache takes the missed experts it keeps, the CPU a share of the rest: with room for every
+            # expert, the cache takes each the first time, and the CPU none
+            assert (s.expert_hits > 0) == bool(cache)
+            if cache == "auto":
+                assert s.experts_on_cpu == 0 and not any(e.kind == "cpu" for e in llm.trace)
+                continue
             assert s.experts_on_cpu > 0 and s.bytes_on_cpu > 0 and s.cpu_expert_seconds > 0
             if share == 1.0 and not cache:
                 assert s.experts_read == before["experts_read"]      # nothing read for the experts
             else:
                 assert s.experts_read > before["experts_read"]
             assert any(e.kind == "cpu" and "on the CPU)" in e.unit for e in llm.trace)
-            state = llm.expert_state()      # the last step's (the CPU's are never copied, so never cached)
+            state = llm.expert_state()      # the last step's
             assert any(v["cpu"] for v in state.values())
             assert all(set(v["cpu"]) <= set(v["routed"]) for v in state.values())
             line = s.run_summary(before, 10, 1.0, held_on="cpu")
             assert "routed ones on the CPU from host memory" in line and "GB/s" in line
             assert "computed on the CPU" in str(s)
-            modules = [m for m, _ in eng._forwards.values()]
         for m in modules:                   # unload gives the experts modules their own forward back
             assert "forward" not in vars(m)
 

@@ -80,6 +80,7 @@ def test_a_model_pinned_on_the_cpu_device_computes_there_exactly(model_dirs):
         assert torch.equal(run_offloaded(llm)[0], reference(folder)[0])
         llm.pin("model.layers.1", "cpu-compute")
         assert llm.plan["model.layers.1"].pinned and llm._engine.cpu_blocks == {}
+        assert llm.pins() == {"model.layers.0": "cpu-compute", "model.layers.1": "cpu-compute"}
 
 
 def test_the_compute_option_is_checked(model_dirs):
@@ -116,6 +117,7 @@ def test_a_cpu_block_computes_small_steps_on_the_cpu_and_large_ones_from_an_uplo
 
         def spy(*args, **kwargs):
             seen.append((torch.get_num_threads(), params[0].data.data_ptr()))
+            assert cpu._cache is not None       # the layer's cache, under the name transformers gives it
             return own(*args, **kwargs)
         block.forward = spy
         upload = torch.empty(unit.nbytes, dtype=torch.uint8)
@@ -134,7 +136,7 @@ def test_a_cpu_block_computes_small_steps_on_the_cpu_and_large_ones_from_an_uplo
         finally:
             hooks.remove()
             block.forward = own
-        assert tokens.shape[1] == 11
+        assert torch.equal(tokens, plain_tokens(folder))
         in_upload = [ptr for _, ptr in seen if upload.data_ptr() <= ptr < upload.data_ptr() + unit.nbytes]
         assert len(in_upload) == 3          # the generates' prefills and run_offloaded's forward, from the upload
         assert [t for t, ptr in seen if ptr not in in_upload] == [1] * (len(seen) - 3)     # decode: one thread
@@ -144,6 +146,42 @@ def test_a_cpu_block_computes_small_steps_on_the_cpu_and_large_ones_from_an_uplo
         assert stats.bytes_from_cpu == 3 * unit.nbytes
         summary = stats.run_summary(Stats().as_dict(), 1, 1.0)
         assert "blocks a step computed on the CPU from host memory" in summary
+
+
+def plain_tokens(folder):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.inference_mode():
+        return model.generate(torch.tensor([list(range(1, 9))]), max_new_tokens=3, min_new_tokens=3,
+                              do_sample=False)
+
+
+def test_a_step_an_interrupt_cut_short_leaves_the_next_one_clean(model_dirs):
+    """A KeyboardInterrupt skips forward hooks: the engine's next step resets the CPU blocks (threads, binding)."""
+    with nb_offload.load(model_dirs("llama"), device="cpu", progress=False) as llm:
+        idx = next(u.index for u in llm._insp.units if u.name == "model.layers.1")
+        unit, params = llm._insp.units[idx], llm._params[idx]
+        host = llm._storage.stores[idx].flat
+        upload = torch.empty(unit.nbytes, dtype=torch.uint8)
+        mine = torch.get_num_threads()
+        for tokens, bound in ((1, "host"), (8, "upload")):      # a small step, then a large one, cut short
+            cpu = hybrid.CpuBlock(torch, unit, params, host, layer=1, device=torch.device("cpu"), upload=upload,
+                                  max_tokens=1, threads=mine + 1, mover=None, trace=Trace(enabled=False),
+                                  stats=Stats())
+            cpu.before((torch.zeros(1, tokens, 64),), {})
+            where = upload if bound == "upload" else host
+            assert where.data_ptr() <= params[0].data.data_ptr() < where.data_ptr() + unit.nbytes
+            assert torch.get_num_threads() == (mine + 1 if bound == "host" else mine)
+            cpu.reset()
+            assert torch.get_num_threads() == mine
+            assert host.data_ptr() <= params[0].data.data_ptr() < host.data_ptr() + unit.nbytes
+
+
+def test_a_plan_that_fits_the_gpu_keeps_every_block_there_under_hybrid(model_dirs, rates):
+    plan = nb_offload.plan(model_dirs("llama"), gpu="1GiB", cpu="1GiB", compute="hybrid")
+    assert all(e.tier == "gpu" and not e.compute for e in plan)
+    assert "cpu_block_upload" not in plan.reserved           # no room held for a block that never comes
+    assert "cpu_block_upload" in all_in_host_memory(model_dirs("llama"), compute="hybrid").reserved
 
 
 def test_a_layers_cache_moves_where_its_block_computes():

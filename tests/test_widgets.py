@@ -300,6 +300,9 @@ class FakeModel:
         for n in self._names(pattern):
             self.plan[n].tier, self.plan[n].pinned = tier, True
 
+    def pins(self):
+        return {e.name: e.tier for e in self.plan if e.pinned}
+
     def unpin(self, pattern):
         self.calls.append(("unpin", pattern))
         for n in self._names(pattern):

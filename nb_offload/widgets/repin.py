@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import OffloadError, PinError
+from ..hybrid import CPU_COMPUTE
 from .state import UNPIN
 
 
@@ -47,7 +48,8 @@ def apply(llm, names, tier, progress=None) -> list:
     already done are undone, so the model ends as it was. Returns the moves as
     ``(unit, old tier, new tier)``.
     """
-    before = {e.name: (e.tier, e.pinned) for e in llm.plan.entries}
+    before = {e.name: (_where(e), e.pinned) for e in llm.plan.entries}
+    pinned_as = llm.pins()          # "cpu-compute" too, which the plan shows as a "cpu" tier
     if tier == UNPIN:
         # Unpinning a unit that isn't pinned is an error in the core; skip those, unless that
         # leaves nothing, in which case the core's message says what is pinned.
@@ -65,19 +67,25 @@ def apply(llm, names, tier, progress=None) -> list:
             done.append(pattern)
     except OffloadError as err:
         if done:
-            _restore(llm, before, names, err)
+            _restore(llm, before, pinned_as, names, err)
         raise
-    return [(e.name, before[e.name][0], e.tier) for e in llm.plan.entries if e.tier != before[e.name][0]]
+    return [(e.name, before[e.name][0], _where(e)) for e in llm.plan.entries if _where(e) != before[e.name][0]]
 
 
-def _restore(llm, before, names, err):
-    """Put back the pins ``names`` had: unpin first (it only loosens the plan), then re-pin."""
+def _where(entry) -> str:
+    """A unit's tier, or "cpu-compute" for a block the CPU computes in host memory (hybrid.py)."""
+    return CPU_COMPUTE if entry.compute == "cpu" else entry.tier
+
+
+def _restore(llm, before, pinned_as, names, err):
+    """Put back the pins ``names`` had (``pinned_as``: name -> pin): unpin first (it only loosens the plan),
+    then re-pin."""
     now = {e.name: e.pinned for e in llm.plan.entries}
     unpin = [n for n in names if now[n] and not before[n][1]]
     repin = {}
     for n in names:
         if before[n][1]:
-            repin.setdefault(before[n][0], []).append(n)
+            repin.setdefault(pinned_as.get(n, before[n][0]), []).append(n)
     try:
         for pattern in patterns(unpin, llm.plan):
             llm.unpin(pattern)

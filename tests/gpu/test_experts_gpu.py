@@ -147,15 +147,13 @@ def test_pinned_experts_are_kept_on_the_gpu_from_the_start(model_dirs, monkeypat
 def eager_reference(folder, ids, share, n=N):
     """Greedy tokens of transformers (eager experts) with the experts of every block computed as an engine
     with ``expert_compute`` and no cache computes them at every routed step: ``share`` of each call's
-    experts (the highest-numbered) on the CPU from a copy of the module there, the rest on the GPU, added in
-    expert order. ``share`` 1: the experts modules placed on "cpu" (Accelerate's hook moves their inputs
-    there and their output back), independent of cpu_experts.py."""
+    experts (the highest-numbered, rounded half up) on the CPU from a copy of the module there, the rest on
+    the GPU, each as transformers' eager experts compute one and add it, in expert order. ``share`` 1: the
+    experts modules moved to the CPU under Accelerate's hook (their inputs there, their output back)."""
     import copy
 
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module
     from transformers import AutoModelForCausalLM
-
-    from nb_offload import cpu_experts
     model = AutoModelForCausalLM.from_pretrained(folder, device_map="cuda", experts_implementation="eager").eval()
     for layer in model.model.layers:
         module = layer.mlp.experts
@@ -163,21 +161,23 @@ def eager_reference(folder, ids, share, n=N):
             module.to("cpu")
             add_hook_to_module(module, AlignDevicesHook(execution_device="cpu", io_same_device=True))
             continue
-        on_cpu, own = copy.deepcopy(module).to("cpu"), module.forward
+        on_cpu = copy.deepcopy(module).to("cpu")
 
-        def forward(hidden, index, weights, on_cpu=on_cpu, own=own):
+        def forward(hidden, index, weights, on_cpu=on_cpu, on_gpu=module):
+            out = torch.zeros_like(hidden)
             host_index = index.cpu()
             chosen = sorted(set(host_index.flatten().tolist()))
-            work = cpu_experts.calls(host_index, chosen)
-            cpu_side = set(cpu_experts.split(chosen, share)[1])
-            rows = {}
-            for e, (pos, token) in work.items():
+            cpu_side = set(chosen[len(chosen) - int(share * len(chosen) + 0.5):])
+            for e in chosen:
+                pos, token = torch.where(host_index.T == e)     # by top-k position, then token, as eager
+                m = on_cpu if e in cpu_side else on_gpu
+                x, w = hidden[token.cuda()], weights[token.cuda(), pos.cuda()].unsqueeze(-1)
                 if e in cpu_side:
-                    rows[e] = cpu_experts.expert_rows(on_cpu.forward, hidden.cpu(), weights.cpu(), e, pos,
-                                                      token).cuda()
-                else:
-                    rows[e] = cpu_experts.expert_rows(own, hidden, weights, e, pos.cuda(), token.cuda())
-            return cpu_experts.combine(hidden, rows, {e: token.cuda() for e, (_, token) in work.items()})
+                    x, w = x.cpu(), w.cpu()
+                gate, up = torch.nn.functional.linear(x, m.gate_up_proj[e]).chunk(2, dim=-1)
+                y = torch.nn.functional.linear(m.act_fn(gate) * up, m.down_proj[e]) * w
+                out.index_add_(0, token.cuda(), y.cuda().to(out.dtype))
+            return out
         module.forward = forward
     with torch.inference_mode():
         return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False).cpu()

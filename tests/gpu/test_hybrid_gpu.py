@@ -40,13 +40,16 @@ def reference(folder, ids, on_cpu, max_tokens, n=N):
 
         def forward(*args, twin=twin, own=own, layer=layer, **kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            cache = kwargs.get("past_key_values")
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))     # transformers 5 says "cache"
             kv = cache.layers[layer] if cache is not None and layer < len(cache.layers) else None
 
             def put(device):
-                if kv is not None and isinstance(getattr(kv, "keys", None), torch.Tensor):
-                    kv.keys, kv.values = kv.keys.to(device), kv.values.to(device)
-                    kv.device = torch.device(device)
+                if kv is not None:
+                    for attr, t in list(vars(kv).items()):
+                        if isinstance(t, torch.Tensor):
+                            setattr(kv, attr, t.to(device))
+                    if isinstance(getattr(kv, "device", None), torch.device):
+                        kv.device = torch.device(device)
             if hidden.shape[0] * hidden.shape[1] > max_tokens:
                 put("cuda")
                 out = own(*args, **kwargs)
