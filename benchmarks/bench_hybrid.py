@@ -23,7 +23,7 @@ import time
 import traceback
 
 from bench_graph import steps
-from bench_offload import build, interleave, med, moved_per_step, pinned_rate, row_recorder, spread, time_call
+from bench_offload import build, interleave, med, moved_per_step, pinned_rate, row_recorder, summarize
 
 
 def main():
@@ -92,11 +92,7 @@ def main():
                     return result
                 return fn
             runs = interleave({k: timed(llm, k) for k, llm in llms.items()}, args.repeats)
-            t = {k: med([x for s, _ in r for x in s]) for k, r in runs.items()}
-            sp = {k: spread([x for s, _ in r for x in s]) for k, r in runs.items()}
-            tokens = {k: r[-1][1].cpu() for k, r in runs.items()}
-            prefill = {k: med([time_call(lambda llm=llm: llm.generate(long_ids, max_new_tokens=1))
-                               for _ in range(3)]) for k, llm in llms.items()}
+            t, sp, tokens, prefill = summarize(runs, llms, long_ids)
             busy = sum(c[0] for c in counters["hybrid"])
             cpu_bytes = sum(c[1] for c in counters["hybrid"])
             cpu_rate, link_rate = hyb.plan.rates or (0.0, 0.0)

@@ -29,7 +29,7 @@ import time
 import traceback
 
 from bench_graph import build_moe, steps
-from bench_offload import interleave, med, moved_per_step, pinned_rate, row_recorder, save_random, spread, time_call
+from bench_offload import interleave, med, moved_per_step, pinned_rate, row_recorder, save_random, summarize
 
 
 def build_qwen3(folder, layers):
@@ -129,11 +129,7 @@ def main():
                     return result
                 return fn
             runs = interleave({k: timed(llm, k) for k, llm in llms.items()}, args.repeats)
-            t = {k: med([x for s, _ in r for x in s]) for k, r in runs.items()}
-            sp = {k: spread([x for s, _ in r for x in s]) for k, r in runs.items()}
-            tokens = {k: r[-1][1].cpu() for k, r in runs.items()}
-            prefill = {k: med([time_call(lambda llm=llm: llm.generate(long_ids, max_new_tokens=1))
-                               for _ in range(3)]) for k, llm in llms.items()}
+            t, sp, tokens, prefill = summarize(runs, llms, long_ids)
             cache = routed._engine.expert_cache
             on_cpu = {}
             for k in ("split", "cpu"):

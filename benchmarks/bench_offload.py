@@ -259,6 +259,17 @@ def interleave(fns: dict, repeats):
     return out
 
 
+def summarize(runs: dict, llms: dict, long_ids):
+    """Of ``interleave``'d runs of ``bench_graph.steps`` (variant -> [(step seconds, tokens)]): each variant's
+    median step, its range, its last tokens, and the median of three prefills of ``long_ids``."""
+    t = {k: med([x for s, _ in r for x in s]) for k, r in runs.items()}
+    sp = {k: spread([x for s, _ in r for x in s]) for k, r in runs.items()}
+    tokens = {k: r[-1][1].cpu() for k, r in runs.items()}
+    prefill = {k: med([time_call(lambda llm=llm: llm.generate(long_ids, max_new_tokens=1)) for _ in range(3)])
+               for k, llm in llms.items()}
+    return t, sp, tokens, prefill
+
+
 def hook_clock(engine_cls) -> dict:
     """Time the engine's hooks (``_enter`` + ``_exit``) from now on: the returned dict's "s" adds up the
     host seconds spent in them. At a budget where the step is bound by Python launching kernels, this
