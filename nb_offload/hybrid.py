@@ -117,6 +117,7 @@ class CpuBlock:
         self.mover, self.trace, self.stats = mover, trace, stats
         self._before = self._cache = None
         self._callers_threads = torch.get_num_threads()
+        self._on_upload = False         # its parameters point into ``upload`` (a large step's)
 
     def before(self, args, kwargs):
         from .graphs import given_cache
@@ -133,11 +134,13 @@ class CpuBlock:
                 self.trace.cuda_event("copy", self.unit.name + " (a large step: on the GPU)", start, self.mover.mark(),
                                       n)
             bind(self.params, self.unit, self.upload)
+            self._on_upload = True
             self.stats.bytes_from_cpu += n
             self._before = "uploaded"
             return args, kwargs
         cpu = self.torch.device("cpu")
-        bind(self.params, self.unit, self.host)     # where a large step interrupted before ``after`` left them
+        if self._on_upload:         # a large step an interrupt cut short before ``after``
+            self._bind_host()
         move_layer_cache(self.torch, self._cache, self.layer, cpu)
         args, kwargs = to_device(args, cpu, False), to_device(kwargs, cpu, False)   # waits for the GPU's work
         now = self.torch.get_num_threads()
@@ -150,17 +153,21 @@ class CpuBlock:
     def reset(self):
         """After a step an interrupt cut short (forward hooks don't run for a KeyboardInterrupt): the caller's
         threads again, the weights bound to host memory."""
-        from .hooks import bind
         self.torch.set_num_threads(self._callers_threads)
-        bind(self.params, self.unit, self.host)
+        self._bind_host()
         self._before = self._cache = None
+
+    def _bind_host(self):
+        from .hooks import bind
+        bind(self.params, self.unit, self.host)
+        self._on_upload = False
 
     def after(self, output):
         """Also called where the forward raised (``output`` None): the binding and the threads come back."""
-        from .hooks import bind, to_device
+        from .hooks import to_device
         state, self._before = self._before, None
         if state == "uploaded":     # its KV cache moves to host memory at the next small step (no wait here)
-            bind(self.params, self.unit, self.host)
+            self._bind_host()
             self._cache = None
             return output
         self._cache = None
