@@ -12,12 +12,14 @@ about their bytes over C + L when the split is right, rather than over L alone.
   product in the model's dtype, L on the link (``budget.link_gbps``).
 - The engine binds their weights to the host memory they live in and runs them through ``CpuBlock``
   hooks: inputs moved to the CPU, the torch threads set (``cpu_experts.host_threads``: cores left to
-  the copy and reader threads), the output moved back. Their KV cache is then on the CPU too (the
-  cache's layers are made where their first keys are).
+  the copy and reader threads), the output moved back. Their KV-cache layer is kept in host memory.
+  A step of more tokens than the CPU computes faster than the link copies (``cpu_max_tokens``, measured
+  at load: a prefill) copies the block into one GPU buffer the CPU blocks share and computes it there.
 - Such plans decode eager (the host computes between the GPU's kernels).
 
-The reference for their tokens is transformers with the same blocks placed on ``"cpu"`` in a
-``device_map`` (Accelerate moves each block's inputs there and its output back): a CPU rounds differently.
+A CPU rounds differently from a GPU, so the reference for their tokens is transformers computing the same
+blocks on the CPU for the same steps (tests/gpu/test_hybrid_gpu.py). A ``device_map`` with them on ``"cpu"``
+is not that: Accelerate then runs them on the GPU, streaming their weights in.
 """
 
 from __future__ import annotations
