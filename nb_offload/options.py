@@ -19,6 +19,7 @@ from types import MappingProxyType
 from .budget import parse_size
 from .dtypes import canonical_dtype
 from .errors import DiskTierError, OptionError
+from .hybrid import CPU_COMPUTE
 from .planner import canonical_pin
 from .quant import spec_of
 
@@ -226,6 +227,11 @@ class Options:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, f.metadata["check"](f.name, getattr(self, f.name)))
+        on_cpu = self.compute == "hybrid" or any(pin.startswith(CPU_COMPUTE) for pin in self.pins.values())
+        if on_cpu and self.attn_implementation and any(k in self.attn_implementation for k in ("flash", "flex")):
+            raise OptionError(f"attn_implementation={self.attn_implementation!r} can't compute blocks on the CPU "
+                              f"(compute=\"hybrid\" or {CPU_COMPUTE!r} pins): its kernels are the GPU's; give "
+                              "\"sdpa\" or \"eager\", or leave it out.")
         if self.expert_compute != "gpu" and self.experts_implementation not in (None, "eager"):
             raise OptionError(f"expert_compute={self.expert_compute!r} needs the eager experts; got "
                               f"experts_implementation={self.experts_implementation!r}: leave it out, or give "

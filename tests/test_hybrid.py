@@ -86,6 +86,10 @@ def test_a_model_pinned_on_the_cpu_device_computes_there_exactly(model_dirs):
 def test_the_compute_option_is_checked(model_dirs):
     with pytest.raises(nb_offload.OptionError, match="compute='cpu' is unknown; accepted: 'gpu', 'hybrid'"):
         nb_offload.Options(compute="cpu")
+    for given in (dict(compute="hybrid"), dict(pins={"model.layers.1": "cpu-compute"})):
+        with pytest.raises(nb_offload.OptionError, match="attn_implementation='flash_attention_2' can't compute"):
+            nb_offload.Options(attn_implementation="flash_attention_2", **given)
+        assert nb_offload.Options(attn_implementation="sdpa", **given)
     # a CPU-device plan has nothing to split
     assert nb_offload.plan(model_dirs("llama"), device="cpu", compute="hybrid").block_share is None
 

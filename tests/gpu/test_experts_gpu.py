@@ -209,10 +209,13 @@ def test_experts_computed_on_the_cpu_match_transformers_computing_them_there(arc
             assert torch.equal(llm.generate(four, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu(),
                                eager_reference(folder, four, share)), (compute, share)
             s = llm.stats
-            assert (s.experts_on_cpu > 0) == (share > 0) and s.route_wait_seconds > 0
+            assert s.route_wait_seconds > 0
+            # a fixed share takes experts every step; "auto"'s, measured on tiny experts, may round to none
+            if compute != "auto":
+                assert s.experts_on_cpu > 0 and any(e.kind == "cpu" for e in llm.trace)
+            assert (s.experts_on_cpu > 0) == any(e.kind == "cpu" for e in llm.trace)
             if share == 1.0:            # the link carries the blocks' other weights only
                 rest = sum(b - a for i in eng.routed for a, b in eng._without_experts[i][0])
                 assert moved(llm, ids, N) - moved(llm, ids, 2) == (N - 2) * rest
-            assert any(e.kind == "cpu" for e in llm.trace)
         finally:
             llm.unload()

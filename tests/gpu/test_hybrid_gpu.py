@@ -25,6 +25,8 @@ def _moved(x, device):
         return x.to(device)
     if isinstance(x, (tuple, list)):
         return type(x)(_moved(y, device) for y in x)
+    if isinstance(x, dict):         # the call's kwargs: position_embeddings, attention_mask ...
+        return {k: _moved(v, device) for k, v in x.items()}
     return x
 
 
