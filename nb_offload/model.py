@@ -427,7 +427,8 @@ class OffloadedModel:
         return timeline_figure(self.trace, runs=runs, **kw)
 
     def to_device_map(self) -> dict:
-        """The plan as a device map that Accelerate's ``dispatch_model`` accepts."""
+        """The plan as a device map that Accelerate's ``dispatch_model`` accepts. Blocks the CPU computes here
+        (hybrid.py) are "cpu" in it, where Accelerate would run them on the GPU, streaming their weights in."""
         where = {"gpu": self._device.index if self._device.index is not None else 0, "cpu": "cpu", "disk": "disk"}
         out = {}
         for u, e in zip(self._insp.units, self.plan.entries):

@@ -224,3 +224,16 @@ def test_the_plan_magic_predicts_a_hybrid_split(shell, model_dirs, monkeypatch, 
                                              "--cpu-rate 20")
     assert "computed on the CPU where their bytes are" in out.outputs[0].data["text/plain"]
     assert "the CPU computes" in out.stdout and "at 20 GB/s" in out.stdout
+
+
+def test_the_offload_cell_takes_the_compute_keys_and_cpu_compute_pins(shell, model_dirs):
+    from helpers import run_cell
+    folder = model_dirs("mixtral")
+    run_cell(shell, f"%%offload hyb\nmodel: {folder}\ndevice: cpu\ncompute: hybrid\n"
+                    "expert_compute: 0.5\npin:\n  model.layers.1: cpu-compute\n")
+    try:
+        llm = shell.user_ns["hyb"]
+        assert (llm.options.compute, llm.options.expert_compute) == ("hybrid", 0.5)
+        assert llm.pins() == {"model.layers.1": "cpu-compute"}
+    finally:
+        shell.run_cell("%offload_unload hyb", store_history=False)
