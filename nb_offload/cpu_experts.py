@@ -17,15 +17,15 @@ where it was computed. This needs the eager implementation (``experts_implementa
 ``expert_compute`` selects): the batched ones combine the top-k results in another order.
 
 Which experts the CPU takes: the share ``expert_compute`` gives (or, for ``"auto"``, the CPU's rate over
-both rates, measured at load) of the step's experts that are not on the GPU already, rounded, the
-highest-numbered ones: fixed for given routing, so a run's tokens don't depend on timing.
+both rates: the CPU's on one expert measured at load, the link's page-locked rate) of the step's experts
+that are not on the GPU already and that the expert cache doesn't take, rounded, the highest-numbered
+ones: fixed for given routing, so a run's tokens don't depend on timing.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -85,39 +85,37 @@ def combine(hidden, rows: dict, tokens: dict):
     return out
 
 
+def taken(share: float, count: int) -> int:
+    """How many of ``count`` a ``share`` takes: rounded half up, within 0 and ``count``."""
+    return min(count, max(0, int(share * count + 0.5)))
+
+
 def split(missed: list, share: float) -> tuple[list, list]:
     """``missed`` (sorted experts the GPU doesn't hold) as (copied, computed on the CPU): the CPU takes the
-    highest-numbered ``share x len(missed)``, rounded half up."""
-    n = min(len(missed), max(0, int(share * len(missed) + 0.5)))
+    highest-numbered ``taken(share, len(missed))``."""
+    n = taken(share, len(missed))
     return missed[:len(missed) - n], missed[len(missed) - n:]
 
 
 class HostCompute:
     """The CPU side: one worker thread computing experts from host memory (``torch`` threads: ``threads``),
-    and the rate it reaches (bytes of expert weights a second), for ``"auto"``'s share and the stats."""
+    and the rate it computes one at, for ``"auto"``'s share (the engine's stats count the rest)."""
 
     def __init__(self, torch, threads: int):
         self.torch, self.threads = torch, threads
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb_offload-cpu-experts",
                                        initializer=torch.set_num_threads, initargs=(threads,))
-        self.seconds = 0.0      # busy, since load
-        self.nbytes = 0         # expert bytes computed from, since load
-        self._lock = threading.Lock()
 
-    def submit(self, twin, hidden, weights, work: dict, row_bytes: int):
+    def submit(self, twin, hidden, weights, work: dict):
         """Compute each expert of ``work`` (expert -> (positions, tokens)) with ``twin`` on the CPU; a future of
         (expert -> rows, start, end) on the perf_counter clock."""
-        return self.pool.submit(self._run, twin, hidden, weights, work, row_bytes)
+        return self.pool.submit(self._run, twin, hidden, weights, work)
 
-    def _run(self, twin, hidden, weights, work, row_bytes):
+    def _run(self, twin, hidden, weights, work):
         t0 = time.perf_counter()
         with self.torch.inference_mode():
             rows = {e: expert_rows(twin.forward, hidden, weights, e, pos, token) for e, (pos, token) in work.items()}
-        t1 = time.perf_counter()
-        with self._lock:
-            self.seconds += t1 - t0
-            self.nbytes += row_bytes * len(work)
-        return rows, t0, t1
+        return rows, t0, time.perf_counter()
 
     def rate(self, twin, hidden_size: int, dtype, row_bytes: int, repeats: int = 3) -> float:
         """Bytes a second the CPU computes one expert for one token at (the best of ``repeats``, after one
@@ -128,7 +126,7 @@ class HostCompute:
         work = {0: (torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))}
         best = float("inf")
         for _ in range(repeats + 1):
-            _, t0, t1 = self.pool.submit(self._run, twin, hidden, weights, work, 0).result()
+            _, t0, t1 = self.submit(twin, hidden, weights, work).result()
             best = min(best, t1 - t0)
         return row_bytes / max(best, 1e-9)
 

@@ -20,6 +20,7 @@ from collections import deque
 from concurrent.futures import wait as futures_wait
 
 from . import cpu_experts, experts
+from .budget import link_gbps
 from .graphs import DecodeGraphs, given_ids
 from .hooks import ModuleHooks, bind, bind_views, to_device
 from .movers import CpuMover, CudaMover
@@ -158,25 +159,9 @@ class Engine:
         idx, found = next(iter(self.routed.items()))
         dtype = next(iter(self._twins[idx].parameters())).dtype
         cpu = self.host.rate(self._twins[idx], text_config(self.model.config).hidden_size, dtype, found.row_bytes)
-        link = self._link_rate(idx, found)
+        link = link_gbps(self.device) * 1e9         # the page-locked link, measured once a process
         self.host_rates = (cpu, link)
         self.expert_share = cpu / (cpu + link)
-
-    def _link_rate(self, idx, found, repeats: int = 3) -> float:
-        """Bytes a second one expert's rows copy at from page-locked memory to the GPU (best of ``repeats``)."""
-        torch = self.torch
-        flat = self.sources[idx].flat
-        scratch = torch.empty(found.row_bytes, dtype=torch.uint8, device=self.device)
-        best = float("inf")
-        for _ in range(repeats + 1):
-            torch.cuda.synchronize(self.device)
-            t0, at = time.perf_counter(), 0
-            for a, b in found.ranges([0]):
-                scratch[at:at + b - a].copy_(flat[a:b], non_blocking=True)
-                at += b - a
-            torch.cuda.synchronize(self.device)
-            best = min(best, time.perf_counter() - t0)
-        return found.row_bytes / max(best, 1e-9)
 
     def _split_into_pieces(self) -> int:
         """Streamed units that have pieces (pieces.py) stream a piece at a time; returns the most
@@ -474,8 +459,7 @@ class Engine:
         try:
             if on_cpu:      # the CPU starts on them now, while the link copies the others
                 work = cpu_experts.calls(index, chosen)
-                future = self.host.submit(twin, hidden.to("cpu"), weights.to("cpu"), {e: work[e] for e in on_cpu},
-                                          found.row_bytes)
+                future = self.host.submit(twin, hidden.to("cpu"), weights.to("cpu"), {e: work[e] for e in on_cpu})
                 self._host_calls[idx] = (future, work, set(on_cpu), name)
             if missed and self.cuda:
                 self.stats.bytes_from_cpu += self.mover.copy_now(name, found.ranges(missed), self.sources[idx].flat,

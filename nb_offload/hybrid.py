@@ -26,8 +26,16 @@ from __future__ import annotations
 
 import time
 
+from .cpu_experts import taken
+
 # The pin that keeps a block in host memory and computes it there.
 CPU_COMPUTE = "cpu-compute"
+
+
+def gpu_only_attention(attn_implementation) -> bool:
+    """Whether an attention implementation has GPU kernels only (flash, flex): blocks using it can't compute
+    on the CPU."""
+    return any(k in (attn_implementation or "") for k in ("flash", "flex"))
 
 
 def cpu_share(cpu_gbps: float, link_gbps: float) -> float:
@@ -36,9 +44,9 @@ def cpu_share(cpu_gbps: float, link_gbps: float) -> float:
 
 
 def spread(candidates: list, share: float) -> list:
-    """``round(share x len(candidates))`` of ``candidates`` (in run order), spread evenly between the
-    others: each one the CPU computes is then followed by one the link brings meanwhile."""
-    n = min(len(candidates), max(0, int(share * len(candidates) + 0.5)))
+    """``share`` of ``candidates`` (in run order; ``cpu_experts.taken``), spread evenly between the others:
+    each one the CPU computes is then followed by one the link brings meanwhile."""
+    n = taken(share, len(candidates))
     if not n:
         return []
     step = len(candidates) / n

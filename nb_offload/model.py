@@ -12,7 +12,7 @@ import warnings
 from .budget import format_size, host_memory, trim_heap
 from .errors import OffloadError, PinError
 from .gate import RunGate
-from .hybrid import CPU_COMPUTE
+from .hybrid import CPU_COMPUTE, gpu_only_attention
 from .patterns import match_units
 from .planner import is_expert_pattern, resolve_expert_pins, split_pin
 from .trace import Stats, Trace
@@ -307,8 +307,8 @@ class OffloadedModel:
                           for i in set(self._expert_pins) | set(named)}
                 return self._replan(self._pins, pinned)
         tier, fmt = split_pin(tier)
-        attn = self.options.attn_implementation or ""
-        if tier == CPU_COMPUTE and any(k in attn for k in ("flash", "flex")):
+        attn = self.options.attn_implementation
+        if tier == CPU_COMPUTE and gpu_only_attention(attn):
             raise PinError(f"{pattern!r} can't be pinned {CPU_COMPUTE!r}: attn_implementation={attn!r} has only GPU "
                            "kernels; load with \"sdpa\" or \"eager\" to compute blocks on the CPU.")
         if tier is None:

@@ -19,7 +19,7 @@ from types import MappingProxyType
 from .budget import parse_size
 from .dtypes import canonical_dtype
 from .errors import DiskTierError, OptionError
-from .hybrid import CPU_COMPUTE
+from .hybrid import CPU_COMPUTE, gpu_only_attention
 from .planner import canonical_pin
 from .quant import spec_of
 
@@ -228,7 +228,7 @@ class Options:
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, f.metadata["check"](f.name, getattr(self, f.name)))
         on_cpu = self.compute == "hybrid" or any(pin.startswith(CPU_COMPUTE) for pin in self.pins.values())
-        if on_cpu and self.attn_implementation and any(k in self.attn_implementation for k in ("flash", "flex")):
+        if on_cpu and gpu_only_attention(self.attn_implementation):
             raise OptionError(f"attn_implementation={self.attn_implementation!r} can't compute blocks on the CPU "
                               f"(compute=\"hybrid\" or {CPU_COMPUTE!r} pins): its kernels are the GPU's; give "
                               "\"sdpa\" or \"eager\", or leave it out.")

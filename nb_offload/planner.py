@@ -66,10 +66,9 @@ class Plan:
     # routed experts the GPU doesn't hold that the CPU computes instead (cpu_experts.py): None (none),
     # a share, or "auto" (the CPU's rate over both rates, measured at load)
     expert_share: float | str | None = None
-    # compute="hybrid" (hybrid.py): the share of the blocks in host memory the CPU computes, and the rates
-    # in GB/s (cpu, link) it was chosen from; None where the plan chose none. The most tokens a step may have
-    # for them to compute on the CPU (larger ones bring them to the GPU), set by the loader.
-    block_share: float | None = None
+    # compute="hybrid" (hybrid.py): the rates in GB/s (cpu, link) the share of the blocks in host memory the
+    # CPU computes was chosen from (``block_share``); None where the plan chose none. The most tokens a step
+    # may have for them to compute on the CPU (larger ones bring them to the GPU), set by the loader.
     rates: tuple | None = None
     cpu_max_tokens: int = 1
 
@@ -114,6 +113,11 @@ class Plan:
         out[self.resident_tier] += sum(self.reserved.values())
         out["cpu"] += sum(self.host_reserved.values())
         return out
+
+    @property
+    def block_share(self) -> float | None:
+        """compute="hybrid": the share of the blocks in host memory the CPU computes, from ``rates``."""
+        return hybrid.cpu_share(*self.rates) if self.rates is not None else None
 
     def share_on_cpu(self, link_gbps: float = 25.0, cpu_gbps: float | None = None) -> float:
         """The share of the routed experts a step misses that the CPU computes: ``expert_share``, or for
@@ -318,31 +322,30 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
                          experts=u.expert_count, top_k=u.top_k,
                          expert_row_bytes=u.expert_row_nbytes if tiers[u.index] == routed_tier else 0)
                for u in units]
-    share = _computed_on_cpu(units, entries, on_cpu, cpu_rates, device)
+    chose = _computed_on_cpu(units, entries, on_cpu, cpu_rates, device)
     if experts_apart:
         _size_expert_cache(units, entries, reserved, budgets[resident], resident, expert_cache, expert_pins)
     return Plan(entries=entries, device=device, budgets=dict(budgets), reserved=reserved,
                 host_reserved=host_reserved, context=context, batch=batch, prefetch=prefetch, model=model_name,
-                split_blocks=slots.split, block_share=share, rates=tuple(cpu_rates) if share is not None else None)
+                split_blocks=slots.split, rates=tuple(cpu_rates) if chose else None)
 
 
 def _computed_on_cpu(units, entries, pinned, rates, device):
     """Mark the blocks the CPU computes on CUDA (hybrid.py): those pinned ``"cpu-compute"``, and with
     ``rates`` (cpu, link GB/s) their share of the other blocks in host memory, spread between the streamed
-    ones. Quantized blocks and those with routed experts stream. Returns the share, or None."""
+    ones. Quantized blocks and those with routed experts stream. Returns whether it chose by ``rates``."""
     if device != "cuda":
-        return None         # the CPU device computes everything on the CPU
+        return False        # the CPU device computes everything on the CPU
     for u, e in zip(units, entries):
         if u.index in pinned:
             e.compute, e.routed_bytes, e.expert_row_bytes = "cpu", 0, 0     # whole, where its bytes are
     if rates is None:
-        return None
-    share = hybrid.cpu_share(*rates)
+        return False
     candidates = [e for u, e in zip(units, entries) if e.tier == "cpu" and e.kind == "block" and not e.compute
                   and not e.routed_bytes and not u.quantized]
-    for e in hybrid.spread(candidates, share):
+    for e in hybrid.spread(candidates, hybrid.cpu_share(*rates)):
         e.compute = "cpu"
-    return share
+    return True
 
 
 AUTO_CACHE_SHARE = 0.9      # "auto" keeps a tenth of the free room free: the allocator rounds up

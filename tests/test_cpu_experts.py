@@ -66,7 +66,13 @@ def test_the_worker_computes_on_its_own_threads_and_measures_its_rate(model_dirs
         twin = cpu_experts.twin(experts, {n: p.detach() for n, p in experts.named_parameters()})
         row = experts.gate_up_proj[0].nbytes + experts.down_proj[0].nbytes
         assert host.rate(twin, experts.gate_up_proj.shape[-1], experts.gate_up_proj.dtype, row) > 0
-        assert host.nbytes == 0         # calibration doesn't count
+        hidden = torch.randn(3, experts.gate_up_proj.shape[-1]).to(experts.gate_up_proj.dtype)
+        weights = torch.rand(3, 1).to(hidden.dtype)
+        work = {1: (torch.zeros(3, dtype=torch.long), torch.arange(3))}
+        rows, t0, t1 = host.submit(twin, hidden, weights, work).result()
+        with torch.no_grad():           # the worker's rows are the module's own for that expert
+            assert torch.equal(rows[1], cpu_experts.expert_rows(experts.forward, hidden, weights, 1, *work[1]))
+        assert t1 >= t0
     finally:
         host.close()
     assert 1 <= cpu_experts.host_threads()
