@@ -33,6 +33,8 @@ def main():
     ap.add_argument("--budgets", default="4GiB,12GiB")
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--hybrid-prefetch", default="", help="more hybrid loads with these prefetch depths, "
+                                                          "e.g. 2,3: units copied ahead while the CPU computes")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
@@ -78,6 +80,9 @@ def main():
             llms = {"streamed": nb_offload.load(args.folder, gpu=budget, cpu="100GiB", progress=False),
                     "hybrid": nb_offload.load(args.folder, gpu=budget, cpu="100GiB", compute="hybrid",
                                               progress=False)}
+            for p in filter(None, args.hybrid_prefetch.split(",")):
+                llms[f"hybrid_p{p}"] = nb_offload.load(args.folder, gpu=budget, cpu="100GiB", compute="hybrid",
+                                                       prefetch=int(p), progress=False)
             hyb = llms["hybrid"]
             on_cpu = [e.name for e in hyb.plan if e.compute == "cpu"]
             moved = {k: moved_per_step(llm, ids, 8)["cpu"] for k, llm in llms.items()}
@@ -93,6 +98,8 @@ def main():
                 return fn
             runs = interleave({k: timed(llm, k) for k, llm in llms.items()}, args.repeats)
             t, sp, tokens, prefill = summarize(runs, llms, long_ids)
+            def cpu_gbps(runs):
+                return sum(c[1] for c in runs) / max(sum(c[0] for c in runs), 1e-9) / 1e9
             busy = sum(c[0] for c in counters["hybrid"])
             cpu_bytes = sum(c[1] for c in counters["hybrid"])
             cpu_rate, link_rate = hyb.plan.rates or (0.0, 0.0)
@@ -102,7 +109,8 @@ def main():
                 spread=sp, hybrid_over_streamed=t["streamed"] / t["hybrid"],
                 blocks_on_cpu=len(on_cpu), blocks_streamed=sum(1 for e in hyb.plan if e.tier == "cpu"
                                                                and e.compute != "cpu"),
-                block_share=hyb.plan.block_share, measured_at_load_cpu_gbps=cpu_rate,
+                block_share=hyb.plan.block_share, prefetch=hyb.plan.prefetch,
+                staging=hyb.plan.reserved.get("staging_slots"), measured_at_load_cpu_gbps=cpu_rate,
                 measured_at_load_link_gbps=link_rate,
                 cpu_gbps_while_running=cpu_bytes / busy / 1e9 if busy else 0.0,
                 cpu_busy_share_of_step=busy / sum(c[2] for c in counters["hybrid"]) / t["hybrid"],
@@ -113,7 +121,14 @@ def main():
                 prefill_2048_streamed_s=prefill["streamed"], prefill_2048_hybrid_s=prefill["hybrid"],
                 streamed_equals_hf=bool(torch.equal(tokens["streamed"], want_gpu)),
                 hybrid_equals_reference=bool(torch.equal(tokens["hybrid"], want_hybrid)),
-                graph_eager=hyb.stats.graph_eager, plan=str(hyb.plan).splitlines()[-4:])
+                graph_eager=hyb.stats.graph_eager, plan=str(hyb.plan).splitlines()[-4:],
+                prefetch_variants={k: dict(tok_s=1 / t[k], over_streamed=t["streamed"] / t[k],
+                                           blocks_on_cpu=sum(1 for e in llm.plan if e.compute == "cpu"),
+                                           moved_per_step=moved[k], staging=llm.plan.reserved.get("staging_slots"),
+                                           cpu_gbps=cpu_gbps(counters[k]),
+                                           equals_reference=bool(torch.equal(tokens[k], want_hybrid))
+                                           if [e.name for e in llm.plan if e.compute == "cpu"] == on_cpu else None)
+                                   for k, llm in llms.items() if k.startswith("hybrid_p")})
         except Exception:
             traceback.print_exc()
             add(budget=budget, error=traceback.format_exc(limit=4))

@@ -18,8 +18,8 @@ where it was computed. This needs the eager implementation (``experts_implementa
 
 Which experts the CPU takes: the share ``expert_compute`` gives (or, for ``"auto"``, the CPU's rate over
 both rates: the CPU's on one expert measured at load, the link's page-locked rate) of the step's experts
-that are not on the GPU already and that the expert cache doesn't take, rounded, the highest-numbered
-ones: fixed for given routing, so a run's tokens don't depend on timing.
+that are not on the GPU already and that the expert cache doesn't take, the count so both sides end
+soonest (``taken``), the highest-numbered ones: fixed for given routing, so a run's tokens don't depend on timing.
 """
 
 from __future__ import annotations
@@ -86,8 +86,20 @@ def combine(hidden, rows: dict, tokens: dict):
 
 
 def taken(share: float, count: int) -> int:
-    """How many of ``count`` a ``share`` takes: rounded half up, within 0 and ``count``."""
-    return min(count, max(0, int(share * count + 0.5)))
+    """How many of ``count`` equal parts the CPU takes, given its ``share`` of the rate (CPU / (CPU + link)):
+    of the two counts nearest ``share * count``, the one whose later side ends first (the CPU's taken over
+    ``share``, or the link's rest over ``1 - share``), the larger on a tie. Two routed experts at a share of
+    0.3 stay with the link (rounding would give the CPU one, and the step would wait for it)."""
+    if share <= 0 or count <= 0:
+        return 0
+    if share >= 1:
+        return count
+    fewer = min(count, int(share * count))
+    more = min(count, fewer + 1)
+
+    def ends(n):
+        return max(n / share, (count - n) / (1 - share))
+    return more if ends(more) <= ends(fewer) else fewer
 
 
 def split(missed: list, share: float) -> tuple[list, list]:
@@ -117,18 +129,20 @@ class HostCompute:
             rows = {e: expert_rows(twin.forward, hidden, weights, e, pos, token) for e, (pos, token) in work.items()}
         return rows, t0, time.perf_counter()
 
-    def rate(self, twin, hidden_size: int, dtype, row_bytes: int, repeats: int = 3) -> float:
-        """Bytes a second the CPU computes one expert for one token at (the best of ``repeats``, after one
-        to warm up)."""
+    def rate(self, twin, hidden_size: int, dtype, row_bytes: int, repeats: int = 5) -> float:
+        """Bytes a second the CPU computes one expert for one token at, on the worker (the median of
+        ``repeats``, after two to warm up: a single timing of a cold pool reads far slower)."""
         torch = self.torch
         hidden = torch.zeros((1, hidden_size), dtype=dtype)
         weights = torch.ones((1, 1), dtype=dtype)
         work = {0: (torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))}
-        best = float("inf")
-        for _ in range(repeats + 1):
+        times = []
+        for k in range(repeats + 2):
             _, t0, t1 = self.submit(twin, hidden, weights, work).result()
-            best = min(best, t1 - t0)
-        return row_bytes / max(best, 1e-9)
+            if k >= 2:
+                times.append(t1 - t0)
+        times.sort()
+        return row_bytes / max(times[len(times) // 2], 1e-9)
 
     def close(self):
         self.pool.shutdown(wait=True)

@@ -8,8 +8,9 @@ about their bytes over C + L when the split is right, rather than over L alone.
 
 - The plan (planner.py) marks such blocks ``compute="cpu"``: pinned ones (``"cpu-compute"``), and with
   ``compute="hybrid"`` the share C / (C + L) of the blocks in host memory, spread between the streamed
-  ones so each CPU block runs while a copy is in flight. C is measured at load on a block-sized
-  product in the model's dtype, L on the link (``budget.link_gbps``).
+  ones so each CPU block runs while a copy is in flight. C is measured at load on a block's products in
+  the model's dtype (``cpu_rate``), L on the link (``budget.link_gbps``). The plan copies far enough ahead
+  (``prefetch_for``) that the link stays busy while the CPU computes a block.
 - The engine binds their weights to the host memory they live in and runs them through ``CpuBlock``
   hooks: inputs moved to the CPU, the torch threads set (``cpu_experts.host_threads``: cores left to
   the copy and reader threads), the output moved back. Their KV-cache layer is kept in host memory.
@@ -53,38 +54,69 @@ def spread(candidates: list, share: float) -> list:
     return [candidates[min(len(candidates) - 1, int((k + 0.5) * step))] for k in range(n)]
 
 
-def cpu_rate(torch, dtype, rows: int, cols: int, threads: int, tokens: int = 1, repeats: int = 3) -> float:
-    """Bytes a second the CPU reads a [rows, cols] weight at in a product with ``tokens`` rows in ``dtype``,
-    with ``threads`` torch threads (best of ``repeats``, after one to warm up)."""
-    weight = torch.randn(rows, cols).to(dtype)
-    x = torch.randn(tokens, cols).to(dtype)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+# Bytes of block-shaped weights the CPU's rate is measured on at most (a 70B block is 1.7 GB: its first
+# products are enough for the rate, and a load shouldn't allocate that much more to measure it).
+MEASURED_BYTES = 512 << 20
+
+
+def cpu_rate(torch, dtype, shapes, threads: int, tokens: int = 1, repeats: int = 5) -> float:
+    """Bytes a second the CPU reads a block's weights at, as a CPU block computes them: the products of
+    ``tokens`` rows with weights of ``shapes`` ([rows, cols] each, a block's, in run order, up to
+    MEASURED_BYTES) in ``dtype``, one after another, with torch's threads set to ``threads`` for the pass and
+    restored after it (as ``CpuBlock`` does). The median of ``repeats`` passes, after two to warm up.
+
+    A block's products read slower than its widest one alone (on the H200 host, 12 threads: 52 against
+    82 GB/s; benchmarks/bench_cpu_block.py), and a single timing of a cold thread pool read far lower
+    still, so it is the block's shapes, warmed up, and a median."""
+    weights, total = [], 0
+    for rows, cols in shapes:
+        if weights and total + rows * cols * torch.empty((), dtype=dtype).element_size() > MEASURED_BYTES:
+            break
+        weights.append(torch.full((rows, cols), 0.01, dtype=dtype))
+        total += weights[-1].nbytes
+    inputs = {cols: torch.full((tokens, cols), 0.5, dtype=dtype) for _, cols in shapes}
+    caller = torch.get_num_threads()
+    times = []
     try:
-        best = float("inf")
         with torch.inference_mode():
-            for _ in range(repeats + 1):
+            for k in range(repeats + 2):
+                torch.set_num_threads(threads)
                 t0 = time.perf_counter()
-                torch.nn.functional.linear(x, weight)
-                best = min(best, time.perf_counter() - t0)
+                for w in weights:
+                    torch.nn.functional.linear(inputs[w.shape[1]], w)
+                if k >= 2:
+                    times.append(time.perf_counter() - t0)
+                torch.set_num_threads(caller)
     finally:
-        torch.set_num_threads(before)
-    return weight.nbytes / max(best, 1e-9)
+        torch.set_num_threads(caller)
+    times.sort()
+    return total / max(times[len(times) // 2], 1e-9)
+
+
+# The most units copied ahead for a hybrid plan: each is a staging slot on the GPU.
+MOST_AHEAD = 8
+
+
+def copies_ahead(block_bytes: int, slot_bytes: int, cpu_gbps: float, link_gbps: float) -> int:
+    """Streamed units to have queued on the link when a CPU block of ``block_bytes`` starts, so the link stays
+    busy while the CPU computes it: what the link copies meanwhile, in slots of ``slot_bytes`` (at least 1,
+    at most MOST_AHEAD). With one unit ahead (the default) the link would idle for the rest of the block."""
+    if cpu_gbps <= 0 or slot_bytes <= 0:
+        return 1
+    return max(1, min(MOST_AHEAD, -(-int(block_bytes * link_gbps / cpu_gbps) // slot_bytes)))
 
 
 # Step sizes tried for the most tokens a CPU block computes on the CPU (``cpu_max_tokens``).
 TRIED_TOKENS = (1, 4, 16, 64)
 
 
-def cpu_max_tokens(torch, dtype, rows: int, cols: int, threads: int, link_gbps: float) -> int:
+def cpu_max_tokens(torch, dtype, shapes, threads: int, link_gbps: float) -> int:
     """The most tokens a step may have for the CPU to compute a block faster than the link brings it to the
-    GPU: the largest of TRIED_TOKENS whose product over a [rows, cols] weight takes the CPU no longer than
-    the weight's copy (measured; at least 1). Larger steps, prefills, bring CPU blocks to the GPU."""
-    nbytes = rows * cols * torch.empty((), dtype=dtype).element_size()
-    copy = nbytes / (link_gbps * 1e9) if link_gbps > 0 else 0.0
+    GPU: the largest of TRIED_TOKENS at whose ``cpu_rate`` over the block's ``shapes`` the CPU is no slower
+    than the link (measured; at least 1). Larger steps, prefills, bring CPU blocks to the GPU."""
     best = 1
     for tokens in TRIED_TOKENS:
-        if nbytes / cpu_rate(torch, dtype, rows, cols, threads, tokens=tokens, repeats=2) <= copy:
+        if cpu_rate(torch, dtype, shapes, threads, tokens=tokens, repeats=3) >= link_gbps * 1e9:
             best = tokens
     return best
 

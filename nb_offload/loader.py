@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from . import hybrid
 from .budget import format_size, host_memory, parse_size, process_memory
 from .checkpoint import Checkpoint, resolve
 from .errors import BudgetError, CheckpointError, OffloadError, OptionError, PinError
@@ -200,13 +201,19 @@ class Inspection:
         """The plan for these options on ``device_type`` under ``budgets``, with ``pins`` (unit index -> tier)
         and ``expert_pins`` (unit index -> experts kept in the expert cache)."""
         o = self.options
-        plan = make_plan(self.units, device=device_type, budgets=budgets, pins=pins, config=self.config,
-                         dtype_size=self.dtype_size, context=o.context or self.default_context(), batch=o.batch,
-                         prefetch=prefetch_for(o, device_type), model_name=self.name, read_ahead=o.read_ahead,
-                         policy=o.policy, split_blocks=o.split_blocks, library_code=self.library_code,
-                         decode_graph=o.cuda_graph, expert_cache=self._expert_cache(device_type, budgets),
-                         expert_pins=expert_pins,
-                         cpu_rates=self.cpu_rates() if o.compute == "hybrid" and device_type == "cuda" else None)
+
+        def planned(prefetch):
+            return make_plan(self.units, device=device_type, budgets=budgets, pins=pins, config=self.config,
+                             dtype_size=self.dtype_size, context=o.context or self.default_context(), batch=o.batch,
+                             prefetch=prefetch, model_name=self.name, read_ahead=o.read_ahead, policy=o.policy,
+                             split_blocks=o.split_blocks, library_code=self.library_code,
+                             decode_graph=o.cuda_graph, expert_cache=self._expert_cache(device_type, budgets),
+                             expert_pins=expert_pins,
+                             cpu_rates=self.cpu_rates() if o.compute == "hybrid" and device_type == "cuda" else None)
+        plan = planned(prefetch_for(o, device_type))
+        ahead = self._copies_ahead(plan)
+        if o.prefetch is None and ahead > plan.prefetch:    # the link kept busy while the CPU computes a block
+            plan = planned(ahead)
         if device_type == "cuda" and any(e.routed_bytes for e in plan):
             plan.expert_share = o.host_expert_share
         if any(e.compute == "cpu" for e in plan):
@@ -214,16 +221,15 @@ class Inspection:
         return plan
 
     def cpu_rates(self) -> tuple:
-        """(cpu, link) GB/s for ``compute="hybrid"``, measured once: the CPU's batch-1 product over a block's
-        largest weight in the load dtype with the threads it would have (hybrid.py), the page-locked link
+        """(cpu, link) GB/s for ``compute="hybrid"``, measured once: the CPU's batch-1 products over a block's
+        weights in the load dtype with the threads it would have (hybrid.cpu_rate), the page-locked link
         (25 GB/s assumed on a machine without a GPU, as for a dry run's prediction)."""
         if self._cpu_rates is None:
             import torch
 
-            from . import budget, hybrid
+            from . import budget
             from .cpu_experts import host_threads
-            wide, hidden = self._widest_weight()
-            cpu = hybrid.cpu_rate(torch, self.dtype, wide, hidden, host_threads()) / 1e9
+            cpu = hybrid.cpu_rate(torch, self.dtype, self._block_shapes(), host_threads()) / 1e9
             link = budget.link_gbps() if torch.cuda.is_available() else 25.0
             self._cpu_rates = (cpu, link)
         return self._cpu_rates
@@ -234,16 +240,32 @@ class Inspection:
         if self._cpu_max_tokens is None:
             import torch
 
-            from . import hybrid
             from .cpu_experts import host_threads
-            wide, hidden = self._widest_weight()
-            self._cpu_max_tokens = hybrid.cpu_max_tokens(torch, self.dtype, wide, hidden, host_threads(),
+            self._cpu_max_tokens = hybrid.cpu_max_tokens(torch, self.dtype, self._block_shapes(), host_threads(),
                                                          self.cpu_rates()[1])
         return self._cpu_max_tokens
 
-    def _widest_weight(self) -> tuple:
+    def _block_shapes(self) -> list:
+        """The [rows, cols] of a decoder block's matrices, in order (those of the first block in the load
+        dtype), for the CPU's rate on it; a LLaMA-like block's from the config where there is none."""
+        for u in self.units:
+            if u.kind == "block" and not u.quantized:
+                shapes = [tuple(p.shape) for p in u.params if len(p.shape) == 2]
+                if shapes:
+                    return shapes
         cfg = text_config(self.config)
-        return getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size, cfg.hidden_size
+        hidden, wide = cfg.hidden_size, getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size
+        return [(hidden, hidden)] * 4 + [(wide, hidden)] * 2 + [(hidden, wide)]
+
+    def _copies_ahead(self, plan) -> int:
+        """Streamed units a plan with CPU blocks chosen by rates should copy ahead (hybrid.copies_ahead)."""
+        on_cpu = [e.bytes for e in plan if e.compute == "cpu"]
+        if not on_cpu or not plan.rates:
+            return 1
+        streamed = {e.name for e in plan if e.tier != resident_tier_of(plan.device) and e.compute != "cpu"}
+        slot = max((u.stream_nbytes if plan.split_blocks else u.nbytes for u in self.units if u.name in streamed),
+                   default=0)
+        return hybrid.copies_ahead(max(on_cpu), slot, *plan.rates)
 
     def _expert_cache(self, device_type, budgets):
         """The ``expert_cache`` option in bytes (a share is of the compute device's budget), or "auto"."""

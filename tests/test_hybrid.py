@@ -31,7 +31,27 @@ def test_the_share_and_its_spread_between_streamed_blocks():
     assert hybrid.spread(list(range(8)), 0.5) == [1, 3, 5, 7]
     assert hybrid.spread(list(range(3)), 1.0) == [0, 1, 2]
     assert hybrid.spread(list(range(3)), 0.0) == [] and hybrid.spread([], 0.5) == []
-    assert len(hybrid.spread(list(range(32)), 0.3)) == 10           # 9.6 rounded half up
+    assert len(hybrid.spread(list(range(32)), 0.3)) == 9    # of 9 and 10 the count where both sides end sooner
+
+
+def test_the_cpu_takes_the_count_whose_later_side_ends_first():
+    from nb_offload.cpu_experts import split, taken
+    assert taken(0.3, 2) == 0           # one expert on the CPU (1 / 0.3) would outlast both on the link (2 / 0.7)
+    assert taken(0.36, 2) == 1 and taken(0.5, 1) == 1 and taken(0.5, 3) == 2      # a tie: the larger
+    assert taken(0.0, 5) == 0 and taken(1.0, 5) == 5 and taken(0.7, 0) == 0
+    assert split([1, 4, 6], 0.5) == ([1], [4, 6])
+
+
+def test_a_hybrid_plan_copies_far_enough_ahead_to_keep_the_link_busy(model_dirs, rates):
+    folder = model_dirs("llama")
+    # a CPU block at 20 GB/s lasts as long as the link copies three of its size at 60 GB/s
+    assert hybrid.copies_ahead(100, 100, 20.0, 60.0) == 3 and hybrid.copies_ahead(100, 50, 20.0, 60.0) == 6
+    assert hybrid.copies_ahead(100, 1, 1.0, 60.0) == hybrid.MOST_AHEAD and hybrid.copies_ahead(100, 100, 0, 60) == 1
+    plan = all_in_host_memory(folder, compute="hybrid")
+    assert any(e.compute == "cpu" for e in plan) and plan.prefetch == 3
+    assert plan.reserved["staging_slots"] > all_in_host_memory(folder).reserved["staging_slots"]
+    assert all_in_host_memory(folder, compute="hybrid", prefetch=1).prefetch == 1      # asked for: kept
+    assert all_in_host_memory(folder).prefetch == 1
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
@@ -95,10 +115,17 @@ def test_the_compute_option_is_checked(model_dirs):
 
 
 def test_the_cpu_rate_is_measured_with_the_threads_asked(model_dirs):
-    rate = hybrid.cpu_rate(torch, torch.bfloat16, 256, 128, threads=1)
+    rate = hybrid.cpu_rate(torch, torch.bfloat16, [(256, 128), (128, 256)], threads=1)
     assert rate > 0
     before = torch.get_num_threads()
-    hybrid.cpu_rate(torch, torch.float32, 64, 32, threads=1)
+    seen = []
+    real = torch.nn.functional.linear
+    try:
+        torch.nn.functional.linear = lambda x, w: seen.append((torch.get_num_threads(), tuple(w.shape))) or real(x, w)
+        hybrid.cpu_rate(torch, torch.float32, [(64, 32), (32, 64)], threads=1, repeats=1)
+    finally:
+        torch.nn.functional.linear = real
+    assert seen == [(1, (64, 32)), (1, (32, 64))] * 3         # the block's products in turn, two passes to warm up
     assert torch.get_num_threads() == before
     cpu, link = loader.Inspection(model_dirs("llama"), nb_offload.Options(compute="hybrid")).cpu_rates()
     assert cpu > 0 and link == 25.0         # no GPU here: the link is assumed, as for a dry run
