@@ -7,8 +7,9 @@ memory its measured rate gives, spread between the streamed ones). Decode per-st
 interleaved rounds; prefill of 2048 tokens; the split, the rates measured at load and those reached while
 both ran (the CPU's from the model's counters, the link's from the bytes streamed over the step's time);
 the dry-run prediction at the measured rates against the measured step; tokens against transformers with
-the same blocks computed on the CPU (the model on the GPU, those blocks moved to the CPU under Accelerate's
-AlignDevicesHook), and the streamed load's against transformers on the GPU.
+the same blocks computed on the CPU for the steps the engine computes them there (tests/gpu/test_hybrid_gpu.py's
+reference), and the streamed load's against transformers on the GPU. ``--hybrid-prefetch`` and
+``--cpu-blocks`` add loads at other prefetch depths and other splits (``variants``).
 
     PYTHONPATH=. python3 benchmarks/bench_hybrid.py --json out.json [--budgets 4GiB,12GiB]
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -35,15 +37,21 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--hybrid-prefetch", default="", help="more hybrid loads with these prefetch depths, "
                                                           "e.g. 2,3: units copied ahead while the CPU computes")
+    ap.add_argument("--cpu-blocks", default="", help="more loads with this many of the blocks in host memory "
+                                                     "pinned \"cpu-compute\" (spread), copying as far ahead as "
+                                                     "the hybrid plan does, e.g. 2,6: the step at other splits")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
     import transformers
-    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
     from transformers import AutoModelForCausalLM
 
     import nb_offload
+    from nb_offload import hybrid
     from nb_offload.cpu_experts import host_threads
+    tests = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
+    sys.path[:0] = [tests, os.path.join(tests, "gpu")]
+    from test_hybrid_gpu import reference as cpu_reference
     if not os.path.isfile(os.path.join(args.folder, "config.json")):
         t0 = time.perf_counter()
         build(args.folder, args.layers)
@@ -59,13 +67,12 @@ def main():
     add = row_recorder(out, args.json, digits=4)
     torch.inference_mode().__enter__()
 
-    def reference(on_cpu):
-        """transformers on the GPU with the blocks ``on_cpu`` computed on the CPU: greedy tokens."""
+    def reference(on_cpu, max_tokens=0):
+        """transformers on the GPU; with the blocks ``on_cpu`` computed on the CPU for steps of at most
+        ``max_tokens`` tokens, as the engine computes them (the GPU test's reference): greedy tokens."""
+        if on_cpu:
+            return cpu_reference(args.folder, ids, on_cpu, max_tokens, n)
         model = AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.bfloat16, device_map="cuda").eval()
-        for name in on_cpu:
-            add_hook_to_module(model.get_submodule(name).to("cpu"),
-                               AlignDevicesHook(execution_device="cpu", io_same_device=True,
-                                                skip_keys="past_key_values"))
         tokens = steps(model.generate, ids, n)[1].cpu()
         del model
         gc.collect()
@@ -84,6 +91,12 @@ def main():
                 llms[f"hybrid_p{p}"] = nb_offload.load(args.folder, gpu=budget, cpu="100GiB", compute="hybrid",
                                                        prefetch=int(p), progress=False)
             hyb = llms["hybrid"]
+            in_host = [e.name for e in llms["streamed"].plan if e.tier == "cpu" and e.kind == "block"]
+            for count in filter(None, args.cpu_blocks.split(",")):
+                chosen = hybrid.spread(in_host, int(count) / len(in_host))
+                llms[f"hybrid_pinned{count}"] = nb_offload.load(
+                    args.folder, gpu=budget, cpu="100GiB", pins={name: "cpu-compute" for name in chosen},
+                    prefetch=hyb.plan.prefetch, progress=False)
             on_cpu = [e.name for e in hyb.plan if e.compute == "cpu"]
             moved = {k: moved_per_step(llm, ids, 8)["cpu"] for k, llm in llms.items()}
             counters = {}
@@ -104,7 +117,7 @@ def main():
             cpu_bytes = sum(c[1] for c in counters["hybrid"])
             cpu_rate, link_rate = hyb.plan.rates or (0.0, 0.0)
             predicted = hyb.plan.predicted_seconds_per_step(link_gbps=link, cpu_gbps=cpu_rate)
-            want_hybrid = reference(on_cpu)
+            want_hybrid = reference(on_cpu, hyb.plan.cpu_max_tokens)
             add(budget=budget, link_gbps=link, streamed_tok_s=1 / t["streamed"], hybrid_tok_s=1 / t["hybrid"],
                 spread=sp, hybrid_over_streamed=t["streamed"] / t["hybrid"],
                 blocks_on_cpu=len(on_cpu), blocks_streamed=sum(1 for e in hyb.plan if e.tier == "cpu"
@@ -122,7 +135,7 @@ def main():
                 streamed_equals_hf=bool(torch.equal(tokens["streamed"], want_gpu)),
                 hybrid_equals_reference=bool(torch.equal(tokens["hybrid"], want_hybrid)),
                 graph_eager=hyb.stats.graph_eager, plan=str(hyb.plan).splitlines()[-4:],
-                prefetch_variants={k: dict(tok_s=1 / t[k], over_streamed=t["streamed"] / t[k],
+                variants={k: dict(tok_s=1 / t[k], over_streamed=t["streamed"] / t[k],
                                            blocks_on_cpu=sum(1 for e in llm.plan if e.compute == "cpu"),
                                            moved_per_step=moved[k], staging=llm.plan.reserved.get("staging_slots"),
                                            cpu_gbps=cpu_gbps(counters[k]),
