@@ -1,7 +1,9 @@
 """What a decoder block computed on the CPU reads at (hybrid.py, issue 16), and what slows it: one LLaMA-7B
 block at batch 1 against its widest product alone, at several thread counts, with its weights in page-locked
 memory, with torch's thread count set and restored around each call (as CpuBlock does), and while the link
-copies page-locked bytes to the GPU beside it. One process, random bf16 weights, best-of medians.
+copies page-locked bytes to the GPU beside it. Then one routed expert of the Mixtral anchor's shape
+(cpu_experts.py, issue 15): its products alone, the experts module's eager forward, on the caller's thread and
+on a worker thread as HostCompute runs it. One process, random bf16 weights, medians.
 
     PYTHONPATH=. python3 benchmarks/bench_cpu_block.py --json out.json [--threads 8,12,14,16]
 """
@@ -114,6 +116,34 @@ def main():
                 copier.join()
             add(what="block, page-locked weights, the link copying beside it", threads=t, median_ms=1e3 * median,
                 gbps=nbytes / median / 1e9, best_gbps=nbytes / best / 1e9, link_gbps=copied[0] / copied[1] / 1e9)
+    experts(torch, record, threads)
+
+
+def experts(torch, record, threads):
+    """One expert of the Mixtral anchor's experts module (hidden 2048, 8 experts of 5632) for one token."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+    cfg = MixtralConfig(hidden_size=2048, intermediate_size=5632, num_local_experts=8, num_experts_per_tok=2)
+    cfg._experts_implementation = "eager"
+    module = MixtralExperts(cfg).to(torch.bfloat16)
+    row = sum(p[0].nbytes for p in module.parameters())
+    hidden = torch.randn(1, 2048, dtype=torch.bfloat16)
+    index, weights = torch.tensor([[3]]), torch.ones(1, 1, dtype=torch.bfloat16)
+    linear = torch.nn.functional.linear
+
+    def products():
+        gate, up = linear(hidden, module.gate_up_proj[3]).chunk(2, -1)
+        linear(torch.nn.functional.silu(gate) * up, module.down_proj[3])
+    record("expert: its products alone", threads, products, row)
+    record("expert: the experts module's eager forward", threads, lambda: module(hidden, index, weights), row)
+    pool = ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(threads,))
+    try:
+        record("expert: the module's forward on a worker thread (HostCompute)", threads,
+               lambda: pool.submit(module, hidden, index, weights).result(), row)
+    finally:
+        pool.shutdown()
 
 
 if __name__ == "__main__":
