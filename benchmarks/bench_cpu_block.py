@@ -37,7 +37,8 @@ def main():
     block = LlamaDecoderLayer(cfg, 0).to(torch.bfloat16).eval()
     rotary = LlamaRotaryEmbedding(cfg)
     nbytes = sum(p.nbytes for p in block.parameters())
-    out = {"meta": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "host_threads": host_threads(),
+    out = {"meta": {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "host_threads": host_threads(),
                     "block_bytes": nbytes, "torch": torch.__version__}, "rows": []}
     add = row_recorder(out, args.json, digits=2)
     torch.inference_mode().__enter__()
@@ -74,7 +75,7 @@ def main():
             **{k: v for k, v in kw.items() if k != "toggle"})
 
     for t in [int(s) for s in args.threads.split(",")]:
-        record("widest product alone (hybrid.cpu_rate's measure)", t,
+        record("the block's widest product alone (hybrid.cpu_rate measured this until 2026-12-02)", t,
                lambda: torch.nn.functional.linear(x[0], wide), wide.nbytes)
         record("block", t, call, nbytes)
     threads = host_threads()

@@ -457,15 +457,22 @@ def render_variants(data, command, title) -> str:
 
 
 def llamacpp_rows(path) -> dict:
-    """llama-bench's markdown rows from a saved log: {(model, ngl, n_cpu_moe or None, test): (t/s, ±)}."""
-    out = {}
+    """llama-bench's markdown rows from a saved log: {(model, ngl, n_cpu_moe or None, test): (t/s, ±)}, by
+    each table's header; where a table has a threads column, the best thread count's row."""
+    out, columns = {}, []
     for line in open(path):
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] == "model":
+            columns = cells
+            continue
         if len(cells) < 7 or not cells[-1][:1].isdigit():
             continue
-        moe = cells[5] if len(cells) == 8 else None
+        row = dict(zip(columns, cells)) if len(columns) == len(cells) else {}
+        moe = row.get("n_cpu_moe") if row else (cells[5] if len(cells) == 8 else None)
         value, _, err = cells[-1].partition("±")
-        out[(cells[0], int(cells[4]), int(moe) if moe else None, cells[-2])] = (float(value), float(err or 0))
+        key = (cells[0], int(cells[4]), int(moe) if moe else None, cells[-2])
+        if key not in out or float(value) > out[key][0]:
+            out[key] = (float(value), float(err or 0))
     return out
 
 
@@ -718,8 +725,35 @@ def render_hybrid(data, command, title, llama=None) -> str:
             if best and r["budget"] == budget:
                 goals.append(f"over llama.cpp -ngl {ngl} ({best:.1f} tok/s, its best thread count; {llama}): "
                              f"{r['hybrid_tok_s'] / best:.2f}x (goal {goal}x: {met(r['hybrid_tok_s'] / best >= goal)})")
-        lines.append(f"- {r['budget']}: " + "; ".join(g for g in goals if g) + f"; decode ran eager: "
+        ahead = (f"; copied ahead: {r['prefetch']} units ({r['staging'] / 2**20:.0f} MiB of staging)"
+                 if "prefetch" in r else "")
+        lines.append(f"- {r['budget']}: " + "; ".join(g for g in goals if g) + f"{ahead}; decode ran eager: "
                      f"{r['graph_eager'] or '-'}; plan: {'; '.join(x.strip() for x in r['plan'])}")
+        for k, v in (r.get("variants") or r.get("prefetch_variants") or {}).items():
+            same = {True: "same tokens as the reference", False: "tokens DIFFER", None: "its own split"}
+            lines.append(f"  - variant {k}: {v['tok_s']:.2f} tok/s ({v['over_streamed']:.2f}x streamed), "
+                         f"{v['blocks_on_cpu']} blocks on the CPU at {v['cpu_gbps']:.1f} GB/s, "
+                         f"{v['moved_per_step'] / 1e9:.2f} GB streamed a step, staging "
+                         f"{v['staging'] / 2**20:.0f} MiB; {same[v['equals_reference']]}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def render_cpu_block(data, command, title) -> str:
+    """A bench_cpu_block.py run: what a block (and an expert) computed on the CPU reads at."""
+    m = data["meta"]
+    when = f"{m['date']}, " if "date" in m else ""
+    lines = [f"## {when}{title or 'a decoder block and a routed expert computed on the CPU'} · "
+             f"{m['cores']} cores, "
+             f"torch {m['torch']}", "", "Command (GPU machine, repository root):", "", f"    {command}", "",
+             f"One LLaMA-7B block ({m['block_bytes'] / 1e6:.0f} MB, bf16) at batch 1, and one expert of the "
+             f"Mixtral anchor; medians of timed calls (best in brackets); torch's own thread count "
+             f"{m['torch_threads']}, the CPU blocks' and experts' {m['host_threads']}.", "",
+             "| what | threads | ms a call | GB/s (best) | link beside it |", "|---|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        link = f"{r['link_gbps']:.1f} GB/s" if "link_gbps" in r else ""
+        lines.append(f"| {r['what']} | {r['threads']} | {r['median_ms']:.2f} | {r['gbps']:.1f} ({r['best_gbps']:.1f})"
+                     f" | {link} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -750,6 +784,8 @@ def main():
         title = f' --title "{args.title}"' if args.title else ""
         print(render_readme(data, args.title, list(zip(args.json[1:], loaded[1:])),
                             f"python3 benchmarks/report.py {' '.join(args.json)} --readme{title}"))
+    elif any("block_bytes" == k for k in data.get("meta", {})):
+        print(render_cpu_block(data, args.command or "bash benchmarks/gpu_run.sh cpublock", args.title))
     elif any("hybrid_tok_s" in r for r in data.get("rows", [])):
         print(render_hybrid(data, args.command or "bash benchmarks/gpu_run.sh hybrid", args.title, args.llama))
     elif any("routed_tok_s" in r for r in data.get("rows", [])):
