@@ -338,12 +338,28 @@ class Stats:
             nbytes = self.cpu_block_bytes - before.get("cpu_block_bytes", 0)
             text += (f" · {calls / steps:.0f} blocks a step computed on the CPU from host memory"
                      + (f" ({nbytes / busy / 1e9:.1f} GB/s)" if busy else ""))
+        text += self._cpu_hint(before, moved, seconds, link_gbps)
         replays = self.graph_replays - before.get("graph_replays", 0)
         if replays:
             text += f" · {replays} decode steps replayed as one CUDA graph"
         elif held_on == "gpu" and self.graph_eager and self.graph_eager != "cuda_graph=False":
             text += f" · decode ran eager: {self.graph_eager}"
         return text
+
+    def _cpu_hint(self, before: dict, moved: dict, seconds: float, link_gbps: float | None) -> str:
+        """Where the CPU computed blocks or experts from host memory: a hint if the generate took longer
+        than the link alone would have taken to carry everything it brought and everything the CPU read,
+        so streaming all of it (``compute="gpu"``, ``expert_compute="gpu"``) may well be faster here (on the
+        H200 machine it was: docs/hybrid.md)."""
+        on_cpu = (self.cpu_block_bytes - before.get("cpu_block_bytes", 0)
+                  + self.bytes_on_cpu - before.get("bytes_on_cpu", 0))
+        if not (on_cpu and link_gbps and seconds):
+            return ""
+        link_alone = (sum(moved.values()) + on_cpu) / (link_gbps * 1e9)
+        if seconds <= link_alone:
+            return ""
+        return (f" · the link alone would have carried all of it, the CPU's share too, in {link_alone:.2f} s: "
+                "computing on the CPU didn't pay here, streaming may be faster")
 
     def __str__(self):
         from .budget import format_size

@@ -177,6 +177,22 @@ def test_a_cpu_block_computes_small_steps_on_the_cpu_and_large_ones_from_an_uplo
         assert stats.bytes_from_cpu == 3 * unit.nbytes
         summary = stats.run_summary(Stats().as_dict(), 1, 1.0)
         assert "blocks a step computed on the CPU from host memory" in summary
+        assert "didn't pay" not in summary          # no link rate given: nothing to compare with
+
+
+def test_the_summary_says_when_computing_on_the_cpu_did_not_pay():
+    stats = Stats(steps=10, cpu_block_calls=20, cpu_block_bytes=4 * 10**9, cpu_block_seconds=0.2,
+                  bytes_from_cpu=6 * 10**9)
+    before = Stats().as_dict()
+    # 10 GB over a 50 GB/s link alone: 0.2 s
+    slow = stats.run_summary(before, 10, 0.5, link_gbps=50.0)
+    assert "the link alone would have carried all of it, the CPU's share too, in 0.20 s" in slow
+    assert "streaming may be faster" in slow
+    assert "didn't pay" not in stats.run_summary(before, 10, 0.15, link_gbps=50.0)
+    # routed experts the CPU computed count the same way
+    experts = Stats(steps=10, experts_read=4, experts_on_cpu=6, bytes_on_cpu=4 * 10**9, bytes_from_cpu=6 * 10**9)
+    assert "didn't pay" in experts.run_summary(before, 10, 0.5, link_gbps=50.0)
+    assert "didn't pay" not in Stats(steps=10, bytes_from_cpu=10**10).run_summary(before, 10, 5.0, link_gbps=50.0)
 
 
 def plain_tokens(folder):
