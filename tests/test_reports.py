@@ -1,0 +1,53 @@
+"""benchmarks/report.py renders saved runs into RESULTS.md sections: llama-bench's tables are read by their
+headers, and this session's kinds of runs render with their goals."""
+
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+RUNS = os.path.join(BENCH, "runs")
+
+
+@pytest.fixture(scope="module")
+def report():
+    sys.path.insert(0, BENCH)
+    try:
+        import report
+        yield report
+    finally:
+        sys.path.remove(BENCH)
+
+
+def test_llama_bench_tables_are_read_by_their_headers(report, tmp_path):
+    log = tmp_path / "llama.txt"
+    log.write_text(
+        "| model | size | params | backend | ngl | threads | test | t/s |\n"
+        "| --- | ---: | ---: | --- | --: | ---: | ---: | ---: |\n"
+        "| llama 7B F16 | 12.55 GiB | 6.74 B | CUDA | 8 | 12 | tg32 | 7.25 ± 0.31 |\n"
+        "| llama 7B F16 | 12.55 GiB | 6.74 B | CUDA | 8 | 16 | tg32 | 7.63 ± 0.76 |\n"
+        "| llama 7B F16 | 12.55 GiB | 6.74 B | CUDA | 99 | tg32 | 219.12 ± 2.29 |\n"
+        "| model | size | params | backend | ngl | n_cpu_moe | test | t/s |\n"
+        "| --- | ---: | ---: | --- | --: | ---: | ---: | ---: |\n"
+        "| llama ?B F16 | 8.87 GiB | 4.76 B | CUDA | 99 | 16 | tg32 | 32.75 ± 0.49 |\n")
+    rows = report.llamacpp_rows(str(log))
+    assert rows[("llama 7B F16", 8, None, "tg32")] == (7.63, 0.76)     # the threads column: the best count
+    assert rows[("llama 7B F16", 99, None, "tg32")] == (219.12, 2.29)
+    assert rows[("llama ?B F16", 99, 16, "tg32")] == (32.75, 0.49)       # n_cpu_moe, by its header
+    assert len(rows) == 3
+
+
+@pytest.mark.parametrize("name, expect", [
+    ("raw-2026-12-02-h200-s6-hybrid-c.json", ["hybrid over streaming 0.83x (goal 1.6x at 4GiB: **not met**)",
+                                              "variant hybrid_p1", "copied ahead: 5 units"]),
+    ("raw-2026-12-02-h200-s6-moe-b.json", ["| mixtral | split |", "(goal 1.2x: **not met**)"]),
+    ("raw-2026-12-02-h200-s6-cpublock.json", ["| block, page-locked weights, the link copying beside it | 12 |"]),
+])
+def test_saved_runs_render_with_their_goals(report, name, expect, capsys, monkeypatch):
+    llama = os.path.join(RUNS, "raw-2026-12-02-h200-s6-llamacpp.txt")
+    monkeypatch.setattr(sys, "argv", ["report.py", os.path.join(RUNS, name), "--llama", llama])
+    report.main()
+    text = capsys.readouterr().out
+    for piece in expect:
+        assert piece in text
