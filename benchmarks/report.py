@@ -470,7 +470,7 @@ def llamacpp_rows(path) -> dict:
         row = dict(zip(columns, cells)) if len(columns) == len(cells) else {}
         moe = row.get("n_cpu_moe") if row else (cells[5] if len(cells) == 8 else None)
         value, _, err = cells[-1].partition("±")
-        key = (cells[0], int(cells[4]), int(moe) if moe else None, cells[-2])
+        key = (cells[0], int(row.get("ngl", cells[4])), int(moe) if moe else None, cells[-2])
         if key not in out or float(value) > out[key][0]:
             out[key] = (float(value), float(err or 0))
     return out

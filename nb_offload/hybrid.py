@@ -79,7 +79,7 @@ def cpu_rate(torch, dtype, shapes, threads: int, tokens: int = 1, repeats: int =
     times = []
     try:
         with torch.inference_mode():
-            for k in range(repeats + 2):
+            for k in range(max(1, repeats) + 2):
                 torch.set_num_threads(threads)
                 t0 = time.perf_counter()
                 for w in weights:

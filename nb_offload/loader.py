@@ -202,18 +202,17 @@ class Inspection:
         and ``expert_pins`` (unit index -> experts kept in the expert cache)."""
         o = self.options
 
-        def planned(prefetch):
+        def planned(prefetch, split_blocks=o.split_blocks):
             return make_plan(self.units, device=device_type, budgets=budgets, pins=pins, config=self.config,
                              dtype_size=self.dtype_size, context=o.context or self.default_context(), batch=o.batch,
                              prefetch=prefetch, model_name=self.name, read_ahead=o.read_ahead, policy=o.policy,
-                             split_blocks=o.split_blocks, library_code=self.library_code,
+                             split_blocks=split_blocks, library_code=self.library_code,
                              decode_graph=o.cuda_graph, expert_cache=self._expert_cache(device_type, budgets),
                              expert_pins=expert_pins,
                              cpu_rates=self.cpu_rates() if o.compute == "hybrid" and device_type == "cuda" else None)
         plan = planned(prefetch_for(o, device_type))
-        ahead = self._copies_ahead(plan)
-        if o.prefetch is None and ahead > plan.prefetch:    # the link kept busy while the CPU computes a block
-            plan = planned(ahead)
+        if o.prefetch is None:      # the link kept busy while the CPU computes a block, where that costs nothing
+            plan = self._deeper(plan, planned)
         if device_type == "cuda" and any(e.routed_bytes for e in plan):
             plan.expert_share = o.host_expert_share
         if any(e.compute == "cpu" for e in plan):
@@ -258,14 +257,31 @@ class Inspection:
         return [(hidden, hidden)] * 4 + [(wide, hidden)] * 2 + [(hidden, wide)]
 
     def _copies_ahead(self, plan) -> int:
-        """Streamed units a plan with CPU blocks chosen by rates should copy ahead (hybrid.copies_ahead)."""
+        """Streamed units a plan with CPU blocks chosen by rates should copy ahead (hybrid.copies_ahead), in
+        its slots: a streamed block's, or its largest piece where blocks stream split."""
         on_cpu = [e.bytes for e in plan if e.compute == "cpu"]
         if not on_cpu or not plan.rates:
             return 1
-        streamed = {e.name for e in plan if e.tier != resident_tier_of(plan.device) and e.compute != "cpu"}
+        streamed = {e.name for e in plan if e.tier != resident_tier_of(plan.device) and e.compute != "cpu"
+                    and e.kind == "block"}
         slot = max((u.stream_nbytes if plan.split_blocks else u.nbytes for u in self.units if u.name in streamed),
                    default=0)
         return hybrid.copies_ahead(max(on_cpu), slot, *plan.rates)
+
+    def _deeper(self, plan, planned):
+        """``plan``, or one copying further ahead (``_copies_ahead``) where the room for the extra staging slots
+        costs nothing else: the same units on the compute device and blocks split the same way. Else the
+        deepest that does, down to ``plan``'s own depth."""
+        ahead = self._copies_ahead(plan)
+        resident = {e.name for e in plan if e.tier == plan.resident_tier}
+        for depth in range(ahead, plan.prefetch, -1):
+            try:
+                deeper = planned(depth, split_blocks=plan.split_blocks)
+            except BudgetError:         # its slots don't fit beside what the first plan keeps
+                continue
+            if {e.name for e in deeper if e.tier == deeper.resident_tier} == resident:
+                return deeper
+        return plan
 
     def _expert_cache(self, device_type, budgets):
         """The ``expert_cache`` option in bytes (a share is of the compute device's budget), or "auto"."""
@@ -312,7 +328,8 @@ def _as_saved(folder, saved, asked):
 
 
 def prefetch_for(options: Options, device_type: str) -> int:
-    """Units copied ahead: 1 on CUDA (the copy stream runs beside compute), 2 on the CPU."""
+    """Units copied ahead: 1 on CUDA (the copy stream runs beside compute), 2 on the CPU. A hybrid plan may
+    copy further ahead where that costs no resident unit (``Inspection._deeper``)."""
     return options.prefetch or (1 if device_type == "cuda" else 2)
 
 

@@ -178,7 +178,8 @@ class Options:
                                                                "for (default: the model's, at most 2048)")
     batch: int = _option(1, _count(), "sequences the plan reserves room for")
     prefetch: int | None = _option(None, _count(optional=True), "units copied ahead of the one computing "
-                                                                "(default: 1 on CUDA, 2 on the CPU)")
+                                                                "(default: 1 on CUDA, 2 on the CPU; a hybrid plan "
+                                                                "deeper where it costs no resident unit)")
     read_ahead: int = _option(2, _count(), "disk units read ahead of their copy, a page-locked staging "
                                            "buffer each")
     split_blocks: bool | str = _option("auto", _tristate("split when whole-block staging would take over a tenth "

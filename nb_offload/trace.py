@@ -338,7 +338,7 @@ class Stats:
             nbytes = self.cpu_block_bytes - before.get("cpu_block_bytes", 0)
             text += (f" · {calls / steps:.0f} blocks a step computed on the CPU from host memory"
                      + (f" ({nbytes / busy / 1e9:.1f} GB/s)" if busy else ""))
-        text += self._cpu_hint(before, moved, seconds, link_gbps)
+        text += self._cpu_hint(before, moved, link_gbps)
         replays = self.graph_replays - before.get("graph_replays", 0)
         if replays:
             text += f" · {replays} decode steps replayed as one CUDA graph"
@@ -346,20 +346,24 @@ class Stats:
             text += f" · decode ran eager: {self.graph_eager}"
         return text
 
-    def _cpu_hint(self, before: dict, moved: dict, seconds: float, link_gbps: float | None) -> str:
-        """Where the CPU computed blocks or experts from host memory: a hint if the generate took longer
-        than the link alone would have taken to carry everything it brought and everything the CPU read,
-        so streaming all of it (``compute="gpu"``, ``expert_compute="gpu"``) may well be faster here (on the
-        H200 machine it was: docs/hybrid.md)."""
+    def _cpu_hint(self, before: dict, moved: dict, link_gbps: float | None) -> str:
+        """Where the CPU computed blocks or experts from host memory: a hint if its busy time alone was
+        longer than the link would take to carry everything from host memory, the CPU's bytes included. A
+        step then can't beat streaming all of it (``compute="gpu"``, ``expert_compute="gpu"``), which on the
+        H200 machine was faster (docs/hybrid.md). Prefill and the GPU's own compute don't count either way, and
+        a generate that read from disk gets no hint (the drive may have bound it), so a hint is no false
+        alarm (though a step can lose without one)."""
         on_cpu = (self.cpu_block_bytes - before.get("cpu_block_bytes", 0)
                   + self.bytes_on_cpu - before.get("bytes_on_cpu", 0))
-        if not (on_cpu and link_gbps and seconds):
+        busy = (self.cpu_block_seconds - before.get("cpu_block_seconds", 0.0)
+                + self.cpu_expert_seconds - before.get("cpu_expert_seconds", 0.0))
+        if not (on_cpu and link_gbps) or moved["disk"]:     # the drive bound the step: nothing to judge
             return ""
-        link_alone = (sum(moved.values()) + on_cpu) / (link_gbps * 1e9)
-        if seconds <= link_alone:
+        link_alone = (moved["host memory"] + on_cpu) / (link_gbps * 1e9)
+        if busy <= link_alone:
             return ""
-        return (f" · the link alone would have carried all of it, the CPU's share too, in {link_alone:.2f} s: "
-                "computing on the CPU didn't pay here, streaming may be faster")
+        return (f" · the CPU's work alone took {busy:.2f} s, the link would carry all of it from host memory "
+                f"in {link_alone:.2f} s: streaming may be faster here")
 
     def __str__(self):
         from .budget import format_size
