@@ -19,7 +19,7 @@ import time
 from collections import deque
 from concurrent.futures import wait as futures_wait
 
-from . import cpu_experts, experts
+from . import cpu_experts, experts, hybrid
 from .budget import link_gbps
 from .graphs import DecodeGraphs, given_ids
 from .hooks import ModuleHooks, bind, bind_views, to_device
@@ -161,7 +161,7 @@ class Engine:
         cpu = self.host.rate(self._twins[idx], text_config(self.model.config).hidden_size, dtype, found.row_bytes)
         link = link_gbps(self.device) * 1e9         # the page-locked link, measured once a process
         self.host_rates = (cpu, link)
-        self.expert_share = cpu / (cpu + link)
+        self.expert_share = hybrid.cpu_share(cpu, link)
 
     def _split_into_pieces(self) -> int:
         """Streamed units that have pieces (pieces.py) stream a piece at a time; returns the most
@@ -241,9 +241,7 @@ class Engine:
         for idx, found in self.routed.items():
             self.hooks.before_call(found.module, lambda args, kwargs, idx=idx: self._bring_routed(idx, args, kwargs))
         if self.cpu_blocks:
-            from . import hybrid
-            from .cpu_experts import host_threads
-            threads = host_threads()
+            threads = cpu_experts.host_threads()
             for idx, host in self.cpu_blocks.items():
                 u = self.units[idx]
                 layer = hybrid.layer_index(self.model.get_submodule(u.modules[0]))

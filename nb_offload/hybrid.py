@@ -39,9 +39,10 @@ def gpu_only_attention(attn_implementation) -> bool:
     return any(k in (attn_implementation or "") for k in ("flash", "flex"))
 
 
-def cpu_share(cpu_gbps: float, link_gbps: float) -> float:
-    """The share of the off-GPU bytes the CPU should compute so it and the link end together."""
-    return cpu_gbps / (cpu_gbps + link_gbps) if cpu_gbps > 0 and link_gbps > 0 else 0.0
+def cpu_share(cpu_gbps: float | None, link_gbps: float) -> float:
+    """The share of the off-GPU bytes the CPU should compute so it and the link end together (0 without a
+    CPU rate)."""
+    return cpu_gbps / (cpu_gbps + link_gbps) if cpu_gbps and cpu_gbps > 0 and link_gbps > 0 else 0.0
 
 
 def spread(candidates: list, share: float) -> list:
@@ -68,29 +69,37 @@ def cpu_rate(torch, dtype, shapes, threads: int, tokens: int = 1, repeats: int =
     A block's products read slower than its widest one alone (on the H200 host, 12 threads: 52 against
     82 GB/s; benchmarks/bench_cpu_block.py), and a single timing of a cold thread pool read far lower
     still, so it is the block's shapes, warmed up, and a median."""
+    return rates_by_tokens(torch, dtype, shapes, threads, (tokens,), repeats)[tokens]
+
+
+def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: int) -> dict:
+    """``cpu_rate`` at each of ``token_counts`` (tokens -> bytes a second), on one set of weights."""
     weights, total = [], 0
     for rows, cols in shapes:
         if weights and total + rows * cols * torch.empty((), dtype=dtype).element_size() > MEASURED_BYTES:
             break
         weights.append(torch.full((rows, cols), 0.01, dtype=dtype))
         total += weights[-1].nbytes
-    inputs = {cols: torch.full((tokens, cols), 0.5, dtype=dtype) for _, cols in shapes}
     caller = torch.get_num_threads()
-    times = []
+    rates = {}
     try:
         with torch.inference_mode():
-            for k in range(max(1, repeats) + 2):
-                torch.set_num_threads(threads)
-                t0 = time.perf_counter()
-                for w in weights:
-                    torch.nn.functional.linear(inputs[w.shape[1]], w)
-                if k >= 2:
-                    times.append(time.perf_counter() - t0)
-                torch.set_num_threads(caller)
+            for tokens in token_counts:
+                inputs = {cols: torch.full((tokens, cols), 0.5, dtype=dtype) for _, cols in shapes}
+                times = []
+                for k in range(max(1, repeats) + 2):
+                    torch.set_num_threads(threads)
+                    t0 = time.perf_counter()
+                    for w in weights:
+                        torch.nn.functional.linear(inputs[w.shape[1]], w)
+                    if k >= 2:
+                        times.append(time.perf_counter() - t0)
+                    torch.set_num_threads(caller)
+                times.sort()
+                rates[tokens] = total / max(times[len(times) // 2], 1e-9)
     finally:
         torch.set_num_threads(caller)
-    times.sort()
-    return total / max(times[len(times) // 2], 1e-9)
+    return rates
 
 
 # The most units copied ahead for a hybrid plan: each is a staging slot on the GPU.
@@ -114,11 +123,8 @@ def cpu_max_tokens(torch, dtype, shapes, threads: int, link_gbps: float) -> int:
     """The most tokens a step may have for the CPU to compute a block faster than the link brings it to the
     GPU: the largest of TRIED_TOKENS at whose ``cpu_rate`` over the block's ``shapes`` the CPU is no slower
     than the link (measured; at least 1). Larger steps, prefills, bring CPU blocks to the GPU."""
-    best = 1
-    for tokens in TRIED_TOKENS:
-        if cpu_rate(torch, dtype, shapes, threads, tokens=tokens, repeats=3) >= link_gbps * 1e9:
-            best = tokens
-    return best
+    rates = rates_by_tokens(torch, dtype, shapes, threads, TRIED_TOKENS, repeats=3)
+    return max((tokens for tokens, rate in rates.items() if rate >= link_gbps * 1e9), default=1)
 
 
 def layer_index(block) -> int | None:

@@ -262,7 +262,7 @@ class Inspection:
         on_cpu = [e.bytes for e in plan if e.compute == "cpu"]
         if not on_cpu or not plan.rates:
             return 1
-        streamed = {e.name for e in plan if e.tier != resident_tier_of(plan.device) and e.compute != "cpu"
+        streamed = {e.name for e in plan if e.tier != plan.resident_tier and e.compute != "cpu"
                     and e.kind == "block"}
         slot = max((u.stream_nbytes if plan.split_blocks else u.nbytes for u in self.units if u.name in streamed),
                    default=0)

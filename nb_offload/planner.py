@@ -50,6 +50,11 @@ class PlanEntry:
     expert_row_bytes: int = 0       # one routed expert's bytes, where a step brings them as routed
     compute: str = ""               # "cpu": a block in host memory the CPU computes, not streamed (hybrid.py)
 
+    def cpu_expert_bytes(self, share: float) -> int:
+        """Bytes of routed experts a batch-1 decode step has the CPU compute at ``share`` (before the cache's
+        hits), where this entry brings them as routed."""
+        return int(share * self.top_k * self.expert_row_bytes) if self.routed_bytes else 0
+
 
 @dataclass
 class Plan:
@@ -123,21 +128,20 @@ class Plan:
         """The share of the routed experts a step misses that the CPU computes: ``expert_share``, or for
         "auto" the CPU's rate over both (0 without one)."""
         if self.expert_share == "auto":
-            return cpu_gbps / (cpu_gbps + link_gbps) if cpu_gbps else 0.0
+            return hybrid.cpu_share(cpu_gbps, link_gbps)
         return float(self.expert_share or 0.0)
 
     def cpu_bytes_per_token(self, share: float | None = None) -> int:
         """Bytes a batch-1 decode step has the CPU compute from host memory: its blocks (``compute="cpu"``)
         and routed experts (at ``share``, else the plan's own, before the expert cache's hits)."""
         share = self.share_on_cpu() if share is None else share
-        return sum(e.bytes for e in self.entries if e.compute == "cpu") + int(
-            sum(share * e.top_k * e.expert_row_bytes for e in self.entries if e.routed_bytes))
+        return sum(e.bytes if e.compute == "cpu" else e.cpu_expert_bytes(share) for e in self.entries)
 
     def streamed_bytes_per_token(self, share: float | None = None) -> dict:
         """Bytes a batch-1 decode step moves to the compute device, by source tier (a MoE block that reads
         only its routed experts counts what it reads, less what the CPU computes at ``share``)."""
         share = self.share_on_cpu() if share is None else share
-        return {t: sum((e.routed_bytes - int(share * e.top_k * e.expert_row_bytes)) if e.routed_bytes else e.bytes
+        return {t: sum(e.routed_bytes - e.cpu_expert_bytes(share) if e.routed_bytes else e.bytes
                        for e in self.entries if e.tier == t and e.compute != "cpu") for t in self.streamed_tiers}
 
     def predicted_seconds_per_step(self, link_gbps: float = 25.0, disk_gbps: float = 1.0,
