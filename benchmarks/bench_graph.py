@@ -181,9 +181,12 @@ def main():
     def row_resident():
         model = reference()
         llm = nb_offload.load(args.folder, gpu="60GiB", cpu="100GiB", progress=False)
+        # the same plan with the eager kernels replayed as they are (fused.py off)
+        unfused = nb_offload.load(args.folder, gpu="60GiB", cpu="100GiB", progress=False, fused_kernels=False)
         variants = {"hf_eager": lambda: steps(model.generate, ids, n),
                     "hf_eager_static": lambda: steps(model.generate, ids, n, **static(model)),
                     **nb_variants(llm),
+                    "nb_graph_unfused": lambda: steps(unfused.generate, ids, n),
                     "nb_graph_untraced": lambda: untraced(llm, lambda: steps(llm.generate, ids, n))}
         if args.compile:
             from transformers import CompileConfig
@@ -195,12 +198,17 @@ def main():
                                                    compile_config=cc)
         t, sp, tok = timed(variants)
         resident_step.update(t)
+        steps(llm.generate, ids, n)     # the eager variant dropped the captured steps
         replay = replay_seconds(llm)
+        unfused_replay = replay_seconds(unfused)
+        unfused.unload()
         if args.profile:
             host_profile(llm.generate, ids, n)
         kernels = kernel_times(llm, ids) if args.kernels else None
         add(row="resident", **{f"{k}_tok_s": 1 / v for k, v in t.items()}, spread=sp,
             replay_ms=1e3 * replay, host_ms_per_step=1e3 * (t["nb_graph"] - replay),
+            unfused_replay_ms=1e3 * unfused_replay, graph_fused=llm.stats.graph_fused,
+            unfused_equals_hf_static=bool(torch.equal(tok["nb_graph_unfused"], tok["hf_eager_static"])),
             untraced_host_ms_per_step=1e3 * (t["nb_graph_untraced"] - replay), kernels=kernels,
             graph_over_hf_eager=t["hf_eager"] / t["nb_graph"],
             nb_graph_equals_hf_static=bool(torch.equal(tok["nb_graph"], tok["hf_eager_static"])),
@@ -275,16 +283,23 @@ def main():
         model = AutoModelForCausalLM.from_pretrained(args.moe_folder, dtype=torch.bfloat16, device_map="cuda",
                                                      **chosen).eval()
         llm = nb_offload.load(args.moe_folder, gpu="60GiB", cpu="100GiB", progress=False, **chosen)
+        unfused = nb_offload.load(args.moe_folder, gpu="60GiB", cpu="100GiB", progress=False, fused_kernels=False,
+                                  **chosen)
         t, sp, tok = timed({"hf_eager": lambda: steps(model.generate, ids, n),
                             "hf_eager_static": lambda: steps(model.generate, ids, n, **static(model)),
-                            **nb_variants(llm)})
+                            **nb_variants(llm), "nb_graph_unfused": lambda: steps(unfused.generate, ids, n)})
         steps(llm.generate, ids, n)     # the eager variant, run last, dropped the captured steps
         replay = replay_seconds(llm)
+        unfused_replay = replay_seconds(unfused)
+        unfused.unload()
         if args.profile:
             host_profile(llm.generate, ids, n)
         kernels = kernel_times(llm, ids) if args.kernels else None
         add(row="moe", experts_implementation=model.config._experts_implementation,
             replay_ms=1e3 * replay, host_ms_per_step=1e3 * (t["nb_graph"] - replay), kernels=kernels,
+            unfused_replay_ms=1e3 * unfused_replay, graph_fused=llm.stats.graph_fused,
+            nb_graph_unfused_tok_s=1 / t["nb_graph_unfused"],
+            unfused_equals_hf_static=bool(torch.equal(tok["nb_graph_unfused"], tok["hf_eager_static"])),
             nb_experts_implementation=llm.model.config._experts_implementation,
             hf_eager_tok_s=1 / t["hf_eager"], nb_graph_tok_s=1 / t["nb_graph"], nb_eager_tok_s=1 / t["nb_eager"],
             spread=sp, graph_over_hf_eager=t["hf_eager"] / t["nb_graph"],

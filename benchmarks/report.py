@@ -508,6 +508,8 @@ def render_graph(data, command, title, llama=None) -> str:
                  ("nb_eager", "nb_offload eager", "transformers eager" if r["nb_eager_equals_hf_eager"] else "NO"),
                  ("nb_graph", "**nb_offload graph**",
                   "transformers static" if r["nb_graph_equals_hf_static"] else "NOT transformers static"),
+                 ("nb_graph_unfused", "nb_offload graph, eager kernels (`fused_kernels=False`)",
+                  "transformers static" if r.get("unfused_equals_hf_static") else "NOT transformers static"),
                  ("nb_graph_untraced", "nb_offload graph, trace off", "")]
         for key, name, same in names:
             if f"{key}_tok_s" in r:
@@ -528,6 +530,10 @@ def render_graph(data, command, title, llama=None) -> str:
                      f"capture {r['capture_ms']:.0f} ms; graph pool {r['pool_bytes'] / 2**20:.1f} MiB "
                      f"(plan reserves {r['pool_reserved'] / 2**20:.1f} "
                      f"MiB: {met(r['pool_bytes'] <= r['pool_reserved'])})")
+        if "unfused_replay_ms" in r:
+            lines.append(f"- fused kernels ({r['graph_fused']}): a replay {r['replay_ms']:.2f} ms against "
+                         f"{r['unfused_replay_ms']:.2f} ms with the eager kernels; graph over graph with the eager "
+                         f"kernels {r['nb_graph_tok_s'] / r['nb_graph_unfused_tok_s']:.2f}x")
         lines.append("")
     streamed = [rows[k] for k in ("4GiB", "12GiB") if k in rows]
     if streamed:
@@ -572,6 +578,10 @@ def render_graph(data, command, title, llama=None) -> str:
                   f"transformers' with the same static cache: {'yes' if r['nb_graph_equals_hf_static'] else 'NO'}"
                   + (f"; a replay alone {r['replay_ms']:.2f} ms, the host between replays "
                      f"{r['host_ms_per_step']:.2f} ms" if "replay_ms" in r else "")
+                  + (f"; fused kernels ({r['graph_fused']}): a replay {r['replay_ms']:.2f} ms against "
+                     f"{r['unfused_replay_ms']:.2f} ms with the eager kernels, the graph "
+                     f"{r['nb_graph_unfused_tok_s']:.1f} tok/s with them (same tokens as transformers static: "
+                     f"{'yes' if r['unfused_equals_hf_static'] else 'NO'})" if "unfused_replay_ms" in r else "")
                   + (f"; llama.cpp all on the GPU {moe_all:.0f} tok/s." if moe_all else "."), ""]
     for key in ("resident", "moe"):
         k = rows.get(key, {}).get("kernels")

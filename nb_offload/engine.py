@@ -34,8 +34,8 @@ class Engine:
     def __init__(self, model, units, params, sources: dict, device, trace, stats, *,
                  prefetch: int = 1, read_ahead: int = 2, read_threads: int = 8,
                  drop_page_cache: bool = False, split: bool = False, cuda_graph: bool = True,
-                 expert_cache: int = 0, pinned_experts: dict | None = None, expert_compute=None,
-                 cpu_blocks=None, cpu_max_tokens: int = 1):
+                 fused_kernels: bool = True, expert_cache: int = 0, pinned_experts: dict | None = None,
+                 expert_compute=None, cpu_blocks=None, cpu_max_tokens: int = 1):
         import torch
         self.torch = torch
         self.model = model
@@ -106,7 +106,7 @@ class Engine:
                 self.compute_experts_on_cpu({i: self.sources[i].flat for i in self.routed}, expert_compute)
             self._upload = torch.empty(max(self.units[i].nbytes for i in self.cpu_blocks), dtype=torch.uint8,
                                        device=device) if self.cpu_blocks else None
-            self.graphs = DecodeGraphs(self, enabled=cuda_graph)
+            self.graphs = DecodeGraphs(self, enabled=cuda_graph, fuse=fused_kernels)
             # copies of often routed experts in the room the plan reserved for them
             row = max((f.row_bytes for f in self.routed.values()), default=0)
             self.expert_cache = experts.ExpertCache(torch, device, row, expert_cache // row) \

@@ -14,6 +14,9 @@ into the same slots in the same order. So it is captured once and replayed:
   step (no prefetch across steps: each replay is whole on its own), then replayed. Every later
   decode step copies its inputs into the captured ones and replays.
 - Copies stay overlapped with compute inside the graph, as the events order them eagerly.
+- While a step is captured (and in the warm-up step before), the model's RMSNorms, rotary embedding
+  and SiLU products run as fused kernels, bit-identical to the eager ones (fused.py): about half the
+  kernels a replay launches.
 
 Eager as before: prefill; the CPU device; plans that stream from disk (reads are CPU work between
 the copies, and the drive, not the launches, bounds those steps); plans that stream MoE blocks (their
@@ -110,10 +113,12 @@ class Captured:
 class DecodeGraphs:
     """The static cache and captured decode steps of one engine (a re-plan starts a new engine: recapture)."""
 
-    def __init__(self, engine, *, enabled: bool):
+    def __init__(self, engine, *, enabled: bool, fuse: bool = True):
         self.engine = engine
         self.torch = engine.torch
         self.enabled, self.why_not = self._eligible(enabled)
+        self.fuse = fuse
+        self.fusion = None          # fused.Fusion, found at the first warm-up step
         self.cache = None
         self.cache_key = None       # (batch, length) of self.cache
         self.active = False         # a generate given self.cache is running
@@ -187,6 +192,19 @@ class DecodeGraphs:
         often does) replays them without a capture; one that can't, captures afresh."""
         self.primed = None
 
+    def _fused(self):
+        """The model's norms, MLP products and rotary embeddings swapped for fused kernels (fused.py) for
+        a warm-up step (which compiles them) or a capture; nothing where they don't apply."""
+        if not self.fuse:
+            return contextlib.nullcontext()
+        if self.fusion is None:
+            from .fused import Fusion
+            e = self.engine
+            self.fusion = Fusion(e.model)
+            self.fusion.check(e.device, getattr(e.model, "dtype", None))
+            e.stats.graph_fused = self.fusion.describe() or f"none: {self.fusion.why_not}"
+        return self.fusion.applied() if not self.fusion.why_not else contextlib.nullcontext()
+
     # -- a forward pass -------------------------------------------------------------------------------
     def takes(self, args, kwargs) -> bool:
         """Whether this forward pass is a decode step of the generate given ``self.cache``."""
@@ -209,7 +227,8 @@ class DecodeGraphs:
                 if len(self.warm) > 8 * KEEP:   # keys of held buffers long gone
                     self.warm.clear()
                 self.warm.add(key)
-                return e.eager_step(forward, args, kwargs)
+                with self._fused():
+                    return e.eager_step(forward, args, kwargs)
             captured = self._capture(key, forward, args, kwargs)
             if captured is None:
                 return e.eager_step(forward, args, kwargs)
@@ -245,7 +264,8 @@ class DecodeGraphs:
             for attempt in ("with per-unit trace events", "without"):
                 graph = torch.cuda.CUDAGraph()
                 try:
-                    output, records, nbytes, slots = e.capture_step(graph, forward, s_args, s_kwargs)
+                    with self._fused():
+                        output, records, nbytes, slots = e.capture_step(graph, forward, s_args, s_kwargs)
                     break
                 except BaseException as exc:   # any failure means "run this step eager"; an interrupt, stop
                     e.after_failed_capture()

@@ -145,7 +145,7 @@ class OffloadedModel:
         self._engine = Engine(self.model, self._insp.units, self._params, sources, self._device, self.trace,
                               self.stats, prefetch=self.plan.prefetch, read_ahead=o.read_ahead,
                               read_threads=o.read_threads, drop_page_cache=self.uncached_disk_reads,
-                              split=self.plan.split_blocks, cuda_graph=o.cuda_graph,
+                              split=self.plan.split_blocks, cuda_graph=o.cuda_graph, fused_kernels=o.fused_kernels,
                               expert_cache=self.plan.reserved.get("expert_cache", 0),
                               pinned_experts=self._expert_pins, expert_compute=o.host_expert_share,
                               cpu_blocks=on_cpu, cpu_max_tokens=self.plan.cpu_max_tokens)

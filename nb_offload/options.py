@@ -201,6 +201,9 @@ class Options:
                                                                    "with the eager experts")
     cuda_graph: bool = _option(True, _flag, "decode steps captured as one CUDA graph and replayed per token, "
                                             "with a static KV cache (graphs.py says where they run eager)")
+    fused_kernels: bool = _option(True, _flag, "in a captured decode step, RMSNorm, the rotary embedding and "
+                                               "SiLU times up as fused kernels, bit-identical to the eager ones "
+                                               "(fused.py); False: the eager kernels replayed as they are")
     allow_pickle: bool = _option(False, _opt_in, "read .bin/.pt weight files (unpickling can run code); True only")
     trust_remote_code: bool = _option(False, _opt_in, "run Python code from the model folder; True only")
     attn_implementation: str | None = _option(None, _text("None (the model's default), \"eager\", \"sdpa\" or "

@@ -224,6 +224,7 @@ class Stats:
     capture_seconds: float = 0.0
     graph_pool_bytes: int = 0   # the largest captured graph's private memory pool
     graph_eager: str = ""       # why the last generate's decode ran eager, where it did
+    graph_fused: str = ""       # what captured steps run as fused kernels ("65 norms, 32 MLPs, rotary"; fused.py)
     experts_read: int = 0       # routed experts of streamed MoE blocks read (experts.py), per block call
     experts_skipped: int = 0    # and those not routed, so not read
     route_wait_seconds: float = 0.0     # host time waiting for routers' choices (CUDA: copies start after)
@@ -287,6 +288,7 @@ class Stats:
                 "held_last": self.held_last, "graph_replays": self.graph_replays,
                 "graph_captures": self.graph_captures, "capture_seconds": self.capture_seconds,
                 "graph_pool_bytes": self.graph_pool_bytes, "graph_eager": self.graph_eager,
+                "graph_fused": self.graph_fused,
                 "experts_read": self.experts_read, "experts_skipped": self.experts_skipped,
                 "route_wait_seconds": self.route_wait_seconds, "expert_hits": self.expert_hits,
                 "experts_on_cpu": self.experts_on_cpu, "bytes_on_cpu": self.bytes_on_cpu,
@@ -376,7 +378,8 @@ class Stats:
         if self.graph_captures:
             text += (f"; decode: {self.graph_replays} steps replayed from {self.graph_captures} CUDA graph(s), "
                      f"{1e3 * self.capture_seconds / self.graph_captures:.0f} ms a capture, pool "
-                     f"{format_size(self.graph_pool_bytes)}")
+                     f"{format_size(self.graph_pool_bytes)}"
+                     + (f", fused kernels: {self.graph_fused}" if self.graph_fused else ""))
         if self.experts_read + self.experts_skipped + self.experts_on_cpu:
             total = self.experts_read + self.experts_skipped + self.experts_on_cpu
             text += (f"; experts brought {self.experts_read} of {total} (routed)"

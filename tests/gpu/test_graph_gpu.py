@@ -43,10 +43,16 @@ def streamed_pins(folder):
     return {n: "cpu" for n in names[::2]}
 
 
+FUSED = {"llama": "9 norms, 4 MLPs, rotary", "qwen2": "9 norms, 4 MLPs, rotary", "gemma": "rotary",
+         "phi3": "9 norms", "mixtral": "9 norms, rotary", "qwen2_moe": "9 norms, 4 MLPs, rotary"}
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "phi3", "mixtral", "qwen2_moe"])
 @pytest.mark.parametrize("where", ["resident", "streamed"])
-def test_captured_decode_matches_transformers(arch, where, model_dirs):
-    folder = model_dirs(arch)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_captured_decode_matches_transformers(arch, where, dtype, model_dirs):
+    """In bfloat16 the captured step runs fused kernels (fused.py): the tokens are still the eager step's."""
+    folder = model_dirs(arch) if dtype == "float32" else model_dirs(arch, dtype=dtype)
     ids = torch.tensor(PROMPT, device="cuda")
     ref = plain(folder)
     want = plain_generate(ref, ids)
@@ -61,6 +67,10 @@ def test_captured_decode_matches_transformers(arch, where, model_dirs):
         assert llm.stats.graph_eager == "", llm.stats.graph_eager
         assert captures == 1 and llm.stats.graph_replays == N - 2       # decode step 1 eager, then captured
         assert torch.equal(first, want), (first, want)
+        if dtype == "bfloat16":
+            assert llm.stats.graph_fused == FUSED[arch], llm.stats.graph_fused
+        else:
+            assert llm.stats.graph_fused.startswith("none: the model computes in float32")
         second = offloaded(llm, ids)                                     # the same bucket: replayed from the start
         assert torch.equal(second, want)
         assert llm.stats.graph_captures == captures and llm.stats.graph_replays == 2 * N - 3
@@ -223,3 +233,30 @@ def test_plans_that_stay_eager_say_why(model_dirs, tmp_path):
         assert "beam" in llm.stats.graph_eager and llm.stats.graph_replays == 0
     finally:
         llm.unload()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_kernels_equal_the_eager_ops_bit_for_bit(dtype):
+    """SiLU times up over every finite value of the dtype, RMSNorm at three scales and widths, the rotary
+    embedding with and without grouped heads: fused.self_test compares each with the eager ops."""
+    from nb_offload import fused
+    assert fused.self_test(torch.device("cuda"), dtype) == ""
+
+
+def test_fused_forwards_give_the_eager_forward_s_logits(model_dirs):
+    """A bf16 Llama's prefill and decode forward with the swaps in place: logits equal, bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from nb_offload import fused
+    folder = model_dirs("llama", hidden_size=512, intermediate_size=1376, num_attention_heads=8,
+                        num_key_value_heads=2, vocab_size=4096, dtype="bfloat16")
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cuda").eval()
+    fusion = fused.Fusion(model)
+    assert fusion.check(torch.device("cuda"), model.dtype), fusion.why_not
+    ids = torch.tensor(PROMPT, device="cuda")
+    with torch.inference_mode():
+        for tokens in (ids, ids[:, :1]):
+            want = model(tokens).logits
+            with fusion.applied():
+                got = model(tokens).logits
+            assert torch.equal(got, want)
