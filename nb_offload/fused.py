@@ -14,13 +14,21 @@ the reduction (the mean) stays torch's. Before a model's first fused step, ``Fus
 kernel against the eager ops on random values (all 65,536 bf16 values for SiLU) and fuses nothing
 if any bit differs or triton is missing.
 
-Only code known to be these ops is swapped: a module's ``forward`` (or a modeling module's
-``apply_rotary_pos_emb``) is compared, as a syntax tree without docstrings, with the forms below,
-copied from transformers' Llama, which Qwen2, Qwen3, Mistral, Mixtral and others share. Anything
-else (Gemma's ``1 + weight`` norm, a GELU MLP, partial rotary, a kernel from the Hub, a later
-rewrite) keeps its eager kernels. The swaps hold only while a step is captured or its warm-up step
-runs (so the kernels compile outside the capture); the replays run no Python. Each fused forward
-falls back to the eager code for inputs it doesn't take (the CPU, float32, odd layouts).
+Only code known to be these ops is swapped. A module's ``forward`` (or a modeling module's
+``apply_rotary_pos_emb``) must be one of the forms below: its source the same syntax (docstrings and
+annotations aside), its loaded code the same names, constants, parameters and defaults as the form
+compiled, no wrapper around it, and ``torch`` (``nn``, ``F``, ``rotate_half``) bound to what the form
+means. The forms are copied from transformers' Llama, which Qwen2, Qwen3, Mistral, Mixtral and others
+share. Anything else (Gemma's ``1 + weight`` norm, a GELU MLP, partial rotary, a kernel from the Hub, a
+wrapper, a later rewrite) keeps its eager kernels, as does an MLP whose activation has hooks.
+
+The swaps hold only while a step is captured or its warm-up step runs (so the kernels compile outside
+the capture); the replays run no Python. A module's ``forward`` is swapped on the instance. The
+rotary function lives in a modeling module that other models share, so it is swapped once for all
+fusions applied at the time, put back when the last ends (in whatever order), and its fused path runs
+only in a thread that has a fusion applied: elsewhere, the eager function. Each fused forward falls back
+to the eager code for inputs it doesn't take (another device or dtype than the one checked, float32,
+odd layouts).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import functools
 import inspect
 import sys
 import textwrap
+import threading
 
 NORM_FORM = """
 def forward(self, hidden_states):
@@ -68,49 +77,101 @@ def rotate_half(x):
 """
 
 
-def _shape(source: str):
-    """A function's parameters and body as a syntax tree, without decorators, annotations and docstring."""
+@functools.lru_cache(maxsize=None)
+def _form_function(source: str):
+    """The function a form's source defines, compiled here."""
+    space: dict = {}
+    exec(compile(textwrap.dedent(source), "<nb_offload form>", "exec"), space)  # noqa: S102 (our own text)
+    return next(v for v in space.values() if inspect.isfunction(v))
+
+
+def _syntax(source: str):
+    """A function's parameters (all kinds, defaults, no annotations) and body as syntax trees, without
+    decorators and docstring; None where the source isn't one function."""
     fn = ast.parse(textwrap.dedent(source)).body[0]
+    if not isinstance(fn, ast.FunctionDef):
+        return None
     body = fn.body
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
             and isinstance(body[0].value.value, str):
         body = body[1:]
-    params = [(a.arg, ast.dump(d) if d is not None else None)
-              for a, d in zip(fn.args.args, [None] * (len(fn.args.args) - len(fn.args.defaults)) + fn.args.defaults)]
-    return params, [ast.dump(s) for s in body]
+    for arg in ast.walk(fn.args):
+        if isinstance(arg, ast.arg):
+            arg.annotation = None
+    return ast.dump(fn.args), [ast.dump(s) for s in body]
 
 
-@functools.lru_cache(maxsize=None)
-def _form(source: str):
-    return _shape(source)
+def _constants(code):
+    """A code object's names and constants (nested code's too), without its docstring, ``None`` or order: what
+    the loaded code uses, which its source on disk may no longer say (the syntax is compared apart)."""
+    items = list(code.co_consts)
+    if items and isinstance(items[0], str):         # the docstring
+        items = items[1:]
+    nested = tuple(_constants(c) for c in items if inspect.iscode(c))
+    consts = tuple(sorted((type(c).__name__, repr(c)) for c in items if c is not None and not inspect.iscode(c)))
+    return (code.co_names, code.co_varnames, code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount,
+            code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS), consts, nested)
 
 
 @functools.lru_cache(maxsize=256)
-def is_form(fn, *sources: str) -> bool:
-    """Whether the Python function ``fn`` has one of the forms ``sources`` (False where its source is unknown)."""
+def _code_is_form(code, source: str) -> bool:
+    """Whether ``code``'s source is ``source``'s, as syntax, and the loaded code uses the same names and
+    constants as ``source`` compiled (keyed by the code object: a function given new code is read anew)."""
     try:
-        shape = _shape(inspect.getsource(fn))
-    except (OSError, TypeError, SyntaxError, IndexError):
+        found = _syntax(inspect.getsource(code))
+    except Exception:           # no source, or not one function: not a form
         return False
-    return any(shape == _form(s) for s in sources)
+    return found is not None and found == _syntax(source) \
+        and _constants(code) == _constants(_form_function(source).__code__)
+
+
+def _meant(name):
+    """What a global name of the forms must be bound to."""
+    import torch
+    return {"torch": torch, "nn": torch.nn, "F": torch.nn.functional}.get(name, _MISSING)
+
+
+def is_form(fn, *sources: str) -> bool:
+    """Whether the function ``fn``, as loaded, is one of the forms ``sources``: no wrapper, the same syntax,
+    names, constants and defaults, and the modules the forms name (``torch``, ``nn``, ``F``) bound to them."""
+    if not inspect.isfunction(fn) or hasattr(fn, "__wrapped__"):
+        return False
+    for source in sources:
+        form = _form_function(source)
+        if _code_is_form(fn.__code__, source) and fn.__defaults__ == form.__defaults__ \
+                and fn.__kwdefaults__ == form.__kwdefaults__ \
+                and all(fn.__globals__.get(n, _MISSING) is _meant(n) for n in fn.__code__.co_names
+                        if _meant(n) is not _MISSING):
+            return True
+    return False
 
 
 def _class_forward(module):
     return getattr(type(module).forward, "__func__", type(module).forward)
 
 
+def _hooked(module) -> bool:
+    """Whether calling ``module`` runs more than its class's ``forward``: its own hooks, global module hooks,
+    or a ``forward`` set on the instance."""
+    from torch.nn.modules import module as nn_module
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module)
+                or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+
+
 def _is_silu(module) -> bool:
+    """A SiLU activation that computes out of place, with nothing else running when it is called."""
     import torch
+    if not isinstance(module, torch.nn.Module) or getattr(module, "inplace", False) or _hooked(module):
+        return False
     return type(module) is torch.nn.SiLU or is_form(_class_forward(module), *SILU_FORMS)
 
 
 _HALF = ("bfloat16", "float16")
 
 
-def _fits(*tensors) -> bool:
-    """Tensors the kernels take: on CUDA, of one half-width float dtype."""
-    dtype = tensors[0].dtype
-    return all(t.is_cuda and t.dtype == dtype for t in tensors) and str(dtype).removeprefix("torch.") in _HALF
+def _fits(fusion, *tensors) -> bool:
+    """Tensors the kernels take: on the device and in the dtype ``fusion`` checked them on."""
+    return all(t.device == fusion.device and t.dtype == fusion.dtype for t in tensors)
 
 
 class Fusion:
@@ -118,35 +179,35 @@ class Fusion:
 
     def __init__(self, model):
         import torch
-        self.swaps = []         # (object, attribute, replacement)
+        self.swaps = []         # (module, replacement forward)
+        self.shared = []        # (modeling module, its eager apply_rotary_pos_emb)
         self.counts = {"norms": 0, "MLPs": 0, "rotary": 0}
-        modules_seen = set()
+        self.device = self.dtype = None     # where check() found the kernels exact
+        homes_seen = set()
         for module in model.modules():
             forward = _class_forward(module)
             if "forward" in vars(module):       # wrapped by someone else: theirs stays
                 continue
             if is_form(forward, NORM_FORM) and isinstance(getattr(module, "weight", None), torch.Tensor):
-                self.swaps.append((module, "forward", _fused_norm(module)))
+                self.swaps.append((module, _fused_norm(self, module)))
                 self.counts["norms"] += 1
-            elif is_form(forward, MLP_FORM) and isinstance(getattr(module, "act_fn", None), torch.nn.Module) \
-                    and _is_silu(module.act_fn):
-                self.swaps.append((module, "forward", _fused_mlp(module)))
+            elif is_form(forward, MLP_FORM) and _is_silu(getattr(module, "act_fn", None)):
+                self.swaps.append((module, _fused_mlp(self, module)))
                 self.counts["MLPs"] += 1
             home = sys.modules.get(type(module).__module__)
-            if home is None or id(home) in modules_seen:
+            if home is None or id(home) in homes_seen:
                 continue
-            modules_seen.add(id(home))
-            rotary, rotate_half = getattr(home, "apply_rotary_pos_emb", None), getattr(home, "rotate_half", None)
-            if inspect.isfunction(rotary) and inspect.isfunction(rotate_half) and is_form(rotary, ROTARY_FORM) \
-                    and is_form(rotate_half, ROTATE_HALF_FORM):
-                self.swaps.append((home, "apply_rotary_pos_emb", _fused_rotary(rotary)))
+            homes_seen.add(id(home))
+            rotary = _eager_rotary(home)
+            if is_form(rotary, ROTARY_FORM) and is_form(rotary.__globals__.get("rotate_half"), ROTATE_HALF_FORM):
+                self.shared.append((home, rotary))
                 self.counts["rotary"] += 1
-        self.why_not = "" if self.swaps else "no norm, MLP or rotary embedding of a known form"
+        self.why_not = "" if self.swaps or self.shared else "no norm, MLP or rotary embedding of a known form"
         self.checked = False
 
     def describe(self) -> str:
-        """What is fused, in words ("65 norms, 32 MLPs, rotary"), or why nothing is."""
-        if not self.swaps or self.why_not:
+        """What is fused, in words ("65 norms, 32 MLPs, rotary"); "" where nothing is."""
+        if self.why_not:
             return ""
         parts = [f"{n} {what}" for what, n in self.counts.items() if n and what != "rotary"]
         return ", ".join(parts + (["rotary"] if self.counts["rotary"] else []))
@@ -165,56 +226,104 @@ class Fusion:
             try:
                 _TESTED[key] = self_test(device, dtype)
             except Exception as exc:     # no triton, no compiler, an unsupported card: the eager kernels
-                self.why_not = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                self.off(exc)
                 return False
         if _TESTED[key]:
             self.why_not = f"{_TESTED[key]} differs from the eager ops on this machine"
+        else:
+            import torch
+            device = torch.device(device)
+            if device.index is None:
+                device = torch.device(device.type, torch.cuda.current_device())
+            self.device, self.dtype = device, dtype
         return not self.why_not
+
+    def off(self, exc):
+        """Fuse nothing from now on, for the reason ``exc``."""
+        self.why_not = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
     @contextlib.contextmanager
     def applied(self):
-        """The swaps in place, undone on the way out (also where the step raised)."""
-        saved = []
+        """The swaps in place, undone on the way out (also where the step raised). A module that has
+        gained a ``forward`` of its own since keeps it."""
+        swapped, shared = [], []
+        stack = vars(_ACTIVE).setdefault("stack", [])
+        stack.append(self)
         try:
-            for obj, attr, replacement in self.swaps:
-                saved.append((obj, attr, vars(obj).get(attr, _MISSING)))
-                setattr(obj, attr, replacement)
+            for module, replacement in self.swaps:
+                if "forward" not in vars(module):
+                    module.forward = replacement
+                    swapped.append(module)
+            for home, eager in self.shared:
+                _share(home, eager)
+                shared.append(home)
             yield
         finally:
-            for obj, attr, old in reversed(saved):
-                if old is _MISSING:
-                    delattr(obj, attr)
-                else:
-                    setattr(obj, attr, old)
+            stack.pop()
+            for module in swapped:
+                vars(module).pop("forward", None)
+            for home in shared:
+                _unshare(home)
 
 
 _MISSING = object()
 _TESTED: dict = {}      # (device, dtype) -> self_test's answer, once a process
+_ACTIVE = threading.local()     # .stack: the fusions applied in this thread, innermost last
+_LOCK = threading.Lock()
+_SHARED: dict = {}      # id(modeling module) -> [its eager apply_rotary_pos_emb, fusions applied]
 
 
-def _fused_norm(module):
+def _eager_rotary(home):
+    """A modeling module's own ``apply_rotary_pos_emb``, also while a fusion has it swapped."""
+    fn = getattr(home, "apply_rotary_pos_emb", None)
+    return getattr(fn, "_nb_offload_eager", fn)
+
+
+def _share(home, eager):
+    with _LOCK:
+        entry = _SHARED.get(id(home))
+        if entry is None:
+            entry = _SHARED[id(home)] = [eager, 0]
+            home.apply_rotary_pos_emb = _fused_rotary(eager)
+        entry[1] += 1
+
+
+def _unshare(home):
+    with _LOCK:
+        entry = _SHARED[id(home)]
+        entry[1] -= 1
+        if entry[1] == 0:
+            home.apply_rotary_pos_emb = entry[0]
+            del _SHARED[id(home)]
+
+
+def _fused_norm(fusion, module):
     eager = module.forward
 
     def forward(hidden_states):
-        weight = module.weight
-        if not (_fits(hidden_states) and hidden_states.is_contiguous() and weight.is_cuda and weight.dim() == 1
-                and weight.shape[0] == hidden_states.shape[-1] and weight.is_contiguous()
-                and str(weight.dtype).removeprefix("torch.") in _HALF + ("float32",)):
-            return eager(hidden_states)
         import torch
-
+        weight, eps = module.weight, module.variance_epsilon
+        if not (_fits(fusion, hidden_states) and hidden_states.is_contiguous() and weight.device == fusion.device
+                and weight.dim() == 1 and weight.shape[0] == hidden_states.shape[-1] and weight.is_contiguous()
+                and weight.dtype in (fusion.dtype, torch.float32)
+                and eps >= torch.finfo(torch.float32).tiny):     # rsqrt of a subnormal: libdevice flushes it
+            return eager(hidden_states)
         from . import fused_kernels
         variance = fused_kernels.squares(hidden_states).mean(-1, keepdim=True)
         out = torch.empty(hidden_states.shape, dtype=torch.promote_types(weight.dtype, hidden_states.dtype),
                           device=hidden_states.device)
-        return fused_kernels.norm_scale(hidden_states, variance, weight, module.variance_epsilon, out)
+        return fused_kernels.norm_scale(hidden_states, variance, weight, eps, out)
     return forward
 
 
-def _fused_mlp(module):
+def _fused_mlp(fusion, module):
+    eager = module.forward
+
     def forward(x):
+        if not _is_silu(module.act_fn):         # hooked (or replaced) since: its call must run
+            return eager(x)
         gate, up = module.gate_proj(x), module.up_proj(x)
-        if not (_fits(gate, up) and gate.shape == up.shape and gate.is_contiguous() and up.is_contiguous()):
+        if not (_fits(fusion, gate, up) and gate.shape == up.shape and gate.is_contiguous() and up.is_contiguous()):
             return module.down_proj(module.act_fn(gate) * up)
         import torch
 
@@ -227,10 +336,14 @@ def _fused_rotary(eager):
     signature = inspect.signature(eager)
 
     def apply_rotary_pos_emb(*args, **kwargs):
+        stack = getattr(_ACTIVE, "stack", None)
+        if not stack:                           # a thread with no fusion applied: the eager function
+            return eager(*args, **kwargs)
+        fusion = stack[-1]
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         q, k, cos, sin = (bound.arguments[n] for n in ("q", "k", "cos", "sin"))
-        if not (bound.arguments["unsqueeze_dim"] == 1 and _fits(q, k, cos, sin) and q.dim() == k.dim() == 4
+        if not (bound.arguments["unsqueeze_dim"] == 1 and _fits(fusion, q, k, cos, sin) and q.dim() == k.dim() == 4
                 and cos.dim() == sin.dim() == 3 and q.shape[0] == k.shape[0] and q.shape[2:] == k.shape[2:]
                 and cos.shape[-1] == q.shape[-1] and q.shape[-1] % 2 == 0
                 and all(t.stride(-1) == 1 for t in (q, k, cos, sin))):
@@ -247,6 +360,7 @@ def _fused_rotary(eager):
         if q_out.stride(-1) != 1 or k_out.stride(-1) != 1:
             return eager(*args, **kwargs)
         return fused_kernels.rotary(q, k, cos, sin, q_out, k_out)
+    apply_rotary_pos_emb._nb_offload_eager = eager
     return apply_rotary_pos_emb
 
 

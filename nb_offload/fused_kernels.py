@@ -110,19 +110,24 @@ def _grid(n):
     return (triton.cdiv(n, BLOCK),)
 
 
+# Each launch is made with its tensors' device current: triton launches on the current device's stream.
+
 def squares(x):
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    _squares[_grid(x.numel())](x, out, x.numel(), BLOCK=BLOCK, **EXACT)
+    with torch.cuda.device(x.device):
+        _squares[_grid(x.numel())](x, out, x.numel(), BLOCK=BLOCK, **EXACT)
     return out
 
 
 def norm_scale(x, var, weight, eps, out):
-    _norm_scale[_grid(x.numel())](x, var, weight, out, x.numel(), x.shape[-1], eps, BLOCK=BLOCK, **EXACT)
+    with torch.cuda.device(x.device):
+        _norm_scale[_grid(x.numel())](x, var, weight, out, x.numel(), x.shape[-1], eps, BLOCK=BLOCK, **EXACT)
     return out
 
 
 def silu_mul(gate, up, out):
-    _silu_mul[_grid(gate.numel())](gate, up, out, gate.numel(), BLOCK=BLOCK, **EXACT)
+    with torch.cuda.device(gate.device):
+        _silu_mul[_grid(gate.numel())](gate, up, out, gate.numel(), BLOCK=BLOCK, **EXACT)
     return out
 
 
@@ -130,7 +135,8 @@ def rotary(q, k, cos, sin, q_out, k_out):
     """q, k, q_out, k_out: (batch, heads, seq, dim), last dim contiguous; cos, sin: (batch, seq, dim)."""
     b, hq, t, d = q.shape
     hk = k.shape[1]
-    _rotary[(b * (hq + hk) * t,)](q, k, q_out, k_out, cos, sin, b * hq * t, hq, hk, t,
-                                 *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3],
-                                 *cos.stride(), *sin.stride(), D=d, WIDTH=triton.next_power_of_2(d), **EXACT)
+    with torch.cuda.device(q.device):
+        _rotary[(b * (hq + hk) * t,)](q, k, q_out, k_out, cos, sin, b * hq * t, hq, hk, t,
+                                     *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3],
+                                     *cos.stride(), *sin.stride(), D=d, WIDTH=triton.next_power_of_2(d), **EXACT)
     return q_out, k_out

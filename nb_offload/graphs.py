@@ -192,18 +192,41 @@ class DecodeGraphs:
         often does) replays them without a capture; one that can't, captures afresh."""
         self.primed = None
 
-    def _fused(self):
-        """The model's norms, MLP products and rotary embeddings swapped for fused kernels (fused.py) for
-        a warm-up step (which compiles them) or a capture; nothing where they don't apply."""
+    def _fusion(self):
+        """The fusion (fused.py) that swaps the model's norms, MLP products and rotary embeddings for fused
+        kernels in a warm-up step (which compiles them) and a capture, found and checked at the first
+        warm-up step; None where nothing is fused."""
         if not self.fuse:
-            return contextlib.nullcontext()
+            return None
+        e = self.engine
         if self.fusion is None:
             from .fused import Fusion
-            e = self.engine
-            self.fusion = Fusion(e.model)
-            self.fusion.check(e.device, getattr(e.model, "dtype", None))
+            try:
+                self.fusion = Fusion(e.model)
+                self.fusion.check(e.device, getattr(e.model, "dtype", None))
+            except Exception as exc:    # a module the forms can't read: the eager kernels, never a failed step
+                self.fuse = False
+                e.stats.graph_fused = f"none: {type(exc).__name__}: {exc}"
+                return None
             e.stats.graph_fused = self.fusion.describe() or f"none: {self.fusion.why_not}"
-        return self.fusion.applied() if not self.fusion.why_not else contextlib.nullcontext()
+        return None if self.fusion.why_not else self.fusion
+
+    def _fusion_failed(self, exc):
+        self.fusion.off(exc)
+        self.engine.stats.graph_fused = f"none: {self.fusion.why_not}"
+
+    def _warm_up(self, forward, args, kwargs):
+        """The eager first step of a shape, fused (compiling the kernels outside any capture). Where the fused
+        kernels raise, fusion goes off and the step runs again without them: it writes the same cache
+        positions again, and the engine starts a step that ended in an exception afresh."""
+        fusion = self._fusion()
+        if fusion is not None:
+            try:
+                with fusion.applied():
+                    return self.engine.eager_step(forward, args, kwargs)
+            except Exception as exc:
+                self._fusion_failed(exc)
+        return self.engine.eager_step(forward, args, kwargs)
 
     # -- a forward pass -------------------------------------------------------------------------------
     def takes(self, args, kwargs) -> bool:
@@ -227,8 +250,7 @@ class DecodeGraphs:
                 if len(self.warm) > 8 * KEEP:   # keys of held buffers long gone
                     self.warm.clear()
                 self.warm.add(key)
-                with self._fused():
-                    return e.eager_step(forward, args, kwargs)
+                return self._warm_up(forward, args, kwargs)
             captured = self._capture(key, forward, args, kwargs)
             if captured is None:
                 return e.eager_step(forward, args, kwargs)
@@ -260,11 +282,12 @@ class DecodeGraphs:
         before = torch.cuda.memory_reserved(e.device)
         trace, stream = e.trace, torch.cuda.current_stream(e.device)
         tracing = trace.enabled
+        fusion = self._fusion()
         try:
-            for attempt in ("with per-unit trace events", "without"):
+            while True:     # fused and traced; then without the fused kernels; then without trace events
                 graph = torch.cuda.CUDAGraph()
                 try:
-                    with self._fused():
+                    with fusion.applied() if fusion else contextlib.nullcontext():
                         output, records, nbytes, slots = e.capture_step(graph, forward, s_args, s_kwargs)
                     break
                 except BaseException as exc:   # any failure means "run this step eager"; an interrupt, stop
@@ -272,11 +295,15 @@ class DecodeGraphs:
                     torch.cuda.set_stream(stream)   # a failed capture_end leaves its side stream current
                     if not isinstance(exc, Exception):
                         raise
-                    if not trace.enabled or attempt == "without":
+                    if fusion is not None:
+                        self._fusion_failed(exc)
+                        fusion = None
+                    elif trace.enabled:
+                        trace.enabled = False   # events inside a graph unsupported here: step times only
+                    else:
                         self.failed[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                         e.stats.graph_eager = self.failed[key]
                         return None
-                    trace.enabled = False       # events inside a graph unsupported here: step times only
         finally:
             trace.enabled = tracing
         captured = Captured(graph, inputs, output, records, nbytes, slots, time.perf_counter() - t0,

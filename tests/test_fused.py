@@ -41,7 +41,7 @@ def test_a_changed_forward_is_not_fused(model_dirs):
     norm.__class__ = ScaledNorm
     model.model.layers[0].mlp.forward = lambda x: x     # wrapped by someone else
     fusion = fused.Fusion(model)
-    swapped = {id(obj) for obj, _, _ in fusion.swaps}
+    swapped = {id(module) for module, _ in fusion.swaps}
     assert id(norm) not in swapped and id(model.model.layers[0].mlp) not in swapped
     assert id(model.model.layers[1].mlp) in swapped
 
@@ -98,3 +98,164 @@ def test_check_refuses_without_the_kernels_or_a_half_dtype(model_dirs):
     fusion = fused.Fusion(_model(model_dirs, "llama"))
     assert not fusion.check(torch.device("cpu"), torch.bfloat16)    # no triton here, or no CUDA: a reason
     assert fusion.why_not
+
+
+class FakeKernels:
+    """Stands in for fused_kernels (triton) on the CPU: records which kernels ran, computes as eager."""
+
+    def __init__(self):
+        self.ran = []
+
+    def rotary(self, q, k, cos, sin, q_out, k_out):
+        import threading
+        self.ran.append(("rotary", threading.current_thread().name))
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        q_out.copy_(q * c + fused._rotate_half(torch, q) * s)
+        k_out.copy_(k * c + fused._rotate_half(torch, k) * s)
+        return q_out, k_out
+
+    def squares(self, x):
+        return x.to(torch.float32).pow(2)
+
+    def norm_scale(self, x, variance, weight, eps, out):
+        return out.copy_(weight * (x.to(torch.float32) * torch.rsqrt(variance + eps)).to(x.dtype))
+
+    def silu_mul(self, gate, up, out):
+        self.ran.append(("silu_mul", None))
+        return out.copy_(torch.nn.functional.silu(gate) * up)
+
+
+@pytest.fixture
+def fake_kernels(monkeypatch):
+    import sys
+    kernels = FakeKernels()
+    monkeypatch.setitem(sys.modules, "nb_offload.fused_kernels", kernels)
+    import nb_offload
+    monkeypatch.setattr(nb_offload, "fused_kernels", kernels, raising=False)
+    return kernels
+
+
+def _checked(model):
+    """A fusion as check() leaves it on a card, here for CPU tensors in bf16 (the kernels faked)."""
+    fusion = fused.Fusion(model)
+    fusion.device, fusion.dtype, fusion.checked = torch.device("cpu"), torch.bfloat16, True
+    return fusion
+
+
+def test_the_rotary_swap_serves_only_threads_that_fuse_and_ends_in_any_order(model_dirs, fake_kernels):
+    import sys
+    import threading
+    model = _model(model_dirs, "llama").to(torch.bfloat16)
+    home = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    eager = home.apply_rotary_pos_emb
+    a, b = _checked(model), _checked(model)
+    q = torch.randn(1, 4, 1, 16, dtype=torch.bfloat16)
+    cos, sin = torch.randn(1, 1, 16, dtype=torch.bfloat16), torch.randn(1, 1, 16, dtype=torch.bfloat16)
+    first, second = a.applied(), b.applied()
+    first.__enter__()
+    second.__enter__()
+    other = threading.Thread(target=lambda: home.apply_rotary_pos_emb(q, q, cos, sin), name="other")
+    other.start()
+    other.join()
+    home.apply_rotary_pos_emb(q, q, cos, sin)
+    assert fake_kernels.ran == [("rotary", threading.current_thread().name)]    # not the other thread's call
+    first.__exit__(None, None, None)        # out of order: the first applied ends first
+    assert home.apply_rotary_pos_emb is not eager
+    second.__exit__(None, None, None)
+    assert home.apply_rotary_pos_emb is eager
+    assert fused._eager_rotary(home) is eager
+
+
+def test_an_activation_with_hooks_is_called_not_fused(model_dirs, fake_kernels):
+    model = _model(model_dirs, "llama").to(torch.bfloat16)
+    seen = []
+    fusion = _checked(model)
+    assert fusion.counts["MLPs"] == model.config.num_hidden_layers
+    model.model.layers[0].mlp.act_fn.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad(), fusion.applied():
+        model(torch.tensor([[5, 17, 42]]))
+    # the hooked layer's activation ran (its hook saw it); the other layers' ran fused
+    assert len(seen) == 1 and sum(name == "silu_mul" for name, _ in fake_kernels.ran) \
+        == model.config.num_hidden_layers - 1
+    assert not fused.Fusion(model).counts["MLPs"] == model.config.num_hidden_layers     # found hooked: not fused
+
+
+def test_odd_or_wrapped_forwards_are_not_forms():
+    import functools
+
+    def norm(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def with_kwargs(self, hidden_states, **kw):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    @functools.wraps(norm)
+    def doubled(self, hidden_states):
+        return 2 * norm(self, hidden_states)
+    assert fused.is_form(norm, fused.NORM_FORM)
+    assert not fused.is_form(with_kwargs, fused.NORM_FORM)
+    assert not fused.is_form(doubled, fused.NORM_FORM)
+
+    class Lambda(torch.nn.Module):
+        forward = lambda self, x: x  # noqa: E731 (a forward whose source is no def)
+    assert fused.Fusion(torch.nn.Sequential(Lambda())).why_not      # not a form, and no error
+
+
+def test_a_failing_fused_warm_up_step_runs_again_unfused():
+    import contextlib
+    import types
+
+    from nb_offload.graphs import DecodeGraphs
+    from nb_offload.trace import Stats
+
+    class Failing:
+        why_not = ""
+
+        @contextlib.contextmanager
+        def applied(self):
+            self.active = True
+            try:
+                yield
+            finally:
+                self.active = False
+
+        off = fused.Fusion.off
+    fusion = Failing()
+    runs = []
+
+    def eager_step(forward, args, kwargs):
+        runs.append(getattr(fusion, "active", False))
+        if fusion.active:
+            raise RuntimeError("a kernel that failed to compile")
+        return "out"
+    engine = types.SimpleNamespace(torch=torch, stats=Stats(), eager_step=eager_step)
+    graphs = DecodeGraphs(engine, enabled=False)
+    graphs.fusion = fusion
+    assert graphs._warm_up(None, (), {}) == "out"
+    assert runs == [True, False] and graphs._fusion() is None
+    assert engine.stats.graph_fused.startswith("none: RuntimeError: a kernel that failed to compile")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fused_forwards_route_every_call_through_the_kernels(model_dirs, fake_kernels, arch, batch):
+    """The wrappers' plumbing (arguments, broadcast cos and sin, the layouts worked out on the meta device),
+    with kernels that compute as eager: the same logits, and every layer's calls went through them."""
+    model = _model(model_dirs, arch).to(torch.bfloat16)
+    ids = torch.tensor([[5, 17, 42, 7, 99, 3]] * batch)
+    fusion = _checked(model)
+    with torch.no_grad():
+        want = model(ids).logits
+        with fusion.applied():
+            got = model(ids).logits
+    assert torch.equal(got, want)
+    assert sum(name == "rotary" for name, _ in fake_kernels.ran) == model.config.num_hidden_layers
+    assert sum(name == "silu_mul" for name, _ in fake_kernels.ran) == fusion.counts["MLPs"]

@@ -255,7 +255,7 @@ def test_fused_forwards_give_the_eager_forward_s_logits(model_dirs):
     assert fusion.check(torch.device("cuda"), model.dtype), fusion.why_not
     ids = torch.tensor(PROMPT, device="cuda")
     with torch.inference_mode():
-        for tokens in (ids, ids[:, :1]):
+        for tokens in (ids, ids[:, :1], ids.repeat(2, 1)):
             want = model(tokens).logits
             with fusion.applied():
                 got = model(tokens).logits
