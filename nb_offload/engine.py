@@ -35,7 +35,7 @@ class Engine:
                  prefetch: int = 1, read_ahead: int = 2, read_threads: int = 8,
                  drop_page_cache: bool = False, split: bool = False, cuda_graph: bool = True,
                  fused_kernels: bool = True, expert_cache: int = 0, pinned_experts: dict | None = None,
-                 expert_compute=None, cpu_blocks=None, cpu_max_tokens: int = 1):
+                 expert_compute=None, experts_chosen: bool = False, cpu_blocks=None, cpu_max_tokens: int = 1):
         import torch
         self.torch = torch
         self.model = model
@@ -95,6 +95,7 @@ class Engine:
         # Routed experts the CPU computes from host memory instead of copying them (cpu_experts.py): on CUDA,
         # for blocks whose experts come from page-locked memory; ``expert_compute``: a share, or "auto".
         self.host, self.expert_share, self.host_rates = None, 0.0, None
+        self.experts_chosen = experts_chosen    # the user named the experts implementation: it stays
         self._twins, self._forwards, self._host_calls, self.last_on_cpu = {}, {}, {}, {}
         # Blocks the CPU computes from host memory (index -> their bytes there; the caller bound them there),
         # and the buffer a step too large for the CPU computes them from on the GPU, one at a time (hybrid.py).
@@ -162,6 +163,17 @@ class Engine:
         link = link_gbps(self.device) * 1e9         # the page-locked link, measured once a process
         self.host_rates = (cpu, link)
         self.expert_share = hybrid.cpu_share(cpu, link)
+        top_k = max(found.top_k for found in self.routed.values())
+        if not self.experts_chosen and not any(cpu_experts.taken(self.expert_share, n) for n in range(1, top_k + 1)):
+            self.keep_experts_on_gpu()
+
+    def keep_experts_on_gpu(self):
+        """"auto" found the CPU too slow to take any of the experts a batch-1 step misses: they all stay on
+        the GPU, computed by transformers' default experts implementation again (the eager one, chosen so
+        the two sides combine in its order, is slower on the GPU: it reads the routing on the host)."""
+        self._stop_host_experts()
+        self.expert_share = 0.0
+        self.model.set_experts_implementation(None)
 
     def _split_into_pieces(self) -> int:
         """Streamed units that have pieces (pieces.py) stream a piece at a time; returns the most

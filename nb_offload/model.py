@@ -148,6 +148,7 @@ class OffloadedModel:
                               split=self.plan.split_blocks, cuda_graph=o.cuda_graph, fused_kernels=o.fused_kernels,
                               expert_cache=self.plan.reserved.get("expert_cache", 0),
                               pinned_experts=self._expert_pins, expert_compute=o.host_expert_share,
+                              experts_chosen=o.experts_implementation is not None,
                               cpu_blocks=on_cpu, cpu_max_tokens=self.plan.cpu_max_tokens)
         self._engine.install()
 
