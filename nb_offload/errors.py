@@ -34,3 +34,10 @@ class DiskTierError(OffloadError):
 
 class OptionError(OffloadError, ValueError):
     """An option (dtype, quantization, device, policy ...) has an unknown value."""
+
+
+def in_one_line(exc: BaseException) -> str:
+    """``exc`` as a reason kept for later ("RuntimeError: its message's first line"), where a step fell back
+    to a slower path rather than failing."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"

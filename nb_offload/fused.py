@@ -41,6 +41,8 @@ import sys
 import textwrap
 import threading
 
+from .errors import in_one_line
+
 NORM_FORM = """
 def forward(self, hidden_states):
     input_dtype = hidden_states.dtype
@@ -240,7 +242,7 @@ class Fusion:
 
     def off(self, exc):
         """Fuse nothing from now on, for the reason ``exc``."""
-        self.why_not = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        self.why_not = in_one_line(exc)
 
     @contextlib.contextmanager
     def applied(self):

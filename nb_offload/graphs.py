@@ -36,6 +36,8 @@ import contextlib
 import inspect
 import time
 
+from .errors import in_one_line
+
 MIN_BUCKET = 256        # the shortest static cache: generates up to this length share one capture
 KEEP = 4                # captured steps kept per engine (one per set of held units seen lately)
 
@@ -206,7 +208,7 @@ class DecodeGraphs:
                 self.fusion.check(e.device, getattr(e.model, "dtype", None))
             except Exception as exc:    # a module the forms can't read: the eager kernels, never a failed step
                 self.fuse = False
-                e.stats.graph_fused = f"none: {type(exc).__name__}: {exc}"
+                e.stats.graph_fused = f"none: {in_one_line(exc)}"
                 return None
             e.stats.graph_fused = self.fusion.describe() or f"none: {self.fusion.why_not}"
         return None if self.fusion.why_not else self.fusion
@@ -301,7 +303,7 @@ class DecodeGraphs:
                     elif trace.enabled:
                         trace.enabled = False   # events inside a graph unsupported here: step times only
                     else:
-                        self.failed[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                        self.failed[key] = in_one_line(exc)
                         e.stats.graph_eager = self.failed[key]
                         return None
         finally:
