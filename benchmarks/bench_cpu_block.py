@@ -1,9 +1,11 @@
 """What a decoder block computed on the CPU reads at (hybrid.py, issue 16), and what slows it: one LLaMA-7B
 block at batch 1 against its widest product alone, at several thread counts, with its weights in page-locked
 memory, with torch's thread count set and restored around each call (as CpuBlock does), and while the link
-copies page-locked bytes to the GPU beside it. Then one routed expert of the Mixtral anchor's shape
-(cpu_experts.py, issue 15): its products alone, the experts module's eager forward, on the caller's thread and
-on a worker thread as HostCompute runs it. One process, random bf16 weights, medians.
+copies page-locked bytes to the GPU beside it. Then a step's routed experts of the Mixtral anchor's shape
+(cpu_experts.py, issue 15): 32 distinct experts (past the last-level cache, as a step reads them) by F.linear at
+several thread counts, through the experts module's eager forward, on a worker thread as HostCompute runs them,
+one thread per expert, with oneDNN's packed weights, in page-locked memory and with the link copying beside;
+each way's outputs compared bit for bit with F.linear's. One process, random bf16 weights, medians.
 
     PYTHONPATH=. python3 benchmarks/bench_cpu_block.py --json out.json [--threads 8,12,14,16]
 """
@@ -23,25 +25,37 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", default="8,12,14,16")
     ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--parts", default="block,experts", help="block, experts or both")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
+
+    from nb_offload.cpu_experts import host_threads
+    torch.manual_seed(0)
+    out = {"meta": {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "host_threads": host_threads(),
+                    "torch": torch.__version__, "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE", "0")}, "rows": []}
+    add = row_recorder(out, args.json, digits=2)
+    torch.inference_mode().__enter__()
+    link = link_copier(torch) if torch.cuda.is_available() else None
+    if "block" in args.parts:
+        block_rows(torch, add, args, link)
+    if "experts" in args.parts:
+        experts(torch, add, host_threads(), link)
+
+
+def block_rows(torch, add, args, link):
+    """One LLaMA-7B block at batch 1 (405 MB) and its widest product, as the module docstring says."""
     from transformers import DynamicCache, LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     from nb_offload.cpu_experts import host_threads
-    torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                       num_hidden_layers=1)
     cfg._attn_implementation = "sdpa"
     block = LlamaDecoderLayer(cfg, 0).to(torch.bfloat16).eval()
     rotary = LlamaRotaryEmbedding(cfg)
     nbytes = sum(p.nbytes for p in block.parameters())
-    out = {"meta": {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "host_threads": host_threads(),
-                    "block_bytes": nbytes, "torch": torch.__version__}, "rows": []}
-    add = row_recorder(out, args.json, digits=2)
-    torch.inference_mode().__enter__()
     cache = DynamicCache(config=cfg)
     prompt = torch.randn(1, 32, 4096, dtype=torch.bfloat16)
     positions = torch.arange(32)[None]
@@ -78,10 +92,18 @@ def main():
         record("the block's widest product alone (hybrid.cpu_rate measured this until 2026-12-02)", t,
                lambda: torch.nn.functional.linear(x[0], wide), wide.nbytes)
         record("block", t, call, nbytes)
+    # the block's products as torch.mv (batch 1: one row), another of torch's CPU kernels for them
+    linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
+    for m in linears:
+        m.forward = lambda a, w=m.weight: torch.mv(w, a.reshape(-1)).reshape(*a.shape[:-1], w.shape[0])
+    for t in [int(s) for s in args.threads.split(",")]:
+        record("block, its products as torch.mv", t, call, nbytes)
+    for m in linears:
+        vars(m).pop("forward")
     threads = host_threads()
     record("block, torch threads set and restored around each call", threads, call, nbytes, toggle=True)
     # the weights as views into one page-locked buffer, as a loaded model's host tier holds them
-    if torch.cuda.is_available():
+    if link is not None:
         flat = torch.empty(nbytes + 4096, dtype=torch.uint8, pin_memory=True)
         offset = 0
         for p in block.parameters():
@@ -91,12 +113,26 @@ def main():
             p.data = view
             offset += (n + 255) // 256 * 256
         record("block, weights in page-locked memory", threads, call, nbytes)
-        src = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
-        dst = torch.empty_like(src, device="cuda")
-        stream = torch.cuda.Stream()
+        for t in sorted({threads, max(1, threads - 2), threads + 2}):
+            with link() as link_rate:
+                median, best = rate(call, t)
+            add(what="block, page-locked weights, the link copying beside it", threads=t, median_ms=1e3 * median,
+                gbps=nbytes / median / 1e9, best_gbps=nbytes / best / 1e9, link_gbps=link_rate())
+
+
+def link_copier(torch):
+    """A context manager factory: while inside, a thread copies 256 MiB of page-locked memory to the GPU over
+    and over; it yields a function giving the rate the link reached."""
+    import contextlib
+    src = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty_like(src, device="cuda")
+    stream = torch.cuda.Stream()
+
+    @contextlib.contextmanager
+    def beside():
         stop, copied = threading.Event(), [0, 0.0]
 
-        def link():
+        def run():
             t0 = time.perf_counter()
             with torch.cuda.stream(stream):
                 while not stop.is_set():
@@ -104,47 +140,156 @@ def main():
                     stream.synchronize()
                     copied[0] += src.nbytes
             copied[1] = time.perf_counter() - t0
-        for t in sorted({threads, max(1, threads - 2), threads + 2}):
-            copier = threading.Thread(target=link)
-            stop.clear()
-            copied[:] = [0, 0.0]
-            copier.start()
-            try:
-                time.sleep(0.05)
-                median, best = rate(call, t)
-            finally:
-                stop.set()
-                copier.join()
-            add(what="block, page-locked weights, the link copying beside it", threads=t, median_ms=1e3 * median,
-                gbps=nbytes / median / 1e9, best_gbps=nbytes / best / 1e9, link_gbps=copied[0] / copied[1] / 1e9)
-    experts(torch, record, threads)
+        copier = threading.Thread(target=run)
+        copier.start()
+        try:
+            time.sleep(0.05)
+            yield lambda: copied[0] / max(copied[1], 1e-9) / 1e9
+        finally:
+            stop.set()
+            copier.join()
+    return beside
 
 
-def experts(torch, record, threads):
-    """One expert of the Mixtral anchor's experts module (hidden 2048, 8 experts of 5632) for one token."""
+def experts(torch, add, threads, link):
+    """A step's routed experts of the Mixtral anchor (hidden 2048, 8 experts of 5632, top 2, 16 layers: 32
+    distinct experts, 2.2 GB, far past the last-level cache) computed on the CPU for one token, by each
+    candidate way; the rate is the pass's bytes over its time (median of passes), and each way's outputs are
+    compared bit for bit with F.linear's on the caller's thread (the reference a CPU-computed expert has)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
-    cfg = MixtralConfig(hidden_size=2048, intermediate_size=5632, num_local_experts=8, num_experts_per_tok=2)
+    hidden_size, inter, count = 2048, 5632, 32
+    cfg = MixtralConfig(hidden_size=hidden_size, intermediate_size=inter, num_local_experts=8, num_experts_per_tok=2)
     cfg._experts_implementation = "eager"
-    module = MixtralExperts(cfg).to(torch.bfloat16)
-    row = sum(p[0].nbytes for p in module.parameters())
-    hidden = torch.randn(1, 2048, dtype=torch.bfloat16)
-    index, weights = torch.tensor([[3]]), torch.ones(1, 1, dtype=torch.bfloat16)
-    linear = torch.nn.functional.linear
+    gen = torch.Generator().manual_seed(0)
 
-    def products():
-        gate, up = linear(hidden, module.gate_up_proj[3]).chunk(2, -1)
-        linear(torch.nn.functional.silu(gate) * up, module.down_proj[3])
-    record("expert: its products alone", threads, products, row)
-    record("expert: the experts module's eager forward", threads, lambda: module(hidden, index, weights), row)
+    def weights(pin=False):
+        out = []
+        for _ in range(count):
+            gate_up = torch.empty(2 * inter, hidden_size, dtype=torch.bfloat16, pin_memory=pin)
+            down = torch.empty(hidden_size, inter, dtype=torch.bfloat16, pin_memory=pin)
+            gate_up.uniform_(-0.02, 0.02, generator=gen)
+            down.uniform_(-0.02, 0.02, generator=gen)
+            out.append((gate_up, down))
+        return out
+    plain = weights()
+    nbytes = sum(g.nbytes + d.nbytes for g, d in plain)
+    x = torch.randn(1, hidden_size, dtype=torch.bfloat16, generator=gen)
+    linear, silu = torch.nn.functional.linear, torch.nn.functional.silu
+
+    def expert(w):
+        gate, up = linear(x, w[0]).chunk(2, dim=-1)
+        return linear(silu(gate) * up, w[1])
+
+    def by_products(ws):
+        return [expert(w) for w in ws]
+    reference = by_products(plain)
+
+    def timed(what, fn, t, nb=nbytes, **extra):
+        caller = torch.get_num_threads()
+        torch.set_num_threads(t)
+        try:
+            outs = fn()
+            fn()
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        finally:
+            torch.set_num_threads(caller)
+        median = statistics.median(times)
+        equal = all(torch.equal(a, b) for a, b in zip(outs, reference)) if outs is not None else None
+        add(what=what, threads=t, median_ms=1e3 * median, gbps=nb / median / 1e9, best_gbps=nb / min(times) / 1e9,
+            equal_to_linear=equal, **extra)
+
+    for t in (8, 12, 14, 16):
+        timed("experts: F.linear products, caller's thread", lambda: by_products(plain), t)
+    # torch.mv (weights times a vector): another of torch's CPU kernels for the same product
+    def expert_mv(w):
+        gate, up = torch.mv(w[0], x[0]).chunk(2, dim=-1)
+        return torch.mv(w[1], silu(gate) * up)[None]
+    for t in (8, 12, 14, 16):
+        timed("experts: torch.mv products, caller's thread", lambda: [expert_mv(w) for w in plain], t)
+    modules = []
+    for gate_up, down in plain[:8]:
+        m = MixtralExperts(cfg).to(torch.bfloat16)
+        m.gate_up_proj.data = gate_up.unsqueeze(0).expand(8, -1, -1)
+        m.down_proj.data = down.unsqueeze(0).expand(8, -1, -1)
+        modules.append(m)
+    index, routing = torch.tensor([[3]]), torch.ones(1, 1, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        module_out = [m(x, index, routing) for m in modules]
+    # a quarter of the pass (8 experts) through the module's eager forward, scaled to the pass's bytes
+    timed("experts: the module's eager forward (cpu_experts.expert_rows), 8 of 32",
+          lambda: [m(x, index, routing) for m in modules], threads, nb=nbytes // 4,
+          equal_forward=all(torch.equal(a, b) for a, b in zip(module_out, reference)))
     pool = ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(threads,))
     try:
-        record("expert: the module's forward on a worker thread (HostCompute)", threads,
-               lambda: pool.submit(module, hidden, index, weights).result(), row)
+        timed("experts: F.linear products on a worker thread (HostCompute)",
+              lambda: pool.submit(by_products, plain).result(), threads)
     finally:
         pool.shutdown()
+    # one thread per expert: each product single-threaded, the experts in parallel (no fork-join per product)
+    for workers in (8, 12):
+        many = ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,))
+        try:
+            timed(f"experts: one thread each, {workers} in parallel", lambda p=many: list(p.map(expert, plain)), 1)
+        finally:
+            many.shutdown()
+    # each product's output rows split across threads, each part single-threaded (one fork-join a product)
+    for workers in (8, 12):
+        many = ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,))
+
+        def product(a, w, pool=many, parts=workers):
+            out = a.new_empty((a.shape[0], w.shape[0]))
+            bounds = [w.shape[0] * k // parts for k in range(parts + 1)]
+            list(pool.map(lambda k: torch.mm(a, w[bounds[k]:bounds[k + 1]].t(), out=out[:, bounds[k]:bounds[k + 1]]),
+                          range(parts)))
+            return out
+
+        def by_rows(product=product):
+            outs = []
+            for g, d in plain:
+                gate, up = product(x, g).chunk(2, dim=-1)
+                outs.append(product(silu(gate) * up, d))
+            return outs
+        try:
+            timed(f"experts: each product's rows split across {workers} threads, one thread each", by_rows, 1)
+        finally:
+            many.shutdown()
+    try:
+        packed = [(torch.ops.mkldnn._reorder_linear_weight(g, 1), torch.ops.mkldnn._reorder_linear_weight(d, 1))
+                  for g, d in plain]
+
+        def by_packed(packed=packed):
+            outs = []
+            for g, d in packed:
+                gate, up = torch.ops.mkldnn._linear_pointwise(x, g, None, "none", [], "").chunk(2, dim=-1)
+                outs.append(torch.ops.mkldnn._linear_pointwise(silu(gate) * up, d, None, "none", [], ""))
+            return outs
+        timed("experts: oneDNN packed weights (mkldnn._linear_pointwise)", by_packed, threads)
+        del packed
+    except Exception as exc:        # noqa: BLE001 - a diagnostic row: say why the way isn't available
+        add(what="experts: oneDNN packed weights", error=f"{type(exc).__name__}: {exc}"[:200])
+    if link is not None:
+        pinned = weights(pin=True)
+        for k, (g, d) in enumerate(pinned):
+            g.copy_(plain[k][0])
+            d.copy_(plain[k][1])
+        timed("experts: F.linear products, page-locked weights", lambda: by_products(pinned), threads)
+        for t in (threads, threads + 2):
+            with link() as rate:
+                timed("experts: F.linear products, page-locked weights, the link copying beside it",
+                      lambda: by_products(pinned), t)
+            add(what="  (the link's rate during the row above)", link_gbps=rate())
+        timed("experts: torch.mv products, page-locked weights", lambda: [expert_mv(w) for w in pinned], threads)
+        with link() as rate:
+            timed("experts: torch.mv products, page-locked weights, the link copying beside it",
+                  lambda: [expert_mv(w) for w in pinned], threads)
+        add(what="  (the link's rate during the row above)", link_gbps=rate())
 
 
 if __name__ == "__main__":

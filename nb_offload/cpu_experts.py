@@ -2,22 +2,29 @@
 
 A streamed MoE block on CUDA brings only its routed experts (experts.py), copied from page-locked host
 memory once the router has chosen. With ``expert_compute`` set, some of those the GPU doesn't hold are
-not copied at all: the CPU computes them from the same host bytes, on a worker thread, while the link
-carries the others and the GPU computes them, so the two rates add (as llama.cpp's ``--n-cpu-moe`` keeps
+not copied at all: the CPU computes them from the same host bytes while the link carries the others and
+the GPU computes them, so the two rates add (as llama.cpp's ``--n-cpu-moe`` keeps
 experts on the CPU, but per step and per expert rather than per layer).
 
 How a call of the experts module is split. transformers' eager experts compute, for each routed expert
 in ascending order, its tokens' rows (``top_k_index == e``, ordered by top-k position then token), and add
 each weighted result into a zeroed output with ``index_add_``. ``combine`` does exactly that, with each
-expert's rows computed by one call of the module's own forward restricted to that expert: on the GPU from
-the slot, or on the CPU by a ``twin`` (the module with its fused weights as views of host memory). So an
+expert's rows computed on the GPU from the slot by one call of the module's own forward restricted to that
+expert, or on the CPU from a ``twin`` (the module with its fused weights as views of host memory). So an
 all-GPU split gives eager's tokens bit for bit, and one where the CPU computes every routed expert gives
 the tokens of transformers with the experts module placed on ``"cpu"``; a mixed split rounds each expert
 where it was computed. This needs the eager implementation (``experts_implementation="eager"``, which
 ``expert_compute`` selects): the batched ones combine the top-k results in another order.
 
+How the CPU computes them. Where the experts module's eager forward is transformers' own form (forms.py),
+the CPU runs just an expert's products (``direct_rows``: the loop body of that form, the same ops on the
+same shapes); the forward's bookkeeping around them (one-hot masks, ``nonzero``, ``where``) cost a third of
+the rate on the H200 host (benchmarks/bench_cpu_block.py). Anything else calls the forward restricted to the
+expert. The work runs on the caller's thread once the GPU's side is launched, with torch's threads set for
+it and restored after: on a worker thread of its own the same products read a third slower on that host.
+
 Which experts the CPU takes: the share ``expert_compute`` gives (or, for ``"auto"``, the CPU's rate over
-both rates: the CPU's on one expert measured at load, the link's page-locked rate) of the step's experts
+both rates: the CPU's on a block's experts measured at load, the link's page-locked rate) of the step's experts
 that are not on the GPU already and that the expert cache doesn't take, the count so both sides end
 soonest (``taken``), the highest-numbered ones: fixed for given routing, so a run's tokens don't depend on timing.
 """
@@ -25,9 +32,11 @@ soonest (``taken``), the highest-numbered ones: fixed for given routing, so a ru
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+
+from .forms import is_form
 
 # Cores left to the copy thread, the disk reader and the caller's thread: with every core computing, the
 # CPU side fell from 55 to 7 GB/s on the H200 host while copies ran (the copy thread was starved).
@@ -76,6 +85,58 @@ def expert_rows(forward, hidden, weights, e, pos, token):
     return forward(hidden[token], index, weights[token, pos].unsqueeze(-1))
 
 
+# transformers' eager experts forward (Mixtral, Qwen2-MoE, Qwen3-MoE and the models copied from them), as
+# 5.17 and as later versions write it (a one-hot of one more class).
+_EAGER_EXPERTS = """
+def forward(self, hidden_states, top_k_index, top_k_weights):
+    final_hidden_states = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts{extra})
+        expert_mask = expert_mask.permute(2, 1, 0)
+        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+
+    for expert_idx in expert_hit:
+        expert_idx = expert_idx[0]
+        if expert_idx == self.num_experts:
+            continue
+        top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+        current_state = hidden_states[token_idx]
+        gate, up = nn.functional.linear(current_state, self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+        current_hidden_states = self.act_fn(gate) * up
+        current_hidden_states = nn.functional.linear(current_hidden_states, self.down_proj[expert_idx])
+        current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+        final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+
+    return final_hidden_states
+"""
+EAGER_EXPERTS_FORMS = (_EAGER_EXPERTS.format(extra=""), _EAGER_EXPERTS.format(extra=" + 1"))
+
+
+def eager_form(module) -> bool:
+    """Whether ``module``'s eager experts forward (its class's, under transformers' implementation switch) is
+    one of EAGER_EXPERTS_FORMS, with nothing else on the instance."""
+    forward = type(module).forward
+    eager = getattr(forward, "__wrapped__", forward)
+    return "forward" not in vars(module) and is_form(eager, *EAGER_EXPERTS_FORMS)
+
+
+def direct_rows(module, hidden, weights, e, pos, token):
+    """What ``expert_rows`` gives for a module of the eager form, by the loop body of that form alone: the
+    rows it adds for expert ``e`` (into zeros, where the output's dtype is the rows' own)."""
+    import torch
+    gate, up = torch.nn.functional.linear(hidden[token], module.gate_up_proj[e]).chunk(2, dim=-1)
+    rows = torch.nn.functional.linear(module.act_fn(gate) * up, module.down_proj[e])
+    return rows * weights[token, pos, None]
+
+
+def rows_for(module):
+    """How the CPU computes an expert's rows of ``module`` (a twin): ``(hidden, weights, e, pos, token) ->
+    rows``, by ``direct_rows`` where its forward is the eager form, else by calling that forward."""
+    if eager_form(module):
+        return functools.partial(direct_rows, module)
+    return functools.partial(expert_rows, module.forward)
+
+
 def combine(hidden, rows: dict, tokens: dict):
     """The experts module's output: each expert's ``rows`` added at its ``tokens`` (on ``hidden``'s device),
     in ascending expert order, into zeros, as the eager experts do."""
@@ -110,39 +171,40 @@ def split(missed: list, share: float) -> tuple[list, list]:
 
 
 class HostCompute:
-    """The CPU side: one worker thread computing experts from host memory (``torch`` threads: ``threads``),
-    and the rate it computes one at, for ``"auto"``'s share (the engine's stats count the rest)."""
+    """The CPU side: computes experts from host memory on the caller's thread with torch's threads set to
+    ``threads`` (restored after), and measures the rate it does so at, for ``"auto"``'s share (the engine's
+    stats count the rest)."""
 
     def __init__(self, torch, threads: int):
         self.torch, self.threads = torch, threads
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb_offload-cpu-experts",
-                                       initializer=torch.set_num_threads, initargs=(threads,))
 
-    def submit(self, twin, hidden, weights, work: dict):
-        """Compute each expert of ``work`` (expert -> (positions, tokens)) with ``twin`` on the CPU; a future of
+    def run(self, rows, hidden, weights, work: dict):
+        """Each expert of ``work`` (expert -> (positions, tokens)) computed by ``rows`` (``rows_for``):
         (expert -> rows, start, end) on the perf_counter clock."""
-        return self.pool.submit(self._run, twin, hidden, weights, work)
-
-    def _run(self, twin, hidden, weights, work):
+        torch = self.torch
+        caller = torch.get_num_threads()
         t0 = time.perf_counter()
-        with self.torch.inference_mode():
-            rows = {e: expert_rows(twin.forward, hidden, weights, e, pos, token) for e, (pos, token) in work.items()}
-        return rows, t0, time.perf_counter()
+        torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode():
+                out = {e: rows(hidden, weights, e, pos, token) for e, (pos, token) in work.items()}
+        finally:
+            torch.set_num_threads(caller)
+        return out, t0, time.perf_counter()
 
-    def rate(self, twin, hidden_size: int, dtype, row_bytes: int, repeats: int = 5) -> float:
-        """Bytes a second the CPU computes one expert for one token at, on the worker (the median of
-        ``repeats``, after two to warm up: a single timing of a cold pool reads far slower)."""
+    def rate(self, rows, experts: int, hidden_size: int, dtype, row_bytes: int, repeats: int = 5) -> float:
+        """Bytes a second the CPU computes experts for one token at: each of a block's ``experts`` once a pass
+        (as a step reads them: one expert over and over would be read from the cache), the median of
+        ``repeats`` passes after one to warm up."""
         torch = self.torch
         hidden = torch.zeros((1, hidden_size), dtype=dtype)
         weights = torch.ones((1, 1), dtype=dtype)
-        work = {0: (torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))}
+        first = torch.zeros(1, dtype=torch.long)
+        work = {e: (first, first) for e in range(experts)}
         times = []
-        for k in range(repeats + 2):
-            _, t0, t1 = self.submit(twin, hidden, weights, work).result()
-            if k >= 2:
+        for k in range(repeats + 1):
+            _, t0, t1 = self.run(rows, hidden, weights, work)
+            if k:
                 times.append(t1 - t0)
         times.sort()
-        return row_bytes / max(times[len(times) // 2], 1e-9)
-
-    def close(self):
-        self.pool.shutdown(wait=True)
+        return experts * row_bytes / max(times[len(times) // 2], 1e-9)

@@ -96,7 +96,7 @@ class Engine:
         # for blocks whose experts come from page-locked memory; ``expert_compute``: a share, or "auto".
         self.host, self.expert_share, self.host_rates = None, 0.0, None
         self.experts_chosen = experts_chosen    # the user named the experts implementation: it stays
-        self._twins, self._forwards, self._host_calls, self.last_on_cpu = {}, {}, {}, {}
+        self._cpu_rows, self._forwards, self._host_calls, self.last_on_cpu = {}, {}, {}, {}
         # Blocks the CPU computes from host memory (index -> their bytes there; the caller bound them there),
         # and the buffer a step too large for the CPU computes them from on the GPU, one at a time (hybrid.py).
         self.cpu_blocks = dict(cpu_blocks or {}) if self.cuda else {}
@@ -138,9 +138,9 @@ class Engine:
 
     def compute_experts_on_cpu(self, flats: dict, share):
         """Let the CPU compute ``share`` (a number, or "auto": measured) of the routed experts a step needs
-        that the GPU doesn't hold, from ``flats`` (routed block index -> its bytes in host memory): a twin
-        of each block's experts module with its weights there, and the worker that computes them; the
-        experts modules' forwards then combine both sides (``_experts_forward``)."""
+        that the GPU doesn't hold, from ``flats`` (routed block index -> its bytes in host memory): how the
+        CPU computes an expert of each block from there (``cpu_experts.rows_for`` a twin of its experts
+        module); the experts modules' forwards then combine both sides (``_experts_forward``)."""
         self._stop_host_experts()
         for idx, found in self.routed.items():
             unit, flat = self.units[idx], flats[idx]
@@ -149,7 +149,7 @@ class Engine:
             weights = {slot.names[0][cut:]: view for slot, view in zip(unit.params, param_views(unit, flat))
                        if slot.offset in fused}
             module = self.model.get_submodule(found.module)
-            self._twins[idx] = cpu_experts.twin(module, weights)
+            self._cpu_rows[idx] = cpu_experts.rows_for(cpu_experts.twin(module, weights))
             own = type(module).forward.__get__(module)     # the class's, whatever a failed start left on it
             self._forwards[idx] = (module, own)
             module.forward = self._experts_forward(idx, own)
@@ -158,8 +158,9 @@ class Engine:
             self.expert_share = float(share)
             return
         idx, found = next(iter(self.routed.items()))
-        dtype = next(iter(self._twins[idx].parameters())).dtype
-        cpu = self.host.rate(self._twins[idx], text_config(self.model.config).hidden_size, dtype, found.row_bytes)
+        dtype = next(iter(self.model.get_submodule(found.module).parameters())).dtype
+        cpu = self.host.rate(self._cpu_rows[idx], found.count, text_config(self.model.config).hidden_size, dtype,
+                             found.row_bytes)
         link = link_gbps(self.device) * 1e9         # the page-locked link, measured once a process
         self.host_rates = (cpu, link)
         self.expert_share = hybrid.cpu_share(cpu, link)
@@ -265,13 +266,11 @@ class Engine:
                     self.hooks.around(name, block.before, block.after)
 
     def _stop_host_experts(self):
-        """The experts modules' own forwards again, and no worker."""
+        """The experts modules' own forwards again, and no CPU side."""
         for module, _ in self._forwards.values():
             vars(module).pop("forward", None)       # the class's own again
-        self._forwards, self._twins, self._host_calls = {}, {}, {}
-        if self.host is not None:
-            self.host.close()
-            self.host = None
+        self._forwards, self._cpu_rows, self._host_calls = {}, {}, {}
+        self.host = None
 
     def remove(self):
         self.graphs.drop()
@@ -442,9 +441,9 @@ class Engine:
             return
         found, slot, cache = self.routed[idx], self.mover.slots[job.slot], self.expert_cache
         t0 = time.perf_counter()
-        twin = self._twins.get(idx)
+        cpu_rows = self._cpu_rows.get(idx)
         hidden, index, weights = found.arguments(args, kwargs)
-        if twin is not None and index is not None:
+        if cpu_rows is not None and index is not None:
             index = index.to("cpu")
         chosen = found.routed_in(index)             # on CUDA the host waits here for the router's choice
         if self.cuda:
@@ -461,16 +460,15 @@ class Engine:
                 if entry is not None:
                     kept[e] = entry
         on_cpu = []
-        if twin is not None and hidden is not None and weights is not None:
+        if cpu_rows is not None and hidden is not None and weights is not None:
             rest, on_cpu = cpu_experts.split([e for e in missed if e not in kept], self.expert_share)
             missed = sorted(list(kept) + rest)
         name = f"{found.module} ({len(chosen)} of {found.count} experts" + (f", {hits} cached" if hits else "") \
             + (f", {len(on_cpu)} on the CPU" if on_cpu else "") + ")"
         try:
-            if on_cpu:      # the CPU starts on them now, while the link copies the others
-                work = cpu_experts.calls(index, chosen)
-                future = self.host.submit(twin, hidden.to("cpu"), weights.to("cpu"), {e: work[e] for e in on_cpu})
-                self._host_calls[idx] = (future, work, set(on_cpu), name)
+            if on_cpu:      # the CPU computes them once the experts module is called and the GPU's side launched
+                self._host_calls[idx] = (hidden.to("cpu"), weights.to("cpu"), cpu_experts.calls(index, chosen),
+                                         set(on_cpu), name)
             if missed and self.cuda:
                 self.stats.bytes_from_cpu += self.mover.copy_now(name, found.ranges(missed), self.sources[idx].flat,
                                                                  slot)
@@ -492,7 +490,7 @@ class Engine:
         self.stats.experts_skipped += found.count - len(chosen)
         block = self.units[self.model_unit(idx)].name
         self.last_routed[block] = chosen
-        if twin is not None:
+        if cpu_rows is not None:
             self.last_on_cpu[block] = on_cpu
 
     def _experts_forward(self, idx, original):
@@ -507,15 +505,17 @@ class Engine:
 
     def _combine(self, idx, original, pending, args, kwargs):
         """A split call's output: the experts on the GPU computed one at a time by the module's own forward
-        (launched while the CPU works), then the CPU's rows, all added in expert order (cpu_experts.py)."""
-        future, work, on_cpu, name = pending
+        (launched first, so the GPU computes them while the CPU works), then the CPU's rows, all added in
+        expert order (cpu_experts.py)."""
+        host_hidden, host_weights, work, on_cpu, name = pending
         found = self.routed[idx]
         hidden, _, weights = found.arguments(args, kwargs)
         device = hidden.device
         tokens = {e: token.to(device) for e, (_, token) in work.items()}
         rows = {e: cpu_experts.expert_rows(original, hidden, weights, e, pos.to(device), tokens[e])
                 for e, (pos, _) in work.items() if e not in on_cpu}
-        host_rows, t0, t1 = future.result()
+        host_rows, t0, t1 = self.host.run(self._cpu_rows[idx], host_hidden, host_weights,
+                                          {e: work[e] for e in on_cpu})
         nbytes = found.row_bytes * len(on_cpu)
         self.stats.cpu_expert_seconds += t1 - t0
         self.stats.bytes_on_cpu += nbytes

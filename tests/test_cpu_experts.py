@@ -3,6 +3,9 @@ compute device. Here the compute device is the CPU too, so every side rounds ali
 calls must give plain transformers' eager tokens to the bit. On CUDA the same calls split between the
 GPU and the CPU (tests/gpu/test_experts_gpu.py)."""
 
+import copy
+import threading
+
 import pytest
 import torch
 from helpers import PROMPT, all_on_disk, batch_of_four, run_offloaded
@@ -56,25 +59,60 @@ def test_which_experts_the_cpu_takes():
     assert cpu_experts.split([], 1.0) == ([], [])
 
 
-def test_the_worker_computes_on_its_own_threads_and_measures_its_rate(model_dirs):
+@pytest.mark.parametrize("arch", MOE)
+def test_the_cpu_computes_an_experts_products_alone_where_the_forward_is_the_eager_form(arch, model_dirs):
+    experts = eager_model(model_dirs(arch)).model.layers[0].mlp.experts
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.5, generator=g)
+    twin = cpu_experts.twin(experts, {n: p.detach().clone() for n, p in experts.named_parameters()})
+    rows = cpu_experts.rows_for(twin)
+    assert rows.func is cpu_experts.direct_rows and rows.args[0] is twin
+    hidden = torch.randn(5, experts.gate_up_proj.shape[-1], generator=g).to(experts.gate_up_proj.dtype)
+    index = torch.stack([torch.randperm(experts.num_experts, generator=g)[:2] for _ in range(5)])
+    weights = torch.rand(5, 2, generator=g).to(hidden.dtype)
+    with torch.no_grad():
+        for e, (pos, token) in cpu_experts.calls(index, sorted(set(index.flatten().tolist()))).items():
+            want = cpu_experts.expert_rows(experts.forward, hidden, weights, e, pos, token)
+            assert torch.equal(rows(hidden, weights, e, pos, token), want), e
+
+    # anything but the eager form calls the module's forward: a forward set on the instance, a subclass's own
+    class Scaled(type(experts)):
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return 2 * super().forward(hidden_states, top_k_index, top_k_weights)
+    other = copy.copy(twin)
+    other.__class__ = Scaled
+    assert not cpu_experts.eager_form(other)
+    assert cpu_experts.rows_for(other).func is cpu_experts.expert_rows
+    wrapped = copy.copy(twin)
+    wrapped.forward = lambda *a: None
+    assert not cpu_experts.eager_form(wrapped)
+
+
+def test_the_cpu_side_computes_on_the_callers_thread_with_its_own_threads_and_measures_its_rate(model_dirs):
     experts = eager_model(model_dirs("mixtral")).model.layers[0].mlp.experts
     mine = torch.get_num_threads()
+    seen = []
     host = cpu_experts.HostCompute(torch, threads=1)
-    try:
-        assert host.pool.submit(torch.get_num_threads).result() == 1
-        assert torch.get_num_threads() == mine          # the caller's threads are its own
-        twin = cpu_experts.twin(experts, {n: p.detach() for n, p in experts.named_parameters()})
-        row = experts.gate_up_proj[0].nbytes + experts.down_proj[0].nbytes
-        assert host.rate(twin, experts.gate_up_proj.shape[-1], experts.gate_up_proj.dtype, row) > 0
-        hidden = torch.randn(3, experts.gate_up_proj.shape[-1]).to(experts.gate_up_proj.dtype)
-        weights = torch.rand(3, 1).to(hidden.dtype)
-        work = {1: (torch.zeros(3, dtype=torch.long), torch.arange(3))}
-        rows, t0, t1 = host.submit(twin, hidden, weights, work).result()
-        with torch.no_grad():           # the worker's rows are the module's own for that expert
-            assert torch.equal(rows[1], cpu_experts.expert_rows(experts.forward, hidden, weights, 1, *work[1]))
-        assert t1 >= t0
-    finally:
-        host.close()
+    twin = cpu_experts.twin(experts, {n: p.detach() for n, p in experts.named_parameters()})
+    direct = cpu_experts.rows_for(twin)
+
+    def rows(*args):
+        seen.append((torch.get_num_threads(), threading.get_ident()))
+        return direct(*args)
+    row = experts.gate_up_proj[0].nbytes + experts.down_proj[0].nbytes
+    assert host.rate(rows, experts.num_experts, experts.gate_up_proj.shape[-1], experts.gate_up_proj.dtype, row) > 0
+    assert len(seen) == 6 * experts.num_experts     # every expert each pass, a warm-up pass and five timed
+    hidden = torch.randn(3, experts.gate_up_proj.shape[-1]).to(experts.gate_up_proj.dtype)
+    weights = torch.rand(3, 1).to(hidden.dtype)
+    work = {1: (torch.zeros(3, dtype=torch.long), torch.arange(3))}
+    got, t0, t1 = host.run(rows, hidden, weights, work)
+    with torch.no_grad():           # the rows are the module's own for that expert
+        assert torch.equal(got[1], cpu_experts.expert_rows(experts.forward, hidden, weights, 1, *work[1]))
+    assert t1 >= t0
+    assert set(seen) == {(1, threading.get_ident())}    # on this thread, with the CPU side's thread count
+    assert torch.get_num_threads() == mine              # and the caller's back after
     assert 1 <= cpu_experts.host_threads()
 
 
@@ -175,7 +213,9 @@ def test_twins_see_the_host_bytes_the_engine_gave_them(model_dirs, tmp_path):
         for module, own in eng._forwards.values():
             assert own.__func__ is type(module).forward
         assert eng.expert_share == 1.0
-        for idx, twin in eng._twins.items():
+        for idx, rows in eng._cpu_rows.items():
+            twin = rows.args[0]
+            twin = getattr(twin, "__self__", twin)      # the module, or its forward
             views = {v.data_ptr() for v in param_views(eng.units[idx], flats[idx]) if hasattr(v, "data_ptr")}
             assert {p.data_ptr() for p in twin.parameters()} <= views
 

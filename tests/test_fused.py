@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from nb_offload import fused  # noqa: E402
+from nb_offload import forms, fused  # noqa: E402
 
 FOUND = {   # per architecture: whether its norms, its MLPs (SiLU) and its rotary embedding are fused
     "llama": (True, True, True),
@@ -61,9 +61,9 @@ def test_forms_compare_code_not_text():
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + 1e-5)
         return self.weight * hidden_states.to(input_dtype)
-    assert fused.is_form(spaced, fused.NORM_FORM)
-    assert not fused.is_form(other_eps, fused.NORM_FORM)
-    assert not fused.is_form(len, fused.NORM_FORM)          # no Python source: not a form
+    assert forms.is_form(spaced, fused.NORM_FORM)
+    assert not forms.is_form(other_eps, fused.NORM_FORM)
+    assert not forms.is_form(len, fused.NORM_FORM)          # no Python source: not a form
 
 
 def test_swaps_are_undone_also_after_an_error(model_dirs):
@@ -200,9 +200,9 @@ def test_odd_or_wrapped_forwards_are_not_forms():
     @functools.wraps(norm)
     def doubled(self, hidden_states):
         return 2 * norm(self, hidden_states)
-    assert fused.is_form(norm, fused.NORM_FORM)
-    assert not fused.is_form(with_kwargs, fused.NORM_FORM)
-    assert not fused.is_form(doubled, fused.NORM_FORM)
+    assert forms.is_form(norm, fused.NORM_FORM)
+    assert not forms.is_form(with_kwargs, fused.NORM_FORM)
+    assert not forms.is_form(doubled, fused.NORM_FORM)
 
     class Lambda(torch.nn.Module):
         forward = lambda self, x: x  # noqa: E731 (a forward whose source is no def)

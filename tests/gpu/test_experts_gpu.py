@@ -7,7 +7,7 @@ import torch
 from helpers import PROMPT, blocks
 
 import nb_offload
-from nb_offload import experts
+from nb_offload import cpu_experts, experts
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -208,7 +208,9 @@ def test_experts_computed_on_the_cpu_match_transformers_computing_them_there(arc
                     assert torch.equal(got, plain_generate(folder, ids))
                     continue
                 assert cpu > 0 and link > 0 and share == pytest.approx(cpu / (cpu + link))
-            assert eng.host is not None and set(eng._twins) == set(eng.routed) == set(eng.sources)
+            assert eng.host is not None and set(eng._cpu_rows) == set(eng.routed) == set(eng.sources)
+            # transformers' eager experts (this machine's version of them): the CPU runs the products alone
+            assert all(r.func is cpu_experts.direct_rows for r in eng._cpu_rows.values())
             got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
             assert torch.equal(got, eager_reference(folder, ids, share)), (compute, share)
             assert torch.equal(llm.generate(four, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu(),
