@@ -8,9 +8,10 @@ step moves (the model's own counters), the host's wait for routers, prefill of 2
 against transformers with the whole model on the GPU (dynamic cache for the eager routed step, the
 static cache for the captured one).
 
-With ``--cpu-experts ROWS``, two more loads of those rows (cpu_experts.py): *split*
+With ``--cpu-experts ROWS``, three more loads of those rows (cpu_experts.py): *split*
 (``expert_compute="auto"``: a share of the experts a step misses on the GPU computed on the CPU from host
-memory, the share from rates measured at load) and *CPU* (``expert_compute="cpu"``, no cache: every
+memory, the share from rates measured at load, or none where the CPU is the slower), *half*
+(``expert_compute=0.5``: the split whatever the rates) and *CPU* (``expert_compute="cpu"``, no cache: every
 routed expert of a streamed block on the CPU, as llama.cpp's ``--n-cpu-moe``). They compute with the
 eager experts, so their tokens are compared with transformers' eager experts on the GPU: the CPU rounds
 differently, so they may part after a while; the row says how many of the first tokens agree (the exact
@@ -110,6 +111,7 @@ def main():
                 "routed_nocache": load(folder, gpu, True, expert_cache=0)}
         if with_cpu:
             llms["split"] = load(folder, gpu, True, expert_compute="auto")
+            llms["half"] = load(folder, gpu, True, expert_compute=0.5)
             llms["cpu"] = load(folder, gpu, True, expert_compute="cpu", expert_cache=0)
         try:
             routed, whole = llms["routed"], llms["whole"]
@@ -132,20 +134,22 @@ def main():
             t, sp, tokens, prefill = summarize(runs, llms, long_ids)
             cache = routed._engine.expert_cache
             on_cpu = {}
-            for k in ("split", "cpu"):
+            for k in ("split", "half", "cpu"):
                 if k not in llms:
                     continue
                 llm, eng = llms[k], llms[k]._engine
-                agree = int((tokens[k][0] == want_eager[0]).cumprod(0).sum()) - ids.shape[1]
+                # a load that split nothing computes as plain transformers does: the routed load's tokens
+                want = want_eager if eng.host is not None else tokens["routed"]
+                agree = int((tokens[k][0] == want[0]).cumprod(0).sum()) - ids.shape[1]
                 on_cpu[k] = dict(tok_s=1 / t[k], spread=sp[k], moved_per_step=moved[k], share=eng.expert_share,
                                  measured_cpu_gbps=eng.host_rates[0] / 1e9 if eng.host_rates else None,
                                  measured_link_gbps=eng.host_rates[1] / 1e9 if eng.host_rates else None,
                                  cpu_gbps=llm.stats.bytes_on_cpu / max(llm.stats.cpu_expert_seconds, 1e-9) / 1e9,
                                  experts_on_cpu_per_step=llm.stats.experts_on_cpu / max(llm.stats.steps, 1),
-                                 cpu_threads=eng.host.threads, prefill_2048_s=prefill[k],
+                                 cpu_threads=eng.host.threads if eng.host else 0, prefill_2048_s=prefill[k],
                                  route_wait_ms_per_step=1e3 * med(waits[k]),
                                  hit_rate=med(hits[k]) if k in hits else 0.0,
-                                 equals_hf_eager=bool(torch.equal(tokens[k], want_eager)),
+                                 equals_hf_eager=bool(torch.equal(tokens[k], want)), split=eng.host is not None,
                                  tokens_agreeing=agree, over_routed=t["routed"] / t[k])
             add(row=name, budget=gpu, link_gbps=link,
                 routed_tok_s=1 / t["routed"], whole_tok_s=1 / t["whole"], spread=sp,

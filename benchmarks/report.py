@@ -666,9 +666,11 @@ def _cpu_experts_table(data, tokens) -> list:
     if not rows:
         return []
     lines = ["Routed experts computed on the CPU from host memory (`expert_compute`): *split* takes the share "
-             "the CPU's and the link's rates (measured at load) give of the experts a step misses on the GPU, "
-             "*CPU* every routed one (no cache). Eager experts; tokens against transformers' eager experts "
-             "with the whole model on the GPU (the CPU rounds differently).", "",
+             "the CPU's and the link's rates (measured at load) give of the experts a step misses on the GPU "
+             "(none where the CPU is the slower), *half* a share of 0.5 whatever the rates, *CPU* every routed one "
+             "(no cache). Eager experts; tokens against transformers' eager experts "
+             "with the whole model on the GPU (the CPU rounds differently), or where a load split nothing, against "
+             "the routed load's (plain transformers').", "",
              "| shape | load | tok/s | over routed | share (rates at load: CPU / link) | CPU rate while running "
              "| experts on the CPU a step | moved a step | host wait for routers | prefill 2048 | tokens "
              "agreeing |", "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|"]

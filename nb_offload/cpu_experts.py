@@ -77,6 +77,16 @@ def calls(index, experts) -> dict:
     return out
 
 
+def to_device(work: dict, device) -> dict:
+    """``calls``' index tensors on ``device``, in one transfer (each one waits for the device's stream)."""
+    import torch
+    if not work:
+        return {}
+    parts = [t for pos, token in work.values() for t in (pos, token)]
+    moved = torch.cat(parts).to(device).split([len(t) for t in parts])
+    return {e: (moved[2 * k], moved[2 * k + 1]) for k, e in enumerate(work)}
+
+
 def expert_rows(forward, hidden, weights, e, pos, token):
     """Expert ``e``'s weighted rows for ``token`` (``pos``: where ``e`` stands in each one's top k), computed
     by the experts' own ``forward`` given only those tokens, routed only to ``e``."""

@@ -96,7 +96,7 @@ class Engine:
         # for blocks whose experts come from page-locked memory; ``expert_compute``: a share, or "auto".
         self.host, self.expert_share, self.host_rates = None, 0.0, None
         self.experts_chosen = experts_chosen    # the user named the experts implementation: it stays
-        self._cpu_rows, self._forwards, self._host_calls, self.last_on_cpu = {}, {}, {}, {}
+        self._cpu_rows, self._gpu_rows, self._forwards, self._host_calls, self.last_on_cpu = {}, {}, {}, {}, {}
         # Blocks the CPU computes from host memory (index -> their bytes there; the caller bound them there),
         # and the buffer a step too large for the CPU computes them from on the GPU, one at a time (hybrid.py).
         self.cpu_blocks = dict(cpu_blocks or {}) if self.cuda else {}
@@ -150,6 +150,7 @@ class Engine:
                        if slot.offset in fused}
             module = self.model.get_submodule(found.module)
             self._cpu_rows[idx] = cpu_experts.rows_for(cpu_experts.twin(module, weights))
+            self._gpu_rows[idx] = cpu_experts.rows_for(module)
             own = type(module).forward.__get__(module)     # the class's, whatever a failed start left on it
             self._forwards[idx] = (module, own)
             module.forward = self._experts_forward(idx, own)
@@ -164,17 +165,19 @@ class Engine:
         link = link_gbps(self.device) * 1e9         # the page-locked link, measured once a process
         self.host_rates = (cpu, link)
         self.expert_share = hybrid.cpu_share(cpu, link)
-        top_k = max(found.top_k for found in self.routed.values())
-        if not self.experts_chosen and not any(cpu_experts.taken(self.expert_share, n) for n in range(1, top_k + 1)):
+        if cpu < link:
             self.keep_experts_on_gpu()
 
     def keep_experts_on_gpu(self):
-        """"auto" found the CPU too slow to take any of the experts a batch-1 step misses: they all stay on
-        the GPU, computed by transformers' default experts implementation again (the eager one, chosen so
-        the two sides combine in its order, is slower on the GPU: it reads the routing on the host)."""
+        """"auto" found the CPU slower than the link: every expert stays on the GPU. A split call holds the
+        host on the CPU's work, so what it launches next no longer hides under the link's copies; on the
+        H200 host splits lost to all-GPU routing with the CPU at 0.53 and 0.97 of the link's rate (docs/moe.md).
+        Unless the load named one, the experts compute with transformers' default implementation again (the
+        eager one, chosen so the two sides combine in its order, reads the routing on the host)."""
         self._stop_host_experts()
         self.expert_share = 0.0
-        self.model.set_experts_implementation(None)
+        if not self.experts_chosen:
+            self.model.set_experts_implementation(None)
 
     def _split_into_pieces(self) -> int:
         """Streamed units that have pieces (pieces.py) stream a piece at a time; returns the most
@@ -269,7 +272,7 @@ class Engine:
         """The experts modules' own forwards again, and no CPU side."""
         for module, _ in self._forwards.values():
             vars(module).pop("forward", None)       # the class's own again
-        self._forwards, self._cpu_rows, self._host_calls = {}, {}, {}
+        self._forwards, self._cpu_rows, self._gpu_rows, self._host_calls = {}, {}, {}, {}
         self.host = None
 
     def remove(self):
@@ -460,15 +463,23 @@ class Engine:
                 if entry is not None:
                     kept[e] = entry
         on_cpu = []
-        if cpu_rows is not None and hidden is not None and weights is not None:
+        splits = cpu_rows is not None and hidden is not None and weights is not None
+        if splits:
             rest, on_cpu = cpu_experts.split([e for e in missed if e not in kept], self.expert_share)
             missed = sorted(list(kept) + rest)
         name = f"{found.module} ({len(chosen)} of {found.count} experts" + (f", {hits} cached" if hits else "") \
             + (f", {len(on_cpu)} on the CPU" if on_cpu else "") + ")"
         try:
-            if on_cpu:      # the CPU computes them once the experts module is called and the GPU's side launched
-                self._host_calls[idx] = (hidden.to("cpu"), weights.to("cpu"), cpu_experts.calls(index, chosen),
-                                         set(on_cpu), name)
+            # A call the CPU takes part of is combined by the experts' forward (``_combine``), and so is every
+            # call where the GPU's side computes by its products alone: the eager forward would make the host
+            # wait for the copies (``nonzero``) before it launches what comes after.
+            if splits and (on_cpu or self._gpu_rows[idx].func is cpu_experts.direct_rows):
+                # the indices to the device, and the CPU's inputs to the host, before the copies are queued:
+                # each transfer waits for the compute stream, which then holds nothing more
+                work = cpu_experts.calls(index, chosen)
+                on_device = cpu_experts.to_device(work, hidden.device)
+                host = (hidden.to("cpu"), weights.to("cpu")) if on_cpu else (None, None)
+                self._host_calls[idx] = (*host, work, on_device, set(on_cpu), name)
             if missed and self.cuda:
                 self.stats.bytes_from_cpu += self.mover.copy_now(name, found.ranges(missed), self.sources[idx].flat,
                                                                  slot)
@@ -500,28 +511,37 @@ class Engine:
             pending = self._host_calls.pop(idx, None)
             if pending is None:
                 return original(*args, **kwargs)
-            return self._combine(idx, original, pending, args, kwargs)
+            return self._combine(idx, pending, args, kwargs)
         return forward
 
-    def _combine(self, idx, original, pending, args, kwargs):
-        """A split call's output: the experts on the GPU computed one at a time by the module's own forward
-        (launched first, so the GPU computes them while the CPU works), then the CPU's rows, all added in
-        expert order (cpu_experts.py)."""
-        host_hidden, host_weights, work, on_cpu, name = pending
+    def _combine(self, idx, pending, args, kwargs):
+        """A split call's output: the GPU's experts and the CPU's rows, added in expert order (cpu_experts.py).
+
+        The routed copies run on the compute stream, and the eager forward waits on the host for that stream
+        (``nonzero``): computing the GPU's experts with it before the CPU's would hold the CPU back until the
+        copies end. So the GPU's go first only by their products alone (the eager form: nothing waits), and
+        otherwise after the CPU's, whose work then runs while the link copies."""
+        host_hidden, host_weights, work, on_device, on_cpu, name = pending
         found = self.routed[idx]
         hidden, _, weights = found.arguments(args, kwargs)
-        device = hidden.device
-        tokens = {e: token.to(device) for e, (_, token) in work.items()}
-        rows = {e: cpu_experts.expert_rows(original, hidden, weights, e, pos.to(device), tokens[e])
-                for e, (pos, _) in work.items() if e not in on_cpu}
-        host_rows, t0, t1 = self.host.run(self._cpu_rows[idx], host_hidden, host_weights,
-                                          {e: work[e] for e in on_cpu})
-        nbytes = found.row_bytes * len(on_cpu)
-        self.stats.cpu_expert_seconds += t1 - t0
-        self.stats.bytes_on_cpu += nbytes
-        self.trace.host_event("cpu", name, t0, t1, nbytes)
-        rows.update((e, r.to(device)) for e, r in host_rows.items())
-        return cpu_experts.combine(hidden, rows, tokens)
+        gpu_rows = self._gpu_rows[idx]
+        waits = gpu_rows.func is not cpu_experts.direct_rows
+
+        def on_gpu():
+            return {e: gpu_rows(hidden, weights, e, *on_device[e]) for e in work if e not in on_cpu}
+        rows = {} if waits else on_gpu()
+        if on_cpu:
+            host_rows, t0, t1 = self.host.run(self._cpu_rows[idx], host_hidden, host_weights,
+                                              {e: work[e] for e in on_cpu})
+        if waits:
+            rows = on_gpu()
+        if on_cpu:
+            nbytes = found.row_bytes * len(on_cpu)
+            self.stats.cpu_expert_seconds += t1 - t0
+            self.stats.bytes_on_cpu += nbytes
+            self.trace.host_event("cpu", name, t0, t1, nbytes)
+            rows.update((e, r.to(hidden.device)) for e, r in host_rows.items())
+        return cpu_experts.combine(hidden, rows, {e: token for e, (_, token) in on_device.items()})
 
     def expert_state(self) -> dict:
         """Per MoE block brought as routed: the experts its last call routed to, those of them the CPU
