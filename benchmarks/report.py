@@ -678,8 +678,10 @@ def _cpu_experts_table(data, tokens) -> list:
         rates = (f" ({v['measured_cpu_gbps']:.1f} / {v['measured_link_gbps']:.1f} GB/s)"
                  if v.get("measured_cpu_gbps") else "")
         agree = "all" if v["equals_hf_eager"] else f"{v['tokens_agreeing']} of {tokens}"
+        running = f"{v['cpu_gbps']:.1f} GB/s ({v['cpu_threads']} threads)" if v.get("split", True) else \
+            "nothing split: the CPU is the slower"
         lines.append(f"| {r['row']} | {k} | {v['tok_s']:.2f} ({v['spread']}) | {v['over_routed']:.2f}x | "
-                     f"{v['share']:.2f}{rates} | {v['cpu_gbps']:.1f} GB/s ({v['cpu_threads']} threads) | "
+                     f"{v['share']:.2f}{rates} | {running} | "
                      f"{v['experts_on_cpu_per_step']:.1f} | {v['moved_per_step'] / 1e9:.2f} GB | "
                      f"{v['route_wait_ms_per_step']:.1f} ms | {v['prefill_2048_s'] * 1e3:.0f} ms | {agree} |")
     lines.append("")
@@ -752,20 +754,31 @@ def render_hybrid(data, command, title, llama=None) -> str:
 
 
 def render_cpu_block(data, command, title) -> str:
-    """A bench_cpu_block.py run: what a block (and an expert) computed on the CPU reads at."""
+    """A bench_cpu_block.py run: what a block (and a step's routed experts) computed on the CPU read at."""
     m = data["meta"]
     when = f"{m['date']}, " if "date" in m else ""
+    block = f"One LLaMA-7B block ({m['block_bytes'] / 1e6:.0f} MB, bf16) at batch 1" if "block_bytes" in m else \
+        "One LLaMA-7B block (405 MB, bf16) at batch 1 (*block* rows)"
+    pages = {"1": ", CPU tensors on huge pages (`THP_MEM_ALLOC_ENABLE=1`)"}.get(m.get("huge_pages"), "")
     lines = [f"## {when}{title or 'a decoder block and a routed expert computed on the CPU'} · "
              f"{m['cores']} cores, "
              f"torch {m['torch']}", "", "Command (GPU machine, repository root):", "", f"    {command}", "",
-             f"One LLaMA-7B block ({m['block_bytes'] / 1e6:.0f} MB, bf16) at batch 1, and one expert of the "
-             f"Mixtral anchor; medians of timed calls (best in brackets); torch's own thread count "
-             f"{m['torch_threads']}, the CPU blocks' and experts' {m['host_threads']}.", "",
-             "| what | threads | ms a call | GB/s (best) | link beside it |", "|---|---:|---:|---:|---:|"]
+             f"{block}, and the Mixtral anchor's routed experts (*experts* rows: a step's 32 distinct experts "
+             f"for one token, 2.2 GB); medians of timed calls or passes (best in brackets); torch's own thread "
+             f"count {m['torch_threads']}, the CPU blocks' and experts' {m['host_threads']}{pages}. *same bits*: "
+             "the outputs equal F.linear's on the caller's thread.", "",
+             "| what | threads | ms | GB/s (best) | same bits | link beside it |", "|---|---:|---:|---:|---|---:|"]
     for r in data["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['what']} | | not available: `{r['error'][:100]}` | | | |")
+            continue
+        if "median_ms" not in r:        # the link's rate during the row before
+            lines[-1] = lines[-1].rsplit("|", 2)[0] + f"| {r['link_gbps']:.1f} GB/s |"
+            continue
         link = f"{r['link_gbps']:.1f} GB/s" if "link_gbps" in r else ""
+        same = {True: "yes", False: "**no**"}.get(r.get("equal_to_linear"), "")
         lines.append(f"| {r['what']} | {r['threads']} | {r['median_ms']:.2f} | {r['gbps']:.1f} ({r['best_gbps']:.1f})"
-                     f" | {link} |")
+                     f" | {same} | {link} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -796,7 +809,7 @@ def main():
         title = f' --title "{args.title}"' if args.title else ""
         print(render_readme(data, args.title, list(zip(args.json[1:], loaded[1:])),
                             f"python3 benchmarks/report.py {' '.join(args.json)} --readme{title}"))
-    elif any("block_bytes" == k for k in data.get("meta", {})):
+    elif {"block_bytes", "huge_pages"} & set(data.get("meta", {})):
         print(render_cpu_block(data, args.command or "bash benchmarks/gpu_run.sh cpublock", args.title))
     elif any("hybrid_tok_s" in r for r in data.get("rows", [])):
         print(render_hybrid(data, args.command or "bash benchmarks/gpu_run.sh hybrid", args.title, args.llama))

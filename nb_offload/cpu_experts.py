@@ -32,9 +32,11 @@ soonest (``taken``), the highest-numbered ones: fixed for given routing, so a ru
 from __future__ import annotations
 
 import copy
+import ctypes
 import functools
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from .forms import is_form
 
@@ -218,3 +220,106 @@ class HostCompute:
                 times.append(t1 - t0)
         times.sort()
         return experts * row_bytes / max(times[len(times) // 2], 1e-9)
+
+
+class HostSignal:
+    """A counter in page-locked memory that the CPU raises and a CUDA stream waits on (the driver's
+    ``cuStreamWaitValue32``): the GPU then takes the CPU's rows when they are there, and the host need not
+    wait for them before it launches what comes after. ``available`` is False where the driver lacks the
+    call or a check at start (a wait released by a raise) failed; the CPU's work then runs on the caller."""
+
+    # how long the check at start waits for the GPU to see a raise, and to not run past an unraised one
+    CHECK_SECONDS = 2.0
+
+    def __init__(self, torch, device):
+        self.torch, self.device = torch, device
+        self.count = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        self.issued = 0
+        self.why_not = ""
+        try:
+            self._wait_value = _driver_wait_value()
+            self._check()
+        except Exception as exc:        # no driver call, or a wait the GPU didn't honour: stay synchronous
+            self._wait_value = None
+            self.why_not = f"{type(exc).__name__}: {exc}"
+
+    @property
+    def available(self) -> bool:
+        return self._wait_value is not None
+
+    def next(self) -> int:
+        """The value the next raise will reach."""
+        self.issued += 1
+        return self.issued
+
+    def wait(self, stream, value: int):
+        """Make ``stream`` wait (on the GPU) until the counter reaches ``value``."""
+        rc = self._wait_value(ctypes.c_void_p(stream.cuda_stream), ctypes.c_uint64(self.count.data_ptr()),
+                              ctypes.c_uint32(value & 0xFFFFFFFF), ctypes.c_uint(0))    # 0: wait for >=
+        if rc:
+            raise RuntimeError(f"cuStreamWaitValue32 failed with CUDA error {rc}")
+
+    def raise_to(self, value: int):
+        """Let the waits for ``value`` (and below) go: after the rows they guard are written. One call is
+        outstanding at a time, so the counter only goes up (the GPU compares with wrap-around)."""
+        self.count[0] = (value + (1 << 31)) % (1 << 32) - (1 << 31)     # as the int32 the GPU reads
+
+    def _check(self):
+        """A wait on a side stream holds an event back until the counter is raised."""
+        torch = self.torch
+        stream = torch.cuda.Stream(self.device)
+        done = torch.cuda.Event()
+        value = self.next()
+        self.wait(stream, value)
+        done.record(stream)
+        time.sleep(0.01)
+        held = not done.query()
+        self.raise_to(value)
+        end = time.perf_counter() + self.CHECK_SECONDS
+        while not done.query():
+            if time.perf_counter() > end:
+                raise RuntimeError("the GPU did not see the counter raised")
+            time.sleep(0.001)
+        if not held:
+            raise RuntimeError("the GPU ran past a wait on the counter")
+
+
+def _driver_wait_value():
+    """The CUDA driver's ``cuStreamWaitValue32`` (its ``_v2`` where the driver has it), through ctypes."""
+    lib = ctypes.CDLL("libcuda.so.1")
+    fn = getattr(lib, "cuStreamWaitValue32_v2", None) or lib.cuStreamWaitValue32
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+class HostWorker:
+    """The CPU's work off the caller's thread, for CUDA (``HostSignal``): one worker thread with torch's
+    threads set to ``threads`` computes a call's experts into page-locked rows and raises the counter
+    (also when it fails, so the GPU never waits for good); the caller collects the outcome later."""
+
+    def __init__(self, torch, threads: int, signal: HostSignal):
+        self.torch, self.threads, self.signal = torch, threads, signal
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb_offload-cpu-experts",
+                                       initializer=torch.set_num_threads, initargs=(threads,))
+
+    def submit(self, rows, hidden, weights, work: dict, out, value: int):
+        """Compute each expert of ``work`` into consecutive rows of ``out`` (page-locked), then raise the
+        counter to ``value``; a future of (start, end) on the perf_counter clock."""
+        return self.pool.submit(self._run, rows, hidden, weights, work, out, value)
+
+    def _run(self, rows, hidden, weights, work, out, value):
+        try:
+            t0 = time.perf_counter()
+            with self.torch.inference_mode():
+                at = 0
+                for e, (pos, token) in work.items():
+                    part = rows(hidden, weights, e, pos, token)
+                    out[at:at + len(part)].copy_(part)
+                    at += len(part)
+            return t0, time.perf_counter()
+        finally:
+            self.signal.raise_to(value)
+
+    def close(self):
+        self.pool.shutdown(wait=True)

@@ -95,6 +95,8 @@ class Engine:
         # Routed experts the CPU computes from host memory instead of copying them (cpu_experts.py): on CUDA,
         # for blocks whose experts come from page-locked memory; ``expert_compute``: a share, or "auto".
         self.host, self.expert_share, self.host_rates = None, 0.0, None
+        self.signal = self.worker = None        # cpu_experts.HostSignal / HostWorker, on CUDA
+        self._outstanding = []      # the worker's calls not yet collected: (future, name, bytes)
         self.experts_chosen = experts_chosen    # the user named the experts implementation: it stays
         self._cpu_rows, self._gpu_rows, self._forwards, self._host_calls, self.last_on_cpu = {}, {}, {}, {}, {}
         # Blocks the CPU computes from host memory (index -> their bytes there; the caller bound them there),
@@ -155,6 +157,11 @@ class Engine:
             self._forwards[idx] = (module, own)
             module.forward = self._experts_forward(idx, own)
         self.host = cpu_experts.HostCompute(self.torch, cpu_experts.host_threads())
+        if self.cuda:       # the CPU's work off the caller's thread where the GPU can wait for it
+            if self.signal is None:
+                self.signal = cpu_experts.HostSignal(self.torch, self.device)
+            if self.signal.available:
+                self.worker = cpu_experts.HostWorker(self.torch, self.host.threads, self.signal)
         if share != "auto":
             self.expert_share = float(share)
             return
@@ -274,6 +281,23 @@ class Engine:
             vars(module).pop("forward", None)       # the class's own again
         self._forwards, self._cpu_rows, self._gpu_rows, self._host_calls = {}, {}, {}, {}
         self.host = None
+        if self.worker is not None:
+            try:
+                self._collect()
+            except Exception:       # noqa: BLE001 - stopping: a failed call of the last step is moot
+                pass
+            self.worker.close()
+            self.worker = None
+
+    def _collect(self):
+        """Wait for the worker's outstanding calls (the GPU waits for them anyway), raising what failed
+        in them, and count them."""
+        while self._outstanding:
+            future, name, nbytes = self._outstanding.pop(0)
+            t0, t1 = future.result()
+            self.stats.cpu_expert_seconds += t1 - t0
+            self.stats.bytes_on_cpu += nbytes
+            self.trace.host_event("cpu", name, t0, t1, nbytes)
 
     def remove(self):
         self.graphs.drop()
@@ -309,6 +333,7 @@ class Engine:
 
     def eager_step(self, forward, args, kwargs):
         if self.in_step:        # the last step ended in an exception: start clean
+            self._outstanding.clear()       # the worker raises the counter for them regardless
             self._do(Work(abandoned=self.schedule.reset()))
             for block in self._cpu_hooks:
                 block.reset()
@@ -323,6 +348,7 @@ class Engine:
             self.mover.present(work.jobs)
         self._do(work)
         out = forward(*to_device(args, self.device), **to_device(kwargs, self.device))
+        self._collect()         # a failed CPU call fails the step, before its output is used
         if self.trace.enabled:
             self._span_end("step")
         self.in_step = False
@@ -439,6 +465,7 @@ class Engine:
         slot, where the block came without them: from the expert cache where it holds them, else over the
         link from host memory (CUDA) or from disk (the CPU device), then kept in the cache if it takes them."""
         self._host_calls.pop(idx, None)
+        self._collect()     # the last call's CPU work (the router below waits for it on the GPU anyway)
         job = self.schedule.active.get(idx)
         if job is None or idx not in self.sources or job.ranges is None:   # held, not streaming, or whole
             return
@@ -478,8 +505,14 @@ class Engine:
                 # each transfer waits for the compute stream, which then holds nothing more
                 work = cpu_experts.calls(index, chosen)
                 on_device = cpu_experts.to_device(work, hidden.device)
-                host = (hidden.to("cpu"), weights.to("cpu")) if on_cpu else (None, None)
-                self._host_calls[idx] = (*host, work, on_device, set(on_cpu), name)
+                cpu_work = {e: work[e] for e in on_cpu}
+                host, started = (hidden.to("cpu"), weights.to("cpu")) if on_cpu else (None, None), None
+                if on_cpu and self.worker is not None:      # it starts now, while the link copies the others
+                    out = self.torch.empty((sum(len(t) for _, t in cpu_work.values()), hidden.shape[-1]),
+                                           dtype=hidden.dtype, pin_memory=True)
+                    value = self.signal.next()
+                    started = (self.worker.submit(cpu_rows, *host, cpu_work, out, value), out, value)
+                self._host_calls[idx] = (*host, work, on_device, cpu_work, name, started)
             if missed and self.cuda:
                 self.stats.bytes_from_cpu += self.mover.copy_now(name, found.ranges(missed), self.sources[idx].flat,
                                                                  slot)
@@ -521,7 +554,7 @@ class Engine:
         (``nonzero``): computing the GPU's experts with it before the CPU's would hold the CPU back until the
         copies end. So the GPU's go first only by their products alone (the eager form: nothing waits), and
         otherwise after the CPU's, whose work then runs while the link copies."""
-        host_hidden, host_weights, work, on_device, on_cpu, name = pending
+        host_hidden, host_weights, work, on_device, on_cpu, name, started = pending
         found = self.routed[idx]
         hidden, _, weights = found.arguments(args, kwargs)
         gpu_rows = self._gpu_rows[idx]
@@ -530,16 +563,21 @@ class Engine:
         def on_gpu():
             return {e: gpu_rows(hidden, weights, e, *on_device[e]) for e in work if e not in on_cpu}
         rows = {} if waits else on_gpu()
-        if on_cpu:
-            host_rows, t0, t1 = self.host.run(self._cpu_rows[idx], host_hidden, host_weights,
-                                              {e: work[e] for e in on_cpu})
-        if waits:
-            rows = on_gpu()
-        if on_cpu:
-            nbytes = found.row_bytes * len(on_cpu)
+        nbytes = found.row_bytes * len(on_cpu)
+        if started is not None:     # the worker's rows, once the counter says they are there (no host wait)
+            future, out, value = started
+            self.signal.wait(self.torch.cuda.current_stream(hidden.device), value)
+            self._outstanding.append((future, name, nbytes))
+            moved = out.to(hidden.device, non_blocking=True).split([len(t) for _, t in on_cpu.values()])
+            host_rows = dict(zip(on_cpu, moved))
+        elif on_cpu:
+            host_rows, t0, t1 = self.host.run(self._cpu_rows[idx], host_hidden, host_weights, on_cpu)
             self.stats.cpu_expert_seconds += t1 - t0
             self.stats.bytes_on_cpu += nbytes
             self.trace.host_event("cpu", name, t0, t1, nbytes)
+        if waits:
+            rows = on_gpu()
+        if on_cpu:
             rows.update((e, r.to(hidden.device)) for e, r in host_rows.items())
         return cpu_experts.combine(hidden, rows, {e: token for e, (_, token) in on_device.items()})
 

@@ -116,6 +116,41 @@ def test_the_cpu_side_computes_on_the_callers_thread_with_its_own_threads_and_me
     assert 1 <= cpu_experts.host_threads()
 
 
+def test_the_worker_writes_a_calls_rows_in_order_and_always_raises_the_counter(model_dirs):
+    """On CUDA the worker computes a split call's experts while the caller goes on, into page-locked rows
+    the GPU takes once the counter is raised (cpu_experts.HostSignal); here a stand-in counter."""
+    experts = eager_model(model_dirs("mixtral")).model.layers[0].mlp.experts
+    twin = cpu_experts.twin(experts, {n: p.detach() for n, p in experts.named_parameters()})
+    rows = cpu_experts.rows_for(twin)
+
+    class Counter:
+        raised = []
+
+        def raise_to(self, value):
+            self.raised.append((value, threading.get_ident()))
+    signal = Counter()
+    worker = cpu_experts.HostWorker(torch, 1, signal)
+    try:
+        hidden = torch.randn(3, experts.gate_up_proj.shape[-1]).to(experts.gate_up_proj.dtype)
+        weights = torch.rand(3, 2).to(hidden.dtype)
+        work = {3: (torch.tensor([0, 1]), torch.tensor([0, 2])), 1: (torch.tensor([1]), torch.tensor([1]))}
+        out = torch.full((3, hidden.shape[-1]), float("nan"), dtype=hidden.dtype)
+        t0, t1 = worker.submit(rows, hidden, weights, work, out, 7).result()
+        assert t1 >= t0
+        with torch.no_grad():
+            want = torch.cat([cpu_experts.expert_rows(experts.forward, hidden, weights, e, *work[e]) for e in (3, 1)])
+        assert torch.equal(out, want)           # in the order of the work given, each expert's rows in turn
+        assert signal.raised[-1][0] == 7 and signal.raised[-1][1] != threading.get_ident()
+
+        def failing(*args):
+            raise ValueError("no")
+        with pytest.raises(ValueError):
+            worker.submit(failing, hidden, weights, work, out, 8).result()
+        assert signal.raised[-1][0] == 8        # raised anyway: the GPU never waits for good
+    finally:
+        worker.close()
+
+
 def host_flats(llm):
     """Each routed block's bytes, read into host memory (what page-locked memory holds on CUDA)."""
     eng = llm._engine

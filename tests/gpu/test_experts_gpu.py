@@ -209,8 +209,10 @@ def test_experts_computed_on_the_cpu_match_transformers_computing_them_there(arc
                     continue
                 assert cpu > 0 and link > 0 and share == pytest.approx(cpu / (cpu + link))
             assert eng.host is not None and set(eng._cpu_rows) == set(eng.routed) == set(eng.sources)
-            # transformers' eager experts (this machine's version of them): the CPU runs the products alone
+            # transformers' eager experts (this machine's version of them): the CPU runs the products alone,
+            # on the worker, the GPU waiting for its rows on the page-locked counter
             assert all(r.func is cpu_experts.direct_rows for r in eng._cpu_rows.values())
+            assert eng.worker is not None, eng.signal.why_not
             got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
             assert torch.equal(got, eager_reference(folder, ids, share)), (compute, share)
             assert torch.equal(llm.generate(four, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu(),
@@ -224,5 +226,17 @@ def test_experts_computed_on_the_cpu_match_transformers_computing_them_there(arc
             if share == 1.0:            # the link carries the blocks' other weights only
                 rest = sum(b - a for i in eng.routed for a, b in eng._without_experts[i][0])
                 assert moved(llm, ids, N) - moved(llm, ids, 2) == (N - 2) * rest
+            if compute == "cpu":        # a CPU call that fails fails its step (the GPU isn't left waiting)
+                idx = next(iter(eng._cpu_rows))
+                good = eng._cpu_rows[idx]
+
+                def failing(*args):
+                    raise ValueError("a CPU call failed")
+                eng._cpu_rows[idx] = failing
+                with pytest.raises(ValueError, match="a CPU call failed"):
+                    llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False)
+                eng._cpu_rows[idx] = good
+                again = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
+                assert torch.equal(again, eager_reference(folder, ids, share))
         finally:
             llm.unload()
