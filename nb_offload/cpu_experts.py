@@ -20,8 +20,10 @@ How the CPU computes them. Where the experts module's eager forward is transform
 the CPU runs just an expert's products (``direct_rows``: the loop body of that form, the same ops on the
 same shapes); the forward's bookkeeping around them (one-hot masks, ``nonzero``, ``where``) cost a third of
 the rate on the H200 host (benchmarks/bench_cpu_block.py). Anything else calls the forward restricted to the
-expert. The work runs on the caller's thread once the GPU's side is launched, with torch's threads set for
-it and restored after: on a worker thread of its own the same products read a third slower on that host.
+expert. On CUDA a worker thread computes them (``HostWorker``) while the caller goes on launching what comes
+after, the GPU waiting for their rows on a counter in page-locked memory (``HostSignal``); where the GPU
+can't wait so, the caller computes them once the GPU's side is launched (``HostCompute``). Either sets
+torch's threads to the cores less four for the work.
 
 Which experts the CPU takes: the share ``expert_compute`` gives (or, for ``"auto"``, the CPU's rate over
 both rates: the CPU's on a block's experts measured at load, the link's page-locked rate) of the step's experts
@@ -233,7 +235,9 @@ class HostSignal:
 
     def __init__(self, torch, device):
         self.torch, self.device = torch, device
-        self.count = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        with torch.inference_mode(False):      # a load under inference mode: the worker writes it outside
+            self.count = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        self._written = self.count.numpy()      # the worker's writes, without torch's checks
         self.issued = 0
         self.why_not = ""
         try:
@@ -262,7 +266,7 @@ class HostSignal:
     def raise_to(self, value: int):
         """Let the waits for ``value`` (and below) go: after the rows they guard are written. One call is
         outstanding at a time, so the counter only goes up (the GPU compares with wrap-around)."""
-        self.count[0] = (value + (1 << 31)) % (1 << 32) - (1 << 31)     # as the int32 the GPU reads
+        self._written[0] = (value + (1 << 31)) % (1 << 32) - (1 << 31)     # as the int32 the GPU reads
 
     def _check(self):
         """A wait on a side stream holds an event back until the counter is raised."""

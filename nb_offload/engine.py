@@ -178,7 +178,7 @@ class Engine:
     def keep_experts_on_gpu(self):
         """"auto" found the CPU slower than the link: every expert stays on the GPU. A split call holds the
         host on the CPU's work, so what it launches next no longer hides under the link's copies; on the
-        H200 host splits lost to all-GPU routing with the CPU at 0.53 and 0.97 of the link's rate (docs/moe.md).
+        H200 host splits lost to all-GPU routing with the CPU at 0.54 and 0.97 of the link's rate (docs/moe.md).
         Unless the load named one, the experts compute with transformers' default implementation again (the
         eager one, chosen so the two sides combine in its order, reads the routing on the host)."""
         self._stop_host_experts()
