@@ -550,10 +550,11 @@ class Engine:
     def _combine(self, idx, pending, args, kwargs):
         """A split call's output: the GPU's experts and the CPU's rows, added in expert order (cpu_experts.py).
 
-        The routed copies run on the compute stream, and the eager forward waits on the host for that stream
-        (``nonzero``): computing the GPU's experts with it before the CPU's would hold the CPU back until the
-        copies end. So the GPU's go first only by their products alone (the eager form: nothing waits), and
-        otherwise after the CPU's, whose work then runs while the link copies."""
+        The CPU's rows come from the worker the pre-hook started, the GPU's stream waiting for them on the
+        counter (nothing waits on the host), or where there is no worker, from this thread. The routed copies
+        run on the compute stream, and the eager forward waits on the host for that stream (``nonzero``), so
+        the GPU's experts go first only by their products alone (the eager form: nothing waits); otherwise
+        after the CPU's, which then run while the link copies."""
         host_hidden, host_weights, work, on_device, on_cpu, name, started = pending
         found = self.routed[idx]
         hidden, _, weights = found.arguments(args, kwargs)
