@@ -197,8 +197,9 @@ class Options:
                                                                    "over the link), \"cpu\" (on the CPU, from host "
                                                                    "memory), a share of them on the CPU each step "
                                                                    "(0.4), or \"auto\" (the share from the CPU's and "
-                                                                   "the link's rates, measured at load); CUDA only, "
-                                                                   "with the eager experts")
+                                                                   "the link's rates, measured at load; none where "
+                                                                   "the CPU is the slower); CUDA only, with the "
+                                                                   "eager experts")
     cuda_graph: bool = _option(True, _flag, "decode steps captured as one CUDA graph and replayed per token, "
                                             "with a static KV cache (graphs.py says where they run eager)")
     fused_kernels: bool = _option(True, _flag, "in a captured decode step, RMSNorm, the rotary embedding and "
