@@ -40,6 +40,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from .errors import in_one_line
 from .forms import is_form
 
 # Cores left to the copy thread, the disk reader and the caller's thread: with every core computing, the
@@ -184,6 +185,13 @@ def split(missed: list, share: float) -> tuple[list, list]:
     return missed[:len(missed) - n], missed[len(missed) - n:]
 
 
+def computed(torch, rows, hidden, weights, work: dict) -> dict:
+    """Each expert of ``work`` (expert -> (positions, tokens)) computed by ``rows`` (``rows_for``), in
+    ``work``'s order: expert -> its rows."""
+    with torch.inference_mode():
+        return {e: rows(hidden, weights, e, pos, token) for e, (pos, token) in work.items()}
+
+
 class HostCompute:
     """The CPU side: computes experts from host memory on the caller's thread with torch's threads set to
     ``threads`` (restored after), and measures the rate it does so at, for ``"auto"``'s share (the engine's
@@ -200,8 +208,7 @@ class HostCompute:
         t0 = time.perf_counter()
         torch.set_num_threads(self.threads)
         try:
-            with torch.inference_mode():
-                out = {e: rows(hidden, weights, e, pos, token) for e, (pos, token) in work.items()}
+            out = computed(torch, rows, hidden, weights, work)
         finally:
             torch.set_num_threads(caller)
         return out, t0, time.perf_counter()
@@ -245,7 +252,7 @@ class HostSignal:
             self._check()
         except Exception as exc:        # no driver call, or a wait the GPU didn't honour: stay synchronous
             self._wait_value = None
-            self.why_not = f"{type(exc).__name__}: {exc}"
+            self.why_not = in_one_line(exc)
 
     @property
     def available(self) -> bool:
@@ -303,7 +310,7 @@ class HostWorker:
     (also when it fails, so the GPU never waits for good); the caller collects the outcome later."""
 
     def __init__(self, torch, threads: int, signal: HostSignal):
-        self.torch, self.threads, self.signal = torch, threads, signal
+        self.torch, self.signal = torch, signal
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb_offload-cpu-experts",
                                        initializer=torch.set_num_threads, initargs=(threads,))
 
@@ -315,12 +322,9 @@ class HostWorker:
     def _run(self, rows, hidden, weights, work, out, value):
         try:
             t0 = time.perf_counter()
-            with self.torch.inference_mode():
-                at = 0
-                for e, (pos, token) in work.items():
-                    part = rows(hidden, weights, e, pos, token)
-                    out[at:at + len(part)].copy_(part)
-                    at += len(part)
+            parts = computed(self.torch, rows, hidden, weights, work)
+            with self.torch.inference_mode():     # ``out`` may be an inference tensor (a load under it)
+                self.torch.cat(list(parts.values()), out=out)
             return t0, time.perf_counter()
         finally:
             self.signal.raise_to(value)

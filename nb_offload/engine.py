@@ -294,10 +294,13 @@ class Engine:
         in them, and count them."""
         while self._outstanding:
             future, name, nbytes = self._outstanding.pop(0)
-            t0, t1 = future.result()
-            self.stats.cpu_expert_seconds += t1 - t0
-            self.stats.bytes_on_cpu += nbytes
-            self.trace.host_event("cpu", name, t0, t1, nbytes)
+            self._count_cpu(name, *future.result(), nbytes)
+
+    def _count_cpu(self, name, t0, t1, nbytes):
+        """A split call's CPU work, from ``t0`` to ``t1`` on ``nbytes`` of experts, in the stats and the trace."""
+        self.stats.cpu_expert_seconds += t1 - t0
+        self.stats.bytes_on_cpu += nbytes
+        self.trace.host_event("cpu", name, t0, t1, nbytes)
 
     def remove(self):
         self.graphs.drop()
@@ -573,9 +576,7 @@ class Engine:
             host_rows = dict(zip(on_cpu, moved))
         elif on_cpu:
             host_rows, t0, t1 = self.host.run(self._cpu_rows[idx], host_hidden, host_weights, on_cpu)
-            self.stats.cpu_expert_seconds += t1 - t0
-            self.stats.bytes_on_cpu += nbytes
-            self.trace.host_event("cpu", name, t0, t1, nbytes)
+            self._count_cpu(name, t0, t1, nbytes)
         if waits:
             rows = on_gpu()
         if on_cpu:

@@ -141,6 +141,10 @@ def test_the_worker_writes_a_calls_rows_in_order_and_always_raises_the_counter(m
             want = torch.cat([cpu_experts.expert_rows(experts.forward, hidden, weights, e, *work[e]) for e in (3, 1)])
         assert torch.equal(out, want)           # in the order of the work given, each expert's rows in turn
         assert signal.raised[-1][0] == 7 and signal.raised[-1][1] != threading.get_ident()
+        with torch.inference_mode():        # rows made under inference mode (a load under it): written all the same
+            frozen = torch.zeros_like(out)
+        worker.submit(rows, hidden, weights, work, frozen, 9).result()
+        assert torch.equal(frozen, want) and signal.raised[-1][0] == 9
 
         def failing(*args):
             raise ValueError("no")
