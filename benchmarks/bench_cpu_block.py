@@ -25,7 +25,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", default="8,12,14,16")
     ap.add_argument("--calls", type=int, default=20)
-    ap.add_argument("--parts", default="block,experts", help="block, experts or both")
+    ap.add_argument("--parts", default="block,experts", help="block, experts, threads: a comma list")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
@@ -42,6 +42,8 @@ def main():
         block_rows(torch, add, args, link)
     if "experts" in args.parts:
         experts(torch, add, host_threads(), link)
+    if "threads" in args.parts:
+        thread_rows(torch, add, host_threads(), link)
 
 
 def block_rows(torch, add, args, link):
@@ -290,6 +292,93 @@ def experts(torch, add, threads, link):
             timed("experts: torch.mv products, page-locked weights, the link copying beside it",
                   lambda: [expert_mv(w) for w in pinned], threads)
         add(what="  (the link's rate during the row above)", link_gbps=rate())
+
+
+def thread_rows(torch, add, threads, link):
+    """Why a worker thread computed a step's experts slower than the calling thread (33-36 against 52-62 GB/s
+    on the H200 host, 2026-12-02): the same F.linear products over 32 distinct Mixtral-anchor experts, on the
+    caller and on workers set up in each way, with the caller idle, busy in Python, or the link copying."""
+    from concurrent.futures import ThreadPoolExecutor
+    hidden_size, inter, count = 2048, 5632, 32
+    gen = torch.Generator().manual_seed(0)
+    plain = []
+    for _ in range(count):
+        gate_up = torch.empty(2 * inter, hidden_size, dtype=torch.bfloat16).uniform_(-0.02, 0.02, generator=gen)
+        down = torch.empty(hidden_size, inter, dtype=torch.bfloat16).uniform_(-0.02, 0.02, generator=gen)
+        plain.append((gate_up, down))
+    nbytes = sum(g.nbytes + d.nbytes for g, d in plain)
+    x = torch.randn(1, hidden_size, dtype=torch.bfloat16, generator=gen)
+    linear, silu = torch.nn.functional.linear, torch.nn.functional.silu
+
+    def by_products():
+        outs = []
+        for g, d in plain:
+            gate, up = linear(x, g).chunk(2, dim=-1)
+            outs.append(linear(silu(gate) * up, d))
+        return outs
+
+    def in_inference():
+        with torch.inference_mode():
+            return by_products()
+
+    def with_threads():
+        torch.set_num_threads(threads)
+        return in_inference()
+
+    def seen():
+        return {"worker_threads": torch.get_num_threads(), "omp": os.environ.get("OMP_WAIT_POLICY", ""),
+                "gomp_spin": os.environ.get("GOMP_SPINCOUNT", ""), "affinity": len(os.sched_getaffinity(0))}
+
+    def timed(what, fn, passes=7, **extra):
+        fn()
+        times = []
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        median = statistics.median(times)
+        add(what=what, threads=threads, median_ms=1e3 * median, gbps=nbytes / median / 1e9,
+            best_gbps=nbytes / min(times) / 1e9, env=os.environ.get("OMP_WAIT_POLICY", "") or "default", **extra)
+
+    caller = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        timed("threads: caller", by_products)
+        pool = ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(threads,))
+        try:
+            info = pool.submit(seen).result()
+            timed("threads: pool worker, as bench 'experts' ran it", lambda: pool.submit(by_products).result(), **info)
+            timed("threads: pool worker, inference mode", lambda: pool.submit(in_inference).result())
+            timed("threads: pool worker, threads set each call", lambda: pool.submit(with_threads).result())
+            # the caller busy in Python meanwhile, as a decode's host is (launching kernels holds the GIL)
+            def busy_caller():
+                future = pool.submit(in_inference)
+                small = torch.zeros(8)
+                while not future.done():
+                    small.add_(1)
+                return future.result()
+            timed("threads: pool worker, the caller busy in Python", busy_caller)
+            if link is not None:
+                with link() as rate:
+                    timed("threads: pool worker, the link copying beside it",
+                          lambda: pool.submit(in_inference).result())
+                add(what="  (the link's rate during the row above)", link_gbps=rate())
+                with link() as rate:
+                    timed("threads: caller, the link copying beside it", by_products)
+                add(what="  (the link's rate during the row above)", link_gbps=rate())
+        finally:
+            pool.shutdown()
+
+        def fresh():
+            box = []
+            t = threading.Thread(target=lambda: box.append(with_threads()))
+            t.start()
+            t.join()
+            return box[0]
+        timed("threads: a fresh thread each pass", fresh)
+        timed("threads: caller again, after the workers", by_products)
+    finally:
+        torch.set_num_threads(caller)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,43 @@ def build_qwen3(folder, layers):
     save_random(Qwen3MoeForCausalLM, cfg, folder)
 
 
+def timeline(llm, ids, path):
+    """An 8-token generate's events (the engine's trace: copies, compute, the CPU's work) with the host's time
+    in each routed call added (``host:bring``: the pre-hook; ``host:router``: its wait for the router's
+    choice; ``host:combine``: a split call's forward), as JSON rows (kind, unit, start, end, bytes, step)."""
+    import json
+    eng, trace = llm._engine, llm.trace
+    patched = []
+
+    def wrap(owner, attr, kind, label):
+        inner = getattr(owner, attr)
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return inner(*a, **k)
+            finally:
+                trace.host_event(kind, label(a), t0, time.perf_counter())
+        setattr(owner, attr, timed)
+        patched.append((owner, attr))
+    wrap(eng, "_bring_routed", "host:bring", lambda a: str(a[0]))
+    wrap(eng, "_combine", "host:combine", lambda a: str(a[0]))
+    for idx, found in eng.routed.items():
+        wrap(found, "routed_in", "host:router", lambda a, idx=idx: str(idx))
+    try:
+        trace.flush(wait=True)
+        trace.clear()
+        llm.generate(ids, max_new_tokens=8, do_sample=False)
+        trace.flush(wait=True)
+        rows = [(e.kind, e.unit, e.start, e.end, e.bytes, e.step) for e in trace]
+    finally:
+        for owner, attr in patched:
+            vars(owner).pop(attr, None)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(rows, fh)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="mixtral,qwen3")
@@ -58,13 +95,19 @@ def main():
     ap.add_argument("--cpu-experts", default="", help="rows that also get the split and CPU loads "
                                                       "(cpu_experts.py), e.g. mixtral: five loads of a row "
                                                       "hold five copies in host memory")
+    ap.add_argument("--worker-too", action="store_true", help="with --cpu-experts: also the half and CPU loads "
+                                                               "with the CPU's work on a worker thread from the "
+                                                               "start (cpu_experts.HostWorker)")
+    ap.add_argument("--trace-dir", default=None, help="also write each load's timeline of an 8-token generate "
+                                                    "(the engine's trace plus the host's time in the routed calls) "
+                                                    "as JSON here")
     args = ap.parse_args()
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, StaticCache
 
     import nb_offload
-    from nb_offload import experts
+    from nb_offload import cpu_experts, experts
     from nb_offload.graphs import bucket, cache_name
     torch.manual_seed(0)
     ids = torch.randint(3, 31000, (1, 16), device="cuda")
@@ -78,13 +121,14 @@ def main():
     inference = torch.inference_mode()
     inference.__enter__()
 
-    def load(folder, gpu, routed, **options):
-        saved = experts.CUDA_MIN_SAVED
+    def load(folder, gpu, routed, owed=True, **options):
+        saved, owed_saved = experts.CUDA_MIN_SAVED, cpu_experts.OWED_TO_CALLER
         experts.CUDA_MIN_SAVED = saved if routed else 1 << 62      # whole: no block saves that much
+        cpu_experts.OWED_TO_CALLER = owed
         try:
             return nb_offload.load(folder, gpu=gpu, cpu="110GiB", progress=False, **options)
         finally:
-            experts.CUDA_MIN_SAVED = saved
+            experts.CUDA_MIN_SAVED, cpu_experts.OWED_TO_CALLER = saved, owed_saved
 
     def row(name, folder, gpu, make):
         if not os.path.isfile(os.path.join(folder, "config.json")):
@@ -113,6 +157,9 @@ def main():
             llms["split"] = load(folder, gpu, True, expert_compute="auto")
             llms["half"] = load(folder, gpu, True, expert_compute=0.5)
             llms["cpu"] = load(folder, gpu, True, expert_compute="cpu", expert_cache=0)
+            if args.worker_too:
+                llms["half_worker"] = load(folder, gpu, True, owed=False, expert_compute=0.5)
+                llms["cpu_worker"] = load(folder, gpu, True, owed=False, expert_compute="cpu", expert_cache=0)
         try:
             routed, whole = llms["routed"], llms["whole"]
             assert routed._engine.routed and not whole._engine.routed, "the two loads must differ"
@@ -132,9 +179,12 @@ def main():
                 return fn
             runs = interleave({k: timed(llm, k) for k, llm in llms.items()}, args.repeats)
             t, sp, tokens, prefill = summarize(runs, llms, long_ids)
+            if args.trace_dir:
+                for k, llm in llms.items():
+                    timeline(llm, ids, os.path.join(args.trace_dir, f"timeline-{name}-{k}.json"))
             cache = routed._engine.expert_cache
             on_cpu = {}
-            for k in ("split", "half", "cpu"):
+            for k in ("split", "half", "cpu", "half_worker", "cpu_worker"):
                 if k not in llms:
                     continue
                 llm, eng = llms[k], llms[k]._engine
@@ -150,7 +200,9 @@ def main():
                                  route_wait_ms_per_step=1e3 * med(waits[k]),
                                  hit_rate=med(hits[k]) if k in hits else 0.0,
                                  equals_hf_eager=bool(torch.equal(tokens[k], want)), split=eng.host is not None,
-                                 tokens_agreeing=agree, over_routed=t["routed"] / t[k])
+                                 tokens_agreeing=agree, over_routed=t["routed"] / t[k],
+                                 where=type(eng.worker).__name__ if eng.worker is not None else "caller",
+                                 computed_by=dict(getattr(eng.worker, "by", {})))
             add(row=name, budget=gpu, link_gbps=link,
                 routed_tok_s=1 / t["routed"], whole_tok_s=1 / t["whole"], spread=sp,
                 routed_nocache_tok_s=1 / t["routed_nocache"], routed_nocache_moved_per_step=moved["routed_nocache"],

@@ -680,7 +680,12 @@ def _cpu_experts_table(data, tokens) -> list:
         agree = "all" if v["equals_hf_eager"] else f"{v['tokens_agreeing']} of {tokens}"
         running = f"{v['cpu_gbps']:.1f} GB/s ({v['cpu_threads']} threads)" if v.get("split", True) else \
             "nothing split: the CPU is the slower"
-        lines.append(f"| {r['row']} | {k} | {v['tok_s']:.2f} ({v['spread']}) | {v['over_routed']:.2f}x | "
+        by = v.get("computed_by") or {}
+        where = {"HostOwed": f" (the caller when it would wait; {by.get('standby', 0)} of "
+                             f"{sum(by.values())} calls by the standby)",
+                 "HostWorker": " (a worker thread from the start)"}.get(v.get("where"), "")
+        where = where if v.get("split", True) else ""
+        lines.append(f"| {r['row']} | {k}{where} | {v['tok_s']:.2f} ({v['spread']}) | {v['over_routed']:.2f}x | "
                      f"{v['share']:.2f}{rates} | {running} | "
                      f"{v['experts_on_cpu_per_step']:.1f} | {v['moved_per_step'] / 1e9:.2f} GB | "
                      f"{v['route_wait_ms_per_step']:.1f} ms | {v['prefill_2048_s'] * 1e3:.0f} ms | {agree} |")

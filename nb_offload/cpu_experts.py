@@ -33,10 +33,12 @@ soonest (``taken``), the highest-numbered ones: fixed for given routing, so a ru
 
 from __future__ import annotations
 
+import collections
 import copy
 import ctypes
 import functools
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -329,5 +331,125 @@ class HostWorker:
         finally:
             self.signal.raise_to(value)
 
+    def settle(self):
+        """Nothing to do here: the worker started each call when it was submitted."""
+
     def close(self):
         self.pool.shutdown(wait=True)
+
+
+# Where a split call's CPU work runs on CUDA: True, on the caller when it would otherwise wait (HostOwed);
+# False, on a worker thread from the start (HostWorker). Read at load. HostOwed is CPU-tested, not yet run
+# on a card (bench_moe.py --worker-too measures both), so the measured worker stays the default.
+OWED_TO_CALLER = False
+
+
+class Owed:
+    """One split call's CPU work that the GPU waits for; ``result()`` as a future's: (start, end) on the
+    perf_counter clock once it is computed, or what it raised."""
+
+    def __init__(self, rows, hidden, weights, work, out, value, deadline):
+        self.args = (rows, hidden, weights, work, out)
+        self.value, self.deadline = value, deadline
+        self.span, self.error, self.by = None, None, None
+        self.done = threading.Event()
+
+    def result(self):
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.span
+
+
+class HostOwed:
+    """The CPU's experts of a split call on CUDA, owed to the GPU, which waits for their rows on HostSignal's
+    counter. The caller computes them at its next chance (``settle``), which the engine takes where it would
+    otherwise wait for the GPU: before the next router's choice, at the step's end. The host has then
+    launched the rest of the layer and the next one's attention, and the CPU reads at the calling thread's
+    rate (a worker thread read 30-36 GB/s on the H200 host against the caller's 52-62). A standby thread
+    computes a call the caller hasn't come for within ``patience`` seconds: a wait for the GPU that the
+    engine doesn't know of would otherwise never end. One computes at a time, oldest first, so the counter
+    only goes up; each call raises it, also when it fails."""
+
+    PATIENCE = 0.02     # seconds: a layer's worth of host time is 1-3 ms
+
+    def __init__(self, torch, threads: int, signal: HostSignal, patience: float | None = None):
+        self.torch, self.threads, self.signal = torch, threads, signal
+        self.patience = self.PATIENCE if patience is None else patience
+        self._queue = collections.deque()
+        self._turn = threading.Lock()           # held while a call is taken and computed
+        self._changed = threading.Condition()   # guards the queue; notified on submit and close
+        self._closed = False
+        self.by = {"caller": 0, "standby": 0}      # calls computed by each (the standby's are waits unforeseen)
+        self._standby = threading.Thread(target=self._watch, name="nb_offload-cpu-experts-standby", daemon=True)
+        self._standby.start()
+
+    def submit(self, rows, hidden, weights, work: dict, out, value: int) -> Owed:
+        """Owe the GPU each expert of ``work`` computed into consecutive rows of ``out`` (page-locked), then
+        the counter raised to ``value``."""
+        owed = Owed(rows, hidden, weights, work, out, value, time.perf_counter() + self.patience)
+        with self._changed:
+            self._queue.append(owed)
+            self._changed.notify()
+        return owed
+
+    def settle(self):
+        """Compute every call still owed, on this thread, oldest first (after the one the standby is on)."""
+        while True:
+            with self._turn:
+                owed = self._take()
+                if owed is None:
+                    return
+                self._compute(owed, "caller")
+
+    def _take(self, expected=None):
+        """The oldest owed call off the queue (only if it is ``expected``, where given); None if there is none."""
+        with self._changed:
+            if not self._queue or (expected is not None and self._queue[0] is not expected):
+                return None
+            return self._queue.popleft()
+
+    def _compute(self, owed, by):
+        torch = self.torch
+        rows, hidden, weights, work, out = owed.args
+        before = torch.get_num_threads()
+        t0 = time.perf_counter()
+        try:
+            torch.set_num_threads(self.threads)
+            parts = computed(torch, rows, hidden, weights, work)
+            with torch.inference_mode():     # ``out`` may be an inference tensor (a load under it)
+                torch.cat(list(parts.values()), out=out)
+            owed.span, owed.by = (t0, time.perf_counter()), by
+            self.by[by] += 1
+        except BaseException as exc:    # noqa: BLE001 - given to whoever collects the call; the GPU goes on
+            owed.error = exc
+        finally:
+            torch.set_num_threads(before)
+            self.signal.raise_to(owed.value)
+            owed.args = None
+            owed.done.set()
+
+    def _watch(self):
+        while True:
+            with self._changed:
+                while not self._queue and not self._closed:
+                    self._changed.wait()
+                if not self._queue:
+                    return
+                oldest = self._queue[0]
+                late = oldest.deadline - time.perf_counter()
+                if late > 0:
+                    self._changed.wait(late)
+                    continue
+            with self._turn:
+                owed = self._take(expected=oldest)
+                if owed is not None:
+                    self._compute(owed, "standby")
+
+    def close(self):
+        """Compute what is still owed, then stop the standby."""
+        self.settle()
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._standby.join()

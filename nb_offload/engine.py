@@ -161,7 +161,8 @@ class Engine:
             if self.signal is None:
                 self.signal = cpu_experts.HostSignal(self.torch, self.device)
             if self.signal.available:
-                self.worker = cpu_experts.HostWorker(self.torch, self.host.threads, self.signal)
+                kind = cpu_experts.HostOwed if cpu_experts.OWED_TO_CALLER else cpu_experts.HostWorker
+                self.worker = kind(self.torch, self.host.threads, self.signal)
         if share != "auto":
             self.expert_share = float(share)
             return
@@ -263,6 +264,14 @@ class Engine:
                 self.hooks.install(u, self._enter, self._exit)
         for idx, found in self.routed.items():
             self.hooks.before_call(found.module, lambda args, kwargs, idx=idx: self._bring_routed(idx, args, kwargs))
+        if self.routed:     # other MoE blocks' eager experts wait for the GPU (``nonzero``): pay what is owed first
+            top_k = getattr(text_config(self.model.config), "num_experts_per_tok", None) or 1
+            hooked = {found.module for found in self.routed.values()}
+            for u in self.units:
+                found = experts.find(self.model, u, top_k)
+                if found is not None and found.module not in hooked:
+                    hooked.add(found.module)
+                    self.hooks.before_call(found.module, lambda args, kwargs: self._collect())
         if self.cpu_blocks:
             threads = cpu_experts.host_threads()
             for idx, host in self.cpu_blocks.items():
@@ -290,8 +299,10 @@ class Engine:
             self.worker = None
 
     def _collect(self):
-        """Wait for the worker's outstanding calls (the GPU waits for them anyway), raising what failed
-        in them, and count them."""
+        """Compute the CPU's calls still owed, or wait for the worker's (the GPU waits for them anyway),
+        raising what failed in them, and count them."""
+        if self.worker is not None:
+            self.worker.settle()
         while self._outstanding:
             future, name, nbytes = self._outstanding.pop(0)
             self._count_cpu(name, *future.result(), nbytes)
@@ -318,6 +329,8 @@ class Engine:
     def drain(self):
         """Wait for everything in flight and forget the queue (before re-planning or unload)."""
         self.graphs.primed = None
+        if self.worker is not None:     # the GPU may be waiting for the CPU's rows of a call
+            self.worker.settle()
         self._do(Work(abandoned=self.schedule.reset()))     # so no read waits for a copy that won't come
         self.reader.drain()
         self.mover.synchronize()
@@ -336,7 +349,9 @@ class Engine:
 
     def eager_step(self, forward, args, kwargs):
         if self.in_step:        # the last step ended in an exception: start clean
-            self._outstanding.clear()       # the worker raises the counter for them regardless
+            if self.worker is not None:     # the counter raised for every call the GPU may wait for
+                self.worker.settle()
+            self._outstanding.clear()
             self._do(Work(abandoned=self.schedule.reset()))
             for block in self._cpu_hooks:
                 block.reset()

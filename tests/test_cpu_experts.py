@@ -5,6 +5,7 @@ GPU and the CPU (tests/gpu/test_experts_gpu.py)."""
 
 import copy
 import threading
+import time
 
 import pytest
 import torch
@@ -153,6 +154,73 @@ def test_the_worker_writes_a_calls_rows_in_order_and_always_raises_the_counter(m
         assert signal.raised[-1][0] == 8        # raised anyway: the GPU never waits for good
     finally:
         worker.close()
+
+
+def test_owed_calls_are_computed_by_the_caller_in_order_or_by_the_standby_when_it_doesnt_come(model_dirs):
+    """On CUDA a split call's CPU work is owed to the GPU (cpu_experts.HostOwed): the caller computes it when
+    it would otherwise wait for the GPU (``settle``), oldest first; a call the caller doesn't come for within
+    the patience is computed by a standby thread, so a wait for the GPU elsewhere ends. The counter is raised
+    for each call, in order, also when it fails; here a stand-in counter."""
+    experts = eager_model(model_dirs("mixtral")).model.layers[0].mlp.experts
+    twin = cpu_experts.twin(experts, {n: p.detach() for n, p in experts.named_parameters()})
+    rows = cpu_experts.rows_for(twin)
+
+    class Counter:
+        def __init__(self):
+            self.raised = []
+
+        def raise_to(self, value):
+            self.raised.append((value, threading.get_ident()))
+    hidden = torch.randn(3, experts.gate_up_proj.shape[-1]).to(experts.gate_up_proj.dtype)
+    weights = torch.rand(3, 2).to(hidden.dtype)
+    work = {3: (torch.tensor([0, 1]), torch.tensor([0, 2])), 1: (torch.tensor([1]), torch.tensor([1]))}
+    with torch.no_grad():
+        want = torch.cat([cpu_experts.expert_rows(experts.forward, hidden, weights, e, *work[e]) for e in (3, 1)])
+
+    def nans():
+        return torch.full((3, hidden.shape[-1]), float("nan"), dtype=hidden.dtype)
+    signal = Counter()
+    owed = cpu_experts.HostOwed(torch, 1, signal, patience=60.0)    # the standby never comes in this part
+    try:
+        first, second = nans(), nans()
+        a = owed.submit(rows, hidden, weights, work, first, 7)
+        b = owed.submit(rows, hidden, weights, work, second, 8)
+        time.sleep(0.05)
+        assert not a.done.is_set() and torch.isnan(first).all() and signal.raised == []     # owed, not computed
+        owed.settle()
+        me = threading.get_ident()
+        assert signal.raised == [(7, me), (8, me)] and a.by == b.by == "caller"
+        assert torch.equal(first, want) and torch.equal(second, want)
+        assert a.result()[1] >= a.result()[0]
+
+        def failing(*args):
+            raise ValueError("no")
+        c = owed.submit(failing, hidden, weights, work, nans(), 9)
+        owed.settle()           # the caller goes on; the error waits for whoever collects the call
+        with pytest.raises(ValueError):
+            c.result()
+        assert signal.raised[-1] == (9, me)
+        with torch.inference_mode():        # rows made under inference mode (a load under it): written all the same
+            frozen = torch.zeros_like(first)
+        d = owed.submit(rows, hidden, weights, work, frozen, 10)
+    finally:
+        owed.close()            # computes what is still owed
+    assert d.by == "caller" and torch.equal(frozen, want) and signal.raised[-1] == (10, me)
+
+    signal = Counter()
+    owed = cpu_experts.HostOwed(torch, 1, signal, patience=0.02)
+    try:
+        late = nans()
+        e = owed.submit(rows, hidden, weights, work, late, 11)
+        e.result()              # the caller never settles: the standby computes it
+        assert e.by == "standby" and torch.equal(late, want)
+        assert signal.raised == [(11, signal.raised[0][1])] and signal.raised[0][1] != threading.get_ident()
+        f = owed.submit(rows, hidden, weights, work, nans(), 12)
+        owed.settle()
+        assert f.by == "caller" and [v for v, _ in signal.raised] == [11, 12]
+        assert owed.by == {"caller": 1, "standby": 1}
+    finally:
+        owed.close()
 
 
 def host_flats(llm):
