@@ -194,6 +194,13 @@ def computed(torch, rows, hidden, weights, work: dict) -> dict:
         return {e: rows(hidden, weights, e, pos, token) for e, (pos, token) in work.items()}
 
 
+def computed_into(torch, rows, hidden, weights, work: dict, out):
+    """``computed``'s rows written into consecutive rows of ``out`` (page-locked, for the GPU to take)."""
+    parts = computed(torch, rows, hidden, weights, work)
+    with torch.inference_mode():     # ``out`` may be an inference tensor (a load under it)
+        torch.cat(list(parts.values()), out=out)
+
+
 class HostCompute:
     """The CPU side: computes experts from host memory on the caller's thread with torch's threads set to
     ``threads`` (restored after), and measures the rate it does so at, for ``"auto"``'s share (the engine's
@@ -324,9 +331,7 @@ class HostWorker:
     def _run(self, rows, hidden, weights, work, out, value):
         try:
             t0 = time.perf_counter()
-            parts = computed(self.torch, rows, hidden, weights, work)
-            with self.torch.inference_mode():     # ``out`` may be an inference tensor (a load under it)
-                self.torch.cat(list(parts.values()), out=out)
+            computed_into(self.torch, rows, hidden, weights, work, out)
             return t0, time.perf_counter()
         finally:
             self.signal.raise_to(value)
@@ -416,9 +421,7 @@ class HostOwed:
         t0 = time.perf_counter()
         try:
             torch.set_num_threads(self.threads)
-            parts = computed(torch, rows, hidden, weights, work)
-            with torch.inference_mode():     # ``out`` may be an inference tensor (a load under it)
-                torch.cat(list(parts.values()), out=out)
+            computed_into(torch, rows, hidden, weights, work, out)
             owed.span, owed.by = (t0, time.perf_counter()), by
             self.by[by] += 1
         except BaseException as exc:    # noqa: BLE001 - given to whoever collects the call; the GPU goes on

@@ -264,7 +264,8 @@ class Engine:
                 self.hooks.install(u, self._enter, self._exit)
         for idx, found in self.routed.items():
             self.hooks.before_call(found.module, lambda args, kwargs, idx=idx: self._bring_routed(idx, args, kwargs))
-        if self.routed:     # other MoE blocks' eager experts wait for the GPU (``nonzero``): pay what is owed first
+        if isinstance(self.worker, cpu_experts.HostOwed):   # other MoE blocks' eager experts wait for the GPU
+            # (``nonzero``), which may be waiting for a call the caller owes: pay it first
             top_k = getattr(text_config(self.model.config), "num_experts_per_tok", None) or 1
             hooked = {found.module for found in self.routed.values()}
             for u in self.units:
