@@ -25,7 +25,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", default="8,12,14,16")
     ap.add_argument("--calls", type=int, default=20)
-    ap.add_argument("--parts", default="block,experts", help="block, experts, threads: a comma list")
+    ap.add_argument("--parts", default="block,experts", help="block, experts, threads, single: a comma list")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
@@ -44,6 +44,8 @@ def main():
         experts(torch, add, host_threads(), link)
     if "threads" in args.parts:
         thread_rows(torch, add, host_threads(), link)
+    if "single" in args.parts:
+        single_rows(torch, add, host_threads())
 
 
 def block_rows(torch, add, args, link):
@@ -379,6 +381,96 @@ def thread_rows(torch, add, threads, link):
         timed("threads: caller again, after the workers", by_products)
     finally:
         torch.set_num_threads(caller)
+
+
+def single_rows(torch, add, threads, layers=14, passes=9):
+    """Why a split decode step's worker read one expert at 16-30 GB/s on the H200 host (timelines of
+    bench_moe.py, 2026-12-03) when 32 experts back to back read 37-48: one Mixtral-anchor expert a call, as a
+    decode step submits them (one a layer, ``layers`` a step, distinct experts), the caller meanwhile idle,
+    pausing between calls as the GPU's side of a layer does, copying an expert's bytes to the GPU and waiting
+    for them (as the routed copies make it), busy in Python with small torch ops, or that with a shorter GIL
+    switch interval. The rate is the worker's own time for its expert (from its start to its end), a median."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+    hidden_size, inter, count = 2048, 5632, 32
+    gen = torch.Generator().manual_seed(0)
+    plain = [(torch.empty(2 * inter, hidden_size, dtype=torch.bfloat16).uniform_(-0.02, 0.02, generator=gen),
+              torch.empty(hidden_size, inter, dtype=torch.bfloat16).uniform_(-0.02, 0.02, generator=gen))
+             for _ in range(count)]
+    nbytes = plain[0][0].nbytes + plain[0][1].nbytes
+    x = torch.randn(1, hidden_size, dtype=torch.bfloat16, generator=gen)
+    linear, silu = torch.nn.functional.linear, torch.nn.functional.silu
+    cuda = torch.cuda.is_available()
+    if cuda:
+        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        stream = torch.cuda.Stream()
+
+    def one(k):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            g, d = plain[k % count]
+            gate, up = linear(x, g).chunk(2, dim=-1)
+            linear(silu(gate) * up, d)
+        return t0, time.perf_counter()
+
+    pool = ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(threads,))
+
+    def run(what, meanwhile, pause=0.0, interval=None):
+        saved = sys.getswitchinterval()
+        if interval is not None:
+            sys.setswitchinterval(interval)
+        spans, walls, k = [], [], 0
+        try:
+            for p in range(passes + 1):
+                for _ in range(layers):
+                    t0 = time.perf_counter()
+                    future = pool.submit(one, k)
+                    meanwhile(future)
+                    a, b = future.result()
+                    if p:           # the first pass warms up
+                        spans.append(b - a)
+                        walls.append(time.perf_counter() - t0)
+                    k += 1
+                    if pause:
+                        time.sleep(pause)
+        finally:
+            sys.setswitchinterval(saved)
+        med = statistics.median(spans)
+        add(what=what, threads=threads, median_ms=1e3 * med, gbps=nbytes / med / 1e9,
+            best_gbps=nbytes / min(spans) / 1e9, wall_ms=1e3 * statistics.median(walls),
+            switch_interval_us=1e6 * (interval or saved))
+
+    def idle(future):
+        pass
+
+    def copying(future):
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+        stream.synchronize()
+
+    small = torch.zeros(8)
+
+    def busy(future):
+        while not future.done():
+            small.add_(1)
+
+    def busy_pure(future):
+        n = 0
+        while not future.done():
+            n += 1
+
+    try:
+        run("single: one expert a call, caller idle, back to back", idle)
+        run("single: one expert a call, caller idle, 1 ms between calls", idle, pause=1e-3)
+        if cuda:
+            run("single: caller copying an expert to the GPU and waiting for it, 1 ms between", copying, pause=1e-3)
+        run("single: caller busy in small torch ops, 1 ms between", busy, pause=1e-3)
+        run("single: caller busy in pure Python, 1 ms between", busy_pure, pause=1e-3)
+        run("single: caller busy in small torch ops, switch interval 0.1 ms", busy, pause=1e-3, interval=1e-4)
+        run("single: caller busy in pure Python, switch interval 0.1 ms", busy_pure, pause=1e-3, interval=1e-4)
+    finally:
+        pool.shutdown()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ memory, the share from rates measured at load, or none where the CPU is the slow
 routed expert of a streamed block on the CPU, as llama.cpp's ``--n-cpu-moe``). They compute with the
 eager experts, so their tokens are compared with transformers' eager experts on the GPU: the CPU rounds
 differently, so they may part after a while; the row says how many of the first tokens agree (the exact
-reference is in tests/gpu/test_experts_gpu.py).
+reference is in tests/gpu/test_experts_gpu.py). Their CPU work runs where the library's default puts it
+(cpu_experts.OWED_TO_CALLER); ``--owed-too`` adds the half and CPU loads the other way. ``--profile`` prints
+where the host's time goes in the routed and half loads.
 
     PYTHONPATH=. python3 benchmarks/bench_moe.py --json out.json [--rows mixtral,qwen3] [--cpu-experts mixtral]
 """
@@ -95,9 +97,13 @@ def main():
     ap.add_argument("--cpu-experts", default="", help="rows that also get the split and CPU loads "
                                                       "(cpu_experts.py), e.g. mixtral: five loads of a row "
                                                       "hold five copies in host memory")
-    ap.add_argument("--worker-too", action="store_true", help="with --cpu-experts: also the half and CPU loads "
-                                                               "with the CPU's work on a worker thread from the "
-                                                               "start (cpu_experts.HostWorker)")
+    ap.add_argument("--owed-too", action="store_true", help="with --cpu-experts: also the half and CPU loads "
+                                                             "with the CPU's work owed to the caller "
+                                                             "(cpu_experts.HostOwed; the others take the library's "
+                                                             "default, cpu_experts.OWED_TO_CALLER)")
+    ap.add_argument("--profile", action="store_true", help="also print where the host's time goes in a 16-token "
+                                                           "generate of the routed load, and of the half one with "
+                                                           "--cpu-experts (cProfile, by own time)")
     ap.add_argument("--trace-dir", default=None, help="also write each load's timeline of an 8-token generate "
                                                     "(the engine's trace plus the host's time in the routed calls) "
                                                     "as JSON here")
@@ -121,10 +127,10 @@ def main():
     inference = torch.inference_mode()
     inference.__enter__()
 
-    def load(folder, gpu, routed, owed=True, **options):
+    def load(folder, gpu, routed, owed=None, **options):
         saved, owed_saved = experts.CUDA_MIN_SAVED, cpu_experts.OWED_TO_CALLER
         experts.CUDA_MIN_SAVED = saved if routed else 1 << 62      # whole: no block saves that much
-        cpu_experts.OWED_TO_CALLER = owed
+        cpu_experts.OWED_TO_CALLER = owed_saved if owed is None else owed
         try:
             return nb_offload.load(folder, gpu=gpu, cpu="110GiB", progress=False, **options)
         finally:
@@ -157,9 +163,9 @@ def main():
             llms["split"] = load(folder, gpu, True, expert_compute="auto")
             llms["half"] = load(folder, gpu, True, expert_compute=0.5)
             llms["cpu"] = load(folder, gpu, True, expert_compute="cpu", expert_cache=0)
-            if args.worker_too:
-                llms["half_worker"] = load(folder, gpu, True, owed=False, expert_compute=0.5)
-                llms["cpu_worker"] = load(folder, gpu, True, owed=False, expert_compute="cpu", expert_cache=0)
+            if args.owed_too:
+                llms["half_owed"] = load(folder, gpu, True, owed=True, expert_compute=0.5)
+                llms["cpu_owed"] = load(folder, gpu, True, owed=True, expert_compute="cpu", expert_cache=0)
         try:
             routed, whole = llms["routed"], llms["whole"]
             assert routed._engine.routed and not whole._engine.routed, "the two loads must differ"
@@ -179,12 +185,18 @@ def main():
                 return fn
             runs = interleave({k: timed(llm, k) for k, llm in llms.items()}, args.repeats)
             t, sp, tokens, prefill = summarize(runs, llms, long_ids)
+            if args.profile:
+                from bench_graph import host_profile
+                for k in ("routed", "half"):
+                    if k in llms:
+                        print(f"--- where the host's time goes, {name} {k} (16 tokens)", flush=True)
+                        host_profile(llms[k].generate, ids, 16)
             if args.trace_dir:
                 for k, llm in llms.items():
                     timeline(llm, ids, os.path.join(args.trace_dir, f"timeline-{name}-{k}.json"))
             cache = routed._engine.expert_cache
             on_cpu = {}
-            for k in ("split", "half", "cpu", "half_worker", "cpu_worker"):
+            for k in ("split", "half", "cpu", "half_owed", "cpu_owed"):
                 if k not in llms:
                     continue
                 llm, eng = llms[k], llms[k]._engine

@@ -15,6 +15,7 @@ streamed units buffers of their own in room the plan reserved but the generate w
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from concurrent.futures import wait as futures_wait
@@ -366,7 +367,8 @@ class Engine:
         if self.cuda and self.mover.in_capture:     # a replay finds these in their slots (see replay)
             self.mover.present(work.jobs)
         self._do(work)
-        out = forward(*to_device(args, self.device), **to_device(kwargs, self.device))
+        with self._handover():
+            out = forward(*to_device(args, self.device), **to_device(kwargs, self.device))
         self._collect()         # a failed CPU call fails the step, before its output is used
         if self.trace.enabled:
             self._span_end("step")
@@ -377,6 +379,13 @@ class Engine:
         self.trace.step += 1
         self.trace.flush()
         return out
+
+    def _handover(self):
+        """Where a worker computes split calls' experts: the GIL handed over quickly while the step's Python
+        runs (cpu_experts.quick_handover), so the worker isn't left waiting for it between its products."""
+        if isinstance(self.worker, cpu_experts.HostWorker) and self.expert_share > 0:
+            return cpu_experts.quick_handover()
+        return contextlib.nullcontext()
 
     # -- a captured step (graphs.py) ------------------------------------------------------------------
     def capture_step(self, graph, forward, args, kwargs):

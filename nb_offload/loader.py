@@ -139,6 +139,9 @@ class Inspection:
         for u in self.units:
             split_unit(self.meta, u)
             describe(self.meta, u, top_k, cuda=device_type == "cuda")
+            if u.pieces and u.expert_row_nbytes:    # routed experts stream apart from what every token uses
+                split_unit(self.meta, u, only=u.experts_module)
+                describe(self.meta, u, top_k, cuda=device_type == "cuda")
 
     def _check_formats(self, device_type):
         """Quantize (``quant=``), keeping the units whose pins name the load dtype's format unquantized;

@@ -414,6 +414,11 @@ def _choose_resident(units, pins, resident, cap, reserved, slots, split_blocks, 
         # where only pieces fit at all
         slots.split = (split_blocks is True or slots.bytes(streamable) > SPLIT_SHARE * (cap - fixed)
                        or (minimum() > cap and everything > cap))
+        if slots.split and split_blocks == "auto" and minimum() > cap:
+            # the pieces' leftovers, kept on the device, need more room than whole-block slots would
+            # (a MoE block streams its routed experts alone: pieces.py)
+            slots.split = False
+            slots.split = minimum() > cap
     min_needed = minimum()
 
     def too_small():

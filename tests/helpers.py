@@ -97,7 +97,10 @@ def tight_cpu_budget(folder, disk, keep_blocks=1):
     tops = sum(e.bytes for e in p if e.kind == "top")
     slots = staging_bytes(folder, p.prefetch)
     fixed = sum(v for k, v in p.reserved.items() if k != "staging_slots")
-    return fixed + tops + slots + keep_blocks * bl[0].bytes + 1024
+    # a block kept resident needs no leftovers apart (a MoE block's are all but its routed experts)
+    from nb_offload.loader import Inspection
+    kept_rest = keep_blocks * max((u.rest_nbytes for u in Inspection(folder).units), default=0)
+    return fixed + tops + slots - kept_rest + keep_blocks * bl[0].bytes + 1024
 
 
 def load_tight(folder, disk, **kw):

@@ -156,6 +156,24 @@ def test_the_worker_writes_a_calls_rows_in_order_and_always_raises_the_counter(m
         worker.close()
 
 
+def test_a_worker_gets_the_gil_quickly_inside_quick_handover_and_the_interval_comes_back():
+    import sys
+    saved = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        with pytest.raises(RuntimeError):
+            with cpu_experts.quick_handover():
+                assert sys.getswitchinterval() == pytest.approx(cpu_experts.SWITCH_INTERVAL)
+                raise RuntimeError("a failed step")
+        assert sys.getswitchinterval() == pytest.approx(0.005)
+        sys.setswitchinterval(1e-5)         # already shorter: left alone
+        with cpu_experts.quick_handover():
+            assert sys.getswitchinterval() == pytest.approx(1e-5)
+        assert sys.getswitchinterval() == pytest.approx(1e-5)
+    finally:
+        sys.setswitchinterval(saved)
+
+
 def test_owed_calls_are_computed_by_the_caller_in_order_or_by_the_standby_when_it_doesnt_come(model_dirs):
     """On CUDA a split call's CPU work is owed to the GPU (cpu_experts.HostOwed): the caller computes it when
     it would otherwise wait for the GPU (``settle``), oldest first; a call the caller doesn't come for within
