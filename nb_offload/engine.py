@@ -529,17 +529,19 @@ class Engine:
             # call where the GPU's side computes by its products alone: the eager forward would make the host
             # wait for the copies (``nonzero``) before it launches what comes after.
             if splits and (on_cpu or self._gpu_rows[idx].func is cpu_experts.direct_rows):
-                # the indices to the device, and the CPU's inputs to the host, before the copies are queued:
-                # each transfer waits for the compute stream, which then holds nothing more
-                work = cpu_experts.calls(index, chosen)
-                on_device = cpu_experts.to_device(work, hidden.device)
-                cpu_work = {e: work[e] for e in on_cpu}
+                # the CPU's inputs to the host, and the indices to the device, before the copies are queued:
+                # each transfer waits for the compute stream, which then holds nothing more. The worker
+                # starts first: the CPU's side is the longer one where it takes an expert of two.
                 host, started = (hidden.to("cpu"), weights.to("cpu")) if on_cpu else (None, None), None
+                cpu_work = cpu_experts.calls(index, on_cpu)
                 if on_cpu and self.worker is not None:      # it starts now, while the link copies the others
                     out = self.torch.empty((sum(len(t) for _, t in cpu_work.values()), hidden.shape[-1]),
                                            dtype=hidden.dtype, pin_memory=True)
                     value = self.signal.next()
                     started = (self.worker.submit(cpu_rows, *host, cpu_work, out, value), out, value)
+                gpu_work = cpu_experts.calls(index, [e for e in chosen if e not in cpu_work])
+                work = {e: cpu_work[e] if e in cpu_work else gpu_work[e] for e in chosen}
+                on_device = cpu_experts.to_device(work, hidden.device)
                 self._host_calls[idx] = (*host, work, on_device, cpu_work, name, started)
             if missed and self.cuda:
                 self.stats.bytes_from_cpu += self.mover.copy_now(name, found.ranges(missed), self.sources[idx].flat,
