@@ -101,6 +101,10 @@ def main():
                                                              "with the CPU's work owed to the caller "
                                                              "(cpu_experts.HostOwed; the others take the library's "
                                                              "default, cpu_experts.OWED_TO_CALLER)")
+    ap.add_argument("--half-variants", default="", help="with --cpu-experts: more half loads, each with one setting "
+                                                        "changed at load: si<N>us (cpu_experts.SWITCH_INTERVAL, "
+                                                        "the GIL's while a worker computes), left<N> "
+                                                        "(cpu_experts.CORES_LEFT); a comma list")
     ap.add_argument("--profile", action="store_true", help="also print where the host's time goes in a 16-token "
                                                            "generate of the routed load, and of the half one with "
                                                            "--cpu-experts (cProfile, by own time)")
@@ -127,14 +131,22 @@ def main():
     inference = torch.inference_mode()
     inference.__enter__()
 
-    def load(folder, gpu, routed, owed=None, **options):
-        saved, owed_saved = experts.CUDA_MIN_SAVED, cpu_experts.OWED_TO_CALLER
-        experts.CUDA_MIN_SAVED = saved if routed else 1 << 62      # whole: no block saves that much
-        cpu_experts.OWED_TO_CALLER = owed_saved if owed is None else owed
+    def load(folder, gpu, routed, owed=None, variant="", **options):
+        saved = (experts.CUDA_MIN_SAVED, cpu_experts.OWED_TO_CALLER, cpu_experts.SWITCH_INTERVAL,
+                 cpu_experts.CORES_LEFT)
+        experts.CUDA_MIN_SAVED = saved[0] if routed else 1 << 62      # whole: no block saves that much
+        cpu_experts.OWED_TO_CALLER = saved[1] if owed is None else owed
+        if variant.startswith("si"):
+            cpu_experts.SWITCH_INTERVAL = float(variant[2:].removesuffix("us")) * 1e-6
+        elif variant.startswith("left"):
+            cpu_experts.CORES_LEFT = int(variant[4:])
+        elif variant:
+            raise SystemExit(f"unknown half variant {variant!r}: si<N>us or left<N>")
         try:
             return nb_offload.load(folder, gpu=gpu, cpu="110GiB", progress=False, **options)
         finally:
-            experts.CUDA_MIN_SAVED, cpu_experts.OWED_TO_CALLER = saved, owed_saved
+            (experts.CUDA_MIN_SAVED, cpu_experts.OWED_TO_CALLER, cpu_experts.SWITCH_INTERVAL,
+             cpu_experts.CORES_LEFT) = saved
 
     def row(name, folder, gpu, make):
         if not os.path.isfile(os.path.join(folder, "config.json")):
@@ -163,6 +175,8 @@ def main():
             llms["split"] = load(folder, gpu, True, expert_compute="auto")
             llms["half"] = load(folder, gpu, True, expert_compute=0.5)
             llms["cpu"] = load(folder, gpu, True, expert_compute="cpu", expert_cache=0)
+            for v in filter(None, args.half_variants.split(",")):
+                llms[f"half_{v}"] = load(folder, gpu, True, variant=v, expert_compute=0.5)
             if args.owed_too:
                 llms["half_owed"] = load(folder, gpu, True, owed=True, expert_compute=0.5)
                 llms["cpu_owed"] = load(folder, gpu, True, owed=True, expert_compute="cpu", expert_cache=0)
@@ -196,9 +210,7 @@ def main():
                     timeline(llm, ids, os.path.join(args.trace_dir, f"timeline-{name}-{k}.json"))
             cache = routed._engine.expert_cache
             on_cpu = {}
-            for k in ("split", "half", "cpu", "half_owed", "cpu_owed"):
-                if k not in llms:
-                    continue
+            for k in [k for k in llms if k in ("split", "cpu") or k.startswith(("half", "cpu_"))]:
                 llm, eng = llms[k], llms[k]._engine
                 # a load that split nothing computes as plain transformers does: the routed load's tokens
                 want = want_eager if eng.host is not None else tokens["routed"]
@@ -214,6 +226,7 @@ def main():
                                  equals_hf_eager=bool(torch.equal(tokens[k], want)), split=eng.host is not None,
                                  tokens_agreeing=agree, over_routed=t["routed"] / t[k],
                                  where=type(eng.worker).__name__ if eng.worker is not None else "caller",
+                                 switch_interval_us=1e6 * eng.switch_interval,
                                  computed_by=dict(getattr(eng.worker, "by", {})))
             add(row=name, budget=gpu, link_gbps=link,
                 routed_tok_s=1 / t["routed"], whole_tok_s=1 / t["whole"], spread=sp,

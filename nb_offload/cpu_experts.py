@@ -79,6 +79,12 @@ def calls(index, experts) -> dict:
     the CPU), in the order eager experts visit them (by position, then token), as two index tensors."""
     import torch
     out = {}
+    if index.shape[0] == 1:         # a decode step of one token: its positions alone, without a search
+        row = index[0].tolist()
+        for e in experts:
+            pos = [k for k, v in enumerate(row) if v == e]
+            out[e] = (torch.tensor(pos, dtype=torch.long), torch.zeros(len(pos), dtype=torch.long))
+        return out
     for e in experts:
         token, pos = torch.nonzero(index == e, as_tuple=True)
         order = torch.argsort(pos * index.shape[0] + token)
@@ -319,12 +325,13 @@ def _driver_wait_value():
 # the step's Python (hooks, transformers' modules) between its own torch calls. CPython hands the GIL to a
 # waiting thread when its holder blocks, or else only after the switch interval (5 ms unless set): with the
 # caller busy in plain Python, a worker took 48 ms for one Mixtral-anchor expert against 11 ms with the caller
-# idle, and 12 ms at a 0.1 ms interval (bench_cpu_block.py --parts single, on a 2-core CPU machine).
+# idle, and 12 ms at a 0.1 ms interval (bench_cpu_block.py --parts single, on a 2-core CPU machine). Read at
+# load.
 SWITCH_INTERVAL = 1e-4
 
 
 @contextlib.contextmanager
-def quick_handover(interval: float = SWITCH_INTERVAL):
+def quick_handover(interval: float):
     """Inside, the interpreter's switch interval is at most ``interval`` (a worker computes experts while the
     caller runs Python); the one before is restored after."""
     saved = sys.getswitchinterval()

@@ -97,6 +97,7 @@ class Engine:
         # for blocks whose experts come from page-locked memory; ``expert_compute``: a share, or "auto".
         self.host, self.expert_share, self.host_rates = None, 0.0, None
         self.signal = self.worker = None        # cpu_experts.HostSignal / HostWorker, on CUDA
+        self.switch_interval = cpu_experts.SWITCH_INTERVAL      # the GIL's, while a worker computes
         self._outstanding = []      # the worker's calls not yet collected: (future, name, bytes)
         self.experts_chosen = experts_chosen    # the user named the experts implementation: it stays
         self._cpu_rows, self._gpu_rows, self._forwards, self._host_calls, self.last_on_cpu = {}, {}, {}, {}, {}
@@ -384,7 +385,7 @@ class Engine:
         """Where a worker computes split calls' experts: the GIL handed over quickly while the step's Python
         runs (cpu_experts.quick_handover), so the worker isn't left waiting for it between its products."""
         if isinstance(self.worker, cpu_experts.HostWorker) and self.expert_share > 0:
-            return cpu_experts.quick_handover()
+            return cpu_experts.quick_handover(self.switch_interval)
         return contextlib.nullcontext()
 
     # -- a captured step (graphs.py) ------------------------------------------------------------------

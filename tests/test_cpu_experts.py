@@ -50,6 +50,20 @@ def test_an_experts_call_split_any_way_adds_up_to_the_eager_experts(arch, tokens
             assert torch.equal(got, want), (arch, tokens, sorted(on_host))
 
 
+def test_a_one_token_call_finds_the_same_positions_as_a_search():
+    """``calls`` takes a one-token index's positions from its row; a batch's by a search of the index. Both give
+    each expert its (top-k positions, tokens) in the eager experts' order, as int64 index tensors."""
+    for row in ([3, 1], [1, 3], [0, 5, 2, 7], [6]):
+        index = torch.tensor([row])
+        fast = cpu_experts.calls(index, sorted(row) + [4])
+        searched = cpu_experts.calls(torch.cat([index, torch.full_like(index, -1)]), sorted(row) + [4])
+        assert list(fast) == list(searched)
+        for e in fast:
+            for a, b in zip(fast[e], searched[e]):
+                assert a.dtype == b.dtype == torch.long and torch.equal(a, b), (row, e)
+    assert [len(t) for t in cpu_experts.calls(torch.tensor([[3, 1]]), [4])[4]] == [0, 0]
+
+
 def test_which_experts_the_cpu_takes():
     assert cpu_experts.split([1, 4, 6], 0.5) == ([1], [4, 6])       # the highest-numbered, 1.5 rounded up
     assert cpu_experts.split([3], 0.5) == ([], [3])
@@ -162,12 +176,12 @@ def test_a_worker_gets_the_gil_quickly_inside_quick_handover_and_the_interval_co
     try:
         sys.setswitchinterval(0.005)
         with pytest.raises(RuntimeError):
-            with cpu_experts.quick_handover():
-                assert sys.getswitchinterval() == pytest.approx(cpu_experts.SWITCH_INTERVAL)
+            with cpu_experts.quick_handover(1e-4):
+                assert sys.getswitchinterval() == pytest.approx(1e-4)
                 raise RuntimeError("a failed step")
         assert sys.getswitchinterval() == pytest.approx(0.005)
         sys.setswitchinterval(1e-5)         # already shorter: left alone
-        with cpu_experts.quick_handover():
+        with cpu_experts.quick_handover(1e-4):
             assert sys.getswitchinterval() == pytest.approx(1e-5)
         assert sys.getswitchinterval() == pytest.approx(1e-5)
     finally:
