@@ -83,6 +83,20 @@ def timeline(llm, ids, path):
         json.dump(rows, fh)
 
 
+def host_profile(generate, ids, n):
+    """Where the host's time goes in a generate (cProfile): the 30 costliest functions by own time, then
+    nb_offload's 40 costliest by time inside them (what the engine adds to transformers' own Python)."""
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    steps(generate, ids, n)
+    prof.disable()
+    stats = pstats.Stats(prof)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats("nb_offload", 40)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="mixtral,qwen3")
@@ -200,7 +214,6 @@ def main():
             runs = interleave({k: timed(llm, k) for k, llm in llms.items()}, args.repeats)
             t, sp, tokens, prefill = summarize(runs, llms, long_ids)
             if args.profile:
-                from bench_graph import host_profile
                 for k in ("routed", "half"):
                     if k in llms:
                         print(f"--- where the host's time goes, {name} {k} (16 tokens)", flush=True)
