@@ -121,6 +121,43 @@ def test_the_plan_predicts_the_bytes_a_decode_step_reads(arch, split, model_dirs
         assert (read_by(llm, 10) - read_by(llm, 2)) / 8 == predicted
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_a_moe_block_streams_its_routed_experts_alone_and_keeps_the_rest(arch, model_dirs):
+    """Where a block's experts come apart, its one piece is the experts module: the attention, the norms, the
+    router and any shared experts are leftovers, kept on the compute device, since every token uses them."""
+    from nb_offload.loader import Inspection
+    for u in Inspection(model_dirs(arch), device_type="cpu").units:
+        if u.kind != "block":
+            continue
+        assert u.expert_row_nbytes and [pc.module for pc in u.pieces] == [u.experts_module]
+        kept = {n for s in u.rest for n in s.names}
+        assert any(".self_attn." in n for n in kept) and any(".mlp.gate." in n for n in kept)
+        assert not any(n.startswith(u.experts_module + ".") for n in kept)
+        assert u.rest_nbytes + u.pieces[0].nbytes >= u.nbytes - 64 * len(u.params)     # every byte somewhere
+        # a step reads the routed rows alone: the rest stays
+        assert u.routed_split_nbytes == u.top_k * u.expert_row_nbytes
+
+
+def test_whole_block_slots_where_the_leftovers_of_pieces_would_not_fit(model_dirs, tmp_path):
+    """The pieces' leftovers of every streamed MoE block stay on the device, so streaming split can need more
+    room than whole-block slots: under such a budget "auto" streams whole blocks; split_blocks=True can't."""
+    from nb_offload.errors import BudgetError
+    from nb_offload.loader import Inspection
+    folder, disk = model_dirs("mixtral"), tmp_path / "offload"
+    units = Inspection(folder, device_type="cpu").units
+    blocks_ = [u for u in units if u.kind == "block"]
+    roomy = nb_offload.plan(folder, device="cpu", cpu="64GiB", disk=disk)
+    fixed = sum(v for k, v in roomy.reserved.items() if k != "staging_slots")
+    whole_slots = (roomy.prefetch + 1) * max(u.nbytes for u in blocks_)
+    split_slots = (roomy.prefetch + 1) * max(u.stream_nbytes for u in blocks_) + sum(u.rest_nbytes for u in blocks_)
+    assert split_slots > whole_slots        # the tiny model's experts are a small share of its blocks
+    budget = fixed + whole_slots + 1024     # everything streams, through whole-block slots
+    plan = nb_offload.plan(folder, device="cpu", cpu=budget, disk=disk)
+    assert not plan.split_blocks and all(e.tier == "disk" for e in plan if e.kind == "block")
+    with pytest.raises(BudgetError):
+        nb_offload.plan(folder, device="cpu", cpu=budget, disk=disk, split_blocks=True)
+
+
 def test_which_steps_and_which_blocks_bring_experts_as_routed():
     mixtral = RoutedExperts("e", 8, [(0, 100 << 20)], top_k=2)
     assert [mixtral.worth_routing(t) for t in (1, 4, 5, 512)] == [True, True, False, False]
