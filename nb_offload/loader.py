@@ -141,6 +141,8 @@ class Inspection:
             describe(self.meta, u, top_k, cuda=device_type == "cuda")
             if u.pieces and u.expert_row_nbytes:    # routed experts stream apart from what every token uses
                 split_unit(self.meta, u, only=u.experts_module)
+                if not u.pieces:        # its experts aren't one byte range of the layout: the usual pieces
+                    split_unit(self.meta, u)
                 describe(self.meta, u, top_k, cuda=device_type == "cuda")
 
     def _check_formats(self, device_type):
