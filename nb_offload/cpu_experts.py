@@ -323,10 +323,10 @@ def _driver_wait_value():
 
 # A worker launches an expert's products from Python, so it needs the GIL between them, while the caller runs
 # the step's Python (hooks, transformers' modules) between its own torch calls. CPython hands the GIL to a
-# waiting thread when its holder blocks, or else only after the switch interval (5 ms unless set): with the
-# caller busy in plain Python, a worker took 48 ms for one Mixtral-anchor expert against 11 ms with the caller
-# idle, and 12 ms at a 0.1 ms interval (bench_cpu_block.py --parts single, on a 2-core CPU machine). Read at
-# load.
+# waiting thread when its holder blocks, or else only after the switch interval (5 ms unless set): on the H200
+# host a worker read one Mixtral-anchor expert at 42 GB/s with the caller idle, 2.1 GB/s with the caller busy
+# in plain Python, and 28 GB/s with it so at a 0.1 ms interval (bench_cpu_block.py --parts single,
+# benchmarks/RESULTS.md). Read at load.
 SWITCH_INTERVAL = 1e-4
 
 

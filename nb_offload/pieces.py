@@ -6,6 +6,8 @@ each bound to a staging slot only while its submodule runs, lets a slot hold the
 instead of the whole block: for a LLaMA-7B block 128 MiB (the attention) instead of 386 MiB.
 The GPU room saved keeps more blocks resident. The block's small leftovers (norms, and any
 parameter outside the chosen submodules) stay on the compute device while the block streams.
+A MoE block whose routed experts come apart (experts.py) streams its experts module alone: all
+the rest is left over, since every token uses it (``split_unit``'s ``only``).
 
 A submodule becomes a piece when its parameters are its own (no tied weight shared with a
 sibling) and lie together in the block's byte layout; a submodule larger than ``LARGEST`` of

@@ -418,7 +418,8 @@ def _choose_resident(units, pins, resident, cap, reserved, slots, split_blocks, 
             # the pieces' leftovers, kept on the device, need more room than whole-block slots would
             # (a MoE block streams its routed experts alone: pieces.py)
             slots.split = False
-            slots.split = minimum() > cap
+            if minimum() > cap:     # neither fits: the message counts the pieces' room
+                slots.split = True
     min_needed = minimum()
 
     def too_small():
