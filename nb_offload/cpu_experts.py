@@ -374,7 +374,7 @@ class HostWorker:
 
 # Where a split call's CPU work runs on CUDA: True, on the caller when it would otherwise wait (HostOwed);
 # False, on a worker thread from the start (HostWorker). Read at load. On the H200 host HostOwed decoded the
-# half load at 11.9 tok/s against the worker's 15.8 (benchmarks/RESULTS.md, bench_moe.py --worker-too).
+# half load at 11.9 tok/s against the worker's 15.8 (benchmarks/RESULTS.md; bench_moe.py --owed-too now).
 OWED_TO_CALLER = False
 
 
