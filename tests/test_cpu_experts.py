@@ -188,6 +188,37 @@ def test_a_worker_gets_the_gil_quickly_inside_quick_handover_and_the_interval_co
         sys.setswitchinterval(saved)
 
 
+def test_a_step_with_a_worker_runs_at_the_short_switch_interval_and_gives_the_old_one_back(model_dirs, tmp_path):
+    """While a worker may compute split calls, each step's forward runs at the engine's switch interval (read
+    at load); outside steps, and in an engine without a worker or without a share, the interval is the
+    caller's own."""
+    import sys
+    saved = sys.getswitchinterval()
+    seen = []
+    try:
+        sys.setswitchinterval(0.005)
+        with all_on_disk(model_dirs("mixtral"), tmp_path, hold_spare=False) as llm:
+            eng = llm._engine
+            module = llm.model.get_submodule(next(iter(eng.routed.values())).module)
+            module.register_forward_pre_hook(lambda *_: seen.append(sys.getswitchinterval()))
+            run_offloaded(llm)
+            assert seen and all(v == pytest.approx(0.005) for v in seen)     # no worker: the caller's
+            eng.worker, eng.expert_share = cpu_experts.HostWorker(torch, 1, None), 0.5
+            try:
+                seen.clear()
+                run_offloaded(llm)
+                assert seen and all(v == pytest.approx(eng.switch_interval) for v in seen)
+                assert sys.getswitchinterval() == pytest.approx(0.005)
+                eng.expert_share, seen[:] = 0.0, []        # a worker with nothing to compute
+                run_offloaded(llm)
+                assert seen and all(v == pytest.approx(0.005) for v in seen)
+            finally:
+                eng.worker.close()
+                eng.worker = None
+    finally:
+        sys.setswitchinterval(saved)
+
+
 def test_owed_calls_are_computed_by_the_caller_in_order_or_by_the_standby_when_it_doesnt_come(model_dirs):
     """On CUDA a split call's CPU work is owed to the GPU (cpu_experts.HostOwed): the caller computes it when
     it would otherwise wait for the GPU (``settle``), oldest first; a call the caller doesn't come for within
