@@ -296,20 +296,25 @@ def experts(torch, add, threads, link):
         add(what="  (the link's rate during the row above)", link_gbps=rate())
 
 
-def thread_rows(torch, add, threads, link):
-    """Why a worker thread computed a step's experts slower than the calling thread (33-36 against 52-62 GB/s
-    on the H200 host, 2026-12-02): the same F.linear products over 32 distinct Mixtral-anchor experts, on the
-    caller and on workers set up in each way, with the caller idle, busy in Python, or the link copying."""
-    from concurrent.futures import ThreadPoolExecutor
-    hidden_size, inter, count = 2048, 5632, 32
+def anchor_experts(torch, count=32, hidden_size=2048, inter=5632):
+    """``count`` distinct Mixtral-anchor experts as (gate_up, down) bf16 weights (uniform in +-0.02, seed 0;
+    together past the last-level cache, as a step reads them), and one token's hidden state after them."""
     gen = torch.Generator().manual_seed(0)
     plain = []
     for _ in range(count):
         gate_up = torch.empty(2 * inter, hidden_size, dtype=torch.bfloat16).uniform_(-0.02, 0.02, generator=gen)
         down = torch.empty(hidden_size, inter, dtype=torch.bfloat16).uniform_(-0.02, 0.02, generator=gen)
         plain.append((gate_up, down))
+    return plain, torch.randn(1, hidden_size, dtype=torch.bfloat16, generator=gen)
+
+
+def thread_rows(torch, add, threads, link):
+    """Why a worker thread computed a step's experts slower than the calling thread (33-36 against 52-62 GB/s
+    on the H200 host, 2026-12-02): the same F.linear products over 32 distinct Mixtral-anchor experts, on the
+    caller and on workers set up in each way, with the caller idle, busy in Python, or the link copying."""
+    from concurrent.futures import ThreadPoolExecutor
+    plain, x = anchor_experts(torch)
     nbytes = sum(g.nbytes + d.nbytes for g, d in plain)
-    x = torch.randn(1, hidden_size, dtype=torch.bfloat16, generator=gen)
     linear, silu = torch.nn.functional.linear, torch.nn.functional.silu
 
     def by_products():
@@ -392,13 +397,8 @@ def single_rows(torch, add, threads, layers=14, passes=9):
     switch interval. The rate is the worker's own time for its expert (from its start to its end), a median."""
     import sys
     from concurrent.futures import ThreadPoolExecutor
-    hidden_size, inter, count = 2048, 5632, 32
-    gen = torch.Generator().manual_seed(0)
-    plain = [(torch.empty(2 * inter, hidden_size, dtype=torch.bfloat16).uniform_(-0.02, 0.02, generator=gen),
-              torch.empty(hidden_size, inter, dtype=torch.bfloat16).uniform_(-0.02, 0.02, generator=gen))
-             for _ in range(count)]
-    nbytes = plain[0][0].nbytes + plain[0][1].nbytes
-    x = torch.randn(1, hidden_size, dtype=torch.bfloat16, generator=gen)
+    plain, x = anchor_experts(torch)
+    count, nbytes = len(plain), plain[0][0].nbytes + plain[0][1].nbytes
     linear, silu = torch.nn.functional.linear, torch.nn.functional.silu
     cuda = torch.cuda.is_available()
     if cuda:

@@ -66,15 +66,19 @@ def replay_seconds(llm, k=50):
     return start.elapsed_time(end) / 1e3 / k
 
 
-def host_profile(generate, ids, n):
-    """Where the host's time goes in a generate (cProfile, the 25 costliest functions by own time)."""
+def host_profile(generate, ids, n, top=25, inside=None):
+    """Where the host's time goes in a generate (cProfile, the ``top`` costliest functions by own time), and
+    with ``inside`` (a path part such as "nb_offload"), then that code's 40 costliest by time inside them."""
     import cProfile
     import pstats
     prof = cProfile.Profile()
     prof.enable()
     steps(generate, ids, n)
     prof.disable()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    stats = pstats.Stats(prof)
+    stats.sort_stats("tottime").print_stats(top)
+    if inside:
+        stats.sort_stats("cumulative").print_stats(inside, 40)
 
 
 def kernel_times(llm, ids, n=8):

@@ -31,7 +31,7 @@ import tempfile
 import time
 import traceback
 
-from bench_graph import build_moe, steps
+from bench_graph import build_moe, host_profile, steps
 from bench_offload import interleave, med, moved_per_step, pinned_rate, row_recorder, save_random, summarize
 
 
@@ -81,20 +81,6 @@ def timeline(llm, ids, path):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as fh:
         json.dump(rows, fh)
-
-
-def host_profile(generate, ids, n):
-    """Where the host's time goes in a generate (cProfile): the 30 costliest functions by own time, then
-    nb_offload's 40 costliest by time inside them (what the engine adds to transformers' own Python)."""
-    import cProfile
-    import pstats
-    prof = cProfile.Profile()
-    prof.enable()
-    steps(generate, ids, n)
-    prof.disable()
-    stats = pstats.Stats(prof)
-    stats.sort_stats("tottime").print_stats(30)
-    stats.sort_stats("cumulative").print_stats("nb_offload", 40)
 
 
 def main():
@@ -217,7 +203,7 @@ def main():
                 for k in ("routed", "half"):
                     if k in llms:
                         print(f"--- where the host's time goes, {name} {k} (16 tokens)", flush=True)
-                        host_profile(llms[k].generate, ids, 16)
+                        host_profile(llms[k].generate, ids, 16, top=30, inside="nb_offload")
             if args.trace_dir:
                 for k, llm in llms.items():
                     timeline(llm, ids, os.path.join(args.trace_dir, f"timeline-{name}-{k}.json"))
