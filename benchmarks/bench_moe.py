@@ -209,7 +209,7 @@ def main():
                     timeline(llm, ids, os.path.join(args.trace_dir, f"timeline-{name}-{k}.json"))
             cache = routed._engine.expert_cache
             on_cpu = {}
-            for k in [k for k in llms if k in ("split", "cpu") or k.startswith(("half", "cpu_"))]:
+            for k in [k for k in llms if k not in ("routed", "whole", "routed_nocache")]:     # the CPU's loads
                 llm, eng = llms[k], llms[k]._engine
                 # a load that split nothing computes as plain transformers does: the routed load's tokens
                 want = want_eager if eng.host is not None else tokens["routed"]

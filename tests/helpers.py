@@ -69,11 +69,12 @@ def greedy(llm, n=10, **kw):
     return llm.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw).cpu()
 
 
-def staging_bytes(folder, prefetch):
+def staging_bytes(folder, prefetch, units=None):
     """What streaming blocks costs the compute device with split_blocks=True: slots for the largest
-    piece, plus every block's leftovers kept resident while it streams."""
+    piece, plus every block's leftovers kept resident while it streams (``units``: the folder's, where
+    the caller has them)."""
     from nb_offload.loader import Inspection
-    units = [u for u in Inspection(folder).units if u.kind == "block"]
+    units = [u for u in (units or Inspection(folder).units) if u.kind == "block"]
     return (prefetch + 1) * max(u.stream_nbytes for u in units) + sum(u.rest_nbytes for u in units)
 
 
@@ -95,11 +96,12 @@ def tight_cpu_budget(folder, disk, keep_blocks=1):
     p = nb_offload.plan(folder, device="cpu", cpu="64GiB", disk=disk)
     bl = blocks(p)
     tops = sum(e.bytes for e in p if e.kind == "top")
-    slots = staging_bytes(folder, p.prefetch)
+    from nb_offload.loader import Inspection
+    units = Inspection(folder).units
+    slots = staging_bytes(folder, p.prefetch, units)
     fixed = sum(v for k, v in p.reserved.items() if k != "staging_slots")
     # a block kept resident needs no leftovers apart (a MoE block's are all but its routed experts)
-    from nb_offload.loader import Inspection
-    kept_rest = keep_blocks * max((u.rest_nbytes for u in Inspection(folder).units), default=0)
+    kept_rest = keep_blocks * max((u.rest_nbytes for u in units), default=0)
     return fixed + tops + slots - kept_rest + keep_blocks * bl[0].bytes + 1024
 
 
