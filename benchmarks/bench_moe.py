@@ -117,7 +117,7 @@ def main():
     from transformers import AutoModelForCausalLM, StaticCache
 
     import nb_offload
-    from nb_offload import cpu_experts, experts
+    from nb_offload import cpu_experts, device_routing, experts
     from nb_offload.graphs import bucket, cache_name
     torch.manual_seed(0)
     ids = torch.randint(3, 31000, (1, 16), device="cuda")
@@ -131,10 +131,11 @@ def main():
     inference = torch.inference_mode()
     inference.__enter__()
 
-    def load(folder, gpu, routed, owed=None, variant="", **options):
+    def load(folder, gpu, routed, owed=None, variant="", by_host=False, **options):
         saved = (experts.CUDA_MIN_SAVED, cpu_experts.OWED_TO_CALLER, cpu_experts.SWITCH_INTERVAL,
                  cpu_experts.CORES_LEFT)
         experts.CUDA_MIN_SAVED = saved[0] if routed else 1 << 62      # whole: no block saves that much
+        device_routing.ENABLED = not by_host
         cpu_experts.OWED_TO_CALLER = saved[1] if owed is None else owed
         if variant.startswith("si"):
             cpu_experts.SWITCH_INTERVAL = float(variant[2:].removesuffix("us")) * 1e-6
@@ -147,6 +148,7 @@ def main():
         finally:
             (experts.CUDA_MIN_SAVED, cpu_experts.OWED_TO_CALLER, cpu_experts.SWITCH_INTERVAL,
              cpu_experts.CORES_LEFT) = saved
+            device_routing.ENABLED = True
 
     def row(name, folder, gpu, make):
         if not os.path.isfile(os.path.join(folder, "config.json")):
@@ -170,7 +172,8 @@ def main():
         gc.collect()
         torch.cuda.empty_cache()
         llms = {"routed": load(folder, gpu, True), "whole": load(folder, gpu, False),
-                "routed_nocache": load(folder, gpu, True, expert_cache=0)}
+                "routed_nocache": load(folder, gpu, True, expert_cache=0),
+                "routed_host": load(folder, gpu, True, by_host=True)}
         if with_cpu:
             llms["split"] = load(folder, gpu, True, expert_compute="auto")
             llms["half"] = load(folder, gpu, True, expert_compute=0.5)
@@ -209,7 +212,7 @@ def main():
                     timeline(llm, ids, os.path.join(args.trace_dir, f"timeline-{name}-{k}.json"))
             cache = routed._engine.expert_cache
             on_cpu = {}
-            for k in [k for k in llms if k not in ("routed", "whole", "routed_nocache")]:     # the CPU's loads
+            for k in [k for k in llms if k not in ("routed", "whole", "routed_nocache", "routed_host")]:    # the CPU's
                 llm, eng = llms[k], llms[k]._engine
                 # a load that split nothing computes as plain transformers does: the routed load's tokens
                 want = want_eager if eng.host is not None else tokens["routed"]
@@ -231,7 +234,7 @@ def main():
                 routed_tok_s=1 / t["routed"], whole_tok_s=1 / t["whole"], spread=sp,
                 routed_nocache_tok_s=1 / t["routed_nocache"], routed_nocache_moved_per_step=moved["routed_nocache"],
                 expert_cache_bytes=routed.plan.reserved.get("expert_cache", 0),
-                expert_cache_experts=cache.capacity if cache is not None else 0,
+                expert_cache_experts=cache.own if cache is not None else 0,
                 experts_streamed=sum(u.expert_count for u in routed._insp.units if u.expert_row_nbytes and
                                      routed.plan[u.name].tier == "cpu"),
                 hit_rate=med(hits["routed"]) if "routed" in hits else 0.0,
@@ -245,7 +248,15 @@ def main():
                 route_wait_ms_per_step=1e3 * med(waits["routed"]), routed_units=len(routed._engine.routed),
                 split_blocks=routed.plan.split_blocks,
                 prefill_2048_routed_s=prefill["routed"], prefill_2048_whole_s=prefill["whole"],
-                routed_equals_hf=bool(torch.equal(tokens["routed"], want_dynamic)),
+                routed_host_tok_s=1 / t["routed_host"], routed_over_routed_host=t["routed_host"] / t["routed"],
+                routed_host_moved_per_step=moved["routed_host"],
+                routed_host_equals_hf=bool(torch.equal(tokens["routed_host"], want_dynamic)),
+                fetched_by_gpu=routed._engine.gpu_fetch is not None, fetch_why_not=routed._engine.gpu_fetch_why_not,
+                routed_graph_replays=routed.stats.graph_replays,
+                expert_cache_own=cache.own if cache is not None else 0,
+                expert_cache_lent=len(routed._engine.gpu_fetch.lendable) if routed._engine.gpu_fetch else 0,
+                routed_equals_hf=bool(torch.equal(tokens["routed"], want_static if routed.stats.graph_replays
+                                                  else want_dynamic)),
                 whole_equals_hf_static=bool(torch.equal(tokens["whole"], want_static)),
                 routed_graph_eager=routed.stats.graph_eager, whole_graph_replays=whole.stats.graph_replays,
                 plan=str(routed.plan).splitlines()[-4:], cpu_experts=on_cpu)

@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_run.sh load              # bench_load.py (as root: it drops the page cache); LOAD_ARGS too
 #   bash benchmarks/gpu_run.sh graph             # bench_graph.py (the captured decode step); GRAPH_ARGS too
 #   bash benchmarks/gpu_run.sh moe hybrid        # bench_moe.py (MOE_ARGS), bench_hybrid.py (HYBRID_ARGS)
+#   bash benchmarks/gpu_run.sh fetch             # bench_fetch.py: routed rows read by a kernel over the link
 #   bash benchmarks/gpu_run.sh cpublock          # bench_cpu_block.py: a block computed on the CPU, what slows it
 #   bash benchmarks/gpu_run.sh fused             # fused_check.py: the captured step's fused kernels against eager
 #   TESTS=tests/gpu/test_graph_gpu.py bash benchmarks/gpu_run.sh tests      # a part of tests/gpu
@@ -34,6 +35,7 @@ for step in "${@:-tests}"; do
         graph) run_bench graph bench_graph.py "${GRAPH_TIMEOUT:-540}" "${GRAPH_ARGS:-}" 20 ;;
         moe) run_bench moe bench_moe.py "${MOE_TIMEOUT:-540}" "${MOE_ARGS:-}" 20 ;;
         hybrid) run_bench hybrid bench_hybrid.py "${HYBRID_TIMEOUT:-540}" "${HYBRID_ARGS:-}" 12 ;;
+        fetch) run_bench fetch bench_fetch.py "${FETCH_TIMEOUT:-200}" "${FETCH_ARGS:-}" 40 ;;
         cpublock) run_bench cpublock bench_cpu_block.py "${CPUBLOCK_TIMEOUT:-300}" "${CPUBLOCK_ARGS:-}" 20 ;;
         fused) timeout 150 python3 benchmarks/fused_check.py 2>&1 | tee "$OUT/fused_check.txt" | tail -12 ;;
         dashboard)

@@ -611,9 +611,10 @@ def render_moe(data, command, title, llama=None) -> str:
              f"{m['torch']}, transformers {m['transformers']}", "",
              "Command (GPU machine, repository root):", "", f"    {command}", "",
              f"Decode at batch 1, {m['tokens']} new tokens, per-step medians over interleaved rounds (spread in "
-             f"brackets), random bf16 weights, page-locked link {m['link_gbps']:.1f} GB/s. Three loads of each "
+             f"brackets), random bf16 weights, page-locked link {m['link_gbps']:.1f} GB/s. Loads of each "
              "model at the same budget: *routed* (the default: streamed MoE blocks come without their experts, "
-             "then the routed ones once the router has chosen; the GPU expert cache in the room the plan leaves), "
+             "then the routed ones once the router has chosen, fetched by the GPU itself where it can, in a "
+             "captured step, else by the host; the GPU expert cache in the room the plan leaves), "
              "*routed, no cache* (`expert_cache=0`) and *whole* (every expert of every streamed block, the "
              "captured step). Bytes a step moves: the model's own counters (a 10- and a 2-token generate "
              "differenced). Link bound: those bytes over the link.", "",
@@ -645,6 +646,17 @@ def render_moe(data, command, title, llama=None) -> str:
         lines.append(f"- {r['row']}: the plan predicted {r['routed_predicted_per_step'] / 1e9:.2f} GB a routed step "
                      f"(before the cache's hits); transformers with the whole model on the GPU, eager: "
                      f"{r['hf_resident_eager_tok_s']:.1f} tok/s; plan: {'; '.join(x.strip() for x in r['plan'][2:])}")
+        if "routed_host_tok_s" in r:
+            lines.append(
+                f"- {r['row']}: routed experts fetched by the GPU: {'yes' if r['fetched_by_gpu'] else 'no'}"
+                f"{'' if r['fetched_by_gpu'] else ' (' + r['fetch_why_not'] + ')'}, {r['routed_graph_replays']} "
+                f"decode steps replayed as graphs; the expert cache {r['expert_cache_own']} experts in its own room "
+                f"and {r['expert_cache_lent']} in the slots lent to it while such steps run. The same plan with the "
+                f"host bringing the routed experts (as before; `device_routing.ENABLED` off): "
+                f"{r['routed_host_tok_s']:.2f} tok/s ({r['spread']['routed_host']}), "
+                f"{r['routed_host_moved_per_step'] / 1e9:.2f} GB a step, same tokens: "
+                f"{'yes' if r['routed_host_equals_hf'] else 'NO'}; routed over it: "
+                f"**{r['routed_over_routed_host']:.2f}x**")
         if r["row"] == "qwen3":
             lines.append(f"- qwen3: routed over whole streaming {r['routed_over_whole']:.2f}x (goal 4x: "
                          f"{'met' if r['routed_over_whole'] >= 4 else '**not met**'})")
@@ -788,6 +800,38 @@ def render_cpu_block(data, command, title) -> str:
     return "\n".join(lines)
 
 
+def render_fetch(data, command, title) -> str:
+    """A bench_fetch.py run: routed expert rows read by a kernel over the link against the copy engine."""
+    m = data["meta"]
+    lines = [f"## {m['date']}, {title or 'routed experts fetched by the GPU'} · {m['gpu']} · torch {m['torch']}", "",
+             "Command (GPU machine, repository root):", "", f"    {command}", "",
+             "One block's routed experts (Mixtral anchor: 2 of 8, 2048 x 5632; Qwen3-MoE-like: 8 of 128, "
+             "2048 x 768; bf16) from page-locked host memory into GPU memory, medians of CUDA-event timings: "
+             "the copy engine (one copy per row, addresses from the host), and a kernel reading the rows "
+             "itself by indices in device memory (fetch.py), by word size, block and warps; rows compared bit "
+             "for bit with the host's.", "",
+             "| shape | how | experts | MB | ms | GB/s | rows equal |", "|---|---|---:|---:|---:|---:|---|"]
+    for r in data["rows"]:
+        if r["kind"] == "rate" and "error" in r:
+            lines.append(f"| {r['shape']} | {r['how']} | error: {r['error'][:80]} | | | | |")
+        elif r["kind"] in ("rate", "graph"):
+            how = r.get("how", "kernel in a CUDA graph, replayed with other indices")
+            equal = {True: "yes", False: "NO", None: ""}[r.get("equal")]
+            lines.append(f"| {r['shape']} | {how} | {r['experts']} | {r.get('bytes', 0) / 1e6:.0f} | {r['ms']:.2f} | "
+                         f"{r['gbps']:.1f} | {equal} |")
+    lines.append("")
+    for r in data["rows"]:
+        if r["kind"] == "pointer":
+            lines.append(f"- {r['shape']}: the device's address of the registered host memory is the host's: "
+                         f"{'yes' if r['same_address'] else 'no'}")
+        elif r["kind"] == "renumbered":
+            lines.append(f"- experts implementation {r['implementation']}: the output with the routed rows packed "
+                         f"(indices renumbered 0..k-1) equals that at the experts' own rows, 20 random calls: "
+                         f"{'yes' if r['equal'] else 'NO'}")
+    lines.append("")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("json", nargs="+")
@@ -814,6 +858,8 @@ def main():
         title = f' --title "{args.title}"' if args.title else ""
         print(render_readme(data, args.title, list(zip(args.json[1:], loaded[1:])),
                             f"python3 benchmarks/report.py {' '.join(args.json)} --readme{title}"))
+    elif any(r.get("kind") == "renumbered" for r in data.get("rows", [])):
+        print(render_fetch(data, args.command or "bash benchmarks/gpu_run.sh fetch", args.title))
     elif {"block_bytes", "huge_pages"} & set(data.get("meta", {})):
         print(render_cpu_block(data, args.command or "bash benchmarks/gpu_run.sh cpublock", args.title))
     elif any("hybrid_tok_s" in r for r in data.get("rows", [])):

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from concurrent.futures import wait as futures_wait
 
-from . import cpu_experts, experts, hybrid
+from . import cpu_experts, device_routing, experts, hybrid
 from .budget import link_gbps
 from .graphs import DecodeGraphs, given_ids
 from .hooks import ModuleHooks, bind, bind_views, to_device
@@ -111,13 +111,17 @@ class Engine:
                 self.compute_experts_on_cpu({i: self.sources[i].flat for i in self.routed}, expert_compute)
             self._upload = torch.empty(max(self.units[i].nbytes for i in self.cpu_blocks), dtype=torch.uint8,
                                        device=device) if self.cpu_blocks else None
-            self.graphs = DecodeGraphs(self, enabled=cuda_graph, fuse=fused_kernels)
             # copies of often routed experts in the room the plan reserved for them
             row = max((f.row_bytes for f in self.routed.values()), default=0)
             self.expert_cache = experts.ExpertCache(torch, device, row, expert_cache // row) \
                 if row and expert_cache >= row else None
             if self.expert_cache is not None and pinned_experts:
                 self._pin_experts(pinned_experts)
+            # batch-1 decode steps fetch their routed experts by a kernel of the GPU's, with no host wait
+            self.gpu_fetch, self.gpu_fetch_why_not = None, device_routing.why_not(self)
+            if not self.gpu_fetch_why_not:
+                self.gpu_fetch = device_routing.DeviceRouting(self)
+            self.graphs = DecodeGraphs(self, enabled=cuda_graph, fuse=fused_kernels)
         except BaseException:
             self._stop_host_experts()
             self.reader.close()
@@ -265,7 +269,8 @@ class Engine:
             if u.index in self.sources or full:     # resident and not traced one by one: no hook, no cost
                 self.hooks.install(u, self._enter, self._exit)
         for idx, found in self.routed.items():
-            self.hooks.before_call(found.module, lambda args, kwargs, idx=idx: self._bring_routed(idx, args, kwargs))
+            self.hooks.around(found.module, lambda args, kwargs, idx=idx: self._before_experts(idx, args, kwargs),
+                              lambda output, idx=idx: self._after_experts(idx, output))
         if isinstance(self.worker, cpu_experts.HostOwed):   # other MoE blocks' eager experts wait for the GPU
             # (``nonzero``), which may be waiting for a call the caller owes: pay it first
             top_k = getattr(text_config(self.model.config), "num_experts_per_tok", None) or 1
@@ -332,6 +337,7 @@ class Engine:
     def drain(self):
         """Wait for everything in flight and forget the queue (before re-planning or unload)."""
         self.graphs.primed = None
+        self.settle_routing()
         if self.worker is not None:     # the GPU may be waiting for the CPU's rows of a call
             self.worker.settle()
         self._do(Work(abandoned=self.schedule.reset()))     # so no read waits for a copy that won't come
@@ -342,11 +348,17 @@ class Engine:
     # -- one forward pass -------------------------------------------------------------------------
     def step(self, forward, args, kwargs):
         """Run the model's own ``forward`` once, streaming as planned (inputs may be on the CPU); a decode
-        step of a generate given a static cache is captured and replayed (graphs.py)."""
+        step of a generate given a static cache is captured and replayed (graphs.py), where no routed
+        experts wait for the host."""
+        on_gpu = False
         if self.routed:
             found = next(iter(self.routed.values()))
-            self.routing = found.worth_routing(_tokens(args, kwargs))
-        if self.graphs.takes(args, kwargs):
+            tokens = _tokens(args, kwargs)
+            self.routing = found.worth_routing(tokens)
+            on_gpu = self.gpu_fetch is not None and tokens == 1 and not self._forwards
+            if self.gpu_fetch is not None:
+                self.gpu_fetch.begin(on_gpu)
+        if self.graphs.takes(args, kwargs) and (on_gpu or not self.routed):
             return self.graphs.step(forward, to_device(args, self.device), to_device(kwargs, self.device))
         return self.eager_step(forward, args, kwargs)
 
@@ -366,7 +378,8 @@ class Engine:
             self._open["step"] = self.mover.mark()
         work = self.schedule.begin_step()
         if self.cuda and self.mover.in_capture:     # a replay finds these in their slots (see replay)
-            self.mover.present(work.jobs)
+            fetched = self.gpu_fetch.units if self.gpu_fetch is not None and self.gpu_fetch.active else ()
+            self.mover.present([job for job in work.jobs if job.unit not in fetched])   # these bring nothing
         self._do(work)
         with self._handover():
             out = forward(*to_device(args, self.device), **to_device(kwargs, self.device))
@@ -488,6 +501,27 @@ class Engine:
             self.mover.start(job, self.units[job.unit], source, nbytes)
         if work.jobs:
             self.mover.pump(([first] if first is not None else []) + list(self.schedule.queue))
+
+    def _before_experts(self, idx, args, kwargs):
+        """A routed block's experts module is about to compute: its routed experts brought, by the GPU
+        (device_routing.py: the call may then take other arguments) or by the host (``_bring_routed``)."""
+        if self.gpu_fetch is not None and self.gpu_fetch.active:
+            call = self.gpu_fetch.before(idx, args, kwargs)
+            if call is not None:
+                return call
+        else:
+            self._bring_routed(idx, args, kwargs)
+        return args, kwargs
+
+    def _after_experts(self, idx, output):
+        if self.gpu_fetch is not None and self.gpu_fetch.active:
+            self.gpu_fetch.after(idx, output)
+        return output
+
+    def settle_routing(self):
+        """Count what the last GPU-fetched steps routed (the host reads it at the next step otherwise)."""
+        if self.gpu_fetch is not None:
+            self.gpu_fetch.account()
 
     def _bring_routed(self, idx, args, kwargs):
         """Before a streamed MoE block's experts compute: bring the rows of the experts routed to into its

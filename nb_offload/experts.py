@@ -180,7 +180,8 @@ class ExpertCache:
 
     def __init__(self, torch, device, row_bytes: int, capacity: int):
         self.rows = torch.empty((capacity, row_bytes), dtype=torch.uint8, device=device)
-        self.capacity = capacity
+        self.own = self.capacity = capacity
+        self.lent = []                  # entries in memory lent for a while (``lend``), numbered after our own
         self.where = {}                 # (unit, expert) -> entry
         self.free = list(range(capacity - 1, -1, -1))      # entries holding nothing (popped from the end)
         self.pinned = set()             # keys kept for good (expert pins): never evicted
@@ -232,6 +233,26 @@ class ExpertCache:
         if entry is not None:
             self.free.append(entry)
 
+    def entry(self, entry):
+        """The bytes of ``entry``: one expert's rows of every fused tensor, one after another."""
+        return self.rows[entry] if entry < self.own else self.lent[entry - self.own]
+
+    def lend(self, views):
+        """More entries, in memory lent until ``reclaim`` (``views``: uint8 tensors of one entry's bytes each)."""
+        self.reclaim()
+        self.lent = list(views)
+        self.capacity = self.own + len(self.lent)
+        self.free[:0] = range(self.capacity - 1, self.own - 1, -1)     # our own entries are taken first
+
+    def reclaim(self) -> list:
+        """Give the lent entries back: the keys they held are no longer kept (returned)."""
+        dropped = [key for key, entry in self.where.items() if entry >= self.own]
+        for key in dropped:
+            del self.where[key]
+        self.free = [entry for entry in self.free if entry < self.own]
+        self.lent, self.capacity = [], self.own
+        return dropped
+
     def _push(self, key):
         heapq.heappush(self._least, (self.routed[key], key))
         if len(self._least) > 4 * self.capacity + 64:      # drop the stale items
@@ -250,17 +271,17 @@ class ExpertCache:
         """Copy ``expert``'s rows from its block's ``source`` (tiers.Source: host memory or disk) into
         ``entry`` (an expert pinned in the cache, before the first step)."""
         for (a, b), (c, d) in self._pairs(found, expert):
-            self.rows[entry, c:d].copy_(source.read(a, b - a))
+            self.entry(entry)[c:d].copy_(source.read(a, b - a))
 
     def load(self, found, expert, slot, entry):
         """Copy ``expert``'s rows from ``entry`` into their places in ``slot`` (the block's flat bytes)."""
         for (a, b), (c, d) in self._pairs(found, expert):
-            slot[a:b].copy_(self.rows[entry, c:d], non_blocking=True)
+            slot[a:b].copy_(self.entry(entry)[c:d], non_blocking=True)
 
     def store(self, found, expert, slot, entry):
         """Copy ``expert``'s rows from ``slot`` into ``entry``."""
         for (a, b), (c, d) in self._pairs(found, expert):
-            self.rows[entry, c:d].copy_(slot[a:b], non_blocking=True)
+            self.entry(entry)[c:d].copy_(slot[a:b], non_blocking=True)
 
     @staticmethod
     def _pairs(found, expert):

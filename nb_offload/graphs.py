@@ -19,8 +19,9 @@ into the same slots in the same order. So it is captured once and replayed:
   kernels a replay launches.
 
 Eager as before: prefill; the CPU device; plans that stream from disk (reads are CPU work between
-the copies, and the drive, not the launches, bounds those steps); plans that stream MoE blocks (their
-routed experts are copied once the host has read the router's choice, experts.py); int8 units (bitsandbytes splits
+the copies, and the drive, not the launches, bounds those steps); steps that bring MoE blocks' routed
+experts once the host has read the router's choice (experts.py): batches of more than one token, and
+plans whose routed experts the GPU can't fetch itself (device_routing.py); int8 units (bitsandbytes splits
 outlier columns with a host synchronisation); beam search (it reorders the cache into new tensors);
 sliding-window caches (their lengths are host integers); models transformers doesn't compile with a
 static cache; a step whose capture fails (``Stats.graph_eager`` says why).
@@ -137,9 +138,9 @@ class DecodeGraphs:
             return False, "the CPU device runs eager"
         if any(s.tier == "disk" for s in e.sources.values()):
             return False, "units stream from disk (the reads are CPU work between copies; the drive bounds the step)"
-        if e.routed:
+        if e.routed and e.gpu_fetch is None:
             return False, ("streamed MoE blocks bring only their routed experts, copied once the host has read "
-                           "the router's choice")
+                           f"the router's choice (the GPU can't fetch them: {e.gpu_fetch_why_not})")
         if e.cpu_blocks:
             return False, "blocks computed on the CPU (the host runs them between the GPU's kernels)"
         if any(getattr(u, "fmt", "") == "int8" for u in e.units[:e.n_model]):

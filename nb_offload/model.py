@@ -217,6 +217,8 @@ class OffloadedModel:
                 raise
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
+            if self._engine is not None:
+                self._engine.settle_routing()
         self.stats.seconds += time.perf_counter() - t0
         self.stats.sample_host()
         trim_heap()         # a generate's cache and temporaries, freed: back to the system

@@ -211,6 +211,29 @@ def test_the_expert_cache_keeps_the_most_often_routed_and_copies_rows_both_ways(
     assert int(other.count_nonzero()) == 5
 
 
+def test_the_expert_cache_takes_lent_entries_after_its_own_and_drops_their_experts_when_given_back():
+    from nb_offload.experts import ExpertCache
+    found = RoutedExperts("e", 4, [(0, 3), (12, 2)], top_k=1)
+    cache = ExpertCache(torch, "cpu", 5, 1)
+    lent = torch.zeros(10, dtype=torch.uint8)       # two entries' room, lent for a while
+    cache.lend([lent[:5], lent[5:]])
+    assert cache.capacity == 3
+    slot = torch.arange(20, dtype=torch.uint8)
+    placed = []
+    for expert in range(3):
+        assert cache.lookup(("b", expert)) is None
+        placed.append(cache.place(("b", expert)))
+        cache.store(found, expert, slot, placed[-1])
+    assert placed == [0, 1, 2]          # our own first
+    assert lent.tolist() == [3, 4, 5, 14, 15, 6, 7, 8, 16, 17]     # experts 1 and 2 in the lent room
+    assert cache.entry(2).data_ptr() == lent[5:].data_ptr()
+    assert sorted(cache.reclaim()) == [("b", 1), ("b", 2)]
+    assert set(cache.where) == {("b", 0)} and cache.capacity == 1 and not cache.free
+    assert cache.lookup(("b", 2)) is None and cache.lookup(("b", 0)) == 0
+    cache.lend([lent[:5]])              # lent again: the room is free, nothing of before is found there
+    assert cache.capacity == 2 and cache.free == [1] and cache.lookup(("b", 1)) is None
+
+
 def test_the_plan_sizes_the_expert_cache_in_whole_experts(model_dirs, monkeypatch):
     from nb_offload import experts
     monkeypatch.setattr(experts, "CUDA_MIN_SAVED", 0)     # tiny experts come apart too

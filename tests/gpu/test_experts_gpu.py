@@ -54,14 +54,22 @@ def test_routed_experts_copied_after_the_router_match_transformers(arch, share, 
         assert llm.plan.split_blocks == split
         assert {eng.units[i].name for i in eng.routed} == set(names[1:])
         assert all(eng.units[i].kind == ("piece" if split else "block") for i in eng.routed)
-        assert "routed experts" in eng.graphs.why_not
+        # a block streamed whole needs its slot for the rest of it: the host brings the routed experts; a block's
+        # experts streamed alone are fetched by the GPU in a batch-1 decode, and that step is captured
+        fetched = split
+        assert (eng.gpu_fetch is not None) == fetched and eng.graphs.enabled == fetched
+        if not fetched:
+            assert "routed experts" in eng.graphs.why_not
         predicted = llm.plan.streamed_bytes_per_token()["cpu"]
         assert predicted < sum(e.bytes for e in llm.plan if e.tier == "cpu")
         assert torch.equal(llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu(),
                            plain_generate(folder, ids))
         s = llm.stats
-        assert s.experts_read > 0 and s.experts_skipped > 0 and s.route_wait_seconds > 0
-        assert any(e.kind == "copy" and "experts)" in e.unit for e in llm.trace)
+        assert s.experts_read > 0 and s.experts_skipped > 0
+        assert (s.route_wait_seconds > 0) == (not fetched or share == 1.0)      # a routed prefill waits
+        assert (s.graph_replays > 0) == fetched
+        assert any(e.kind == "copy" and ("fetched by the GPU)" if fetched else "experts)") in e.unit
+                   for e in llm.trace)
         # a decode step brings what the plan predicts (two generates differenced: the prefill cancels)
         if share < 1.0:
             assert (moved(llm, ids, N) - moved(llm, ids, 2)) / (N - 2) == predicted
@@ -124,6 +132,52 @@ def test_the_expert_cache_full_small_and_empty(arch, model_dirs, monkeypatch):
             assert (s.expert_hits > 0) == (held > 0)
             print(f"{arch} expert_cache={cache!r}: {held} of {every} experts kept, hits {s.expert_hits} of "
                   f"{s.experts_read} routed")
+        finally:
+            llm.unload()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_experts_fetched_by_the_gpu_in_a_captured_step_match_transformers(arch, model_dirs, monkeypatch):
+    """Each block's experts streamed alone: a batch-1 decode step fetches the routed ones by a kernel (no host
+    wait) and is replayed as a graph; the cache, in its own room and in the slots lent to it, full, small and
+    empty; batches of four and prefills go the host's way and give the slots back."""
+    monkeypatch.setattr(experts, "CUDA_MIN_SAVED", 0)
+    folder = model_dirs(arch)
+    names = [e.name for e in blocks(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))]
+    pins = {n: "cpu" for n in names}
+    ids = torch.tensor(PROMPT, device="cuda")
+    want, four = plain_generate(folder, ids), batch_of_four()
+    want_four = plain_generate(folder, four)
+    row = None
+    for cache in ("auto", 0, "one"):
+        if cache == "one":
+            cache = row
+        llm = nb_offload.load(folder, pins=pins, hold_spare=False, split_blocks=True, expert_cache=cache,
+                              progress=False)
+        try:
+            eng = llm._engine
+            row = next(u.expert_row_nbytes for u in llm._insp.units if u.expert_row_nbytes)
+            assert eng.gpu_fetch is not None and eng.graphs.enabled, eng.gpu_fetch_why_not
+            own = eng.expert_cache.own if eng.expert_cache is not None else 0
+            for _ in range(2):          # the second generate finds what the first kept
+                assert torch.equal(llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu(),
+                                   want)
+            s = llm.stats
+            assert s.graph_replays > 0 and s.experts_read > 0 and (s.expert_hits > 0) == (cache != 0)
+            if cache != 0:      # the slots' room went to the cache while the decode ran
+                assert eng.expert_cache.capacity > own and eng.gpu_fetch.lent
+            else:               # every step fetches what the plan predicts
+                predicted = llm.plan.streamed_bytes_per_token()["cpu"]
+                assert (moved(llm, ids, N) - moved(llm, ids, 2)) / (N - 2) == predicted
+            assert torch.equal(llm.generate(four, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu(),
+                               want_four)
+            assert not eng.gpu_fetch.lent or eng.gpu_fetch.active
+            assert torch.equal(llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu(), want)
+            print(f"{arch} expert_cache={cache!r}: own {own}, lent {len(eng.gpu_fetch.lendable)}, hits "
+                  f"{s.expert_hits} of {s.experts_read} routed, {s.graph_replays} replays")
+            llm.pin(names[1], "gpu")        # a new engine: captured afresh
+            assert torch.equal(llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu(), want)
+            assert llm._engine.gpu_fetch is not None and llm._engine.gpu_fetch.dirty is False
         finally:
             llm.unload()
 
