@@ -60,6 +60,11 @@ def why_not(engine) -> str:
     if len(counts) != 1:
         return "MoE blocks of different shapes"
     found = next(iter(e.routed.values()))
+    from .planner import text_config
+    if getattr(text_config(e.model.config), "num_experts_per_tok", None) != found.top_k:
+        return "the config names no num_experts_per_tok (the packed rows are sized by it)"
+    if not found.worth_routing(1):
+        return "a one-token step would bring its blocks whole"
     if any(row % 16 for _, row in found.rows):      # packed rows stay as aligned as the experts' own
         return "expert rows not whole 16-byte words"
     if found.top_k * found.row_bytes > len(e.mover.slots[0]):
@@ -107,6 +112,7 @@ class DeviceRouting:
         self.pointed = {}           # (unit, expert) -> cache entry its fetch reads from now
         self.pending = {}           # (unit, expert) -> (entry, event of its copy into the entry)
         self.dirty = False          # a step fetched since the counts were last read
+        self.backlog = []           # keys counted by ``settle`` and not yet seen by the cache's policy
         self.active = False         # this step is fetched by the GPU
         # the slots' memory past the packed rows, in whole entries, for the cache while such steps run
         self.lendable = []
@@ -122,10 +128,14 @@ class DeviceRouting:
     def begin(self, on_device: bool):
         """Before a forward pass: ``on_device`` where the GPU fetches its routed experts (a batch-1 decode)."""
         e, cache = self.engine, self.engine.expert_cache
-        routed = self.account()
+        routed, self.backlog = self.backlog + self.account(), []
         if not on_device:
+            if cache is not None:       # counted for the policy; the host's path places what it copies
+                for key in routed:
+                    cache.lookup(key)
             if self.lent or self.pending:       # the host path reads the cache's entries, and slots get written
                 e.mover.compute_stream.wait_stream(e.mover.copy_stream)
+                e.mover.copy_stream.wait_stream(e.mover.compute_stream)    # after every read of the lent room
                 self.pending.clear()
                 if self.lent:
                     cache.reclaim()
@@ -142,26 +152,42 @@ class DeviceRouting:
         if not self.lent and self.lendable:
             cache.lend(self.lendable)
             self.lent = True
-        admit = []
-        for key in routed:          # the cache's policy, on what the last step routed
-            if cache.lookup(key) is None:
-                entry = cache.place(key)
-                if entry is not None:
-                    admit.append((key, entry))
-        for key in [k for k in self.pending if cache.where.get(k) != self.pending[k][0]]:
-            del self.pending[key]           # evicted before its copy landed
-        self._reconcile()                   # evicted experts back to host memory before entries are overwritten
-        if admit:
+        admit = {}
+        try:
+            for key in routed:          # the cache's policy, on what the last step routed
+                if cache.lookup(key) is None:
+                    entry = cache.place(key)
+                    if entry is not None:
+                        admit[key] = entry
+            # an entry placed twice here (a key placed, then evicted by a later one) is copied once
+            admit = {k: entry for k, entry in admit.items() if cache.where.get(k) == entry}
+            for key in [k for k in self.pending if cache.where.get(k) != self.pending[k][0]]:
+                del self.pending[key]           # evicted before its copy landed
+            # evicted experts back to host memory before their entries are overwritten; those taken now
+            # are fetched from their entries only once their copies have landed
+            self._reconcile(skip=admit)
             self._admit(admit)
+        except BaseException:       # an entry placed and not (yet) being filled must not be found later
+            for key in admit:
+                if key not in self.pending:
+                    cache.forget(key)
+            raise
+
+    def settle(self):
+        """Count what the GPU-fetched steps since the last read routed (the host waits for them); the next
+        step's ``begin`` gives the keys to the cache's policy."""
+        self.backlog.extend(self.account())
 
     def _admit(self, admit):
-        """Copy each (key, entry) from host memory into the cache entry, on the copy stream after what the
+        """Copy each key of ``admit`` from host memory into its cache entry, on the copy stream after what the
         compute stream has queued (the last step, and the table pointing the entry's old expert away)."""
+        if not admit:
+            return
         e, torch, cache = self.engine, self.torch, self.engine.expert_cache
         copy = e.mover.copy_stream
         with torch.cuda.stream(copy):
             copy.wait_stream(e.mover.compute_stream)
-            for key, entry in admit:
+            for key, entry in admit.items():
                 idx, expert = key
                 flat, found = e.sources[idx].flat, self.units[idx].found
                 for (a, b), (c, d) in cache._pairs(found, expert):
@@ -171,13 +197,14 @@ class DeviceRouting:
                 self.pending[key] = (entry, done)
                 e.stats.bytes_from_cpu += found.row_bytes
 
-    def _reconcile(self):
-        """Point each expert's fetch at the cache entry holding it (its copy there landed), else at host memory."""
+    def _reconcile(self, skip=()):
+        """Point each expert's fetch at the cache entry holding it once its copy there has landed, else at host
+        memory (``skip``: keys whose copies aren't queued yet)."""
         cache = self.engine.expert_cache
         want = {}
         if cache is not None:
             for key, entry in cache.where.items():
-                if key[0] in self.units and key not in self.pending:
+                if key[0] in self.units and key not in self.pending and key not in skip:
                     want[key] = entry
         for key in [k for k, entry in self.pointed.items() if want.get(k) != entry]:
             self.units[key[0]].fetch.point(key[1], None)
@@ -236,6 +263,9 @@ class DeviceRouting:
         routed = self.units[idx]
         found = routed.found
         _, index, _ = found.arguments(args, kwargs)
+        if index is None or index.numel() != self.top_k or index.shape[-1] != self.top_k:
+            raise RuntimeError(f"{found.module}: routed to {None if index is None else tuple(index.shape)} experts "
+                               f"in a one-token step; the packed rows hold {self.top_k}")
         timed = e.trace.enabled
         start = e.mover.mark() if timed else None
         routed.fetch(index)

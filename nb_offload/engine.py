@@ -22,6 +22,7 @@ from concurrent.futures import wait as futures_wait
 
 from . import cpu_experts, device_routing, experts, hybrid
 from .budget import link_gbps
+from .errors import in_one_line
 from .graphs import DecodeGraphs, given_ids
 from .hooks import ModuleHooks, bind, bind_views, to_device
 from .movers import CpuMover, CudaMover
@@ -120,7 +121,10 @@ class Engine:
             # batch-1 decode steps fetch their routed experts by a kernel of the GPU's, with no host wait
             self.gpu_fetch, self.gpu_fetch_why_not = None, device_routing.why_not(self)
             if not self.gpu_fetch_why_not:
-                self.gpu_fetch = device_routing.DeviceRouting(self)
+                try:
+                    self.gpu_fetch = device_routing.DeviceRouting(self)
+                except RuntimeError as exc:     # host memory the GPU can't read (page-locking failed)
+                    self.gpu_fetch_why_not = in_one_line(exc)
             self.graphs = DecodeGraphs(self, enabled=cuda_graph, fuse=fused_kernels)
         except BaseException:
             self._stop_host_experts()
@@ -330,7 +334,7 @@ class Engine:
         self._cpu_hooks = []
         self.release_held()
         self.drain()
-        self.expert_cache = None
+        self.expert_cache = self.gpu_fetch = None      # its views of the slots, with the slots
         self.reader.close()
         self.mover.slots, self._views, self.rest, self._upload = [], {}, {}, None
 
@@ -355,7 +359,7 @@ class Engine:
             found = next(iter(self.routed.values()))
             tokens = _tokens(args, kwargs)
             self.routing = found.worth_routing(tokens)
-            on_gpu = self.gpu_fetch is not None and tokens == 1 and not self._forwards
+            on_gpu = self.gpu_fetch is not None and tokens == 1 and self.routing and not self._forwards
             if self.gpu_fetch is not None:
                 self.gpu_fetch.begin(on_gpu)
         if self.graphs.takes(args, kwargs) and (on_gpu or not self.routed):
@@ -521,7 +525,7 @@ class Engine:
     def settle_routing(self):
         """Count what the last GPU-fetched steps routed (the host reads it at the next step otherwise)."""
         if self.gpu_fetch is not None:
-            self.gpu_fetch.account()
+            self.gpu_fetch.settle()
 
     def _bring_routed(self, idx, args, kwargs):
         """Before a streamed MoE block's experts compute: bring the rows of the experts routed to into its

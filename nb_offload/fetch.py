@@ -76,7 +76,7 @@ class RowFetch:
         # any 16-byte aligned int64 tensor on the device: the aligned path's addresses are word offsets from it
         self.anchor = torch.zeros(2, dtype=torch.int64, device=device)
         every = [a for per in self.home for a in per] + list(dests) + self.rows
-        self.aligned = word == 16 and all(a % ALIGN == 0 for a in every) and self.anchor.data_ptr() % 16 == 0
+        self.aligned = word == 16 and all(a % ALIGN == 0 for a in every + [self.anchor.data_ptr()])
         self.block, self.warps, self.iters = block, warps, iters
         self.chunks = triton.cdiv(max(self.rows) // 8, block * iters)
 

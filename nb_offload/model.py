@@ -212,13 +212,12 @@ class OffloadedModel:
                     given, length = self._with_static_cache(args, kwargs)
                     with self._holding_spare(args, kwargs, length), self._engine.graphs.generating():
                         out = self.model.generate(*args, **given)
+                self._engine.settle_routing()   # what the last GPU-fetched steps routed, counted
             except KeyboardInterrupt:   # the cache and temporaries of the generate cut short, freed
                 self._release_memory()
                 raise
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
-            if self._engine is not None:
-                self._engine.settle_routing()
         self.stats.seconds += time.perf_counter() - t0
         self.stats.sample_host()
         trim_heap()         # a generate's cache and temporaries, freed: back to the system
