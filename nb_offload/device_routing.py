@@ -18,7 +18,8 @@ these steps copy nothing into the slots, so the slots' memory goes to the expert
 The cache's policy is experts.ExpertCache's, run by the host between steps on what the last step
 routed: each fetch counts its experts in device memory, read back at the next step's start (the host
 waits for the GPU there anyway, for the token). An expert the cache takes is copied into its entry from
-host memory on the copy stream, beside the next step, and fetched from there once that copy has landed.
+host memory on the copy stream (a replay waits for it to finish; an eager step runs beside it), and is
+fetched from there from the first step after that copy has landed.
 Each expert's source is an address in the fetch's table, rewritten on the compute stream between steps:
 an entry's old expert is pointed back to host memory before the entry is overwritten.
 """
