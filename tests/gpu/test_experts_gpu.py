@@ -182,6 +182,30 @@ def test_experts_fetched_by_the_gpu_in_a_captured_step_match_transformers(arch, 
             llm.unload()
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_experts_fetched_by_the_gpu_in_eager_steps_with_a_warm_cache_match_transformers(arch, model_dirs,
+                                                                                         monkeypatch):
+    """Without the captured step each fetch runs eager, beside the copies that fill the cache's entries: an
+    expert is fetched from its entry only once that copy has landed; pinned experts are fetched from theirs."""
+    monkeypatch.setattr(experts, "CUDA_MIN_SAVED", 0)
+    folder = model_dirs(arch)
+    names = [e.name for e in blocks(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))]
+    pins = {**{n: "cpu" for n in names}, "model.layers.1.mlp.experts.0-1": "gpu"}
+    ids = torch.tensor(PROMPT, device="cuda")
+    want = plain_generate(folder, ids, n=3 * N)
+    llm = nb_offload.load(folder, pins=pins, hold_spare=False, split_blocks=True, cuda_graph=False, progress=False)
+    try:
+        assert llm._engine.gpu_fetch is not None and not llm._engine.graphs.enabled
+        for _ in range(2):
+            assert torch.equal(llm.generate(ids, max_new_tokens=3 * N, min_new_tokens=3 * N, do_sample=False).cpu(),
+                               want)
+        s = llm.stats
+        assert s.graph_replays == 0 and s.expert_hits > 0
+        assert llm.expert_state()["model.layers.1"]["cached"][:2] == [0, 1]
+    finally:
+        llm.unload()
+
+
 def test_pinned_experts_are_kept_on_the_gpu_from_the_start(model_dirs, monkeypatch):
     monkeypatch.setattr(experts, "CUDA_MIN_SAVED", 0)
     folder = model_dirs("qwen3_moe")
