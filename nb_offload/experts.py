@@ -31,10 +31,11 @@ ROUTED_SHARE = 0.75
 # often can then replace the last prompt's.
 AGE_EVERY = 1 << 14
 
-# On CUDA, the least a block must save a decode step for its experts to come as routed. A routed block
-# runs eager (the host reads the router's choice), and an eager step costs the host about 1 ms a block
-# (transformers' Mixtral shape on an H200: 15 ms for 16 blocks), which the link fills with some 55 MB;
-# below that, the captured step with whole blocks is faster.
+# On CUDA, the least a block must save a decode step for its experts to come as routed. On the host's path
+# a routed block runs eager (the host reads the router's choice), and an eager step costs the host about
+# 1 ms a block (transformers' Mixtral shape on an H200: 15 ms for 16 blocks), which the link fills with some
+# 55 MB; below that, the captured step with whole blocks is faster. Set before the GPU fetched routed experts
+# itself in captured steps (device_routing.py); not measured again since.
 CUDA_MIN_SAVED = 48 << 20
 
 
