@@ -362,8 +362,11 @@ class Engine:
             on_gpu = self.gpu_fetch is not None and tokens == 1 and self.routing and not self._forwards
             if self.gpu_fetch is not None:
                 self.gpu_fetch.begin(on_gpu)
-        if self.graphs.takes(args, kwargs) and (on_gpu or not self.routed):
-            return self.graphs.step(forward, to_device(args, self.device), to_device(kwargs, self.device))
+        if self.graphs.takes(args, kwargs):
+            if on_gpu or not self.routed:
+                return self.graphs.step(forward, to_device(args, self.device), to_device(kwargs, self.device))
+            self.stats.graph_eager = ("the host brings the routed experts of this decode (a batch of more than one "
+                                      "token, or a share of them computed on the CPU)")
         return self.eager_step(forward, args, kwargs)
 
     def eager_step(self, forward, args, kwargs):
