@@ -313,12 +313,9 @@ class HostSignal:
 
 
 def _driver_wait_value():
-    """The CUDA driver's ``cuStreamWaitValue32`` (its ``_v2`` where the driver has it), through ctypes."""
-    lib = ctypes.CDLL("libcuda.so.1")
-    fn = getattr(lib, "cuStreamWaitValue32_v2", None) or lib.cuStreamWaitValue32
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
+    """The CUDA driver's ``cuStreamWaitValue32``."""
+    from .driver import function
+    return function("cuStreamWaitValue32", ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint)
 
 
 # A worker launches an expert's products from Python, so it needs the GIL between them, while the caller runs

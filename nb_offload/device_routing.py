@@ -215,11 +215,8 @@ class DeviceRouting:
             want[key] = self.pending.pop(key)[0]
         for key, entry in want.items():
             if self.pointed.get(key) != entry:
-                view = cache.entry(entry)
-                at, addresses = view.data_ptr(), []
-                for _, row in self.units[key[0]].found.rows:
-                    addresses.append(at)
-                    at += row
+                at = cache.entry(entry).data_ptr()      # each fused tensor's row where the entry keeps it
+                addresses = [at + c for _, (c, _) in cache._pairs(self.units[key[0]].found, key[1])]
                 self.units[key[0]].fetch.point(key[1], addresses)
                 self.pointed[key] = entry
 
@@ -283,8 +280,7 @@ class DeviceRouting:
         args[found.index_at] = self.renumbered
         return tuple(args), kwargs
 
-    def after(self, idx, output):
+    def after(self, idx):
         """After the experts module: its own expert count again."""
         routed = self.units[idx]
         routed.module.num_experts = routed.found.count
-        return output

@@ -522,7 +522,7 @@ class Engine:
 
     def _after_experts(self, idx, output):
         if self.gpu_fetch is not None and self.gpu_fetch.active:
-            self.gpu_fetch.after(idx, output)
+            self.gpu_fetch.after(idx)
         return output
 
     def settle_routing(self):

@@ -21,6 +21,8 @@ import ctypes
 import triton
 import triton.language as tl
 
+from . import driver
+
 ALIGN = 512             # rows and addresses the 16-byte path takes: multiples of this many bytes
 
 
@@ -98,10 +100,8 @@ class RowFetch:
 
 def device_address(flat) -> int:
     """The device's address of page-locked host memory ``flat`` (the host's own under unified addressing)."""
-    lib = ctypes.CDLL("libcuda.so.1")
-    fn = getattr(lib, "cuMemHostGetDevicePointer_v2", None) or lib.cuMemHostGetDevicePointer
-    fn.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
+    fn = driver.function("cuMemHostGetDevicePointer", ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p,
+                         ctypes.c_uint)
     out = ctypes.c_uint64(0)
     rc = fn(ctypes.byref(out), ctypes.c_void_p(flat.data_ptr()), 0)
     if rc != 0:

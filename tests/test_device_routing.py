@@ -72,6 +72,16 @@ def routed(d, *experts):
         d.counts[0, e] += 1
 
 
+def kept(d, done, *experts):
+    """Decode steps with the copies landing at once: the first routes ``experts``, the cache takes them,
+    and from the third they are fetched from their entries."""
+    done[0] = True
+    d.begin(True)
+    routed(d, *experts)
+    d.begin(True)
+    d.begin(True)
+
+
 def test_an_admitted_expert_is_fetched_from_its_entry_only_once_its_copy_has_landed():
     d, log, flat, done = routing()
     cache, stats = d.engine.expert_cache, d.engine.stats
@@ -103,11 +113,7 @@ def test_an_admitted_expert_is_fetched_from_its_entry_only_once_its_copy_has_lan
 def test_an_entry_s_old_expert_goes_back_to_host_memory_before_the_entry_is_overwritten():
     d, log, flat, done = routing(own=1, lent=0)
     cache = d.engine.expert_cache
-    done[0] = True
-    d.begin(True)
-    routed(d, 2, 3)
-    d.begin(True)                       # one entry: expert 2 taken, 3 not (routed no more often)
-    d.begin(True)
+    kept(d, done, 2, 3)                 # one entry: expert 2 taken, 3 not (routed no more often)
     assert d.pointed == {(5, 2): 0}
     log.clear()
     for _ in range(2):
@@ -132,11 +138,7 @@ def test_an_entry_placed_and_then_taken_in_the_same_step_is_copied_once():
 def test_a_step_of_the_host_s_path_takes_the_lent_room_back_and_forgets_what_it_held():
     d, log, flat, done = routing(own=1, lent=1)
     cache = d.engine.expert_cache
-    done[0] = True
-    d.begin(True)
-    routed(d, 0, 1)
-    d.begin(True)
-    d.begin(True)
+    kept(d, done, 0, 1)
     assert set(d.pointed) == {(5, 0), (5, 1)} and cache.capacity == 2
     log.clear()
     d.begin(False)                      # a prefill: it writes the slots
