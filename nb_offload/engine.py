@@ -118,6 +118,8 @@ class Engine:
                 if row and expert_cache >= row else None
             if self.expert_cache is not None and pinned_experts:
                 self._pin_experts(pinned_experts)
+            if self.expert_cache is not None and self.cuda:
+                self._warm_cache()
             # batch-1 decode steps fetch their routed experts by a kernel of the GPU's, with no host wait
             self.gpu_fetch, self.gpu_fetch_why_not = None, device_routing.why_not(self)
             if not self.gpu_fetch_why_not:
@@ -142,6 +144,27 @@ class Engine:
                     return
                 key = (idx, e)
                 entry = cache.pin(key)
+                try:
+                    cache.fill(found, e, self.sources[idx], entry)
+                except BaseException:
+                    cache.forget(key)
+                    raise
+
+    def _warm_cache(self):
+        """Fill the cache's free entries at load with experts of the blocks streamed from host memory, one
+        block after another round them, counted as never routed (the first experts routed more often replace
+        them): a prefill takes the experts the cache holds from it (``_around_cache``), so the first one after
+        the load moves no more than later ones, where the plan gave the cache a kept block's room."""
+        cache = self.expert_cache
+        blocks = [(idx, found) for idx, found in sorted(self.routed.items()) if self.sources[idx].flat is not None]
+        for e in range(max((found.count for _, found in blocks), default=0)):
+            for idx, found in blocks:
+                key = (idx, e)
+                if e >= found.count or key in cache.where:
+                    continue
+                if not cache.free:
+                    return
+                entry = cache.place(key)
                 try:
                     cache.fill(found, e, self.sources[idx], entry)
                 except BaseException:
@@ -474,6 +497,8 @@ class Engine:
                 return
             self._do(work, first=job)
             self.mover.wait(job)
+            if job.cached:
+                self._from_cache(idx, job)
             bind_views(self.params[idx], self._slot_views(idx, job.slot))
             self.schedule.start(job)
             self._do(self.schedule.fill())
@@ -505,9 +530,50 @@ class Engine:
                     job.ranges = part
                 else:
                     source, job.ranges = part, []
+            elif job.unit in self.routed and self.expert_cache is not None:
+                source, nbytes = self._around_cache(job, source)
             self.mover.start(job, self.units[job.unit], source, nbytes)
         if work.jobs:
             self.mover.pump(([first] if first is not None else []) + list(self.schedule.queue))
+
+    def _around_cache(self, job, source):
+        """A routed block coming whole (as in a prefill): the rows of its experts the cache holds in its own
+        room are copied from there as it computes (``_from_cache``), the rest come from its tier (on CUDA the
+        mover copies ``job.rest``; on the CPU the reader reads only those). Returns the source and its bytes.
+        Not in a capture: a replay would copy whatever the entries hold by then."""
+        cache = self.expert_cache
+        if self.cuda and self.mover.in_capture:
+            return source, None
+        job.cached = sorted((key, entry) for key, entry in cache.where.items()
+                            if key[0] == job.unit and entry < cache.own)    # lent entries are slot memory
+        if not job.cached:
+            return source, None
+        found = self.routed[job.unit]
+        job.rest = experts.outside(found.ranges([key[1] for key, _ in job.cached]), self.units[job.unit].nbytes)
+        if self.cuda:
+            return source, None
+        rest = experts.placed(source.extents, job.rest)
+        return Source(source.tier, extents=rest), sum(e[2] for e in rest)
+
+    def _from_cache(self, idx, job):
+        """Copy the rows of ``job``'s cached experts into its slot, in order on the compute stream (after any
+        copy into an entry the step has queued): from their entries, or for an expert evicted since the job
+        started, from its block's tier after all."""
+        cache, found = self.expert_cache, self.routed[idx]
+        slot, source = self.mover.slots[job.slot], self.sources[idx]
+        gone = []
+        for key, entry in job.cached:
+            if cache is not None and cache.where.get(key) == entry:
+                cache.load(found, key[1], slot, entry)
+            else:
+                gone.append(key[1])
+        for a, b in found.ranges(gone):
+            slot[a:b].copy_(source.read(a, b - a), non_blocking=True)
+            if source.tier == "disk":
+                self.stats.bytes_from_disk += b - a
+            else:
+                self.stats.bytes_from_cpu += b - a
+        job.cached = []
 
     def _before_experts(self, idx, args, kwargs):
         """A routed block's experts module is about to compute: its routed experts brought, by the GPU

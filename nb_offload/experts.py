@@ -299,7 +299,16 @@ def _parameters(module) -> tuple:
         return ()
 
 
-
+def outside(ranges, total: int) -> list:
+    """The byte ranges of ``0..total`` that none of ``ranges`` (sorted, not overlapping) covers."""
+    out, at = [], 0
+    for a, b in ranges:
+        if a > at:
+            out.append((at, a))
+        at = max(at, b)
+    if at < total:
+        out.append((at, total))
+    return out
 
 
 def placed(extents, ranges) -> list:

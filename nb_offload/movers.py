@@ -97,7 +97,8 @@ class CudaMover:
             else:
                 src = self.sources[job.unit].flat
             timed = self.trace.enabled
-            ranges = [(0, unit.nbytes)] if job.ranges is None else job.ranges
+            ranges = job.ranges if job.ranges is not None else job.rest if job.rest is not None \
+                else [(0, unit.nbytes)]
             nbytes = sum(b - a for a, b in ranges)
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(self.slot_free[job.slot])

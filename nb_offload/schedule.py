@@ -43,6 +43,10 @@ class Job:
     # which its experts module's pre-hook brings: on CUDA these are the byte ranges to copy now, on the
     # CPU an empty list (the reader is given a source holding only those ranges)
     ranges: list | None = None
+    # The engine's, where the unit comes whole: (key, entry) of its experts the expert cache holds, whose rows
+    # the engine copies from there just before the unit computes; the mover brings the rest of its bytes
+    cached: list = field(default_factory=list)
+    rest: list | None = None    # those other byte ranges, where ``cached`` isn't empty
 
 
 @dataclass

@@ -184,6 +184,77 @@ def test_a_prefill_brings_moe_blocks_whole_and_decode_steps_the_routed_experts(m
         assert torch.equal(out, plain_generate(folder, ids, n=4))
 
 
+def test_a_prefill_takes_the_experts_the_cache_holds_from_it(model_dirs, tmp_path, monkeypatch):
+    """A routed block that comes whole (a prefill) reads only the bytes the expert cache doesn't hold, and
+    copies the rest from the cache as it computes; an expert evicted between the block's start and its
+    compute comes from disk after all. Tokens stay exact."""
+    folder = model_dirs("mixtral")
+    ids = torch.tensor(PROMPT)
+    want = plain_generate(folder, ids, n=4)
+    with all_on_disk(folder, tmp_path, hold_spare=False) as llm:
+        eng = llm._engine
+        cache = eng.expert_cache
+        whole = sum(eng.units[i].nbytes for i in eng.routed)
+        row = next(iter(eng.routed.values())).row_bytes
+        assert torch.equal(llm.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False), want)
+
+        def prefill():
+            before = llm.stats.bytes_from_disk
+            out = llm.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+            assert torch.equal(out, want[:, :ids.shape[1] + 1])
+            return llm.stats.bytes_from_disk - before
+        prefill()               # the first blocks, started by the decode before, come routed: the cache takes some
+        held = len(cache.where)
+        assert 0 < held < sum(f.count for f in eng.routed.values())
+        assert prefill() == whole - held * row
+        assert len(cache.where) == held     # a prefill routes nothing: the cache stays as it was
+        evicted = []
+        around = eng._around_cache
+
+        def evicting(job, source):      # the first block's first cached expert evicted before it computes
+            out = around(job, source)
+            if job.cached and not evicted:
+                evicted.append(job.cached[0][0])
+                cache.forget(evicted[0])
+            return out
+        monkeypatch.setattr(eng, "_around_cache", evicting)
+        assert prefill() == whole - (held - 1) * row and evicted
+        monkeypatch.undo()
+        assert prefill() == whole - (held - 1) * row
+
+
+def test_with_an_expert_cache_the_plan_gives_it_the_room_of_moe_blocks_it_would_keep(model_dirs, monkeypatch):
+    """On CUDA, where blocks stream split and the cache is "auto", no MoE block is kept for its experts: the
+    room goes to the cache, which keeps the most often routed experts of every block. Kept anyway: blocks
+    pinned there, and every block where the whole model fits; with no cache (or one of a given size) the
+    plan keeps blocks as before."""
+    from nb_offload import experts
+    from nb_offload.loader import Inspection
+    monkeypatch.setattr(experts, "CUDA_MIN_SAVED", 0)      # tiny experts come apart too
+    folder = model_dirs("mixtral")
+    units = Inspection(folder, device_type="cuda").units
+    blocks_ = [u for u in units if u.kind == "block"]
+    row = max(u.expert_row_nbytes for u in blocks_)
+
+    def plan(gpu, **kw):
+        p = nb_offload.plan(folder, gpu=gpu, cpu="1GiB", split_blocks=True, **kw)
+        return p, [e.name for e in p if e.kind == "block" and e.tier == "gpu"]
+    fits, kept = plan("1GiB")
+    assert len(kept) == len(blocks_) and "expert_cache" not in fits.reserved
+    everything = sum(u.nbytes for u in units) + sum(fits.reserved.values())
+    # a budget where, without a cache, one block would be kept
+    budget = next(b for b in range(everything - 1, 0, -4096) if len(plan(b, expert_cache=0)[1]) == 1)
+    without, kept = plan(budget, expert_cache=0)
+    assert len(kept) == 1 and "expert_cache" not in without.reserved
+    auto, none_kept = plan(budget)
+    assert none_kept == [] and auto.reserved["expert_cache"] >= row
+    assert auto.reserved["expert_cache"] % row == 0
+    sized, kept = plan(budget, expert_cache=row)
+    assert sized.reserved["expert_cache"] == row and len(kept) <= 1
+    pinned, kept = plan(budget, pins={"model.layers.2": "gpu"})
+    assert kept == ["model.layers.2"]
+
+
 def test_the_expert_cache_keeps_the_most_often_routed_and_copies_rows_both_ways():
     from nb_offload.experts import ExpertCache
     found = RoutedExperts("e", 4, [(0, 3), (12, 2)], top_k=1)     # 4 experts: rows of 3 and of 2 bytes

@@ -182,6 +182,38 @@ def test_experts_fetched_by_the_gpu_in_a_captured_step_match_transformers(arch, 
             llm.unload()
 
 
+def test_the_cache_is_filled_at_load_and_prefills_take_its_experts_from_it(model_dirs, monkeypatch):
+    """The cache's entries hold experts from the load on (counted as never routed), and a prefill, which
+    brings its blocks whole, copies the experts the cache holds from there: it moves the rest only."""
+    monkeypatch.setattr(experts, "CUDA_MIN_SAVED", 0)
+    folder = model_dirs("mixtral")
+    names = [e.name for e in blocks(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))]
+    pins = {n: "cpu" for n in names}
+    row = max(e.expert_row_bytes for e in nb_offload.plan(folder, gpu="1GiB", cpu="1GiB", pins=pins))
+    ids = torch.tensor(PROMPT, device="cuda")
+    want = plain_generate(folder, ids)
+    llm = nb_offload.load(folder, pins=pins, hold_spare=False, split_blocks=True, expert_cache=3 * row,
+                          progress=False)
+    try:
+        eng = llm._engine
+        cache = eng.expert_cache
+        assert len(cache.where) == cache.own == 3 and not cache.pinned
+        assert {i for i, _ in cache.where} == set(sorted(eng.routed)[:3])      # one block after another
+        whole = sum(eng.units[i].nbytes for i in eng.routed)
+
+        def prefill():
+            before = llm.stats.bytes_from_cpu
+            out = llm.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False).cpu()
+            assert torch.equal(out, want[:, :ids.shape[1] + 1])
+            return llm.stats.bytes_from_cpu - before
+        prefill()
+        assert prefill() == whole - 3 * row
+        assert torch.equal(llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu(), want)
+        assert torch.equal(llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu(), want)
+    finally:
+        llm.unload()
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
 def test_experts_fetched_by_the_gpu_in_eager_steps_with_a_warm_cache_match_transformers(arch, model_dirs,
                                                                                          monkeypatch):
