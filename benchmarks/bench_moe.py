@@ -144,7 +144,12 @@ def main():
         elif variant:
             raise SystemExit(f"unknown half variant {variant!r}: si<N>us or left<N>")
         try:
-            return nb_offload.load(folder, gpu=gpu, cpu="110GiB", progress=False, **options)
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            llm = nb_offload.load(folder, gpu=gpu, cpu="110GiB", progress=False, **options)
+            torch.cuda.synchronize()
+            llm.bench_held = torch.cuda.memory_allocated() - before     # the GPU memory the load took
+            return llm
         finally:
             (experts.CUDA_MIN_SAVED, cpu_experts.OWED_TO_CALLER, cpu_experts.SWITCH_INTERVAL,
              cpu_experts.CORES_LEFT) = saved
@@ -210,6 +215,13 @@ def main():
             if args.trace_dir:
                 for k, llm in llms.items():
                     timeline(llm, ids, os.path.join(args.trace_dir, f"timeline-{name}-{k}.json"))
+            # the routed load's GPU memory at its peak: what it holds, and a prefill of 2048 and a decode past it
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            routed.generate(long_ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+            torch.cuda.synchronize()
+            routed_peak = routed.bench_held + torch.cuda.max_memory_allocated() - base
             cache = routed._engine.expert_cache
             on_cpu = {}
             for k in [k for k in llms if k not in ("routed", "whole", "routed_nocache", "routed_host")]:    # the CPU's
@@ -255,6 +267,9 @@ def main():
                 routed_graph_replays=routed.stats.graph_replays,
                 expert_cache_own=cache.own if cache is not None else 0,
                 expert_cache_lent=len(routed._engine.gpu_fetch.lendable) if routed._engine.gpu_fetch else 0,
+                expert_cache_lent_activations=routed._engine.gpu_fetch.spare_entries if routed._engine.gpu_fetch else 0,
+                routed_gpu_peak_bytes=routed_peak, budget_bytes=nb_offload.parse_size(gpu),
+                in_place=[e.name for e in routed.plan if e.compute == "in place"],
                 routed_equals_hf=bool(torch.equal(tokens["routed"], want_static if routed.stats.graph_replays
                                                   else want_dynamic)),
                 whole_equals_hf_static=bool(torch.equal(tokens["whole"], want_static)),

@@ -651,7 +651,14 @@ def render_moe(data, command, title, llama=None) -> str:
                 f"- {r['row']}: routed experts fetched by the GPU: {'yes' if r['fetched_by_gpu'] else 'no'}"
                 f"{'' if r['fetched_by_gpu'] else ' (' + r['fetch_why_not'] + ')'}, {r['routed_graph_replays']} "
                 f"decode steps replayed as graphs; the expert cache {r['expert_cache_own']} experts in its own room "
-                f"and {r['expert_cache_lent']} in the slots lent to it while such steps run. The same plan with the "
+                f"and {r['expert_cache_lent']} in the slots lent to it while such steps run"
+                + (f", {r['expert_cache_lent_activations']} in a prefill's activations' room, lent too"
+                   if r.get("expert_cache_lent_activations") else "")
+                + (f"; at its peak (a prefill of 2048, then decode) the load held "
+                   f"{r['routed_gpu_peak_bytes'] / 2**30:.2f} GiB of GPU memory, budget "
+                   f"{r['budget_bytes'] / 2**30:.2f} GiB" if r.get("routed_gpu_peak_bytes") else "")
+                + (f"; read in place in host memory: {', '.join(r['in_place'])}" if r.get("in_place") else "")
+                + ". The same plan with the "
                 f"host bringing the routed experts (as before; `device_routing.ENABLED` off): "
                 f"{r['routed_host_tok_s']:.2f} tok/s ({r['spread']['routed_host']}), "
                 f"{r['routed_host_moved_per_step'] / 1e9:.2f} GB a step, same tokens: "

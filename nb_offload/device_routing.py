@@ -123,6 +123,11 @@ class DeviceRouting:
                 while at + self.row_bytes <= len(slot):
                     self.lendable.append(slot[at:at + self.row_bytes])
                     at += self.row_bytes
+        # the room the plan keeps for a prefill's activations, in whole entries, lent too: a GPU-fetched step's
+        # own tensors are in its captured graph's pool (or a token's worth, eager). Allocated when lent, freed
+        # when given back, so the next prefill's activations find it in the allocator.
+        self.spare_entries = e.decode_spare // self.row_bytes if e.expert_cache is not None else 0
+        self.spare = None
         self.lent = False
 
     # -- between steps -------------------------------------------------------------------------------
@@ -140,7 +145,7 @@ class DeviceRouting:
                 self.pending.clear()
                 if self.lent:
                     cache.reclaim()
-                    self.lent = False
+                    self.lent, self.spare = False, None
                 self._reconcile()
             self.active = False
             return
@@ -150,8 +155,8 @@ class DeviceRouting:
         self.dirty = True           # the step about to run fetches (a replay too, where no hook runs)
         if cache is None:
             return
-        if not self.lent and self.lendable:
-            cache.lend(self.lendable)
+        if not self.lent and (self.lendable or self.spare_entries):
+            cache.lend(self.lendable + self._spare_entries())
             self.lent = True
         admit = {}
         try:
@@ -173,6 +178,17 @@ class DeviceRouting:
                 if key not in self.pending:
                     cache.forget(key)
             raise
+
+    def _spare_entries(self) -> list:
+        """The activations' room as entries (allocated now, on the compute stream), or none where the device
+        can't give it (memory taken outside the plan)."""
+        torch = self.torch
+        try:
+            self.spare = torch.empty((self.spare_entries, self.row_bytes), dtype=torch.uint8,
+                                     device=self.engine.device) if self.spare_entries else None
+        except torch.cuda.OutOfMemoryError:
+            self.spare_entries, self.spare = 0, None
+        return list(self.spare) if self.spare is not None else []
 
     def settle(self):
         """Count what the GPU-fetched steps since the last read routed (the host waits for them); the next

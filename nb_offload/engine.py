@@ -37,7 +37,8 @@ class Engine:
                  prefetch: int = 1, read_ahead: int = 2, read_threads: int = 8,
                  drop_page_cache: bool = False, split: bool = False, cuda_graph: bool = True,
                  fused_kernels: bool = True, expert_cache: int = 0, pinned_experts: dict | None = None,
-                 expert_compute=None, experts_chosen: bool = False, cpu_blocks=None, cpu_max_tokens: int = 1):
+                 expert_compute=None, experts_chosen: bool = False, cpu_blocks=None, cpu_max_tokens: int = 1,
+                 decode_spare: int = 0):
         import torch
         self.torch = torch
         self.model = model
@@ -112,7 +113,9 @@ class Engine:
                 self.compute_experts_on_cpu({i: self.sources[i].flat for i in self.routed}, expert_compute)
             self._upload = torch.empty(max(self.units[i].nbytes for i in self.cpu_blocks), dtype=torch.uint8,
                                        device=device) if self.cpu_blocks else None
-            # copies of often routed experts in the room the plan reserved for them
+            # copies of often routed experts in the room the plan reserved for them; while GPU-fetched decode
+            # steps run, also in the staging slots and in ``decode_spare`` bytes (a prefill's activations')
+            self.decode_spare = decode_spare
             row = max((f.row_bytes for f in self.routed.values()), default=0)
             self.expert_cache = experts.ExpertCache(torch, device, row, expert_cache // row) \
                 if row and expert_cache >= row else None

@@ -98,6 +98,25 @@ class RowFetch:
             self.table[expert, t].fill_(address)
 
 
+class _HostBytes:
+    """Page-locked host memory at the device's address ``ptr``, as CUDA's array interface describes an array
+    (``torch.as_tensor`` then views it without a copy); ``owner`` keeps the memory alive as long as the view."""
+
+    def __init__(self, ptr: int, nbytes: int, owner):
+        self.owner = owner
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False),
+                                         "version": 3, "strides": None}
+
+
+def in_place(flat, device):
+    """A uint8 tensor on ``device`` (CUDA) viewing the bytes of page-locked host memory ``flat``: kernels read
+    them over the link, where they are (an embedding table, of which a step needs a row a token)."""
+    import torch
+    with torch.cuda.device(device):
+        return torch.as_tensor(_HostBytes(device_address(flat), flat.numel() * flat.element_size(), flat),
+                               device=device)
+
+
 def device_address(flat) -> int:
     """The device's address of page-locked host memory ``flat`` (the host's own under unified addressing)."""
     fn = driver.function("cuMemHostGetDevicePointer", ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p,

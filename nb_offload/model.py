@@ -134,6 +134,9 @@ class OffloadedModel:
         sources, on_cpu = {}, {}
         for u, entry in zip(self._insp.units, self.plan.entries):
             store = self._storage.stores[u.index]
+            if entry.compute == "in place":     # an embedding table the GPU reads in host memory (planner.py)
+                bind(self._params[u.index], u, self._in_place(store.flat))
+                continue
             if store.tier == resident or entry.compute == "cpu":    # the CPU computes it where it is (hybrid.py)
                 bind(self._params[u.index], u, store.flat)
                 if store.tier != resident:
@@ -149,8 +152,21 @@ class OffloadedModel:
                               expert_cache=self.plan.reserved.get("expert_cache", 0),
                               pinned_experts=self._expert_pins, expert_compute=o.host_expert_share,
                               experts_chosen=o.experts_implementation is not None,
-                              cpu_blocks=on_cpu, cpu_max_tokens=self.plan.cpu_max_tokens)
+                              cpu_blocks=on_cpu, cpu_max_tokens=self.plan.cpu_max_tokens,
+                              decode_spare=self.plan.reserved.get("activations", 0))
         self._engine.install()
+
+    def _in_place(self, flat):
+        """``flat`` (page-locked host memory) as a tensor of the GPU's, read there over the link; where the
+        memory isn't mapped for the GPU (page-locking failed), a copy on the GPU, past the budget by its size."""
+        from . import fetch
+        try:
+            return fetch.in_place(flat, self._device)
+        except RuntimeError as exc:
+            warnings.warn(f"nb_offload: an embedding table planned to stay in host memory is copied to the GPU "
+                          f"({exc}); it takes {format_size(flat.numel())} past the gpu budget.", RuntimeWarning,
+                          stacklevel=3)
+            return flat.to(self._device)
 
     def _skip_page_cache(self, sources) -> bool:
         """Whether disk reads bypass the page cache (``drop_page_cache``; "auto" decides here).

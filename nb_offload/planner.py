@@ -48,7 +48,8 @@ class PlanEntry:
     experts: int = 0                # a MoE block's routed experts (experts.py), and how many a token uses
     top_k: int = 0
     expert_row_bytes: int = 0       # one routed expert's bytes, where a step brings them as routed
-    compute: str = ""               # "cpu": a block in host memory the CPU computes, not streamed (hybrid.py)
+    compute: str = ""               # "cpu": a block in host memory the CPU computes, not streamed (hybrid.py);
+    # "in place": in host memory, read there by the GPU as it computes (an embedding table: a row a token)
 
     def cpu_expert_bytes(self, share: float) -> int:
         """Bytes of routed experts a batch-1 decode step has the CPU compute at ``share`` (before the cache's
@@ -142,7 +143,7 @@ class Plan:
         only its routed experts counts what it reads, less what the CPU computes at ``share``)."""
         share = self.share_on_cpu() if share is None else share
         return {t: sum(e.routed_bytes - e.cpu_expert_bytes(share) if e.routed_bytes else e.bytes
-                       for e in self.entries if e.tier == t and e.compute != "cpu") for t in self.streamed_tiers}
+                       for e in self.entries if e.tier == t and not e.compute) for t in self.streamed_tiers}
 
     def predicted_seconds_per_step(self, link_gbps: float = 25.0, disk_gbps: float = 1.0,
                                    cpu_gbps: float | None = None) -> float:
@@ -295,19 +296,27 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
                   and ((cpu_rates is not None and spill) or u.index in on_cpu)), default=0)
     if device == "cuda" and upload:
         reserved["cpu_block_upload"] = upload
+    # On CUDA, where the model doesn't fit, an embedding table stays in host memory and the GPU reads the
+    # rows it needs there (a row a token: 4-8 KiB a decode step), so its room goes to what streams
+    in_place = {u.index for u in units if device == "cuda" and u.rows_only and not u.quantized
+                and u.index not in pins and cap is not None
+                and sum(v.nbytes for v in units) + sum(reserved.values()) > cap}
+    units_here = [u for u in units if u.index not in in_place]
     experts_apart = any(u.expert_row_nbytes for u in units)
     expert_pins = expert_pins or {}
     pinned = sum(len(expert_pins.get(u.index, ())) * u.expert_row_nbytes for u in units)
     if experts_apart and (expert_cache not in ("auto", 0) or pinned):
         reserved["expert_cache"] = max(pinned, 0 if expert_cache == "auto" else expert_cache)
-    on_res, slots = _choose_resident(units, pins, resident, budgets[resident], reserved, _Slots(prefetch + 1),
+    on_res, slots = _choose_resident(units_here, pins, resident, budgets[resident], reserved, _Slots(prefetch + 1),
                                      split_blocks, policy, context,
                                      experts_to_cache=device == "cuda" and experts_apart and expert_cache == "auto")
-    stream = [u for u in units if u.index not in on_res]
+    stream = [u for u in units_here if u.index not in on_res]
     reserved["staging_slots"] = slots.bytes(stream)
     tiers = {u.index: resident for u in units if u.index in on_res}
     if device == "cuda":
-        host_reserved = _place_on_host(stream, pins, budgets, library_code, read_ahead, slots, policy, tiers)
+        host_reserved = _place_on_host(stream + [u for u in units if u.index in in_place],
+                                       {**pins, **dict.fromkeys(in_place, "cpu")}, budgets, library_code, read_ahead,
+                                       slots, policy, tiers)
     else:
         host_reserved = {}
         if stream and budgets.get("disk") is None:
@@ -327,6 +336,9 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
                          experts=u.expert_count, top_k=u.top_k,
                          expert_row_bytes=u.expert_row_nbytes if tiers[u.index] == routed_tier else 0)
                for u in units]
+    for u, e in zip(units, entries):
+        if u.index in in_place:
+            e.compute = "in place"
     chose = _computed_on_cpu(units, entries, on_cpu, cpu_rates, device)
     if experts_apart:
         _size_expert_cache(units, entries, reserved, budgets[resident], resident, expert_cache, expert_pins)

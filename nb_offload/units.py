@@ -60,6 +60,7 @@ class Unit:
     expert_count: int = 0           # a MoE block's routed experts, and how many a token is routed to
     top_k: int = 0
     experts_module: str = ""        # its routed experts' module (pins may name single experts of it)
+    rows_only: bool = False         # an embedding table alone: a step reads one row of it a token
 
     @property
     def quantized(self) -> bool:
@@ -233,6 +234,8 @@ def find_units(model) -> list[Unit]:
             offset += round_up(nbytes)
         unit.nbytes = offset
         unit.fmt = dtype_name(unit.params[0].dtype) if unit.params else ""
+        unit.rows_only = (not is_block and len(keys) == 1 and len(pids) == 1
+                          and isinstance(model.get_submodule(keys[0]), nn.Embedding))
         units.append(unit)
     units.sort(key=lambda u: module_order.get(u.name, 0))
     for i, u in enumerate(units):

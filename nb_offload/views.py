@@ -132,7 +132,7 @@ def plan_text(plan) -> str:
              f"  {'module':<{width}}  {'tier':<4}  {'format':<6}  {'size':>10}  pinned"]
     for r in rows:
         count = f" ({r['count']} blocks)" if r["count"] > 1 else ""
-        on_cpu = " computed on the CPU" if r["compute"] == "cpu" else ""
+        on_cpu = {"cpu": " computed on the CPU", "in place": " read in place by the GPU"}.get(r["compute"], "")
         lines.append(f"  {r['name']:<{width}}  {r['tier']:<4}  {r['fmt']:<6}  {format_size(r['bytes']):>10}  "
                      f"{'yes' if r['pinned'] else '':<6}{count}{on_cpu}".rstrip())
     lines += [f"  {tier}: {total}" for tier, total in tier_totals(plan)]
@@ -226,6 +226,8 @@ def layer_map_svg(plan) -> str:
         if e.experts:
             tip += f"; experts: {e.experts}, {e.top_k} a token, {EXPERT_MOVES[expert_moves(plan, e)]}"
             pin += _expert_strip(e, x, y)
+        if e.compute == "in place":
+            tip += "; its rows read by the GPU in host memory as they are needed, not streamed"
         if e.compute == "cpu":      # hatched: the CPU computes it where its bytes are (hybrid.py)
             tip += "; computed on the CPU where its bytes are, not streamed"
             pin += "".join(f"<path d='M{x},{y + k} L{x + k},{y} M{x + k},{y + CELL} L{x + CELL},{y + k}' "

@@ -33,7 +33,7 @@ class Fetch:
         self.log.append(("home" if addresses is None else "entry", expert))
 
 
-def routing(own=1, lent=1):
+def routing(own=1, lent=1, spare=0):
     """A DeviceRouting of one MoE block of 4 experts, top 2, its bytes in ``flat``, with stand-in streams,
     events (landed once ``done[0]``) and fetch; returns it, its log, the flat bytes and the landing switch."""
     log, done = [], [False]
@@ -63,6 +63,9 @@ def routing(own=1, lent=1):
     d.dirty = d.active = d.lent = False
     room = torch.zeros(lent * ROW, dtype=torch.uint8)
     d.lendable = [room[i * ROW:(i + 1) * ROW] for i in range(lent)]
+    d.spare_entries, d.spare = spare, None
+    engine.device = "cpu"
+    d.torch.empty, d.torch.uint8 = torch.empty, torch.uint8
     return d, log, flat, done
 
 
@@ -147,3 +150,17 @@ def test_a_step_of_the_host_s_path_takes_the_lent_room_back_and_forgets_what_it_
     assert "compute waits for copy" in log
     d.begin(True)                       # decode again: the room lent again, empty
     assert d.lent and cache.capacity == 2 and len(cache.free) == 1
+
+
+def test_the_room_of_a_prefill_s_activations_is_lent_while_decode_steps_run_and_freed_for_the_next():
+    d, log, flat, done = routing(own=1, lent=1, spare=2)
+    cache = d.engine.expert_cache
+    kept(d, done, 0, 1, 2, 3)
+    assert cache.capacity == 4 and d.spare is not None and tuple(d.spare.shape) == (2, ROW)
+    assert len(cache.where) == 4 and len(d.pointed) == 4       # own, the slot's and the two spare entries
+    spare = {cache.entry(e).data_ptr() for e in range(cache.own + 1, cache.capacity)}
+    assert spare == {d.spare[i].data_ptr() for i in range(2)}
+    d.begin(False)                      # a prefill: the room is freed for its activations
+    assert d.spare is None and cache.capacity == 1 and len(d.pointed) == 1
+    d.begin(True)
+    assert d.spare is not None and cache.capacity == 4 and len(cache.free) == 3

@@ -38,7 +38,9 @@ def test_plan_for_a_gpu_fills_gpu_then_cpu_then_disk(model_dirs, tmp_path):
     tops = sum(e.bytes for e in big if e.kind == "top")
     gpu = fixed + tops + staging_bytes(folder, 1) + bl[0].bytes  # two slots and one resident block
     cpu = 2 * bl[0].bytes + host_staging(folder)   # two blocks and two blocks' disk staging
-    p = nb_offload.plan(folder, gpu=gpu, cpu=cpu, disk=tmp_path, policy="sequential", split_blocks=True)
+    # the embedding pinned: where the model doesn't fit, it would stay in host memory (read in place)
+    p = nb_offload.plan(folder, gpu=gpu, cpu=cpu, disk=tmp_path, policy="sequential", split_blocks=True,
+                        pins={"model.embed_tokens": "gpu"})
     tiers = [e.tier for e in blocks(p)]
     assert tiers[0] == "gpu" and "cpu" in tiers and "disk" in tiers, str(p)
     assert tiers == sorted(tiers, key=["gpu", "cpu", "disk"].index)  # in order: gpu, then cpu, then disk
@@ -167,9 +169,36 @@ def test_auto_policy_interleaves_disk_and_cpu_units(model_dirs, tmp_path):
     bl = blocks(big)
     gpu = sum(big.reserved.values()) + sum(e.bytes for e in big if e.kind == "top") + staging_bytes(folder, 1)
     cpu = 4 * bl[0].bytes + host_staging(folder)          # four blocks and two blocks' disk staging
-    auto = [e.tier for e in blocks(nb_offload.plan(folder, gpu=gpu, cpu=cpu, disk=tmp_path, split_blocks=True))]
+    kept = {"model.embed_tokens": "gpu"}
+    auto = [e.tier for e in blocks(nb_offload.plan(folder, gpu=gpu, cpu=cpu, disk=tmp_path, split_blocks=True,
+                                                   pins=kept))]
     seq = [e.tier for e in blocks(nb_offload.plan(folder, gpu=gpu, cpu=cpu, disk=tmp_path, policy="sequential",
-                                                  split_blocks=True))]
+                                                  split_blocks=True, pins=kept))]
     assert seq == ["cpu"] * 4 + ["disk"] * 4
     assert sorted(auto) == sorted(seq) and auto != seq
     assert "disk" in auto[:4] and "cpu" in auto[4:], auto
+
+
+def test_an_embedding_table_stays_in_host_memory_where_the_model_does_not_fit(model_dirs):
+    """On CUDA, where the model doesn't fit the gpu budget, the token embedding stays in host memory and the
+    GPU reads its rows there ("read in place"): not streamed, its room given to what streams. Kept on the GPU
+    where everything fits, where pinned there, and where the table is tied to the output layer."""
+    folder = model_dirs("llama", num_hidden_layers=8)
+    fits = nb_offload.plan(folder, gpu="1GiB", cpu="1GiB")
+    assert fits["model.embed_tokens"].tier == "gpu" and not fits["model.embed_tokens"].compute
+    everything = sum(e.bytes for e in fits) + sum(fits.reserved.values())
+    tight = nb_offload.plan(folder, gpu=everything - 1, cpu="1GiB")
+    emb = tight["model.embed_tokens"]
+    assert (emb.tier, emb.compute) == ("cpu", "in place") and "read in place by the GPU" in str(tight)
+    assert tight.totals()["cpu"] >= emb.bytes and tight.used()["cpu"] <= tight.budgets["cpu"]
+    assert all(e.tier == "gpu" for e in tight if e is not emb)       # its room kept the blocks
+    streamed = tight.streamed_bytes_per_token()
+    assert streamed == {"cpu": 0, "disk": 0}                   # it isn't streamed
+    pinned = nb_offload.plan(folder, gpu=everything - 1, cpu="1GiB", pins={"model.embed_tokens": "gpu"})
+    assert pinned["model.embed_tokens"].tier == "gpu" and any(e.tier == "cpu" for e in pinned)
+    tied = model_dirs("gemma")          # its embedding is the output layer's weight too
+    fits = nb_offload.plan(tied, gpu="1GiB", cpu="1GiB")
+    everything = sum(e.bytes for e in fits) + sum(fits.reserved.values())
+    assert not any(e.compute for e in nb_offload.plan(tied, gpu=everything - 1, cpu="1GiB"))
+    on_cpu = nb_offload.plan(folder, device="cpu", cpu="1GiB")
+    assert not any(e.compute for e in on_cpu)

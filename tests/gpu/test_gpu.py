@@ -49,6 +49,30 @@ def test_three_tiers_match_transformers(arch, model_dirs, tmp_path):
         llm.unload()
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "mixtral"])
+def test_an_embedding_read_in_place_in_host_memory_matches_transformers(arch, model_dirs):
+    """Where the model doesn't fit, the token embedding stays in page-locked host memory and the GPU reads its
+    rows there: the weight is a CUDA tensor at the host memory's own address; tokens equal, eager and captured."""
+    folder = model_dirs(arch)
+    want_tokens, want_logits = reference(folder, device="cuda")
+    fits = nb_offload.plan(folder, gpu="1GiB", cpu="1GiB")
+    everything = sum(e.bytes for e in fits) + sum(fits.reserved.values())
+    llm = nb_offload.load(folder, gpu=everything - 1, cpu="1GiB", progress=False)
+    try:
+        in_place = [u for u, e in zip(llm._insp.units, llm.plan.entries) if e.compute == "in place"]
+        assert in_place         # the token embedding (OPT's is the output layer's too: its positions' then)
+        for unit in in_place:
+            weight, flat = llm.model.get_submodule(unit.name).weight, llm._storage.stores[unit.index].flat
+            assert weight.is_cuda and not flat.is_cuda
+            assert flat.data_ptr() <= weight.data_ptr() < flat.data_ptr() + flat.numel()    # the host's bytes
+        tokens, logits = run(llm)
+        assert torch.equal(tokens, want_tokens)
+        torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+        assert llm.stats.graph_replays > 0 or llm.stats.graph_eager
+    finally:
+        llm.unload()
+
+
 @pytest.mark.parametrize("arch,split", [("llama", True), ("llama", False), ("mixtral", True)])
 def test_disk_reads_that_skip_the_page_cache_match_transformers(arch, split, model_dirs, tmp_path):
     """drop_page_cache=True: O_DIRECT reads land each unit at a shift that lines it up with the file."""
