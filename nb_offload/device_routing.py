@@ -129,6 +129,7 @@ class DeviceRouting:
         self.spare_entries = e.decode_spare // self.row_bytes if e.expert_cache is not None else 0
         self.spare = None
         self.lent = False
+        self.lent_at_most = 0       # the most entries lent at once (a generate gives them back at its end)
 
     # -- between steps -------------------------------------------------------------------------------
     def begin(self, on_device: bool):
@@ -139,14 +140,7 @@ class DeviceRouting:
             if cache is not None:       # counted for the policy; the host's path places what it copies
                 for key in routed:
                     cache.lookup(key)
-            if self.lent or self.pending:       # the host path reads the cache's entries, and slots get written
-                e.mover.compute_stream.wait_stream(e.mover.copy_stream)
-                e.mover.copy_stream.wait_stream(e.mover.compute_stream)    # after every read of the lent room
-                self.pending.clear()
-                if self.lent:
-                    cache.reclaim()
-                    self.lent, self.spare = False, None
-                self._reconcile()
+            self.give_back()        # the host path reads the cache's entries, and slots get written
             self.active = False
             return
         if not self.active:         # after a host-path step: its copies into the slots come first
@@ -158,6 +152,7 @@ class DeviceRouting:
         if not self.lent and (self.lendable or self.spare_entries):
             cache.lend(self.lendable + self._spare_entries())
             self.lent = True
+            self.lent_at_most = max(self.lent_at_most, cache.capacity - cache.own)
         admit = {}
         try:
             for key in routed:          # the cache's policy, on what the last step routed
@@ -183,17 +178,37 @@ class DeviceRouting:
         """The activations' room as entries (allocated now, on the compute stream), or none where the device
         can't give it (memory taken outside the plan)."""
         torch = self.torch
+        # less what the generate holds in spare room (spare.py counts the activations' room in it)
+        held = sum(buf.numel() for _, buf in getattr(self.engine, "held", {}).values())
+        entries = max(0, self.spare_entries * self.row_bytes - held) // self.row_bytes
         try:
-            self.spare = torch.empty((self.spare_entries, self.row_bytes), dtype=torch.uint8,
-                                     device=self.engine.device) if self.spare_entries else None
-        except torch.cuda.OutOfMemoryError:
-            self.spare_entries, self.spare = 0, None
+            self.spare = torch.empty((entries, self.row_bytes), dtype=torch.uint8,
+                                     device=self.engine.device) if entries else None
+        except torch.cuda.OutOfMemoryError:     # tried again when next lent
+            self.spare = None
         return list(self.spare) if self.spare is not None else []
 
-    def settle(self):
+    def settle(self, release: bool = False):
         """Count what the GPU-fetched steps since the last read routed (the host waits for them); the next
-        step's ``begin`` gives the keys to the cache's policy."""
+        step's ``begin`` gives the keys to the cache's policy. ``release`` (a generate's end): the lent room
+        given back too, so what the next generate holds in spare room (spare.py) never meets it."""
         self.backlog.extend(self.account())
+        if release:
+            self.give_back()
+
+    def give_back(self):
+        """The lent room back (the experts kept there forgotten, the activations' room freed), every copy into
+        an entry ordered before what the compute stream does next, and each expert's fetch pointed again."""
+        e, cache = self.engine, self.engine.expert_cache
+        if not (self.lent or self.pending):
+            return
+        e.mover.compute_stream.wait_stream(e.mover.copy_stream)
+        e.mover.copy_stream.wait_stream(e.mover.compute_stream)    # after every read of the lent room
+        self.pending.clear()
+        if self.lent:
+            cache.reclaim()
+            self.lent, self.spare = False, None
+        self._reconcile()
 
     def _admit(self, admit):
         """Copy each key of ``admit`` from host memory into its cache entry, on the copy stream after what the

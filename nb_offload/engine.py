@@ -594,10 +594,11 @@ class Engine:
             self.gpu_fetch.after(idx)
         return output
 
-    def settle_routing(self):
-        """Count what the last GPU-fetched steps routed (the host reads it at the next step otherwise)."""
+    def settle_routing(self, release: bool = False):
+        """Count what the last GPU-fetched steps routed (the host reads it at the next step otherwise); with
+        ``release`` (a generate's end), give back the room lent to the expert cache."""
         if self.gpu_fetch is not None:
-            self.gpu_fetch.settle()
+            self.gpu_fetch.settle(release)
 
     def _bring_routed(self, idx, args, kwargs):
         """Before a streamed MoE block's experts compute: bring the rows of the experts routed to into its

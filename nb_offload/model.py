@@ -228,7 +228,7 @@ class OffloadedModel:
                     given, length = self._with_static_cache(args, kwargs)
                     with self._holding_spare(args, kwargs, length), self._engine.graphs.generating():
                         out = self.model.generate(*args, **given)
-                self._engine.settle_routing()   # what the last GPU-fetched steps routed, counted
+                self._engine.settle_routing(release=True)   # what they routed, counted; the lent room back
             except KeyboardInterrupt:   # the cache and temporaries of the generate cut short, freed
                 self._release_memory()
                 raise

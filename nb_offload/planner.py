@@ -296,36 +296,61 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
                   and ((cpu_rates is not None and spill) or u.index in on_cpu)), default=0)
     if device == "cuda" and upload:
         reserved["cpu_block_upload"] = upload
-    # On CUDA, where the model doesn't fit, an embedding table stays in host memory and the GPU reads the
-    # rows it needs there (a row a token: 4-8 KiB a decode step), so its room goes to what streams
-    in_place = {u.index for u in units if device == "cuda" and u.rows_only and not u.quantized
-                and u.index not in pins and cap is not None
-                and sum(v.nbytes for v in units) + sum(reserved.values()) > cap}
-    units_here = [u for u in units if u.index not in in_place]
     experts_apart = any(u.expert_row_nbytes for u in units)
     expert_pins = expert_pins or {}
     pinned = sum(len(expert_pins.get(u.index, ())) * u.expert_row_nbytes for u in units)
     if experts_apart and (expert_cache not in ("auto", 0) or pinned):
         reserved["expert_cache"] = max(pinned, 0 if expert_cache == "auto" else expert_cache)
-    on_res, slots = _choose_resident(units_here, pins, resident, budgets[resident], reserved, _Slots(prefetch + 1),
-                                     split_blocks, policy, context,
-                                     experts_to_cache=device == "cuda" and experts_apart and expert_cache == "auto")
-    stream = [u for u in units_here if u.index not in on_res]
-    reserved["staging_slots"] = slots.bytes(stream)
-    tiers = {u.index: resident for u in units if u.index in on_res}
-    if device == "cuda":
-        host_reserved = _place_on_host(stream + [u for u in units if u.index in in_place],
-                                       {**pins, **dict.fromkeys(in_place, "cpu")}, budgets, library_code, read_ahead,
-                                       slots, policy, tiers)
-    else:
-        host_reserved = {}
-        if stream and budgets.get("disk") is None:
-            need = sum(reserved.values()) - reserved["staging_slots"] + sum(u.nbytes for u in units)
-            raise BudgetError(
-                f"cpu={format_size(budgets[resident])} can't hold this model: it needs {format_size(need)} with "
-                f"everything in memory at context {context}; give cpu= at least {format_size(need)}, or a disk= "
-                "folder to stream blocks from.")
-        tiers.update((u.index, "disk") for u in stream)
+    # Two choices that give the compute device's room to what streams, where the model doesn't fit (on CUDA):
+    # an embedding table stays in host memory, the GPU reading the rows it needs there (a row a token, a few
+    # KiB a decode step); and with the expert cache "auto", MoE blocks aren't kept for their experts
+    # (``_choose_resident``). Each streams more from host memory, so they are kept only where the host's
+    # budget takes it: no more bytes on disk than the plan without them, and no error where it has none.
+    in_place = {u.index for u in units if device == "cuda" and u.rows_only and not u.quantized
+                and u.index not in pins and cap is not None
+                and sum(v.nbytes for v in units) + sum(reserved.values()) > cap}
+    to_cache = device == "cuda" and experts_apart and expert_cache == "auto"
+
+    def place(in_place, to_cache):
+        held = dict(reserved)
+        here = [u for u in units if u.index not in in_place]
+        on_res, slots = _choose_resident(here, pins, resident, cap, held, _Slots(prefetch + 1), split_blocks, policy,
+                                         context, experts_to_cache=to_cache)
+        stream = [u for u in here if u.index not in on_res]
+        held["staging_slots"] = slots.bytes(stream)
+        tiers = {u.index: resident for u in units if u.index in on_res}
+        if device == "cuda":
+            host = _place_on_host(stream + [u for u in units if u.index in in_place],
+                                  {**pins, **dict.fromkeys(in_place, "cpu")}, budgets, library_code, read_ahead, slots,
+                                  policy, tiers)
+        else:
+            host = {}
+            if stream and budgets.get("disk") is None:
+                need = sum(held.values()) - held["staging_slots"] + sum(u.nbytes for u in units)
+                raise BudgetError(
+                    f"cpu={format_size(cap)} can't hold this model: it needs {format_size(need)} with everything "
+                    f"in memory at context {context}; give cpu= at least {format_size(need)}, or a disk= folder "
+                    "to stream blocks from.")
+            tiers.update((u.index, "disk") for u in stream)
+        on_disk = sum(u.nbytes for u in units if tiers[u.index] == "disk")
+        return in_place, slots, held, tiers, host, on_disk
+
+    # the first of these (both choices, either, neither) with the fewest bytes on disk; an error only where all fail
+    chosen, error = None, None
+    for choice in dict.fromkeys([(frozenset(in_place), to_cache), (frozenset(in_place), False),
+                                 (frozenset(), to_cache), (frozenset(), False)]):
+        try:
+            tried = place(*choice)
+        except BudgetError as exc:
+            error = error or exc
+            continue
+        if chosen is None or tried[-1] < chosen[-1]:
+            chosen = tried
+        if not chosen[-1]:
+            break
+    if chosen is None:
+        raise error
+    in_place, slots, reserved, tiers, host_reserved, _ = chosen
     # MoE blocks bring only their routed experts where the engine does so (experts.py): streamed from disk
     # on the CPU, from host memory on CUDA
     routed_tier = experts.routed_tier(device == "cuda")
@@ -459,6 +484,13 @@ def _choose_resident(units, pins, resident, cap, reserved, slots, split_blocks, 
             if u.index not in pins:
                 on_res.add(u.index)
                 used += u.nbytes
+    # every free unit, where they all fit: one at a time below, the slots the last ones' rest would need can
+    # leave a model that fits streaming blocks (a LLaMA-7B shape at 14 GiB streamed two)
+    pinned_off = [v for v in streamable if v.index not in on_res and v.index in pins]
+    left = sum(u.nbytes for u in candidates if u.index not in on_res)
+    if used + left + slots.bytes(pinned_off) <= cap:
+        on_res |= {u.index for u in candidates}
+        used += left
     for u in candidates:
         if u.index in on_res:
             continue

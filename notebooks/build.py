@@ -94,8 +94,9 @@ makes. Below, the prediction for several budgets at the H200's measured 55 GB/s,
 measured on that card (`benchmarks/RESULTS.md`: runs 16 and 17)."""),
         ("code", RESULTS + """
 budgets = [4, 6, 8, 10, 12, 14]
-predicted = {g: 1 / nb_offload.plan(SEVEN_B, gpu=f"{g}GiB", cpu="64GiB").predicted_seconds_per_step(link_gbps=55)
-             for g in budgets}
+seconds = {g: nb_offload.plan(SEVEN_B, gpu=f"{g}GiB", cpu="64GiB").predicted_seconds_per_step(link_gbps=55)
+           for g in budgets}
+predicted = {g: 1 / s if s else None for g, s in seconds.items()}    # none where nothing streams
 measured = {round(r["gpu_budget"] / 2**30): r["nb_tok_s"] for r in run_rows("raw-2026-12-02-h200-run16.json")
             if r["case"].startswith(("1 decode", "2 decode"))}
 from nb_offload.figures import budget_figure
@@ -111,7 +112,7 @@ What is the smallest budget, in whole GiB, that keeps every block on the GPU (no
         ("code", f"""{CHECK}
 def streams(g):
     return sum(nb_offload.plan(SEVEN_B, gpu=f"{{g}}GiB", cpu="64GiB").streamed_bytes_per_token().values())
-answer = 15                                  # your answer
+answer = 14                                  # your answer
 print("correct" if answer == min(g for g in range(4, 20) if streams(g) == 0) else "not yet: try plan.totals()")"""),
     ],
     "03-timelines-and-repinning.ipynb": [

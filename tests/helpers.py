@@ -102,7 +102,10 @@ def tight_cpu_budget(folder, disk, keep_blocks=1):
     fixed = sum(v for k, v in p.reserved.items() if k != "staging_slots")
     # a block kept resident needs no leftovers apart (a MoE block's are all but its routed experts)
     kept_rest = keep_blocks * max((u.rest_nbytes for u in units), default=0)
-    return fixed + tops + slots - kept_rest + keep_blocks * bl[0].bytes + 1024
+    # below what the whole model takes, which the plan would keep whole (a tiny MoE model's pieces' leftovers
+    # and slots can take more than its blocks)
+    everything = fixed + sum(e.bytes for e in p)
+    return min(fixed + tops + slots - kept_rest + keep_blocks * bl[0].bytes + 1024, everything - 1)
 
 
 def load_tight(folder, disk, **kw):

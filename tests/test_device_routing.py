@@ -63,7 +63,7 @@ def routing(own=1, lent=1, spare=0):
     d.dirty = d.active = d.lent = False
     room = torch.zeros(lent * ROW, dtype=torch.uint8)
     d.lendable = [room[i * ROW:(i + 1) * ROW] for i in range(lent)]
-    d.spare_entries, d.spare = spare, None
+    d.spare_entries, d.spare, d.lent_at_most = spare, None, 0
     engine.device = "cpu"
     d.torch.empty, d.torch.uint8 = torch.empty, torch.uint8
     return d, log, flat, done
@@ -164,3 +164,21 @@ def test_the_room_of_a_prefill_s_activations_is_lent_while_decode_steps_run_and_
     assert d.spare is None and cache.capacity == 1 and len(d.pointed) == 1
     d.begin(True)
     assert d.spare is not None and cache.capacity == 4 and len(cache.free) == 3
+
+
+def test_a_generate_s_end_gives_the_lent_room_back_after_counting_what_it_routed():
+    """So what the next generate holds in spare room (spare.py) never meets the room lent in this one."""
+    d, log, flat, done = routing(own=1, lent=1, spare=1)
+    cache = d.engine.expert_cache
+    kept(d, done, 0, 1, 2)
+    assert d.lent and cache.capacity == 3 and d.lent_at_most == 2
+    routed(d, 2, 3)
+    log.clear()
+    d.settle(release=True)
+    assert not d.lent and d.spare is None and cache.capacity == 1 and len(cache.where) == 1
+    assert d.backlog == [(5, 2), (5, 3)]            # counted, for the policy at the next step
+    assert "compute waits for copy" in log and ("home", 1) in log and ("home", 2) in log
+    assert set(d.pointed) == {(5, 0)}
+    d.engine.held = {9: (None, torch.empty(ROW))}   # the next generate holds a unit in the activations' room
+    d.begin(True)
+    assert d.lent and d.spare is None and cache.capacity == 2   # the slot's entry lent, no spare room left

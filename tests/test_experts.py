@@ -223,7 +223,8 @@ def test_a_prefill_takes_the_experts_the_cache_holds_from_it(model_dirs, tmp_pat
         assert prefill() == whole - (held - 1) * row
 
 
-def test_with_an_expert_cache_the_plan_gives_it_the_room_of_moe_blocks_it_would_keep(model_dirs, monkeypatch):
+def test_with_an_expert_cache_the_plan_gives_it_the_room_of_moe_blocks_it_would_keep(model_dirs, monkeypatch,
+                                                                                     tmp_path):
     """On CUDA, where blocks stream split and the cache is "auto", no MoE block is kept for its experts: the
     room goes to the cache, which keeps the most often routed experts of every block. Kept anyway: blocks
     pinned there, and every block where the whole model fits; with no cache (or one of a given size) the
@@ -253,6 +254,18 @@ def test_with_an_expert_cache_the_plan_gives_it_the_room_of_moe_blocks_it_would_
     assert sized.reserved["expert_cache"] == row and len(kept) <= 1
     pinned, kept = plan(budget, pins={"model.layers.2": "gpu"})
     assert kept == ["model.layers.2"]
+    # where host memory can't take the blocks it would stream, they'd go to disk, where the cache can't serve
+    # them: the block stays kept
+    library = without.host_reserved.get("library_code", 0)
+    for cpu in range(library + row, library + 40 * row, 2 * row):
+        try:
+            cached = nb_offload.plan(folder, gpu=budget, cpu=cpu, disk=str(tmp_path), split_blocks=True)
+            kept_ = nb_offload.plan(folder, gpu=budget, cpu=cpu, disk=str(tmp_path), split_blocks=True,
+                                    expert_cache=0)
+        except nb_offload.BudgetError:
+            continue
+        on_disk = [sum(e.bytes for e in p if e.tier == "disk") for p in (cached, kept_)]
+        assert on_disk[0] <= on_disk[1], cpu
 
 
 def test_the_expert_cache_keeps_the_most_often_routed_and_copies_rows_both_ways():

@@ -202,3 +202,25 @@ def test_an_embedding_table_stays_in_host_memory_where_the_model_does_not_fit(mo
     assert not any(e.compute for e in nb_offload.plan(tied, gpu=everything - 1, cpu="1GiB"))
     on_cpu = nb_offload.plan(folder, device="cpu", cpu="1GiB")
     assert not any(e.compute for e in on_cpu)
+
+
+def test_the_embedding_stays_on_the_gpu_where_host_memory_would_not_take_it(model_dirs, tmp_path):
+    """Read in place only where the cpu budget takes it: no error where the plan without it has none, and no
+    more bytes on disk than that plan."""
+    folder = model_dirs("llama", num_hidden_layers=8)
+    fits = nb_offload.plan(folder, gpu="1GiB", cpu="1GiB")
+    block = blocks(fits)[0].bytes
+    everything = sum(e.bytes for e in fits) + sum(fits.reserved.values())
+    library = fits.host_reserved.get("library_code", 0)
+    gpu = everything - 2 * block
+    seen = set()
+    for cpu in range(library + block // 2, library + 6 * block, block // 4):
+        try:
+            kept = nb_offload.plan(folder, gpu=gpu, cpu=cpu, disk=tmp_path, pins={"model.embed_tokens": "gpu"})
+        except nb_offload.BudgetError:
+            continue
+        plan = nb_offload.plan(folder, gpu=gpu, cpu=cpu, disk=tmp_path)        # never fails where kept doesn't
+        on_disk = sum(e.bytes for e in plan if e.tier == "disk")
+        assert on_disk <= sum(e.bytes for e in kept if e.tier == "disk"), (cpu, str(plan))
+        seen.add(plan["model.embed_tokens"].compute)
+    assert seen == {"", "in place"}         # the budgets tried take it at some sizes, not at others
