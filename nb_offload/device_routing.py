@@ -179,7 +179,7 @@ class DeviceRouting:
         can't give it (memory taken outside the plan)."""
         torch = self.torch
         # less what the generate holds in spare room (spare.py counts the activations' room in it)
-        held = sum(buf.numel() for _, buf in getattr(self.engine, "held", {}).values())
+        held = sum(buf.numel() for _, buf in self.engine.held.values())
         entries = max(0, self.spare_entries * self.row_bytes - held) // self.row_bytes
         try:
             self.spare = torch.empty((entries, self.row_bytes), dtype=torch.uint8,

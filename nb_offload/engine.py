@@ -141,17 +141,22 @@ class Engine:
         """Fill the expert cache with the pinned experts (``pinned``: model unit index -> experts), kept
         for good; experts of blocks that don't stream as routed are on the device, or come whole, anyway."""
         cache = self.expert_cache
-        for idx, found in self.routed.items():
+        for idx in self.routed:
             for e in sorted(pinned.get(self.model_unit(idx), ())):
                 if not cache.free:      # the plan reserved room for them all; nothing more to keep
                     return
-                key = (idx, e)
-                entry = cache.pin(key)
-                try:
-                    cache.fill(found, e, self.sources[idx], entry)
-                except BaseException:
-                    cache.forget(key)
-                    raise
+                self._keep(idx, e, cache.pin)
+
+    def _keep(self, idx, e, take):
+        """Copy expert ``e`` of routed block ``idx`` into the entry ``take((idx, e))`` gives it (the cache's
+        ``pin`` or ``place``), from the block's tier; an entry not wholly written is forgotten."""
+        cache, key = self.expert_cache, (idx, e)
+        entry = take(key)
+        try:
+            cache.fill(self.routed[idx], e, self.sources[idx], entry)
+        except BaseException:
+            cache.forget(key)
+            raise
 
     def _warm_cache(self):
         """Fill the cache's free entries at load with experts of the blocks streamed from host memory, one
@@ -162,17 +167,11 @@ class Engine:
         blocks = [(idx, found) for idx, found in sorted(self.routed.items()) if self.sources[idx].flat is not None]
         for e in range(max((found.count for _, found in blocks), default=0)):
             for idx, found in blocks:
-                key = (idx, e)
-                if e >= found.count or key in cache.where:
+                if e >= found.count or (idx, e) in cache.where:
                     continue
                 if not cache.free:
                     return
-                entry = cache.place(key)
-                try:
-                    cache.fill(found, e, self.sources[idx], entry)
-                except BaseException:
-                    cache.forget(key)
-                    raise
+                self._keep(idx, e, cache.place)
 
     def compute_experts_on_cpu(self, flats: dict, share):
         """Let the CPU compute ``share`` (a number, or "auto": measured) of the routed experts a step needs

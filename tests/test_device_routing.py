@@ -51,7 +51,7 @@ def routing(own=1, lent=1, spare=0):
     stats = SimpleNamespace(bytes_from_cpu=0, expert_hits=0, experts_read=0, experts_skipped=0)
     mover = SimpleNamespace(compute_stream=Stream("compute", log), copy_stream=Stream("copy", log))
     engine = SimpleNamespace(expert_cache=cache, stats=stats, last_routed={}, sources={5: SimpleNamespace(flat=flat)},
-                             mover=mover)
+                             mover=mover, held={})
     d = object.__new__(device_routing.DeviceRouting)
     d.engine = engine
     d.torch = SimpleNamespace(cuda=SimpleNamespace(stream=lambda s: contextlib.nullcontext(), Event=Event))
