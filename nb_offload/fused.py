@@ -115,6 +115,7 @@ class Fusion:
         self.counts = {"norms": 0, "MLPs": 0, "rotary": 0}
         self.device = self.dtype = None     # where check() found the kernels exact
         homes_seen = set()
+        kernelized = _kernelized(model)
         for module in model.modules():
             forward = _class_forward(module)
             if "forward" in vars(module):       # wrapped by someone else: theirs stays
@@ -130,7 +131,9 @@ class Fusion:
                 continue
             homes_seen.add(id(home))
             rotary = _eager_rotary(home)
-            if is_form(rotary, ROTARY_FORM) and is_form(rotary.__globals__.get("rotate_half"), ROTATE_HALF_FORM):
+            plain = _unwrapped(rotary)
+            if (type(rotary) not in kernelized and is_form(plain, ROTARY_FORM)
+                    and is_form(getattr(plain, "__globals__", {}).get("rotate_half"), ROTATE_HALF_FORM)):
                 self.shared.append((home, rotary))
                 self.counts["rotary"] += 1
         self.why_not = "" if self.swaps or self.shared else "no norm, MLP or rotary embedding of a known form"
@@ -209,6 +212,25 @@ def _eager_rotary(home):
     return getattr(fn, "_nb_offload_eager", fn)
 
 
+def _unwrapped(fn):
+    """The function under the module wrapper that transformers 5.25 and later put on a modeling module's
+    ``apply_rotary_pos_emb`` (the ``kernels`` package's, so a Hub kernel can replace it per model); ``fn``
+    itself where it is not wrapped. The wrapper calls the function unless a model was kernelized, which
+    ``_kernelized`` finds."""
+    import torch
+    if not isinstance(fn, torch.nn.Module) or "forward" in vars(fn) or not hasattr(fn, "kernel_layer_name"):
+        return fn
+    return inspect.getclosurevars(type(fn).forward).nonlocals.get("func", fn)
+
+
+def _kernelized(model) -> set:
+    """The types of the function wrappers to which ``kernels.kernelize`` gave a Hub kernel's forward in
+    ``model``: each attention holds its own instance of its modeling module's wrapper, and the wrapper at
+    module level calls that instance's forward while the attention runs."""
+    return {type(wrapper) for module in model.modules()
+            for wrapper in vars(module).get("_kernel_funcs", {}).values() if "forward" in vars(wrapper)}
+
+
 def _share(home, eager):
     with _LOCK:
         entry = _SHARED.get(id(home))
@@ -263,7 +285,8 @@ def _fused_mlp(fusion, module):
 
 
 def _fused_rotary(eager):
-    signature = inspect.signature(eager)
+    plain = _unwrapped(eager)
+    signature = inspect.signature(plain)
 
     def apply_rotary_pos_emb(*args, **kwargs):
         stack = getattr(_ACTIVE, "stack", None)
@@ -284,7 +307,7 @@ def _fused_rotary(eager):
         batch, _, seq, dim = q.shape
         cos, sin = cos.expand(batch, seq, dim), sin.expand(batch, seq, dim)
         # the outputs laid out as the eager ops lay them out (worked out on the meta device)
-        q_like, k_like = eager(*(t.to("meta") for t in (q, k, cos, sin)))
+        q_like, k_like = plain(*(t.to("meta") for t in (q, k, cos, sin)))
         q_out, k_out = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=q.device)
                         for t in (q_like, k_like))
         if q_out.stride(-1) != 1 or k_out.stride(-1) != 1:

@@ -46,6 +46,18 @@ def test_a_changed_forward_is_not_fused(model_dirs):
     assert id(model.model.layers[1].mlp) in swapped
 
 
+def test_a_rotary_embedding_a_hub_kernel_replaces_is_not_fused(model_dirs):
+    """Since transformers 5.25 a modeling module's apply_rotary_pos_emb is a module wrapping the function,
+    and each attention holds its own copy that ``kernels.kernelize`` may give a Hub kernel's forward."""
+    model = _model(model_dirs, "llama")
+    wrappers = [w for m in model.modules() for w in vars(m).get("_kernel_funcs", {}).values()]
+    if not wrappers:
+        pytest.skip("this transformers calls apply_rotary_pos_emb as a plain function")
+    assert fused.Fusion(model).counts["rotary"] == 1
+    wrappers[-1].forward = lambda *args, **kwargs: None    # what kernelize does to one attention
+    assert fused.Fusion(model).counts["rotary"] == 0
+
+
 def test_forms_compare_code_not_text():
     def spaced(self, hidden_states):
         """A docstring and other spacing don't matter."""
