@@ -9,7 +9,8 @@ both ran (the CPU's from the model's counters, the link's from the bytes streame
 the dry-run prediction at the measured rates against the measured step; tokens against transformers with
 the same blocks computed on the CPU for the steps the engine computes them there (tests/gpu/test_hybrid_gpu.py's
 reference), and the streamed load's against transformers on the GPU. ``--hybrid-prefetch`` and
-``--cpu-blocks`` add loads at other prefetch depths and other splits (``variants``).
+``--cpu-blocks`` add loads at other prefetch depths and other splits, ``--caller-too`` one whose CPU blocks run
+on the caller's thread (``variants``).
 
     PYTHONPATH=. python3 benchmarks/bench_hybrid.py --json out.json [--budgets 4GiB,12GiB]
 """
@@ -40,6 +41,9 @@ def main():
     ap.add_argument("--cpu-blocks", default="", help="more loads with this many of the blocks in host memory "
                                                      "pinned \"cpu-compute\" (spread), copying as far ahead as "
                                                      "the hybrid plan does, e.g. 2,6: the step at other splits")
+    ap.add_argument("--caller-too", action="store_true", help="one more hybrid load whose CPU blocks run on the "
+                                                               "caller's thread (hybrid.ON_WORKER False), as "
+                                                               "before the worker")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
@@ -90,6 +94,13 @@ def main():
             for p in filter(None, args.hybrid_prefetch.split(",")):
                 llms[f"hybrid_p{p}"] = nb_offload.load(args.folder, gpu=budget, cpu="100GiB", compute="hybrid",
                                                        prefetch=int(p), progress=False)
+            if args.caller_too:
+                hybrid.ON_WORKER = False
+                try:
+                    llms["hybrid_caller"] = nb_offload.load(args.folder, gpu=budget, cpu="100GiB", compute="hybrid",
+                                                            progress=False)
+                finally:
+                    hybrid.ON_WORKER = True
             hyb = llms["hybrid"]
             in_host = [e.name for e in llms["streamed"].plan if e.tier == "cpu" and e.kind == "block"]
             for count in filter(None, args.cpu_blocks.split(",")):
@@ -141,7 +152,7 @@ def main():
                                            cpu_gbps=cpu_gbps(counters[k]),
                                            equals_reference=bool(torch.equal(tokens[k], want_hybrid))
                                            if [e.name for e in llm.plan if e.compute == "cpu"] == on_cpu else None)
-                                   for k, llm in llms.items() if k.startswith("hybrid_p")})
+                                   for k, llm in llms.items() if k.startswith("hybrid_")})
         except Exception:
             traceback.print_exc()
             add(budget=budget, error=traceback.format_exc(limit=4))

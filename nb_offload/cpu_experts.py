@@ -42,7 +42,7 @@ import os
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from .errors import in_one_line
 from .forms import is_form
@@ -344,26 +344,35 @@ class HostWorker:
     threads set to ``threads`` computes a call's experts into page-locked rows and raises the counter
     (also when it fails, so the GPU never waits for good); the caller collects the outcome later."""
 
-    def __init__(self, torch, threads: int, signal: HostSignal):
-        self.torch, self.signal = torch, signal
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb_offload-cpu-experts",
-                                       initializer=torch.set_num_threads, initargs=(threads,))
+    def __init__(self, torch, threads: int, signal: HostSignal, name: str = "nb_offload-cpu-experts"):
+        self.torch, self.signal, self._last = torch, signal, None
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=torch.set_num_threads,
+                                       initargs=(threads,))
 
     def submit(self, rows, hidden, weights, work: dict, out, value: int):
         """Compute each expert of ``work`` into consecutive rows of ``out`` (page-locked), then raise the
         counter to ``value``; a future of (start, end) on the perf_counter clock."""
-        return self.pool.submit(self._run, rows, hidden, weights, work, out, value)
-
-    def _run(self, rows, hidden, weights, work, out, value):
-        try:
+        def compute():
             t0 = time.perf_counter()
             computed_into(self.torch, rows, hidden, weights, work, out)
             return t0, time.perf_counter()
-        finally:
-            self.signal.raise_to(value)
+        return self.call(compute, value)
+
+    def call(self, work, value: int):
+        """Run ``work()`` on the worker, then raise the counter to ``value``, also where it raised; a future
+        of what it returned. Calls run in the order given, so the counter only goes up."""
+        def run():
+            try:
+                return work()
+            finally:
+                self.signal.raise_to(value)
+        self._last = self.pool.submit(run)
+        return self._last
 
     def settle(self):
-        """Nothing to do here: the worker started each call when it was submitted."""
+        """Wait until the calls given so far have run (their outcomes stay with their futures)."""
+        if self._last is not None:
+            wait([self._last])
 
     def close(self):
         self.pool.shutdown(wait=True)

@@ -100,7 +100,7 @@ class Engine:
         self.host, self.expert_share, self.host_rates = None, 0.0, None
         self.signal = self.worker = None        # cpu_experts.HostSignal / HostWorker, on CUDA
         self.switch_interval = cpu_experts.SWITCH_INTERVAL      # the GIL's, while a worker computes
-        self._outstanding = []      # the worker's calls not yet collected: (future, name, bytes)
+        self._outstanding = []      # the workers' calls not yet collected: (future, count(start, end))
         self.experts_chosen = experts_chosen    # the user named the experts implementation: it stays
         self._cpu_rows, self._gpu_rows, self._forwards, self._host_calls, self.last_on_cpu = {}, {}, {}, {}, {}
         # Blocks the CPU computes from host memory (index -> their bytes there; the caller bound them there),
@@ -108,6 +108,8 @@ class Engine:
         self.cpu_blocks = dict(cpu_blocks or {}) if self.cuda else {}
         self.cpu_max_tokens = cpu_max_tokens
         self._cpu_hooks = []        # hybrid.CpuBlock of each (install)
+        self._block_forwards = []   # their modules whose forward hands decode steps to the worker
+        self.block_handoff, self.block_handoff_why_not = None, ""      # hybrid.GpuHandoff (install)
         try:        # a start that fails part way leaves no wrapped forward, worker or reader behind
             if expert_compute is not None and self.cuda and self.routed:
                 self.compute_experts_on_cpu({i: self.sources[i].flat for i in self.routed}, expert_compute)
@@ -311,15 +313,33 @@ class Engine:
                     self.hooks.before_call(found.module, lambda args, kwargs: self._collect())
         if self.cpu_blocks:
             threads = cpu_experts.host_threads()
+            self.block_handoff = self._block_handoff(threads) if hybrid.ON_WORKER else None
             for idx, host in self.cpu_blocks.items():
                 u = self.units[idx]
-                layer = hybrid.layer_index(self.model.get_submodule(u.modules[0]))
-                block = hybrid.CpuBlock(self.torch, u, self.params[idx], host, layer=layer, device=self.device,
-                                        upload=self._upload, max_tokens=self.cpu_max_tokens, threads=threads,
-                                        mover=self.mover, trace=self.trace, stats=self.stats)
+                module = self.model.get_submodule(u.modules[0])
+                whole = len(u.modules) == 1     # one module: its forward can hand its calls to the worker
+                block = hybrid.CpuBlock(self.torch, u, self.params[idx], host, layer=hybrid.layer_index(module),
+                                        device=self.device, upload=self._upload, max_tokens=self.cpu_max_tokens,
+                                        threads=threads, mover=self.mover, trace=self.trace, stats=self.stats,
+                                        handoff=self.block_handoff if whole else None,
+                                        owe=lambda future, count: self._outstanding.append((future, count)))
                 self._cpu_hooks.append(block)
+                if block.handoff is not None:
+                    module.forward = block.forward(type(module).forward.__get__(module))
+                    self._block_forwards.append(module)
+                    continue
                 for name in u.modules:
                     self.hooks.around(name, block.before, block.after)
+
+    def _block_handoff(self, threads):
+        """The worker that computes decode steps' CPU blocks, with the counter the GPU waits on (CUDA), or
+        None where the GPU can't wait so: the caller then computes them."""
+        signal = cpu_experts.HostSignal(self.torch, self.device)
+        if not signal.available:
+            self.block_handoff_why_not = signal.why_not
+            return None
+        worker = cpu_experts.HostWorker(self.torch, threads, signal, name="nb_offload-cpu-blocks")
+        return hybrid.GpuHandoff(self.torch, self.device, worker, signal)
 
     def _stop_host_experts(self):
         """The experts modules' own forwards again, and no CPU side."""
@@ -335,14 +355,18 @@ class Engine:
             self.worker.close()
             self.worker = None
 
+    def _workers(self):
+        """The threads computing on the CPU for the GPU: the experts' and the blocks'."""
+        return [w for w in (self.worker, self.block_handoff and self.block_handoff.worker) if w is not None]
+
     def _collect(self):
-        """Compute the CPU's calls still owed, or wait for the worker's (the GPU waits for them anyway),
+        """Compute the CPU's calls still owed, or wait for the workers' (the GPU waits for them anyway),
         raising what failed in them, and count them."""
-        if self.worker is not None:
-            self.worker.settle()
+        for worker in self._workers():
+            worker.settle()
         while self._outstanding:
-            future, name, nbytes = self._outstanding.pop(0)
-            self._count_cpu(name, *future.result(), nbytes)
+            future, count = self._outstanding.pop(0)
+            count(*future.result())
 
     def _count_cpu(self, name, t0, t1, nbytes):
         """A split call's CPU work, from ``t0`` to ``t1`` on ``nbytes`` of experts, in the stats and the trace."""
@@ -354,9 +378,14 @@ class Engine:
         self.graphs.drop()
         self.hooks.remove()
         self._stop_host_experts()
+        if self.block_handoff is not None:      # its last calls run (the GPU may wait for them), then it stops
+            self.block_handoff.close()
+            self.block_handoff = None
+        for module in self._block_forwards:
+            vars(module).pop("forward", None)       # the class's own again
         for block in self._cpu_hooks:       # the caller's threads, whatever an interrupt left
             block.reset()
-        self._cpu_hooks = []
+        self._cpu_hooks, self._block_forwards = [], []
         self.release_held()
         self.drain()
         self.expert_cache = self.gpu_fetch = None      # its views of the slots, with the slots
@@ -367,8 +396,8 @@ class Engine:
         """Wait for everything in flight and forget the queue (before re-planning or unload)."""
         self.graphs.primed = None
         self.settle_routing()
-        if self.worker is not None:     # the GPU may be waiting for the CPU's rows of a call
-            self.worker.settle()
+        for worker in self._workers():      # the GPU may be waiting for the CPU's rows of a call
+            worker.settle()
         self._do(Work(abandoned=self.schedule.reset()))     # so no read waits for a copy that won't come
         self.reader.drain()
         self.mover.synchronize()
@@ -396,13 +425,17 @@ class Engine:
 
     def eager_step(self, forward, args, kwargs):
         if self.in_step:        # the last step ended in an exception: start clean
-            if self.worker is not None:     # the counter raised for every call the GPU may wait for
-                self.worker.settle()
+            for worker in self._workers():      # the counter raised for every call the GPU may wait for
+                worker.settle()
             self._outstanding.clear()
             self._do(Work(abandoned=self.schedule.reset()))
             for block in self._cpu_hooks:
                 block.reset()
         self.in_step = True
+        # a step that records attentions keeps its CPU blocks on this thread: the recording hooks run here
+        on_worker = not (kwargs.get("output_attentions") or getattr(self.model.config, "output_attentions", False))
+        for block in self._cpu_hooks:
+            block.on_worker = on_worker and block.handoff is not None
         self.graphs.primed = None               # the slots will no longer hold a replay's first units
         if self.cuda:
             self.mover.begin_step()
@@ -427,9 +460,10 @@ class Engine:
         return out
 
     def _handover(self):
-        """Where a worker computes split calls' experts: the GIL handed over quickly while the step's Python
-        runs (cpu_experts.quick_handover), so the worker isn't left waiting for it between its products."""
-        if isinstance(self.worker, cpu_experts.HostWorker) and self.expert_share > 0:
+        """Where a worker computes split calls' experts or CPU blocks: the GIL handed over quickly while the
+        step's Python runs (cpu_experts.quick_handover), so the worker isn't left waiting for it between its
+        products."""
+        if (isinstance(self.worker, cpu_experts.HostWorker) and self.expert_share > 0) or self.block_handoff:
             return cpu_experts.quick_handover(self.switch_interval)
         return contextlib.nullcontext()
 
@@ -709,7 +743,7 @@ class Engine:
         if started is not None:     # the worker's rows, once the counter says they are there (no host wait)
             future, out, value = started
             self.signal.wait(self.torch.cuda.current_stream(hidden.device), value)
-            self._outstanding.append((future, name, nbytes))
+            self._outstanding.append((future, lambda t0, t1: self._count_cpu(name, t0, t1, nbytes)))
             moved = out.to(hidden.device, non_blocking=True).split([len(t) for _, t in on_cpu.values()])
             host_rows = dict(zip(on_cpu, moved))
         elif on_cpu:

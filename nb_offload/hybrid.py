@@ -16,7 +16,12 @@ about their bytes over C + L when the split is right, rather than over L alone.
   the copy and reader threads), the output moved back. Their KV-cache layer is kept in host memory.
   A step of more tokens than the CPU computes faster than the link copies (``cpu_max_tokens``, measured
   at load: a prefill) copies the block into one GPU buffer the CPU blocks share and computes it there.
-- Such plans decode eager (the host computes between the GPU's kernels).
+- On CUDA a decode step's CPU blocks run on a worker thread (``GpuHandoff``): the block's inputs are copied
+  to host memory on the GPU's stream, the worker computes the block once they are there and writes its
+  output to page-locked memory, and the GPU's stream waits for that on a counter there (HostSignal) before
+  copying it back. The caller meanwhile goes on launching the blocks after it and queueing the link's
+  copies, instead of computing between them. Where the GPU can't wait so, the caller computes the block.
+- Such plans decode eager (no one graph spans the CPU's work).
 
 A CPU rounds differently from a GPU, so the reference for their tokens is transformers computing the same
 blocks on the CPU for the same steps (tests/gpu/test_hybrid_gpu.py). A ``device_map`` with them on ``"cpu"``
@@ -151,27 +156,143 @@ def move_layer_cache(torch, cache, layer: int | None, device):
         entry.device = torch.device(device)
 
 
+# Whether a CUDA decode step's CPU blocks run on a worker thread (GpuHandoff) rather than on the caller's
+# thread between the GPU's launches. Read when a model is loaded.
+ON_WORKER = True
+
+
+class GpuHandoff:
+    """How a CPU block of a CUDA decode step passes between the GPU's stream and a worker thread: the step's
+    inputs are ready for the worker once an event after their copies to host memory has passed, and the GPU's
+    stream takes the output once the worker has raised ``signal``'s counter past the call's value."""
+
+    def __init__(self, torch, device, worker, signal):
+        self.torch, self.device, self.worker, self.signal = torch, device, worker, signal
+
+    def inputs_ready(self):
+        """An event the worker waits for: the inputs' copies to host memory, queued before it, are done."""
+        ready = self.torch.cuda.Event()
+        ready.record(self.torch.cuda.current_stream(self.device))
+        return ready
+
+    def host_buffer(self, shape, dtype):
+        """Where the worker writes a block's output: page-locked, so the copy back queues without a wait."""
+        return self.torch.empty(shape, dtype=dtype, pin_memory=True)
+
+    def submit(self, work):
+        """``work()`` on the worker; (its future, the counter value the GPU waits for)."""
+        value = self.signal.next()
+        return self.worker.call(work, value), value
+
+    def output(self, value, out, future):
+        """``out`` (page-locked, written by the worker) on the device, after the stream waits for ``value``."""
+        del future      # the GPU waits for it on the counter, not the host
+        self.signal.wait(self.torch.cuda.current_stream(self.device), value)
+        return out.to(self.device, non_blocking=True)
+
+    def close(self):
+        self.worker.close()
+
+
+def _hidden(args, kwargs):
+    return kwargs.get("hidden_states", args[0] if args else None)
+
+
+def _tokens(hidden) -> int:
+    return hidden.shape[0] * hidden.shape[1] if getattr(hidden, "dim", lambda: 0)() >= 2 else 1
+
+
+def _output_form(output, shape, dtype) -> str | None:
+    """How a block returned its output for an input hidden state of ``shape`` and ``dtype``: "tensor" (shaped
+    so), "tuple" (that tensor alone in a tuple, as transformers 4's blocks return it), or None (anything
+    else: its calls stay on the caller)."""
+    def like(t):
+        return shape is not None and getattr(t, "shape", None) == shape and getattr(t, "dtype", None) == dtype
+    if like(output):
+        return "tensor"
+    if isinstance(output, tuple) and len(output) == 1 and like(output[0]):
+        return "tuple"
+    return None
+
+
 class CpuBlock:
     """The hooks of one block computed on the CPU from ``host`` (its bytes in host memory, its parameters
     bound there): a step of at most ``max_tokens`` tokens moves the call's tensors to the CPU and the output
     back to ``device``, with ``threads`` torch threads meanwhile; a larger one (a prefill) copies the block
     into ``upload`` (a buffer on ``device``, shared by the CPU blocks, used in stream order) and computes it
-    there, as a streamed block would be. The CPU's time goes on the trace's CPU lane."""
+    there, as a streamed block would be. The CPU's time goes on the trace's CPU lane.
+
+    With a ``handoff`` (GpuHandoff), ``forward`` computes a small step's block on its worker: once the block
+    has been computed so on the caller (which shows the form of its output), and while ``on_worker`` holds
+    (the engine clears it for steps that record the blocks' attentions). ``owe(future, count)``: the engine
+    collects the worker's (start, end) at the step's end and passes it to ``count``."""
 
     def __init__(self, torch, unit, params, host, *, layer, device, upload, max_tokens: int, threads: int, mover,
-                 trace, stats):
+                 trace, stats, handoff=None, owe=None):
         self.torch, self.unit, self.params, self.host, self.layer = torch, unit, params, host, layer
         self.device, self.upload, self.max_tokens, self.threads = device, upload, max_tokens, threads
         self.mover, self.trace, self.stats = mover, trace, stats
+        self.handoff, self.owe, self.on_worker = handoff, owe, handoff is not None
         self._before = self._cache = None
+        self._form = None       # how the block returns its output, once seen (``_output_form``)
+        self._shape = (None, None)      # the input hidden state's shape and dtype in a call on the caller
         self._callers_threads = torch.get_num_threads()
         self._on_upload = False         # its parameters point into ``upload`` (a large step's)
+
+    def forward(self, own):
+        """The block's forward, around ``own`` (the module's): a small step on the worker where it may, else
+        on this thread through ``before`` and ``after``."""
+        def forward(*args, **kwargs):
+            hidden = _hidden(args, kwargs)
+            if (self.on_worker and self._form is not None and _tokens(hidden) <= self.max_tokens
+                    and getattr(hidden, "shape", None) is not None):
+                return self._on_worker(own, hidden, args, kwargs)
+            args, kwargs = self.before(args, kwargs)
+            output = None
+            try:
+                output = own(*args, **kwargs)
+            finally:
+                output = self.after(output)
+            return output
+        return forward
+
+    def _on_worker(self, own, hidden, args, kwargs):
+        """Queue the inputs' copies to host memory, hand the block to the worker, and return its output as the
+        device will have it once the worker is done (the GPU waits for it, not this thread)."""
+        from .graphs import given_cache
+        from .hooks import to_device
+        torch, cpu = self.torch, self.torch.device("cpu")
+        if self._on_upload:         # a large step an interrupt cut short before ``after``
+            self._bind_host()
+        move_layer_cache(torch, given_cache(kwargs), self.layer, cpu)     # after a prefill: once
+        host_args, host_kwargs = to_device(args, cpu), to_device(kwargs, cpu)     # queued, not waited for
+        ready = self.handoff.inputs_ready()
+        out = self.handoff.host_buffer(hidden.shape, hidden.dtype)
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+        def work():
+            ready.synchronize()
+            t0 = time.perf_counter()
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):     # as the caller's step
+                result = own(*host_args, **host_kwargs)
+                out.copy_(result if self._form == "tensor" else result[0])
+            return t0, time.perf_counter()
+        future, value = self.handoff.submit(work)
+        self.owe(future, self._count)
+        on_device = self.handoff.output(value, out, future)
+        return on_device if self._form == "tensor" else (on_device,)
+
+    def _count(self, t0, t1):
+        self.stats.cpu_block_seconds += t1 - t0
+        self.stats.cpu_block_bytes += self.unit.nbytes
+        self.stats.cpu_block_calls += 1
+        self.trace.host_event("cpu", self.unit.name, t0, t1, self.unit.nbytes)
 
     def before(self, args, kwargs):
         from .graphs import given_cache
         from .hooks import bind, to_device
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        tokens = hidden.shape[0] * hidden.shape[1] if getattr(hidden, "dim", lambda: 0)() >= 2 else 1
+        hidden = _hidden(args, kwargs)
+        tokens = _tokens(hidden)
         self._cache = given_cache(kwargs)
         if tokens > self.max_tokens and self.upload is not None:
             move_layer_cache(self.torch, self._cache, self.layer, self.device)
@@ -194,6 +315,7 @@ class CpuBlock:
         now = self.torch.get_num_threads()
         if now != self.threads:         # else still ours from a step an interrupt cut short
             self._callers_threads = now
+        self._shape = getattr(hidden, "shape", None), getattr(hidden, "dtype", None)
         self._before = time.perf_counter()
         self.torch.set_num_threads(self.threads)
         return args, kwargs
@@ -222,9 +344,7 @@ class CpuBlock:
         self.torch.set_num_threads(self._callers_threads)
         if state is None or output is None:     # the forward raised
             return output
-        t0, t1 = state, time.perf_counter()
-        self.stats.cpu_block_seconds += t1 - t0
-        self.stats.cpu_block_bytes += self.unit.nbytes
-        self.stats.cpu_block_calls += 1
-        self.trace.host_event("cpu", self.unit.name, t0, t1, self.unit.nbytes)
+        self._count(state, time.perf_counter())
+        if self._form is None and self.handoff is not None:
+            self._form = _output_form(output, *self._shape)
         return to_device(output, self.device)

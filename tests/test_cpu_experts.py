@@ -166,6 +166,18 @@ def test_the_worker_writes_a_calls_rows_in_order_and_always_raises_the_counter(m
         with pytest.raises(ValueError):
             worker.submit(failing, hidden, weights, work, out, 8).result()
         assert signal.raised[-1][0] == 8        # raised anyway: the GPU never waits for good
+
+        # any work (a CPU block's): in the order given; settle waits for the last, its outcome left to its future
+        gate, order = threading.Event(), []
+        first = worker.call(lambda: (gate.wait(5), order.append(1)), 10)
+        second = worker.call(lambda: order.append(2) or 1 / 0, 11)
+        assert not second.done()
+        gate.set()
+        worker.settle()
+        assert second.done() and order == [1, 2] and first.result()[0] is True
+        assert [v for v, _ in signal.raised[-2:]] == [10, 11]
+        with pytest.raises(ZeroDivisionError):
+            second.result()
     finally:
         worker.close()
 

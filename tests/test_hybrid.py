@@ -203,6 +203,80 @@ def test_a_cpu_block_computes_small_steps_on_the_cpu_and_large_ones_from_an_uplo
         assert "streaming may be" not in summary          # no link rate given: nothing to compare with
 
 
+class ThreadHandoff:
+    """hybrid.GpuHandoff's part without a GPU: the worker a thread, and the device's copy of the output taken
+    once its future is done (where the GPU's stream would wait on the counter)."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="handoff-test")
+        self.submitted = 0
+
+    def inputs_ready(self):
+        class Ready:
+            def synchronize(self):
+                pass
+        return Ready()
+
+    def host_buffer(self, shape, dtype):
+        return torch.empty(shape, dtype=dtype)
+
+    def submit(self, work):
+        self.submitted += 1
+        return self.pool.submit(work), self.submitted
+
+    def output(self, value, out, future):
+        future.result()
+        return out.clone()
+
+
+def test_a_cpu_block_hands_decode_steps_to_a_worker_once_it_knows_their_output(model_dirs):
+    """With a handoff, the block's first small step runs on the caller (its output shows the form), and the
+    later ones on the worker, which returns the same tokens; what the worker did is counted when the engine
+    collects it. A step larger than ``max_tokens`` (a prefill) stays on the caller, from the upload."""
+    import threading
+    folder = model_dirs("llama")
+    with nb_offload.load(folder, device="cpu", progress=False) as llm:
+        idx = next(u.index for u in llm._insp.units if u.name == "model.layers.1")
+        unit, params = llm._insp.units[idx], llm._params[idx]
+        host = llm._storage.stores[idx].flat
+        block = llm.model.get_submodule("model.layers.1")
+        threads, owed, stats = [], [], Stats()
+
+        def own(*args, **kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            threads.append((threading.current_thread().name, hidden.shape[1], torch.get_num_threads()))
+            return type(block).forward(block, *args, **kwargs)
+        handoff = ThreadHandoff()
+        cpu = hybrid.CpuBlock(torch, unit, params, host, layer=1, device=torch.device("cpu"),
+                              upload=torch.empty(unit.nbytes, dtype=torch.uint8), max_tokens=1, threads=1,
+                              mover=None, trace=Trace(enabled=False), stats=stats, handoff=handoff,
+                              owe=lambda future, count: owed.append((future, count)))
+        block.forward = cpu.forward(own)
+        try:
+            tokens = llm.generate(torch.tensor([list(range(1, 9))]), max_new_tokens=4, min_new_tokens=4,
+                                  do_sample=False)
+        finally:
+            del block.forward
+            handoff.pool.shutdown()
+        assert torch.equal(tokens, plain_tokens(folder, 4))
+        main = threading.current_thread().name
+        assert [(name == main, n) for name, n, _ in threads] == [(True, 8), (True, 1), (False, 1), (False, 1)]
+        assert handoff.submitted == 2 and stats.cpu_block_calls == 1      # the caller's call, counted at once
+        for future, count in owed:
+            count(*future.result())
+        assert stats.cpu_block_calls == 3 and stats.cpu_block_bytes == 3 * unit.nbytes
+
+
+def test_a_block_whose_output_is_not_its_hidden_state_stays_on_the_caller():
+    hidden = torch.zeros(1, 1, 4)
+    assert hybrid._output_form(hidden.clone(), hidden.shape, hidden.dtype) == "tensor"
+    assert hybrid._output_form((hidden.clone(),), hidden.shape, hidden.dtype) == "tuple"
+    assert hybrid._output_form((hidden, torch.zeros(1, 2, 1, 1)), hidden.shape, hidden.dtype) is None   # attentions
+    assert hybrid._output_form(hidden.double(), hidden.shape, hidden.dtype) is None
+    assert hybrid._output_form(hidden, None, None) is None
+
+
 def test_the_summary_says_when_computing_on_the_cpu_did_not_pay():
     before = Stats().as_dict()
     # 6 GB streamed and 4 GB the CPU read: 0.2 s over a 50 GB/s link alone; the CPU was busy 0.3 s
@@ -226,11 +300,11 @@ def test_the_summary_says_when_computing_on_the_cpu_did_not_pay():
                                                                                        link_gbps=50.0)
 
 
-def plain_tokens(folder):
+def plain_tokens(folder, n=3):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     with torch.inference_mode():
-        return model.generate(torch.tensor([list(range(1, 9))]), max_new_tokens=3, min_new_tokens=3,
+        return model.generate(torch.tensor([list(range(1, 9))]), max_new_tokens=n, min_new_tokens=n,
                               do_sample=False)
 
 

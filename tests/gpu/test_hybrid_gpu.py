@@ -80,6 +80,7 @@ def test_blocks_computed_on_the_cpu_match_transformers_computing_them_there(arch
             assert on_cpu and sorted(eng.units[i].name for i in eng.cpu_blocks) == sorted(on_cpu)
             assert not set(eng.cpu_blocks) & set(eng.sources)       # bound to host memory, never streamed
             assert "computed on the CPU" in eng.graphs.why_not
+            assert eng.block_handoff is not None, eng.block_handoff_why_not     # decode steps on the worker
             most = eng.cpu_max_tokens
             assert most == llm.plan.cpu_max_tokens >= 1
             print(f"{arch}: {len(on_cpu)} blocks on the CPU, steps of up to {most} tokens there")
@@ -98,3 +99,52 @@ def test_blocks_computed_on_the_cpu_match_transformers_computing_them_there(arch
             assert torch.equal(got, reference(folder, ids, left, llm._engine.cpu_max_tokens))
         finally:
             llm.unload()
+
+
+def test_blocks_computed_on_the_callers_thread_match_too(model_dirs, monkeypatch):
+    """hybrid.ON_WORKER False: the caller computes the CPU blocks between the GPU's launches, as before the
+    worker; the same tokens."""
+    from nb_offload import hybrid
+    folder = model_dirs("llama")
+    names = [e.name for e in blocks(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))]
+    monkeypatch.setattr(hybrid, "ON_WORKER", False)
+    ids = torch.tensor(PROMPT, device="cuda")
+    llm = nb_offload.load(folder, pins={names[1]: "cpu-compute", names[2]: "cpu-compute"}, hold_spare=False,
+                          progress=False)
+    try:
+        assert llm._engine.block_handoff is None and llm._engine.cpu_blocks
+        got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
+        assert torch.equal(got, reference(folder, ids, names[1:3], llm._engine.cpu_max_tokens))
+        assert llm.stats.cpu_block_calls >= 2 * (N - 1)
+    finally:
+        llm.unload()
+
+
+def test_a_failing_cpu_block_on_the_worker_fails_its_step_and_the_next_generate_is_exact(model_dirs):
+    """The worker raises the counter also where the block raised, so the GPU never waits for good; the error
+    reaches the caller at the step's end, and the model stays usable."""
+    folder = model_dirs("llama")
+    names = [e.name for e in blocks(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))]
+    ids = torch.tensor(PROMPT, device="cuda")
+    llm = nb_offload.load(folder, pins={names[1]: "cpu-compute"}, hold_spare=False, progress=False)
+    try:
+        want = reference(folder, ids, names[1:2], llm._engine.cpu_max_tokens)
+        attn = llm.model.get_submodule(names[1]).self_attn
+        own, calls = attn.forward, []
+
+        def failing(*args, **kwargs):
+            calls.append(kwargs.get("hidden_states", args[0] if args else None).device.type)
+            if len(calls) == 3:         # a decode step on the worker (the first one ran on the caller)
+                raise RuntimeError("a CPU block that fails")
+            return own(*args, **kwargs)
+        attn.forward = failing
+        try:
+            with pytest.raises(RuntimeError, match="a CPU block that fails"):
+                llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False)
+        finally:
+            del attn.forward
+        assert calls == ["cuda", "cpu", "cpu"]          # prefill on the GPU, decode on the CPU
+        got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
+        assert torch.equal(got, want)
+    finally:
+        llm.unload()
