@@ -9,8 +9,8 @@ both ran (the CPU's from the model's counters, the link's from the bytes streame
 the dry-run prediction at the measured rates against the measured step; tokens against transformers with
 the same blocks computed on the CPU for the steps the engine computes them there (tests/gpu/test_hybrid_gpu.py's
 reference), and the streamed load's against transformers on the GPU. ``--hybrid-prefetch`` and
-``--cpu-blocks`` add loads at other prefetch depths and other splits, ``--caller-too`` one whose CPU blocks run
-on the caller's thread (``variants``).
+``--cpu-blocks`` add loads at other prefetch depths and other splits, ``--handoffs`` loads whose CPU blocks
+run elsewhere (``hybrid.HANDOFF``: on a worker thread, in captured steps) (``variants``).
 
     PYTHONPATH=. python3 benchmarks/bench_hybrid.py --json out.json [--budgets 4GiB,12GiB]
 """
@@ -41,9 +41,9 @@ def main():
     ap.add_argument("--cpu-blocks", default="", help="more loads with this many of the blocks in host memory "
                                                      "pinned \"cpu-compute\" (spread), copying as far ahead as "
                                                      "the hybrid plan does, e.g. 2,6: the step at other splits")
-    ap.add_argument("--caller-too", action="store_true", help="one more hybrid load whose CPU blocks run on the "
-                                                               "caller's thread (hybrid.ON_WORKER False), as "
-                                                               "before the worker")
+    ap.add_argument("--handoffs", default="", help="more hybrid loads with these hybrid.HANDOFF values, e.g. "
+                                                    "worker,graph: the CPU blocks on a worker thread in eager "
+                                                    "steps, and in captured steps")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
@@ -94,13 +94,14 @@ def main():
             for p in filter(None, args.hybrid_prefetch.split(",")):
                 llms[f"hybrid_p{p}"] = nb_offload.load(args.folder, gpu=budget, cpu="100GiB", compute="hybrid",
                                                        prefetch=int(p), progress=False)
-            if args.caller_too:
-                hybrid.ON_WORKER = False
+            default = hybrid.HANDOFF
+            for handoff in filter(None, args.handoffs.split(",")):
+                hybrid.HANDOFF = handoff
                 try:
-                    llms["hybrid_caller"] = nb_offload.load(args.folder, gpu=budget, cpu="100GiB", compute="hybrid",
-                                                            progress=False)
+                    llms[f"hybrid_{handoff}"] = nb_offload.load(args.folder, gpu=budget, cpu="100GiB",
+                                                                compute="hybrid", progress=False)
                 finally:
-                    hybrid.ON_WORKER = True
+                    hybrid.HANDOFF = default
             hyb = llms["hybrid"]
             in_host = [e.name for e in llms["streamed"].plan if e.tier == "cpu" and e.kind == "block"]
             for count in filter(None, args.cpu_blocks.split(",")):
@@ -129,6 +130,9 @@ def main():
             cpu_rate, link_rate = hyb.plan.rates or (0.0, 0.0)
             predicted = hyb.plan.predicted_seconds_per_step(link_gbps=link, cpu_gbps=cpu_rate)
             want_hybrid = reference(on_cpu, hyb.plan.cpu_max_tokens)
+            # a captured step's reference has its static cache (tests/gpu/test_hybrid_gpu.py)
+            want_static = cpu_reference(args.folder, ids, on_cpu, hyb.plan.cpu_max_tokens, n, static=True) \
+                if any(llm.stats.graph_replays for llm in llms.values()) else None
             add(budget=budget, link_gbps=link, streamed_tok_s=1 / t["streamed"], hybrid_tok_s=1 / t["hybrid"],
                 spread=sp, hybrid_over_streamed=t["streamed"] / t["hybrid"],
                 blocks_on_cpu=len(on_cpu), blocks_streamed=sum(1 for e in hyb.plan if e.tier == "cpu"
@@ -150,8 +154,10 @@ def main():
                                            blocks_on_cpu=sum(1 for e in llm.plan if e.compute == "cpu"),
                                            moved_per_step=moved[k], staging=llm.plan.reserved.get("staging_slots"),
                                            cpu_gbps=cpu_gbps(counters[k]),
-                                           equals_reference=bool(torch.equal(tokens[k], want_hybrid))
-                                           if [e.name for e in llm.plan if e.compute == "cpu"] == on_cpu else None)
+                                           equals_reference=bool(torch.equal(
+                                               tokens[k], want_static if llm.stats.graph_replays else want_hybrid))
+                                           if [e.name for e in llm.plan if e.compute == "cpu"] == on_cpu else None,
+                                           graph_replays=llm.stats.graph_replays, graph_eager=llm.stats.graph_eager)
                                    for k, llm in llms.items() if k.startswith("hybrid_")})
         except Exception:
             traceback.print_exc()

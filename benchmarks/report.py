@@ -772,7 +772,9 @@ def render_hybrid(data, command, title, llama=None) -> str:
             lines.append(f"  - variant {k}: {v['tok_s']:.2f} tok/s ({v['over_streamed']:.2f}x streamed), "
                          f"{v['blocks_on_cpu']} blocks on the CPU at {v['cpu_gbps']:.1f} GB/s, "
                          f"{v['moved_per_step'] / 1e9:.2f} GB streamed a step, staging "
-                         f"{v['staging'] / 2**20:.0f} MiB; {same[v['equals_reference']]}")
+                         f"{v['staging'] / 2**20:.0f} MiB; {same[v['equals_reference']]}"
+                         + (f"; decode captured ({v['graph_replays']} replays)" if v.get("graph_replays") else
+                            f"; decode eager: {v['graph_eager']}" if v.get("graph_eager") else ""))
     lines.append("")
     return "\n".join(lines)
 

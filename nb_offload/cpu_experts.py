@@ -280,9 +280,11 @@ class HostSignal:
         self.issued += 1
         return self.issued
 
-    def wait(self, stream, value: int):
-        """Make ``stream`` wait (on the GPU) until the counter reaches ``value``."""
-        rc = self._wait_value(ctypes.c_void_p(stream.cuda_stream), ctypes.c_uint64(self.count.data_ptr()),
+    def wait(self, stream, value: int, address: int | None = None):
+        """Make ``stream`` wait (on the GPU) until the counter reaches ``value``; or another int32 in page-locked
+        memory, at ``address`` (handoff.py's flags)."""
+        where = self.count.data_ptr() if address is None else address
+        rc = self._wait_value(ctypes.c_void_p(stream.cuda_stream), ctypes.c_uint64(where),
                               ctypes.c_uint32(value & 0xFFFFFFFF), ctypes.c_uint(0))    # 0: wait for >=
         if rc:
             raise RuntimeError(f"cuStreamWaitValue32 failed with CUDA error {rc}")
@@ -358,14 +360,15 @@ class HostWorker:
             return t0, time.perf_counter()
         return self.call(compute, value)
 
-    def call(self, work, value: int):
-        """Run ``work()`` on the worker, then raise the counter to ``value``, also where it raised; a future
-        of what it returned. Calls run in the order given, so the counter only goes up."""
+    def call(self, work, value: int | None = None):
+        """Run ``work()`` on the worker, then raise the counter to ``value`` (where given), also where it raised;
+        a future of what it returned. Calls run in the order given, so the counter only goes up."""
         def run():
             try:
                 return work()
             finally:
-                self.signal.raise_to(value)
+                if value is not None:
+                    self.signal.raise_to(value)
         self._last = self.pool.submit(run)
         return self._last
 

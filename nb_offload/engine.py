@@ -24,6 +24,7 @@ from . import cpu_experts, device_routing, experts, hybrid
 from .budget import link_gbps
 from .errors import in_one_line
 from .graphs import DecodeGraphs, given_ids
+from .handoff import GpuHandoff
 from .hooks import ModuleHooks, bind, bind_views, to_device
 from .movers import CpuMover, CudaMover
 from .planner import text_config
@@ -109,12 +110,13 @@ class Engine:
         self.cpu_max_tokens = cpu_max_tokens
         self._cpu_hooks = []        # hybrid.CpuBlock of each (install)
         self._block_forwards = []   # their modules whose forward hands decode steps to the worker
-        self.block_handoff, self.block_handoff_why_not = None, ""      # hybrid.GpuHandoff (install)
+        self.block_handoff, self.block_handoff_why_not = None, ""      # handoff.GpuHandoff, below
         try:        # a start that fails part way leaves no wrapped forward, worker or reader behind
             if expert_compute is not None and self.cuda and self.routed:
                 self.compute_experts_on_cpu({i: self.sources[i].flat for i in self.routed}, expert_compute)
             self._upload = torch.empty(max(self.units[i].nbytes for i in self.cpu_blocks), dtype=torch.uint8,
                                        device=device) if self.cpu_blocks else None
+            self.block_handoff = self._block_handoff()
             # copies of often routed experts in the room the plan reserved for them; while GPU-fetched decode
             # steps run, also in the staging slots and in ``decode_spare`` bytes (a prefill's activations')
             self.decode_spare = decode_spare
@@ -135,6 +137,8 @@ class Engine:
             self.graphs = DecodeGraphs(self, enabled=cuda_graph, fuse=fused_kernels)
         except BaseException:
             self._stop_host_experts()
+            if self.block_handoff is not None:
+                self.block_handoff.close()
             self.reader.close()
             raise
 
@@ -313,7 +317,6 @@ class Engine:
                     self.hooks.before_call(found.module, lambda args, kwargs: self._collect())
         if self.cpu_blocks:
             threads = cpu_experts.host_threads()
-            self.block_handoff = self._block_handoff(threads) if hybrid.ON_WORKER else None
             for idx, host in self.cpu_blocks.items():
                 u = self.units[idx]
                 module = self.model.get_submodule(u.modules[0])
@@ -321,8 +324,7 @@ class Engine:
                 block = hybrid.CpuBlock(self.torch, u, self.params[idx], host, layer=hybrid.layer_index(module),
                                         device=self.device, upload=self._upload, max_tokens=self.cpu_max_tokens,
                                         threads=threads, mover=self.mover, trace=self.trace, stats=self.stats,
-                                        handoff=self.block_handoff if whole else None,
-                                        owe=lambda future, count: self._outstanding.append((future, count)))
+                                        handoff=self.block_handoff if whole else None)
                 self._cpu_hooks.append(block)
                 if block.handoff is not None:
                     module.forward = block.forward(type(module).forward.__get__(module))
@@ -331,15 +333,20 @@ class Engine:
                 for name in u.modules:
                     self.hooks.around(name, block.before, block.after)
 
-    def _block_handoff(self, threads):
-        """The worker that computes decode steps' CPU blocks, with the counter the GPU waits on (CUDA), or
-        None where the GPU can't wait so: the caller then computes them."""
+    def _block_handoff(self):
+        """The worker that computes decode steps' CPU blocks and how the GPU's stream passes them to it
+        (handoff.py), on CUDA where ``hybrid.HANDOFF`` asks for one; None where the caller computes them
+        (``block_handoff_why_not`` says why, where a worker was asked for)."""
+        if not (self.cpu_blocks and self.cuda) or hybrid.HANDOFF == "caller":
+            return None
         signal = cpu_experts.HostSignal(self.torch, self.device)
         if not signal.available:
-            self.block_handoff_why_not = signal.why_not
+            self.block_handoff_why_not = f"the GPU can't wait for the worker: {signal.why_not}"
             return None
-        worker = cpu_experts.HostWorker(self.torch, threads, signal, name="nb_offload-cpu-blocks")
-        return hybrid.GpuHandoff(self.torch, self.device, worker, signal)
+        worker = cpu_experts.HostWorker(self.torch, cpu_experts.host_threads(), signal, name="nb_offload-cpu-blocks")
+        return GpuHandoff(self.torch, self.device, worker, signal, calls=len(self.cpu_blocks),
+                          owe=lambda future, count: self._outstanding.append((future, count)),
+                          capture=hybrid.HANDOFF == "graph")
 
     def _stop_host_experts(self):
         """The experts modules' own forwards again, and no CPU side."""
@@ -472,21 +479,23 @@ class Engine:
         """Record one forward pass into ``graph``: its copies, its compute and the events between them,
         with the slots filled from the start of the step, the first ones (``mover.ahead``) already
         there. Returns the output (in the graph's memory pool), the trace records the graph stamps on
-        every replay, and the bytes it copies a replay."""
+        every replay, the bytes it copies a replay, the slots' use, and the CPU blocks' calls each replay
+        hands to the worker (handoff.py)."""
         torch = self.torch
         self.drain()
         self.schedule.restart(wrap=False)       # a replay is whole: nothing fetched for the next step
         moved = self.stats.bytes_from_cpu
         steps, trace_step = self.stats.steps, self.trace.step
+        recording = self.block_handoff.recording() if self.block_handoff else contextlib.nullcontext([])
         try:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"), self.mover.capturing() as slots, \
-                    self.trace.capturing() as records:
+                    self.trace.capturing() as records, recording as program:
                 out = self.eager_step(forward, args, kwargs)
         finally:
             nbytes = self.stats.bytes_from_cpu - moved
             self.stats.bytes_from_cpu, self.stats.steps, self.trace.step = moved, steps, trace_step
             self.schedule.restart(wrap=True)
-        return out, records, nbytes, slots
+        return out, records, nbytes, slots, program
 
     def after_failed_capture(self):
         self.in_step = False
@@ -508,8 +517,12 @@ class Engine:
         self.mover.before_graph()
         # the graph stamps its own events; captured without them, the step is timed from outside
         start = self.mover.mark() if self.trace.enabled and not captured.records else None
+        if captured.program:
+            self.block_handoff.before_replay(captured.program)
         try:
             captured.graph.replay()
+            if captured.program:        # each call waits on the worker for the flag the graph sets
+                self._outstanding += self.block_handoff.run(captured.program)
             if self.trace.enabled and captured.records:
                 self.trace.replay(captured.records)
             if start is not None:
@@ -518,6 +531,9 @@ class Engine:
             self.graphs.primed = captured
         finally:
             self.mover.after_graph()
+        if captured.program:
+            with self._handover():
+                self._collect()         # a failed CPU block fails the step
         self.stats.bytes_from_cpu += captured.nbytes
         self.stats.graph_replays += 1
         self.stats.steps += 1

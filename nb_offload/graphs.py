@@ -18,6 +18,10 @@ into the same slots in the same order. So it is captured once and replayed:
   and SiLU products run as fused kernels, bit-identical to the eager ones (fused.py): about half the
   kernels a replay launches.
 
+Blocks computed on the CPU (hybrid.py) are captured only with ``hybrid.HANDOFF == "graph"``: the graph then
+copies a block's inputs to page-locked memory, sets a flag there that a worker thread polls, and waits for the
+worker's flag before it copies the output back (handoff.py); each replay hands the calls to the worker.
+
 Eager as before: prefill; the CPU device; plans that stream from disk (reads are CPU work between
 the copies, and the drive, not the launches, bounds those steps); steps that bring MoE blocks' routed
 experts once the host has read the router's choice (experts.py): batches of more than one token, and
@@ -104,12 +108,13 @@ def _signature(torch, cache, leaves):
 class Captured:
     """One captured decode step: the graph, the inputs it reads, the output it writes, what it moves."""
 
-    def __init__(self, graph, inputs, output, records, nbytes, slots, seconds, pool_bytes):
+    def __init__(self, graph, inputs, output, records, nbytes, slots, seconds, pool_bytes, program=()):
         self.graph, self.inputs, self.output, self.records = graph, inputs, output, records
         # the units a replay finds in their slots, (unit, slot), and an event per slot marking its last
         # use in the replay (recorded by the graph itself), after which the next step's may be copied
         self.ahead, self.last_use = slots.ahead, slots.last_use
         self.events = slots.keep        # every event recorded in the capture, kept for the graph's life
+        self.program = list(program)        # CPU blocks' calls a replay hands to the worker (handoff.py)
         self.nbytes, self.seconds, self.pool_bytes = nbytes, seconds, pool_bytes
 
 
@@ -141,8 +146,10 @@ class DecodeGraphs:
         if e.routed and e.gpu_fetch is None:
             return False, ("streamed MoE blocks bring only their routed experts, copied once the host has read "
                            f"the router's choice (the GPU can't fetch them: {e.gpu_fetch_why_not})")
-        if e.cpu_blocks:
-            return False, "blocks computed on the CPU (the host runs them between the GPU's kernels)"
+        if e.cpu_blocks and not (e.block_handoff is not None and e.block_handoff.captures):
+            why = e.block_handoff.why_not_captured if e.block_handoff is not None else ""
+            return False, ("blocks computed on the CPU (the host runs them between the GPU's kernels"
+                           + (f"; a graph can't hand them over: {why}" if why else "") + ")")
         if any(getattr(u, "fmt", "") == "int8" for u in e.units[:e.n_model]):
             return False, "int8 units (bitsandbytes splits outlier columns with a host synchronisation)"
         return True, ""
@@ -291,7 +298,8 @@ class DecodeGraphs:
                 graph = torch.cuda.CUDAGraph()
                 try:
                     with fusion.applied() if fusion else contextlib.nullcontext():
-                        output, records, nbytes, slots = e.capture_step(graph, forward, s_args, s_kwargs)
+                        output, records, nbytes, slots, program = e.capture_step(graph, forward, s_args,
+                                                                                 s_kwargs)
                     break
                 except BaseException as exc:   # any failure means "run this step eager"; an interrupt, stop
                     e.after_failed_capture()
@@ -310,7 +318,7 @@ class DecodeGraphs:
         finally:
             trace.enabled = tracing
         captured = Captured(graph, inputs, output, records, nbytes, slots, time.perf_counter() - t0,
-                            torch.cuda.memory_reserved(e.device) - before)
+                            torch.cuda.memory_reserved(e.device) - before, program)
         e.stats.graph_captures += 1
         e.stats.capture_seconds += captured.seconds
         e.stats.graph_pool_bytes = max(e.stats.graph_pool_bytes, captured.pool_bytes)

@@ -16,12 +16,11 @@ about their bytes over C + L when the split is right, rather than over L alone.
   the copy and reader threads), the output moved back. Their KV-cache layer is kept in host memory.
   A step of more tokens than the CPU computes faster than the link copies (``cpu_max_tokens``, measured
   at load: a prefill) copies the block into one GPU buffer the CPU blocks share and computes it there.
-- On CUDA a decode step's CPU blocks run on a worker thread (``GpuHandoff``): the block's inputs are copied
-  to host memory on the GPU's stream, the worker computes the block once they are there and writes its
-  output to page-locked memory, and the GPU's stream waits for that on a counter there (HostSignal) before
-  copying it back. The caller meanwhile goes on launching the blocks after it and queueing the link's
-  copies, instead of computing between them. Where the GPU can't wait so, the caller computes the block.
-- Such plans decode eager (no one graph spans the CPU's work).
+- Where their decode steps run (``HANDOFF``, read at load): "caller", on the thread that launches the GPU's
+  kernels, between them, in eager steps; "worker", on a worker thread the GPU's stream hands them to and
+  waits for (handoff.py), so the caller goes on launching the blocks after them and queueing the link's
+  copies, in eager steps; "graph", the same in a captured decode step (graphs.py), where the graph itself
+  passes each block to the worker and takes its output back, and no host runs between the GPU's kernels.
 
 A CPU rounds differently from a GPU, so the reference for their tokens is transformers computing the same
 blocks on the CPU for the same steps (tests/gpu/test_hybrid_gpu.py). A ``device_map`` with them on ``"cpu"``
@@ -156,42 +155,10 @@ def move_layer_cache(torch, cache, layer: int | None, device):
         entry.device = torch.device(device)
 
 
-# Whether a CUDA decode step's CPU blocks run on a worker thread (GpuHandoff) rather than on the caller's
-# thread between the GPU's launches. Read when a model is loaded.
-ON_WORKER = True
-
-
-class GpuHandoff:
-    """How a CPU block of a CUDA decode step passes between the GPU's stream and a worker thread: the step's
-    inputs are ready for the worker once an event after their copies to host memory has passed, and the GPU's
-    stream takes the output once the worker has raised ``signal``'s counter past the call's value."""
-
-    def __init__(self, torch, device, worker, signal):
-        self.torch, self.device, self.worker, self.signal = torch, device, worker, signal
-
-    def inputs_ready(self):
-        """An event the worker waits for: the inputs' copies to host memory, queued before it, are done."""
-        ready = self.torch.cuda.Event()
-        ready.record(self.torch.cuda.current_stream(self.device))
-        return ready
-
-    def host_buffer(self, shape, dtype):
-        """Where the worker writes a block's output: page-locked, so the copy back queues without a wait."""
-        return self.torch.empty(shape, dtype=dtype, pin_memory=True)
-
-    def submit(self, work):
-        """``work()`` on the worker; (its future, the counter value the GPU waits for)."""
-        value = self.signal.next()
-        return self.worker.call(work, value), value
-
-    def output(self, value, out, future):
-        """``out`` (page-locked, written by the worker) on the device, after the stream waits for ``value``."""
-        del future      # the GPU waits for it on the counter, not the host
-        self.signal.wait(self.torch.cuda.current_stream(self.device), value)
-        return out.to(self.device, non_blocking=True)
-
-    def close(self):
-        self.worker.close()
+# Where a CUDA decode step's CPU blocks run (above): "caller", "worker" or "graph". Read when a model is
+# loaded. "caller" until the other two are measured on a GPU machine (docs/hybrid.md).
+HANDOFF = "caller"
+HANDOFFS = ("caller", "worker", "graph")
 
 
 def _hidden(args, kwargs):
@@ -222,17 +189,22 @@ class CpuBlock:
     into ``upload`` (a buffer on ``device``, shared by the CPU blocks, used in stream order) and computes it
     there, as a streamed block would be. The CPU's time goes on the trace's CPU lane.
 
-    With a ``handoff`` (GpuHandoff), ``forward`` computes a small step's block on its worker: once the block
-    has been computed so on the caller (which shows the form of its output), and while ``on_worker`` holds
-    (the engine clears it for steps that record the blocks' attentions). ``owe(future, count)``: the engine
-    collects the worker's (start, end) at the step's end and passes it to ``count``."""
+    With a ``handoff`` (handoff.GpuHandoff), ``forward`` computes a small step's block on its worker: once the
+    block has been computed so on the caller (which shows the form of its output), and while ``on_worker``
+    holds (the engine clears it for steps that record the blocks' attentions). The call's tensors go through
+    page-locked buffers kept for calls of the same shapes (``_staged``), which a captured step's graph then
+    copies into at every replay."""
+
+    # staged buffers kept per block: one set for each input shape seen lately (batch sizes, cache lengths)
+    STAGED_KEPT = 8
 
     def __init__(self, torch, unit, params, host, *, layer, device, upload, max_tokens: int, threads: int, mover,
-                 trace, stats, handoff=None, owe=None):
+                 trace, stats, handoff=None):
         self.torch, self.unit, self.params, self.host, self.layer = torch, unit, params, host, layer
         self.device, self.upload, self.max_tokens, self.threads = device, upload, max_tokens, threads
         self.mover, self.trace, self.stats = mover, trace, stats
-        self.handoff, self.owe, self.on_worker = handoff, owe, handoff is not None
+        self.handoff, self.on_worker = handoff, handoff is not None
+        self._staging = {}      # the call's tensors' shapes -> (page-locked buffer per tensor, for the output)
         self._before = self._cache = None
         self._form = None       # how the block returns its output, once seen (``_output_form``)
         self._shape = (None, None)      # the input hidden state's shape and dtype in a call on the caller
@@ -260,27 +232,51 @@ class CpuBlock:
         """Queue the inputs' copies to host memory, hand the block to the worker, and return its output as the
         device will have it once the worker is done (the GPU waits for it, not this thread)."""
         from .graphs import given_cache
-        from .hooks import to_device
-        torch, cpu = self.torch, self.torch.device("cpu")
+        torch = self.torch
         if self._on_upload:         # a large step an interrupt cut short before ``after``
             self._bind_host()
-        move_layer_cache(torch, given_cache(kwargs), self.layer, cpu)     # after a prefill: once
-        host_args, host_kwargs = to_device(args, cpu), to_device(kwargs, cpu)     # queued, not waited for
+        cache = given_cache(kwargs)
+        self.before_replay(cache)       # after a prefill: once (a capture can't, and fails)
+        (host_args, host_kwargs), out = self._staged(args, kwargs, hidden)
         ready = self.handoff.inputs_ready()
-        out = self.handoff.host_buffer(hidden.shape, hidden.dtype)
         inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+        form = self._form
 
         def work():
             ready.synchronize()
             t0 = time.perf_counter()
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):     # as the caller's step
                 result = own(*host_args, **host_kwargs)
-                out.copy_(result if self._form == "tensor" else result[0])
+                out.copy_(result if form == "tensor" else result[0])
             return t0, time.perf_counter()
-        future, value = self.handoff.submit(work)
-        self.owe(future, self._count)
-        on_device = self.handoff.output(value, out, future)
-        return on_device if self._form == "tensor" else (on_device,)
+        waited = self.handoff.submit(work, self._count, prepare=lambda: self.before_replay(cache))
+        on_device = self.handoff.output(waited, out)
+        return on_device if form == "tensor" else (on_device,)
+
+    def _staged(self, args, kwargs, hidden):
+        """The call's arguments with their device tensors copied (queued, on the GPU's stream) into page-locked
+        buffers kept for calls of these shapes, and the buffer for its output."""
+        from .graphs import _leaves, _rebuild
+        torch = self.torch
+        on_device = [(path, t) for path, t in _leaves((args, kwargs))
+                     if isinstance(t, torch.Tensor) and t.device.type != "cpu"]
+        key = tuple((path, tuple(t.shape), t.stride(), t.dtype) for path, t in on_device)
+        staged = self._staging.pop(key, None)
+        if staged is None:
+            while len(self._staging) >= self.STAGED_KEPT:
+                self._staging.pop(next(iter(self._staging)))
+            staged = ({path: self.handoff.host_buffer(t) for path, t in on_device},
+                      self.handoff.host_buffer(torch.empty(hidden.shape, dtype=hidden.dtype, device="meta")))
+        self._staging[key] = staged         # the most recent last
+        buffers, out = staged
+        for path, t in on_device:
+            buffers[path].copy_(t, non_blocking=True)
+        return _rebuild((args, kwargs), lambda path, v: buffers.get(path, v)), out
+
+    def before_replay(self, cache):
+        """This block's KV-cache layer in host memory, where a prefill computed on the GPU left it (a replay
+        of a captured step finds it there; a capture can't move it, and fails)."""
+        move_layer_cache(self.torch, cache, self.layer, self.torch.device("cpu"))
 
     def _count(self, t0, t1):
         self.stats.cpu_block_seconds += t1 - t0

@@ -204,13 +204,17 @@ def test_a_cpu_block_computes_small_steps_on_the_cpu_and_large_ones_from_an_uplo
 
 
 class ThreadHandoff:
-    """hybrid.GpuHandoff's part without a GPU: the worker a thread, and the device's copy of the output taken
-    once its future is done (where the GPU's stream would wait on the counter)."""
+    """handoff.GpuHandoff's part without a GPU: the worker a thread, and the device's copy of the output taken
+    once the call is done (where the GPU's stream would wait on the counter)."""
 
     def __init__(self):
         from concurrent.futures import ThreadPoolExecutor
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="handoff-test")
-        self.submitted = 0
+        self.owed, self.buffers = [], []
+
+    def host_buffer(self, like):
+        self.buffers.append(torch.empty_like(like, device="cpu"))
+        return self.buffers[-1]
 
     def inputs_ready(self):
         class Ready:
@@ -218,15 +222,12 @@ class ThreadHandoff:
                 pass
         return Ready()
 
-    def host_buffer(self, shape, dtype):
-        return torch.empty(shape, dtype=dtype)
+    def submit(self, work, count, prepare=None):
+        self.owed.append((self.pool.submit(work), count))
+        return self.owed[-1][0]
 
-    def submit(self, work):
-        self.submitted += 1
-        return self.pool.submit(work), self.submitted
-
-    def output(self, value, out, future):
-        future.result()
+    def output(self, waited, out):
+        waited.result()
         return out.clone()
 
 
@@ -241,7 +242,7 @@ def test_a_cpu_block_hands_decode_steps_to_a_worker_once_it_knows_their_output(m
         unit, params = llm._insp.units[idx], llm._params[idx]
         host = llm._storage.stores[idx].flat
         block = llm.model.get_submodule("model.layers.1")
-        threads, owed, stats = [], [], Stats()
+        threads, stats = [], Stats()
 
         def own(*args, **kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
@@ -250,8 +251,7 @@ def test_a_cpu_block_hands_decode_steps_to_a_worker_once_it_knows_their_output(m
         handoff = ThreadHandoff()
         cpu = hybrid.CpuBlock(torch, unit, params, host, layer=1, device=torch.device("cpu"),
                               upload=torch.empty(unit.nbytes, dtype=torch.uint8), max_tokens=1, threads=1,
-                              mover=None, trace=Trace(enabled=False), stats=stats, handoff=handoff,
-                              owe=lambda future, count: owed.append((future, count)))
+                              mover=None, trace=Trace(enabled=False), stats=stats, handoff=handoff)
         block.forward = cpu.forward(own)
         try:
             tokens = llm.generate(torch.tensor([list(range(1, 9))]), max_new_tokens=4, min_new_tokens=4,
@@ -262,10 +262,13 @@ def test_a_cpu_block_hands_decode_steps_to_a_worker_once_it_knows_their_output(m
         assert torch.equal(tokens, plain_tokens(folder, 4))
         main = threading.current_thread().name
         assert [(name == main, n) for name, n, _ in threads] == [(True, 8), (True, 1), (False, 1), (False, 1)]
-        assert handoff.submitted == 2 and stats.cpu_block_calls == 1      # the caller's call, counted at once
-        for future, count in owed:
+        assert len(handoff.owed) == 2 and stats.cpu_block_calls == 1      # the caller's call, counted at once
+        for future, count in handoff.owed:
             count(*future.result())
         assert stats.cpu_block_calls == 3 and stats.cpu_block_bytes == 3 * unit.nbytes
+        # buffers kept for calls of the same shapes: the output's made once for both worker calls (the inputs
+        # are on the CPU device already here, so they need none)
+        assert len(handoff.buffers) == 1 and len(cpu._staging) == 1
 
 
 def test_a_block_whose_output_is_not_its_hidden_state_stays_on_the_caller():

@@ -12,7 +12,7 @@ import torch
 from helpers import PROMPT, blocks
 
 import nb_offload
-from nb_offload import loader
+from nb_offload import hybrid, loader
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -30,9 +30,10 @@ def _moved(x, device):
     return x
 
 
-def reference(folder, ids, on_cpu, max_tokens, n=N):
+def reference(folder, ids, on_cpu, max_tokens, n=N, static=False):
     """Greedy tokens of transformers with the blocks named ``on_cpu`` computed on the CPU for steps of at most
-    ``max_tokens`` tokens, as above."""
+    ``max_tokens`` tokens, as above; ``static``: with the static cache a captured step has (graphs.py), of
+    the length nb_offload gives the generate."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(folder, device_map="cuda").eval()
     for name in on_cpu:
@@ -60,12 +61,23 @@ def reference(folder, ids, on_cpu, max_tokens, n=N):
             put("cpu")
             return _moved(twin.forward(*_moved(args, "cpu"), **_moved(kwargs, "cpu")), "cuda")
         block.forward = forward
+    kw = {}
+    if static:
+        from transformers import StaticCache
+
+        from nb_offload.graphs import bucket, cache_name
+        kw[cache_name(model)] = StaticCache(config=model.config, max_cache_len=bucket(ids.shape[1] + n))
     with torch.inference_mode():
-        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False).cpu()
+        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw).cpu()
 
 
+@pytest.mark.parametrize("handoff", hybrid.HANDOFFS)
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
-def test_blocks_computed_on_the_cpu_match_transformers_computing_them_there(arch, model_dirs, monkeypatch):
+def test_blocks_computed_on_the_cpu_match_transformers_computing_them_there(arch, handoff, model_dirs, monkeypatch):
+    """On the caller's thread, on the worker in eager steps, and on the worker in captured steps (whose
+    reference has the same static cache)."""
+    monkeypatch.setattr(hybrid, "HANDOFF", handoff)
+    static = handoff == "graph"
     folder = model_dirs(arch)
     names = [e.name for e in blocks(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))]
     ids = torch.tensor(PROMPT, device="cuda")
@@ -79,62 +91,53 @@ def test_blocks_computed_on_the_cpu_match_transformers_computing_them_there(arch
             on_cpu = [e.name for e in llm.plan if e.compute == "cpu"]
             assert on_cpu and sorted(eng.units[i].name for i in eng.cpu_blocks) == sorted(on_cpu)
             assert not set(eng.cpu_blocks) & set(eng.sources)       # bound to host memory, never streamed
-            assert "computed on the CPU" in eng.graphs.why_not
-            assert eng.block_handoff is not None, eng.block_handoff_why_not     # decode steps on the worker
+            if handoff == "caller":
+                assert "computed on the CPU" in eng.graphs.why_not and eng.block_handoff is None
+            else:
+                assert eng.block_handoff is not None, eng.block_handoff_why_not
+            if static:
+                assert eng.graphs.enabled, eng.graphs.why_not
             most = eng.cpu_max_tokens
             assert most == llm.plan.cpu_max_tokens >= 1
             print(f"{arch}: {len(on_cpu)} blocks on the CPU, steps of up to {most} tokens there")
             got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
-            assert torch.equal(got, reference(folder, ids, on_cpu, most)), (pins, compute)
-            assert torch.equal(llm.generate(four, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu(),
-                               reference(folder, four, on_cpu, most))
+            assert torch.equal(got, reference(folder, ids, on_cpu, most, static=static)), (pins, compute)
             s = llm.stats
             assert s.cpu_block_calls >= len(on_cpu) * (N - 1) and s.cpu_block_seconds > 0
+            if static:
+                assert s.graph_replays >= N - 3 and not s.graph_eager, s.graph_eager
+            assert torch.equal(llm.generate(four, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu(),
+                               reference(folder, four, on_cpu, most, static=static))
             assert "cpu_block_upload" in llm.plan.reserved
             assert any(e.kind == "cpu" for e in llm.trace)
             # a re-pin moves a block back to the GPU: still exact against its own reference
             llm.pin(on_cpu[0], "gpu")
             left = [e.name for e in llm.plan if e.compute == "cpu"]
             got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
-            assert torch.equal(got, reference(folder, ids, left, llm._engine.cpu_max_tokens))
+            assert torch.equal(got, reference(folder, ids, left, llm._engine.cpu_max_tokens, static=static))
         finally:
             llm.unload()
 
 
-def test_blocks_computed_on_the_callers_thread_match_too(model_dirs, monkeypatch):
-    """hybrid.ON_WORKER False: the caller computes the CPU blocks between the GPU's launches, as before the
-    worker; the same tokens."""
-    from nb_offload import hybrid
-    folder = model_dirs("llama")
-    names = [e.name for e in blocks(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))]
-    monkeypatch.setattr(hybrid, "ON_WORKER", False)
-    ids = torch.tensor(PROMPT, device="cuda")
-    llm = nb_offload.load(folder, pins={names[1]: "cpu-compute", names[2]: "cpu-compute"}, hold_spare=False,
-                          progress=False)
-    try:
-        assert llm._engine.block_handoff is None and llm._engine.cpu_blocks
-        got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
-        assert torch.equal(got, reference(folder, ids, names[1:3], llm._engine.cpu_max_tokens))
-        assert llm.stats.cpu_block_calls >= 2 * (N - 1)
-    finally:
-        llm.unload()
-
-
-def test_a_failing_cpu_block_on_the_worker_fails_its_step_and_the_next_generate_is_exact(model_dirs):
-    """The worker raises the counter also where the block raised, so the GPU never waits for good; the error
-    reaches the caller at the step's end, and the model stays usable."""
+@pytest.mark.parametrize("handoff", ["worker", "graph"])
+def test_a_failing_cpu_block_on_the_worker_fails_its_step_and_the_next_generate_is_exact(handoff, model_dirs,
+                                                                                          monkeypatch):
+    """The worker raises the counter (or sets the flag) also where the block raised, so the GPU never waits
+    for good; the error reaches the caller at the step's end, and the model stays usable."""
+    monkeypatch.setattr(hybrid, "HANDOFF", handoff)
     folder = model_dirs("llama")
     names = [e.name for e in blocks(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))]
     ids = torch.tensor(PROMPT, device="cuda")
     llm = nb_offload.load(folder, pins={names[1]: "cpu-compute"}, hold_spare=False, progress=False)
     try:
-        want = reference(folder, ids, names[1:2], llm._engine.cpu_max_tokens)
+        want = reference(folder, ids, names[1:2], llm._engine.cpu_max_tokens, static=handoff == "graph")
         attn = llm.model.get_submodule(names[1]).self_attn
         own, calls = attn.forward, []
 
         def failing(*args, **kwargs):
             calls.append(kwargs.get("hidden_states", args[0] if args else None).device.type)
-            if len(calls) == 3:         # a decode step on the worker (the first one ran on the caller)
+            if len(calls) == 3:         # a decode step on the worker (the first one ran on the caller; a
+                # capture runs none: the third call is the captured step's replay)
                 raise RuntimeError("a CPU block that fails")
             return own(*args, **kwargs)
         attn.forward = failing

@@ -1,0 +1,173 @@
+"""How a block computed on the CPU passes between the GPU's stream and the worker thread that computes it
+(hybrid.py), so that neither the caller nor the GPU's other work waits on the host.
+
+A CPU block's call in a CUDA decode step: its inputs are copied into page-locked buffers on the GPU's stream,
+the worker computes the block from them once they are there and writes its output to a page-locked buffer,
+and the GPU's stream waits until the worker says it is written before copying it back. The caller goes on
+launching the blocks after it and queueing the link's copies meanwhile.
+
+- Eager steps: the worker waits for an event recorded after the inputs' copies; the GPU's stream waits on
+  a counter the worker raises (cpu_experts.HostSignal, the driver's ``cuStreamWaitValue32``).
+- A captured step (graphs.py; ``recording``): no host runs during a replay, so the graph itself sets a flag
+  in page-locked memory once the inputs are copied (``cuStreamWriteValue32``), which the worker polls and
+  clears, and waits for the worker's flag before the copy back, clearing it too: every replay then does the
+  same. The calls made while the step is captured become the graph's ``program``, which ``run`` hands to
+  the worker at each replay, in the same order.
+
+A block's failure on the worker still sets its flag or raises the counter, so the GPU never waits for good;
+the error reaches the caller at the step's end (engine._collect).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import time
+
+from .errors import in_one_line
+
+# How long the worker polls for a captured step's inputs before it gives up on the call (the replay that
+# should set the flag failed to launch, or the step was abandoned).
+PATIENCE_SECONDS = 30.0
+POLL_SECONDS = 1e-5         # between two looks at a flag: Linux sleeps about 60 us for it
+
+
+class Flag:
+    """One flag in page-locked memory, set by the GPU; ``synchronize`` waits until it is set, then clears
+    it, as an event's would wait for the copies queued before it."""
+
+    def __init__(self, flags, index: int, patience: float = PATIENCE_SECONDS):
+        self.flags, self.index, self.patience = flags, index, patience
+
+    def synchronize(self):
+        end = time.perf_counter() + self.patience
+        while self.flags[self.index] == 0:
+            if time.perf_counter() > end:
+                raise RuntimeError(f"the GPU did not reach a captured CPU block in {self.patience:.0f} s")
+            time.sleep(POLL_SECONDS)
+        self.flags[self.index] = 0
+
+
+class GpuHandoff:
+    """The passes of CPU blocks' calls between ``device``'s stream and ``worker`` (cpu_experts.HostWorker),
+    with ``signal`` (cpu_experts.HostSignal) for eager steps and ``calls`` pairs of flags for a captured
+    one (as many calls as a step makes). ``owe(future, count)``: an eager call's future, which the engine
+    collects at the step's end and passes to ``count`` (its start and end)."""
+
+    def __init__(self, torch, device, worker, signal, owe, calls: int, capture: bool = False):
+        self.torch, self.device, self.worker, self.signal, self.owe = torch, device, worker, signal, owe
+        with torch.inference_mode(False):      # a load under inference mode: the worker writes them outside
+            self.flag_tensor = torch.zeros(2 * max(1, calls), dtype=torch.int32, pin_memory=True)
+        self.flags = self.flag_tensor.numpy()
+        self.program = None         # while a step is captured: [(work, count, prepare)] of its calls, in order
+        self._write_value, self.why_not_captured = None, "" if capture else "asked for eager steps only"
+        if capture:
+            try:
+                self._write_value = _driver_write_value()
+                self._check()
+            except Exception as exc:     # noqa: BLE001 - eager steps still hand over; captures don't
+                self._write_value = None
+                self.why_not_captured = in_one_line(exc)
+
+    @property
+    def captures(self) -> bool:
+        """Whether decode steps with CPU blocks are captured (asked for, and the GPU can write the flags)."""
+        return self._write_value is not None
+
+    def host_buffer(self, like):
+        """A page-locked buffer for ``like``'s values (its strides kept, so the CPU computes on the same
+        layout): the copies to and from it queue without a wait, and a graph can capture them."""
+        return self.torch.empty_like(like, device="cpu", pin_memory=True)
+
+    @contextlib.contextmanager
+    def recording(self):
+        """While a step is captured: each call's passes go into the graph, and the call into ``program``."""
+        self.program = []
+        try:
+            yield self.program
+        finally:
+            self.program = None
+
+    def inputs_ready(self):
+        """What the worker waits for before it reads the call's inputs, whose copies are queued before this."""
+        stream = self.torch.cuda.current_stream(self.device)
+        if self.program is None:
+            ready = self.torch.cuda.Event()
+            ready.record(stream)
+            return ready
+        k = len(self.program)
+        if 2 * k + 1 >= len(self.flags):
+            raise RuntimeError(f"a captured step with more than {len(self.flags) // 2} CPU blocks' calls")
+        self._write(stream, 2 * k, 1)
+        return Flag(self.flags, 2 * k)
+
+    def submit(self, work, count, prepare=None):
+        """Hand ``work()`` (which returns its start and end) to the worker, now or at each replay; what
+        ``output`` needs to wait for it. ``prepare()``: what the caller does before each replay of it (the
+        block's KV cache moved to host memory after a prefill computed it on the GPU)."""
+        if self.program is None:
+            value = self.signal.next()
+            self.owe(self.worker.call(work, value), count)
+            return value
+        k = len(self.program)
+        self.program.append((self._setting_flag(work, 2 * k + 1), count, prepare))
+        return k
+
+    def _setting_flag(self, work, index):
+        def run():
+            try:
+                return work()
+            finally:
+                self.flags[index] = 1
+        return run
+
+    def output(self, waited, out):
+        """``out`` (page-locked, written by the worker) copied to the device once the worker says so."""
+        stream = self.torch.cuda.current_stream(self.device)
+        if self.program is None:
+            self.signal.wait(stream, waited)
+        else:
+            index = 2 * waited + 1
+            self.signal.wait(stream, 1, address=self.flag_tensor.data_ptr() + 4 * index)
+            self._write(stream, index, 0)
+        return out.to(self.device, non_blocking=True)
+
+    def before_replay(self, program):
+        """Before a replay of a step whose calls are ``program``: each call's ``prepare``, and flags that a
+        replay whose step failed part way left set cleared, once the GPU is done with it."""
+        if self.flags.any():
+            self.torch.cuda.synchronize(self.device)
+            self.flags[:] = 0
+        for _, _, prepare in program:
+            if prepare is not None:
+                prepare()
+
+    def run(self, program) -> list:
+        """A replay's calls handed to the worker, in order: [(future, count)] for the engine to collect."""
+        return [(self.worker.call(work), count) for work, count, _ in program]
+
+    def close(self):
+        self.worker.close()
+
+    def _write(self, stream, index: int, value: int):
+        rc = self._write_value(ctypes.c_void_p(stream.cuda_stream),
+                               ctypes.c_uint64(self.flag_tensor.data_ptr() + 4 * index), ctypes.c_uint32(value),
+                               ctypes.c_uint(0))
+        if rc:
+            raise RuntimeError(f"cuStreamWriteValue32 failed with CUDA error {rc}")
+
+    def _check(self):
+        """A value the GPU writes reaches the host."""
+        torch = self.torch
+        stream = torch.cuda.current_stream(self.device)
+        self._write(stream, 0, 7)
+        torch.cuda.synchronize(self.device)
+        seen, self.flags[0] = int(self.flags[0]), 0
+        if seen != 7:
+            raise RuntimeError(f"the GPU's write of a flag did not reach the host (read {seen})")
+
+
+def _driver_write_value():
+    """The CUDA driver's ``cuStreamWriteValue32``."""
+    from .driver import function
+    return function("cuStreamWriteValue32", ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint)

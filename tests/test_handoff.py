@@ -1,0 +1,127 @@
+"""How CPU blocks pass between the GPU's stream and the worker (handoff.py), what can be checked without a GPU:
+the flags a captured step's worker polls, and the program a capture records and each replay hands over. The
+passes themselves: tests/gpu/test_hybrid_gpu.py."""
+
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from nb_offload import cpu_experts, handoff  # noqa: E402
+
+
+def test_a_flag_waits_until_the_gpu_sets_it_then_clears_it():
+    flags = np.zeros(4, dtype=np.int32)
+    flag = handoff.Flag(flags, 2, patience=5)
+    threading.Timer(0.05, lambda: flags.__setitem__(2, 1)).start()
+    flag.synchronize()
+    assert flags[2] == 0                # cleared: the next replay's set is a new one
+    with pytest.raises(RuntimeError, match="did not reach a captured CPU block in 0 s"):
+        handoff.Flag(flags, 0, patience=0.01).synchronize()
+
+
+class Signal:
+    def __init__(self):
+        self.waits, self.value = [], 0
+
+    def next(self):
+        self.value += 1
+        return self.value
+
+    def wait(self, stream, value, address=None):
+        self.waits.append((value, address))
+
+
+def stand_in(calls=2):
+    """A GpuHandoff whose GPU side is recorded instead of queued: flag writes and waits, copies as clones."""
+    h = object.__new__(handoff.GpuHandoff)
+    h.synchronized = 0
+
+    def synchronize(device):
+        h.synchronized += 1
+    h.torch = SimpleNamespace(cuda=SimpleNamespace(current_stream=lambda device: "stream", synchronize=synchronize))
+    h.device, h.signal, h.program = "cpu", Signal(), None
+    h.worker = cpu_experts.HostWorker(torch, 1, SimpleNamespace(raise_to=lambda value: None), name="handoff-test")
+    h.owed = []
+    h.owe = lambda future, count: h.owed.append((future, count))
+    h.flag_tensor = torch.zeros(2 * calls, dtype=torch.int32)
+    h.flags = h.flag_tensor.numpy()
+    h.writes = []
+
+    def write(stream, index, value):
+        h.writes.append((index, value))
+        h.flags[index] = value          # as the GPU would, when the stream gets there
+    h._write = write
+    return h
+
+
+def test_a_capture_records_each_call_with_its_flags_and_a_replay_hands_them_over_in_order():
+    h = stand_in(calls=2)
+    order = []
+    try:
+        with h.recording() as program:
+            for k in range(2):
+                ready = h.inputs_ready()        # the graph sets the call's "in" flag after its inputs' copies
+                out = torch.full((2,), float(k))
+
+                def work(ready=ready, k=k):
+                    ready.synchronize()
+                    order.append(k)
+                    return 0.0, 1.0
+                waited = h.submit(work, lambda t0, t1, k=k: order.append(("counted", k)),
+                                  prepare=lambda k=k: order.append(("prepared", k)))
+                assert waited == k
+                assert torch.equal(h.output(waited, out), out)      # the copy back, after the "out" flag
+            with pytest.raises(RuntimeError, match="more than 2 CPU blocks' calls"):
+                h.inputs_ready()
+        assert h.program is None and len(program) == 2 and h.owed == []      # nothing ran while capturing
+        base = h.flag_tensor.data_ptr()
+        # each call: "in" set after the inputs' copies; the stream waits for "out", then clears it for the next
+        assert h.writes == [(0, 1), (1, 0), (2, 1), (3, 0)]
+        assert h.signal.waits == [(1, base + 4), (1, base + 12)]
+        # flags a failed step left set: cleared before the replay, once the GPU is done (synchronize)
+        h.before_replay(program)
+        assert order == [("prepared", 0), ("prepared", 1)] and list(h.flags) == [0, 0, 0, 0]
+        assert h.synchronized == 1
+        del order[:]
+        h.flags[0] = h.flags[2] = 1         # as the replay's graph sets them
+        done = h.run(program)           # a replay: the worker takes each call once its "in" flag is set
+        spans = [future.result(timeout=5) for future, _ in done]
+        for (_, count), span in zip(done, spans):
+            count(*span)
+        assert order == [0, 1, ("counted", 0), ("counted", 1)]
+        assert list(h.flags) == [0, 1, 0, 1]        # "in" cleared by the worker, "out" set for the GPU's wait
+    finally:
+        h.worker.close()
+
+
+def test_an_eager_call_goes_to_the_worker_at_once_and_the_stream_waits_on_the_counter():
+    h = stand_in()
+    try:
+        ran = threading.Event()
+        value = h.submit(lambda: (ran.set(), (0.0, 1.0))[1], lambda t0, t1: None)
+        assert value == 1 and len(h.owed) == 1
+        assert h.owed[0][0].result(timeout=5) == (0.0, 1.0) and ran.is_set()
+    finally:
+        h.worker.close()
+
+
+def test_a_failing_call_of_a_replay_still_sets_its_flag():
+    h = stand_in(calls=1)
+    try:
+        with h.recording() as program:
+            ready = h.inputs_ready()        # sets "in" here: the stand-in's GPU writes at once
+
+            def work():
+                ready.synchronize()
+                raise ValueError("a block that fails")
+            h.submit(work, lambda t0, t1: None)
+        [(future, _)] = h.run(program)
+        with pytest.raises(ValueError):
+            future.result(timeout=5)
+        assert h.flags[1] == 1          # the GPU's wait for the output ends all the same
+    finally:
+        h.worker.close()
