@@ -346,10 +346,15 @@ class HostWorker:
     threads set to ``threads`` computes a call's experts into page-locked rows and raises the counter
     (also when it fails, so the GPU never waits for good); the caller collects the outcome later."""
 
-    def __init__(self, torch, threads: int, signal: HostSignal, name: str = "nb_offload-cpu-experts"):
+    def __init__(self, torch, threads: int, signal: HostSignal, name: str = "nb_offload-cpu-experts", device=None):
         self.torch, self.signal, self._last = torch, signal, None
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=torch.set_num_threads,
-                                       initargs=(threads,))
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=self._start,
+                                       initargs=(threads, device))
+
+    def _start(self, threads, device):
+        self.torch.set_num_threads(threads)
+        if device is not None and getattr(device, "type", None) == "cuda":     # its events are that device's
+            self.torch.cuda.set_device(device)
 
     def submit(self, rows, hidden, weights, work: dict, out, value: int):
         """Compute each expert of ``work`` into consecutive rows of ``out`` (page-locked), then raise the

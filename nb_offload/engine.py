@@ -32,6 +32,9 @@ from .reader import DiskReader
 from .schedule import Schedule, Work
 from .tiers import Source, param_views
 
+# Model outputs transformers records from inside the blocks when asked (config flags of these names).
+RECORDED_OUTPUTS = ("output_attentions", "output_router_logits")
+
 
 class Engine:
     def __init__(self, model, units, params, sources: dict, device, trace, stats, *,
@@ -311,6 +314,8 @@ class Engine:
             top_k = getattr(text_config(self.model.config), "num_experts_per_tok", None) or 1
             hooked = {found.module for found in self.routed.values()}
             for u in self.units:
+                if u.index in self.cpu_blocks:      # computed on the blocks' worker, which must not wait here
+                    continue
                 found = experts.find(self.model, u, top_k)
                 if found is not None and found.module not in hooked:
                     hooked.add(found.module)
@@ -337,16 +342,21 @@ class Engine:
         """The worker that computes decode steps' CPU blocks and how the GPU's stream passes them to it
         (handoff.py), on CUDA where ``hybrid.HANDOFF`` asks for one; None where the caller computes them
         (``block_handoff_why_not`` says why, where a worker was asked for)."""
+        if hybrid.HANDOFF not in hybrid.HANDOFFS:
+            raise ValueError(f"hybrid.HANDOFF is {hybrid.HANDOFF!r}; accepted: {', '.join(hybrid.HANDOFFS)}")
         if not (self.cpu_blocks and self.cuda) or hybrid.HANDOFF == "caller":
             return None
         signal = cpu_experts.HostSignal(self.torch, self.device)
         if not signal.available:
             self.block_handoff_why_not = f"the GPU can't wait for the worker: {signal.why_not}"
             return None
-        worker = cpu_experts.HostWorker(self.torch, cpu_experts.host_threads(), signal, name="nb_offload-cpu-blocks")
+        worker = cpu_experts.HostWorker(self.torch, cpu_experts.host_threads(), signal, name="nb_offload-cpu-blocks",
+                                        device=self.device)
+        # a block of several modules stays on the caller (hooks, not one forward): no graph can hand it over
+        whole = all(len(self.units[i].modules) == 1 for i in self.cpu_blocks)
         return GpuHandoff(self.torch, self.device, worker, signal, calls=len(self.cpu_blocks),
                           owe=lambda future, count: self._outstanding.append((future, count)),
-                          capture=hybrid.HANDOFF == "graph")
+                          capture=hybrid.HANDOFF == "graph" and whole)
 
     def _stop_host_experts(self):
         """The experts modules' own forwards again, and no CPU side."""
@@ -371,9 +381,19 @@ class Engine:
         raising what failed in them, and count them."""
         for worker in self._workers():
             worker.settle()
-        while self._outstanding:
-            future, count = self._outstanding.pop(0)
-            count(*future.result())
+        failed = None
+        try:
+            while self._outstanding:        # all of them, so none is left for a later step to raise
+                future, count = self._outstanding.pop(0)
+                try:
+                    count(*future.result())
+                except Exception as exc:     # noqa: BLE001 - raised below, once every call is collected
+                    failed = failed or exc
+        except BaseException:       # an interrupt while waiting: the step is abandoned, and its calls with it
+            self._outstanding.clear()
+            raise
+        if failed is not None:
+            raise failed
 
     def _count_cpu(self, name, t0, t1, nbytes):
         """A split call's CPU work, from ``t0`` to ``t1`` on ``nbytes`` of experts, in the stats and the trace."""
@@ -439,8 +459,12 @@ class Engine:
             for block in self._cpu_hooks:
                 block.reset()
         self.in_step = True
-        # a step that records attentions keeps its CPU blocks on this thread: the recording hooks run here
-        on_worker = not (kwargs.get("output_attentions") or getattr(self.model.config, "output_attentions", False))
+        # a step that records a block's inner outputs (attentions, router logits) keeps its CPU blocks on this
+        # thread: transformers collects them through a context variable, which a worker thread doesn't see
+        config = self.model.config
+        on_worker = not any(value for key, value in [*kwargs.items(), *((k, getattr(config, k, None))
+                                                                        for k in RECORDED_OUTPUTS)]
+                            if key.startswith("output_") and key != "output_hidden_states")
         for block in self._cpu_hooks:
             block.on_worker = on_worker and block.handoff is not None
         self.graphs.primed = None               # the slots will no longer hold a replay's first units
@@ -517,12 +541,16 @@ class Engine:
         self.mover.before_graph()
         # the graph stamps its own events; captured without them, the step is timed from outside
         start = self.mover.mark() if self.trace.enabled and not captured.records else None
-        if captured.program:
+        if captured.program:        # handed over before the launch: each call polls for the flag the graph sets
             self.block_handoff.before_replay(captured.program)
+            self._outstanding += self.block_handoff.run(captured.program)
         try:
-            captured.graph.replay()
-            if captured.program:        # each call waits on the worker for the flag the graph sets
-                self._outstanding += self.block_handoff.run(captured.program)
+            try:
+                captured.graph.replay()
+            except BaseException:
+                if captured.program:    # the calls stop polling; the GPU's waits for them end
+                    self.block_handoff.abandon()
+                raise
             if self.trace.enabled and captured.records:
                 self.trace.replay(captured.records)
             if start is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import threading
 import time
 
 from .errors import in_one_line
@@ -34,14 +35,17 @@ POLL_SECONDS = 1e-5         # between two looks at a flag: Linux sleeps about 60
 
 class Flag:
     """One flag in page-locked memory, set by the GPU; ``synchronize`` waits until it is set, then clears
-    it, as an event's would wait for the copies queued before it."""
+    it, as an event's would wait for the copies queued before it. It gives up after ``patience`` seconds,
+    or once ``abandoned`` (a threading.Event) is set: the replay that would set it was not launched."""
 
-    def __init__(self, flags, index: int, patience: float = PATIENCE_SECONDS):
-        self.flags, self.index, self.patience = flags, index, patience
+    def __init__(self, flags, index: int, patience: float = PATIENCE_SECONDS, abandoned=None):
+        self.flags, self.index, self.patience, self.abandoned = flags, index, patience, abandoned
 
     def synchronize(self):
         end = time.perf_counter() + self.patience
         while self.flags[self.index] == 0:
+            if self.abandoned is not None and self.abandoned.is_set():
+                raise RuntimeError("the captured step was abandoned before the GPU reached this CPU block")
             if time.perf_counter() > end:
                 raise RuntimeError(f"the GPU did not reach a captured CPU block in {self.patience:.0f} s")
             time.sleep(POLL_SECONDS)
@@ -60,6 +64,7 @@ class GpuHandoff:
             self.flag_tensor = torch.zeros(2 * max(1, calls), dtype=torch.int32, pin_memory=True)
         self.flags = self.flag_tensor.numpy()
         self.program = None         # while a step is captured: [(work, count, prepare)] of its calls, in order
+        self.abandoned = threading.Event()      # a replay's calls stop polling (``abandon``)
         self._write_value, self.why_not_captured = None, "" if capture else "asked for eager steps only"
         if capture:
             try:
@@ -76,8 +81,10 @@ class GpuHandoff:
 
     def host_buffer(self, like):
         """A page-locked buffer for ``like``'s values (its strides kept, so the CPU computes on the same
-        layout): the copies to and from it queue without a wait, and a graph can capture them."""
-        return self.torch.empty_like(like, device="cpu", pin_memory=True)
+        layout): the copies to and from it queue without a wait, and a graph can capture them. Not an
+        inference tensor, so steps outside inference mode write it too."""
+        with self.torch.inference_mode(False):
+            return self.torch.empty_like(like, device="cpu", pin_memory=True)
 
     @contextlib.contextmanager
     def recording(self):
@@ -99,7 +106,7 @@ class GpuHandoff:
         if 2 * k + 1 >= len(self.flags):
             raise RuntimeError(f"a captured step with more than {len(self.flags) // 2} CPU blocks' calls")
         self._write(stream, 2 * k, 1)
-        return Flag(self.flags, 2 * k)
+        return Flag(self.flags, 2 * k, abandoned=self.abandoned)
 
     def submit(self, work, count, prepare=None):
         """Hand ``work()`` (which returns its start and end) to the worker, now or at each replay; what
@@ -133,14 +140,23 @@ class GpuHandoff:
         return out.to(self.device, non_blocking=True)
 
     def before_replay(self, program):
-        """Before a replay of a step whose calls are ``program``: each call's ``prepare``, and flags that a
-        replay whose step failed part way left set cleared, once the GPU is done with it."""
+        """Before a replay of a step whose calls are ``program``: the worker done with the calls before (an
+        abandoned replay's stop polling at once), flags that a step which failed part way left set cleared
+        once the GPU is done with it, then each call's ``prepare``."""
+        self.worker.settle()
+        self.abandoned.clear()
         if self.flags.any():
             self.torch.cuda.synchronize(self.device)
             self.flags[:] = 0
         for _, _, prepare in program:
             if prepare is not None:
                 prepare()
+
+    def abandon(self):
+        """A replay's launch failed or was interrupted after its calls were handed over: they stop polling, and
+        every wait of the GPU's for a call's output ends (the step has failed; its output is not used)."""
+        self.abandoned.set()
+        self.flags[1::2] = 1
 
     def run(self, program) -> list:
         """A replay's calls handed to the worker, in order: [(future, count)] for the engine to collect."""

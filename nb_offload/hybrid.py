@@ -256,22 +256,38 @@ class CpuBlock:
     def _staged(self, args, kwargs, hidden):
         """The call's arguments with their device tensors copied (queued, on the GPU's stream) into page-locked
         buffers kept for calls of these shapes, and the buffer for its output."""
-        from .graphs import _leaves, _rebuild
+        from .graphs import _rebuild
+        on_device = self._device_tensors(args, kwargs)
+        buffers, out = self._buffers(on_device, hidden)
+        for path, t in on_device:
+            buffers[path].copy_(t, non_blocking=True)
+        return _rebuild((args, kwargs), lambda path, v: buffers.get(path, v)), out
+
+    def _device_tensors(self, args, kwargs):
+        """[(path, tensor)] of the call's tensors not in host memory."""
+        from .graphs import _leaves
+        return [(path, t) for path, t in _leaves((args, kwargs))
+                if isinstance(t, self.torch.Tensor) and t.device.type != "cpu"]
+
+    def _buffers(self, on_device, hidden):
+        """The page-locked buffers for a call whose device tensors are ``on_device`` ([(path, tensor)]) and whose
+        hidden state is ``hidden``: kept per shapes, made where there are none yet. Not while a step is
+        captured: allocating or freeing page-locked memory then queries CUDA events, which a capture forbids
+        (the caller's call before the capture made them, or the warm-up step's)."""
         torch = self.torch
-        on_device = [(path, t) for path, t in _leaves((args, kwargs))
-                     if isinstance(t, torch.Tensor) and t.device.type != "cpu"]
-        key = tuple((path, tuple(t.shape), t.stride(), t.dtype) for path, t in on_device)
+        key = tuple((path, tuple(t.shape), t.stride(), t.dtype) for path, t in on_device) \
+            + ((tuple(hidden.shape), hidden.dtype),)
         staged = self._staging.pop(key, None)
         if staged is None:
+            if self.handoff.program is not None:
+                raise RuntimeError(f"{self.unit.name}: no page-locked buffers for this step's shapes before its "
+                                   "capture")
             while len(self._staging) >= self.STAGED_KEPT:
                 self._staging.pop(next(iter(self._staging)))
             staged = ({path: self.handoff.host_buffer(t) for path, t in on_device},
                       self.handoff.host_buffer(torch.empty(hidden.shape, dtype=hidden.dtype, device="meta")))
         self._staging[key] = staged         # the most recent last
-        buffers, out = staged
-        for path, t in on_device:
-            buffers[path].copy_(t, non_blocking=True)
-        return _rebuild((args, kwargs), lambda path, v: buffers.get(path, v)), out
+        return staged
 
     def before_replay(self, cache):
         """This block's KV-cache layer in host memory, where a prefill computed on the GPU left it (a replay
@@ -307,6 +323,9 @@ class CpuBlock:
         if self._on_upload:         # a large step an interrupt cut short before ``after``
             self._bind_host()
         move_layer_cache(self.torch, self._cache, self.layer, cpu)
+        if self.handoff is not None and self._form is None and getattr(hidden, "shape", None) is not None:
+            # the buffers the next step's call on the worker takes, made now: a capture of that step can't
+            self._buffers(self._device_tensors(args, kwargs), hidden)
         args, kwargs = to_device(args, cpu, False), to_device(kwargs, cpu, False)   # waits for the GPU's work
         now = self.torch.get_num_threads()
         if now != self.threads:         # else still ours from a step an interrupt cut short

@@ -17,6 +17,7 @@ Only the option parsing runs without torch (``spec_of``, used when options are c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -138,18 +139,44 @@ def _checked(name, fmt, double_quant, compute_dtype, skip, threshold, accepted):
 
 # -- everything below runs at load, with torch ------------------------------------------------
 def require_bitsandbytes():
-    """bitsandbytes, imported quietly, or an OptionError saying how to install it."""
+    """bitsandbytes, imported quietly and without a download, or an OptionError saying how to install it."""
     try:
         logger = logging.getLogger("bitsandbytes")
         level = logger.level
         logger.setLevel(logging.ERROR)      # its import warns about optional CPU kernels it can't find
         try:
-            import bitsandbytes
+            with _no_hub_kernels():
+                import bitsandbytes
         finally:
             logger.setLevel(level)
     except ImportError as exc:
         raise OptionError(f"quant= needs bitsandbytes, which is not installed ({exc}); {INSTALL}.") from exc
     return bitsandbytes
+
+
+@contextlib.contextmanager
+def _no_hub_kernels():
+    """Inside, the ``kernels`` package fetches nothing from the Hugging Face Hub. bitsandbytes' import asks it
+    for a CPU kernel on hosts with AVX-512 BF16, where it is installed (transformers 5.25 and later require
+    it): a download at run time, which nb_offload never makes. Refused, bitsandbytes keeps its own CPU code,
+    as it does without ``kernels``."""
+    try:
+        import kernels
+    except ImportError:
+        yield
+        return
+    fetch = getattr(kernels, "get_kernel", None)
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("nb_offload fetches no kernels from the Hub")
+    kernels.get_kernel = refused
+    try:
+        yield
+    finally:
+        if fetch is None:
+            del kernels.get_kernel
+        else:
+            kernels.get_kernel = fetch
 
 
 def bnb_config(spec: QuantSpec, load_dtype):

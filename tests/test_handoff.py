@@ -43,7 +43,7 @@ def stand_in(calls=2):
     def synchronize(device):
         h.synchronized += 1
     h.torch = SimpleNamespace(cuda=SimpleNamespace(current_stream=lambda device: "stream", synchronize=synchronize))
-    h.device, h.signal, h.program = "cpu", Signal(), None
+    h.device, h.signal, h.program, h.abandoned = "cpu", Signal(), None, threading.Event()
     h.worker = cpu_experts.HostWorker(torch, 1, SimpleNamespace(raise_to=lambda value: None), name="handoff-test")
     h.owed = []
     h.owe = lambda future, count: h.owed.append((future, count))
@@ -123,5 +123,29 @@ def test_a_failing_call_of_a_replay_still_sets_its_flag():
         with pytest.raises(ValueError):
             future.result(timeout=5)
         assert h.flags[1] == 1          # the GPU's wait for the output ends all the same
+    finally:
+        h.worker.close()
+
+
+def test_an_abandoned_replay_stops_its_calls_polling_and_ends_the_gpus_waits():
+    """A replay whose launch failed (or was interrupted) after its calls went to the worker: they stop polling
+    at once instead of after their patience, every "out" flag is set so no wait of the GPU's lasts, and the
+    next replay starts once the worker is done with them, its flags cleared."""
+    h = stand_in(calls=2)
+    try:
+        with h.recording() as program:
+            for _ in range(2):
+                ready = h.inputs_ready()
+                h.submit(lambda ready=ready: (ready.synchronize(), (0.0, 1.0))[1], lambda t0, t1: None)
+        h.flags[:] = 0                  # nothing of the graph ran
+        h.before_replay(program)
+        done = h.run(program)
+        h.abandon()
+        for future, _ in done:
+            with pytest.raises(RuntimeError, match="abandoned"):
+                future.result(timeout=5)
+        assert list(h.flags[1::2]) == [1, 1]
+        h.before_replay(program)        # waits for the worker, clears the flags (after a synchronize)
+        assert not h.abandoned.is_set() and not h.flags.any() and h.synchronized == 1
     finally:
         h.worker.close()

@@ -207,6 +207,8 @@ class ThreadHandoff:
     """handoff.GpuHandoff's part without a GPU: the worker a thread, and the device's copy of the output taken
     once the call is done (where the GPU's stream would wait on the counter)."""
 
+    program = None          # never capturing
+
     def __init__(self):
         from concurrent.futures import ThreadPoolExecutor
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="handoff-test")
@@ -388,3 +390,41 @@ def test_the_offload_cell_takes_the_compute_keys_and_cpu_compute_pins(shell, mod
         assert llm.pins() == {"model.layers.1": "cpu-compute"}
     finally:
         shell.run_cell("%offload_unload hyb", store_history=False)
+
+
+def test_the_step_collects_every_call_of_the_workers_and_raises_the_first_failure(model_dirs):
+    """A failed CPU call fails its step, and no other call of that step is left for a later one to raise."""
+    from concurrent.futures import Future
+    with nb_offload.load(model_dirs("llama"), device="cpu", progress=False) as llm:
+        eng, counted = llm._engine, []
+
+        def done(value=None, error=None):
+            future = Future()
+            future.set_exception(error) if error else future.set_result(value)
+            return future
+        eng._outstanding = [(done((0.0, 1.0)), lambda t0, t1: counted.append(1)),
+                            (done(error=ValueError("first")), lambda t0, t1: counted.append(2)),
+                            (done(error=KeyError("second")), lambda t0, t1: counted.append(3)),
+                            (done((1.0, 2.0)), lambda t0, t1: counted.append(4))]
+        with pytest.raises(ValueError, match="first"):
+            eng._collect()
+        assert counted == [1, 4] and eng._outstanding == []
+        eng._collect()          # nothing left over
+
+
+def test_a_step_that_records_inner_outputs_keeps_the_cpu_blocks_on_the_caller(model_dirs):
+    """transformers gathers attentions (and MoE router logits) through a context variable a worker thread
+    doesn't see: such steps compute their CPU blocks on the caller."""
+    from types import SimpleNamespace
+    with nb_offload.load(model_dirs("llama"), device="cpu", progress=False) as llm:
+        block = SimpleNamespace(on_worker=True, handoff=object(), reset=lambda: None)
+        llm._engine._cpu_hooks.append(block)
+        ids = torch.tensor([[1, 2, 3]])
+        llm.model(ids, output_attentions=True)
+        assert block.on_worker is False
+        llm.model(ids, output_hidden_states=True)       # the blocks' own outputs: returned, not recorded inside
+        assert block.on_worker is True
+        llm.model.config.output_router_logits = True
+        llm.model(ids)
+        assert block.on_worker is False
+        llm._engine._cpu_hooks.remove(block)

@@ -253,3 +253,30 @@ def test_unload_drops_the_quantized_weights_references(model_dirs):
         assert proj.weight.numel() == 0
         assert getattr(proj.weight, "quant_state", None) is None
         assert getattr(getattr(proj, "state", None), "CB", None) is None
+
+
+def test_importing_bitsandbytes_fetches_no_kernel_from_the_hub():
+    """bitsandbytes' import asks the ``kernels`` package (which transformers 5.25 requires) for a CPU kernel from
+    the Hub on hosts with AVX-512 BF16: refused while nb_offload imports it, and restored after."""
+    import subprocess
+    import sys
+
+    from nb_offload import quant
+    kernels = pytest.importorskip("kernels")
+    fetch = kernels.get_kernel
+    with quant._no_hub_kernels():
+        with pytest.raises(RuntimeError, match="fetches no kernels"):
+            kernels.get_kernel("kernels-community/quantization-bitsandbytes", version=1)
+    assert kernels.get_kernel is fetch
+    # a fresh process: the import says nothing (offline, the fetch would have warned) and fetches nothing
+    code = ("import kernels\n"
+            "asked = []\n"
+            "real = kernels.get_kernel\n"
+            "kernels.get_kernel = lambda *a, **k: asked.append(a) or real(*a, **k)\n"
+            "from nb_offload.quant import require_bitsandbytes\n"
+            "require_bitsandbytes()\n"
+            "assert asked == [], asked\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Hub" not in done.stderr and "kernels-community" not in done.stderr, done.stderr

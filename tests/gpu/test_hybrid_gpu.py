@@ -127,7 +127,8 @@ def test_a_failing_cpu_block_on_the_worker_fails_its_step_and_the_next_generate_
     monkeypatch.setattr(hybrid, "HANDOFF", handoff)
     folder = model_dirs("llama")
     names = [e.name for e in blocks(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))]
-    ids = torch.tensor(PROMPT, device="cuda")
+    # longer than any step the CPU computes (hybrid.TRIED_TOKENS): the prefill is on the GPU, whatever the rates
+    ids = torch.tensor([list(range(3, 3 + 2 * hybrid.TRIED_TOKENS[-1]))], device="cuda")
     llm = nb_offload.load(folder, pins={names[1]: "cpu-compute"}, hold_spare=False, progress=False)
     try:
         want = reference(folder, ids, names[1:2], llm._engine.cpu_max_tokens, static=handoff == "graph")
