@@ -3,10 +3,20 @@
 import os
 
 import pytest
+from helpers import REACHED, refuse_network
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+refuse_network()        # helpers.py: no test reaches beyond this machine
+
+
+@pytest.fixture(autouse=True)
+def no_network():
+    before = len(REACHED)
+    yield
+    assert REACHED[before:] == [], f"the test tried to reach the network: {REACHED[before:]}"
 
 
 @pytest.fixture(scope="session")

@@ -189,3 +189,35 @@ def batch_of_four():
     ids = torch.tensor(PROMPT * 4)
     ids[1:, 0] = torch.tensor([9, 11, 13])
     return ids
+
+
+# Connections beyond this machine that a test tried (conftest fails the test; a library may catch the refusal).
+REACHED = []
+
+
+def refuse_network():
+    """Refuse every socket connection to anything but this machine, for the whole test session, whatever a
+    library does with the offline settings."""
+    import socket
+    if getattr(socket.socket.connect, "refuses_network", False):
+        return
+
+    def local(sock, address) -> bool:
+        import ipaddress
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return True         # Unix sockets and the like
+        try:
+            return ipaddress.ip_address(address[0]).is_loopback
+        except ValueError:
+            return address[0] == "localhost"
+
+    def guarded(real):
+        def connect(self, address):
+            if not local(self, address):
+                REACHED.append(address)
+                raise ConnectionRefusedError(f"tests may not reach the network ({address!r})")
+            return real(self, address)
+        connect.refuses_network = True
+        return connect
+    socket.socket.connect = guarded(socket.socket.connect)
+    socket.socket.connect_ex = guarded(socket.socket.connect_ex)

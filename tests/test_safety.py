@@ -369,3 +369,18 @@ def test_folder_modes(model_dirs, tmp_path):
         assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
     for f in cache_files(disk):
         assert stat.S_IMODE(os.stat(f).st_mode) == 0o600
+
+
+def test_the_tests_cannot_reach_the_network():
+    """conftest refuses connections beyond this machine and fails the test that tries, even where a library
+    catches the refusal; connections to this machine go through."""
+    import socket
+
+    from helpers import REACHED
+    with socket.socket() as out, pytest.raises(ConnectionRefusedError, match="may not reach the network"):
+        out.connect(("192.0.2.1", 80))         # TEST-NET-1: never routed
+    assert REACHED.pop() == ("192.0.2.1", 80)     # taken back, so this test itself passes
+    with socket.socket() as server, socket.socket() as client:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        client.connect(server.getsockname())
