@@ -459,14 +459,13 @@ class Engine:
             for block in self._cpu_hooks:
                 block.reset()
         self.in_step = True
-        # a step that records a block's inner outputs (attentions, router logits) keeps its CPU blocks on this
-        # thread: transformers collects them through a context variable, which a worker thread doesn't see
-        config = self.model.config
-        on_worker = not any(value for key, value in [*kwargs.items(), *((k, getattr(config, k, None))
-                                                                        for k in RECORDED_OUTPUTS)]
-                            if key.startswith("output_") and key != "output_hidden_states")
-        for block in self._cpu_hooks:
-            block.on_worker = on_worker and block.handoff is not None
+        if self._cpu_hooks:
+            # a step that records a block's inner outputs (attentions, router logits) keeps its CPU blocks on
+            # this thread: transformers collects them through a context variable a worker thread doesn't see
+            recorded = [k for k, v in kwargs.items() if v and k.startswith("output_") and k != "output_hidden_states"]
+            recorded += [k for k in RECORDED_OUTPUTS if getattr(self.model.config, k, None)]
+            for block in self._cpu_hooks:
+                block.on_worker = not recorded and block.handoff is not None
         self.graphs.primed = None               # the slots will no longer hold a replay's first units
         if self.cuda:
             self.mover.begin_step()

@@ -191,9 +191,9 @@ class CpuBlock:
 
     With a ``handoff`` (handoff.GpuHandoff), ``forward`` computes a small step's block on its worker: once the
     block has been computed so on the caller (which shows the form of its output), and while ``on_worker``
-    holds (the engine clears it for steps that record the blocks' attentions). The call's tensors go through
-    page-locked buffers kept for calls of the same shapes (``_staged``), which a captured step's graph then
-    copies into at every replay."""
+    holds (the engine clears it for steps that record the blocks' inner outputs: attentions, router logits).
+    The call's tensors go through page-locked buffers kept for calls of the same shapes (``_staged``), which
+    a captured step's graph then copies into at every replay."""
 
     # staged buffers kept per block: one set for each input shape seen lately (batch sizes, cache lengths)
     STAGED_KEPT = 8
@@ -236,7 +236,7 @@ class CpuBlock:
         if self._on_upload:         # a large step an interrupt cut short before ``after``
             self._bind_host()
         cache = given_cache(kwargs)
-        self.before_replay(cache)       # after a prefill: once (a capture can't, and fails)
+        self.cache_to_host(cache)       # after a prefill: once (a capture can't, and fails)
         (host_args, host_kwargs), out = self._staged(args, kwargs, hidden)
         ready = self.handoff.inputs_ready()
         inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
@@ -249,7 +249,7 @@ class CpuBlock:
                 result = own(*host_args, **host_kwargs)
                 out.copy_(result if form == "tensor" else result[0])
             return t0, time.perf_counter()
-        waited = self.handoff.submit(work, self._count, prepare=lambda: self.before_replay(cache))
+        waited = self.handoff.submit(work, self._count, prepare=lambda: self.cache_to_host(cache))
         on_device = self.handoff.output(waited, out)
         return on_device if form == "tensor" else (on_device,)
 
@@ -289,7 +289,7 @@ class CpuBlock:
         self._staging[key] = staged         # the most recent last
         return staged
 
-    def before_replay(self, cache):
+    def cache_to_host(self, cache):
         """This block's KV-cache layer in host memory, where a prefill computed on the GPU left it (a replay
         of a captured step finds it there; a capture can't move it, and fails)."""
         move_layer_cache(self.torch, cache, self.layer, self.torch.device("cpu"))
