@@ -22,7 +22,7 @@ from concurrent.futures import wait as futures_wait
 
 from . import cpu_experts, device_routing, experts, hybrid
 from .budget import link_gbps
-from .errors import in_one_line
+from .errors import OptionError, in_one_line
 from .graphs import DecodeGraphs, given_ids
 from .handoff import GpuHandoff
 from .hooks import ModuleHooks, bind, bind_views, to_device
@@ -343,7 +343,7 @@ class Engine:
         (handoff.py), on CUDA where ``hybrid.HANDOFF`` asks for one; None where the caller computes them
         (``block_handoff_why_not`` says why, where a worker was asked for)."""
         if hybrid.HANDOFF not in hybrid.HANDOFFS:
-            raise ValueError(f"hybrid.HANDOFF is {hybrid.HANDOFF!r}; accepted: {', '.join(hybrid.HANDOFFS)}")
+            raise OptionError(f"hybrid.HANDOFF is {hybrid.HANDOFF!r}; accepted: {', '.join(hybrid.HANDOFFS)}")
         if not (self.cpu_blocks and self.cuda) or hybrid.HANDOFF == "caller":
             return None
         signal = cpu_experts.HostSignal(self.torch, self.device)

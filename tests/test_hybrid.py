@@ -428,3 +428,9 @@ def test_a_step_that_records_inner_outputs_keeps_the_cpu_blocks_on_the_caller(mo
         llm.model(ids)
         assert block.on_worker is False
         llm._engine._cpu_hooks.remove(block)
+
+
+def test_an_unknown_handoff_is_refused_naming_the_accepted_ones(model_dirs, monkeypatch):
+    monkeypatch.setattr(hybrid, "HANDOFF", "Graph")
+    with pytest.raises(nb_offload.OptionError, match=r"hybrid.HANDOFF is 'Graph'; accepted: caller, worker, graph"):
+        nb_offload.load(model_dirs("llama"), device="cpu", progress=False)
