@@ -348,13 +348,17 @@ class HostWorker:
 
     def __init__(self, torch, threads: int, signal: HostSignal, name: str = "nb_offload-cpu-experts", device=None):
         self.torch, self.signal, self._last = torch, signal, None
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=self._start,
-                                       initargs=(threads, device))
-
-    def _start(self, threads, device):
-        self.torch.set_num_threads(threads)
+        index = None
         if device is not None and getattr(device, "type", None) == "cuda":     # its events are that device's
-            self.torch.cuda.set_device(device)
+            # set_device takes an index: "cuda" alone means the caller's current device, so read it here
+            index = device.index if device.index is not None else torch.cuda.current_device()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=self._start,
+                                       initargs=(threads, index))
+
+    def _start(self, threads, index):
+        self.torch.set_num_threads(threads)
+        if index is not None:
+            self.torch.cuda.set_device(index)
 
     def submit(self, rows, hidden, weights, work: dict, out, value: int):
         """Compute each expert of ``work`` into consecutive rows of ``out`` (page-locked), then raise the
@@ -365,17 +369,33 @@ class HostWorker:
             return t0, time.perf_counter()
         return self.call(compute, value)
 
-    def call(self, work, value: int | None = None):
-        """Run ``work()`` on the worker, then raise the counter to ``value`` (where given), also where it raised;
-        a future of what it returned. Calls run in the order given, so the counter only goes up."""
+    def call(self, work, value: int | None = None, ended=None):
+        """Run ``work()`` on the worker, then raise the counter to ``value`` (where given) and call ``ended()``
+        (where given), also where it raised or never ran (the worker failed to start, or was shut down): the
+        GPU waits for them. A future of what it returned. Calls run in the order given, so the counter only
+        goes up."""
+        ran = []
+
+        def release():
+            if value is not None:
+                self.signal.raise_to(value)
+            if ended is not None:
+                ended()
+
         def run():
+            ran.append(True)
             try:
                 return work()
             finally:
-                if value is not None:
-                    self.signal.raise_to(value)
-        self._last = self.pool.submit(run)
-        return self._last
+                release()
+        try:
+            future = self.pool.submit(run)
+        except BaseException:
+            release()
+            raise
+        future.add_done_callback(lambda _: ran or release())    # a pool that broke fails its calls unrun
+        self._last = future
+        return future
 
     def settle(self):
         """Wait until the calls given so far have run (their outcomes stay with their futures)."""

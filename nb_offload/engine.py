@@ -462,7 +462,8 @@ class Engine:
         if self._cpu_hooks:
             # a step that records a block's inner outputs (attentions, router logits) keeps its CPU blocks on
             # this thread: transformers collects them through a context variable a worker thread doesn't see
-            recorded = [k for k, v in kwargs.items() if v and k.startswith("output_") and k != "output_hidden_states"]
+            recorded = [k for k, v in kwargs.items()        # flags only: the other arguments are tensors
+                        if k.startswith("output_") and k != "output_hidden_states" and v is True]
             recorded += [k for k in RECORDED_OUTPUTS if getattr(self.model.config, k, None)]
             for block in self._cpu_hooks:
                 block.on_worker = not recorded and block.handoff is not None

@@ -14,8 +14,8 @@ launching the blocks after it and queueing the link's copies meanwhile.
   same. The calls made while the step is captured become the graph's ``program``, which ``run`` hands to
   the worker at each replay, in the same order.
 
-A block's failure on the worker still sets its flag or raises the counter, so the GPU never waits for good;
-the error reaches the caller at the step's end (engine._collect).
+A block's failure on the worker, or a worker that never ran it, still sets its flag or raises the counter, so
+the GPU never waits for good; the error reaches the caller at the step's end (engine._collect).
 """
 
 from __future__ import annotations
@@ -116,17 +116,13 @@ class GpuHandoff:
             value = self.signal.next()
             self.owe(self.worker.call(work, value), count)
             return value
-        k = len(self.program)
-        self.program.append((self._setting_flag(work, 2 * k + 1), count, prepare))
-        return k
+        self.program.append((work, count, prepare))
+        return len(self.program) - 1
 
-    def _setting_flag(self, work, index):
-        def run():
-            try:
-                return work()
-            finally:
-                self.flags[index] = 1
-        return run
+    def _setting(self, index):
+        def set_flag():
+            self.flags[index] = 1
+        return set_flag
 
     def output(self, waited, out):
         """``out`` (page-locked, written by the worker) copied to the device once the worker says so."""
@@ -160,7 +156,8 @@ class GpuHandoff:
 
     def run(self, program) -> list:
         """A replay's calls handed to the worker, in order: [(future, count)] for the engine to collect."""
-        return [(self.worker.call(work), count) for work, count, _ in program]
+        return [(self.worker.call(work, ended=self._setting(2 * k + 1)), count)
+                for k, (work, count, _) in enumerate(program)]
 
     def close(self):
         self.worker.close()

@@ -182,6 +182,33 @@ def test_the_worker_writes_a_calls_rows_in_order_and_always_raises_the_counter(m
         worker.close()
 
 
+def test_a_worker_that_cannot_start_still_releases_the_gpu_for_every_call_and_fails_them():
+    """The GPU waits on the counter (or a captured step's flag) for each call: a worker whose start fails
+    (here: setting a CUDA device it can't) never runs them, and must still raise the counter and call
+    ``ended``, or the GPU waits for good. A device without an index is the caller's current one."""
+    from concurrent.futures import BrokenExecutor
+    from types import SimpleNamespace
+
+    raised, ended, devices = [], [], []
+
+    def refuse(index):
+        devices.append(index)
+        raise RuntimeError("no such device")
+    fake = SimpleNamespace(set_num_threads=lambda n: None,
+                           cuda=SimpleNamespace(current_device=lambda: 3, set_device=refuse))
+    worker = cpu_experts.HostWorker(fake, 1, SimpleNamespace(raise_to=raised.append), device=torch.device("cuda"))
+    try:
+        first = worker.call(lambda: pytest.fail("ran on a worker that did not start"), 5, ended=lambda: ended.append(5))
+        with pytest.raises(BrokenExecutor):
+            first.result(timeout=5)
+        assert devices == [3] and raised == [5] and ended == [5]
+        with pytest.raises(BrokenExecutor):         # refused at once now, released all the same
+            worker.call(lambda: None, 6, ended=lambda: ended.append(6))
+        assert raised == [5, 6] and ended == [5, 6]
+    finally:
+        worker.close()
+
+
 def test_a_worker_gets_the_gil_quickly_inside_quick_handover_and_the_interval_comes_back():
     import sys
     saved = sys.getswitchinterval()

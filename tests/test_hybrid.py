@@ -420,12 +420,13 @@ def test_a_step_that_records_inner_outputs_keeps_the_cpu_blocks_on_the_caller(mo
         block = SimpleNamespace(on_worker=True, handoff=object(), reset=lambda: None)
         llm._engine._cpu_hooks.append(block)
         ids = torch.tensor([[1, 2, 3]])
-        llm.model(ids, output_attentions=True)
+        mask = torch.ones_like(ids)     # tensors among the keywords, as generate passes them
+        llm.model(input_ids=ids, attention_mask=mask, output_attentions=True)
         assert block.on_worker is False
-        llm.model(ids, output_hidden_states=True)       # the blocks' own outputs: returned, not recorded inside
+        llm.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)   # returned, not recorded inside
         assert block.on_worker is True
         llm.model.config.output_router_logits = True
-        llm.model(ids)
+        llm.model(input_ids=ids, attention_mask=mask)
         assert block.on_worker is False
         llm._engine._cpu_hooks.remove(block)
 
