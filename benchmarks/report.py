@@ -768,11 +768,17 @@ def render_hybrid(data, command, title, llama=None) -> str:
         lines.append(f"- {r['budget']}: " + "; ".join(g for g in goals if g) + f"{ahead}; decode ran eager: "
                      f"{r['graph_eager'] or '-'}; plan: {'; '.join(x.strip() for x in r['plan'])}")
         for k, v in (r.get("variants") or r.get("prefetch_variants") or {}).items():
-            same = {True: "same tokens as the reference", False: "tokens DIFFER", None: "its own split"}
+            same = {True: "same tokens as the reference", False: "tokens DIFFER",
+                    None: "its own split, tokens not checked"}
             lines.append(f"  - variant {k}: {v['tok_s']:.2f} tok/s ({v['over_streamed']:.2f}x streamed), "
                          f"{v['blocks_on_cpu']} blocks on the CPU at {v['cpu_gbps']:.1f} GB/s, "
                          f"{v['moved_per_step'] / 1e9:.2f} GB streamed a step, staging "
                          f"{v['staging'] / 2**20:.0f} MiB; {same[v['equals_reference']]}"
+                         + (f"; predicted {v['predicted_tok_s']:.2f} tok/s "
+                            f"({100 * (v['predicted_tok_s'] / v['tok_s'] - 1):+.0f} %), at the CPU rate reached "
+                            f"{v['predicted_at_rate_reached_tok_s']:.2f} "
+                            f"({100 * (v['predicted_at_rate_reached_tok_s'] / v['tok_s'] - 1):+.0f} %)"
+                            if "predicted_tok_s" in v else "")
                          + (f"; decode captured ({v['graph_replays']} replays)" if v.get("graph_replays") else
                             f"; decode eager: {v['graph_eager']}" if v.get("graph_eager") else ""))
     lines.append("")

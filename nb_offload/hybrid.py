@@ -29,6 +29,7 @@ is not that: Accelerate then runs them on the GPU, streaming their weights in.
 
 from __future__ import annotations
 
+import math
 import time
 
 from .cpu_experts import taken
@@ -64,7 +65,7 @@ def spread(candidates: list, share: float) -> list:
 MEASURED_BYTES = 512 << 20
 
 
-def cpu_rate(torch, dtype, shapes, threads: int, tokens: int = 1, repeats: int = 5) -> float:
+def cpu_rate(torch, dtype, shapes, threads: int, tokens: int = 1, repeats: int = 5, beside=None) -> float:
     """Bytes a second the CPU reads a block's weights at, as a CPU block computes them: the products of
     ``tokens`` rows with weights of ``shapes`` ([rows, cols] each, a block's, in run order, up to
     MEASURED_BYTES) in ``dtype``, one after another, with torch's threads set to ``threads`` for the pass and
@@ -72,12 +73,41 @@ def cpu_rate(torch, dtype, shapes, threads: int, tokens: int = 1, repeats: int =
 
     A block's products read slower than its widest one alone (on the H200 host, 12 threads: 52 against
     82 GB/s; benchmarks/bench_cpu_block.py), and a single timing of a cold thread pool read far lower
-    still, so it is the block's shapes, warmed up, and a median."""
-    return rates_by_tokens(torch, dtype, shapes, threads, (tokens,), repeats)[tokens]
+    still, so it is the block's shapes, warmed up, and a median.
+
+    ``beside`` (a ``BusyLink``): the link copies during each pass, as it does while a hybrid step's CPU
+    block computes. Both read host memory: on the H200 host a block read 51 GB/s alone and 41 beside the
+    copies (bench_cpu_block.py), and the rate while decoding was the lower one."""
+    return rates_by_tokens(torch, dtype, shapes, threads, (tokens,), repeats, beside)[tokens]
 
 
-def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: int) -> dict:
-    """``cpu_rate`` at each of ``token_counts`` (tokens -> bytes a second), on one set of weights."""
+class BusyLink:
+    """Host-to-GPU copies from page-locked memory queued on a stream of their own, ``start`` before a timed
+    pass and ``stop`` (waiting for them) after it: enough to keep the link busy for ``seconds`` at the
+    55 GB/s of a PCIe 5 link (a slower link stays busy longer)."""
+
+    CHUNK = 64 << 20
+
+    def __init__(self, torch, device, seconds: float = 0.05):
+        self.torch = torch
+        with torch.inference_mode(False):
+            self.source = torch.empty(self.CHUNK, dtype=torch.uint8, pin_memory=True)
+            self.target = torch.empty(self.CHUNK, dtype=torch.uint8, device=device)
+        self.stream = torch.cuda.Stream(device)
+        self.copies = max(1, int(seconds * 55e9 / self.CHUNK))
+
+    def start(self):
+        with self.torch.cuda.stream(self.stream):
+            for _ in range(self.copies):
+                self.target.copy_(self.source, non_blocking=True)
+
+    def stop(self):
+        self.stream.synchronize()
+
+
+def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: int, beside=None) -> dict:
+    """``cpu_rate`` at each of ``token_counts`` (tokens -> bytes a second), on one set of weights; ``beside``
+    as there."""
     weights, total = [], 0
     for rows, cols in shapes:
         if weights and total + rows * cols * torch.empty((), dtype=dtype).element_size() > MEASURED_BYTES:
@@ -93,12 +123,16 @@ def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: i
                 times = []
                 for k in range(max(1, repeats) + 2):
                     torch.set_num_threads(threads)
+                    if beside is not None:
+                        beside.start()
                     t0 = time.perf_counter()
                     for w in weights:
                         torch.nn.functional.linear(inputs[w.shape[1]], w)
                     if k >= 2:
                         times.append(time.perf_counter() - t0)
                     torch.set_num_threads(caller)
+                    if beside is not None:
+                        beside.stop()
                 times.sort()
                 rates[tokens] = total / max(times[len(times) // 2], 1e-9)
     finally:
@@ -110,13 +144,63 @@ def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: i
 MOST_AHEAD = 8
 
 
-def copies_ahead(block_bytes: int, slot_bytes: int, cpu_gbps: float, link_gbps: float) -> int:
-    """Streamed units to have queued on the link when a CPU block of ``block_bytes`` starts, so the link stays
-    busy while the CPU computes it: what the link copies meanwhile, in slots of ``slot_bytes`` (at least 1,
-    at most MOST_AHEAD). With one unit ahead (the default) the link would idle for the rest of the block."""
-    if cpu_gbps <= 0 or slot_bytes <= 0:
-        return 1
-    return max(1, min(MOST_AHEAD, -(-int(block_bytes * link_gbps / cpu_gbps) // slot_bytes)))
+def step_seconds(order, cpu_gbps: float, link_gbps: float, ahead: int, slot_bytes: int,
+                 disk_gbps: float | None = None, steps: int = 3) -> float:
+    """A batch-1 decode step's seconds, from the order its units run in and where each computes, for a plan
+    whose CPU blocks and streamed units take turns: ``order`` is [(where, bytes)] in run order, where "gpu"
+    (resident), "cpu" (computed by the CPU at ``cpu_gbps``), "stream" (copied at ``link_gbps``) or "disk"
+    (read at ``disk_gbps``, then copied).
+
+    The units run one after another (each takes the one before's output). A streamed unit travels in
+    pieces of at most ``slot_bytes`` (a staging slot's), copied in order while the link is free and a slot
+    is: with ``ahead`` pieces copied ahead, a piece's copy waits until the piece ``ahead + 1`` before it
+    has run. So the link works while the CPU computes a block only as far as the slots let it, which a
+    share of the bytes over both rates (``cpu_share``) doesn't see: on the H200 host it predicted 8.5 tok/s
+    where 5.9 ran (benchmarks/RESULTS.md). The GPU's own compute at batch 1 is taken as nothing beside the
+    copies. Steps follow each other (the next step's first pieces copy during this one's last units): the
+    last of ``steps`` simulated steps is the answer."""
+    link = link_gbps * 1e9
+    pieces = []         # (bytes, extra seconds: a read from the drive) of each piece, one step's, in order
+    tasks = []          # per unit: ("piece", count) or ("cpu", seconds) or ("gpu", 0)
+    for where, nbytes in order:
+        if where in ("stream", "disk") and nbytes > 0:
+            count = max(1, math.ceil(nbytes / max(1, slot_bytes)))
+            read = nbytes / count / (disk_gbps * 1e9) if where == "disk" and disk_gbps else 0.0
+            pieces += [(nbytes / count, read)] * count
+            tasks.append(("piece", count))
+        elif where == "cpu":
+            tasks.append(("cpu", nbytes / (cpu_gbps * 1e9) if cpu_gbps and cpu_gbps > 0 else float("inf")))
+    link_free = now = 0.0
+    ran = []            # when each piece (over all steps) has run: its slot is free again
+    ends = []
+    for _ in range(max(2, steps)):
+        k = 0           # this step's next piece
+        for kind, value in tasks:
+            if kind == "cpu":
+                now += value
+                continue
+            for _ in range(value):
+                nbytes, read = pieces[k]
+                k += 1
+                n = len(ran)
+                start = max(link_free, ran[n - ahead - 1] if n > ahead else 0.0)
+                link_free = start + read + nbytes / link
+                now = max(now, link_free)
+                ran.append(now)
+        ends.append(now)
+    return ends[-1] - ends[-2]
+
+
+def fastest_split(candidates: list, time_of) -> list:
+    """Of ``candidates`` (blocks in host memory, in run order), the ones the CPU computes: the spread share
+    (``spread``) whose step ``time_of(chosen)`` says is shortest; of equal times the fewer."""
+    best, best_time = [], time_of([])
+    for n in range(1, len(candidates) + 1):
+        chosen = spread(candidates, n / len(candidates))
+        t = time_of(chosen)
+        if t < best_time * (1 - 1e-9):
+            best, best_time = chosen, t
+    return best
 
 
 # Step sizes tried for the most tokens a CPU block computes on the CPU (``cpu_max_tokens``).

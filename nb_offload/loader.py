@@ -216,7 +216,7 @@ class Inspection:
                              expert_pins=expert_pins,
                              cpu_rates=self.cpu_rates() if o.compute == "hybrid" and device_type == "cuda" else None)
         plan = planned(prefetch_for(o, device_type))
-        if o.prefetch is None:      # the link kept busy while the CPU computes a block, where that costs nothing
+        if o.prefetch is None:      # as far ahead as keeps the link busiest while the CPU computes a block
             plan = self._deeper(plan, planned)
         if device_type == "cuda" and any(e.routed_bytes for e in plan):
             plan.expert_share = o.host_expert_share
@@ -226,15 +226,21 @@ class Inspection:
 
     def cpu_rates(self) -> tuple:
         """(cpu, link) GB/s for ``compute="hybrid"``, measured once: the CPU's batch-1 products over a block's
-        weights in the load dtype with the threads it would have (hybrid.cpu_rate), the page-locked link
-        (25 GB/s assumed on a machine without a GPU, as for a dry run's prediction)."""
+        weights in the load dtype with the threads it would have (hybrid.cpu_rate), while the link copies
+        beside them on a CUDA machine, as in a hybrid step; the page-locked link (25 GB/s assumed on a
+        machine without a GPU, as for a dry run's prediction)."""
         if self._cpu_rates is None:
             import torch
 
             from . import budget
             from .cpu_experts import host_threads
-            cpu = hybrid.cpu_rate(torch, self.dtype, self._block_shapes(), host_threads()) / 1e9
-            link = budget.link_gbps() if torch.cuda.is_available() else 25.0
+            cuda = torch.cuda.is_available()
+            link = budget.link_gbps() if cuda else 25.0
+            beside = hybrid.BusyLink(torch, torch.device("cuda", torch.cuda.current_device())) if cuda else None
+            try:
+                cpu = hybrid.cpu_rate(torch, self.dtype, self._block_shapes(), host_threads(), beside=beside) / 1e9
+            finally:
+                del beside          # its page-locked and GPU buffers freed before the weights come
             self._cpu_rates = (cpu, link)
         return self._cpu_rates
 
@@ -261,32 +267,24 @@ class Inspection:
         hidden, wide = cfg.hidden_size, getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size
         return [(hidden, hidden)] * 4 + [(wide, hidden)] * 2 + [(hidden, wide)]
 
-    def _copies_ahead(self, plan) -> int:
-        """Streamed units a plan with CPU blocks chosen by rates should copy ahead (hybrid.copies_ahead), in
-        its slots: a streamed block's, or its largest piece where blocks stream split."""
-        on_cpu = [e.bytes for e in plan if e.compute == "cpu"]
-        if not on_cpu or not plan.rates:
-            return 1
-        streamed = {e.name for e in plan if e.tier != plan.resident_tier and e.compute != "cpu"
-                    and e.kind == "block"}
-        slot = max((u.stream_nbytes if plan.split_blocks else u.nbytes for u in self.units if u.name in streamed),
-                   default=0)
-        return hybrid.copies_ahead(max(on_cpu), slot, *plan.rates)
-
     def _deeper(self, plan, planned):
-        """``plan``, or one copying further ahead (``_copies_ahead``) where the room for the extra staging slots
-        costs nothing else: the same units on the compute device and blocks split the same way. Else the
-        deepest that does, down to ``plan``'s own depth."""
-        ahead = self._copies_ahead(plan)
-        resident = {e.name for e in plan if e.tier == plan.resident_tier}
-        for depth in range(ahead, plan.prefetch, -1):
-            try:
-                deeper = planned(depth, split_blocks=plan.split_blocks)
-            except BudgetError:         # its slots don't fit beside what the first plan keeps
-                continue
-            if {e.name for e in deeper if e.tier == deeper.resident_tier} == resident:
-                return deeper
-        return plan
+        """``plan``, or the one copying another number of pieces ahead (1 to hybrid.MOST_AHEAD) whose step it
+        predicts shortest at the rates measured (``Plan.predicted_seconds_per_step``), where the rates chose
+        the CPU's blocks: deeper staging keeps the link busy while the CPU computes a block, and takes room
+        from resident blocks. Of equal steps the shallower."""
+        if not plan.rates:
+            return plan
+        cpu, link = plan.rates
+        timed = {plan.prefetch: (plan.predicted_seconds_per_step(link, cpu_gbps=cpu), plan)}
+        for depth in range(1, hybrid.MOST_AHEAD + 1):
+            if depth not in timed:
+                try:
+                    other = planned(depth, split_blocks=plan.split_blocks)
+                except BudgetError:         # its slots don't fit beside what the plan must keep
+                    continue
+                timed[depth] = (other.predicted_seconds_per_step(link, cpu_gbps=cpu), other)
+        fastest = min(t for t, _ in timed.values())
+        return next(p for _, (t, p) in sorted(timed.items()) if t <= fastest * (1 + 1e-9))
 
     def _expert_cache(self, device_type, budgets):
         """The ``expert_cache`` option in bytes (a share is of the compute device's budget), or "auto"."""
@@ -333,8 +331,8 @@ def _as_saved(folder, saved, asked):
 
 
 def prefetch_for(options: Options, device_type: str) -> int:
-    """Units copied ahead: 1 on CUDA (the copy stream runs beside compute), 2 on the CPU. A hybrid plan may
-    copy further ahead where that costs no resident unit (``Inspection._deeper``)."""
+    """Units copied ahead: 1 on CUDA (the copy stream runs beside compute), 2 on the CPU. A hybrid plan copies
+    as far ahead as its predicted step is shortest (``Inspection._deeper``)."""
     return options.prefetch or (1 if device_type == "cuda" else 2)
 
 

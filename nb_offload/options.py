@@ -179,7 +179,7 @@ class Options:
     batch: int = _option(1, _count(), "sequences the plan reserves room for")
     prefetch: int | None = _option(None, _count(optional=True), "units copied ahead of the one computing "
                                                                 "(default: 1 on CUDA, 2 on the CPU; a hybrid plan "
-                                                                "deeper where it costs no resident unit)")
+                                                                "as deep as its predicted step is shortest)")
     read_ahead: int = _option(2, _count(), "disk units read ahead of their copy, a page-locked staging "
                                            "buffer each")
     split_blocks: bool | str = _option("auto", _tristate("split when whole-block staging would take over a tenth "

@@ -77,6 +77,8 @@ class Plan:
     # may have for them to compute on the CPU (larger ones bring them to the GPU), set by the loader.
     rates: tuple | None = None
     cpu_max_tokens: int = 1
+    slot_bytes: int = 0             # what a staging slot holds: the largest streamed unit, or piece where split
+    chosen_share: float | None = None   # of the blocks the CPU could compute, those it does, where rates chose
 
     def __iter__(self):
         return iter(self.entries)
@@ -122,8 +124,8 @@ class Plan:
 
     @property
     def block_share(self) -> float | None:
-        """compute="hybrid": the share of the blocks in host memory the CPU computes, from ``rates``."""
-        return hybrid.cpu_share(*self.rates) if self.rates is not None else None
+        """compute="hybrid": the share of the blocks in host memory the CPU computes, chosen at ``rates``."""
+        return self.chosen_share if self.rates is not None else None
 
     def share_on_cpu(self, link_gbps: float = 25.0, cpu_gbps: float | None = None) -> float:
         """The share of the routed experts a step misses that the CPU computes: ``expert_share``, or for
@@ -148,14 +150,20 @@ class Plan:
     def predicted_seconds_per_step(self, link_gbps: float = 25.0, disk_gbps: float = 1.0,
                                    cpu_gbps: float | None = None) -> float:
         """A lower bound on a decode step's time from the bytes it streams, and from those the CPU computes
-        experts from (at ``cpu_gbps``; both at once, so the longer counts); other compute not counted."""
+        experts from (at ``cpu_gbps``; both at once, so the longer counts); other compute not counted. With
+        blocks the CPU computes, the step as their turns with the streamed units run (``hybrid.step_seconds``:
+        the link copies ahead only as far as the staging slots let it)."""
         share = self.share_on_cpu(link_gbps, cpu_gbps)
         moved = self.streamed_bytes_per_token(share)
         if self.device != "cuda":
             return moved.get("disk", 0) / (disk_gbps * 1e9)
         link = moved.get("cpu", 0) / (link_gbps * 1e9) + moved.get("disk", 0) / (disk_gbps * 1e9)
         on_cpu = self.cpu_bytes_per_token(share)
-        return max(link, on_cpu / (cpu_gbps * 1e9)) if on_cpu and cpu_gbps else link
+        bound = max(link, on_cpu / (cpu_gbps * 1e9)) if on_cpu and cpu_gbps else link
+        if cpu_gbps and any(e.compute == "cpu" for e in self.entries):
+            return max(bound, hybrid.step_seconds(step_order(self.entries, share), cpu_gbps, link_gbps,
+                                                  self.prefetch, self.slot_bytes, disk_gbps))
+        return bound
 
     def to_dict(self) -> dict:
         return {
@@ -364,30 +372,60 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
     for u, e in zip(units, entries):
         if u.index in in_place:
             e.compute = "in place"
-    chose = _computed_on_cpu(units, entries, on_cpu, cpu_rates, device)
+    streamed = [u for u in units if tiers[u.index] != resident and u.index not in in_place]
+    slot_bytes = max((slots.size(u) for u in streamed), default=0)
+    chose = _computed_on_cpu(units, entries, on_cpu, cpu_rates, device, prefetch, slot_bytes)
     if experts_apart:
         _size_expert_cache(units, entries, reserved, budgets[resident], resident, expert_cache, expert_pins)
     return Plan(entries=entries, device=device, budgets=dict(budgets), reserved=reserved,
                 host_reserved=host_reserved, context=context, batch=batch, prefetch=prefetch, model=model_name,
-                split_blocks=slots.split, rates=tuple(cpu_rates) if chose else None)
+                split_blocks=slots.split, rates=tuple(cpu_rates) if chose is not None else None,
+                slot_bytes=slot_bytes, chosen_share=chose)
 
 
-def _computed_on_cpu(units, entries, pinned, rates, device):
+def step_order(entries, share: float = 0.0) -> list:
+    """[(where, bytes)] of a batch-1 decode step's units in run order, for ``hybrid.step_seconds``: "gpu"
+    (resident, or read in place), "cpu" (a block the CPU computes), "stream" or "disk" (the bytes it
+    brings: a MoE block's routed experts, less the CPU's ``share`` of them)."""
+    order = []
+    for e in entries:
+        if e.compute == "cpu":
+            order.append(("cpu", e.bytes))
+        elif e.tier in ("cpu", "disk") and e.compute != "in place":
+            brings = e.routed_bytes - e.cpu_expert_bytes(share) if e.routed_bytes else e.bytes
+            order.append(("stream" if e.tier == "cpu" else "disk", brings))
+        else:
+            order.append(("gpu", 0))
+    return order
+
+
+def _computed_on_cpu(units, entries, pinned, rates, device, prefetch, slot_bytes):
     """Mark the blocks the CPU computes on CUDA (hybrid.py): those pinned ``"cpu-compute"``, and with
-    ``rates`` (cpu, link GB/s) their share of the other blocks in host memory, spread between the streamed
-    ones. Quantized blocks and those with routed experts stream. Returns whether it chose by ``rates``."""
+    ``rates`` (cpu, link GB/s) a share of the other blocks in host memory, spread between the streamed
+    ones: the share whose step ``hybrid.step_seconds`` finds shortest with ``prefetch`` pieces of
+    ``slot_bytes`` copied ahead. Quantized blocks and those with routed experts stream. Returns the share
+    chosen by ``rates``, or None where it chose none."""
     if device != "cuda":
-        return False        # the CPU device computes everything on the CPU
+        return None         # the CPU device computes everything on the CPU
     for u, e in zip(units, entries):
         if u.index in pinned:
             e.compute, e.routed_bytes, e.expert_row_bytes = "cpu", 0, 0     # whole, where its bytes are
     if rates is None:
-        return False
+        return None
     candidates = [e for u, e in zip(units, entries) if e.tier == "cpu" and e.kind == "block" and not e.compute
                   and not e.routed_bytes and not u.quantized]
-    for e in hybrid.spread(candidates, hybrid.cpu_share(*rates)):
-        e.compute = "cpu"
-    return True
+
+    def mark(chosen):
+        ids = {id(e) for e in chosen}
+        for e in candidates:
+            e.compute = "cpu" if id(e) in ids else ""
+
+    def step_with(chosen):
+        mark(chosen)
+        return hybrid.step_seconds(step_order(entries), rates[0], rates[1], prefetch, slot_bytes)
+    chosen = hybrid.fastest_split(candidates, step_with)
+    mark(chosen)
+    return len(chosen) / len(candidates) if candidates else 0.0
 
 
 AUTO_CACHE_SHARE = 0.9      # "auto" keeps a tenth of the free room free: the allocator rounds up

@@ -146,8 +146,9 @@ def plan_text(plan) -> str:
                     else ")" if any(e.routed_bytes for e in plan) else ""))
     blocks = [e for e in plan if e.compute == "cpu"]
     if blocks:
-        why = (f"compute=\"hybrid\": {100 * plan.block_share:.0f}% of the blocks in host memory, from the CPU's "
-               f"{plan.rates[0]:.1f} and the link's {plan.rates[1]:.1f} GB/s" if plan.block_share is not None
+        why = (f"compute=\"hybrid\": {100 * plan.block_share:.0f}% of the blocks in host memory, the share "
+               f"whose step is shortest at the CPU's {plan.rates[0]:.1f} and the link's {plan.rates[1]:.1f} GB/s, "
+               f"{plan.prefetch} pieces copied ahead" if plan.block_share is not None
                else "pinned \"cpu-compute\"")
         lines.append(f"  computed on the CPU where their bytes are, not streamed: {len(blocks)} blocks, "
                      f"{format_size(sum(e.bytes for e in blocks))} a step ({why})")

@@ -67,6 +67,7 @@ def reference(folder, ids, on_cpu, max_tokens, n=N, static=False):
 
         from nb_offload.graphs import bucket, cache_name
         kw[cache_name(model)] = StaticCache(config=model.config, max_cache_len=bucket(ids.shape[1] + n))
+        kw["disable_compile"] = True     # eager, as the captured step computes (generate compiles for a static cache)
     with torch.inference_mode():
         return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw).cpu()
 
