@@ -175,6 +175,16 @@ def test_the_cpu_rate_is_measured_with_the_threads_asked(model_dirs):
         torch.nn.functional.linear = real
     assert seen == [(1, (64, 32)), (1, (32, 64))] * 3         # the block's products in turn, two passes to warm up
     assert torch.get_num_threads() == before
+    # beside the link's copies (a BusyLink on CUDA): started before each pass, waited for after it
+    events = []
+    beside = type("Beside", (), {"start": lambda self: events.append("start"),
+                                 "stop": lambda self: events.append("stop")})()
+    try:
+        torch.nn.functional.linear = lambda x, w: events.append("product") or real(x, w)
+        hybrid.cpu_rate(torch, torch.float32, [(64, 32), (32, 64)], threads=1, repeats=1, beside=beside)
+    finally:
+        torch.nn.functional.linear = real
+    assert events == ["start", "product", "product", "stop"] * 3
     cpu, link = loader.Inspection(model_dirs("llama"), nb_offload.Options(compute="hybrid")).cpu_rates()
     assert cpu > 0 and link == 25.0         # no GPU here: the link is assumed, as for a dry run
 
