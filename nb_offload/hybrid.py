@@ -4,13 +4,14 @@ At batch 1 a streamed block costs its bytes over the link. A block whose bytes a
 instead be computed by the CPU from there: its inputs (a token's activations) go to the CPU, its output
 comes back, and meanwhile the copy stream keeps bringing the next streamed blocks to the GPU. With a
 share of the off-GPU bytes computed by the CPU at rate C and the rest streamed at rate L, a step takes
-about their bytes over C + L when the split is right, rather than over L alone.
+about their bytes over C + L when the split is right and the link never waits, rather than over L alone.
 
 - The plan (planner.py) marks such blocks ``compute="cpu"``: pinned ones (``"cpu-compute"``), and with
-  ``compute="hybrid"`` the share C / (C + L) of the blocks in host memory, spread between the streamed
-  ones so each CPU block runs while a copy is in flight. C is measured at load on a block's products in
-  the model's dtype (``cpu_rate``), L on the link (``budget.link_gbps``). The plan copies far enough ahead
-  (``prefetch_for``) that the link stays busy while the CPU computes a block.
+  ``compute="hybrid"`` a share of the blocks in host memory, spread between the streamed ones so each CPU
+  block runs while copies are in flight. The share, and how far ahead the link copies (the loader's
+  ``_deeper``), are those whose step ``step_seconds`` models shortest: the link copies during a CPU block
+  only as far as the staging slots let it. C is measured at load on a block's products in the model's
+  dtype, beside the link's copies on CUDA (``cpu_rate``, ``BusyLink``), L on the link (``budget.link_gbps``).
 - The engine binds their weights to the host memory they live in and runs them through ``CpuBlock``
   hooks: inputs moved to the CPU, the torch threads set (``cpu_experts.host_threads``: cores left to
   the copy and reader threads), the output moved back. Their KV-cache layer is kept in host memory.
