@@ -207,17 +207,24 @@ class Inspection:
         and ``expert_pins`` (unit index -> experts kept in the expert cache)."""
         o = self.options
 
-        def planned(prefetch, split_blocks=o.split_blocks):
+        split = device_type == "cuda" and (o.compute == "hybrid" or (
+            o.compute == "auto" and not hybrid.gpu_only_attention(o.attn_implementation)))
+
+        def planned(prefetch, split_blocks=o.split_blocks, split=split):
             return make_plan(self.units, device=device_type, budgets=budgets, pins=pins, config=self.config,
                              dtype_size=self.dtype_size, context=o.context or self.default_context(), batch=o.batch,
                              prefetch=prefetch, model_name=self.name, read_ahead=o.read_ahead, policy=o.policy,
                              split_blocks=split_blocks, library_code=self.library_code,
                              decode_graph=o.cuda_graph, expert_cache=self._expert_cache(device_type, budgets),
-                             expert_pins=expert_pins,
-                             cpu_rates=self.cpu_rates() if o.compute == "hybrid" and device_type == "cuda" else None)
+                             expert_pins=expert_pins, cpu_rates=self.cpu_rates() if split else None)
         plan = planned(prefetch_for(o, device_type))
         if o.prefetch is None:      # as far ahead as keeps the link busiest while the CPU computes a block
             plan = self._deeper(plan, planned)
+        if o.compute == "auto" and split:
+            plan = self._faster_of(plan, planned(prefetch_for(o, device_type), split=False))
+        elif o.compute == "auto" and device_type == "cuda":
+            plan.compute_choice = (f"compute=\"auto\": all streamed (attn_implementation="
+                                   f"{o.attn_implementation!r} has GPU kernels only)")
         if device_type == "cuda" and any(e.routed_bytes for e in plan):
             plan.expert_share = o.host_expert_share
         if any(e.compute == "cpu" for e in plan):
@@ -285,6 +292,23 @@ class Inspection:
                 timed[depth] = (other.predicted_seconds_per_step(link, cpu_gbps=cpu), other)
         fastest = min(t for t, _ in timed.values())
         return next(p for _, (t, p) in sorted(timed.items()) if t <= fastest * (1 + 1e-9))
+
+    def _faster_of(self, split, streamed):
+        """compute="auto": the plan whose CPU computes its chosen blocks (``split``), where its modelled step is
+        shorter than ``streamed``'s (every off-GPU block streams, and the GPU keeps the room a prefill's CPU
+        block would take); else ``streamed``. Each says which it is and why (``Plan.compute_choice``)."""
+        if not any(e.compute == "cpu" for e in split):
+            streamed.compute_choice = "compute=\"auto\": all streamed (the step model gives the CPU no block)"
+            return streamed
+        cpu, link = split.rates
+        t_split = split.predicted_seconds_per_step(link, cpu_gbps=cpu)
+        t_streamed = streamed.predicted_seconds_per_step(link)
+        chose_split = t_split < t_streamed
+        plan = split if chose_split else streamed
+        plan.compute_choice = (f"compute=\"auto\": {'hybrid' if chose_split else 'all streamed'}, modelled "
+                               f"{1 / t_split:.1f} tok/s with CPU blocks against {1 / t_streamed:.1f} streaming "
+                               f"(at the CPU's {cpu:.1f} and the link's {link:.1f} GB/s)")
+        return plan
 
     def _expert_cache(self, device_type, budgets):
         """The ``expert_cache`` option in bytes (a share is of the compute device's budget), or "auto"."""

@@ -26,7 +26,7 @@ from .quant import spec_of
 POLICIES = ("auto", "sequential")
 TRACE_DETAILS = ("streamed", "full")
 EXPERT_COMPUTE = ("gpu", "cpu", "auto")
-COMPUTE = ("gpu", "hybrid")
+COMPUTE = ("gpu", "hybrid", "auto")
 # Opt-ins that let a checkpoint folder run code: only the bool True opts in (the string "False"
 # is truthy, so bool() of it would turn them on).
 OPT_INS = {"trust_remote_code": "runs Python code from the model folder",
@@ -190,8 +190,11 @@ class Options:
                                                            "none, or \"auto\" (the room the plan leaves free)")
     compute: str = _option("gpu", _one_of(*COMPUTE), "\"hybrid\": the CPU computes a share of the blocks in host "
                                                      "memory, where their bytes are, while the link streams the "
-                                                     "others (the share from the CPU's and the link's rates, "
-                                                     "measured at load); \"gpu\": all stream. CUDA only")
+                                                     "others (the share whose modelled step is shortest at the "
+                                                     "CPU's and the link's rates, measured at load); \"auto\": "
+                                                     "that where its modelled step is shorter than all streaming "
+                                                     "(and the attention runs on the CPU); \"gpu\": all stream. "
+                                                     "CUDA only")
     expert_compute: str | float = _option("gpu", _expert_compute, "where routed experts of streamed MoE blocks that "
                                                                    "the GPU doesn't hold compute: \"gpu\" (copied "
                                                                    "over the link), \"cpu\" (on the CPU, from host "

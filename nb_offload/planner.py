@@ -79,6 +79,7 @@ class Plan:
     cpu_max_tokens: int = 1
     slot_bytes: int = 0             # what a staging slot holds: the largest streamed unit, or piece where split
     chosen_share: float | None = None   # of the blocks the CPU could compute, those it does, where rates chose
+    compute_choice: str = ""        # compute="auto": which of hybrid and all streamed the loader kept, and why
 
     def __iter__(self):
         return iter(self.entries)

@@ -152,6 +152,8 @@ def plan_text(plan) -> str:
                else "pinned \"cpu-compute\"")
         lines.append(f"  computed on the CPU where their bytes are, not streamed: {len(blocks)} blocks, "
                      f"{format_size(sum(e.bytes for e in blocks))} a step ({why})")
+    if plan.compute_choice:
+        lines.append(f"  {plan.compute_choice}")
     if plan.expert_share == "auto":
         lines.append("  routed experts the GPU doesn't hold: a share computed on the CPU from host memory, from the "
                      "CPU's and the link's rates measured at load (expert_compute=\"auto\")")

@@ -89,6 +89,31 @@ def test_a_hybrid_plan_takes_the_split_and_the_depth_whose_step_is_shortest(mode
     assert all_in_host_memory(folder).prefetch == 1
 
 
+def test_compute_auto_keeps_hybrid_only_where_its_modelled_step_is_shorter(model_dirs, monkeypatch):
+    folder = model_dirs("llama", num_hidden_layers=8)
+    for rates, hybrid_wins in ((RATES, True), ((0.5, 60.0), False)):
+        monkeypatch.setattr(loader.Inspection, "cpu_rates", lambda self, r=rates: r)
+        split = all_in_host_memory(folder, compute="hybrid")
+        streamed = all_in_host_memory(folder)
+        chosen = all_in_host_memory(folder, compute="auto")
+        cpu, link = rates
+        faster = any(e.compute == "cpu" for e in split) and \
+            split.predicted_seconds_per_step(link, cpu_gbps=cpu) < streamed.predicted_seconds_per_step(link)
+        assert faster is hybrid_wins
+        want = split if faster else streamed
+        assert [(e.name, e.tier, e.compute) for e in chosen] == [(e.name, e.tier, e.compute) for e in want]
+        assert chosen.prefetch == want.prefetch and chosen.reserved == want.reserved
+        assert chosen.compute_choice.startswith("compute=\"auto\": " + ("hybrid" if faster else "all streamed"))
+        assert chosen.compute_choice in str(chosen)
+    # an attention with GPU kernels only (flash, flex; not installed here, so the check is stood in for): no
+    # error, all streamed, and the plan says why
+    monkeypatch.setattr(hybrid, "gpu_only_attention", lambda attn: True)
+    plan = all_in_host_memory(folder, compute="auto")
+    assert not any(e.compute == "cpu" for e in plan) and "GPU kernels only" in plan.compute_choice
+    # on the CPU device it changes nothing
+    assert not nb_offload.plan(folder, device="cpu", compute="auto").compute_choice
+
+
 def test_copying_further_ahead_never_fails_a_plan(model_dirs, rates):
     folder = model_dirs("llama")
     pins, whole = {"model.layers.*": "cpu"}, dict(split_blocks=False, cpu="1GiB")
@@ -152,7 +177,7 @@ def test_a_model_pinned_on_the_cpu_device_computes_there_exactly(model_dirs):
 
 
 def test_the_compute_option_is_checked(model_dirs):
-    with pytest.raises(nb_offload.OptionError, match="compute='cpu' is unknown; accepted: 'gpu', 'hybrid'"):
+    with pytest.raises(nb_offload.OptionError, match="compute='cpu' is unknown; accepted: 'gpu', 'hybrid', 'auto'"):
         nb_offload.Options(compute="cpu")
     for given in (dict(compute="hybrid"), dict(pins={"model.layers.1": "cpu-compute"})):
         with pytest.raises(nb_offload.OptionError, match="attn_implementation='flash_attention_2' can't compute"):
