@@ -1,5 +1,5 @@
 """The step model (hybrid.step_seconds) against hybrid decode runs already measured: each run's plan rebuilt on
-this machine from a LLaMA-7B-shaped checkpoint of headers alone (its data a sparse file), with the blocks
+this machine from a LLaMA-7B-shaped checkpoint of headers alone (``nb_offload.tiny.hollow_llama``), with the blocks
 the run computed on the CPU (bench_hybrid.py's JSON: their count, the rates at load, the depth copied
 ahead), then the modelled tok/s at the CPU's rate measured at load and at the rate reached while running,
 against the measured tok/s. Runs no GPU.
@@ -12,37 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import struct
 import tempfile
-
-
-def headers_only_7b(folder, layers=32):
-    """A LLaMA-7B-shaped bf16 checkpoint whose safetensors data is a hole: a plan reads headers alone."""
-    h, inner, vocab = 4096, 11008, 32000
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=h,
-                       intermediate_size=inner, num_hidden_layers=layers, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=vocab, max_position_embeddings=4096,
-                       dtype="bfloat16", rms_norm_eps=1e-6, tie_word_embeddings=False), f)
-    shapes = {"model.embed_tokens.weight": [vocab, h]}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes.update({p + f"self_attn.{n}_proj.weight": [h, h] for n in "qkvo"})
-        shapes.update({p + "mlp.gate_proj.weight": [inner, h], p + "mlp.up_proj.weight": [inner, h],
-                       p + "mlp.down_proj.weight": [h, inner], p + "input_layernorm.weight": [h],
-                       p + "post_attention_layernorm.weight": [h]})
-    shapes.update({"model.norm.weight": [h], "lm_head.weight": [vocab, h]})
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in shapes.items():
-        size = 2 * shape[0] * (shape[1] if len(shape) > 1 else 1)
-        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    with open(os.path.join(folder, "model.safetensors"), "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-        f.truncate(8 + len(text) + offset)
 
 
 def main():
@@ -51,8 +21,8 @@ def main():
     args = ap.parse_args()
     import nb_offload
     from nb_offload import hybrid
-    folder = os.path.join(tempfile.mkdtemp(), "llama-7b-headers")
-    headers_only_7b(folder)
+    from nb_offload.tiny import hollow_llama
+    folder = hollow_llama(os.path.join(tempfile.mkdtemp(), "llama-7b-headers"))
     for path in args.runs:
         for r in json.load(open(path))["rows"]:
             if "error" in r or not r.get("prefetch"):

@@ -126,14 +126,16 @@ def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: i
                     torch.set_num_threads(threads)
                     if beside is not None:
                         beside.start()
-                    t0 = time.perf_counter()
-                    for w in weights:
-                        torch.nn.functional.linear(inputs[w.shape[1]], w)
-                    if k >= 2:
-                        times.append(time.perf_counter() - t0)
-                    torch.set_num_threads(caller)
-                    if beside is not None:
-                        beside.stop()
+                    try:
+                        t0 = time.perf_counter()
+                        for w in weights:
+                            torch.nn.functional.linear(inputs[w.shape[1]], w)
+                        if k >= 2:
+                            times.append(time.perf_counter() - t0)
+                    finally:        # its copies done before its buffers can be freed
+                        torch.set_num_threads(caller)
+                        if beside is not None:
+                            beside.stop()
                 times.sort()
                 rates[tokens] = total / max(times[len(times) // 2], 1e-9)
     finally:
@@ -162,7 +164,7 @@ def step_seconds(order, cpu_gbps: float, link_gbps: float, ahead: int, slot_byte
     last of ``steps`` simulated steps is the answer."""
     link = link_gbps * 1e9
     pieces = []         # (bytes, extra seconds: a read from the drive) of each piece, one step's, in order
-    tasks = []          # per unit: ("piece", count) or ("cpu", seconds) or ("gpu", 0)
+    tasks = []          # per streamed or CPU unit: ("piece", its pieces) or ("cpu", seconds); resident ones none
     for where, nbytes in order:
         if where in ("stream", "disk") and nbytes > 0:
             count = max(1, math.ceil(nbytes / max(1, slot_bytes)))

@@ -244,10 +244,7 @@ class Inspection:
             cuda = torch.cuda.is_available()
             link = budget.link_gbps() if cuda else 25.0
             beside = hybrid.BusyLink(torch, torch.device("cuda", torch.cuda.current_device())) if cuda else None
-            try:
-                cpu = hybrid.cpu_rate(torch, self.dtype, self._block_shapes(), host_threads(), beside=beside) / 1e9
-            finally:
-                del beside          # its page-locked and GPU buffers freed before the weights come
+            cpu = hybrid.cpu_rate(torch, self.dtype, self._block_shapes(), host_threads(), beside=beside) / 1e9
             self._cpu_rates = (cpu, link)
         return self._cpu_rates
 

@@ -78,7 +78,9 @@ class Plan:
     rates: tuple | None = None
     cpu_max_tokens: int = 1
     slot_bytes: int = 0             # what a staging slot holds: the largest streamed unit, or piece where split
-    chosen_share: float | None = None   # of the blocks the CPU could compute, those it does, where rates chose
+    # compute="hybrid": of the blocks in host memory the CPU could compute, the share it does, chosen at
+    # ``rates``; None where the plan chose none
+    block_share: float | None = None
     compute_choice: str = ""        # compute="auto": which of hybrid and all streamed the loader kept, and why
 
     def __iter__(self):
@@ -122,11 +124,6 @@ class Plan:
         out[self.resident_tier] += sum(self.reserved.values())
         out["cpu"] += sum(self.host_reserved.values())
         return out
-
-    @property
-    def block_share(self) -> float | None:
-        """compute="hybrid": the share of the blocks in host memory the CPU computes, chosen at ``rates``."""
-        return self.chosen_share if self.rates is not None else None
 
     def share_on_cpu(self, link_gbps: float = 25.0, cpu_gbps: float | None = None) -> float:
         """The share of the routed experts a step misses that the CPU computes: ``expert_share``, or for
@@ -381,7 +378,7 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
     return Plan(entries=entries, device=device, budgets=dict(budgets), reserved=reserved,
                 host_reserved=host_reserved, context=context, batch=batch, prefetch=prefetch, model=model_name,
                 split_blocks=slots.split, rates=tuple(cpu_rates) if chose is not None else None,
-                slot_bytes=slot_bytes, chosen_share=chose)
+                slot_bytes=slot_bytes, block_share=chose)
 
 
 def step_order(entries, share: float = 0.0) -> list:

@@ -148,7 +148,8 @@ def plan_text(plan) -> str:
     if blocks:
         why = (f"compute=\"hybrid\": {100 * plan.block_share:.0f}% of the blocks in host memory, the share "
                f"whose step is shortest at the CPU's {plan.rates[0]:.1f} and the link's {plan.rates[1]:.1f} GB/s, "
-               f"{plan.prefetch} pieces copied ahead" if plan.block_share is not None
+               f"{plan.prefetch} {'pieces' if plan.split_blocks else 'units'} copied ahead"
+               if plan.block_share is not None
                else "pinned \"cpu-compute\"")
         lines.append(f"  computed on the CPU where their bytes are, not streamed: {len(blocks)} blocks, "
                      f"{format_size(sum(e.bytes for e in blocks))} a step ({why})")
