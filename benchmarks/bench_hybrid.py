@@ -111,12 +111,13 @@ def main():
                     prefetch=hyb.plan.prefetch, progress=False)
             on_cpu = [e.name for e in hyb.plan if e.compute == "cpu"]
             moved = {k: moved_per_step(llm, ids, 8)["cpu"] for k, llm in llms.items()}
-            counters = {}
+            counters, held_in = {}, {}
 
-            def timed(llm, key, counters=counters):
+            def timed(llm, key, counters=counters, held_in=held_in):
                 def fn():
                     s0, b0, c0 = llm.stats.cpu_block_seconds, llm.stats.cpu_block_bytes, llm.stats.steps
                     result = steps(llm.generate, ids, n)
+                    held_in[key] = list(llm.last_held)      # what the generate whose tokens are compared held
                     counters.setdefault(key, []).append((llm.stats.cpu_block_seconds - s0,
                                                          llm.stats.cpu_block_bytes - b0, llm.stats.steps - c0))
                     return result
@@ -131,18 +132,30 @@ def main():
             predicted = hyb.plan.predicted_seconds_per_step(link_gbps=link, cpu_gbps=cpu_rate)
             wanted = {}
 
-            def equals_reference(key, llm, tokens=tokens, wanted=wanted):
+            def holding(llm, cpu):
+                """The modelled step of the timed generate, with what it held in its spare room (the plan's
+                own prediction counts none): tok/s, and the CPU blocks and streamed units held."""
+                picks = llm._spare_picks((ids,), dict(max_new_tokens=n, min_new_tokens=n)) if llm.hold_spare else []
+                blocks = sum(1 for i in picks if i in llm._engine.cpu_blocks)
+                if not llm.plan.rates:
+                    return None, blocks, len(picks) - blocks
+                return 1 / llm._step_seconds_holding(picks, cpu, link), blocks, len(picks) - blocks
+
+            def equals_reference(key, llm, tokens=tokens, wanted=wanted, held_in=held_in):
                 """Whether ``llm``'s tokens equal transformers computing the same blocks on the CPU for the same
                 steps, with a captured step's static cache where its decode was captured (the GPU test's
                 reference; each split's made once)."""
-                names = tuple(e.name for e in llm.plan if e.compute == "cpu")
+                names = tuple(e.name for e in llm.plan if e.compute == "cpu" and e.name not in held_in[key])
                 static, most = bool(llm.stats.graph_replays), llm.plan.cpu_max_tokens
                 if (names, static, most) not in wanted:
                     wanted[names, static, most] = cpu_reference(args.folder, ids, list(names), most, n,
                                                                 static=static) if static \
                         else reference(list(names), most)
                 return bool(torch.equal(tokens[key], wanted[names, static, most]))
-            add(budget=budget, link_gbps=link, streamed_tok_s=1 / t["streamed"], hybrid_tok_s=1 / t["hybrid"],
+            reached = cpu_bytes / busy / 1e9 if busy else cpu_rate
+            held = holding(hyb, cpu_rate)
+            add(budget=budget, link_gbps=link, handoff=hybrid.HANDOFF, streamed_tok_s=1 / t["streamed"],
+                hybrid_tok_s=1 / t["hybrid"],
                 spread=sp, hybrid_over_streamed=t["streamed"] / t["hybrid"],
                 blocks_on_cpu=len(on_cpu), blocks_streamed=sum(1 for e in hyb.plan if e.tier == "cpu"
                                                                and e.compute != "cpu"),
@@ -156,7 +169,9 @@ def main():
                 cpu_bytes_per_step=hyb.plan.cpu_bytes_per_token(),
                 predicted_tok_s=1 / predicted,
                 predicted_at_rate_reached_tok_s=1 / hyb.plan.predicted_seconds_per_step(
-                    link_gbps=link, cpu_gbps=cpu_bytes / busy / 1e9 if busy else cpu_rate),
+                    link_gbps=link, cpu_gbps=reached),
+                predicted_holding_tok_s=held[0], held_cpu_blocks=held[1], held_streamed=held[2],
+                predicted_holding_at_rate_reached_tok_s=holding(hyb, reached)[0],
                 prefill_2048_streamed_s=prefill["streamed"], prefill_2048_hybrid_s=prefill["hybrid"],
                 streamed_equals_hf=bool(torch.equal(tokens["streamed"], want_gpu)),
                 hybrid_equals_reference=equals_reference("hybrid", hyb),
@@ -170,6 +185,11 @@ def main():
                                            # the step model at the CPU's rate reached: its own error apart
                                            predicted_at_rate_reached_tok_s=1 / llm.plan.predicted_seconds_per_step(
                                                link_gbps=link, cpu_gbps=cpu_gbps(counters[k])),
+                                           predicted_holding_tok_s=holding(
+                                               llm, (llm.plan.rates or (cpu_rate,))[0])[0],
+                                           predicted_holding_at_rate_reached_tok_s=holding(
+                                               llm, cpu_gbps(counters[k]) or cpu_rate)[0],
+                                           held_cpu_blocks=holding(llm, cpu_rate)[1],
                                            equals_reference=equals_reference(k, llm),
                                            graph_replays=llm.stats.graph_replays, graph_eager=llm.stats.graph_eager)
                                    for k, llm in llms.items() if k.startswith("hybrid_")})

@@ -135,8 +135,9 @@ _link_gbps: dict = {}
 
 
 def link_gbps(device=None) -> float:
-    """The page-locked host-to-GPU copy rate of this machine in GB/s, measured once a process (a 64 MiB
-    copy: enough for the rate, and within the workspace a plan reserves on the GPU)."""
+    """The page-locked host-to-GPU copy rate of this machine in GB/s, measured once a process: the median of
+    five 64 MiB copies (within the workspace a plan reserves on the GPU), after one untimed. One copy alone
+    read 45 GB/s on an H200 whose link ran at 55 (benchmarks/RESULTS.md, 2026-12-04)."""
     import torch
     device = torch.device("cuda") if device is None else torch.device(device)
     key = device.index if device.index is not None else torch.cuda.current_device()
@@ -145,10 +146,12 @@ def link_gbps(device=None) -> float:
         src = torch.empty(n, dtype=torch.uint8, pin_memory=True)
         dst = torch.empty(n, dtype=torch.uint8, device=device)
         dst.copy_(src, non_blocking=True)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src, non_blocking=True)
-        end.record()
-        end.synchronize()
-        _link_gbps[key] = n / (start.elapsed_time(end) / 1e3) / 1e9
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
+        events[0].record()
+        for done in events[1:]:
+            dst.copy_(src, non_blocking=True)
+            done.record()
+        events[-1].synchronize()
+        ms = sorted(a.elapsed_time(b) for a, b in zip(events, events[1:]))
+        _link_gbps[key] = n / (ms[len(ms) // 2] / 1e3) / 1e9
     return _link_gbps[key]

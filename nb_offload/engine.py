@@ -11,6 +11,8 @@ from the schedule, wait for its bytes, bind its parameters to the slot) and ``_e
 slot once its compute is done). Where the plan splits blocks (pieces.py), each piece is a unit
 of the engine's own, bound only while its submodule runs. For one generate, ``hold`` gives
 streamed units buffers of their own in room the plan reserved but the generate won't use (spare.py).
+Blocks the CPU computes in small steps (hybrid.py) stream with the others in a large one (a prefill),
+through the same slots: they join ``sources`` for that step (``_use_large``).
 """
 
 from __future__ import annotations
@@ -56,23 +58,37 @@ class Engine:
         self.owner = {}           # engine unit index -> the model unit it is a piece of
         self.pieces_of = {}       # model unit index -> its engine units, in layout order
         self.rest = {}            # model unit index -> its leftovers' buffer on the compute device
-        read_ahead = max(1, int(read_ahead)) * (self._split_into_pieces() if split else 1)
+        self.rest_binding = {}    # model unit index -> (its leftovers' parameters, their slots, that buffer)
+        self.large_sources = {}   # the CPU blocks' sources (below), while they don't stream
         self.held = {}            # unit index -> (Source, own buffer), see hold()
         self.in_step = False
         self._views = {}          # (unit, slot) -> parameter views into that slot
         self._open = {}           # unit index or "step" -> the mark its trace span started at
         self.hooks = ModuleHooks(model)
+        # Blocks the CPU computes from host memory (index -> their bytes there; the caller bound them there). A
+        # step too large for the CPU streams them as the others, split into pieces as they are: their sources
+        # (``large_sources``: engine units, pieces included) join ``sources`` for such a step only.
+        self.cpu_blocks = dict(cpu_blocks or {}) if self.cuda else {}
+        self.sources.update((idx, Source("cpu", flat=host)) for idx, host in self.cpu_blocks.items())
+        read_ahead = max(1, int(read_ahead)) * (self._split_into_pieces() if split else 1)
+        self.large_sources = {k: src for k, src in self.sources.items() if self.model_unit(k) in self.cpu_blocks}
+        for k in self.large_sources:
+            del self.sources[k]
+        for idx, host in self.cpu_blocks.items():   # the leftovers too (a piece's were bound to the GPU)
+            bind(self.params[idx], self.units[idx], host)
+        self.large = False      # this step streams the CPU's blocks too
 
         streamed = [self.units[i] for i in self.stream_order()]
         order = [u.index for u in streamed]
+        large_order = self.stream_order(large=True)
         from_disk = [i for i in order if self.sources[i].tier == "disk"]
-        slots = max(1, int(prefetch)) + 1 if streamed else 0
-        slot_bytes = max((u.nbytes for u in streamed), default=0)
+        slots = max(1, int(prefetch)) + 1 if large_order else 0
+        slot_bytes = max((self.units[i].nbytes for i in large_order), default=0)
         staged = max((self.units[i].nbytes for i in from_disk), default=0) if self.cuda else 0
         self.reader = DiskReader(trace, threads=read_threads, uncached=drop_page_cache, staging_bytes=staged,
                                  staging_count=read_ahead if staged else 0)
         self.schedule = Schedule(order, slots=slots, prefetch=prefetch, staging=len(self.reader.staging),
-                                 read_ahead=read_ahead, from_disk=from_disk)
+                                 read_ahead=read_ahead, from_disk=from_disk, large_order=large_order)
         if self.cuda:
             self.mover = CudaMover(torch, device, slot_bytes, slots, units=self.units, sources=self.sources,
                                    schedule=self.schedule, reader=self.reader, trace=trace, stats=stats)
@@ -107,18 +123,14 @@ class Engine:
         self._outstanding = []      # the workers' calls not yet collected: (future, count(start, end))
         self.experts_chosen = experts_chosen    # the user named the experts implementation: it stays
         self._cpu_rows, self._gpu_rows, self._forwards, self._host_calls, self.last_on_cpu = {}, {}, {}, {}, {}
-        # Blocks the CPU computes from host memory (index -> their bytes there; the caller bound them there),
-        # and the buffer a step too large for the CPU computes them from on the GPU, one at a time (hybrid.py).
-        self.cpu_blocks = dict(cpu_blocks or {}) if self.cuda else {}
-        self.cpu_max_tokens = cpu_max_tokens
-        self._cpu_hooks = []        # hybrid.CpuBlock of each (install)
+        self.cpu_max_tokens = cpu_max_tokens      # the most tokens a step the CPU blocks compute on the CPU
+        self._cpu_hooks = {}        # index -> its hybrid.CpuBlock (install)
+        self._held_large = {}       # the ``large_sources`` of CPU blocks held on the GPU (``hold``)
         self._block_forwards = []   # their modules whose forward hands decode steps to the worker
         self.block_handoff, self.block_handoff_why_not = None, ""      # handoff.GpuHandoff, below
         try:        # a start that fails part way leaves no wrapped forward, worker or reader behind
             if expert_compute is not None and self.cuda and self.routed:
                 self.compute_experts_on_cpu({i: self.sources[i].flat for i in self.routed}, expert_compute)
-            self._upload = torch.empty(max(self.units[i].nbytes for i in self.cpu_blocks), dtype=torch.uint8,
-                                       device=device) if self.cpu_blocks else None
             self.block_handoff = self._block_handoff()
             # copies of often routed experts in the room the plan reserved for them; while GPU-fetched decode
             # steps run, also in the staging slots and in ``decode_spare`` bytes (a prefill's activations')
@@ -262,22 +274,30 @@ class Engine:
                 buf = torch.empty(u.rest_nbytes, dtype=torch.uint8, device=self.device)
                 for slot, start in zip(u.rest, u.rest_from):
                     buf[slot.offset:slot.offset + slot.nbytes].copy_(src.read(start, slot.nbytes))
-                bind([by_name[slot.names[0]] for slot in u.rest], SimpleNamespace(params=u.rest), buf)
-                self.rest[u.index] = buf
+                rest = ([by_name[slot.names[0]] for slot in u.rest], SimpleNamespace(params=u.rest), buf)
+                bind(*rest)
+                self.rest[u.index], self.rest_binding[u.index] = buf, rest
         return max((len(ids) for ids in self.pieces_of.values() if self.sources[ids[0]].tier == "disk"), default=1)
 
-    def stream_order(self):
-        """Engine units that stream, in the model's unit order (pieces in layout order)."""
+    def stream_order(self, large: bool = False):
+        """Engine units that stream, in the model's unit order (pieces in layout order); with ``large``, in a
+        step too large for the CPU, which streams the CPU's blocks too."""
+        streams = {**self.sources, **self.large_sources} if large else self.sources
         out = []
         for u in self.units[:self.n_model]:
-            if u.index in self.sources:
+            if u.index in streams:
                 out.append(u.index)
-            out.extend(k for k in self.pieces_of.get(u.index, ()) if k in self.sources)
+            out.extend(k for k in self.pieces_of.get(u.index, ()) if k in streams)
         return out
 
     def model_unit(self, idx):
         """The model unit an engine unit belongs to (itself, or the unit it is a piece of)."""
         return self.owner.get(idx, idx)
+
+    @property
+    def small_order(self):
+        """The units a small step streams, in the order learned for such steps, held ones included."""
+        return self.schedule.orders[False]
 
     @property
     def order(self):
@@ -302,10 +322,10 @@ class Engine:
         """Hook the units' modules (the forward pass as a whole goes through ``step``)."""
         full = self.trace.enabled and self.trace.detail == "full"
         for u in self.units:
-            if u.index in self.cpu_blocks:          # their hooks below time them on the host
+            if u.index in self.cpu_blocks and u.index not in self.large_sources:  # its pieces stream in large steps
                 continue
-            if u.index in self.sources or full:     # resident and not traced one by one: no hook, no cost
-                self.hooks.install(u, self._enter, self._exit)
+            if u.index in self.sources or u.index in self.large_sources or full:   # resident and not traced one
+                self.hooks.install(u, self._enter, self._exit)                     # by one: no hook, no cost
         for idx, found in self.routed.items():
             self.hooks.around(found.module, lambda args, kwargs, idx=idx: self._before_experts(idx, args, kwargs),
                               lambda output, idx=idx: self._after_experts(idx, output))
@@ -327,10 +347,11 @@ class Engine:
                 module = self.model.get_submodule(u.modules[0])
                 whole = len(u.modules) == 1     # one module: its forward can hand its calls to the worker
                 block = hybrid.CpuBlock(self.torch, u, self.params[idx], host, layer=hybrid.layer_index(module),
-                                        device=self.device, upload=self._upload, max_tokens=self.cpu_max_tokens,
-                                        threads=threads, mover=self.mover, trace=self.trace, stats=self.stats,
-                                        handoff=self.block_handoff if whole else None)
-                self._cpu_hooks.append(block)
+                                        device=self.device, rest=self.rest_binding.get(idx),
+                                        large=lambda hidden: self.large,
+                                        max_tokens=self.cpu_max_tokens, threads=threads, trace=self.trace,
+                                        stats=self.stats, handoff=self.block_handoff if whole else None)
+                self._cpu_hooks[idx] = block
                 if block.handoff is not None:
                     module.forward = block.forward(type(module).forward.__get__(module))
                     self._block_forwards.append(module)
@@ -410,14 +431,14 @@ class Engine:
             self.block_handoff = None
         for module in self._block_forwards:
             vars(module).pop("forward", None)       # the class's own again
-        for block in self._cpu_hooks:       # the caller's threads, whatever an interrupt left
+        for block in self._cpu_hooks.values():      # the caller's threads, whatever an interrupt left
             block.reset()
-        self._cpu_hooks, self._block_forwards = [], []
+        self._cpu_hooks, self._block_forwards = {}, []
         self.release_held()
         self.drain()
         self.expert_cache = self.gpu_fetch = None      # its views of the slots, with the slots
         self.reader.close()
-        self.mover.slots, self._views, self.rest, self._upload = [], {}, {}, None
+        self.mover.slots, self._views, self.rest, self.rest_binding = [], {}, {}, {}
 
     def drain(self):
         """Wait for everything in flight and forget the queue (before re-planning or unload)."""
@@ -456,7 +477,7 @@ class Engine:
                 worker.settle()
             self._outstanding.clear()
             self._do(Work(abandoned=self.schedule.reset()))
-            for block in self._cpu_hooks:
+            for block in self._cpu_hooks.values():
                 block.reset()
         self.in_step = True
         if self._cpu_hooks:
@@ -465,9 +486,11 @@ class Engine:
             recorded = [k for k, v in kwargs.items()        # flags only: the other arguments are tensors
                         if k.startswith("output_") and k != "output_hidden_states" and v is True]
             recorded += [k for k in RECORDED_OUTPUTS if getattr(self.model.config, k, None)]
-            for block in self._cpu_hooks:
+            for block in self._cpu_hooks.values():
                 block.on_worker = not recorded and block.handoff is not None
         self.graphs.primed = None               # the slots will no longer hold a replay's first units
+        if self.large_sources:
+            self._use_large(_tokens(args, kwargs) > self.cpu_max_tokens)
         if self.cuda:
             self.mover.begin_step()
         if self.trace.enabled:
@@ -489,6 +512,19 @@ class Engine:
         self.trace.step += 1
         self.trace.flush()
         return out
+
+    def _use_large(self, large: bool):
+        """From this step on, stream the CPU's blocks too (``large``: a step with more tokens than the CPU
+        computes, where their hooks compute them on the GPU as the others), or not."""
+        if large == self.large:
+            return
+        self.large = large
+        if large:
+            self.sources.update(self.large_sources)
+        else:
+            for k in self.large_sources:
+                self.sources.pop(k, None)
+        self._do(Work(abandoned=self.schedule.use(large)))
 
     def _handover(self):
         """Where a worker computes split calls' experts or CPU blocks: the GIL handed over quickly while the
@@ -534,6 +570,7 @@ class Engine:
         was launched, each once its slot's last use in that replay is done (so the copies run under
         the step's tail and the host's work between steps), or here, before the first replay."""
         self.trace.flush(wait=True)             # the last replay's stamps, read before this one overwrites them
+        self._use_large(False)
         self._do(Work(abandoned=self.schedule.restart(wrap=True)))  # an eager step's prefetch, forgotten
         self.mover.begin_step()
         if self.graphs.primed is not captured:
@@ -569,6 +606,8 @@ class Engine:
         self.trace.step += 1
 
     def _enter(self, idx):
+        if idx in self.large_sources and not self.large:    # a CPU block's, computed on the CPU (maybe on the
+            return                                          # worker, which must not touch the schedule)
         if self.cuda and not self.in_step:
             self.mover.begin_step()             # a module called outside a forward pass: its stream
         if idx in self.sources:
@@ -586,6 +625,8 @@ class Engine:
             self._open[idx] = self.mover.mark()
 
     def _exit(self, idx):
+        if idx in self.large_sources and not self.large:
+            return
         if self.trace.enabled:
             self._span_end(idx)
         job = self.schedule.release(idx)
@@ -834,17 +875,21 @@ class Engine:
 
     # -- holding streamed units for a while -----------------------------------------------------
     def hold(self, indices):
-        """Give streamed units buffers of their own on the compute device, filled once, and run
-        them as resident until ``release_held`` (room a short generate leaves unused)."""
+        """Give streamed units, and blocks the CPU computes, buffers of their own on the compute device,
+        filled once, and run them as resident until ``release_held`` (room a short generate leaves unused)."""
         torch = self.torch
-        # once each: a unit that runs twice a pass (tied embedding and lm_head) is in the order twice
-        indices = list(dict.fromkeys(i for i in indices if i in self.sources))
-        if not indices:
+        blocks = [i for i in dict.fromkeys(indices) if i in self.cpu_blocks and i not in self.held]
+        if not blocks and not any(i in self.sources and i not in self.large_sources for i in indices):
             return
         self.drain()
+        self._use_large(False)      # ``sources``: the streamed units alone
+        # once each: a unit that runs twice a pass (tied embedding and lm_head) is in the order twice
+        indices = list(dict.fromkeys(i for i in indices if i in self.sources))
         disk = [i for i in indices if self.sources[i].flat is None]
         inflight = deque()
         try:
+            for idx in blocks:
+                self._hold_cpu_block(idx)
             for idx in indices:
                 if idx in disk:
                     continue
@@ -897,7 +942,25 @@ class Engine:
                 futures_wait(chunks)
             raise
         finally:
-            self.schedule.hold(self.held)
+            self.schedule.hold(self._held_units())
+
+    def _held_units(self) -> set:
+        """The engine units the held ones take out of the stream (a CPU block's pieces with it)."""
+        return {k for idx in self.held for k in (idx, *self.pieces_of.get(idx, ()))}
+
+    def _hold_cpu_block(self, idx):
+        """A CPU block computed on the GPU from a copy there, small steps too, until ``release_held``."""
+        unit = self.units[idx]
+        buf = self.torch.empty(unit.nbytes, dtype=self.torch.uint8, device=self.device)
+        t0 = time.perf_counter()
+        buf.copy_(self.cpu_blocks[idx][:unit.nbytes])
+        self.stats.bytes_from_cpu += unit.nbytes
+        self.trace.host_event("copy", unit.name + " (held)", t0, time.perf_counter(), unit.nbytes)
+        for k in (idx, *self.pieces_of.get(idx, ())):
+            if k in self.large_sources:
+                self._held_large[k] = self.large_sources.pop(k)
+        self.held[idx] = (None, buf)
+        self._cpu_hooks[idx].hold(buf)
 
     def _bind_held(self, idx, buf):
         bind(self.params[idx], self.units[idx], buf)
@@ -908,7 +971,13 @@ class Engine:
         if not self.held:
             return
         self.drain()
+        self._use_large(False)
         for idx, (src, _buf) in self.held.items():
+            if idx in self.cpu_blocks:      # back to the CPU, and to streaming in large steps
+                self.large_sources.update((k, self._held_large.pop(k)) for k in (idx, *self.pieces_of.get(idx, ()))
+                                          if k in self._held_large)
+                self._cpu_hooks[idx].hold(None)
+                continue
             self.sources[idx] = src
             bind_views(self.params[idx], self._slot_views(idx, 0))
         self.held.clear()

@@ -243,8 +243,8 @@ def move_layer_cache(torch, cache, layer: int | None, device):
 
 
 # Where a CUDA decode step's CPU blocks run (above): "caller", "worker" or "graph". Read when a model is
-# loaded. "caller" until the other two are measured on a GPU machine (docs/hybrid.md).
-HANDOFF = "caller"
+# loaded. "graph": the fastest measured on the H200 (docs/hybrid.md), its tokens equal to the reference.
+HANDOFF = "graph"
 HANDOFFS = ("caller", "worker", "graph")
 
 
@@ -271,10 +271,13 @@ def _output_form(output, shape, dtype) -> str | None:
 
 class CpuBlock:
     """The hooks of one block computed on the CPU from ``host`` (its bytes in host memory, its parameters
-    bound there): a step of at most ``max_tokens`` tokens moves the call's tensors to the CPU and the output
-    back to ``device``, with ``threads`` torch threads meanwhile; a larger one (a prefill) copies the block
-    into ``upload`` (a buffer on ``device``, shared by the CPU blocks, used in stream order) and computes it
-    there, as a streamed block would be. The CPU's time goes on the trace's CPU lane.
+    bound there): a small step moves the call's tensors to the CPU and the output back to ``device``, with
+    ``threads`` torch threads meanwhile. In a step that ``large()`` says is too large for the CPU (more than
+    ``max_tokens`` tokens: a prefill), the engine streams the block through its staging slots as any other
+    and binds its parameters there (engine.py); these hooks then move its KV-cache layer to ``device`` and bind
+    ``rest`` there (its leftovers' parameters, their slots and their buffer on ``device``, where the block
+    streams in pieces), and bind everything back to host memory after. The CPU's time goes on the trace's
+    CPU lane.
 
     With a ``handoff`` (handoff.GpuHandoff), ``forward`` computes a small step's block on its worker: once the
     block has been computed so on the caller (which shows the form of its output), and while ``on_worker``
@@ -285,25 +288,28 @@ class CpuBlock:
     # staged buffers kept per block: one set for each input shape seen lately (batch sizes, cache lengths)
     STAGED_KEPT = 8
 
-    def __init__(self, torch, unit, params, host, *, layer, device, upload, max_tokens: int, threads: int, mover,
-                 trace, stats, handoff=None):
+    def __init__(self, torch, unit, params, host, *, layer, device, max_tokens: int, threads: int, trace, stats,
+                 rest=None, large=None, handoff=None):
         self.torch, self.unit, self.params, self.host, self.layer = torch, unit, params, host, layer
-        self.device, self.upload, self.max_tokens, self.threads = device, upload, max_tokens, threads
-        self.mover, self.trace, self.stats = mover, trace, stats
+        self.device, self.rest, self.max_tokens, self.threads = device, rest, max_tokens, threads
+        self.trace, self.stats = trace, stats
+        # whether this step computes the block on the GPU: the engine's say, so its hooks and these agree
+        self.large = large if large is not None else lambda hidden: _tokens(hidden) > max_tokens
         self.handoff, self.on_worker = handoff, handoff is not None
         self._staging = {}      # the call's tensors' shapes -> (page-locked buffer per tensor, for the output)
         self._before = self._cache = None
         self._form = None       # how the block returns its output, once seen (``_output_form``)
         self._shape = (None, None)      # the input hidden state's shape and dtype in a call on the caller
         self._callers_threads = torch.get_num_threads()
-        self._on_upload = False         # its parameters point into ``upload`` (a large step's)
+        self._on_gpu = False        # a large step computes it on the GPU (its parameters in slots, ``rest``)
+        self.held = None            # its copy on the GPU, where it computes every step while held (``hold``)
 
     def forward(self, own):
         """The block's forward, around ``own`` (the module's): a small step on the worker where it may, else
         on this thread through ``before`` and ``after``."""
         def forward(*args, **kwargs):
             hidden = _hidden(args, kwargs)
-            if (self.on_worker and self._form is not None and _tokens(hidden) <= self.max_tokens
+            if (self.on_worker and self.held is None and self._form is not None and not self.large(hidden)
                     and getattr(hidden, "shape", None) is not None):
                 return self._on_worker(own, hidden, args, kwargs)
             args, kwargs = self.before(args, kwargs)
@@ -320,8 +326,8 @@ class CpuBlock:
         device will have it once the worker is done (the GPU waits for it, not this thread)."""
         from .graphs import given_cache
         torch = self.torch
-        if self._on_upload:         # a large step an interrupt cut short before ``after``
-            self._bind_host()
+        if self._on_gpu:        # a large step an interrupt cut short before ``after``
+            self._bind_home()
         cache = given_cache(kwargs)
         self.cache_to_host(cache)       # after a prefill: once (a capture can't, and fails)
         (host_args, host_kwargs), out = self._staged(args, kwargs, hidden)
@@ -391,24 +397,17 @@ class CpuBlock:
         from .graphs import given_cache
         from .hooks import bind, to_device
         hidden = _hidden(args, kwargs)
-        tokens = _tokens(hidden)
         self._cache = given_cache(kwargs)
-        if tokens > self.max_tokens and self.upload is not None:
+        if self.held is not None or self.large(hidden):
             move_layer_cache(self.torch, self._cache, self.layer, self.device)
-            n = self.unit.nbytes
-            start = self.mover.mark() if self.trace.enabled else None
-            self.upload[:n].copy_(self.host[:n], non_blocking=True)      # on the compute stream, in order
-            if start is not None:
-                self.trace.cuda_event("copy", self.unit.name + " (a large step: on the GPU)", start, self.mover.mark(),
-                                      n)
-            bind(self.params, self.unit, self.upload)
-            self._on_upload = True
-            self.stats.bytes_from_cpu += n
-            self._before = "uploaded"
+            if self.rest is not None and self.held is None:
+                bind(*self.rest)
+            self._on_gpu = True
+            self._before = "on gpu"
             return args, kwargs
         cpu = self.torch.device("cpu")
-        if self._on_upload:         # a large step an interrupt cut short before ``after``
-            self._bind_host()
+        if self._on_gpu:        # a large step an interrupt cut short before ``after``
+            self._bind_home()
         move_layer_cache(self.torch, self._cache, self.layer, cpu)
         if self.handoff is not None and self._form is None and getattr(hidden, "shape", None) is not None:
             # the buffers the next step's call on the worker takes, made now: a capture of that step can't
@@ -426,20 +425,27 @@ class CpuBlock:
         """After a step an interrupt cut short (forward hooks don't run for a KeyboardInterrupt): the caller's
         threads again, the weights bound to host memory."""
         self.torch.set_num_threads(self._callers_threads)
-        self._bind_host()
+        self._bind_home()
         self._before = self._cache = None
 
-    def _bind_host(self):
+    def hold(self, buf):
+        """Compute every step on the GPU from ``buf`` (the block's bytes copied there), or, given None, on the
+        CPU again."""
+        self.held = buf
+        self._bind_home()
+
+    def _bind_home(self):
+        """The parameters bound where the block computes between large steps: its held copy, or host memory."""
         from .hooks import bind
-        bind(self.params, self.unit, self.host)
-        self._on_upload = False
+        bind(self.params, self.unit, self.host if self.held is None else self.held)
+        self._on_gpu = False
 
     def after(self, output):
         """Also called where the forward raised (``output`` None): the binding and the threads come back."""
         from .hooks import to_device
         state, self._before = self._before, None
-        if state == "uploaded":     # its KV cache moves to host memory at the next small step (no wait here)
-            self._bind_host()
+        if state == "on gpu":       # its KV cache moves to host memory at the next small step (no wait here)
+            self._bind_home()
             self._cache = None
             return output
         self._cache = None

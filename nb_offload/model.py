@@ -12,7 +12,7 @@ import warnings
 from .budget import format_size, host_memory, trim_heap
 from .errors import OffloadError, PinError
 from .gate import RunGate
-from .hybrid import CPU_COMPUTE, gpu_only_attention
+from .hybrid import CPU_COMPUTE, gpu_only_attention, step_seconds
 from .patterns import match_units
 from .planner import is_expert_pattern, resolve_expert_pins, split_pin
 from .trace import Stats, Trace
@@ -37,6 +37,7 @@ class OffloadedModel:
         self._expert_pins = dict(expert_pins or {})     # unit index -> experts kept in the expert cache
         self._budgets = budgets
         self.hold_spare = self.options.hold_spare  # may be switched off and on between generates
+        self.last_held = []     # names of the units the last generate held in its spare room
         self.cuda_graph = self.options.cuda_graph  # so may this (graphs.py)
         self.uncached_disk_reads = False           # drop_page_cache as it applies to the present plan
         self.plan = plan
@@ -278,11 +279,13 @@ class OffloadedModel:
         ``length``: a static cache's, where the generate was given one."""
         picks = self._spare_picks(args, kwargs, length) if self.hold_spare else []
         self.stats.held_last = len(picks)
+        self.last_held = []
         if not picks:
             yield
             return
         try:
             self._engine.hold(picks)
+            self.last_held = self.held
             yield
         finally:
             self._engine.release_held()
@@ -297,9 +300,27 @@ class OffloadedModel:
         room = spare.spare_bytes(self.plan, self._insp.config, self._insp.dtype_size, *extent)
         eng = self._engine
         candidates = [(i, self.plan.entries[eng.model_unit(i)].tier, eng.units[i].nbytes)
-                      for i in dict.fromkeys(eng.order)       # a tied unit runs twice a pass: once each
-                      if i in eng.sources and eng.model_unit(i) not in self._pins]
-        return spare.choose(candidates, room, spare.granularity(self.plan.device))
+                      for i in dict.fromkeys(eng.small_order)      # a tied unit runs twice a pass: once each
+                      if i not in eng.held and eng.model_unit(i) not in self._pins]
+        step = spare.granularity(self.plan.device)
+        blocks = [(i, eng.units[i].nbytes) for i in eng.cpu_blocks if i not in self._pins]
+        if not blocks or not self.plan.rates:
+            return spare.choose(candidates, room, step)
+        return spare.choose_with_cpu_blocks(candidates, blocks, room, step, self._step_seconds_holding)
+
+    def _step_seconds_holding(self, held, cpu_gbps=None, link_gbps=None) -> float:
+        """The modelled decode step (hybrid.step_seconds at the plan's rates, or those given) with the engine
+        units ``held`` on the GPU: a held CPU block computes there, a held streamed unit brings no bytes."""
+        from .planner import step_order
+        eng, plan = self._engine, self.plan
+        order = step_order(plan.entries)
+        for i in held:
+            m = eng.model_unit(i)
+            where, nbytes = order[m]
+            left = 0 if where == "cpu" else nbytes - eng.units[i].nbytes
+            order[m] = (where, left) if left > 0 else ("gpu", 0)
+        cpu, link = plan.rates
+        return step_seconds(order, cpu_gbps or cpu, link_gbps or link, plan.prefetch, plan.slot_bytes)
 
     @property
     def held(self) -> list:

@@ -293,15 +293,9 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
         reserved["library_code"] = library_code
     if device == "cuda" and decode_graph:   # the captured decode step's memory pool stays between generates
         reserved["decode_graph"] = graph_pool(config, dtype_size, context, batch)
-    # where a prefill computes a CPU block on the GPU (hybrid.py): for pinned ones, or where "hybrid" may
-    # choose some, which is only where blocks are off the compute device anyway (too large, or pinned off)
+    # (a prefill streams the blocks the CPU computes through the staging slots, which count every unit off
+    # the compute device: they need no room of their own)
     cap = budgets[resident]
-    spill = (cap is not None and sum(u.nbytes for u in units) + sum(reserved.values()) > cap) \
-        or any(t != resident for t in pins.values())
-    upload = max((u.nbytes for u in units if u.kind == "block" and not u.quantized
-                  and ((cpu_rates is not None and spill) or u.index in on_cpu)), default=0)
-    if device == "cuda" and upload:
-        reserved["cpu_block_upload"] = upload
     experts_apart = any(u.expert_row_nbytes for u in units)
     expert_pins = expert_pins or {}
     pinned = sum(len(expert_pins.get(u.index, ())) * u.expert_row_nbytes for u in units)

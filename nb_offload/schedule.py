@@ -11,6 +11,10 @@ A unit that arrives out of order (a surprise) resets the queue and restarts it f
 a surprise costs time, never correctness. Reads the reset leaves without a user are handed back
 as abandoned, so the reader can drop what it has not started.
 
+A step larger than the CPU computes (a prefill) streams the blocks the CPU computes in decode steps
+too (hybrid.py): such a step runs ``large_order``, the others ``order``; the schedule switches between
+them at a step's start (``use``), as it does when units are held out of the stream (``hold``).
+
 The schedule says what should happen; the movers and the reader do it (engine.py wires them up).
 """
 
@@ -71,11 +75,16 @@ class Schedule:
     slots on the compute device; ``prefetch``: units queued beyond the one computing. ``staging``:
     page-locked buffers disk reads land in (0: disk units are read straight into their slot);
     ``read_ahead``: reads kept issued beyond the copies. ``from_disk``: units whose bytes come from disk.
+    ``large_order``: the order of a large step, where it streams more units (hybrid.py); else ``order``.
     """
 
     def __init__(self, order, *, slots: int, prefetch: int, staging: int = 0, read_ahead: int = 1,
-                 from_disk=()):
+                 from_disk=(), large_order=None):
         self.order = list(order)
+        # the learned orders of small and large steps, held units included; ``order`` is the one in use
+        self.orders = {False: list(order), True: list(order if large_order is None else large_order)}
+        self.large = False
+        self.held = frozenset()
         self.slots, self.prefetch = slots, max(1, prefetch)
         self.staging, self.read_ahead = staging, max(1, read_ahead)
         self.from_disk = set(from_disk)
@@ -87,7 +96,6 @@ class Schedule:
         self.seen: list[int] = []             # streamed units entered this step, in order
         self.next_slot = self.next_staging = 0
         self.wrap = True              # fill on into the next step (False while a step is captured)
-        self._order_before_hold = None
 
     # -- a step ---------------------------------------------------------------------------------
     def begin_step(self) -> Work:
@@ -122,6 +130,8 @@ class Schedule:
         """After a forward pass: a pass that ran every streamed unit in a new order teaches it."""
         if self.wrap and self.seen and self.seen != self.order and set(self.seen) >= set(self.order):
             self.order = list(self.seen)
+            if not self.held:       # learned while units are held, it lasts until they stream again
+                self.orders[self.large] = list(self.seen)
             work = Work(abandoned=self.reset())
             self.pos = self.read_pos = 0
             work += self.fill()
@@ -201,15 +211,27 @@ class Schedule:
         self.order.append(idx)
         return self.pos - self.pos % (n + 1) + n if n else 0
 
-    # -- holding units out of the stream --------------------------------------------------------
-    def hold(self, held):
-        """Take ``held`` out of the order (they run from buffers of their own) until ``unhold``."""
-        if self._order_before_hold is None:
-            self._order_before_hold = list(self.order)
-        self.order = [i for i in self.order if i not in held]
-        self.pos = self.read_pos = 0
+    # -- which units stream ------------------------------------------------------------------------
+    def use(self, large: bool) -> list[Read]:
+        """Run the large steps' order (True) or the small ones' from this step on; returns the reads the
+        switch leaves without a user (the queue restarts from the step's first unit)."""
+        self.large = large
+        return self._apply()
 
-    def unhold(self):
-        if self._order_before_hold is not None:
-            self.order, self._order_before_hold = self._order_before_hold, None
+    def hold(self, held) -> list[Read]:
+        """Take ``held`` out of the order (they run from buffers of their own) until ``unhold``."""
+        self.held = frozenset(held)
+        return self._apply()
+
+    def unhold(self) -> list[Read]:
+        self.held = frozenset()
+        return self._apply()
+
+    def _apply(self) -> list[Read]:
+        order = [i for i in self.orders[self.large] if i not in self.held]
+        if order == self.order:
+            return []
+        self.order = order
+        abandoned = self.reset()
         self.pos = self.read_pos = 0
+        return abandoned

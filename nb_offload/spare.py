@@ -10,6 +10,11 @@ needs counted twice as a margin for temporaries the estimate misses), and the un
 back to streaming when the generate ends, however it ends.
 
 Units the user pinned are never held: a pin says where a unit's bytes come from.
+
+Where the CPU computes some blocks (hybrid.py), holding one of them takes its time off the CPU's side of the
+step, and holding a streamed unit takes its bytes off the link's: ``choose_with_cpu_blocks`` holds as many of
+the CPU's blocks as make the modelled step (hybrid.step_seconds) shortest, and fills the room left with
+streamed units as ``choose`` does.
 """
 
 from __future__ import annotations
@@ -92,3 +97,27 @@ def choose(candidates, room: int, step: int = 64) -> list:
                 room -= need
                 break
     return picked
+
+
+def choose_with_cpu_blocks(candidates, blocks, room: int, step: int, time_of) -> list:
+    """Which of ``candidates`` (streamed, as for ``choose``) and ``blocks`` (``(index, nbytes)`` of blocks the
+    CPU computes, in run order) to hold in ``room`` bytes: for each count of the blocks (spread over the run
+    order) that fits, those and the streamed units ``choose`` adds in the room left; the picks whose step
+    ``time_of(picks)`` says is shortest (of equal ones, the fewer blocks)."""
+    from .planner import _evenly_spaced
+    from .units import round_up
+
+    best, best_time = None, None
+    for k in range(len(blocks) + 1):
+        positions = _evenly_spaced(len(blocks), k) if 0 < k < len(blocks) else set(range(k))
+        if positions is None:
+            continue
+        held = [blocks[i][0] for i in sorted(positions)]
+        need = sum(round_up(blocks[i][1], step) for i in positions)
+        if need > room:
+            break
+        picks = held + choose(candidates, room - need, step)
+        t = time_of(picks)
+        if best_time is None or t < best_time * (1 - 1e-9):
+            best, best_time = picks, t
+    return best or []

@@ -218,7 +218,7 @@ class Stats:
     seconds: float = 0.0
     bytes_from_cpu: int = 0     # host-to-device copies
     bytes_from_disk: int = 0    # drive reads
-    held_last: int = 0          # streamed units held in spare room during the last generate
+    held_last: int = 0          # units held in spare room during the last generate (streamed or CPU blocks)
     graph_replays: int = 0      # decode steps run as a captured CUDA graph (graphs.py)
     graph_captures: int = 0
     capture_seconds: float = 0.0
@@ -312,7 +312,7 @@ class Stats:
         streamed = [f"{format_size(n)} from {where}" for where, n in moved.items() if n]
         text += " · streamed " + ", ".join(streamed) if streamed else " · nothing streamed"
         if self.held_last:
-            text += (f" · {self.held_last} streamed unit(s) kept on the {held_on} for this generate, in room "
+            text += (f" · {self.held_last} off-{held_on} unit(s) kept on the {held_on} for this generate, in room "
                      "its short length left free")
         if link_gbps and seconds and sum(moved.values()):
             share = sum(moved.values()) / seconds / 1e9 / link_gbps

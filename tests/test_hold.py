@@ -150,6 +150,24 @@ def test_choose_prefers_disk_and_spreads_picks():
     assert len(spare.choose(cands, 10**12)) == 12
 
 
+@pytest.mark.parametrize("cpu_gbps, link_gbps, held_blocks", [(1.0, 10.0, 2), (10.0, 1.0, 0)])
+def test_the_spare_room_holds_the_cpus_blocks_where_they_make_the_step_longest(cpu_gbps, link_gbps, held_blocks):
+    """A hybrid plan: three blocks the CPU computes (0, 2, 4) between three streamed (1, 3, 5), room for two. A
+    slow CPU: the two held are CPU blocks; a slow link: streamed units."""
+    from nb_offload import hybrid
+    mib = 2**20
+    where = {0: "cpu", 1: "stream", 2: "cpu", 3: "stream", 4: "cpu", 5: "stream"}
+
+    def time_of(held):
+        order = [("gpu", 0) if i in held else (where[i], 8 * mib) for i in range(6)]
+        return hybrid.step_seconds(order, cpu_gbps, link_gbps, ahead=1, slot_bytes=8 * mib)
+    streamed = [(i, "cpu", 8 * mib) for i in (1, 3, 5)]
+    picks = spare.choose_with_cpu_blocks(streamed, [(0, 8 * mib), (2, 8 * mib), (4, 8 * mib)], 16 * mib, 2 * mib,
+                                         time_of)
+    assert len(picks) == 2 and sum(1 for i in picks if where[i] == "cpu") == held_blocks
+    assert spare.choose_with_cpu_blocks(streamed, [(0, 8 * mib)], 0, 2 * mib, time_of) == []
+
+
 def test_bad_hold_option_is_refused_before_loading(model_dirs):
     with pytest.raises(nb_offload.OffloadError, match=r"hold_spare='no' is not valid; accepted: True or False"):
         nb_offload.load(model_dirs("llama"), device="cpu", hold_spare="no", progress=False)

@@ -10,7 +10,7 @@ from helpers import blocks
 
 import nb_offload
 from nb_offload import hybrid, loader
-from nb_offload.hooks import ModuleHooks
+from nb_offload.hooks import ModuleHooks, bind
 from nb_offload.trace import Stats, Trace
 
 RATES = (20.0, 60.0)        # CPU, link GB/s: the CPU takes a quarter
@@ -214,10 +214,11 @@ def test_the_cpu_rate_is_measured_with_the_threads_asked(model_dirs):
     assert cpu > 0 and link == 25.0         # no GPU here: the link is assumed, as for a dry run
 
 
-def test_a_cpu_block_computes_small_steps_on_the_cpu_and_large_ones_from_an_upload(model_dirs):
+def test_a_cpu_block_computes_small_steps_on_the_cpu_and_leaves_large_ones_to_the_engine(model_dirs):
     """On the CPU device both sides are the CPU, so the tokens stay plain transformers' to the bit while the
-    hooks do their work: a decode step runs with the block's own threads and on the CPU lane, a prefill
-    (more tokens than ``max_tokens``) copies the block into the upload buffer and computes it from there."""
+    hooks do their work: a decode step runs with the block's own threads and on the CPU lane; a prefill
+    (more tokens than ``max_tokens``) keeps the caller's threads and is not counted as the CPU's: the engine
+    streams the block for it (on CUDA), and the hooks bind it back to host memory after."""
     from helpers import reference, run_offloaded
     folder = model_dirs("llama")
     want, _ = reference(folder)
@@ -234,15 +235,14 @@ def test_a_cpu_block_computes_small_steps_on_the_cpu_and_large_ones_from_an_uplo
             assert cpu._cache is not None       # the layer's cache, under the name transformers gives it
             return own(*args, **kwargs)
         block.forward = spy
-        upload = torch.empty(unit.nbytes, dtype=torch.uint8)
         stats = Stats()
         cpu = hybrid.CpuBlock(torch, unit, params, host, layer=hybrid.layer_index(block), device=torch.device("cpu"),
-                              upload=upload, max_tokens=1, threads=1, mover=None, trace=Trace(enabled=False),
-                              stats=stats)
+                              max_tokens=1, threads=1, trace=Trace(enabled=False), stats=stats)
         assert cpu.layer == 1
         hooks = ModuleHooks(llm.model)
         hooks.around("model.layers.1", cpu.before, cpu.after)
         mine = torch.get_num_threads()
+        assert mine > 1
         try:
             tokens = llm.generate(torch.tensor([list(range(1, 9))]), max_new_tokens=3, min_new_tokens=3,
                                   do_sample=False)
@@ -251,13 +251,12 @@ def test_a_cpu_block_computes_small_steps_on_the_cpu_and_large_ones_from_an_uplo
             hooks.remove()
             block.forward = own
         assert torch.equal(tokens, plain_tokens(folder))
-        in_upload = [ptr for _, ptr in seen if upload.data_ptr() <= ptr < upload.data_ptr() + unit.nbytes]
-        assert len(in_upload) == 3          # the generates' prefills and run_offloaded's forward, from the upload
-        assert [t for t, ptr in seen if ptr not in in_upload] == [1] * (len(seen) - 3)     # decode: one thread
+        # the generates' prefills and run_offloaded's forward: the caller's threads; decode steps: the block's one
+        assert [t for t, _ in seen].count(mine) == 3 and [t for t, _ in seen].count(1) == len(seen) - 3
         assert host.data_ptr() <= params[0].data.data_ptr() < host.data_ptr() + unit.nbytes   # bound back
         assert torch.get_num_threads() == mine      # the caller's threads its own again
         assert stats.cpu_block_calls == len(seen) - 3 and stats.cpu_block_bytes == stats.cpu_block_calls * unit.nbytes
-        assert stats.bytes_from_cpu == 3 * unit.nbytes
+        assert stats.bytes_from_cpu == 0            # the engine's streaming counts a large step's bytes
         summary = stats.run_summary(Stats().as_dict(), 1, 1.0)
         assert "blocks a step computed on the CPU from host memory" in summary
         assert "streaming may be" not in summary          # no link rate given: nothing to compare with
@@ -296,7 +295,7 @@ class ThreadHandoff:
 def test_a_cpu_block_hands_decode_steps_to_a_worker_once_it_knows_their_output(model_dirs):
     """With a handoff, the block's first small step runs on the caller (its output shows the form), and the
     later ones on the worker, which returns the same tokens; what the worker did is counted when the engine
-    collects it. A step larger than ``max_tokens`` (a prefill) stays on the caller, from the upload."""
+    collects it. A step larger than ``max_tokens`` (a prefill) stays on the caller."""
     import threading
     folder = model_dirs("llama")
     with nb_offload.load(folder, device="cpu", progress=False) as llm:
@@ -311,9 +310,8 @@ def test_a_cpu_block_hands_decode_steps_to_a_worker_once_it_knows_their_output(m
             threads.append((threading.current_thread().name, hidden.shape[1], torch.get_num_threads()))
             return type(block).forward(block, *args, **kwargs)
         handoff = ThreadHandoff()
-        cpu = hybrid.CpuBlock(torch, unit, params, host, layer=1, device=torch.device("cpu"),
-                              upload=torch.empty(unit.nbytes, dtype=torch.uint8), max_tokens=1, threads=1,
-                              mover=None, trace=Trace(enabled=False), stats=stats, handoff=handoff)
+        cpu = hybrid.CpuBlock(torch, unit, params, host, layer=1, device=torch.device("cpu"), max_tokens=1,
+                              threads=1, trace=Trace(enabled=False), stats=stats, handoff=handoff)
         block.forward = cpu.forward(own)
         try:
             tokens = llm.generate(torch.tensor([list(range(1, 9))]), max_new_tokens=4, min_new_tokens=4,
@@ -379,26 +377,49 @@ def test_a_step_an_interrupt_cut_short_leaves_the_next_one_clean(model_dirs):
         idx = next(u.index for u in llm._insp.units if u.name == "model.layers.1")
         unit, params = llm._insp.units[idx], llm._params[idx]
         host = llm._storage.stores[idx].flat
-        upload = torch.empty(unit.nbytes, dtype=torch.uint8)
+        slot = torch.empty(unit.nbytes, dtype=torch.uint8)      # where the engine binds it for a large step
         mine = torch.get_num_threads()
-        for tokens, bound in ((1, "host"), (8, "upload")):      # a small step, then a large one, cut short
-            cpu = hybrid.CpuBlock(torch, unit, params, host, layer=1, device=torch.device("cpu"), upload=upload,
-                                  max_tokens=1, threads=mine + 1, mover=None, trace=Trace(enabled=False),
-                                  stats=Stats())
+        for tokens in (1, 8):       # a small step, then a large one, cut short
+            cpu = hybrid.CpuBlock(torch, unit, params, host, layer=1, device=torch.device("cpu"), max_tokens=1,
+                                  threads=mine + 1, trace=Trace(enabled=False), stats=Stats())
             cpu.before((torch.zeros(1, tokens, 64),), {})
-            where = upload if bound == "upload" else host
-            assert where.data_ptr() <= params[0].data.data_ptr() < where.data_ptr() + unit.nbytes
-            assert torch.get_num_threads() == (mine + 1 if bound == "host" else mine)
+            if tokens > 1:
+                bind(params, unit, slot)
+            assert cpu._on_gpu == (tokens > 1)
+            assert torch.get_num_threads() == (mine + 1 if tokens == 1 else mine)
             cpu.reset()
             assert torch.get_num_threads() == mine
             assert host.data_ptr() <= params[0].data.data_ptr() < host.data_ptr() + unit.nbytes
 
 
+def test_a_held_cpu_block_computes_every_step_where_it_is_held(model_dirs):
+    """Held (spare room, for one generate), a CPU block computes small steps too from its copy, with the
+    caller's threads and uncounted as the CPU's; given back, it computes on the CPU from host memory again."""
+    with nb_offload.load(model_dirs("llama"), device="cpu", progress=False) as llm:
+        idx = next(u.index for u in llm._insp.units if u.name == "model.layers.1")
+        unit, params = llm._insp.units[idx], llm._params[idx]
+        host = llm._storage.stores[idx].flat
+        copy = host.clone()
+        mine = torch.get_num_threads()
+        stats = Stats()
+        cpu = hybrid.CpuBlock(torch, unit, params, host, layer=1, device=torch.device("cpu"), max_tokens=1,
+                              threads=mine + 1, trace=Trace(enabled=False), stats=stats)
+        cpu.hold(copy)
+        assert copy.data_ptr() <= params[0].data.data_ptr() < copy.data_ptr() + unit.nbytes
+        cpu.after(torch.zeros(1, 1, 64) if cpu.before((torch.zeros(1, 1, 64),), {}) else None)
+        assert torch.get_num_threads() == mine and stats.cpu_block_calls == 0
+        assert copy.data_ptr() <= params[0].data.data_ptr() < copy.data_ptr() + unit.nbytes
+        cpu.hold(None)
+        assert host.data_ptr() <= params[0].data.data_ptr() < host.data_ptr() + unit.nbytes
+        cpu.before((torch.zeros(1, 1, 64),), {})
+        assert torch.get_num_threads() == mine + 1
+        cpu.after(torch.zeros(1, 1, 64))
+        assert torch.get_num_threads() == mine and stats.cpu_block_calls == 1
+
+
 def test_a_plan_that_fits_the_gpu_keeps_every_block_there_under_hybrid(model_dirs, rates):
     plan = nb_offload.plan(model_dirs("llama"), gpu="1GiB", cpu="1GiB", compute="hybrid")
     assert all(e.tier == "gpu" and not e.compute for e in plan)
-    assert "cpu_block_upload" not in plan.reserved           # no room held for a block that never comes
-    assert "cpu_block_upload" in all_in_host_memory(model_dirs("llama"), compute="hybrid").reserved
 
 
 def test_a_layers_cache_moves_where_its_block_computes():
@@ -478,7 +499,7 @@ def test_a_step_that_records_inner_outputs_keeps_the_cpu_blocks_on_the_caller(mo
     from types import SimpleNamespace
     with nb_offload.load(model_dirs("llama"), device="cpu", progress=False) as llm:
         block = SimpleNamespace(on_worker=True, handoff=object(), reset=lambda: None)
-        llm._engine._cpu_hooks.append(block)
+        llm._engine._cpu_hooks[-1] = block
         ids = torch.tensor([[1, 2, 3]])
         mask = torch.ones_like(ids)     # tensors among the keywords, as generate passes them
         llm.model(input_ids=ids, attention_mask=mask, output_attentions=True)
@@ -488,7 +509,7 @@ def test_a_step_that_records_inner_outputs_keeps_the_cpu_blocks_on_the_caller(mo
         llm.model.config.output_router_logits = True
         llm.model(input_ids=ids, attention_mask=mask)
         assert block.on_worker is False
-        llm._engine._cpu_hooks.remove(block)
+        del llm._engine._cpu_hooks[-1]
 
 
 def test_an_unknown_handoff_is_refused_naming_the_accepted_ones(model_dirs, monkeypatch):

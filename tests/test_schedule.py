@@ -137,6 +137,27 @@ def test_holding_takes_units_out_of_the_order_until_released():
     assert s.order == [0, 1, 2, 3] and s.pos == 0
 
 
+def test_large_steps_run_their_own_order_and_each_kind_learns_its_own():
+    """A large step (a prefill) streams the CPU's blocks too (hybrid.py): the schedule switches orders at a
+    step's start, restarting its queue, and a step learns only its own kind's order."""
+    s = Schedule([0, 2], slots=2, prefetch=1, large_order=[0, 1, 2, 3])
+    assert s.use(False) == [] and s.order == [0, 2]
+    run_pass(s, [0, 2])
+    s.use(True)
+    assert s.order == [0, 1, 2, 3] and s.pos == 0
+    assert [j.unit for j in run_pass(s, [0, 1, 2, 3])] == [0, 1, 2, 3]
+    run_pass(s, [1, 0, 2, 3])       # a large step in another order: learned for large steps
+    assert s.order == [1, 0, 2, 3]
+    s.use(False)
+    assert s.order == [0, 2] and s.pos == 0 and not s.queue
+    s.hold({2})
+    s.use(True)
+    assert s.order == [1, 0, 3]     # held units stay out of either order
+    s.unhold()
+    s.use(False)
+    assert s.order == [0, 2]
+
+
 def test_the_schedule_imports_no_torch():
     code = "import sys, nb_offload.schedule; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

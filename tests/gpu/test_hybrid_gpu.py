@@ -76,7 +76,8 @@ def reference(folder, ids, on_cpu, max_tokens, n=N, static=False):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
 def test_blocks_computed_on_the_cpu_match_transformers_computing_them_there(arch, handoff, model_dirs, monkeypatch):
     """On the caller's thread, on the worker in eager steps, and on the worker in captured steps (whose
-    reference has the same static cache)."""
+    reference has the same static cache). A prefill streams the CPU's blocks through the staging slots, whole
+    or in pieces (``split_blocks``)."""
     monkeypatch.setattr(hybrid, "HANDOFF", handoff)
     static = handoff == "graph"
     folder = model_dirs(arch)
@@ -85,8 +86,11 @@ def test_blocks_computed_on_the_cpu_match_transformers_computing_them_there(arch
     four = torch.tensor(PROMPT * 4, device="cuda")
     four[1:, 0] = torch.tensor([9, 11, 13])
     monkeypatch.setattr(loader.Inspection, "cpu_rates", lambda self: (20.0, 60.0))
-    for pins, compute in (({names[1]: "cpu-compute"}, "gpu"), ({n: "cpu" for n in names}, "hybrid")):
-        llm = nb_offload.load(folder, pins=pins, compute=compute, hold_spare=False, progress=False)
+    in_host = {n: "cpu" for n in names}
+    for pins, compute, split in (({names[1]: "cpu-compute"}, "gpu", "auto"), (in_host, "hybrid", "auto"),
+                                 (in_host, "hybrid", True)):
+        llm = nb_offload.load(folder, pins=pins, compute=compute, hold_spare=False, split_blocks=split,
+                              progress=False)
         try:
             eng = llm._engine
             on_cpu = [e.name for e in llm.plan if e.compute == "cpu"]
@@ -101,15 +105,18 @@ def test_blocks_computed_on_the_cpu_match_transformers_computing_them_there(arch
             most = eng.cpu_max_tokens
             assert most == llm.plan.cpu_max_tokens >= 1
             print(f"{arch}: {len(on_cpu)} blocks on the CPU, steps of up to {most} tokens there")
+            assert llm.plan.split_blocks == (split is True) and "cpu_block_upload" not in llm.plan.reserved
             got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
-            assert torch.equal(got, reference(folder, ids, on_cpu, most, static=static)), (pins, compute)
+            assert torch.equal(got, reference(folder, ids, on_cpu, most, static=static)), (pins, compute, split)
             s = llm.stats
+            streamed = sum(e.bytes for e in llm.plan if e.tier != "gpu" and e.compute != "cpu")
+            on_cpu_bytes = sum(e.bytes for e in llm.plan if e.compute == "cpu")
+            assert s.bytes_from_cpu >= streamed + on_cpu_bytes       # the prefill brought the CPU's blocks too
             assert s.cpu_block_calls >= len(on_cpu) * (N - 1) and s.cpu_block_seconds > 0
             if static:
                 assert s.graph_replays >= N - 3 and not s.graph_eager, s.graph_eager
             assert torch.equal(llm.generate(four, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu(),
                                reference(folder, four, on_cpu, most, static=static))
-            assert "cpu_block_upload" in llm.plan.reserved
             assert any(e.kind == "cpu" for e in llm.trace)
             # a re-pin moves a block back to the GPU: still exact against its own reference
             llm.pin(on_cpu[0], "gpu")
@@ -151,5 +158,32 @@ def test_a_failing_cpu_block_on_the_worker_fails_its_step_and_the_next_generate_
         assert calls == ["cuda", "cpu", "cpu"]          # prefill on the GPU, decode on the CPU
         got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
         assert torch.equal(got, want)
+    finally:
+        llm.unload()
+
+
+def test_a_cpu_block_held_in_spare_room_computes_on_the_gpu_and_on_the_cpu_again_after(model_dirs, monkeypatch):
+    """A generate that holds a CPU block in its spare room computes it on the GPU from its copy there, in the
+    prefill and the captured decode steps; the next generate, holding nothing, computes it on the CPU again.
+    Tokens equal the reference with the blocks computed on the CPU in each."""
+    folder = model_dirs("llama")
+    names = [e.name for e in blocks(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))]
+    monkeypatch.setattr(loader.Inspection, "cpu_rates", lambda self: (20.0, 60.0))
+    ids = torch.tensor(PROMPT, device="cuda")
+    llm = nb_offload.load(folder, pins={n: "cpu" for n in names}, compute="hybrid", progress=False)
+    try:
+        eng = llm._engine
+        on_cpu = sorted(eng.units[i].name for i in eng.cpu_blocks)
+        first = min(eng.cpu_blocks)
+        name = eng.units[first].name
+        for picks, on_cpu_now in (([first], [n for n in on_cpu if n != name]), ([], on_cpu)):
+            monkeypatch.setattr(llm, "_spare_picks", lambda *a, picks=picks, **k: list(picks))
+            calls = llm.stats.cpu_block_calls
+            got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
+            assert llm.last_held == ([name] if picks else []) and not eng.held      # given back after
+            static = bool(llm.stats.graph_replays)
+            want = reference(folder, ids, on_cpu_now, eng.cpu_max_tokens, static=static)
+            assert torch.equal(got, want), (picks, static)
+            assert llm.stats.cpu_block_calls > calls or not on_cpu_now
     finally:
         llm.unload()
