@@ -26,6 +26,7 @@ import time
 import traceback
 
 from bench_graph import steps
+from bench_moe import timeline
 from bench_offload import build, interleave, med, moved_per_step, pinned_rate, row_recorder, summarize
 
 
@@ -44,6 +45,8 @@ def main():
     ap.add_argument("--handoffs", default="", help="more hybrid loads with these hybrid.HANDOFF values, e.g. "
                                                     "worker,graph: the CPU blocks on a worker thread in eager "
                                                     "steps, and in captured steps")
+    ap.add_argument("--trace-dir", default=None, help="also write each load's timeline of an 8-token generate "
+                    "(the engine's trace: copies, compute, the CPU's blocks) as JSON rows there")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
@@ -124,6 +127,9 @@ def main():
                 return fn
             runs = interleave({k: timed(llm, k) for k, llm in llms.items()}, args.repeats)
             t, sp, tokens, prefill = summarize(runs, llms, long_ids)
+            if args.trace_dir:
+                for k, llm in llms.items():
+                    timeline(llm, ids, os.path.join(args.trace_dir, f"timeline-{budget}-{k}.json"))
             def cpu_gbps(runs):
                 return sum(c[1] for c in runs) / max(sum(c[0] for c in runs), 1e-9) / 1e9
             busy = sum(c[0] for c in counters["hybrid"])

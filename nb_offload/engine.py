@@ -570,7 +570,7 @@ class Engine:
         was launched, each once its slot's last use in that replay is done (so the copies run under
         the step's tail and the host's work between steps), or here, before the first replay."""
         self.trace.flush(wait=True)             # the last replay's stamps, read before this one overwrites them
-        self._use_large(False)
+        self._use_large(captured.large)         # the units its copies read: the CPU's blocks too, where large
         self._do(Work(abandoned=self.schedule.restart(wrap=True)))  # an eager step's prefetch, forgotten
         self.mover.begin_step()
         if self.graphs.primed is not captured:

@@ -108,8 +108,12 @@ def _signature(torch, cache, leaves):
 class Captured:
     """One captured decode step: the graph, the inputs it reads, the output it writes, what it moves."""
 
-    def __init__(self, graph, inputs, output, records, nbytes, slots, seconds, pool_bytes, program=()):
+    def __init__(self, graph, inputs, output, records, nbytes, slots, seconds, pool_bytes, program=(),
+                 large=False):
         self.graph, self.inputs, self.output, self.records = graph, inputs, output, records
+        # whether the step streamed the CPU's blocks too (a batch of more tokens than the CPU computes):
+        # the engine's sources a replay's copies read from (engine.replay)
+        self.large = large
         # the units a replay finds in their slots, (unit, slot), and an event per slot marking its last
         # use in the replay (recorded by the graph itself), after which the next step's may be copied
         self.ahead, self.last_use = slots.ahead, slots.last_use
@@ -318,7 +322,7 @@ class DecodeGraphs:
         finally:
             trace.enabled = tracing
         captured = Captured(graph, inputs, output, records, nbytes, slots, time.perf_counter() - t0,
-                            torch.cuda.memory_reserved(e.device) - before, program)
+                            torch.cuda.memory_reserved(e.device) - before, program, large=e.large)
         e.stats.graph_captures += 1
         e.stats.capture_seconds += captured.seconds
         e.stats.graph_pool_bytes = max(e.stats.graph_pool_bytes, captured.pool_bytes)

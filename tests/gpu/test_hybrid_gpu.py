@@ -88,7 +88,7 @@ def test_blocks_computed_on_the_cpu_match_transformers_computing_them_there(arch
     monkeypatch.setattr(loader.Inspection, "cpu_rates", lambda self: (20.0, 60.0))
     in_host = {n: "cpu" for n in names}
     for pins, compute, split in (({names[1]: "cpu-compute"}, "gpu", "auto"), (in_host, "hybrid", "auto"),
-                                 (in_host, "hybrid", True)):
+                                 (dict.fromkeys(names[1:3], "cpu-compute"), "gpu", True)):
         llm = nb_offload.load(folder, pins=pins, compute=compute, hold_spare=False, split_blocks=split,
                               progress=False)
         try:
