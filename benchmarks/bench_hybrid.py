@@ -45,6 +45,8 @@ def main():
     ap.add_argument("--handoffs", default="", help="more hybrid loads with these hybrid.HANDOFF values, e.g. "
                                                     "worker,graph: the CPU blocks on a worker thread in eager "
                                                     "steps, and in captured steps")
+    ap.add_argument("--auto", action="store_true", help="also a load with compute=\"auto\" (variant hybrid_auto): "
+                    "hybrid where its modelled step is the shorter, else all streamed")
     ap.add_argument("--trace-dir", default=None, help="also write each load's timeline of an 8-token generate "
                     "(the engine's trace: copies, compute, the CPU's blocks) as JSON rows there")
     ap.add_argument("--json", default=None)
@@ -97,6 +99,9 @@ def main():
             for p in filter(None, args.hybrid_prefetch.split(",")):
                 llms[f"hybrid_p{p}"] = nb_offload.load(args.folder, gpu=budget, cpu="100GiB", compute="hybrid",
                                                        prefetch=int(p), progress=False)
+            if args.auto:
+                llms["hybrid_auto"] = nb_offload.load(args.folder, gpu=budget, cpu="100GiB", compute="auto",
+                                                      progress=False)
             default = hybrid.HANDOFF
             for handoff in filter(None, args.handoffs.split(",")):
                 hybrid.HANDOFF = handoff
@@ -197,7 +202,8 @@ def main():
                                                llm, cpu_gbps(counters[k]) or cpu_rate)[0],
                                            held_cpu_blocks=holding(llm, cpu_rate)[1],
                                            equals_reference=equals_reference(k, llm),
-                                           graph_replays=llm.stats.graph_replays, graph_eager=llm.stats.graph_eager)
+                                           graph_replays=llm.stats.graph_replays, graph_eager=llm.stats.graph_eager,
+                                           compute_choice=llm.plan.compute_choice)
                                    for k, llm in llms.items() if k.startswith("hybrid_")})
         except Exception:
             traceback.print_exc()

@@ -797,7 +797,8 @@ def render_hybrid(data, command, title, llama=None) -> str:
                             f"({100 * (v['predicted_holding_at_rate_reached_tok_s'] / v['tok_s'] - 1):+.0f} %)"
                             if v.get("predicted_holding_tok_s") else "")
                          + (f"; decode captured ({v['graph_replays']} replays)" if v.get("graph_replays") else
-                            f"; decode eager: {v['graph_eager']}" if v.get("graph_eager") else ""))
+                            f"; decode eager: {v['graph_eager']}" if v.get("graph_eager") else "")
+                         + (f"; {v['compute_choice']}" if v.get("compute_choice") else ""))
     lines.append("")
     return "\n".join(lines)
 

@@ -78,7 +78,9 @@ def cpu_rate(torch, dtype, shapes, threads: int, tokens: int = 1, repeats: int =
 
     ``beside`` (a ``BusyLink``): the link copies during each pass, as it does while a hybrid step's CPU
     block computes. Both read host memory: on the H200 host a block read 51 GB/s alone and 41 beside the
-    copies (bench_cpu_block.py), and the rate while decoding was the lower one."""
+    copies (bench_cpu_block.py), and the rate while decoding was the lower one. The weights are then
+    page-locked, as a CUDA plan's CPU blocks are: on one machine start of the H200 host the rate measured on
+    pageable weights was 30 % above the one the blocks reached while decoding (benchmarks/RESULTS.md)."""
     return rates_by_tokens(torch, dtype, shapes, threads, (tokens,), repeats, beside)[tokens]
 
 
@@ -110,10 +112,11 @@ def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: i
     """``cpu_rate`` at each of ``token_counts`` (tokens -> bytes a second), on one set of weights; ``beside``
     as there."""
     weights, total = [], 0
+    pinned = beside is not None and torch.cuda.is_available()      # as a CUDA plan's CPU blocks are
     for rows, cols in shapes:
         if weights and total + rows * cols * torch.empty((), dtype=dtype).element_size() > MEASURED_BYTES:
             break
-        weights.append(torch.full((rows, cols), 0.01, dtype=dtype))
+        weights.append(torch.empty((rows, cols), dtype=dtype, pin_memory=pinned).fill_(0.01))
         total += weights[-1].nbytes
     caller = torch.get_num_threads()
     rates = {}
@@ -147,24 +150,36 @@ def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: i
 MOST_AHEAD = 8
 
 
+# The rate a captured batch-1 decode step computes the GPU's units at, in the step model: on the H200 the
+# LLaMA-7B shape fully resident replayed at 158.7 tok/s (6.3 ms a step, 13.5 GB: about 2.1 TB/s with the host's
+# time between replays; benchmarks/RESULTS.md, 2026-12-02), and a hybrid step's GPU units took 0.15 ms a block
+# of 405 MB (2.7 TB/s) in the 2026-12-04 timelines. Per block it is small beside a copy (7 ms) or a CPU block
+# (10 ms), but a 12 GiB plan's 29 GPU blocks add about 5 ms to a step of 25.
+GPU_GBPS = 2400.0
+
+
 def step_seconds(order, cpu_gbps: float, link_gbps: float, ahead: int, slot_bytes: int,
-                 disk_gbps: float | None = None, steps: int = 3) -> float:
+                 disk_gbps: float | None = None, steps: int = 3, gpu_gbps: float | None = None) -> float:
     """A batch-1 decode step's seconds, from the order its units run in and where each computes, for a plan
     whose CPU blocks and streamed units take turns: ``order`` is [(where, bytes)] in run order, where "gpu"
     (resident), "cpu" (computed by the CPU at ``cpu_gbps``), "stream" (copied at ``link_gbps``) or "disk"
     (read at ``disk_gbps``, then copied).
 
-    The units run one after another (each takes the one before's output). A streamed unit travels in
+    The units run one after another (each takes the one before's output). With ``gpu_gbps``, a unit the GPU
+    computes ("gpu", or streamed once its bytes are in) takes its bytes over that rate. A streamed unit travels in
     pieces of at most ``slot_bytes`` (a staging slot's), copied in order while the link is free and a slot
     is: with ``ahead`` pieces copied ahead, a piece's copy waits until the piece ``ahead + 1`` before it
     has run. So the link works while the CPU computes a block only as far as the slots let it, which a
     share of the bytes over both rates (``cpu_share``) doesn't see: on the H200 host it predicted 8.5 tok/s
-    where 5.9 ran (benchmarks/RESULTS.md). The GPU's own compute at batch 1 is taken as nothing beside the
-    copies. Steps follow each other (the next step's first pieces copy during this one's last units): the
-    last of ``steps`` simulated steps is the answer."""
+    where 5.9 ran (benchmarks/RESULTS.md). Without ``gpu_gbps`` the GPU's own compute is taken as nothing
+    beside the copies. Steps follow each other (the next step's first pieces copy during this one's last
+    units): the last of ``steps`` simulated steps is the answer."""
     link = link_gbps * 1e9
+
+    def on_gpu(nbytes):
+        return nbytes / (gpu_gbps * 1e9) if gpu_gbps else 0.0
     pieces = []         # (bytes, extra seconds: a read from the drive) of each piece, one step's, in order
-    tasks = []          # per streamed or CPU unit: ("piece", its pieces) or ("cpu", seconds); resident ones none
+    tasks = []          # per unit: ("piece", its pieces), or ("cpu" | "gpu", seconds)
     for where, nbytes in order:
         if where in ("stream", "disk") and nbytes > 0:
             count = max(1, math.ceil(nbytes / max(1, slot_bytes)))
@@ -173,13 +188,15 @@ def step_seconds(order, cpu_gbps: float, link_gbps: float, ahead: int, slot_byte
             tasks.append(("piece", count))
         elif where == "cpu":
             tasks.append(("cpu", nbytes / (cpu_gbps * 1e9) if cpu_gbps and cpu_gbps > 0 else float("inf")))
+        elif on_gpu(nbytes):
+            tasks.append(("gpu", on_gpu(nbytes)))
     link_free = now = 0.0
     ran = []            # when each piece (over all steps) has run: its slot is free again
     ends = []
     for _ in range(max(2, steps)):
         k = 0           # this step's next piece
         for kind, value in tasks:
-            if kind == "cpu":
+            if kind != "piece":
                 now += value
                 continue
             for _ in range(value):
@@ -188,7 +205,7 @@ def step_seconds(order, cpu_gbps: float, link_gbps: float, ahead: int, slot_byte
                 n = len(ran)
                 start = max(link_free, ran[n - ahead - 1] if n > ahead else 0.0)
                 link_free = start + read + nbytes / link
-                now = max(now, link_free)
+                now = max(now, link_free) + on_gpu(nbytes)
                 ran.append(now)
         ends.append(now)
     return ends[-1] - ends[-2]

@@ -20,6 +20,7 @@ from .planner import (
     resident_tier_of,
     resolve_expert_pins,
     resolve_pins,
+    step_order,
     text_config,
 )
 from .units import build_meta_model, find_units, map_checkpoint, quiet_transformers, resolve_dtype
@@ -299,7 +300,10 @@ class Inspection:
             return streamed
         cpu, link = split.rates
         t_split = split.predicted_seconds_per_step(link, cpu_gbps=cpu)
-        t_streamed = streamed.predicted_seconds_per_step(link)
+        # the same model for both (the GPU's compute counted alike), at the link's rate alone for streaming
+        t_streamed = max(streamed.predicted_seconds_per_step(link),
+                         hybrid.step_seconds(step_order(streamed.entries), cpu, link, streamed.prefetch,
+                                             streamed.slot_bytes, gpu_gbps=hybrid.GPU_GBPS))
         chose_split = t_split < t_streamed
         plan = split if chose_split else streamed
         plan.compute_choice = (f"compute=\"auto\": {'hybrid' if chose_split else 'all streamed'}, modelled "

@@ -12,7 +12,7 @@ import warnings
 from .budget import format_size, host_memory, trim_heap
 from .errors import OffloadError, PinError
 from .gate import RunGate
-from .hybrid import CPU_COMPUTE, gpu_only_attention, step_seconds
+from .hybrid import CPU_COMPUTE, GPU_GBPS, gpu_only_attention, step_seconds
 from .patterns import match_units
 from .planner import is_expert_pattern, resolve_expert_pins, split_pin
 from .trace import Stats, Trace
@@ -318,9 +318,10 @@ class OffloadedModel:
             m = eng.model_unit(i)
             where, nbytes = order[m]
             left = 0 if where == "cpu" else nbytes - eng.units[i].nbytes
-            order[m] = (where, left) if left > 0 else ("gpu", 0)
+            order[m] = (where, left) if left > 0 else ("gpu", plan.entries[m].bytes)
         cpu, link = plan.rates
-        return step_seconds(order, cpu_gbps or cpu, link_gbps or link, plan.prefetch, plan.slot_bytes)
+        return step_seconds(order, cpu_gbps or cpu, link_gbps or link, plan.prefetch, plan.slot_bytes,
+                            gpu_gbps=GPU_GBPS)
 
     @property
     def held(self) -> list:

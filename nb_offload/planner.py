@@ -160,7 +160,8 @@ class Plan:
         bound = max(link, on_cpu / (cpu_gbps * 1e9)) if on_cpu and cpu_gbps else link
         if cpu_gbps and any(e.compute == "cpu" for e in self.entries):
             return max(bound, hybrid.step_seconds(step_order(self.entries, share), cpu_gbps, link_gbps,
-                                                  self.prefetch, self.slot_bytes, disk_gbps))
+                                                  self.prefetch, self.slot_bytes, disk_gbps,
+                                                  gpu_gbps=hybrid.GPU_GBPS))
         return bound
 
     def to_dict(self) -> dict:
@@ -377,8 +378,9 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
 
 def step_order(entries, share: float = 0.0) -> list:
     """[(where, bytes)] of a batch-1 decode step's units in run order, for ``hybrid.step_seconds``: "gpu"
-    (resident, or read in place), "cpu" (a block the CPU computes), "stream" or "disk" (the bytes it
-    brings: a MoE block's routed experts, less the CPU's ``share`` of them)."""
+    (resident, or read in place: a block's bytes, which the GPU computes; other units' taken as none), "cpu"
+    (a block the CPU computes), "stream" or "disk" (the bytes it brings: a MoE block's routed experts, less
+    the CPU's ``share`` of them)."""
     order = []
     for e in entries:
         if e.compute == "cpu":
@@ -387,7 +389,7 @@ def step_order(entries, share: float = 0.0) -> list:
             brings = e.routed_bytes - e.cpu_expert_bytes(share) if e.routed_bytes else e.bytes
             order.append(("stream" if e.tier == "cpu" else "disk", brings))
         else:
-            order.append(("gpu", 0))
+            order.append(("gpu", e.bytes if e.kind == "block" and e.compute != "in place" else 0))
     return order
 
 
@@ -414,7 +416,8 @@ def _computed_on_cpu(units, entries, pinned, rates, device, prefetch, slot_bytes
 
     def step_with(chosen):
         mark(chosen)
-        return hybrid.step_seconds(step_order(entries), rates[0], rates[1], prefetch, slot_bytes)
+        return hybrid.step_seconds(step_order(entries), rates[0], rates[1], prefetch, slot_bytes,
+                                   gpu_gbps=hybrid.GPU_GBPS)
     chosen = hybrid.fastest_split(candidates, step_with)
     mark(chosen)
     return len(chosen) / len(candidates) if candidates else 0.0

@@ -57,6 +57,10 @@ def test_the_step_model_counts_the_link_idle_where_the_slots_are_full():
     # the CPU the slower: its time; a read from the drive adds to its piece's copy
     assert hybrid.step_seconds([("cpu", 5 * G), ("stream", G)], 1.0, 1.0, 1, G) == pytest.approx(5.0)
     assert hybrid.step_seconds([("disk", 2 * G)], 1.0, 2.0, 1, G, disk_gbps=1.0) == pytest.approx(3.0)
+    # the GPU's compute, where given: a resident block's bytes, a streamed piece's once it is in (its copy
+    # ran during the one before: 1 + 0.5 s), in turn with the CPU's blocks
+    assert hybrid.step_seconds([("gpu", 2 * G), ("stream", G)], 1.0, 1.0, 1, G, gpu_gbps=2.0) == pytest.approx(1.5)
+    assert hybrid.step_seconds([("gpu", 2 * G), ("cpu", G)], 1.0, 1.0, 1, G, gpu_gbps=2.0) == pytest.approx(2.0)
     # the split of least time, of equal ones the fewer blocks
     assert hybrid.fastest_split([1, 2, 3, 4], lambda chosen: abs(len(chosen) - 2)) == [2, 4]
     assert hybrid.fastest_split([1, 2], lambda chosen: 1.0) == []
@@ -77,7 +81,8 @@ def test_a_hybrid_plan_takes_the_split_and_the_depth_whose_step_is_shortest(mode
     for n in range(len(names) + 1):
         other = [dataclasses.replace(e, compute="cpu" if e.name in hybrid.spread(names, n / len(names)) else
                  "" if e.compute == "cpu" else e.compute) for e in plan]
-        alike = hybrid.step_seconds(step_order(other), cpu, link, plan.prefetch, plan.slot_bytes)
+        alike = hybrid.step_seconds(step_order(other), cpu, link, plan.prefetch, plan.slot_bytes,
+                                    gpu_gbps=hybrid.GPU_GBPS)
         assert step(plan) <= alike * (1 + 1e-9)
     # the depth chosen: no other depth that fits has a shorter step; of equal ones the shallowest
     depths = {d: all_in_host_memory(folder, compute="hybrid", prefetch=d) for d in range(1, hybrid.MOST_AHEAD + 1)}
