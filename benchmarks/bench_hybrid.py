@@ -126,6 +126,7 @@ def main():
                     s0, b0, c0 = llm.stats.cpu_block_seconds, llm.stats.cpu_block_bytes, llm.stats.steps
                     result = steps(llm.generate, ids, n)
                     held_in[key] = list(llm.last_held)      # what the generate whose tokens are compared held
+                    held_in[key, "why"] = llm.stats.graph_eager
                     counters.setdefault(key, []).append((llm.stats.cpu_block_seconds - s0,
                                                          llm.stats.cpu_block_bytes - b0, llm.stats.steps - c0))
                     return result
@@ -187,6 +188,9 @@ def main():
                 streamed_equals_hf=bool(torch.equal(tokens["streamed"], want_gpu)),
                 hybrid_equals_reference=equals_reference("hybrid", hyb),
                 graph_eager=hyb.stats.graph_eager, plan=str(hyb.plan).splitlines()[-4:],
+                graph_replays=hyb.stats.graph_replays, graph_captures=hyb.stats.graph_captures,
+                graph_failed=sorted(set(hyb._engine.graphs.failed.values())),
+                timed_graph_eager=held_in.get(("hybrid", "why")),
                 variants={k: dict(tok_s=1 / t[k], over_streamed=t["streamed"] / t[k],
                                            blocks_on_cpu=sum(1 for e in llm.plan if e.compute == "cpu"),
                                            moved_per_step=moved[k], staging=llm.plan.reserved.get("staging_slots"),
@@ -203,7 +207,8 @@ def main():
                                            held_cpu_blocks=holding(llm, cpu_rate)[1],
                                            equals_reference=equals_reference(k, llm),
                                            graph_replays=llm.stats.graph_replays, graph_eager=llm.stats.graph_eager,
-                                           compute_choice=llm.plan.compute_choice)
+                                           compute_choice=llm.plan.compute_choice,
+                                           graph_failed=sorted(set(llm._engine.graphs.failed.values())))
                                    for k, llm in llms.items() if k.startswith("hybrid_")})
         except Exception:
             traceback.print_exc()

@@ -25,7 +25,7 @@ from concurrent.futures import wait as futures_wait
 from . import cpu_experts, device_routing, experts, hybrid
 from .budget import link_gbps
 from .errors import OptionError, in_one_line
-from .graphs import DecodeGraphs, given_ids
+from .graphs import DecodeGraphs, given_cache, given_ids
 from .handoff import GpuHandoff
 from .hooks import ModuleHooks, bind, bind_views, to_device
 from .movers import CpuMover, CudaMover
@@ -543,6 +543,9 @@ class Engine:
         hands to the worker (handoff.py)."""
         torch = self.torch
         self.drain()
+        large = bool(self.large_sources) and _tokens(args, kwargs) > self.cpu_max_tokens
+        for block in self._cpu_hooks.values():      # their cache layers where the step computes them
+            block.place_cache(given_cache(kwargs), large)
         self.schedule.restart(wrap=False)       # a replay is whole: nothing fetched for the next step
         moved = self.stats.bytes_from_cpu
         steps, trace_step = self.stats.steps, self.trace.step

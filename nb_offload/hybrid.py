@@ -399,6 +399,13 @@ class CpuBlock:
         self._staging[key] = staged         # the most recent last
         return staged
 
+    def place_cache(self, cache, large: bool):
+        """This block's KV-cache layer where a step computes it: on the GPU where the block is held or the
+        step is ``large``, else in host memory. Before a capture, which can't move it (a prefill since the last
+        eager small step left it on the GPU; a capture of a shape seen before has no eager step first)."""
+        on_gpu = self.held is not None or large
+        move_layer_cache(self.torch, cache, self.layer, self.device if on_gpu else self.torch.device("cpu"))
+
     def cache_to_host(self, cache):
         """This block's KV-cache layer in host memory, where a prefill computed on the GPU left it (a replay
         of a captured step finds it there; a capture can't move it, and fails)."""

@@ -164,26 +164,29 @@ def test_a_failing_cpu_block_on_the_worker_fails_its_step_and_the_next_generate_
 
 def test_a_cpu_block_held_in_spare_room_computes_on_the_gpu_and_on_the_cpu_again_after(model_dirs, monkeypatch):
     """A generate that holds a CPU block in its spare room computes it on the GPU from its copy there, in the
-    prefill and the captured decode steps; the next generate, holding nothing, computes it on the CPU again.
-    Tokens equal the reference with the blocks computed on the CPU in each."""
+    prefill and the captured decode steps; a generate holding nothing computes it on the CPU again. The same
+    hold again may find its step's shape warmed up before and capture at once: the other CPU block's cache
+    layer, which the prefill left on the GPU, goes back to host memory before the capture (a capture can't
+    move it). Tokens equal the reference with the blocks computed on the CPU in each, every decode captured."""
     folder = model_dirs("llama")
     names = [e.name for e in blocks(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))]
-    monkeypatch.setattr(loader.Inspection, "cpu_rates", lambda self: (20.0, 60.0))
     ids = torch.tensor(PROMPT, device="cuda")
-    llm = nb_offload.load(folder, pins={n: "cpu" for n in names}, compute="hybrid", progress=False)
+    llm = nb_offload.load(folder, pins=dict.fromkeys(names[1:3], "cpu-compute"), progress=False)
     try:
         eng = llm._engine
         on_cpu = sorted(eng.units[i].name for i in eng.cpu_blocks)
+        assert len(on_cpu) == 2
         first = min(eng.cpu_blocks)
         name = eng.units[first].name
-        for picks, on_cpu_now in (([first], [n for n in on_cpu if n != name]), ([], on_cpu)):
+        for picks in ([first], [first], [], [first], []):
             monkeypatch.setattr(llm, "_spare_picks", lambda *a, picks=picks, **k: list(picks))
-            calls = llm.stats.cpu_block_calls
+            calls, replays = llm.stats.cpu_block_calls, llm.stats.graph_replays
             got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
             assert llm.last_held == ([name] if picks else []) and not eng.held      # given back after
-            static = bool(llm.stats.graph_replays)
-            want = reference(folder, ids, on_cpu_now, eng.cpu_max_tokens, static=static)
-            assert torch.equal(got, want), (picks, static)
-            assert llm.stats.cpu_block_calls > calls or not on_cpu_now
+            assert not llm.stats.graph_eager and llm.stats.graph_replays >= replays + N - 3, llm.stats.graph_eager
+            on_cpu_now = [n for n in on_cpu if not (picks and n == name)]
+            want = reference(folder, ids, on_cpu_now, eng.cpu_max_tokens, static=True)
+            assert torch.equal(got, want), picks
+            assert llm.stats.cpu_block_calls > calls
     finally:
         llm.unload()
