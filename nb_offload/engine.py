@@ -68,7 +68,8 @@ class Engine:
         # Blocks the CPU computes from host memory (index -> their bytes there; the caller bound them there). A
         # step too large for the CPU streams them as the others, split into pieces as they are: their sources
         # (``large_sources``: engine units, pieces included) join ``sources`` for such a step only.
-        self.cpu_blocks = dict(cpu_blocks or {}) if self.cuda else {}
+        # (On the CPU device both sides are the CPU: loads give none there, a test may, to check the engine's part.)
+        self.cpu_blocks = dict(cpu_blocks or {})
         self.sources.update((idx, Source("cpu", flat=host)) for idx, host in self.cpu_blocks.items())
         read_ahead = max(1, int(read_ahead)) * (self._split_into_pieces() if split else 1)
         self.large_sources = {k: src for k, src in self.sources.items() if self.model_unit(k) in self.cpu_blocks}

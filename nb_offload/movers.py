@@ -29,8 +29,14 @@ class CpuMover:
         self.reader, self.trace, self.stats = reader, trace, stats
 
     def start(self, job, unit, source, nbytes=None):
-        """``nbytes``: what ``source`` holds where it is a part of the unit (a block without its experts)."""
+        """``nbytes``: what ``source`` holds where it is a part of the unit (a block without its experts). A
+        source in memory (a block the CPU computes in small steps, streamed for a large one) is copied."""
         nbytes = unit.nbytes if nbytes is None else nbytes
+        if source.flat is not None:
+            self.slots[job.slot][:nbytes].copy_(source.flat[:nbytes])
+            self.stats.bytes_from_cpu += nbytes
+            job.ready = None
+            return
         self.stats.bytes_from_disk += nbytes
         job.ready = self.reader.read_into(unit.name, nbytes, source.extents, self.slots[job.slot])
 
@@ -38,7 +44,8 @@ class CpuMover:
         pass
 
     def wait(self, job):
-        wait_read(job.ready)
+        if job.ready is not None:
+            wait_read(job.ready)
 
     def done(self, job):
         pass

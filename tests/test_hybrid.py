@@ -422,6 +422,79 @@ def test_a_held_cpu_block_computes_every_step_where_it_is_held(model_dirs):
         assert torch.get_num_threads() == mine and stats.cpu_block_calls == 1
 
 
+def _with_cpu_block(llm, idx):
+    """``llm``'s engine started again with the resident block ``idx`` as a block the CPU computes (loads give
+    none on the CPU device, where both sides are the CPU: this checks the engine's part)."""
+    from nb_offload.engine import Engine
+    llm._engine.remove()
+    resident = llm.plan.resident_tier
+    stores = llm._storage.stores
+    sources = {u.index: stores[u.index] for u in llm._insp.units if stores[u.index].tier != resident}
+    eng = Engine(llm.model, llm._insp.units, llm._params, sources, llm._device, llm.trace, llm.stats,
+                 prefetch=llm.plan.prefetch, split=llm.plan.split_blocks, cpu_blocks={idx: stores[idx].flat},
+                 cpu_max_tokens=1)
+    eng.install()
+    llm._engine = eng
+    return eng
+
+
+def test_the_engine_streams_a_cpu_block_in_large_steps_in_pieces_and_holds_it(model_dirs, tmp_path):
+    """A prefill streams the CPU's block through the staging slots (its pieces bound there, its leftovers to
+    their own buffer) and the decode steps compute it from host memory; held, it computes every step from its
+    copy; given back, as before. The schedule runs each kind of step's own order. Tokens stay plain
+    transformers' (both sides are the CPU)."""
+    from helpers import load_tight
+    folder = model_dirs("llama")
+    want = plain_tokens(folder, 4)
+    with load_tight(folder, str(tmp_path / "off"), hold_spare=False) as llm:
+        idx = next(u.index for u, e in zip(llm._insp.units, llm.plan) if e.kind == "block" and e.tier == "cpu")
+        eng = _with_cpu_block(llm, idx)
+        unit, params = llm._insp.units[idx], llm._params[idx]
+        host = llm._storage.stores[idx].flat
+        pieces = eng.pieces_of[idx]
+        assert pieces and idx in eng.rest and not set(pieces) & set(eng.sources)
+        assert set(pieces) <= set(eng.schedule.orders[True]) and not set(pieces) & set(eng.schedule.orders[False])
+        block = llm.model.get_submodule(unit.name)
+        attn = block.self_attn
+        own, seen = attn.forward, []
+
+        def inside(t, buf):
+            return buf.data_ptr() <= t.data_ptr() < buf.data_ptr() + buf.numel()
+
+        def spy(*args, **kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            weight = attn.q_proj.weight
+            held = [b for _, b in eng.held.values()]
+            seen.append((hidden.shape[1], "host" if inside(weight, host) else
+                         "slot" if any(inside(weight, slot) for slot in eng.mover.slots) else
+                         "held" if any(inside(weight, b) for b in held) else "other",
+                         inside(block.input_layernorm.weight, eng.rest[idx])))
+            return own(*args, **kwargs)
+        attn.forward = spy
+        try:
+            moved = llm.stats.bytes_from_cpu
+            ids = torch.tensor([list(range(1, 9))])
+            assert torch.equal(llm.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False), want)
+            # the prefill from the slots, its leftovers from their buffer; decode from host memory
+            assert seen == [(8, "slot", True)] + [(1, "host", False)] * 3, seen
+            assert llm.stats.bytes_from_cpu - moved == unit.nbytes - unit.rest_nbytes
+            assert eng.order == eng.schedule.orders[False] and not eng.large
+            assert host.data_ptr() <= params[0].data.data_ptr() < host.data_ptr() + unit.nbytes
+            # held: every step from its copy, none streamed; given back: as before
+            seen.clear()
+            eng.hold([idx])
+            assert eng.schedule.held >= set(pieces)
+            assert torch.equal(llm.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False), want)
+            assert seen == [(8, "held", False)] + [(1, "held", False)] * 3, seen
+            assert llm.stats.cpu_block_calls == 3       # the first generate's decode steps only
+            eng.release_held()
+            seen.clear()
+            assert torch.equal(llm.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False), want)
+            assert seen == [(8, "slot", True)] + [(1, "host", False)] * 3, seen
+        finally:
+            del attn.forward
+
+
 def test_a_plan_that_fits_the_gpu_keeps_every_block_there_under_hybrid(model_dirs, rates):
     plan = nb_offload.plan(model_dirs("llama"), gpu="1GiB", cpu="1GiB", compute="hybrid")
     assert all(e.tier == "gpu" and not e.compute for e in plan)
