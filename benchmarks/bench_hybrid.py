@@ -144,10 +144,14 @@ def main():
             predicted = hyb.plan.predicted_seconds_per_step(link_gbps=link, cpu_gbps=cpu_rate)
             wanted = {}
 
-            def holding(llm, cpu):
-                """The modelled step of the timed generate, with what it held in its spare room (the plan's
+            # what each load's timed generate held in its spare room (the same picks every time it runs)
+            picks_of = {k: llm._spare_picks((ids,), dict(max_new_tokens=n, min_new_tokens=n)) if llm.hold_spare
+                        else [] for k, llm in llms.items()}
+
+            def holding(key, cpu, llms=llms, picks_of=picks_of):
+                """The modelled step of ``key``'s timed generate, with what it held in its spare room (the plan's
                 own prediction counts none): tok/s, and the CPU blocks and streamed units held."""
-                picks = llm._spare_picks((ids,), dict(max_new_tokens=n, min_new_tokens=n)) if llm.hold_spare else []
+                llm, picks = llms[key], picks_of[key]
                 blocks = sum(1 for i in picks if i in llm._engine.cpu_blocks)
                 if not llm.plan.rates:
                     return None, blocks, len(picks) - blocks
@@ -165,7 +169,7 @@ def main():
                         else reference(list(names), most)
                 return bool(torch.equal(tokens[key], wanted[names, static, most]))
             reached = cpu_bytes / busy / 1e9 if busy else cpu_rate
-            held = holding(hyb, cpu_rate)
+            held = holding("hybrid", cpu_rate)
             add(budget=budget, link_gbps=link, handoff=hybrid.HANDOFF, streamed_tok_s=1 / t["streamed"],
                 hybrid_tok_s=1 / t["hybrid"],
                 spread=sp, hybrid_over_streamed=t["streamed"] / t["hybrid"],
@@ -183,7 +187,7 @@ def main():
                 predicted_at_rate_reached_tok_s=1 / hyb.plan.predicted_seconds_per_step(
                     link_gbps=link, cpu_gbps=reached),
                 predicted_holding_tok_s=held[0], held_cpu_blocks=held[1], held_streamed=held[2],
-                predicted_holding_at_rate_reached_tok_s=holding(hyb, reached)[0],
+                predicted_holding_at_rate_reached_tok_s=holding("hybrid", reached)[0],
                 prefill_2048_streamed_s=prefill["streamed"], prefill_2048_hybrid_s=prefill["hybrid"],
                 streamed_equals_hf=bool(torch.equal(tokens["streamed"], want_gpu)),
                 hybrid_equals_reference=equals_reference("hybrid", hyb),
@@ -201,10 +205,10 @@ def main():
                                            predicted_at_rate_reached_tok_s=1 / llm.plan.predicted_seconds_per_step(
                                                link_gbps=link, cpu_gbps=cpu_gbps(counters[k])),
                                            predicted_holding_tok_s=holding(
-                                               llm, (llm.plan.rates or (cpu_rate,))[0])[0],
+                                               k, (llm.plan.rates or (cpu_rate,))[0])[0],
                                            predicted_holding_at_rate_reached_tok_s=holding(
-                                               llm, cpu_gbps(counters[k]) or cpu_rate)[0],
-                                           held_cpu_blocks=holding(llm, cpu_rate)[1],
+                                               k, cpu_gbps(counters[k]) or cpu_rate)[0],
+                                           held_cpu_blocks=holding(k, cpu_rate)[1],
                                            equals_reference=equals_reference(k, llm),
                                            graph_replays=llm.stats.graph_replays, graph_eager=llm.stats.graph_eager,
                                            compute_choice=llm.plan.compute_choice,

@@ -60,7 +60,7 @@ class Engine:
         self.rest = {}            # model unit index -> its leftovers' buffer on the compute device
         self.rest_binding = {}    # model unit index -> (its leftovers' parameters, their slots, that buffer)
         self.large_sources = {}   # the CPU blocks' sources (below), while they don't stream
-        self.held = {}            # unit index -> (Source, own buffer), see hold()
+        self.held = {}            # unit index -> (Source, own buffer), see hold(); a CPU block's: its large_sources
         self.in_step = False
         self._views = {}          # (unit, slot) -> parameter views into that slot
         self._open = {}           # unit index or "step" -> the mark its trace span started at
@@ -126,7 +126,6 @@ class Engine:
         self._cpu_rows, self._gpu_rows, self._forwards, self._host_calls, self.last_on_cpu = {}, {}, {}, {}, {}
         self.cpu_max_tokens = cpu_max_tokens      # the most tokens a step the CPU blocks compute on the CPU
         self._cpu_hooks = {}        # index -> its hybrid.CpuBlock (install)
-        self._held_large = {}       # the ``large_sources`` of CPU blocks held on the GPU (``hold``)
         self._block_forwards = []   # their modules whose forward hands decode steps to the worker
         self.block_handoff, self.block_handoff_why_not = None, ""      # handoff.GpuHandoff, below
         try:        # a start that fails part way leaves no wrapped forward, worker or reader behind
@@ -895,15 +894,8 @@ class Engine:
             for idx in blocks:
                 self._hold_cpu_block(idx)
             for idx in indices:
-                if idx in disk:
-                    continue
-                unit = self.units[idx]
-                buf = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
-                t0 = time.perf_counter()
-                buf.copy_(self.sources[idx].flat[:unit.nbytes])
-                self.stats.bytes_from_cpu += unit.nbytes
-                self.trace.host_event("copy", unit.name + " (held)", t0, time.perf_counter(), unit.nbytes)
-                self._bind_held(idx, buf)
+                if idx not in disk:
+                    self._bind_held(idx, self._held_copy(idx, self.sources[idx].flat))
             # Disk units: reads queued several ahead (on CUDA into the idle staging buffers, then
             # one copy each), so the drive stays busy while each lands and is copied.
             landings = [st.flat for st in self.reader.staging] if self.cuda else None
@@ -952,18 +944,23 @@ class Engine:
         """The engine units the held ones take out of the stream (a CPU block's pieces with it)."""
         return {k for idx in self.held for k in (idx, *self.pieces_of.get(idx, ()))}
 
-    def _hold_cpu_block(self, idx):
-        """A CPU block computed on the GPU from a copy there, small steps too, until ``release_held``."""
+    def _held_copy(self, idx, flat):
+        """Unit ``idx``'s bytes, in host memory at ``flat``, copied into a buffer of its own on the device."""
         unit = self.units[idx]
         buf = self.torch.empty(unit.nbytes, dtype=self.torch.uint8, device=self.device)
         t0 = time.perf_counter()
-        buf.copy_(self.cpu_blocks[idx][:unit.nbytes])
+        buf.copy_(flat[:unit.nbytes])
         self.stats.bytes_from_cpu += unit.nbytes
         self.trace.host_event("copy", unit.name + " (held)", t0, time.perf_counter(), unit.nbytes)
-        for k in (idx, *self.pieces_of.get(idx, ())):
-            if k in self.large_sources:
-                self._held_large[k] = self.large_sources.pop(k)
-        self.held[idx] = (None, buf)
+        return buf
+
+    def _hold_cpu_block(self, idx):
+        """A CPU block computed on the GPU from a copy there, small steps too, until ``release_held``; its
+        sources for large steps (``large_sources``: it, or its pieces) are kept with the copy meanwhile."""
+        buf = self._held_copy(idx, self.cpu_blocks[idx])
+        streams = {k: self.large_sources.pop(k) for k in (idx, *self.pieces_of.get(idx, ()))
+                   if k in self.large_sources}
+        self.held[idx] = (streams, buf)
         self._cpu_hooks[idx].hold(buf)
 
     def _bind_held(self, idx, buf):
@@ -978,8 +975,7 @@ class Engine:
         self._use_large(False)
         for idx, (src, _buf) in self.held.items():
             if idx in self.cpu_blocks:      # back to the CPU, and to streaming in large steps
-                self.large_sources.update((k, self._held_large.pop(k)) for k in (idx, *self.pieces_of.get(idx, ()))
-                                          if k in self._held_large)
+                self.large_sources.update(src)
                 self._cpu_hooks[idx].hold(None)
                 continue
             self.sources[idx] = src
