@@ -217,6 +217,7 @@ class DeviceRouting:
             return
         e, torch, cache = self.engine, self.torch, self.engine.expert_cache
         copy = e.mover.copy_stream
+        e.mover.copied_since_prefetch()
         with torch.cuda.stream(copy):
             copy.wait_stream(e.mover.compute_stream)
             for key, entry in admit.items():

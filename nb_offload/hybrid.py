@@ -16,7 +16,8 @@ about their bytes over C + L when the split is right and the link never waits, r
   hooks: inputs moved to the CPU, the torch threads set (``cpu_experts.host_threads``: cores left to
   the copy and reader threads), the output moved back. Their KV-cache layer is kept in host memory.
   A step of more tokens than the CPU computes faster than the link copies (``cpu_max_tokens``, measured
-  at load: a prefill) copies the block into one GPU buffer the CPU blocks share and computes it there.
+  at load: a prefill) streams the CPU's blocks through the staging slots as the other off-GPU units, and
+  the GPU computes them (the engine's ``large_sources``).
 - Where their decode steps run (``HANDOFF``, read at load): "caller", on the thread that launches the GPU's
   kernels, between them, in eager steps; "worker", on a worker thread the GPU's stream hands them to and
   waits for (handoff.py), so the caller goes on launching the blocks after them and queueing the link's
@@ -158,8 +159,16 @@ MOST_AHEAD = 8
 GPU_GBPS = 2400.0
 
 
+def decode_captured(order) -> bool:
+    """Whether the step model takes a plan's decode step as a replayed graph (``step_seconds``'s ``captured``):
+    the captured handoff (``HANDOFF == "graph"``) and no unit read from the drive (graphs.py keeps those
+    steps eager). ``order`` as ``step_seconds`` takes it."""
+    return HANDOFF == "graph" and all(where != "disk" for where, _ in order)
+
+
 def step_seconds(order, cpu_gbps: float, link_gbps: float, ahead: int, slot_bytes: int,
-                 disk_gbps: float | None = None, steps: int = 3, gpu_gbps: float | None = None) -> float:
+                 disk_gbps: float | None = None, steps: int = 3, gpu_gbps: float | None = None,
+                 captured: bool = False) -> float:
     """A batch-1 decode step's seconds, from the order its units run in and where each computes, for a plan
     whose CPU blocks and streamed units take turns: ``order`` is [(where, bytes)] in run order, where "gpu"
     (resident), "cpu" (computed by the CPU at ``cpu_gbps``), "stream" (copied at ``link_gbps``) or "disk"
@@ -168,12 +177,18 @@ def step_seconds(order, cpu_gbps: float, link_gbps: float, ahead: int, slot_byte
     The units run one after another (each takes the one before's output). With ``gpu_gbps``, a unit the GPU
     computes ("gpu", or streamed once its bytes are in) takes its bytes over that rate. A streamed unit travels in
     pieces of at most ``slot_bytes`` (a staging slot's), copied in order while the link is free and a slot
-    is: with ``ahead`` pieces copied ahead, a piece's copy waits until the piece ``ahead + 1`` before it
-    has run. So the link works while the CPU computes a block only as far as the slots let it, which a
-    share of the bytes over both rates (``cpu_share``) doesn't see: on the H200 host it predicted 8.5 tok/s
-    where 5.9 ran (benchmarks/RESULTS.md). Without ``gpu_gbps`` the GPU's own compute is taken as nothing
-    beside the copies. Steps follow each other (the next step's first pieces copy during this one's last
-    units): the last of ``steps`` simulated steps is the answer."""
+    is: ``ahead + 1`` slots taken in turn, a piece's copy waits until its slot's last piece has run. So the
+    link works while the CPU computes a block only as far as the slots let it, which a share of the bytes
+    over both rates (``cpu_share``) doesn't see: on the H200 host it predicted 8.5 tok/s where 5.9 ran
+    (benchmarks/RESULTS.md). Without ``gpu_gbps`` the GPU's own compute is taken as nothing beside the
+    copies. Steps follow each other (the next step's first pieces copy during this one's last units): the
+    last of ``steps`` simulated steps is the answer.
+
+    ``captured``: the step is a replayed graph, whose pieces take the same slots every step (the schedule
+    starts a captured step at the first slot), so where a step's pieces don't fill the slots a whole number
+    of times, its first pieces wait for the slots its last pieces used. An eager step's turn goes on from
+    the last step's (with three pieces and two slots, the next step's first piece takes the slot freed by
+    the second, mid-step, where a replay's waits for the third, at the step's end)."""
     link = link_gbps * 1e9
 
     def on_gpu(nbytes):
@@ -191,10 +206,14 @@ def step_seconds(order, cpu_gbps: float, link_gbps: float, ahead: int, slot_byte
         elif on_gpu(nbytes):
             tasks.append(("gpu", on_gpu(nbytes)))
     link_free = now = 0.0
-    ran = []            # when each piece (over all steps) has run: its slot is free again
+    slots = max(0, ahead) + 1
+    free_at = [0.0] * slots     # when each slot's last piece has run
+    turn = 0                    # the slot the next piece takes
     ends = []
     for _ in range(max(2, steps)):
         k = 0           # this step's next piece
+        if captured:
+            turn = 0
         for kind, value in tasks:
             if kind != "piece":
                 now += value
@@ -202,11 +221,11 @@ def step_seconds(order, cpu_gbps: float, link_gbps: float, ahead: int, slot_byte
             for _ in range(value):
                 nbytes, read = pieces[k]
                 k += 1
-                n = len(ran)
-                start = max(link_free, ran[n - ahead - 1] if n > ahead else 0.0)
+                start = max(link_free, free_at[turn])
                 link_free = start + read + nbytes / link
                 now = max(now, link_free) + on_gpu(nbytes)
-                ran.append(now)
+                free_at[turn] = now
+                turn = (turn + 1) % slots
         ends.append(now)
     return ends[-1] - ends[-2]
 

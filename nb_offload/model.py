@@ -12,7 +12,7 @@ import warnings
 from .budget import format_size, host_memory, trim_heap
 from .errors import OffloadError, PinError
 from .gate import RunGate
-from .hybrid import CPU_COMPUTE, GPU_GBPS, gpu_only_attention, step_seconds
+from .hybrid import CPU_COMPUTE, GPU_GBPS, decode_captured, gpu_only_attention, step_seconds
 from .patterns import match_units
 from .planner import is_expert_pattern, resolve_expert_pins, split_pin
 from .trace import Stats, Trace
@@ -321,7 +321,7 @@ class OffloadedModel:
             order[m] = (where, left) if left > 0 else ("gpu", plan.entries[m].bytes)
         cpu, link = plan.rates
         return step_seconds(order, cpu_gbps or cpu, link_gbps or link, plan.prefetch, plan.slot_bytes,
-                            gpu_gbps=GPU_GBPS)
+                            gpu_gbps=GPU_GBPS, captured=decode_captured(order))
 
     @property
     def held(self) -> list:

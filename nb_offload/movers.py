@@ -73,6 +73,14 @@ class CudaMover:
         self.copy_stream = torch.cuda.Stream(device)
         self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(slots)]
         self.slot_free = [torch.cuda.Event() for _ in range(slots)]
+        # per slot, the arrival of a replay's first unit copied there before the launch (``prefetch``); a
+        # captured step waits on it where that unit computes, not for every such copy before it starts.
+        # Recorded once now: torch creates an event at its first record, and a wait on one not yet created
+        # is skipped, which inside a capture would leave the unit's compute unordered after its copy
+        self.arrived = [torch.cuda.Event(external=True) for _ in range(slots)]
+        for ev in self.arrived:
+            ev.record(self.copy_stream)
+        self.prefetched_after = None    # an event after the copies issued before the last prefetch's
         self.compute_stream = torch.cuda.current_stream(device)
         self.in_capture = False
         if trace.enabled:
@@ -117,6 +125,8 @@ class CudaMover:
                 done.record(self.copy_stream)
                 end = self._stamp(self.copy_stream) if timed and self.in_capture else done
             job.ready, job.copied = done, True
+            if not self.in_capture:
+                self.copied_since_prefetch()
             if timed:
                 self.trace.cuda_event("copy", unit.name, start, end, nbytes)
             if read is not None:
@@ -169,7 +179,7 @@ class CudaMover:
         torch = self.torch
         capture = torch.cuda.current_stream(self.device)
         self.in_capture = True
-        self._captured = SimpleNamespace(ahead=[], last_use={}, keep=list(self.slot_free))
+        self._captured = SimpleNamespace(ahead=[], last_use={}, keep=list(self.slot_free) + list(self.arrived))
         fork = self._kept(torch.cuda.Event())
         fork.record(capture)
         self.copy_stream.wait_event(fork)
@@ -184,10 +194,14 @@ class CudaMover:
             self.reset_events()
 
     def present(self, jobs):
-        """Inside a capture: ``jobs`` are in their slots when a replay begins (``prefetch`` put them there)."""
+        """Inside a capture: ``jobs`` are copied into their slots before a replay is launched (``prefetch``);
+        the replay waits for each one's arrival where it computes (an external event: the graph waits on
+        the record that ``prefetch`` made before the launch)."""
         for job in jobs:
-            job.copied, job.ready = True, None
+            job.copied, job.ready = True, self.arrived[job.slot]
             self._captured.ahead.append((job.unit, job.slot))
+        if jobs:    # the graph's own copies follow those on the link, as they would on one stream
+            self.copy_stream.wait_event(self.arrived[jobs[-1].slot])
 
     def prefetch(self, ahead, last_use):
         """Copy a replay's first units into their slots: each once ``last_use[slot]`` (an event of the replay
@@ -197,12 +211,15 @@ class CudaMover:
         with torch.cuda.stream(self.copy_stream):
             if last_use is None:
                 self.copy_stream.wait_stream(self.compute_stream)
+            self.prefetched_after = torch.cuda.Event()
+            self.prefetched_after.record(self.copy_stream)
             for unit_index, slot in ahead:
                 if last_use is not None and slot in last_use:
                     self.copy_stream.wait_event(last_use[slot])
                 unit = self.units[unit_index]
                 start = self._stamp(self.copy_stream) if timed else None
                 self.slots[slot][:unit.nbytes].copy_(self.sources[unit_index].flat[:unit.nbytes], non_blocking=True)
+                self.arrived[slot].record(self.copy_stream)
                 if timed:
                     self.trace.cuda_event("copy", unit.name, start, self._stamp(self.copy_stream), unit.nbytes)
                 self.stats.bytes_from_cpu += unit.nbytes
@@ -212,9 +229,18 @@ class CudaMover:
         self.in_capture = False
         self.slot_free = [self.torch.cuda.Event() for _ in self.slots]
 
+    def copied_since_prefetch(self):
+        """A copy was queued on the copy stream after the last ``prefetch``: the next replay waits for
+        everything there (``before_graph``)."""
+        self.prefetched_after = None
+
     def before_graph(self):
-        """A replay's copies wait for any eager copy still in flight into the slots."""
-        self.compute_stream.wait_stream(self.copy_stream)
+        """A replay waits for any eager copy still in flight into the slots: those issued before the last
+        ``prefetch`` (the replay's first units), whose own copies it waits for unit by unit."""
+        if self.prefetched_after is None:
+            self.compute_stream.wait_stream(self.copy_stream)
+        else:
+            self.compute_stream.wait_event(self.prefetched_after)
 
     def after_graph(self):
         """Eager copies after a replay wait for it to be done with the slots."""

@@ -49,7 +49,8 @@ def routing(own=1, lent=1, spare=0):
     flat = torch.arange(64, dtype=torch.uint8)
     cache = ExpertCache(torch, "cpu", ROW, own)
     stats = SimpleNamespace(bytes_from_cpu=0, expert_hits=0, experts_read=0, experts_skipped=0)
-    mover = SimpleNamespace(compute_stream=Stream("compute", log), copy_stream=Stream("copy", log))
+    mover = SimpleNamespace(compute_stream=Stream("compute", log), copy_stream=Stream("copy", log),
+                            copied_since_prefetch=lambda: None)
     engine = SimpleNamespace(expert_cache=cache, stats=stats, last_routed={}, sources={5: SimpleNamespace(flat=flat)},
                              mover=mover, held={})
     d = object.__new__(device_routing.DeviceRouting)

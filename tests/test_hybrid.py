@@ -66,6 +66,24 @@ def test_the_step_model_counts_the_link_idle_where_the_slots_are_full():
     assert hybrid.fastest_split([1, 2], lambda chosen: 1.0) == []
 
 
+def test_a_captured_step_s_pieces_take_the_same_slots_every_step(monkeypatch):
+    """A replay's pieces go into the same slots every step, so its first piece waits for the slot its last
+    piece used; an eager step's ring goes on turning."""
+    G = 1e9
+    # a 1-GB piece, a 2 s CPU block, a piece, a CPU block, a piece; two slots (one piece ahead). Eager, the
+    # next step's first piece takes the slot the second piece freed mid-step: 4 s. Captured, it waits for
+    # the third piece's slot, free at the step's end, and its copy runs alone: 5 s. With three slots, each
+    # piece has its own and the first copies during the step's last CPU block: 4 s again.
+    order = [("stream", G), ("cpu", 2 * G), ("stream", G), ("cpu", 2 * G), ("stream", G)]
+    assert hybrid.step_seconds(order, 1.0, 1.0, 1, G) == pytest.approx(4.0)
+    assert hybrid.step_seconds(order, 1.0, 1.0, 1, G, captured=True) == pytest.approx(5.0)
+    assert hybrid.step_seconds(order, 1.0, 1.0, 2, G, captured=True) == pytest.approx(4.0)
+    # which the plans take: the captured handoff's replays, where no unit is read from the drive
+    assert hybrid.decode_captured(order) and not hybrid.decode_captured(order + [("disk", G)])
+    monkeypatch.setattr(hybrid, "HANDOFF", "worker")
+    assert not hybrid.decode_captured(order)
+
+
 def test_a_hybrid_plan_takes_the_split_and_the_depth_whose_step_is_shortest(model_dirs, rates):
     from nb_offload.planner import step_order
     folder = model_dirs("llama", num_hidden_layers=8)
@@ -81,8 +99,9 @@ def test_a_hybrid_plan_takes_the_split_and_the_depth_whose_step_is_shortest(mode
     for n in range(len(names) + 1):
         other = [dataclasses.replace(e, compute="cpu" if e.name in hybrid.spread(names, n / len(names)) else
                  "" if e.compute == "cpu" else e.compute) for e in plan]
-        alike = hybrid.step_seconds(step_order(other), cpu, link, plan.prefetch, plan.slot_bytes,
-                                    gpu_gbps=hybrid.GPU_GBPS)
+        order = step_order(other)
+        alike = hybrid.step_seconds(order, cpu, link, plan.prefetch, plan.slot_bytes, gpu_gbps=hybrid.GPU_GBPS,
+                                    captured=hybrid.decode_captured(order))
         assert step(plan) <= alike * (1 + 1e-9)
     # the depth chosen: no other depth that fits has a shorter step; of equal ones the shallowest
     depths = {d: all_in_host_memory(folder, compute="hybrid", prefetch=d) for d in range(1, hybrid.MOST_AHEAD + 1)}

@@ -235,6 +235,42 @@ def test_plans_that_stay_eager_say_why(model_dirs, tmp_path):
         llm.unload()
 
 
+def test_a_replay_waits_for_the_record_made_before_its_launch():
+    """A replay waits for its first units' copies on external events that ``prefetch`` records before the
+    launch, and records again for the next step while the replay runs (movers.CudaMover.present). That is
+    sound only where a graph's wait takes the record made before its launch, not a later one (a later one
+    waits for this replay's end: a hang). Here a record queued behind a long sleep, after the launch, must
+    not hold the replay up."""
+    side = torch.cuda.Stream()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    cycles_per_ms = 10_000_000 / start.elapsed_time(end)
+    arrived = torch.cuda.Event(external=True)
+    arrived.record(side)
+    x = torch.zeros((), device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.cuda._sleep(int(50 * cycles_per_ms))      # the replay reaches its wait after 50 ms
+        torch.cuda.current_stream().wait_event(arrived)
+        x.add_(1)
+    torch.cuda.synchronize()
+    for _ in range(2):
+        arrived.record(side)                             # this launch's record: done at once
+        start.record()
+        graph.replay()
+        with torch.cuda.stream(side):                    # the next step's, queued behind 500 ms
+            torch.cuda._sleep(int(500 * cycles_per_ms))
+            arrived.record(side)
+        end.record()
+        end.synchronize()
+        assert start.elapsed_time(end) < 250
+        torch.cuda.synchronize()
+    assert x.item() == 2
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_kernels_equal_the_eager_ops_bit_for_bit(dtype):
     """SiLU times up over every finite value of the dtype, RMSNorm at three scales and widths, the rotary
