@@ -48,7 +48,8 @@ def main():
     ap.add_argument("--auto", action="store_true", help="also a load with compute=\"auto\" (variant hybrid_auto): "
                     "hybrid where its modelled step is the shorter, else all streamed")
     ap.add_argument("--trace-dir", default=None, help="also write each load's timeline of an 8-token generate "
-                    "(the engine's trace: copies, compute, the CPU's blocks) as JSON rows there")
+                    "and of a 2048-token prefill (-prefill.json): the engine's trace (copies, compute, the CPU's "
+                    "blocks) as JSON rows there")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
@@ -136,6 +137,8 @@ def main():
             if args.trace_dir:
                 for k, llm in llms.items():
                     timeline(llm, ids, os.path.join(args.trace_dir, f"timeline-{budget}-{k}.json"))
+                    timeline(llm, long_ids, os.path.join(args.trace_dir, f"timeline-{budget}-{k}-prefill.json"),
+                             tokens=1)
             def cpu_gbps(runs):
                 return sum(c[1] for c in runs) / max(sum(c[0] for c in runs), 1e-9) / 1e9
             busy = sum(c[0] for c in counters["hybrid"])

@@ -46,8 +46,8 @@ def build_qwen3(folder, layers):
     save_random(Qwen3MoeForCausalLM, cfg, folder)
 
 
-def timeline(llm, ids, path):
-    """An 8-token generate's events (the engine's trace: copies, compute, the CPU's work) with the host's time
+def timeline(llm, ids, path, tokens=8):
+    """A ``tokens``-token generate's events (the engine's trace: copies, compute, the CPU's work) with the host's time
     in each routed call added (``host:bring``: the pre-hook; ``host:router``: its wait for the router's
     choice; ``host:combine``: a split call's forward), as JSON rows (kind, unit, start, end, bytes, step)."""
     import json
@@ -72,7 +72,7 @@ def timeline(llm, ids, path):
     try:
         trace.flush(wait=True)
         trace.clear()
-        llm.generate(ids, max_new_tokens=8, do_sample=False)
+        llm.generate(ids, max_new_tokens=tokens, do_sample=False)
         trace.flush(wait=True)
         rows = [(e.kind, e.unit, e.start, e.end, e.bytes, e.step) for e in trace]
     finally:

@@ -65,13 +65,19 @@ def spread(candidates: list, share: float) -> list:
 # Bytes of block-shaped weights the CPU's rate is measured on at most (a 70B block is 1.7 GB: its first
 # products are enough for the rate, and a load shouldn't allocate that much more to measure it).
 MEASURED_BYTES = 512 << 20
+# Copies of them the passes take in turn: a decode step reads each CPU block's weights once, gigabytes apart,
+# where passes over one copy find part of it still in the CPU's last-level cache (hundreds of MB on a server
+# CPU). On the H200 host the rate measured on one copy was 8-32 % above the rate the blocks reached decoding,
+# and varied from 43 to 53 GB/s between machine starts (benchmarks/RESULTS.md, 2026-12-04).
+MEASURED_COPIES = 3
 
 
 def cpu_rate(torch, dtype, shapes, threads: int, tokens: int = 1, repeats: int = 5, beside=None) -> float:
     """Bytes a second the CPU reads a block's weights at, as a CPU block computes them: the products of
     ``tokens`` rows with weights of ``shapes`` ([rows, cols] each, a block's, in run order, up to
     MEASURED_BYTES) in ``dtype``, one after another, with torch's threads set to ``threads`` for the pass and
-    restored after it (as ``CpuBlock`` does). The median of ``repeats`` passes, after two to warm up.
+    restored after it (as ``CpuBlock`` does). The median of ``repeats`` passes, after two to warm up; the
+    passes take MEASURED_COPIES copies of the weights in turn, so each reads weights the cache has let go.
 
     A block's products read slower than its widest one alone (on the H200 host, 12 threads: 52 against
     82 GB/s; benchmarks/bench_cpu_block.py), and a single timing of a cold thread pool read far lower
@@ -88,37 +94,46 @@ def cpu_rate(torch, dtype, shapes, threads: int, tokens: int = 1, repeats: int =
 class BusyLink:
     """Host-to-GPU copies from page-locked memory queued on a stream of their own, ``start`` before a timed
     pass and ``stop`` (waiting for them) after it: enough to keep the link busy for ``seconds`` at the
-    55 GB/s of a PCIe 5 link (a slower link stays busy longer)."""
+    55 GB/s of a PCIe 5 link (a slower link stays busy longer). They read ``CHUNKS`` chunks in turn, more
+    than a CPU's cache holds, so they take memory bandwidth from the CPU as a step's copies of distinct
+    units do."""
 
     CHUNK = 64 << 20
+    CHUNKS = 8
 
     def __init__(self, torch, device, seconds: float = 0.05):
         self.torch = torch
         with torch.inference_mode(False):
-            self.source = torch.empty(self.CHUNK, dtype=torch.uint8, pin_memory=True)
+            self.source = torch.empty(self.CHUNKS * self.CHUNK, dtype=torch.uint8, pin_memory=True)
             self.target = torch.empty(self.CHUNK, dtype=torch.uint8, device=device)
         self.stream = torch.cuda.Stream(device)
         self.copies = max(1, int(seconds * 55e9 / self.CHUNK))
+        self.next = 0
 
     def start(self):
         with self.torch.cuda.stream(self.stream):
             for _ in range(self.copies):
-                self.target.copy_(self.source, non_blocking=True)
+                a = self.next * self.CHUNK
+                self.target.copy_(self.source[a:a + self.CHUNK], non_blocking=True)
+                self.next = (self.next + 1) % self.CHUNKS
 
     def stop(self):
         self.stream.synchronize()
 
 
 def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: int, beside=None) -> dict:
-    """``cpu_rate`` at each of ``token_counts`` (tokens -> bytes a second), on one set of weights; ``beside``
-    as there."""
-    weights, total = [], 0
-    pinned = beside is not None and torch.cuda.is_available()      # as a CUDA plan's CPU blocks are
+    """``cpu_rate`` at each of ``token_counts`` (tokens -> bytes a second), on one set of weights (in its
+    MEASURED_COPIES copies); ``beside`` as there."""
+    kept, total = [], 0
+    size = torch.empty((), dtype=dtype).element_size()
     for rows, cols in shapes:
-        if weights and total + rows * cols * torch.empty((), dtype=dtype).element_size() > MEASURED_BYTES:
+        if kept and total + rows * cols * size > MEASURED_BYTES:
             break
-        weights.append(torch.empty((rows, cols), dtype=dtype, pin_memory=pinned).fill_(0.01))
-        total += weights[-1].nbytes
+        kept.append((rows, cols))
+        total += rows * cols * size
+    pinned = beside is not None and torch.cuda.is_available()      # as a CUDA plan's CPU blocks are
+    copies = [[torch.empty(shape, dtype=dtype, pin_memory=pinned).fill_(0.01) for shape in kept]
+              for _ in range(MEASURED_COPIES)]
     caller = torch.get_num_threads()
     rates = {}
     try:
@@ -132,7 +147,7 @@ def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: i
                         beside.start()
                     try:
                         t0 = time.perf_counter()
-                        for w in weights:
+                        for w in copies[k % len(copies)]:
                             torch.nn.functional.linear(inputs[w.shape[1]], w)
                         if k >= 2:
                             times.append(time.perf_counter() - t0)

@@ -38,6 +38,7 @@ class OffloadedModel:
         self._budgets = budgets
         self.hold_spare = self.options.hold_spare  # may be switched off and on between generates
         self.last_held = []     # names of the units the last generate held in its spare room
+        self._cpu_blocks_seen = [0, 0.0, 0]     # the CPU blocks' bytes, seconds and calls in generates so far
         self.cuda_graph = self.options.cuda_graph  # so may this (graphs.py)
         self.uncached_disk_reads = False           # drop_page_cache as it applies to the present plan
         self.plan = plan
@@ -280,15 +281,30 @@ class OffloadedModel:
         picks = self._spare_picks(args, kwargs, length) if self.hold_spare else []
         self.stats.held_last = len(picks)
         self.last_held = []
-        if not picks:
-            yield
-            return
+        st = self.stats
+        before = (st.cpu_block_bytes, st.cpu_block_seconds, st.cpu_block_calls)
         try:
-            self._engine.hold(picks)
-            self.last_held = self.held
+            if picks:
+                self._engine.hold(picks)
+                self.last_held = self.held
             yield
         finally:
-            self._engine.release_held()
+            if picks:
+                self._engine.release_held()
+            done = (st.cpu_block_bytes - before[0], st.cpu_block_seconds - before[1], st.cpu_block_calls - before[2])
+            if min(done) >= 0:      # else the stats were reset meanwhile
+                self._cpu_blocks_seen = [a + b for a, b in zip(self._cpu_blocks_seen, done)]
+
+    # Calls of CPU blocks measured before their rate replaces the one measured at load
+    RATE_AFTER_CALLS = 8
+
+    @property
+    def cpu_rate_reached(self) -> float | None:
+        """GB/s the CPU's blocks were computed at in this model's generates so far (None before
+        RATE_AFTER_CALLS calls). The spare room's choice of what to hold models the step at this rate once it is
+        known: on the H200 host the rate measured at load was 8-32 % above it (hybrid.MEASURED_COPIES)."""
+        nbytes, seconds, calls = self._cpu_blocks_seen
+        return nbytes / seconds / 1e9 if calls >= self.RATE_AFTER_CALLS and seconds > 0 else None
 
     def _spare_picks(self, args, kwargs, length=None) -> list:
         from . import spare
@@ -309,8 +325,9 @@ class OffloadedModel:
         return spare.choose_with_cpu_blocks(candidates, blocks, room, step, self._step_seconds_holding)
 
     def _step_seconds_holding(self, held, cpu_gbps=None, link_gbps=None) -> float:
-        """The modelled decode step (hybrid.step_seconds at the plan's rates, or those given) with the engine
-        units ``held`` on the GPU: a held CPU block computes there, a held streamed unit brings no bytes."""
+        """The modelled decode step (hybrid.step_seconds at the plan's rates, or those given; the CPU's rate
+        reached in generates so far once there is one) with the engine units ``held`` on the GPU: a held CPU
+        block computes there, a held streamed unit brings no bytes."""
         from .planner import step_order
         eng, plan = self._engine, self.plan
         order = step_order(plan.entries)
@@ -320,7 +337,8 @@ class OffloadedModel:
             left = 0 if where == "cpu" else nbytes - eng.units[i].nbytes
             order[m] = (where, left) if left > 0 else ("gpu", plan.entries[m].bytes)
         cpu, link = plan.rates
-        return step_seconds(order, cpu_gbps or cpu, link_gbps or link, plan.prefetch, plan.slot_bytes,
+        cpu = cpu_gbps or self.cpu_rate_reached or cpu
+        return step_seconds(order, cpu, link_gbps or link, plan.prefetch, plan.slot_bytes,
                             gpu_gbps=GPU_GBPS, captured=decode_captured(order))
 
     @property

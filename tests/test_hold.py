@@ -168,6 +168,33 @@ def test_the_spare_room_holds_the_cpus_blocks_where_they_make_the_step_longest(c
     assert spare.choose_with_cpu_blocks(streamed, [(0, 8 * mib)], 0, 2 * mib, time_of) == []
 
 
+def test_the_cpu_blocks_rate_reached_is_kept_over_generates(model_dirs):
+    """What the CPU's blocks compute in each generate adds up (``cpu_rate_reached``, which the spare room's
+    choice then models the step at); none before enough calls, and a generate whose stats were reset
+    meanwhile adds nothing."""
+    llm = nb_offload.load(model_dirs("llama"), device="cpu", progress=False)
+    try:
+        ids, kw = torch.tensor(PROMPT), dict(max_new_tokens=4)
+        st = llm.stats
+
+        def generate(nbytes, seconds, calls, reset=False):
+            with llm._holding_spare((ids,), kw):
+                if reset:
+                    st.reset()
+                st.cpu_block_bytes += nbytes
+                st.cpu_block_seconds += seconds
+                st.cpu_block_calls += calls
+        assert llm.cpu_rate_reached is None
+        generate(4e9, 0.1, llm.RATE_AFTER_CALLS - 1)
+        assert llm.cpu_rate_reached is None             # too few calls yet
+        generate(2e9, 0.1, 1)
+        assert llm.cpu_rate_reached == pytest.approx(30.0)
+        generate(9e9, 0.1, 4, reset=True)               # counted from the reset: dropped
+        assert llm.cpu_rate_reached == pytest.approx(30.0)
+    finally:
+        llm.unload()
+
+
 def test_bad_hold_option_is_refused_before_loading(model_dirs):
     with pytest.raises(nb_offload.OffloadError, match=r"hold_spare='no' is not valid; accepted: True or False"):
         nb_offload.load(model_dirs("llama"), device="cpu", hold_spare="no", progress=False)

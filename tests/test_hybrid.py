@@ -218,11 +218,17 @@ def test_the_cpu_rate_is_measured_with_the_threads_asked(model_dirs):
     seen = []
     real = torch.nn.functional.linear
     try:
-        torch.nn.functional.linear = lambda x, w: seen.append((torch.get_num_threads(), tuple(w.shape))) or real(x, w)
-        hybrid.cpu_rate(torch, torch.float32, [(64, 32), (32, 64)], threads=1, repeats=1)
+        torch.nn.functional.linear = lambda x, w: seen.append((torch.get_num_threads(), tuple(w.shape),
+                                                               w.data_ptr())) or real(x, w)
+        hybrid.cpu_rate(torch, torch.float32, [(64, 32), (32, 64)], threads=1, repeats=4)
     finally:
         torch.nn.functional.linear = real
-    assert seen == [(1, (64, 32)), (1, (32, 64))] * 3         # the block's products in turn, two passes to warm up
+    # the block's products in turn, two passes to warm up, then the timed ones
+    assert [(t, shape) for t, shape, _ in seen] == [(1, (64, 32)), (1, (32, 64))] * 6
+    # each pass on the next copy of the weights, in turn (a copy read once a step, as a CPU block's is)
+    passes = [tuple(p for _, _, p in seen[k:k + 2]) for k in range(0, len(seen), 2)]
+    assert len(set(passes)) == hybrid.MEASURED_COPIES == 3
+    assert passes[:3] == passes[3:] and passes[0] != passes[1]
     assert torch.get_num_threads() == before
     # beside the link's copies (a BusyLink on CUDA): started before each pass, waited for after it
     events = []
