@@ -118,8 +118,15 @@ def main():
                 llms[f"hybrid_pinned{count}"] = nb_offload.load(
                     args.folder, gpu=budget, cpu="100GiB", pins={name: "cpu-compute" for name in chosen},
                     prefetch=hyb.plan.prefetch, progress=False)
-            on_cpu = [e.name for e in hyb.plan if e.compute == "cpu"]
+            # each load's plan as made at load, before a generate may plan again at the CPU's rate reached
+            at_load = {k: dict(rates=llm.plan.rates, cpu_blocks=sum(e.compute == "cpu" for e in llm.plan),
+                               prefetch=llm.plan.prefetch,
+                               tok_s=1 / llm.plan.predicted_seconds_per_step(link, cpu_gbps=llm.plan.rates[0])
+                               if llm.plan.rates else None) for k, llm in llms.items()}
+            for llm in llms.values():   # a first generate, after which a load may plan again (RECALIBRATE_OVER)
+                llm.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
             moved = {k: moved_per_step(llm, ids, 8)["cpu"] for k, llm in llms.items()}
+            on_cpu = [e.name for e in hyb.plan if e.compute == "cpu"]
             counters, held_in = {}, {}
 
             def timed(llm, key, counters=counters, held_in=held_in):
@@ -143,7 +150,7 @@ def main():
                 return sum(c[1] for c in runs) / max(sum(c[0] for c in runs), 1e-9) / 1e9
             busy = sum(c[0] for c in counters["hybrid"])
             cpu_bytes = sum(c[1] for c in counters["hybrid"])
-            cpu_rate, link_rate = hyb.plan.rates or (0.0, 0.0)
+            cpu_rate, link_rate = hyb.plan.rates or (0.0, 0.0)    # the plan's: reached, where it was made again
             predicted = hyb.plan.predicted_seconds_per_step(link_gbps=link, cpu_gbps=cpu_rate)
             wanted = {}
 
@@ -179,8 +186,10 @@ def main():
                 blocks_on_cpu=len(on_cpu), blocks_streamed=sum(1 for e in hyb.plan if e.tier == "cpu"
                                                                and e.compute != "cpu"),
                 block_share=hyb.plan.block_share, prefetch=hyb.plan.prefetch,
-                staging=hyb.plan.reserved.get("staging_slots"), measured_at_load_cpu_gbps=cpu_rate,
-                measured_at_load_link_gbps=link_rate,
+                staging=hyb.plan.reserved.get("staging_slots"),
+                measured_at_load_cpu_gbps=(at_load["hybrid"]["rates"] or (0.0,))[0],
+                measured_at_load_link_gbps=link_rate, plan_cpu_gbps=cpu_rate,
+                replanned_at=hyb.replanned_at, at_load=at_load["hybrid"],
                 cpu_gbps_while_running=cpu_bytes / busy / 1e9 if busy else 0.0,
                 cpu_busy_share_of_step=busy / sum(c[2] for c in counters["hybrid"]) / t["hybrid"],
                 link_gbps_while_running=moved["hybrid"] / t["hybrid"] / 1e9,
@@ -215,6 +224,7 @@ def main():
                                            equals_reference=equals_reference(k, llm),
                                            graph_replays=llm.stats.graph_replays, graph_eager=llm.stats.graph_eager,
                                            compute_choice=llm.plan.compute_choice,
+                                           replanned_at=llm.replanned_at, at_load=at_load[k],
                                            graph_failed=sorted(set(llm._engine.graphs.failed.values())))
                                    for k, llm in llms.items() if k.startswith("hybrid_")})
         except Exception:

@@ -738,8 +738,20 @@ def render_hybrid(data, command, title, llama=None) -> str:
              "hybrid | tokens |", "|---|---:|---:|---:|---|---|---|---:|---|---|"]
     def predicted(r):
         """The modelled tok/s of the timed generate: with what it held in spare room where the run has it (the
-        plan's own prediction holds nothing)."""
+        plan's own prediction holds nothing), at the plan's CPU rate (the rate reached, where it planned again)."""
         return r.get("predicted_holding_tok_s") or r["predicted_tok_s"]
+
+    def at_load(r):
+        """The plan as made at load (runs from 2026-12-04 on), and whether the first generate planned again."""
+        a = r.get("at_load")
+        if not a or not a.get("tok_s"):
+            return None
+        again = r.get("replanned_at")
+        return (f"the plan made at load: {a['cpu_blocks']} CPU blocks, {a['prefetch']} ahead, predicted "
+                f"{a['tok_s']:.2f} tok/s holding nothing ({100 * (a['tok_s'] / r['hybrid_tok_s'] - 1):+.0f} % "
+                "against the measured); "
+                + (f"planned again after the first generate at the CPU's rate reached, {again[1]:.1f} GB/s "
+                   f"(at load {again[0]:.1f})" if again else "not planned again (the rate reached within 15 %)"))
     for r in data["rows"]:
         if "error" in r:
             lines.append(f"| {r['budget']} | error: {r['error'].splitlines()[-1][:80]} |")
@@ -764,9 +776,10 @@ def render_hybrid(data, command, title, llama=None) -> str:
                  f"{met(abs(predicted(r) / r['hybrid_tok_s'] - 1) <= 0.15)})",
                  (f"held in spare room for the timed generate: {r['held_cpu_blocks']} CPU blocks and "
                   f"{r['held_streamed']} streamed units (modelled: {r['predicted_holding_tok_s']:.2f} tok/s at the "
-                  f"CPU's rate at load, {r['predicted_holding_at_rate_reached_tok_s']:.2f} at the rate reached; the "
+                  f"plan's CPU rate, {r['predicted_holding_at_rate_reached_tok_s']:.2f} at the rate reached; the "
                   f"plan alone, holding nothing: {r['predicted_tok_s']:.2f})") if r.get("predicted_holding_tok_s")
                  else None,
+                 at_load(r),
                  f"prefill 2048 {100 * (r['prefill_2048_hybrid_s'] / r['prefill_2048_streamed_s'] - 1):+.0f} % against "
                  f"streaming (goal: no slower, within 2 % of noise: "
                  f"{met(r['prefill_2048_hybrid_s'] <= r['prefill_2048_streamed_s'] * 1.02)})"]

@@ -66,10 +66,16 @@ def spread(candidates: list, share: float) -> list:
 # products are enough for the rate, and a load shouldn't allocate that much more to measure it).
 MEASURED_BYTES = 512 << 20
 # Copies of them the passes take in turn: a decode step reads each CPU block's weights once, gigabytes apart,
-# where passes over one copy find part of it still in the CPU's last-level cache (hundreds of MB on a server
-# CPU). On the H200 host the rate measured on one copy was 8-32 % above the rate the blocks reached decoding,
-# and varied from 43 to 53 GB/s between machine starts (benchmarks/RESULTS.md, 2026-12-04).
+# where passes over one copy could find part of it still in the CPU's last-level cache (hundreds of MB on a
+# server CPU). On the H200 host the rate measured on one copy was 8-32 % above the rate the blocks reached
+# decoding; over three copies it still read 41 to 59 GB/s between loads of one process where decode reached
+# 38-42 (benchmarks/RESULTS.md, 2026-12-04), so a plan is made again at the rate reached (RECALIBRATE_OVER).
 MEASURED_COPIES = 3
+
+# Where the CPU's blocks computed at a rate more than this share away from the one a plan's split was chosen
+# at (Offloaded.cpu_rate_reached, after a generate), the model is planned again, once, at the rate reached: the
+# split, the staging's depth, and compute="auto"'s choice. None: never.
+RECALIBRATE_OVER = 0.15
 
 
 def cpu_rate(torch, dtype, shapes, threads: int, tokens: int = 1, repeats: int = 5, beside=None) -> float:

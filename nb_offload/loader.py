@@ -111,6 +111,7 @@ class Inspection:
             except Exception as exc:
                 raise CheckpointError(f"model folder {self.folder!r}: config.json can't be read ({exc}).") from exc
         self._cpu_rates = self._cpu_max_tokens = None     # measured on the first hybrid plan (cpu_rates)
+        self._rates_reached = False     # the CPU's rate is the one its blocks reached decoding (use_cpu_rate)
         self.saved_quant = _saved_quantization(self.folder, self.config)    # its quantization_config, or None
         self.dtype = resolve_dtype(options.dtype, self.config)
         self.quant = options.quant      # a checked quant.QuantSpec, or None
@@ -230,7 +231,14 @@ class Inspection:
             plan.expert_share = o.host_expert_share
         if any(e.compute == "cpu" for e in plan):
             plan.cpu_max_tokens = self.cpu_max_tokens()
+        plan.rates_reached = bool(plan.rates) and self._rates_reached
         return plan
+
+    def use_cpu_rate(self, gbps: float):
+        """Plan from now on at the CPU's rate ``gbps``, the one its blocks reached decoding, instead of the
+        load's measure (``Offloaded``'s re-plan; the link's rate stays)."""
+        self._cpu_rates = (gbps, self.cpu_rates()[1])
+        self._rates_reached = True
 
     def cpu_rates(self) -> tuple:
         """(cpu, link) GB/s for ``compute="hybrid"``, measured once: the CPU's batch-1 products over a block's

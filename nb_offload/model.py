@@ -39,6 +39,7 @@ class OffloadedModel:
         self.hold_spare = self.options.hold_spare  # may be switched off and on between generates
         self.last_held = []     # names of the units the last generate held in its spare room
         self._cpu_blocks_seen = [0, 0.0, 0]     # the CPU blocks' bytes, seconds and calls in generates so far
+        self.replanned_at = None    # (the CPU's GB/s at load, reached): planned again at the rate reached
         self.cuda_graph = self.options.cuda_graph  # so may this (graphs.py)
         self.uncached_disk_reads = False           # drop_page_cache as it applies to the present plan
         self.plan = plan
@@ -242,7 +243,31 @@ class OffloadedModel:
         seqs = out.sequences if hasattr(out, "sequences") else out
         if isinstance(seqs, torch.Tensor) and isinstance(inputs, torch.Tensor) and seqs.dim() == 2:
             self.stats.tokens += (seqs.shape[1] - inputs.shape[1]) * seqs.shape[0]
+        self._recalibrate()
         return out
+
+    def _recalibrate(self):
+        """After a generate: where the plan's split was chosen at a CPU rate more than hybrid.RECALIBRATE_OVER
+        away from the one its blocks reached (``cpu_rate_reached``), plan again at the rate reached, once a
+        load (a later re-pin plans at it too). The plan's text then says so; ``replanned_at`` has both rates."""
+        from . import hybrid
+        over, plan = hybrid.RECALIBRATE_OVER, self.plan
+        if over is None or self.replanned_at is not None or not plan.rates or plan.rates_reached \
+                or self.options.compute not in ("hybrid", "auto"):
+            return
+        reached = self.cpu_rate_reached
+        if reached is None or abs(reached / plan.rates[0] - 1) <= over:
+            return
+        self.replanned_at = (plan.rates[0], reached)
+        with self._gate.exclusive("re-plan"):
+            if self._engine is None:        # unloaded by another thread meanwhile
+                return
+            self._insp.use_cpu_rate(reached)
+            try:
+                self._replan(self._pins)
+            except OffloadError as exc:     # raised before any change: the plan made at load stays
+                warnings.warn(f"nb_offload: planning again at the CPU's rate reached ({reached:.1f} GB/s) failed, "
+                              f"so the plan made at load stays: {exc}", stacklevel=3)
 
     def _with_static_cache(self, args, kwargs):
         """The generate's keyword arguments with a static KV cache from the engine's decode graphs, so its

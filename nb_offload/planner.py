@@ -76,6 +76,7 @@ class Plan:
     # CPU computes was chosen from (``block_share``); None where the plan chose none. The most tokens a step
     # may have for them to compute on the CPU (larger ones bring them to the GPU), set by the loader.
     rates: tuple | None = None
+    rates_reached: bool = False     # rates[0] is the rate the CPU's blocks reached decoding (a re-plan), not the load's
     cpu_max_tokens: int = 1
     slot_bytes: int = 0             # what a staging slot holds: the largest streamed unit, or piece where split
     # compute="hybrid": of the blocks in host memory the CPU could compute, the share it does, chosen at

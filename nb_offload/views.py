@@ -147,7 +147,9 @@ def plan_text(plan) -> str:
     blocks = [e for e in plan if e.compute == "cpu"]
     if blocks:
         why = (f"compute=\"hybrid\": {100 * plan.block_share:.0f}% of the blocks in host memory, the share "
-               f"whose step is shortest at the CPU's {plan.rates[0]:.1f} and the link's {plan.rates[1]:.1f} GB/s, "
+               f"whose step is shortest at the CPU's {plan.rates[0]:.1f}"
+               f"{' (the rate its blocks reached decoding)' if plan.rates_reached else ''} and the link's "
+               f"{plan.rates[1]:.1f} GB/s, "
                f"{plan.prefetch} {'pieces' if plan.split_blocks else 'units'} copied ahead"
                if plan.block_share is not None
                else "pinned \"cpu-compute\"")

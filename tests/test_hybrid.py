@@ -619,3 +619,57 @@ def test_an_unknown_handoff_is_refused_naming_the_accepted_ones(model_dirs, monk
     monkeypatch.setattr(hybrid, "HANDOFF", "Graph")
     with pytest.raises(nb_offload.OptionError, match=r"hybrid.HANDOFF is 'Graph'; accepted: caller, worker, graph"):
         nb_offload.load(model_dirs("llama"), device="cpu", progress=False)
+
+
+def test_a_load_plans_again_once_at_the_cpu_rate_its_blocks_reached(model_dirs, monkeypatch):
+    """After a generate whose CPU blocks computed more than hybrid.RECALIBRATE_OVER away from the rate the split
+    was chosen at, the model is planned again at the rate reached, once; within it, or switched off, or for a
+    plan whose split no rate chose, never."""
+    folder = model_dirs("llama")
+    ids = torch.tensor([[1, 5, 9, 13]])
+
+    def loaded(compute="hybrid", reached=(30e9, 1.0, 8), load_rate=40.0):
+        llm = nb_offload.load(folder, device="cpu", compute=compute, progress=False)
+        llm._insp._cpu_rates = (load_rate, 25.0)         # as measured at load (the CPU device measures none)
+        llm.plan.rates = (load_rate, 25.0)
+        llm._cpu_blocks_seen = list(reached)
+        replans = []
+        monkeypatch.setattr(llm, "_replan", lambda pins: replans.append(llm._insp.cpu_rates()))
+        return llm, replans
+    llm, replans = loaded()
+    try:
+        llm.generate(ids, max_new_tokens=2)
+        assert replans == [(30.0, 25.0)] and llm.replanned_at == (40.0, 30.0)
+        assert llm._insp._rates_reached
+        llm.generate(ids, max_new_tokens=2)
+        assert len(replans) == 1                        # once a load
+    finally:
+        llm.unload()
+    for kw, patch in ((dict(reached=(36e9, 1.0, 8)), None),                 # 10 % below: kept
+                      (dict(reached=(30e9, 1.0, 7)), None),                 # too few calls to tell
+                      (dict(compute="gpu"), None),                          # no split chosen by rates
+                      ({}, "off")):
+        if patch == "off":
+            monkeypatch.setattr(hybrid, "RECALIBRATE_OVER", None)
+        llm, replans = loaded(**kw)
+        try:
+            llm.generate(ids, max_new_tokens=2)
+            assert replans == [] and llm.replanned_at is None, kw
+        finally:
+            llm.unload()
+
+
+def test_a_plan_made_at_the_rate_reached_says_so(model_dirs, monkeypatch):
+    monkeypatch.setattr(loader.Inspection, "cpu_rates", lambda self: self._cpu_rates or RATES)
+    folder = model_dirs("llama", num_hidden_layers=8)
+    at_load = all_in_host_memory(folder, compute="hybrid")
+    assert at_load.rates == RATES and not at_load.rates_reached
+    assert "the rate its blocks reached decoding" not in str(at_load)
+    insp = loader.Inspection(folder, nb_offload.Options(compute="hybrid"))
+    insp.use_cpu_rate(10.0)
+    assert insp.cpu_rates() == (10.0, RATES[1]) and insp._rates_reached
+    replanned = insp.make_plan("cuda", at_load.budgets, {u.index: "cpu" for u in insp.units if u.kind == "block"})
+    assert replanned.rates == (10.0, RATES[1]) and replanned.rates_reached
+    assert "at the CPU's 10.0 (the rate its blocks reached decoding)" in str(replanned)
+    # a slower CPU computes fewer of the blocks
+    assert sum(e.compute == "cpu" for e in replanned) < sum(e.compute == "cpu" for e in at_load)

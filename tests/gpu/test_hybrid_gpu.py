@@ -86,6 +86,7 @@ def test_blocks_computed_on_the_cpu_match_transformers_computing_them_there(arch
     four = torch.tensor(PROMPT * 4, device="cuda")
     four[1:, 0] = torch.tensor([9, 11, 13])
     monkeypatch.setattr(loader.Inspection, "cpu_rates", lambda self: (20.0, 60.0))
+    monkeypatch.setattr(hybrid, "RECALIBRATE_OVER", None)     # the plan as made, whatever rate the blocks reach
     in_host = {n: "cpu" for n in names}
     for pins, compute, split in (({names[1]: "cpu-compute"}, "gpu", "auto"), (in_host, "hybrid", "auto"),
                                  (dict.fromkeys(names[1:3], "cpu-compute"), "gpu", True)):
@@ -191,5 +192,34 @@ def test_a_cpu_block_held_in_spare_room_computes_on_the_gpu_and_on_the_cpu_again
         # the rate the CPU's blocks reached in these generates, which later holds are chosen at
         seen = llm.stats.cpu_block_bytes / llm.stats.cpu_block_seconds / 1e9
         assert llm.cpu_rate_reached == pytest.approx(seen)
+    finally:
+        llm.unload()
+
+
+def test_a_load_whose_cpu_reached_another_rate_is_planned_again_and_stays_exact(model_dirs, monkeypatch):
+    """A plan whose split was chosen at a CPU rate its blocks don't reach (here 1000 GB/s) is made again
+    at the rate reached after the first generate, once; the next generate's tokens equal the reference for
+    the blocks the new plan computes on the CPU, its decode captured."""
+    folder = model_dirs("llama", num_hidden_layers=8)
+    ids = torch.tensor(PROMPT, device="cuda")
+    names = [e.name for e in blocks(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))]
+    # as if misread at load: far above what a tiny model's blocks reach (the rate reached, once set, is used)
+    monkeypatch.setattr(loader.Inspection, "cpu_rates", lambda self: self._cpu_rates or (1000.0, 60.0))
+    llm = nb_offload.load(folder, pins={n: "cpu" for n in names}, compute="hybrid", hold_spare=False, progress=False)
+    try:
+        at_load = llm.plan.rates[0]
+        first = [e.name for e in llm.plan if e.compute == "cpu"]
+        llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False)
+        reached = llm.cpu_rate_reached
+        assert first and reached and llm.replanned_at == (at_load, reached) and reached < at_load / 2
+        assert llm.plan.rates[0] == reached and llm.plan.rates_reached
+        on_cpu = [e.name for e in llm.plan if e.compute == "cpu"]
+        assert len(on_cpu) < len(first)             # a slower CPU: fewer blocks
+        assert not on_cpu or "(the rate its blocks reached decoding)" in str(llm.plan)
+        print(f"planned again at {reached:.2f} GB/s (at load {at_load:.2f}): CPU blocks {first} -> {on_cpu}")
+        got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
+        assert torch.equal(got, reference(folder, ids, on_cpu, llm._engine.cpu_max_tokens, static=True))
+        assert not llm.stats.graph_eager, llm.stats.graph_eager
+        assert llm.replanned_at == (at_load, reached)          # once
     finally:
         llm.unload()
