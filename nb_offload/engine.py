@@ -28,7 +28,7 @@ from .errors import OptionError, in_one_line
 from .graphs import DecodeGraphs, given_cache, given_ids
 from .handoff import GpuHandoff
 from .hooks import ModuleHooks, bind, bind_views, to_device
-from .movers import CpuMover, CudaMover
+from .movers import CpuMover, CudaMover, graph_waits_take_launch_record
 from .planner import text_config
 from .reader import DiskReader
 from .schedule import Schedule, Work
@@ -543,6 +543,8 @@ class Engine:
         hands to the worker (handoff.py)."""
         torch = self.torch
         self.drain()
+        if self.mover.waits_per_unit is None:      # outside any capture: it captures a graph of its own
+            self.mover.waits_per_unit = graph_waits_take_launch_record(torch, self.device)
         large = bool(self.large_sources) and _tokens(args, kwargs) > self.cpu_max_tokens
         for block in self._cpu_hooks.values():      # their cache layers where the step computes them
             block.place_cache(given_cache(kwargs), large)

@@ -61,6 +61,59 @@ class CpuMover:
         self.trace.host_event(kind, name, start, time.perf_counter() if end_mark is None else end_mark)
 
 
+# device index -> whether a captured graph's wait on an external event takes the event's record made before the
+# graph's launch (graph_waits_take_launch_record)
+_LAUNCH_RECORD: dict = {}
+
+
+def graph_waits_take_launch_record(torch, device) -> bool:
+    """Whether a CUDA graph's wait on an external event takes the record made before the graph's launch and not
+    one queued after it, checked once a device (about 15 ms). ``CudaMover.present`` relies on it: a replay
+    waits for its first units' copies, recorded before its launch, while the next step's copies record the same
+    events again during the replay; a wait that took those later records would wait for the replay's own end.
+    Where it doesn't hold (or the check fails), replays wait for all those copies before they start."""
+    key = torch.device(device).index
+    if key not in _LAUNCH_RECORD:
+        try:
+            _LAUNCH_RECORD[key] = _check_launch_record(torch, torch.device(device))
+        except Exception:   # noqa: BLE001 - an unexpected driver or torch: the wait that needs no check
+            _LAUNCH_RECORD[key] = False
+    return _LAUNCH_RECORD[key]
+
+
+def _check_launch_record(torch, device) -> bool:
+    with torch.cuda.device(device):
+        side, own = torch.cuda.Stream(device), torch.cuda.Stream(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(own):
+            start.record()
+            torch.cuda._sleep(1_000_000)
+            end.record()
+        end.synchronize()
+        cycles_per_ms = 1_000_000 / max(start.elapsed_time(end), 1e-3)
+        arrived = torch.cuda.Event(external=True)
+        arrived.record(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=own):
+            torch.cuda._sleep(int(2 * cycles_per_ms))          # the graph reaches its wait after 2 ms
+            own.wait_event(arrived)
+            torch.cuda._sleep(1)
+        own.synchronize()
+        arrived.record(side)                                    # before the launch: done at once
+        side.synchronize()
+        with torch.cuda.stream(own):
+            start.record()
+            graph.replay()
+            with torch.cuda.stream(side):                       # after it: behind 40 ms
+                torch.cuda._sleep(int(40 * cycles_per_ms))
+                arrived.record(side)
+            end.record()
+        end.synchronize()
+        took = start.elapsed_time(end)
+        torch.cuda.synchronize(device)
+        return took < 20
+
+
 class CudaMover:
     """See the module's docstring. ``units`` and ``sources`` are the engine's (sources change as
     units are held); ``schedule`` hears when a staged read has been copied out."""
@@ -81,6 +134,7 @@ class CudaMover:
         for ev in self.arrived:
             ev.record(self.copy_stream)
         self.prefetched_after = None    # an event after the copies issued before the last prefetch's
+        self.waits_per_unit = None      # graph_waits_take_launch_record, checked before the first capture
         self.compute_stream = torch.cuda.current_stream(device)
         self.in_capture = False
         if trace.enabled:
@@ -198,9 +252,9 @@ class CudaMover:
         the replay waits for each one's arrival where it computes (an external event: the graph waits on
         the record that ``prefetch`` made before the launch)."""
         for job in jobs:
-            job.copied, job.ready = True, self.arrived[job.slot]
+            job.copied, job.ready = True, self.arrived[job.slot] if self.waits_per_unit else None
             self._captured.ahead.append((job.unit, job.slot))
-        if jobs:    # the graph's own copies follow those on the link, as they would on one stream
+        if jobs and self.waits_per_unit:    # the graph's own copies follow those on the link, as on one stream
             self.copy_stream.wait_event(self.arrived[jobs[-1].slot])
 
     def prefetch(self, ahead, last_use):
@@ -237,7 +291,7 @@ class CudaMover:
     def before_graph(self):
         """A replay waits for any eager copy still in flight into the slots: those issued before the last
         ``prefetch`` (the replay's first units), whose own copies it waits for unit by unit."""
-        if self.prefetched_after is None:
+        if self.prefetched_after is None or not self.waits_per_unit:
             self.compute_stream.wait_stream(self.copy_stream)
         else:
             self.compute_stream.wait_event(self.prefetched_after)

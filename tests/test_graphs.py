@@ -150,3 +150,13 @@ def test_the_stats_say_what_the_graphs_did():
     assert "CUDA graph" not in str(s)
     s.graph_captures, s.graph_replays, s.capture_seconds, s.graph_pool_bytes = 2, 60, 0.1, 6 * 2**20
     assert "decode: 60 steps replayed from 2 CUDA graph(s), 50 ms a capture, pool 6.0 MiB" in str(s)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the failing check needs a machine without CUDA")
+def test_a_failing_check_of_graph_waits_falls_back_to_waiting_for_every_first_copy():
+    """The check before a first capture (movers.graph_waits_take_launch_record) that can't run says False: a
+    replay then waits for all its first units' copies before it starts, the wait that needs no check."""
+    from nb_offload import movers
+    movers._LAUNCH_RECORD.pop(None, None)
+    assert movers.graph_waits_take_launch_record(torch, "cpu") is False
+    assert movers._LAUNCH_RECORD[None] is False

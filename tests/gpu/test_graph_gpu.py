@@ -269,6 +269,9 @@ def test_a_replay_waits_for_the_record_made_before_its_launch():
         assert start.elapsed_time(end) < 250
         torch.cuda.synchronize()
     assert x.item() == 2
+    # the check the engine makes before its first capture (a replay waits for all its first units where it fails)
+    from nb_offload.movers import graph_waits_take_launch_record
+    assert graph_waits_take_launch_record(torch, torch.device("cuda"))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
