@@ -11,8 +11,10 @@ into the same slots in the same order. So it is captured once and replayed:
 - The first decode step of a new shape runs eager, so lazy set-up (cuBLAS handles, code tables)
   happens outside any capture. The second is captured: the engine runs it through its hooks as
   usual, with the copy stream joined into the capture and the slots filled from the start of the
-  step (no prefetch across steps: each replay is whole on its own), then replayed. Every later
-  decode step copies its inputs into the captured ones and replays.
+  step, then replayed. Every later decode step copies its inputs into the captured ones and replays.
+  A replay's first streamed units are copied outside it, right after the last replay's launch, each
+  once its slot's last use there has passed; the replay waits for each where it computes it
+  (movers.CudaMover.present), so those copies run under the last step's tail and the host's work between.
 - Copies stay overlapped with compute inside the graph, as the events order them eagerly.
 - While a step is captured (and in the warm-up step before), the model's RMSNorms, rotary embedding
   and SiLU products run as fused kernels, bit-identical to the eager ones (fused.py): about half the
