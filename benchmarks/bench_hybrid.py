@@ -190,6 +190,7 @@ def main():
                 measured_at_load_cpu_gbps=(at_load["hybrid"]["rates"] or (0.0,))[0],
                 measured_at_load_link_gbps=link_rate, plan_cpu_gbps=cpu_rate,
                 replanned_at=hyb.replanned_at, at_load=at_load["hybrid"],
+                waits_per_unit=getattr(hyb._engine.mover, "waits_per_unit", None),
                 cpu_gbps_while_running=cpu_bytes / busy / 1e9 if busy else 0.0,
                 cpu_busy_share_of_step=busy / sum(c[2] for c in counters["hybrid"]) / t["hybrid"],
                 link_gbps_while_running=moved["hybrid"] / t["hybrid"] / 1e9,

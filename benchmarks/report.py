@@ -751,7 +751,7 @@ def render_hybrid(data, command, title, llama=None) -> str:
                 f"{a['tok_s']:.2f} tok/s holding nothing ({100 * (a['tok_s'] / r['hybrid_tok_s'] - 1):+.0f} % "
                 "against the measured); "
                 + (f"planned again after the first generate at the CPU's rate reached, {again[1]:.1f} GB/s "
-                   f"(at load {again[0]:.1f})" if again else "not planned again (the rate reached within 15 %)"))
+                   f"(at load {again[0]:.1f})" if again else "not planned again"))
     for r in data["rows"]:
         if "error" in r:
             lines.append(f"| {r['budget']} | error: {r['error'].splitlines()[-1][:80]} |")

@@ -61,6 +61,10 @@ class RunGate:
                 self._owner, self._what = None, ""
                 self._cond.notify_all()
 
+    def held_here(self) -> bool:
+        """Whether this thread runs the model or re-plans it now (a re-plan from here would raise)."""
+        return self._owner == threading.get_ident()
+
     @property
     def busy(self) -> bool:
         """Whether a run or a re-plan is under way (in any thread)."""

@@ -15,6 +15,8 @@ into the same slots in the same order. So it is captured once and replayed:
   A replay's first streamed units are copied outside it, right after the last replay's launch, each
   once its slot's last use there has passed; the replay waits for each where it computes it
   (movers.CudaMover.present), so those copies run under the last step's tail and the host's work between.
+  Where the device fails the check that makes this sound (movers.graph_waits_take_launch_record), or
+  another copy was queued after them, a replay waits for all of them before it starts.
 - Copies stay overlapped with compute inside the graph, as the events order them eagerly.
 - While a step is captured (and in the warm-up step before), the model's RMSNorms, rotary embedding
   and SiLU products run as fused kernels, bit-identical to the eager ones (fused.py): about half the

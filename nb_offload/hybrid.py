@@ -10,8 +10,11 @@ about their bytes over C + L when the split is right and the link never waits, r
   ``compute="hybrid"`` a share of the blocks in host memory, spread between the streamed ones so each CPU
   block runs while copies are in flight. The share, and how far ahead the link copies (the loader's
   ``_deeper``), are those whose step ``step_seconds`` models shortest: the link copies during a CPU block
-  only as far as the staging slots let it. C is measured at load on a block's products in the model's
-  dtype, beside the link's copies on CUDA (``cpu_rate``, ``BusyLink``), L on the link (``budget.link_gbps``).
+  only as far as the staging slots let it (in a captured step, the same slots every step). C is measured at
+  load on a block's products in the model's dtype, beside the link's copies on CUDA (``cpu_rate``,
+  ``BusyLink``), L on the link (``budget.link_gbps``). C as measured at load varies more than decode's does,
+  so once the blocks have computed decode steps, the spare room's choice models the step at the rate they
+  reached, and a load whose rate was more than RECALIBRATE_OVER off plans again at it (model.py).
 - The engine binds their weights to the host memory they live in and runs them through ``CpuBlock``
   hooks: inputs moved to the CPU, the torch threads set (``cpu_experts.host_threads``: cores left to
   the copy and reader threads), the output moved back. Their KV-cache layer is kept in host memory.
@@ -63,7 +66,8 @@ def spread(candidates: list, share: float) -> list:
 
 
 # Bytes of block-shaped weights the CPU's rate is measured on at most (a 70B block is 1.7 GB: its first
-# products are enough for the rate, and a load shouldn't allocate that much more to measure it).
+# products are enough for the rate). The probe holds MEASURED_COPIES times this, and BusyLink's 512 MiB, for
+# the moment it runs at load, and frees them.
 MEASURED_BYTES = 512 << 20
 # Copies of them the passes take in turn: a decode step reads each CPU block's weights once, gigabytes apart,
 # where passes over one copy could find part of it still in the CPU's last-level cache (hundreds of MB on a
@@ -73,7 +77,7 @@ MEASURED_BYTES = 512 << 20
 MEASURED_COPIES = 3
 
 # Where the CPU's blocks computed at a rate more than this share away from the one a plan's split was chosen
-# at (Offloaded.cpu_rate_reached, after a generate), the model is planned again, once, at the rate reached: the
+# at (OffloadedModel.cpu_rate_reached, after a generate), the model is planned again, once, at the rate reached: the
 # split, the staging's depth, and compute="auto"'s choice. None: never.
 RECALIBRATE_OVER = 0.15
 
@@ -108,9 +112,10 @@ class BusyLink:
     CHUNKS = 8
 
     def __init__(self, torch, device, seconds: float = 0.05):
+        from .tiers import alloc_host
         self.torch = torch
-        with torch.inference_mode(False):
-            self.source = torch.empty(self.CHUNKS * self.CHUNK, dtype=torch.uint8, pin_memory=True)
+        with torch.inference_mode(False):       # page-locked as the engine's own buffers are (tiers.py)
+            self.source = alloc_host(self.CHUNKS * self.CHUNK, pinned=True)
             self.target = torch.empty(self.CHUNK, dtype=torch.uint8, device=device)
         self.stream = torch.cuda.Stream(device)
         self.copies = max(1, int(seconds * 55e9 / self.CHUNK))
@@ -126,10 +131,16 @@ class BusyLink:
     def stop(self):
         self.stream.synchronize()
 
+    def release(self):
+        """Its page-locked source unlocked (after the last ``stop``)."""
+        from .tiers import release_host
+        release_host(self.source)
+
 
 def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: int, beside=None) -> dict:
     """``cpu_rate`` at each of ``token_counts`` (tokens -> bytes a second), on one set of weights (in its
     MEASURED_COPIES copies); ``beside`` as there."""
+    from .tiers import alloc_host, lock_host, release_host
     kept, total = [], 0
     size = torch.empty((), dtype=dtype).element_size()
     for rows, cols in shapes:
@@ -137,9 +148,18 @@ def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: i
             break
         kept.append((rows, cols))
         total += rows * cols * size
-    pinned = beside is not None and torch.cuda.is_available()      # as a CUDA plan's CPU blocks are
-    copies = [[torch.empty(shape, dtype=dtype, pin_memory=pinned).fill_(0.01) for shape in kept]
-              for _ in range(MEASURED_COPIES)]
+    # page-locked as a CUDA plan's CPU blocks are, and the same way (tiers.alloc_host: not torch's caching
+    # allocator, which would keep the buffers locked after the probe)
+    pinned = beside is not None and torch.cuda.is_available()
+    flats = []
+
+    def matrix(shape):
+        flats.append(alloc_host(shape[0] * shape[1] * size, pinned=pinned, lock=False))
+        weights = flats[-1].view(dtype).view(shape).fill_(0.01)
+        if pinned:
+            lock_host(flats[-1])
+        return weights
+    copies = [[matrix(shape) for shape in kept] for _ in range(MEASURED_COPIES)]
     caller = torch.get_num_threads()
     rates = {}
     try:
@@ -165,6 +185,8 @@ def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: i
                 rates[tokens] = total / max(times[len(times) // 2], 1e-9)
     finally:
         torch.set_num_threads(caller)
+        for flat in flats:
+            release_host(flat)
     return rates
 
 
@@ -180,11 +202,12 @@ MOST_AHEAD = 8
 GPU_GBPS = 2400.0
 
 
-def decode_captured(order) -> bool:
+def decode_captured(order, graphs: bool = True) -> bool:
     """Whether the step model takes a plan's decode step as a replayed graph (``step_seconds``'s ``captured``):
-    the captured handoff (``HANDOFF == "graph"``) and no unit read from the drive (graphs.py keeps those
-    steps eager). ``order`` as ``step_seconds`` takes it."""
-    return HANDOFF == "graph" and all(where != "disk" for where, _ in order)
+    decode graphs on (``graphs``: the ``cuda_graph`` option), the captured handoff (``HANDOFF == "graph"``) and
+    no unit read from the drive (graphs.py keeps those steps eager). ``order`` as ``step_seconds`` takes it.
+    A generate may still run eager for its own reasons (its own cache, beam search: ``stats.graph_eager``)."""
+    return graphs and HANDOFF == "graph" and all(where != "disk" for where, _ in order)
 
 
 def step_seconds(order, cpu_gbps: float, link_gbps: float, ahead: int, slot_bytes: int,
@@ -399,7 +422,9 @@ class CpuBlock:
                 result = own(*host_args, **host_kwargs)
                 out.copy_(result if form == "tensor" else result[0])
             return t0, time.perf_counter()
-        waited = self.handoff.submit(work, self._count, prepare=lambda: self.cache_to_host(cache))
+        tokens = _tokens(hidden)
+        waited = self.handoff.submit(work, lambda t0, t1: self._count(t0, t1, tokens),
+                                     prepare=lambda: self.cache_to_host(cache))
         on_device = self.handoff.output(waited, out)
         return on_device if form == "tensor" else (on_device,)
 
@@ -451,10 +476,15 @@ class CpuBlock:
         of a captured step finds it there; a capture can't move it, and fails)."""
         move_layer_cache(self.torch, cache, self.layer, self.torch.device("cpu"))
 
-    def _count(self, t0, t1):
-        self.stats.cpu_block_seconds += t1 - t0
-        self.stats.cpu_block_bytes += self.unit.nbytes
-        self.stats.cpu_block_calls += 1
+    def _count(self, t0, t1, tokens: int = 1):
+        st = self.stats
+        st.cpu_block_seconds += t1 - t0
+        st.cpu_block_bytes += self.unit.nbytes
+        st.cpu_block_calls += 1
+        if tokens == 1:         # a batch-1 decode step's: the rate a plan's split is chosen for
+            st.cpu_decode_seconds += t1 - t0
+            st.cpu_decode_bytes += self.unit.nbytes
+            st.cpu_decode_calls += 1
         self.trace.host_event("cpu", self.unit.name, t0, t1, self.unit.nbytes)
 
     def before(self, args, kwargs):
@@ -516,7 +546,8 @@ class CpuBlock:
         self.torch.set_num_threads(self._callers_threads)
         if state is None or output is None:     # the forward raised
             return output
-        self._count(state, time.perf_counter())
+        shape = self._shape[0]
+        self._count(state, time.perf_counter(), shape[0] * shape[1] if shape is not None and len(shape) >= 2 else 1)
         if self._form is None and self.handoff is not None:
             self._form = _output_form(output, *self._shape)
         return to_device(output, self.device)

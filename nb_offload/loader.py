@@ -254,6 +254,8 @@ class Inspection:
             link = budget.link_gbps() if cuda else 25.0
             beside = hybrid.BusyLink(torch, torch.device("cuda", torch.cuda.current_device())) if cuda else None
             cpu = hybrid.cpu_rate(torch, self.dtype, self._block_shapes(), host_threads(), beside=beside) / 1e9
+            if beside is not None:
+                beside.release()
             self._cpu_rates = (cpu, link)
         return self._cpu_rates
 
@@ -310,9 +312,10 @@ class Inspection:
         t_split = split.predicted_seconds_per_step(link, cpu_gbps=cpu)
         # the same model for both (the GPU's compute counted alike), at the link's rate alone for streaming
         order = step_order(streamed.entries)
+        captured = hybrid.decode_captured(order, "decode_graph" in streamed.reserved)
         t_streamed = max(streamed.predicted_seconds_per_step(link),
                          hybrid.step_seconds(order, cpu, link, streamed.prefetch, streamed.slot_bytes,
-                                             gpu_gbps=hybrid.GPU_GBPS, captured=hybrid.decode_captured(order)))
+                                             gpu_gbps=hybrid.GPU_GBPS, captured=captured))
         chose_split = t_split < t_streamed
         plan = split if chose_split else streamed
         plan.compute_choice = (f"compute=\"auto\": {'hybrid' if chose_split else 'all streamed'}, modelled "

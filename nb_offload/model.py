@@ -10,12 +10,21 @@ import time
 import warnings
 
 from .budget import format_size, host_memory, trim_heap
-from .errors import OffloadError, PinError
+from .errors import OffloadError, PinError, in_one_line
 from .gate import RunGate
 from .hybrid import CPU_COMPUTE, GPU_GBPS, decode_captured, gpu_only_attention, step_seconds
 from .patterns import match_units
 from .planner import is_expert_pattern, resolve_expert_pins, split_pin
 from .trace import Stats, Trace
+
+
+def _same_placement(a, b) -> bool:
+    """Whether plans ``a`` and ``b`` put every unit in the same tier, computed in the same place, with the same
+    staging and reservations: an engine built for one runs the other (only their rates differ)."""
+    def placed(p):
+        return ([(e.name, e.tier, e.compute, e.fmt) for e in p.entries], p.prefetch, p.split_blocks, p.slot_bytes,
+                dict(p.reserved), p.cpu_max_tokens, p.expert_share)
+    return placed(a) == placed(b)
 
 
 class OffloadedModel:
@@ -38,8 +47,9 @@ class OffloadedModel:
         self._budgets = budgets
         self.hold_spare = self.options.hold_spare  # may be switched off and on between generates
         self.last_held = []     # names of the units the last generate held in its spare room
-        self._cpu_blocks_seen = [0, 0.0, 0]     # the CPU blocks' bytes, seconds and calls in generates so far
+        self._cpu_blocks_seen = [0, 0.0, 0]     # the CPU blocks' decode calls' bytes, seconds and count so far
         self.replanned_at = None    # (the CPU's GB/s at load, reached): planned again at the rate reached
+        self._recalibration_tried = False
         self.cuda_graph = self.options.cuda_graph  # so may this (graphs.py)
         self.uncached_disk_reads = False           # drop_page_cache as it applies to the present plan
         self.plan = plan
@@ -248,26 +258,40 @@ class OffloadedModel:
 
     def _recalibrate(self):
         """After a generate: where the plan's split was chosen at a CPU rate more than hybrid.RECALIBRATE_OVER
-        away from the one its blocks reached (``cpu_rate_reached``), plan again at the rate reached, once a
-        load (a later re-pin plans at it too). The plan's text then says so; ``replanned_at`` has both rates."""
+        away from the one its blocks reached in decode steps (``cpu_rate_reached``), plan again at the rate
+        reached, once a load (later re-pins plan at it too). Where that gives the same plan, only its rates
+        change; else units move as a re-pin moves them. The plan's text then says so; ``replanned_at`` has
+        both rates. A re-plan that fails leaves the plan made at load, with a warning, and the generate's
+        output stands."""
         from . import hybrid
-        over, plan = hybrid.RECALIBRATE_OVER, self.plan
-        if over is None or self.replanned_at is not None or not plan.rates or plan.rates_reached \
-                or self.options.compute not in ("hybrid", "auto"):
-            return
-        reached = self.cpu_rate_reached
-        if reached is None or abs(reached / plan.rates[0] - 1) <= over:
-            return
-        self.replanned_at = (plan.rates[0], reached)
+        if not self._wants_recalibration(hybrid.RECALIBRATE_OVER) or self._gate.held_here():
+            return          # (a generate inside a generate's callback: the outer one's end decides)
+        self._recalibration_tried = True
         with self._gate.exclusive("re-plan"):
-            if self._engine is None:        # unloaded by another thread meanwhile
+            over, at_load, reached = hybrid.RECALIBRATE_OVER, self.plan.rates[0], self.cpu_rate_reached
+            if self._engine is None or self.replanned_at is not None:     # unloaded, or done, meanwhile
                 return
+            kept = self._insp._cpu_rates, self._insp._rates_reached
             self._insp.use_cpu_rate(reached)
             try:
-                self._replan(self._pins)
-            except OffloadError as exc:     # raised before any change: the plan made at load stays
-                warnings.warn(f"nb_offload: planning again at the CPU's rate reached ({reached:.1f} GB/s) failed, "
-                              f"so the plan made at load stays: {exc}", stacklevel=3)
+                plan = self._insp.make_plan(self.plan.device, self._budgets, self._pins, self._expert_pins)
+                if _same_placement(plan, self.plan):
+                    self.plan = plan
+                else:
+                    self._replan(self._pins)
+            except Exception as exc:    # noqa: BLE001 - the plan made at load stays (_replan restores it)
+                self._insp._cpu_rates, self._insp._rates_reached = kept
+                warnings.warn(f"nb_offload: planning again at the CPU's rate reached ({reached:.1f} GB/s, "
+                              f"{over:.0%} or more from the {at_load:.1f} measured at load) failed, so the "
+                              f"plan made at load stays: {in_one_line(exc)}", stacklevel=3)
+                return
+            self.replanned_at = (at_load, reached)
+
+    def _wants_recalibration(self, over) -> bool:
+        plan, reached = self.plan, self.cpu_rate_reached
+        return (over is not None and not self._recalibration_tried and plan.rates is not None
+                and not plan.rates_reached and self.options.compute in ("hybrid", "auto")
+                and reached is not None and abs(reached / plan.rates[0] - 1) > over)
 
     def _with_static_cache(self, args, kwargs):
         """The generate's keyword arguments with a static KV cache from the engine's decode graphs, so its
@@ -307,7 +331,7 @@ class OffloadedModel:
         self.stats.held_last = len(picks)
         self.last_held = []
         st = self.stats
-        before = (st.cpu_block_bytes, st.cpu_block_seconds, st.cpu_block_calls)
+        before = (st.cpu_decode_bytes, st.cpu_decode_seconds, st.cpu_decode_calls, st.resets)
         try:
             if picks:
                 self._engine.hold(picks)
@@ -316,18 +340,20 @@ class OffloadedModel:
         finally:
             if picks:
                 self._engine.release_held()
-            done = (st.cpu_block_bytes - before[0], st.cpu_block_seconds - before[1], st.cpu_block_calls - before[2])
-            if min(done) >= 0:      # else the stats were reset meanwhile
+            if st.resets == before[3]:      # else the stats were reset meanwhile: this generate isn't counted
+                done = (st.cpu_decode_bytes - before[0], st.cpu_decode_seconds - before[1],
+                        st.cpu_decode_calls - before[2])
                 self._cpu_blocks_seen = [a + b for a, b in zip(self._cpu_blocks_seen, done)]
 
-    # Calls of CPU blocks measured before their rate replaces the one measured at load
+    # Decode calls of CPU blocks measured before their rate replaces the one measured at load
     RATE_AFTER_CALLS = 8
 
     @property
     def cpu_rate_reached(self) -> float | None:
-        """GB/s the CPU's blocks were computed at in this model's generates so far (None before
-        RATE_AFTER_CALLS calls). The spare room's choice of what to hold models the step at this rate once it is
-        known: on the H200 host the rate measured at load was 8-32 % above it (hybrid.MEASURED_COPIES)."""
+        """GB/s the CPU's blocks were computed at in the decode steps (calls of one token) of this model's
+        generates so far; None before RATE_AFTER_CALLS such calls. The spare room's choice of what to hold models
+        the step at this rate once it is known, and a load plans again at it (``_recalibrate``): on the H200 host
+        the rate measured at load was 41-59 GB/s where decode reached 31-42 (hybrid.MEASURED_COPIES)."""
         nbytes, seconds, calls = self._cpu_blocks_seen
         return nbytes / seconds / 1e9 if calls >= self.RATE_AFTER_CALLS and seconds > 0 else None
 
@@ -364,7 +390,7 @@ class OffloadedModel:
         cpu, link = plan.rates
         cpu = cpu_gbps or self.cpu_rate_reached or cpu
         return step_seconds(order, cpu, link_gbps or link, plan.prefetch, plan.slot_bytes,
-                            gpu_gbps=GPU_GBPS, captured=decode_captured(order))
+                            gpu_gbps=GPU_GBPS, captured=decode_captured(order, self.cuda_graph))
 
     @property
     def held(self) -> list:

@@ -68,50 +68,62 @@ _LAUNCH_RECORD: dict = {}
 
 def graph_waits_take_launch_record(torch, device) -> bool:
     """Whether a CUDA graph's wait on an external event takes the record made before the graph's launch and not
-    one queued after it, checked once a device (about 15 ms). ``CudaMover.present`` relies on it: a replay
+    one queued after it, checked once a device (about 0.1 s). ``CudaMover.present`` relies on it: a replay
     waits for its first units' copies, recorded before its launch, while the next step's copies record the same
-    events again during the replay; a wait that took those later records would wait for the replay's own end.
-    Where it doesn't hold (or the check fails), replays wait for all those copies before they start."""
-    key = torch.device(device).index
-    if key not in _LAUNCH_RECORD:
-        try:
-            _LAUNCH_RECORD[key] = _check_launch_record(torch, torch.device(device))
-        except Exception:   # noqa: BLE001 - an unexpected driver or torch: the wait that needs no check
-            _LAUNCH_RECORD[key] = False
+    events again during the replay; a wait that took those later records would wait for the replay's own end,
+    for good. Where it doesn't hold, or the check can't tell, replays wait for all those copies before they
+    start (``before_graph``)."""
+    device = torch.device(device)
+    key = device.index
+    try:
+        if key is None:
+            key = torch.cuda.current_device()
+        if key not in _LAUNCH_RECORD:
+            _LAUNCH_RECORD[key] = _check_launch_record(torch, torch.device("cuda", key))
+    except Exception:   # noqa: BLE001 - no CUDA, an unexpected driver or torch: the wait that needs no check
+        _LAUNCH_RECORD.setdefault(key, False)
     return _LAUNCH_RECORD[key]
 
 
 def _check_launch_record(torch, device) -> bool:
+    """A graph that sleeps 10 ms, then waits on an event recorded (done) before its launch; after the launch the
+    host records the event again behind a sleep of at least 10 ms on another stream, timed there. The wait
+    takes the earlier record where the graph ends well before that sleep does. The sleeps are measured in
+    cycles at the clock a sleep of 20 ms brought the GPU to, so an idle clock doesn't shorten them."""
     with torch.cuda.device(device):
         side, own = torch.cuda.Stream(device), torch.cuda.Stream(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(own):
-            start.record()
-            torch.cuda._sleep(1_000_000)
-            end.record()
-        end.synchronize()
-        cycles_per_ms = 1_000_000 / max(start.elapsed_time(end), 1e-3)
+
+        def timed(stream, cycles):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(stream):
+                start.record(stream)
+                torch.cuda._sleep(cycles)
+                end.record(stream)
+            return start, end
+        for _ in range(2):              # the second at the clock the first raised
+            start, end = timed(own, 20_000_000)
+            end.synchronize()
+        cycles_per_ms = 20_000_000 / max(start.elapsed_time(end), 1e-3)
         arrived = torch.cuda.Event(external=True)
         arrived.record(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=own):
-            torch.cuda._sleep(int(2 * cycles_per_ms))          # the graph reaches its wait after 2 ms
+        with torch.cuda.graph(graph, stream=own, capture_error_mode="thread_local"):
+            torch.cuda._sleep(int(10 * cycles_per_ms))
             own.wait_event(arrived)
             torch.cuda._sleep(1)
         own.synchronize()
-        arrived.record(side)                                    # before the launch: done at once
+        arrived.record(side)                            # before the launch: done at once
         side.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(own):
-            start.record()
+            start.record(own)
             graph.replay()
-            with torch.cuda.stream(side):                       # after it: behind 40 ms
-                torch.cuda._sleep(int(40 * cycles_per_ms))
-                arrived.record(side)
-            end.record()
-        end.synchronize()
-        took = start.elapsed_time(end)
+            after = timed(side, int(40 * cycles_per_ms))     # after the launch: behind a sleep
+            arrived.record(side)
+            end.record(own)
         torch.cuda.synchronize(device)
-        return took < 20
+        graph_ms, sleep_ms = start.elapsed_time(end), after[0].elapsed_time(after[1])
+        return sleep_ms >= 10 and graph_ms < sleep_ms / 2
 
 
 class CudaMover:
@@ -248,9 +260,10 @@ class CudaMover:
             self.reset_events()
 
     def present(self, jobs):
-        """Inside a capture: ``jobs`` are copied into their slots before a replay is launched (``prefetch``);
-        the replay waits for each one's arrival where it computes (an external event: the graph waits on
-        the record that ``prefetch`` made before the launch)."""
+        """Inside a capture: ``jobs`` are copied into their slots before a replay is launched (``prefetch``).
+        Where graph waits take the launch's record (``waits_per_unit``), the replay waits for each one's arrival
+        where it computes it (an external event ``prefetch`` records), and the graph's own copies follow the
+        last; else ``before_graph`` waits for all of them before the replay starts."""
         for job in jobs:
             job.copied, job.ready = True, self.arrived[job.slot] if self.waits_per_unit else None
             self._captured.ahead.append((job.unit, job.slot))

@@ -163,7 +163,8 @@ class Plan:
             order = step_order(self.entries, share)
             return max(bound, hybrid.step_seconds(order, cpu_gbps, link_gbps, self.prefetch, self.slot_bytes,
                                                   disk_gbps, gpu_gbps=hybrid.GPU_GBPS,
-                                                  captured=hybrid.decode_captured(order)))
+                                                  captured=hybrid.decode_captured(order, "decode_graph" in
+                                                                                  self.reserved)))
         return bound
 
     def to_dict(self) -> dict:
@@ -369,7 +370,7 @@ def make_plan(units, *, device: str, budgets: dict, pins: dict, config, dtype_si
             e.compute = "in place"
     streamed = [u for u in units if tiers[u.index] != resident and u.index not in in_place]
     slot_bytes = max((slots.size(u) for u in streamed), default=0)
-    chose = _computed_on_cpu(units, entries, on_cpu, cpu_rates, device, prefetch, slot_bytes)
+    chose = _computed_on_cpu(units, entries, on_cpu, cpu_rates, device, prefetch, slot_bytes, decode_graph)
     if experts_apart:
         _size_expert_cache(units, entries, reserved, budgets[resident], resident, expert_cache, expert_pins)
     return Plan(entries=entries, device=device, budgets=dict(budgets), reserved=reserved,
@@ -395,7 +396,7 @@ def step_order(entries, share: float = 0.0) -> list:
     return order
 
 
-def _computed_on_cpu(units, entries, pinned, rates, device, prefetch, slot_bytes):
+def _computed_on_cpu(units, entries, pinned, rates, device, prefetch, slot_bytes, graphs=True):
     """Mark the blocks the CPU computes on CUDA (hybrid.py): those pinned ``"cpu-compute"``, and with
     ``rates`` (cpu, link GB/s) a share of the other blocks in host memory, spread between the streamed
     ones: the share whose step ``hybrid.step_seconds`` finds shortest with ``prefetch`` pieces of
@@ -420,7 +421,7 @@ def _computed_on_cpu(units, entries, pinned, rates, device, prefetch, slot_bytes
         mark(chosen)
         order = step_order(entries)
         return hybrid.step_seconds(order, rates[0], rates[1], prefetch, slot_bytes, gpu_gbps=hybrid.GPU_GBPS,
-                                   captured=hybrid.decode_captured(order))
+                                   captured=hybrid.decode_captured(order, graphs))
     chosen = hybrid.fastest_split(candidates, step_with)
     mark(chosen)
     return len(chosen) / len(candidates) if candidates else 0.0

@@ -235,6 +235,10 @@ class Stats:
     cpu_block_calls: int = 0            # blocks computed on the CPU where their bytes are (hybrid.py)
     cpu_block_bytes: int = 0
     cpu_block_seconds: float = 0.0
+    cpu_decode_calls: int = 0           # of those, the calls of one token (a batch-1 decode step's)
+    cpu_decode_bytes: int = 0
+    cpu_decode_seconds: float = 0.0
+    resets: int = 0                     # times ``reset`` was called
     load_seconds: float = 0.0   # nb_offload.load, from the call to the model ready
     load_bytes: int = 0         # the weights it placed
     # Host memory against the cpu= budget: the process's RssAnon + RssShmem (page-locked buffers
@@ -250,8 +254,9 @@ class Stats:
         self.graph_replays = self.graph_captures = self.experts_read = self.experts_skipped = 0
         self.expert_hits = self.experts_on_cpu = self.bytes_on_cpu = 0
         self.seconds = self.capture_seconds = self.route_wait_seconds = self.cpu_expert_seconds = 0.0
-        self.cpu_block_seconds = 0.0
-        self.cpu_block_calls = self.cpu_block_bytes = 0
+        self.cpu_block_seconds = self.cpu_decode_seconds = 0.0
+        self.cpu_block_calls = self.cpu_block_bytes = self.cpu_decode_calls = self.cpu_decode_bytes = 0
+        self.resets += 1
         self.host_peak = self.host_now
 
     @property
@@ -294,6 +299,8 @@ class Stats:
                 "experts_on_cpu": self.experts_on_cpu, "bytes_on_cpu": self.bytes_on_cpu,
                 "cpu_expert_seconds": self.cpu_expert_seconds, "cpu_block_seconds": self.cpu_block_seconds,
                 "cpu_block_calls": self.cpu_block_calls, "cpu_block_bytes": self.cpu_block_bytes,
+                "cpu_decode_calls": self.cpu_decode_calls, "cpu_decode_bytes": self.cpu_decode_bytes,
+                "cpu_decode_seconds": self.cpu_decode_seconds,
                 "host_now": self.host_now, "host_peak": self.host_peak,
                 "host_budget": self.host_budget, "load_seconds": self.load_seconds, "load_bytes": self.load_bytes}
 

@@ -160,3 +160,53 @@ def test_a_failing_check_of_graph_waits_falls_back_to_waiting_for_every_first_co
     movers._LAUNCH_RECORD.pop(None, None)
     assert movers.graph_waits_take_launch_record(torch, "cpu") is False
     assert movers._LAUNCH_RECORD[None] is False
+
+
+def test_a_replay_waits_per_unit_only_where_the_check_holds_and_no_copy_came_after_the_prefetch():
+    """``CudaMover.present`` gives a replay's first units their slot's arrival event to wait on, and makes the
+    graph's own copies follow the last of them, only where graph waits take the launch's record; ``before_graph``
+    waits for the copies queued before the last prefetch, or, where the check failed or another copy came
+    after that prefetch, for everything on the copy stream. (Streams and events stand in for CUDA's.)"""
+    from types import SimpleNamespace
+
+    from nb_offload.movers import CudaMover
+    log = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_event(self, ev):
+            log.append((self.name, "waits for", ev))
+
+        def wait_stream(self, other):
+            log.append((self.name, "waits for stream", other.name))
+
+    def mover(waits_per_unit):
+        m = object.__new__(CudaMover)
+        m.copy_stream, m.compute_stream = Stream("copy"), Stream("compute")
+        m.arrived = ["arrived0", "arrived1", "arrived2"]
+        m.waits_per_unit, m.prefetched_after = waits_per_unit, None
+        m._captured = SimpleNamespace(ahead=[])
+        return m
+    jobs = [SimpleNamespace(unit=4, slot=1, copied=False, ready="x"), SimpleNamespace(unit=6, slot=2, copied=False,
+                                                                                         ready="x")]
+    m = mover(True)
+    m.present(jobs)
+    assert [(j.copied, j.ready) for j in jobs] == [(True, "arrived1"), (True, "arrived2")]
+    assert m._captured.ahead == [(4, 1), (6, 2)] and log == [("copy", "waits for", "arrived2")]
+    log.clear()
+    m.prefetched_after = "before the prefetch's copies"
+    m.before_graph()
+    assert log == [("compute", "waits for", "before the prefetch's copies")]
+    log.clear()
+    m.copied_since_prefetch()           # an eager copy, or an expert's, after the prefetch
+    m.before_graph()
+    assert log == [("compute", "waits for stream", "copy")]
+    log.clear()
+    m = mover(False)                    # the check failed: everything first, as before
+    m.present(jobs)
+    assert [j.ready for j in jobs] == [None, None] and log == []
+    m.prefetched_after = "before the prefetch's copies"
+    m.before_graph()
+    assert log == [("compute", "waits for stream", "copy")]

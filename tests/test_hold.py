@@ -169,9 +169,9 @@ def test_the_spare_room_holds_the_cpus_blocks_where_they_make_the_step_longest(c
 
 
 def test_the_cpu_blocks_rate_reached_is_kept_over_generates(model_dirs):
-    """What the CPU's blocks compute in each generate adds up (``cpu_rate_reached``, which the spare room's
-    choice then models the step at); none before enough calls, and a generate whose stats were reset
-    meanwhile adds nothing."""
+    """What the CPU's blocks compute in each generate's decode calls adds up (``cpu_rate_reached``, which the
+    spare room's choice then models the step at); none before enough calls, and a generate whose stats were
+    reset meanwhile adds nothing."""
     llm = nb_offload.load(model_dirs("llama"), device="cpu", progress=False)
     try:
         ids, kw = torch.tensor(PROMPT), dict(max_new_tokens=4)
@@ -181,9 +181,11 @@ def test_the_cpu_blocks_rate_reached_is_kept_over_generates(model_dirs):
             with llm._holding_spare((ids,), kw):
                 if reset:
                     st.reset()
-                st.cpu_block_bytes += nbytes
+                st.cpu_decode_bytes += nbytes
+                st.cpu_decode_seconds += seconds
+                st.cpu_decode_calls += calls
+                st.cpu_block_bytes += 10 * nbytes       # larger calls (a prefill on the CPU) aren't counted
                 st.cpu_block_seconds += seconds
-                st.cpu_block_calls += calls
         assert llm.cpu_rate_reached is None
         generate(4e9, 0.1, llm.RATE_AFTER_CALLS - 1)
         assert llm.cpu_rate_reached is None             # too few calls yet
@@ -191,6 +193,8 @@ def test_the_cpu_blocks_rate_reached_is_kept_over_generates(model_dirs):
         assert llm.cpu_rate_reached == pytest.approx(30.0)
         generate(9e9, 0.1, 4, reset=True)               # counted from the reset: dropped
         assert llm.cpu_rate_reached == pytest.approx(30.0)
+        generate(1e9, 0.1, 4)
+        assert llm.cpu_rate_reached == pytest.approx(7e9 / 0.3 / 1e9)
     finally:
         llm.unload()
 

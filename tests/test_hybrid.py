@@ -623,26 +623,56 @@ def test_an_unknown_handoff_is_refused_naming_the_accepted_ones(model_dirs, monk
 
 def test_a_load_plans_again_once_at_the_cpu_rate_its_blocks_reached(model_dirs, monkeypatch):
     """After a generate whose CPU blocks computed more than hybrid.RECALIBRATE_OVER away from the rate the split
-    was chosen at, the model is planned again at the rate reached, once; within it, or switched off, or for a
-    plan whose split no rate chose, never."""
+    was chosen at, the model is planned again at the rate reached, once: units move (``_replan``) where the
+    new plan places them otherwise, else only the plan's rates change. Within the margin, switched off, for a
+    plan whose split no rate chose, or from inside a run in this thread, never. A re-plan that fails leaves
+    the plan and the rate made at load, warns, and the generate's output stands."""
+    from nb_offload import model as model_module
     folder = model_dirs("llama")
     ids = torch.tensor([[1, 5, 9, 13]])
 
-    def loaded(compute="hybrid", reached=(30e9, 1.0, 8), load_rate=40.0):
+    def loaded(compute="hybrid", reached=(30e9, 1.0, 8), load_rate=40.0, moves=True, fails=False):
         llm = nb_offload.load(folder, device="cpu", compute=compute, progress=False)
         llm._insp._cpu_rates = (load_rate, 25.0)         # as measured at load (the CPU device measures none)
         llm.plan.rates = (load_rate, 25.0)
         llm._cpu_blocks_seen = list(reached)
         replans = []
-        monkeypatch.setattr(llm, "_replan", lambda pins: replans.append(llm._insp.cpu_rates()))
+
+        def replan(pins):
+            if fails:
+                raise RuntimeError("no room")
+            replans.append(llm._insp.cpu_rates())
+        monkeypatch.setattr(llm, "_replan", replan)
+        monkeypatch.setattr(model_module, "_same_placement", lambda a, b: not moves)
         return llm, replans
     llm, replans = loaded()
     try:
-        llm.generate(ids, max_new_tokens=2)
-        assert replans == [(30.0, 25.0)] and llm.replanned_at == (40.0, 30.0)
-        assert llm._insp._rates_reached
+        out = llm.generate(ids, max_new_tokens=2)
+        assert replans == [(30.0, 25.0)] and llm.replanned_at == (40.0, 30.0) and llm._insp._rates_reached
         llm.generate(ids, max_new_tokens=2)
         assert len(replans) == 1                        # once a load
+    finally:
+        llm.unload()
+    llm, replans = loaded(moves=False)                  # the same placement: the plan's rates only
+    try:
+        llm.generate(ids, max_new_tokens=2)
+        assert replans == [] and llm.replanned_at == (40.0, 30.0) and llm.plan.rates_reached is False
+    finally:
+        llm.unload()
+    llm, replans = loaded(fails=True)
+    try:
+        with pytest.warns(UserWarning, match=r"planning again at the CPU's rate reached \(30.0 GB/s.*no room"):
+            out = llm.generate(ids, max_new_tokens=2)
+        assert out.shape == (1, 6) and llm.replanned_at is None
+        assert llm._insp.cpu_rates() == (40.0, 25.0) and not llm._insp._rates_reached
+        llm.generate(ids, max_new_tokens=2)             # tried once: not again
+    finally:
+        llm.unload()
+    llm, replans = loaded()
+    try:
+        with llm._gate.run():                           # inside a run in this thread: the outer one decides
+            llm._recalibrate()
+        assert replans == [] and not llm._recalibration_tried
     finally:
         llm.unload()
     for kw, patch in ((dict(reached=(36e9, 1.0, 8)), None),                 # 10 % below: kept

@@ -235,6 +235,25 @@ def test_plans_that_stay_eager_say_why(model_dirs, tmp_path):
         llm.unload()
 
 
+def test_where_graph_waits_fail_the_check_replays_wait_for_every_first_copy_and_stay_exact(model_dirs, monkeypatch):
+    """The fallback of movers.graph_waits_take_launch_record: a replay waits for all its first units' copies
+    before it starts (no per-unit events). Streamed units, two generates: tokens equal the static reference."""
+    from nb_offload import movers
+    monkeypatch.setitem(movers._LAUNCH_RECORD, torch.cuda.current_device(), False)
+    folder = model_dirs("llama")
+    ids = torch.tensor(PROMPT, device="cuda")
+    ref = plain(folder)
+    want = plain_generate(ref, ids)
+    del ref
+    llm = nb_offload.load(folder, pins=streamed_pins(folder), progress=False)
+    try:
+        for _ in range(2):
+            assert torch.equal(offloaded(llm, ids), want)
+        assert llm._engine.mover.waits_per_unit is False and llm.stats.graph_replays >= 2 * N - 3
+    finally:
+        llm.unload()
+
+
 def test_a_replay_waits_for_the_record_made_before_its_launch():
     """A replay waits for its first units' copies on external events that ``prefetch`` records before the
     launch, and records again for the next step while the replay runs (movers.CudaMover.present). That is

@@ -190,7 +190,7 @@ def test_a_cpu_block_held_in_spare_room_computes_on_the_gpu_and_on_the_cpu_again
             assert torch.equal(got, want), picks
             assert llm.stats.cpu_block_calls > calls
         # the rate the CPU's blocks reached in these generates, which later holds are chosen at
-        seen = llm.stats.cpu_block_bytes / llm.stats.cpu_block_seconds / 1e9
+        seen = llm.stats.cpu_decode_bytes / llm.stats.cpu_decode_seconds / 1e9
         assert llm.cpu_rate_reached == pytest.approx(seen)
     finally:
         llm.unload()
