@@ -75,6 +75,16 @@ def _model_and_budget_arguments(func):
     return func
 
 
+def replan_note(llm) -> str:
+    """The line ``%%generate`` prints after a generate that made the model plan again at the CPU's rate reached."""
+    at_load, reached = llm.replanned_at
+    on_cpu = sum(1 for e in llm.plan if e.compute == "cpu")
+    return (f"[planned again at the rate the CPU's blocks reached decoding, {reached:.1f} GB/s ({at_load:.1f} "
+            f"measured at load): {on_cpu} blocks computed on the CPU, {llm.plan.prefetch} "
+            f"{'pieces' if llm.plan.split_blocks else 'units'} copied ahead; "
+            "%offload_plan shows the plan]")
+
+
 def _name_argument(help="which loaded model (default: the most recent)"):
     return argument("name", nargs="?", default=None, metavar="NAME", help=help)
 
@@ -408,6 +418,7 @@ class OffloadMagics(Magics):
         stream = self.stream and not args.no_stream
         streamer = TextStream(tok, echo=stream)
         before = llm.stats.as_dict()
+        replanned = llm.replanned_at
         interrupted = False
         t0 = time.perf_counter()
         try:
@@ -423,6 +434,8 @@ class OffloadMagics(Magics):
         summary = llm.stats.run_summary(before, streamer.tokens, seconds, held_on=llm.plan.resident_tier,
                                         link_gbps=link, asked=None if interrupted else max_new)
         print(f"\n[{summary}]" + (" interrupted: partial text kept" if interrupted else ""))
+        if llm.replanned_at is not None and replanned is None:
+            print(replan_note(llm))
         if args.var:
             self.shell.user_ns[args.var] = text
 

@@ -79,6 +79,24 @@ def test_load_generate_stream_and_bindings(shell, model_dirs, tmp_path):
     assert "tiny" not in shell.user_ns
 
 
+def test_generate_says_when_the_model_planned_again_at_the_cpu_rate_reached(shell, model_dirs, monkeypatch):
+    """A generate after which the model planned again at the rate its CPU blocks reached (a CUDA hybrid plan;
+    here the re-plan stands in) gets a line saying so, once."""
+    run(shell, f"%offload_load {model_dirs('llama')} --device cpu --as replanning")
+    llm = shell.user_ns["replanning"]
+
+    def recalibrate():
+        if llm.replanned_at is None:
+            llm.replanned_at = (46.9, 31.7)
+    monkeypatch.setattr(llm, "_recalibrate", recalibrate)
+    out = capture(shell, "%%generate --model replanning --max-new-tokens 3\nHello")
+    assert "planned again at the rate the CPU's blocks reached decoding, 31.7 GB/s (46.9 measured at load)" \
+        in out.text, out.text
+    out = capture(shell, "%%generate --model replanning --max-new-tokens 3\nHello")
+    assert "planned again" not in out.text
+    run(shell, "%offload_unload replanning")
+
+
 def test_offload_cell_accepts_every_key(shell, model_dirs, tmp_path):
     folder = model_dirs("gpt2")
     run(shell, f"""%%offload cellmodel
