@@ -274,6 +274,14 @@ def step_seconds(order, cpu_gbps: float, link_gbps: float, ahead: int, slot_byte
     return ends[-1] - ends[-2]
 
 
+def decode_step_seconds(order, cpu_gbps: float, link_gbps: float, ahead: int, slot_bytes: int, *, graphs: bool,
+                        disk_gbps: float | None = None) -> float:
+    """``step_seconds`` as the plans model a batch-1 decode step: the GPU's compute at GPU_GBPS, the step captured
+    where ``decode_captured(order, graphs)`` says it is."""
+    return step_seconds(order, cpu_gbps, link_gbps, ahead, slot_bytes, disk_gbps, gpu_gbps=GPU_GBPS,
+                        captured=decode_captured(order, graphs))
+
+
 def fastest_split(candidates: list, time_of) -> list:
     """Of ``candidates`` (blocks in host memory, in run order), the ones the CPU computes: the spread share
     (``spread``) whose step ``time_of(chosen)`` says is shortest; of equal times the fewer."""

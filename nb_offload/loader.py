@@ -311,11 +311,9 @@ class Inspection:
         cpu, link = split.rates
         t_split = split.predicted_seconds_per_step(link, cpu_gbps=cpu)
         # the same model for both (the GPU's compute counted alike), at the link's rate alone for streaming
-        order = step_order(streamed.entries)
-        captured = hybrid.decode_captured(order, "decode_graph" in streamed.reserved)
         t_streamed = max(streamed.predicted_seconds_per_step(link),
-                         hybrid.step_seconds(order, cpu, link, streamed.prefetch, streamed.slot_bytes,
-                                             gpu_gbps=hybrid.GPU_GBPS, captured=captured))
+                         hybrid.decode_step_seconds(step_order(streamed.entries), cpu, link, streamed.prefetch,
+                                                    streamed.slot_bytes, graphs="decode_graph" in streamed.reserved))
         chose_split = t_split < t_streamed
         plan = split if chose_split else streamed
         plan.compute_choice = (f"compute=\"auto\": {'hybrid' if chose_split else 'all streamed'}, modelled "

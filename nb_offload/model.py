@@ -12,7 +12,7 @@ import warnings
 from .budget import format_size, host_memory, trim_heap
 from .errors import OffloadError, PinError, in_one_line
 from .gate import RunGate
-from .hybrid import CPU_COMPUTE, GPU_GBPS, decode_captured, gpu_only_attention, step_seconds
+from .hybrid import CPU_COMPUTE, decode_step_seconds, gpu_only_attention
 from .patterns import match_units
 from .planner import is_expert_pattern, resolve_expert_pins, split_pin
 from .trace import Stats, Trace
@@ -389,8 +389,8 @@ class OffloadedModel:
             order[m] = (where, left) if left > 0 else ("gpu", plan.entries[m].bytes)
         cpu, link = plan.rates
         cpu = cpu_gbps or self.cpu_rate_reached or cpu
-        return step_seconds(order, cpu, link_gbps or link, plan.prefetch, plan.slot_bytes,
-                            gpu_gbps=GPU_GBPS, captured=decode_captured(order, self.cuda_graph))
+        return decode_step_seconds(order, cpu, link_gbps or link, plan.prefetch, plan.slot_bytes,
+                                   graphs=self.cuda_graph)
 
     @property
     def held(self) -> list:

@@ -160,11 +160,9 @@ class Plan:
         on_cpu = self.cpu_bytes_per_token(share)
         bound = max(link, on_cpu / (cpu_gbps * 1e9)) if on_cpu and cpu_gbps else link
         if cpu_gbps and any(e.compute == "cpu" for e in self.entries):
-            order = step_order(self.entries, share)
-            return max(bound, hybrid.step_seconds(order, cpu_gbps, link_gbps, self.prefetch, self.slot_bytes,
-                                                  disk_gbps, gpu_gbps=hybrid.GPU_GBPS,
-                                                  captured=hybrid.decode_captured(order, "decode_graph" in
-                                                                                  self.reserved)))
+            return max(bound, hybrid.decode_step_seconds(step_order(self.entries, share), cpu_gbps, link_gbps,
+                                                         self.prefetch, self.slot_bytes, disk_gbps=disk_gbps,
+                                                         graphs="decode_graph" in self.reserved))
         return bound
 
     def to_dict(self) -> dict:
@@ -419,9 +417,8 @@ def _computed_on_cpu(units, entries, pinned, rates, device, prefetch, slot_bytes
 
     def step_with(chosen):
         mark(chosen)
-        order = step_order(entries)
-        return hybrid.step_seconds(order, rates[0], rates[1], prefetch, slot_bytes, gpu_gbps=hybrid.GPU_GBPS,
-                                   captured=hybrid.decode_captured(order, graphs))
+        return hybrid.decode_step_seconds(step_order(entries), rates[0], rates[1], prefetch, slot_bytes,
+                                          graphs=graphs)
     chosen = hybrid.fastest_split(candidates, step_with)
     mark(chosen)
     return len(chosen) / len(candidates) if candidates else 0.0

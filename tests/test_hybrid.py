@@ -99,9 +99,8 @@ def test_a_hybrid_plan_takes_the_split_and_the_depth_whose_step_is_shortest(mode
     for n in range(len(names) + 1):
         other = [dataclasses.replace(e, compute="cpu" if e.name in hybrid.spread(names, n / len(names)) else
                  "" if e.compute == "cpu" else e.compute) for e in plan]
-        order = step_order(other)
-        alike = hybrid.step_seconds(order, cpu, link, plan.prefetch, plan.slot_bytes, gpu_gbps=hybrid.GPU_GBPS,
-                                    captured=hybrid.decode_captured(order))
+        alike = hybrid.decode_step_seconds(step_order(other), cpu, link, plan.prefetch, plan.slot_bytes,
+                                           graphs=True)
         assert step(plan) <= alike * (1 + 1e-9)
     # the depth chosen: no other depth that fits has a shorter step; of equal ones the shallowest
     depths = {d: all_in_host_memory(folder, compute="hybrid", prefetch=d) for d in range(1, hybrid.MOST_AHEAD + 1)}
