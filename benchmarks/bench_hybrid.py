@@ -50,6 +50,8 @@ def main():
     ap.add_argument("--trace-dir", default=None, help="also write each load's timeline of an 8-token generate "
                     "and of a 2048-token prefill (-prefill.json): the engine's trace (copies, compute, the CPU's "
                     "blocks) as JSON rows there")
+    ap.add_argument("--cores-left", type=int, default=None, help="cores the CPU blocks leave to the other "
+                    "threads (cpu_experts.CORES_LEFT, 4 by default): the CPU computes with the rest")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
@@ -57,8 +59,10 @@ def main():
     from transformers import AutoModelForCausalLM
 
     import nb_offload
-    from nb_offload import hybrid
+    from nb_offload import cpu_experts, hybrid
     from nb_offload.cpu_experts import host_threads
+    if args.cores_left is not None:
+        cpu_experts.CORES_LEFT = args.cores_left
     tests = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
     sys.path[:0] = [tests, os.path.join(tests, "gpu")]
     from test_hybrid_gpu import reference as cpu_reference

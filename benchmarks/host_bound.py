@@ -1,0 +1,140 @@
+"""How many bytes a second the host gives its cores and the link together (issue 16's bound at 4 GiB): the
+cores reading host memory (an fp32 sum, and a LLaMA-7B block's batch-1 products over distinct weights, so the
+cache holds none) at several thread counts, alone and while the link copies page-locked memory to the GPU
+from distinct 64 MiB chunks (past the last-level cache), with the link's rate alone and beside them. If
+the two together stay near one total whatever the cores run, that total bounds a hybrid step: every byte it
+reads, the CPU's and the link's, comes out of it. Page-locked buffers throughout, as the engine's are.
+
+    PYTHONPATH=. python3 benchmarks/host_bound.py --json out.json [--threads 8,12,14,16]
+    PYTHONPATH=. python3 benchmarks/host_bound.py --link-for 60    # only the link, for 60 s (beside another program)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import threading
+import time
+
+from bench_offload import row_recorder
+
+CHUNK = 64 << 20
+
+
+def filled(nbytes: int, fill):
+    """A page-locked flat buffer of ``nbytes``, ``fill``ed before it is locked (cheaper than faulting locked
+    pages in), or pageable where there is no GPU."""
+    import torch
+
+    from nb_offload.tiers import alloc_host, lock_host
+    pinned = torch.cuda.is_available()
+    flat = alloc_host(nbytes, pinned=pinned, lock=False)
+    view = fill(flat)
+    if pinned:
+        lock_host(flat)
+    return view
+
+
+class Link:
+    """A thread copying page-locked host memory to the GPU, 64 MiB at a time from ``chunks`` distinct chunks
+    in turn, until stopped; ``rate()`` is the GB/s of the last run."""
+
+    def __init__(self, torch, chunks: int = 32):
+        self.torch = torch
+        self.source = filled(chunks * CHUNK, lambda flat: flat.fill_(1))
+        self.target = torch.empty(CHUNK, dtype=torch.uint8, device="cuda")
+        self.stream = torch.cuda.Stream()
+        self.chunks = chunks
+        self.copied, self.seconds = 0, 0.0
+
+    def run(self, stop: threading.Event):
+        torch, k, copied = self.torch, 0, 0
+        t0 = time.perf_counter()
+        with torch.cuda.stream(self.stream):
+            while not stop.is_set():
+                a = (k % self.chunks) * CHUNK
+                self.target.copy_(self.source[a:a + CHUNK], non_blocking=True)
+                self.stream.synchronize()
+                copied += CHUNK
+                k += 1
+        self.copied, self.seconds = copied, time.perf_counter() - t0
+
+    def rate(self) -> float:
+        return self.copied / max(self.seconds, 1e-9) / 1e9
+
+    def beside(self, fn):
+        """``fn()`` while the link copies: (fn's result, the link's GB/s meanwhile)."""
+        stop = threading.Event()
+        copier = threading.Thread(target=self.run, args=(stop,))
+        copier.start()
+        time.sleep(0.02)
+        try:
+            result = fn()
+        finally:
+            stop.set()
+            copier.join()
+        return result, self.rate()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", default="8,12,14,16")
+    ap.add_argument("--passes", type=int, default=7)
+    ap.add_argument("--link-for", type=float, default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    import torch
+    torch.inference_mode().__enter__()
+    link = Link(torch) if torch.cuda.is_available() else None
+    if args.link_for:
+        stop = threading.Event()
+        threading.Timer(args.link_for, stop.set).start()
+        link.run(stop)
+        print(f"link alone for {link.seconds:.0f} s: {link.rate():.1f} GB/s", flush=True)
+        return
+    out = {"meta": {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name() if link else "none"}, "rows": []}
+    add = row_recorder(out, args.json, digits=2)
+    dt = torch.bfloat16
+    # a block's products, five blocks' worth of distinct weights (2.0 GB), read once a pass
+    shapes = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
+    weights = [filled(rows * cols * 2, lambda flat, r=rows, c=cols: flat.view(dt).view(r, c).fill_(0.01))
+               for _ in range(5) for rows, cols in shapes]
+    product_bytes = sum(w.numel() * 2 for w in weights)
+    inputs = {cols: torch.full((1, cols), 0.5, dtype=dt) for _, cols in shapes}
+    floats = filled(4 << 30, lambda flat: flat.view(torch.float32).fill_(1.0))
+
+    def products():
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+
+    ways = {"sum": (lambda: floats.sum(), floats.numel() * 4), "products": (products, product_bytes)}
+
+    def timed(fn, nbytes):
+        fn()
+        times = []
+        for _ in range(args.passes):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return nbytes / statistics.median(times) / 1e9
+
+    if link is None:        # no GPU: the cores alone (a check of the script itself)
+        link = type("NoLink", (), {"beside": staticmethod(lambda fn: (fn(), 0.0))})()
+    _, alone = link.beside(lambda: time.sleep(1.0))
+    add(what="link alone", link_gbps=alone)
+    print(f"link alone: {alone:.1f} GB/s", flush=True)
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        for name, (fn, nbytes) in ways.items():
+            cpu_alone = timed(fn, nbytes)
+            cpu_beside, link_beside = link.beside(lambda fn=fn, nbytes=nbytes: timed(fn, nbytes))
+            add(what=name, threads=threads, cpu_alone_gbps=cpu_alone, cpu_beside_gbps=cpu_beside,
+                link_beside_gbps=link_beside, together_gbps=cpu_beside + link_beside)
+            print(f"{name:9s} {threads:2d} threads: cpu alone {cpu_alone:6.1f}, beside the link {cpu_beside:6.1f} "
+                  f"+ link {link_beside:5.1f} = {cpu_beside + link_beside:6.1f} GB/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
