@@ -535,6 +535,14 @@ class Engine:
         return contextlib.nullcontext()
 
     # -- a captured step (graphs.py) ------------------------------------------------------------------
+    def place_cpu_caches(self, args, kwargs):
+        """The CPU blocks' KV-cache layers where this step computes them (``CpuBlock.place_cache``): before a
+        graph's key is taken (it names where the cache's layers are) and before a capture (which can't move
+        them)."""
+        large = bool(self.large_sources) and _tokens(args, kwargs) > self.cpu_max_tokens
+        for block in self._cpu_hooks.values():
+            block.place_cache(given_cache(kwargs), large)
+
     def capture_step(self, graph, forward, args, kwargs):
         """Record one forward pass into ``graph``: its copies, its compute and the events between them,
         with the slots filled from the start of the step, the first ones (``mover.ahead``) already
@@ -545,9 +553,7 @@ class Engine:
         self.drain()
         if self.mover.waits_per_unit is None:      # outside any capture: it captures a graph of its own
             self.mover.waits_per_unit = graph_waits_take_launch_record(torch, self.device)
-        large = bool(self.large_sources) and _tokens(args, kwargs) > self.cpu_max_tokens
-        for block in self._cpu_hooks.values():      # their cache layers where the step computes them
-            block.place_cache(given_cache(kwargs), large)
+        self.place_cpu_caches(args, kwargs)
         self.schedule.restart(wrap=False)       # a replay is whole: nothing fetched for the next step
         moved = self.stats.bytes_from_cpu
         steps, trace_step = self.stats.steps, self.trace.step

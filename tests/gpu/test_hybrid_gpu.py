@@ -196,6 +196,40 @@ def test_a_cpu_block_held_in_spare_room_computes_on_the_gpu_and_on_the_cpu_again
         llm.unload()
 
 
+def test_a_held_cpu_blocks_cache_layer_moved_elsewhere_is_not_replayed_where_it_was(model_dirs, monkeypatch):
+    """A CPU block held in spare room has its cache layer moved to the GPU for the generate, wherever the
+    allocator puts it that time. Here a generate holds it, the next holds nothing (the layer goes back to host
+    memory), tensors of the layer's size take the room it left, and a third holds it again with another
+    prompt of the same length: its decode must not replay the first generate's graph, which reads and writes
+    the layer where it was (the stale keys of the first prompt, in memory the spacers own now). Tokens equal
+    the reference, every decode captured."""
+    folder = model_dirs("llama")
+    names = [e.name for e in blocks(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))]
+    prompts = [torch.tensor(PROMPT, device="cuda"), torch.tensor(PROMPT, device="cuda").flip(1) + 1]
+    llm = nb_offload.load(folder, pins=dict.fromkeys(names[1:3], "cpu-compute"), progress=False)
+    spacers = []
+    try:
+        eng = llm._engine
+        first = min(eng.cpu_blocks)
+        layer = hybrid.layer_index(llm.model.get_submodule(eng.units[first].name))
+        on_cpu = sorted(eng.units[i].name for i in eng.cpu_blocks)
+        for picks, ids in (([first], prompts[0]), ([], prompts[0]), ([first], prompts[1])):
+            if ids is prompts[1]:       # the room the layer left on the GPU, taken
+                kv = eng.graphs.cache.layers[layer]
+                spacers += [torch.empty_like(t, device="cuda") for t in vars(kv).values()
+                            if isinstance(t, torch.Tensor) for _ in range(2)]
+            monkeypatch.setattr(llm, "_spare_picks", lambda *a, picks=picks, **k: list(picks))
+            replays = llm.stats.graph_replays
+            got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
+            assert not llm.stats.graph_eager and llm.stats.graph_replays >= replays + N - 3, llm.stats.graph_eager
+            want = reference(folder, ids, [n for n in on_cpu if not (picks and n == eng.units[first].name)],
+                             eng.cpu_max_tokens, static=True)
+            assert torch.equal(got, want), (picks, got, want)
+    finally:
+        del spacers
+        llm.unload()
+
+
 def test_a_load_whose_cpu_reached_another_rate_is_planned_again_and_stays_exact(model_dirs, monkeypatch):
     """A plan whose split was chosen at a CPU rate its blocks don't reach (here 1000 GB/s) is made again
     at the rate reached after the first generate, once; the next generate's tokens equal the reference for
