@@ -18,6 +18,7 @@ run elsewhere (``hybrid.HANDOFF``: on a worker thread, in captured steps) (``var
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import os
 import sys
@@ -52,6 +53,8 @@ def main():
                     "blocks) as JSON rows there")
     ap.add_argument("--cores-left", type=int, default=None, help="cores the CPU blocks leave to the other "
                     "threads (cpu_experts.CORES_LEFT, 4 by default): the CPU computes with the rest")
+    ap.add_argument("--watchdog", type=float, default=240, help="seconds a budget may take before every "
+                    "thread's stack is written out and the run ends (a hang says where it hangs)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
@@ -96,6 +99,7 @@ def main():
     want_gpu = reference([])
     for budget in args.budgets.split(","):
         t0 = time.perf_counter()
+        faulthandler.dump_traceback_later(args.watchdog, exit=True)
         llms = {}
         try:
             llms = {"streamed": nb_offload.load(args.folder, gpu=budget, cpu="100GiB", progress=False),
@@ -240,6 +244,7 @@ def main():
                 llm.unload()
             gc.collect()
             torch.cuda.empty_cache()
+        faulthandler.cancel_dump_traceback_later()
         print(f"[{budget}: {time.perf_counter() - t0:.0f} s]", flush=True)
 
 

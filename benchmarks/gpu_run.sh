@@ -23,7 +23,7 @@ fi
 # limit, the libraries' progress noise filtered out, its output kept in $OUT/NAME.log, the last LINES shown
 run_bench() {
     timeout "$3" python3 "benchmarks/$2" --json "$OUT/$1${BENCH_TAG:-}.json" $4 2>&1 \
-        | grep -v "Loading weights\|Writing model\|will be cast\|attention mask" | tee "$OUT/$1.log" | tail -"$5"
+        | grep --line-buffered -v "Loading weights\|Writing model\|will be cast\|attention mask" | tee "$OUT/$1.log" | tail -"$5"
 }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv,noheader || true
 for step in "${@:-tests}"; do
