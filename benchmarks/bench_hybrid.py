@@ -53,7 +53,7 @@ def main():
                     "blocks) as JSON rows there")
     ap.add_argument("--cores-left", type=int, default=None, help="cores the CPU blocks leave to the other "
                     "threads (cpu_experts.CORES_LEFT, 4 by default): the CPU computes with the rest")
-    ap.add_argument("--watchdog", type=float, default=240, help="seconds a budget may take before every "
+    ap.add_argument("--watchdog", type=float, default=300, help="seconds a budget may take before every "
                     "thread's stack is written out and the run ends (a hang says where it hangs)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

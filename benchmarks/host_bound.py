@@ -91,7 +91,7 @@ def main():
         stop = threading.Event()
         threading.Timer(args.link_for, stop.set).start()
         link.run(stop)
-        print(f"link alone for {link.seconds:.0f} s: {link.rate():.1f} GB/s", flush=True)
+        print(f"link for {link.seconds:.0f} s: {link.rate():.1f} GB/s", flush=True)
         return
     out = {"meta": {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "torch": torch.__version__,
                     "device": torch.cuda.get_device_name() if link else "none"}, "rows": []}

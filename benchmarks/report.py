@@ -10,6 +10,7 @@ The JSON files live in benchmarks/runs/ (raw-DATE-CARD-WHAT.json). From the repo
     python3 benchmarks/report.py DASH.json --dashboard         # a bench_dashboard.py run
     python3 benchmarks/report.py LOAD.json                     # a bench_load.py run ("kind": "load"; or --load)
     python3 benchmarks/report.py QUANT.json                    # a bench_quant.py run (or --quant)
+    python3 benchmarks/report.py BOUND.json [--llama BESIDE.txt]   # a host_bound.py run
 
 With --readme, files after the first run add lines: more bench_offload.py runs (case 5 alone), a
 host_contention.py run, a bench_load.py run.
@@ -852,6 +853,38 @@ def render_cpu_block(data, command, title) -> str:
     return "\n".join(lines)
 
 
+def render_host_bound(data, command, title, llama_beside=None) -> str:
+    """A host_bound.py run: what the host gives its cores and the link together; with ``llama_beside`` (a saved
+    llama-bench log run while host_bound.py --link-for copied beside it), llama.cpp's decode there."""
+    m = data["meta"]
+    alone = next((r["link_gbps"] for r in data["rows"] if r["what"] == "link alone"), 0.0)
+    lines = [f"## {m['date']}, {title or 'the host bound: the cores and the link reading host memory at once'} · "
+             f"{m['device']} host, {m['cores']} cores · torch {m['torch']}", "",
+             "Command (GPU machine, repository root):", "", f"    {command}", "",
+             "The cores read page-locked host memory (*sum*: an fp32 sum over 4 GiB; *products*: a LLaMA-7B block's "
+             "batch-1 bf16 products over five blocks' distinct weights, 2.0 GB, F.linear as a CPU block computes "
+             "them) at each thread count, alone and while a thread copies page-locked memory to the GPU from 32 "
+             f"distinct 64 MiB chunks; GB/s, medians of the passes. The link alone: {alone:.1f} GB/s.", "",
+             "| cores read by | threads | CPU alone | CPU beside the link | link beside the CPU | together |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        if "together_gbps" in r:
+            lines.append(f"| {r['what']} | {r['threads']} | {r['cpu_alone_gbps']:.1f} | {r['cpu_beside_gbps']:.1f} | "
+                         f"{r['link_beside_gbps']:.1f} | **{r['together_gbps']:.1f}** |")
+    lines.append("")
+    if llama_beside:
+        copied = next((line.split(":", 1)[1].strip() for line in open(llama_beside) if line.startswith("link ")),
+                      "not printed")
+        lines.append(f"llama.cpp's decode while host_bound.py --link-for copied in another process "
+                     f"(`{os.path.basename(llama_beside)}`; the link over the copying process's whole run: {copied}):")
+        lines.append("")
+        for line in open(llama_beside):
+            if line.startswith("|"):
+                lines.append(line.rstrip())
+        lines.append("")
+    return "\n".join(lines)
+
+
 def render_fetch(data, command, title) -> str:
     """A bench_fetch.py run: routed expert rows read by a kernel over the link against the copy engine."""
     m = data["meta"]
@@ -914,6 +947,9 @@ def main():
         print(render_fetch(data, args.command or "bash benchmarks/gpu_run.sh fetch", args.title))
     elif {"block_bytes", "huge_pages"} & set(data.get("meta", {})):
         print(render_cpu_block(data, args.command or "bash benchmarks/gpu_run.sh cpublock", args.title))
+    elif any("together_gbps" in r for r in data.get("rows", [])):
+        print(render_host_bound(data, args.command or "PYTHONPATH=. python3 benchmarks/host_bound.py --json out.json",
+                                args.title, args.llama))
     elif any("hybrid_tok_s" in r for r in data.get("rows", [])):
         print(render_hybrid(data, args.command or "bash benchmarks/gpu_run.sh hybrid", args.title, args.llama))
     elif any("routed_tok_s" in r for r in data.get("rows", [])):

@@ -538,7 +538,12 @@ class Engine:
     def place_cpu_caches(self, args, kwargs):
         """The CPU blocks' KV-cache layers where this step computes them (``CpuBlock.place_cache``): before a
         graph's key is taken (it names where the cache's layers are) and before a capture (which can't move
-        them)."""
+        them). The worker is done with the calls before first: a step that failed part way may have left one
+        computing from the layers' tensors."""
+        if not self._cpu_hooks:
+            return
+        for worker in self._workers():
+            worker.settle()
         large = bool(self.large_sources) and _tokens(args, kwargs) > self.cpu_max_tokens
         for block in self._cpu_hooks.values():
             block.place_cache(given_cache(kwargs), large)

@@ -287,10 +287,11 @@ class DecodeGraphs:
             captured = self._capture(key, forward, args, kwargs)
             if captured is None:
                 return e.eager_step(forward, args, kwargs)
-            while len(self.graphs) >= KEEP:        # the oldest go, with their memory pools
+            while len(self.graphs) >= KEEP:        # the least recently replayed go, with their memory pools
                 self.graphs.pop(next(iter(self.graphs)))
             self.graphs[key] = captured
         else:
+            self.graphs[key] = self.graphs.pop(key)     # the most recently used last: the oldest go first
             for path, value in leaves:
                 static = captured.inputs.get(path)
                 if static is not None:

@@ -35,11 +35,14 @@ POLL_SECONDS = 1e-5         # between two looks at a flag: Linux sleeps about 60
 
 class Flag:
     """One flag in page-locked memory, set by the GPU; ``synchronize`` waits until it is set, then clears
-    it, as an event's would wait for the copies queued before it. It gives up after ``patience`` seconds,
-    or once ``abandoned`` (a threading.Event) is set: the replay that would set it was not launched."""
+    it, as an event's would wait for the copies queued before it. It gives up once ``abandoned`` (a
+    threading.Event) is set (the replay that would set it was not launched), or after ``patience`` seconds,
+    calling ``give_up()`` first: the step's other calls then give up at once, instead of each waiting its
+    own ``patience`` for a GPU that has stalled or faulted."""
 
-    def __init__(self, flags, index: int, patience: float = PATIENCE_SECONDS, abandoned=None):
+    def __init__(self, flags, index: int, patience: float = PATIENCE_SECONDS, abandoned=None, give_up=None):
         self.flags, self.index, self.patience, self.abandoned = flags, index, patience, abandoned
+        self.give_up = give_up
 
     def synchronize(self):
         end = time.perf_counter() + self.patience
@@ -47,6 +50,8 @@ class Flag:
             if self.abandoned is not None and self.abandoned.is_set():
                 raise RuntimeError("the captured step was abandoned before the GPU reached this CPU block")
             if time.perf_counter() > end:
+                if self.give_up is not None:
+                    self.give_up()
                 raise RuntimeError(f"the GPU did not reach a captured CPU block in {self.patience:.0f} s")
             time.sleep(POLL_SECONDS)
         self.flags[self.index] = 0
@@ -106,7 +111,7 @@ class GpuHandoff:
         if 2 * k + 1 >= len(self.flags):
             raise RuntimeError(f"a captured step with more than {len(self.flags) // 2} CPU blocks' calls")
         self._write(stream, 2 * k, 1)
-        return Flag(self.flags, 2 * k, abandoned=self.abandoned)
+        return Flag(self.flags, 2 * k, abandoned=self.abandoned, give_up=self.abandon)
 
     def submit(self, work, count, prepare=None):
         """Hand ``work()`` (which returns its start and end) to the worker, now or at each replay; what
@@ -149,8 +154,9 @@ class GpuHandoff:
                 prepare()
 
     def abandon(self):
-        """A replay's launch failed or was interrupted after its calls were handed over: they stop polling, and
-        every wait of the GPU's for a call's output ends (the step has failed; its output is not used)."""
+        """A replay's launch failed or was interrupted after its calls were handed over, or the GPU didn't reach
+        one of them in time: they stop polling, and every wait of the GPU's for a call's output ends (the step
+        has failed; its output is not used)."""
         self.abandoned.set()
         self.flags[1::2] = 1
 

@@ -210,3 +210,40 @@ def test_a_replay_waits_per_unit_only_where_the_check_holds_and_no_copy_came_aft
     m.prefetched_after = "before the prefetch's copies"
     m.before_graph()
     assert log == [("compute", "waits for stream", "copy")]
+
+
+def test_graphs_are_kept_by_last_replay_and_keyed_by_where_the_caches_layers_are(monkeypatch):
+    """DecodeGraphs.step with the engine stood in: a shape's first step runs eager, its second is captured,
+    later ones replay; past KEEP graphs the least recently replayed goes (not the oldest captured); and a step
+    whose cache has a layer elsewhere (here: on another device than before) gets a key of its own, after the
+    CPU blocks' layers are placed for it."""
+    from types import SimpleNamespace
+
+    from nb_offload import graphs
+    events = []
+    cache = SimpleNamespace(layers=[SimpleNamespace(keys=torch.zeros(2), values=torch.zeros(2))])
+    engine = SimpleNamespace(held={}, stats=SimpleNamespace(graph_eager=""), torch=torch,
+                             place_cpu_caches=lambda args, kwargs: events.append("placed"),
+                             replay=lambda captured: events.append(("replay", captured.n)),
+                             eager_step=lambda forward, args, kwargs: events.append("eager"))
+    g = object.__new__(graphs.DecodeGraphs)
+    g.engine, g.torch, g.cache, g.active = engine, torch, cache, True
+    g.graphs, g.warm, g.failed, g.primed = {}, set(), {}, None
+    monkeypatch.setattr(g, "_warm_up", lambda forward, args, kwargs: events.append("warm-up"))
+    monkeypatch.setattr(g, "_capture", lambda key, forward, args, kwargs: SimpleNamespace(
+        n=args[0].shape[1], inputs={}, output=None))
+    monkeypatch.setattr(graphs, "_copied", lambda torch, output, cache: output)
+
+    def step(n):
+        events.clear()
+        g.step(None, (torch.zeros(1, n, dtype=torch.long), cache), {})
+        return [e for e in events if e != "placed"]
+    for n in range(1, graphs.KEEP + 1):        # KEEP shapes, each warmed up, then captured
+        assert step(n) == ["warm-up"] and step(n) == [("replay", n)]
+    assert step(1) == [("replay", 1)]           # shape 1 replayed last: shape 2 is now the least recent
+    assert step(9) == ["warm-up"] and step(9) == [("replay", 9)]
+    kept = sorted(c.n for c in g.graphs.values())
+    assert len(g.graphs) == graphs.KEEP and 1 in kept and 2 not in kept
+    assert "placed" in events                   # before the key is taken
+    cache.layers[0].keys = torch.zeros(2, device="meta")        # the layer's keys moved: a key of its own
+    assert step(1) == ["warm-up"]

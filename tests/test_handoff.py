@@ -3,6 +3,7 @@ the flags a captured step's worker polls, and the program a capture records and 
 passes themselves: tests/gpu/test_hybrid_gpu.py."""
 
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -147,5 +148,32 @@ def test_an_abandoned_replay_stops_its_calls_polling_and_ends_the_gpus_waits():
         assert list(h.flags[1::2]) == [1, 1]
         h.before_replay(program)        # waits for the worker, clears the flags (after a synchronize)
         assert not h.abandoned.is_set() and not h.flags.any() and h.synchronized == 1
+    finally:
+        h.worker.close()
+
+
+def test_a_call_the_gpu_does_not_reach_in_time_gives_up_the_steps_other_calls_at_once(monkeypatch):
+    """A replay whose GPU stalls (or faulted) before the first CPU block's inputs: that call waits its patience,
+    then abandons the step, so the calls after it raise at once (not each after a patience of its own: 30 s
+    times a step's 9-13 CPU blocks, in silence) and every wait of the GPU's for an output ends."""
+    monkeypatch.setattr(handoff, "PATIENCE_SECONDS", 0.2)
+    h = stand_in(calls=3)
+    try:
+        with h.recording() as program:
+            for _ in range(3):
+                ready = h.inputs_ready()
+                ready.patience = handoff.PATIENCE_SECONDS
+                h.submit(lambda ready=ready: (ready.synchronize(), (0.0, 1.0))[1], lambda t0, t1: None)
+        h.flags[:] = 0                  # the GPU never gets to the first call's inputs
+        h.before_replay(program)
+        t0 = time.perf_counter()
+        done = h.run(program)
+        with pytest.raises(RuntimeError, match="did not reach a captured CPU block"):
+            done[0][0].result(timeout=5)
+        for future, _ in done[1:]:
+            with pytest.raises(RuntimeError, match="abandoned"):
+                future.result(timeout=5)
+        assert time.perf_counter() - t0 < 2 * handoff.PATIENCE_SECONDS
+        assert h.abandoned.is_set() and list(h.flags[1::2]) == [1, 1, 1]
     finally:
         h.worker.close()
