@@ -5,7 +5,7 @@ from distinct 64 MiB chunks (past the last-level cache), with the link's rate al
 the two together stay near one total whatever the cores run, that total bounds a hybrid step: every byte it
 reads, the CPU's and the link's, comes out of it. Page-locked buffers throughout, as the engine's are.
 
-    PYTHONPATH=. python3 benchmarks/host_bound.py --json out.json [--threads 8,12,14,16]
+    PYTHONPATH=. python3 benchmarks/host_bound.py --json out.json [--threads 8,12,14,16] [--ways sum,products,fused,mv]
     PYTHONPATH=. python3 benchmarks/host_bound.py --link-for 60    # only the link, for 60 s (beside another program)
 """
 
@@ -77,11 +77,34 @@ class Link:
         return result, self.rate()
 
 
+def same_bits(torch, shapes, thread_counts) -> dict:
+    """{(way, threads): whether its outputs equal F.linear's bit for bit} for the fused and torch.mv ways, on
+    one block's random weights at each thread count (a CPU block's tokens must equal the reference's, which
+    computes with F.linear)."""
+    gen = torch.Generator().manual_seed(0)
+    dt = torch.bfloat16
+    block = [(torch.randn(r, c, generator=gen) * 0.02).to(dt) for r, c in shapes]
+    inputs = {c: torch.randn(1, c, generator=gen).to(dt) for _, c in shapes}
+    out, caller = {}, torch.get_num_threads()
+    for threads in [int(t) for t in thread_counts.split(",")]:
+        torch.set_num_threads(threads)
+        want = [torch.nn.functional.linear(inputs[w.shape[1]], w) for w in block]
+        joined = [torch.nn.functional.linear(inputs[4096], torch.cat(block[0:3])),
+                  torch.nn.functional.linear(inputs[4096], torch.cat(block[4:6]))]
+        out["fused", threads] = (torch.equal(joined[0], torch.cat(want[0:3], dim=1))
+                                 and torch.equal(joined[1], torch.cat(want[4:6], dim=1)))
+        out["mv", threads] = all(torch.equal(torch.mv(w, inputs[w.shape[1]][0]), y[0]) for w, y in zip(block, want))
+    torch.set_num_threads(caller)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", default="8,12,14,16")
     ap.add_argument("--passes", type=int, default=7)
     ap.add_argument("--link-for", type=float, default=None)
+    ap.add_argument("--ways", default="sum,products", help="what the cores read by: sum, products (F.linear, "
+                    "fused and torch.mv too, each bit-compared with F.linear first)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
@@ -109,7 +132,29 @@ def main():
         for w in weights:
             torch.nn.functional.linear(inputs[w.shape[1]], w)
 
-    ways = {"sum": (lambda: floats.sum(), floats.numel() * 4), "products": (products, product_bytes)}
+    # the same bytes as fewer products: q/k/v as one matrix and gate/up as one (adjacent in a block's flat
+    # buffer, so a CPU block could view them so without a copy); and each product as torch.mv
+    fused = []
+    for b in range(5):
+        block = weights[7 * b:7 * b + 7]
+        fused += [torch.cat(block[0:3]), block[3], torch.cat(block[4:6]), block[6]]
+
+    def fused_products():
+        for w in fused:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+
+    def mv_products():
+        for w in weights:
+            torch.mv(w, inputs[w.shape[1]][0])
+
+    ways = {"sum": ("sum", lambda: floats.sum(), floats.numel() * 4),
+            "products": ("products", products, product_bytes),
+            "fused": ("products, q/k/v and gate/up fused", fused_products, product_bytes),
+            "mv": ("products as torch.mv", mv_products, product_bytes)}
+    chosen = args.ways.split(",")
+    if unknown := set(chosen) - set(ways):
+        raise SystemExit(f"--ways: {sorted(unknown)}; accepted: {', '.join(ways)}")
+    equal = same_bits(torch, shapes, args.threads) if {"fused", "mv"} & set(chosen) else {}
 
     def timed(fn, nbytes):
         fn()
@@ -127,12 +172,14 @@ def main():
     print(f"link alone: {alone:.1f} GB/s", flush=True)
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
-        for name, (fn, nbytes) in ways.items():
+        for way in chosen:
+            name, fn, nbytes = ways[way]
             cpu_alone = timed(fn, nbytes)
             cpu_beside, link_beside = link.beside(lambda fn=fn, nbytes=nbytes: timed(fn, nbytes))
             add(what=name, threads=threads, cpu_alone_gbps=cpu_alone, cpu_beside_gbps=cpu_beside,
-                link_beside_gbps=link_beside, together_gbps=cpu_beside + link_beside)
-            print(f"{name:9s} {threads:2d} threads: cpu alone {cpu_alone:6.1f}, beside the link {cpu_beside:6.1f} "
+                link_beside_gbps=link_beside, together_gbps=cpu_beside + link_beside,
+                **({"equal_to_linear": equal[way, threads]} if (way, threads) in equal else {}))
+            print(f"{name:36s} {threads:2d} threads: cpu alone {cpu_alone:6.1f}, beside the link {cpu_beside:6.1f} "
                   f"+ link {link_beside:5.1f} = {cpu_beside + link_beside:6.1f} GB/s", flush=True)
 
 

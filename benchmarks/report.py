@@ -869,8 +869,10 @@ def render_host_bound(data, command, title, llama_beside=None) -> str:
              "|---|---:|---:|---:|---:|---:|"]
     for r in data["rows"]:
         if "together_gbps" in r:
-            lines.append(f"| {r['what']} | {r['threads']} | {r['cpu_alone_gbps']:.1f} | {r['cpu_beside_gbps']:.1f} | "
-                         f"{r['link_beside_gbps']:.1f} | **{r['together_gbps']:.1f}** |")
+            bits = {True: " (same bits as F.linear)", False: " (**bits differ** from F.linear)"}.get(
+                r.get("equal_to_linear"), "")
+            lines.append(f"| {r['what']}{bits} | {r['threads']} | {r['cpu_alone_gbps']:.1f} | "
+                         f"{r['cpu_beside_gbps']:.1f} | {r['link_beside_gbps']:.1f} | **{r['together_gbps']:.1f}** |")
     lines.append("")
     if llama_beside:
         copied = next((line.split(":", 1)[1].strip() for line in open(llama_beside) if line.startswith("link ")),
