@@ -535,6 +535,11 @@ class Engine:
         return contextlib.nullcontext()
 
     # -- a captured step (graphs.py) ------------------------------------------------------------------
+    @property
+    def cpu_cache_layers(self) -> list:
+        """The KV-cache layers of the blocks computed on the CPU: the only ones that move between steps."""
+        return [block.layer for block in self._cpu_hooks.values()]
+
     def place_cpu_caches(self, args, kwargs):
         """The CPU blocks' KV-cache layers where this step computes them (``CpuBlock.place_cache``): before a
         graph's key is taken (it names where the cache's layers are) and before a capture (which can't move

@@ -109,14 +109,18 @@ def _signature(torch, cache, leaves):
     return tuple(sig)
 
 
-def _cache_layout(torch, cache) -> tuple:
-    """Where each tensor of ``cache``'s layers lives: its address where it is on the device (a graph reads and
-    writes it there), else its device. A CPU block held in spare room has its layer moved to the GPU for the
-    generate, to wherever the allocator puts it that time: a graph captured with it elsewhere must not replay
-    (it would read and write memory the layer has left, which may hold anything since)."""
+def _cache_layout(torch, cache, layers) -> tuple:
+    """Where each tensor of ``cache``'s ``layers`` (indices) lives: its address where it is on the device (a
+    graph reads and writes it there), else its device. A CPU block held in spare room has its layer moved to
+    the GPU for the generate, to wherever the allocator puts it that time: a graph captured with it elsewhere
+    must not replay (it would read and write memory the layer has left, which may hold anything since). The
+    other layers never move (a new cache drops the graphs)."""
+    entries = getattr(cache, "layers", ())
     layout = []
-    for i, entry in enumerate(getattr(cache, "layers", ())):
-        for name, t in vars(entry).items():
+    for i in layers:
+        if i is None or i >= len(entries):
+            continue
+        for name, t in vars(entries[i]).items():
             if isinstance(t, torch.Tensor):
                 layout.append((i, name, "cpu" if t.is_cpu else t.data_ptr()))
     return tuple(layout)
@@ -273,7 +277,7 @@ class DecodeGraphs:
         sig = _signature(self.torch, self.cache, leaves)
         e.place_cpu_caches(args, kwargs)        # where the key finds them, as a replay or capture wants them
         key = (sig, frozenset((idx, buf.data_ptr()) for idx, (_, buf) in e.held.items()),
-               _cache_layout(self.torch, self.cache))
+               _cache_layout(self.torch, self.cache, e.cpu_cache_layers))
         if sig is None or key in self.failed:
             e.stats.graph_eager = self.failed.get(key, "an input a capture can't hold")
             return e.eager_step(forward, args, kwargs)

@@ -215,14 +215,14 @@ def test_a_replay_waits_per_unit_only_where_the_check_holds_and_no_copy_came_aft
 def test_graphs_are_kept_by_last_replay_and_keyed_by_where_the_caches_layers_are(monkeypatch):
     """DecodeGraphs.step with the engine stood in: a shape's first step runs eager, its second is captured,
     later ones replay; past KEEP graphs the least recently replayed goes (not the oldest captured); and a step
-    whose cache has a layer elsewhere (here: on another device than before) gets a key of its own, after the
-    CPU blocks' layers are placed for it."""
+    whose cache has a CPU block's layer elsewhere (here: on another device than before) gets a key of its own,
+    after the CPU blocks' layers are placed for it."""
     from types import SimpleNamespace
 
     from nb_offload import graphs
     events = []
-    cache = SimpleNamespace(layers=[SimpleNamespace(keys=torch.zeros(2), values=torch.zeros(2))])
-    engine = SimpleNamespace(held={}, stats=SimpleNamespace(graph_eager=""), torch=torch,
+    cache = SimpleNamespace(layers=[SimpleNamespace(keys=torch.zeros(2), values=torch.zeros(2)) for _ in range(2)])
+    engine = SimpleNamespace(held={}, stats=SimpleNamespace(graph_eager=""), torch=torch, cpu_cache_layers=[0],
                              place_cpu_caches=lambda args, kwargs: events.append("placed"),
                              replay=lambda captured: events.append(("replay", captured.n)),
                              eager_step=lambda forward, args, kwargs: events.append("eager"))
@@ -245,5 +245,7 @@ def test_graphs_are_kept_by_last_replay_and_keyed_by_where_the_caches_layers_are
     kept = sorted(c.n for c in g.graphs.values())
     assert len(g.graphs) == graphs.KEEP and 1 in kept and 2 not in kept
     assert "placed" in events                   # before the key is taken
-    cache.layers[0].keys = torch.zeros(2, device="meta")        # the layer's keys moved: a key of its own
+    cache.layers[1].keys = torch.zeros(2, device="meta")        # not a CPU block's layer: not looked at
+    assert step(1) == [("replay", 1)]
+    cache.layers[0].keys = torch.zeros(2, device="meta")        # the CPU block's layer moved: a key of its own
     assert step(1) == ["warm-up"]
