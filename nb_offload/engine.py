@@ -590,7 +590,7 @@ class Engine:
         The graph finds its first streamed units in their slots: copied right after the last replay
         was launched, each once its slot's last use in that replay is done (so the copies run under
         the step's tail and the host's work between steps), or here, before the first replay."""
-        self.trace.flush(wait=True)             # the last replay's stamps, read before this one overwrites them
+        self.trace.flush(wait_for=captured.records)     # its last replay's stamps, read before it overwrites them
         self._use_large(captured.large)         # the units its copies read: the CPU's blocks too, where large
         self._do(Work(abandoned=self.schedule.restart(wrap=True)))  # an eager step's prefetch, forgotten
         self.mover.begin_step()

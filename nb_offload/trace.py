@@ -139,18 +139,23 @@ class Trace:
         ev.synchronize()
         self._origin_event, self._origin_time = ev, time.perf_counter()
 
-    def flush(self, wait: bool = False):
-        """Resolve finished CUDA records, move everything into the ring, notify observers."""
+    def flush(self, wait: bool = False, wait_for=()):
+        """Resolve finished CUDA records, move everything into the ring, notify observers. ``wait``: every record
+        resolved, waiting for those not done; ``wait_for`` (records): those waited for, the rest resolved where
+        done (a replay overwrites only its own graph's stamps: the link's copies queued after the last replay
+        need not have landed before the next is launched)."""
         if self._captured is not None:
             return
         batch = []
         keep = []
+        waited = {id(rec[3]) for rec in wait_for}
         for rec in self._pending:
             kind, unit, s, e, nbytes, step = rec
-            if not wait and not e.query():
+            must = wait or id(e) in waited
+            if not must and not e.query():
                 keep.append(rec)
                 continue
-            if wait:
+            if must:
                 e.synchronize()
             t0 = self._origin_time + self._origin_event.elapsed_time(s) / 1e3
             t1 = self._origin_time + self._origin_event.elapsed_time(e) / 1e3

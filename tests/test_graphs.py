@@ -249,3 +249,26 @@ def test_graphs_are_kept_by_last_replay_and_keyed_by_where_the_caches_layers_are
     assert step(1) == [("replay", 1)]
     cache.layers[0].keys = torch.zeros(2, device="meta")        # the CPU block's layer moved: a key of its own
     assert step(1) == ["warm-up"]
+
+
+def test_a_replay_waits_only_for_its_own_graphs_stamps_before_it_overwrites_them():
+    """Before a replay the trace resolves the stamps of that graph's last replay, waiting for them (the replay
+    records the same events again); the link's copies queued after the last launch, each with events of its
+    own, are resolved where done and kept for a later flush where not, without a wait."""
+    from types import SimpleNamespace
+    t = Trace()
+    t._origin_event, t._origin_time = SimpleNamespace(elapsed_time=lambda ev: ev.at), 0.0
+    waited = []
+
+    def event(at, done):
+        ev = SimpleNamespace(at=at, done=done, query=lambda: ev.done)
+        ev.synchronize = lambda: (waited.append(ev.at), setattr(ev, "done", True))
+        return ev
+    own = [("compute", "model.layers.0", event(1.0, True), event(2.0, False), 0)]
+    t.replay(own)
+    t.cuda_event("copy", "model.layers.1", event(2.5, True), event(3.0, True), 8)        # landed
+    t.cuda_event("copy", "model.layers.2", event(3.5, False), event(4.0, False), 8)      # in flight
+    batch = t.flush(wait_for=own)
+    assert waited == [2.0]
+    assert [ev.unit for ev in batch] == ["model.layers.0", "model.layers.1"]
+    assert [rec[1] for rec in t._pending] == ["model.layers.2"]
