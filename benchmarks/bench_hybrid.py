@@ -54,7 +54,7 @@ def main():
     ap.add_argument("--cores-left", type=int, default=None, help="cores the CPU blocks leave to the other "
                     "threads (cpu_experts.CORES_LEFT, 4 by default): the CPU computes with the rest")
     ap.add_argument("--watchdog", type=float, default=300, help="seconds a budget may take before every "
-                    "thread's stack is written out and the run ends (a hang says where it hangs)")
+                    "thread's stack is written out and the run ends (a hang says where it hangs); 0: no watchdog")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
@@ -99,7 +99,8 @@ def main():
     want_gpu = reference([])
     for budget in args.budgets.split(","):
         t0 = time.perf_counter()
-        faulthandler.dump_traceback_later(args.watchdog, exit=True)
+        if args.watchdog > 0:
+            faulthandler.dump_traceback_later(args.watchdog, exit=True)
         llms = {}
         try:
             llms = {"streamed": nb_offload.load(args.folder, gpu=budget, cpu="100GiB", progress=False),

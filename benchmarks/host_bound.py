@@ -111,6 +111,8 @@ def main():
     torch.inference_mode().__enter__()
     link = Link(torch) if torch.cuda.is_available() else None
     if args.link_for:
+        if link is None:
+            raise SystemExit("--link-for needs a CUDA device")
         stop = threading.Event()
         threading.Timer(args.link_for, stop.set).start()
         link.run(stop)
@@ -122,8 +124,14 @@ def main():
     dt = torch.bfloat16
     # a block's products, five blocks' worth of distinct weights (2.0 GB), read once a pass
     shapes = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
-    weights = [filled(rows * cols * 2, lambda flat, r=rows, c=cols: flat.view(dt).view(r, c).fill_(0.01))
-               for _ in range(5) for rows, cols in shapes]
+    # each block's matrices one after another in one flat buffer, as a unit's are in the engine's
+    block_elements = sum(rows * cols for rows, cols in shapes)
+    flats = [filled(block_elements * 2, lambda flat: flat.view(dt).fill_(0.01)).view(dt) for _ in range(5)]
+
+    def matrix(flat, first, rows, cols):
+        return flat[first:first + rows * cols].view(rows, cols)
+    starts = [sum(r * c for r, c in shapes[:i]) for i in range(len(shapes))]
+    weights = [matrix(flat, start, rows, cols) for flat in flats for start, (rows, cols) in zip(starts, shapes)]
     product_bytes = sum(w.numel() * 2 for w in weights)
     inputs = {cols: torch.full((1, cols), 0.5, dtype=dt) for _, cols in shapes}
     floats = filled(4 << 30, lambda flat: flat.view(torch.float32).fill_(1.0))
@@ -132,12 +140,11 @@ def main():
         for w in weights:
             torch.nn.functional.linear(inputs[w.shape[1]], w)
 
-    # the same bytes as fewer products: q/k/v as one matrix and gate/up as one (adjacent in a block's flat
-    # buffer, so a CPU block could view them so without a copy); and each product as torch.mv
-    fused = []
-    for b in range(5):
-        block = weights[7 * b:7 * b + 7]
-        fused += [torch.cat(block[0:3]), block[3], torch.cat(block[4:6]), block[6]]
+    # the same bytes as fewer products: q/k/v as one matrix and gate/up as one, views of the same memory (adjacent
+    # in a block's flat buffer, as a CPU block could view them); and each product as torch.mv
+    (q, cols), (gate, _) = shapes[0], shapes[4]
+    fused = [w for flat in flats for w in (matrix(flat, starts[0], 3 * q, cols), matrix(flat, starts[3], q, cols),
+                                           matrix(flat, starts[4], 2 * gate, cols), matrix(flat, starts[6], q, gate))]
 
     def fused_products():
         for w in fused:

@@ -48,7 +48,8 @@ import time
 from .errors import in_one_line
 
 MIN_BUCKET = 256        # the shortest static cache: generates up to this length share one capture
-KEEP = 4                # captured steps kept per engine (one per set of held units seen lately)
+KEEP = 4                # captured steps kept per engine (the most recently replayed: one per set of held units
+                        # and CPU blocks' cache layout seen lately)
 
 
 def bucket(tokens: int) -> int:
@@ -155,7 +156,7 @@ class DecodeGraphs:
         self.cache = None
         self.cache_key = None       # (batch, length) of self.cache
         self.active = False         # a generate given self.cache is running
-        self.graphs: dict = {}      # (signature, held units and their buffers' addresses) -> Captured
+        self.graphs: dict = {}      # (signature, held units' buffers, CPU blocks' cache layout) -> Captured
         self.warm: set = set()      # keys whose first step ran eager
         self.failed: dict = {}      # key -> why its capture failed (it runs eager)
         self.primed = None          # the Captured whose first units are in their slots (engine.replay)

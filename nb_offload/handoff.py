@@ -27,8 +27,8 @@ import time
 
 from .errors import in_one_line
 
-# How long the worker polls for a captured step's inputs before it gives up on the call (the replay that
-# should set the flag failed to launch, or the step was abandoned).
+# How long the worker polls for a captured step's inputs before it gives up on the step (the replay that
+# should set the flag failed to launch, stalled or faulted): its other calls then stop polling at once.
 PATIENCE_SECONDS = 30.0
 POLL_SECONDS = 1e-5         # between two looks at a flag: Linux sleeps about 60 us for it
 

@@ -222,8 +222,14 @@ def test_graphs_are_kept_by_last_replay_and_keyed_by_where_the_caches_layers_are
     from nb_offload import graphs
     events = []
     cache = SimpleNamespace(layers=[SimpleNamespace(keys=torch.zeros(2), values=torch.zeros(2)) for _ in range(2)])
+    moves = []          # a layer the next step's placing moves (as a held CPU block's goes to the GPU)
+
+    def place(args, kwargs):
+        events.append("placed")
+        if moves:
+            cache.layers[0].keys = moves.pop()
     engine = SimpleNamespace(held={}, stats=SimpleNamespace(graph_eager=""), torch=torch, cpu_cache_layers=[0],
-                             place_cpu_caches=lambda args, kwargs: events.append("placed"),
+                             place_cpu_caches=place,
                              replay=lambda captured: events.append(("replay", captured.n)),
                              eager_step=lambda forward, args, kwargs: events.append("eager"))
     g = object.__new__(graphs.DecodeGraphs)
@@ -244,18 +250,34 @@ def test_graphs_are_kept_by_last_replay_and_keyed_by_where_the_caches_layers_are
     assert step(9) == ["warm-up"] and step(9) == [("replay", 9)]
     kept = sorted(c.n for c in g.graphs.values())
     assert len(g.graphs) == graphs.KEEP and 1 in kept and 2 not in kept
-    assert "placed" in events                   # before the key is taken
     cache.layers[1].keys = torch.zeros(2, device="meta")        # not a CPU block's layer: not looked at
     assert step(1) == [("replay", 1)]
-    cache.layers[0].keys = torch.zeros(2, device="meta")        # the CPU block's layer moved: a key of its own
-    assert step(1) == ["warm-up"]
+    moves.append(torch.zeros(2, device="meta"))     # the step's placing moves the CPU block's layer: the key,
+    assert step(1) == ["warm-up"]                   # taken after it, is a new one (not shape 1's graph)
+    assert step(1) == [("replay", 1)] and not moves
 
 
 def test_a_replay_waits_only_for_its_own_graphs_stamps_before_it_overwrites_them():
-    """Before a replay the trace resolves the stamps of that graph's last replay, waiting for them (the replay
-    records the same events again); the link's copies queued after the last launch, each with events of its
-    own, are resolved where done and kept for a later flush where not, without a wait."""
+    """Before a replay (Engine.replay, the rest of the engine stood in) the trace resolves the stamps of that
+    graph's last replay, waiting for them (the replay records the same events again); the link's copies
+    queued after the last launch, each with events of its own, are resolved where done and kept for a later
+    flush where not, without a wait."""
     from types import SimpleNamespace
+
+    from nb_offload.engine import Engine
+    flushes = []
+    e = object.__new__(Engine)
+    e.trace = SimpleNamespace(flush=lambda **kw: flushes.append(kw), enabled=False, step=0)
+    e._use_large = e._do = lambda *a: None
+    e.schedule = SimpleNamespace(restart=lambda wrap: [])
+    e.mover = SimpleNamespace(begin_step=lambda: None, prefetch=lambda *a: None, before_graph=lambda: None,
+                              after_graph=lambda: None)
+    e.graphs, e.block_handoff = SimpleNamespace(primed=None), None
+    e.stats = SimpleNamespace(bytes_from_cpu=0, graph_replays=0, steps=0, sample_host=lambda every: None)
+    captured = SimpleNamespace(records=["its stamps"], large=False, ahead=[], last_use={}, program=[], nbytes=0,
+                               graph=SimpleNamespace(replay=lambda: flushes.append("replayed")))
+    e.replay(captured)
+    assert flushes == [{"wait_for": ["its stamps"]}, "replayed"]
     t = Trace()
     t._origin_event, t._origin_time = SimpleNamespace(elapsed_time=lambda ev: ev.at), 0.0
     waited = []

@@ -213,6 +213,13 @@ def test_a_held_cpu_blocks_cache_layer_moved_elsewhere_is_not_replayed_where_it_
         first = min(eng.cpu_blocks)
         layer = hybrid.layer_index(llm.model.get_submodule(eng.units[first].name))
         on_cpu = sorted(eng.units[i].name for i in eng.cpu_blocks)
+        release, held_at, layer_at = eng.release_held, [], []
+
+        def released():         # where the held block's weights and its cache layer were, this generate
+            held_at.append(eng.held[first][1].data_ptr())
+            layer_at.append(eng.graphs.cache.layers[layer].keys.data_ptr())
+            release()
+        monkeypatch.setattr(eng, "release_held", released)
         for picks, ids in (([first], prompts[0]), ([], prompts[0]), ([first], prompts[1])):
             if ids is prompts[1]:       # the room the layer left on the GPU, taken
                 kv = eng.graphs.cache.layers[layer]
@@ -225,6 +232,10 @@ def test_a_held_cpu_blocks_cache_layer_moved_elsewhere_is_not_replayed_where_it_
             want = reference(folder, ids, [n for n in on_cpu if not (picks and n == eng.units[first].name)],
                              eng.cpu_max_tokens, static=True)
             assert torch.equal(got, want), (picks, got, want)
+        # the case the test is for: the layer elsewhere the second time (the weights' copy where it was, or not:
+        # where not, the held buffer's address alone would have kept the first graph from replaying)
+        assert layer_at[0] != layer_at[1], layer_at
+        print(f"held block's weights at the same address both times: {held_at[0] == held_at[1]}")
     finally:
         del spacers
         llm.unload()
