@@ -234,11 +234,18 @@ class Inspection:
         plan.rates_reached = bool(plan.rates) and self._rates_reached
         return plan
 
-    def use_cpu_rate(self, gbps: float):
+    def use_cpu_rate(self, gbps: float) -> tuple:
         """Plan from now on at the CPU's rate ``gbps``, the one its blocks reached decoding, instead of the
-        load's measure (``Offloaded``'s re-plan; the link's rate stays)."""
+        load's measure (``OffloadedModel``'s re-plan; the link's rate stays). Returns what it replaced, for
+        ``restore_cpu_rate``."""
+        kept = self._cpu_rates, self._rates_reached
         self._cpu_rates = (gbps, self.cpu_rates()[1])
         self._rates_reached = True
+        return kept
+
+    def restore_cpu_rate(self, kept: tuple):
+        """The CPU's rate as it was before ``use_cpu_rate`` returned ``kept`` (a re-plan that failed)."""
+        self._cpu_rates, self._rates_reached = kept
 
     def cpu_rates(self) -> tuple:
         """(cpu, link) GB/s for ``compute="hybrid"``, measured once: the CPU's batch-1 products over a block's

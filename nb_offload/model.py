@@ -271,8 +271,7 @@ class OffloadedModel:
             over, at_load, reached = hybrid.RECALIBRATE_OVER, self.plan.rates[0], self.cpu_rate_reached
             if self._engine is None or self.replanned_at is not None:     # unloaded, or done, meanwhile
                 return
-            kept = self._insp._cpu_rates, self._insp._rates_reached
-            self._insp.use_cpu_rate(reached)
+            kept = self._insp.use_cpu_rate(reached)
             try:
                 plan = self._insp.make_plan(self.plan.device, self._budgets, self._pins, self._expert_pins)
                 if _same_placement(plan, self.plan):
@@ -280,7 +279,7 @@ class OffloadedModel:
                 else:
                     self._replan(self._pins)
             except Exception as exc:    # noqa: BLE001 - the plan made at load stays (_replan restores it)
-                self._insp._cpu_rates, self._insp._rates_reached = kept
+                self._insp.restore_cpu_rate(kept)
                 warnings.warn(f"nb_offload: planning again at the CPU's rate reached ({reached:.1f} GB/s, "
                               f"{over:.0%} or more from the {at_load:.1f} measured at load) failed, so the "
                               f"plan made at load stays: {in_one_line(exc)}", stacklevel=3)
