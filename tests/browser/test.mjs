@@ -111,7 +111,7 @@ try {
   await finishCell(2);
   const events = Number((await output(2).innerText()).match(/EVENTS (\d+)/)[1]);
   const grewLive = [...seen].filter((n) => n > expected.events && n < events);
-  log(`timeline counts seen while the cell ran: ${[...seen].sort((a, b) => a - b).join(" ")}`);
+  log(`timeline counts seen while the cell ran: ${[...seen].sort((a, b) => a - b).join(" ")}; polls lit: ${lit}`);
   assert.ok(grewLive.length >= 2, "timeline grew while the cell was running");
   assert.ok(lit >= 2, `layer map lit up the units at work (${lit} polls)`);
   await page.waitForFunction(
