@@ -55,6 +55,9 @@ def main():
                     "threads (cpu_experts.CORES_LEFT, 4 by default): the CPU computes with the rest")
     ap.add_argument("--watchdog", type=float, default=300, help="seconds a budget may take before every "
                     "thread's stack is written out and the run ends (a hang says where it hangs); 0: no watchdog")
+    ap.add_argument("--plain-products", action="store_true", help="also a hybrid load with pack_cpu_weights=False "
+                    "(variant hybrid_flinear): its CPU blocks multiply by F.linear, whatever the load measured "
+                    "faster")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
@@ -109,6 +112,9 @@ def main():
             for p in filter(None, args.hybrid_prefetch.split(",")):
                 llms[f"hybrid_p{p}"] = nb_offload.load(args.folder, gpu=budget, cpu="100GiB", compute="hybrid",
                                                        prefetch=int(p), progress=False)
+            if args.plain_products:
+                llms["hybrid_flinear"] = nb_offload.load(args.folder, gpu=budget, cpu="100GiB", compute="hybrid",
+                                                         pack_cpu_weights=False, progress=False)
             if args.auto:
                 llms["hybrid_auto"] = nb_offload.load(args.folder, gpu=budget, cpu="100GiB", compute="auto",
                                                       progress=False)
@@ -195,6 +201,8 @@ def main():
                 blocks_on_cpu=len(on_cpu), blocks_streamed=sum(1 for e in hyb.plan if e.tier == "cpu"
                                                                and e.compute != "cpu"),
                 block_share=hyb.plan.block_share, prefetch=hyb.plan.prefetch,
+                cpu_products=hyb.plan.cpu_products, reordered_linears=hyb.stats.cpu_packed_linears,
+                flinear_linears=hyb.stats.cpu_plain_linears, reordered_bytes=hyb.stats.cpu_packed_bytes,
                 staging=hyb.plan.reserved.get("staging_slots"),
                 measured_at_load_cpu_gbps=(at_load["hybrid"]["rates"] or (0.0,))[0],
                 measured_at_load_link_gbps=link_rate, plan_cpu_gbps=cpu_rate,
@@ -234,6 +242,8 @@ def main():
                                            equals_reference=equals_reference(k, llm),
                                            graph_replays=llm.stats.graph_replays, graph_eager=llm.stats.graph_eager,
                                            compute_choice=llm.plan.compute_choice,
+                                           cpu_products=llm.plan.cpu_products,
+                                           reordered_linears=llm.stats.cpu_packed_linears,
                                            replanned_at=llm.replanned_at, at_load=at_load[k],
                                            graph_failed=sorted(set(llm._engine.graphs.failed.values())))
                                    for k, llm in llms.items() if k.startswith("hybrid_")})

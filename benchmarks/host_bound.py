@@ -5,7 +5,7 @@ from distinct 64 MiB chunks (past the last-level cache), with the link's rate al
 the two together stay near one total whatever the cores run, that total bounds a hybrid step: every byte it
 reads, the CPU's and the link's, comes out of it. Page-locked buffers throughout, as the engine's are.
 
-    PYTHONPATH=. python3 benchmarks/host_bound.py --json out.json [--threads 8,12,14,16] [--ways sum,products,fused,mv]
+    PYTHONPATH=. python3 benchmarks/host_bound.py --json out.json [--threads 8,12,14,16] [--ways sum,products,packed]
     PYTHONPATH=. python3 benchmarks/host_bound.py --link-for 60    # only the link, for 60 s (beside another program)
 """
 
@@ -104,7 +104,8 @@ def main():
     ap.add_argument("--passes", type=int, default=7)
     ap.add_argument("--link-for", type=float, default=None)
     ap.add_argument("--ways", default="sum,products", help="what the cores read by: sum, products (F.linear, "
-                    "fused and torch.mv too, each bit-compared with F.linear first)")
+                    "fused and torch.mv too, each bit-compared with F.linear first; packed: reordered copies where "
+                    "they equal F.linear, as the engine's; packed_all: every product reordered)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
@@ -154,10 +155,27 @@ def main():
         for w in weights:
             torch.mv(w, inputs[w.shape[1]][0])
 
+    # reordered copies of the weights, as the engine's CPU blocks take them (nb_offload/cpu_products.py):
+    # "packed" for the shapes whose reordered product matches F.linear at the threads of the pass, as the engine
+    # does; "packed_all" for every shape (the down projection's too, which may differ in bits)
+    from nb_offload import cpu_products
+    packs = [cpu_products.reorder(torch, w) for w in weights] if {"packed", "packed_all"} & set(args.ways.split(",")) \
+        else []
+
+    def packed_products(every=False):
+        threads = torch.get_num_threads()
+        for w, packed in zip(weights, packs):
+            if every or cpu_products.matches(torch, *w.shape, dt, False, threads):
+                cpu_products.product(torch, inputs[w.shape[1]], packed, None, w.shape[0])
+            else:
+                torch.nn.functional.linear(inputs[w.shape[1]], w)
+
     ways = {"sum": ("sum", lambda: floats.sum(), floats.numel() * 4),
             "products": ("products", products, product_bytes),
             "fused": ("products, q/k/v and gate/up fused", fused_products, product_bytes),
-            "mv": ("products as torch.mv", mv_products, product_bytes)}
+            "mv": ("products as torch.mv", mv_products, product_bytes),
+            "packed": ("products, reordered where equal", packed_products, product_bytes),
+            "packed_all": ("products, all reordered", lambda: packed_products(every=True), product_bytes)}
     chosen = args.ways.split(",")
     if unknown := set(chosen) - set(ways):
         raise SystemExit(f"--ways: {sorted(unknown)}; accepted: {', '.join(ways)}")
@@ -183,9 +201,12 @@ def main():
             name, fn, nbytes = ways[way]
             cpu_alone = timed(fn, nbytes)
             cpu_beside, link_beside = link.beside(lambda fn=fn, nbytes=nbytes: timed(fn, nbytes))
+            extra = {"equal_to_linear": equal[way, threads]} if (way, threads) in equal else {}
+            if way == "packed":
+                extra["reordered_shapes"] = [list(shape) for shape in dict.fromkeys(shapes)
+                                             if cpu_products.matches(torch, *shape, dt, False, threads)]
             add(what=name, threads=threads, cpu_alone_gbps=cpu_alone, cpu_beside_gbps=cpu_beside,
-                link_beside_gbps=link_beside, together_gbps=cpu_beside + link_beside,
-                **({"equal_to_linear": equal[way, threads]} if (way, threads) in equal else {}))
+                link_beside_gbps=link_beside, together_gbps=cpu_beside + link_beside, **extra)
             print(f"{name:36s} {threads:2d} threads: cpu alone {cpu_alone:6.1f}, beside the link {cpu_beside:6.1f} "
                   f"+ link {link_beside:5.1f} = {cpu_beside + link_beside:6.1f} GB/s", flush=True)
 

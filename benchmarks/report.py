@@ -796,6 +796,11 @@ def render_hybrid(data, command, title, llama=None) -> str:
                       f"decode eager: {r.get('timed_graph_eager') or r['graph_eager'] or '-'}")
         else:       # runs before 2026-12-04: the note of the load's last generate (the prefill's, often)
             decode = f"the last generate's graph note: {r['graph_eager'] or '-'}"
+        if r.get("cpu_products"):
+            goals.append(f"CPU products: {r['cpu_products']}"
+                         + (f" ({r['reordered_linears']} linears reordered, {r['flinear_linears']} by F.linear, "
+                            f"{r['reordered_bytes'] / 1e9:.2f} GB more host memory)" if r.get("reordered_linears")
+                            else ""))
         lines.append(f"- {r['budget']}: " + "; ".join(g for g in goals if g) + f"{ahead}; {decode}; plan: "
                      f"{'; '.join(x.strip() for x in r['plan'])}")
         for k, v in (r.get("variants") or r.get("prefetch_variants") or {}).items():
@@ -818,7 +823,8 @@ def render_hybrid(data, command, title, llama=None) -> str:
                             if v.get("predicted_holding_tok_s") else "")
                          + (f"; decode captured ({v['graph_replays']} replays)" if v.get("graph_replays") else
                             f"; decode eager: {v['graph_eager']}" if v.get("graph_eager") else "")
-                         + (f"; {v['compute_choice']}" if v.get("compute_choice") else ""))
+                         + (f"; {v['compute_choice']}" if v.get("compute_choice") else "")
+                         + (f"; CPU products: {v['cpu_products']}" if v.get("cpu_products") else ""))
     lines.append("")
     return "\n".join(lines)
 
@@ -871,6 +877,9 @@ def render_host_bound(data, command, title, llama_beside=None) -> str:
         if "together_gbps" in r:
             bits = {True: " (same bits as F.linear)", False: " (**bits differ** from F.linear)"}.get(
                 r.get("equal_to_linear"), "")
+            if "reordered_shapes" in r:
+                bits += " (reordered: " + (", ".join("x".join(map(str, s)) for s in r["reordered_shapes"])
+                                           or "none") + ")"
             lines.append(f"| {r['what']}{bits} | {r['threads']} | {r['cpu_alone_gbps']:.1f} | "
                          f"{r['cpu_beside_gbps']:.1f} | {r['link_beside_gbps']:.1f} | **{r['together_gbps']:.1f}** |")
     lines.append("")

@@ -44,7 +44,7 @@ class Engine:
                  drop_page_cache: bool = False, split: bool = False, cuda_graph: bool = True,
                  fused_kernels: bool = True, expert_cache: int = 0, pinned_experts: dict | None = None,
                  expert_compute=None, experts_chosen: bool = False, cpu_blocks=None, cpu_max_tokens: int = 1,
-                 decode_spare: int = 0):
+                 decode_spare: int = 0, packed_room: int | None = 0):
         import torch
         self.torch = torch
         self.model = model
@@ -126,6 +126,9 @@ class Engine:
         self._cpu_rows, self._gpu_rows, self._forwards, self._host_calls, self.last_on_cpu = {}, {}, {}, {}, {}
         self.cpu_max_tokens = cpu_max_tokens      # the most tokens a step the CPU blocks compute on the CPU
         self._cpu_hooks = {}        # index -> its hybrid.CpuBlock (install)
+        # host memory the CPU blocks' reordered weights may take (cpu_products.py): 0 none, None no limit
+        self.packed_room = packed_room
+        self._packed = []           # their cpu_products.PackedLinears, installed
         self._block_forwards = []   # their modules whose forward hands decode steps to the worker
         self.block_handoff, self.block_handoff_why_not = None, ""      # handoff.GpuHandoff, below
         try:        # a start that fails part way leaves no wrapped forward, worker or reader behind
@@ -342,6 +345,7 @@ class Engine:
                     self.hooks.before_call(found.module, lambda args, kwargs: self._collect())
         if self.cpu_blocks:
             threads = cpu_experts.host_threads()
+            self._pack_cpu_weights(threads)
             for idx, host in self.cpu_blocks.items():
                 u = self.units[idx]
                 module = self.model.get_submodule(u.modules[0])
@@ -358,6 +362,25 @@ class Engine:
                     continue
                 for name in u.modules:
                     self.hooks.around(name, block.before, block.after)
+
+    def _pack_cpu_weights(self, threads: int):
+        """The CPU blocks' linears that compute one token's row from reordered copies of their weights
+        (cpu_products.py), block after block in the model's order while ``packed_room`` lasts."""
+        from .cpu_products import PackedLinears
+        if self.packed_room == 0:
+            return
+        st, left = self.stats, self.packed_room
+        st.cpu_packed_linears = st.cpu_plain_linears = st.cpu_packed_bytes = 0
+        for idx in sorted(self.cpu_blocks):
+            for name in self.units[idx].modules:
+                packed = PackedLinears(self.torch, self.model.get_submodule(name), threads, left)
+                packed.install()
+                self._packed.append(packed)
+                st.cpu_packed_linears += len(packed.linears)
+                st.cpu_plain_linears += packed.skipped
+                st.cpu_packed_bytes += packed.bytes
+                if left is not None:
+                    left -= packed.bytes
 
     def _block_handoff(self):
         """The worker that computes decode steps' CPU blocks and how the GPU's stream passes them to it
@@ -434,6 +457,9 @@ class Engine:
         for block in self._cpu_hooks.values():      # the caller's threads, whatever an interrupt left
             block.reset()
         self._cpu_hooks, self._block_forwards = {}, []
+        for packed in self._packed:     # the linears' own forwards, and the copies freed
+            packed.remove()
+        self._packed = []
         self.release_held()
         self.drain()
         self.expert_cache = self.gpu_fetch = None      # its views of the slots, with the slots

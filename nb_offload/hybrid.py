@@ -66,8 +66,8 @@ def spread(candidates: list, share: float) -> list:
 
 
 # Bytes of block-shaped weights the CPU's rate is measured on at most (a 70B block is 1.7 GB: its first
-# products are enough for the rate). The probe holds MEASURED_COPIES times this, and BusyLink's 512 MiB, for
-# the moment it runs at load, and frees them.
+# products are enough for the rate). The probe holds MEASURED_COPIES times this (twice, with reordered copies:
+# cpu_products.py), and BusyLink's 512 MiB, for the moment it runs at load, and frees them.
 MEASURED_BYTES = 512 << 20
 # Copies of them the passes take in turn: a decode step reads each CPU block's weights once, gigabytes apart,
 # where passes over one copy could find part of it still in the CPU's last-level cache (hundreds of MB on a
@@ -137,9 +137,17 @@ class BusyLink:
         release_host(self.source)
 
 
-def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: int, beside=None) -> dict:
+# The key of ``rates_by_tokens``'s rate for one token's products from reordered weights (cpu_products.py).
+REORDERED = "reordered"
+
+
+def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: int, beside=None,
+                    packed: bool = False) -> dict:
     """``cpu_rate`` at each of ``token_counts`` (tokens -> bytes a second), on one set of weights (in its
-    MEASURED_COPIES copies); ``beside`` as there."""
+    MEASURED_COPIES copies), through F.linear; ``beside`` as there. With ``packed``, also one token's products
+    (under the key REORDERED) from reordered copies of the weights of the shapes that ``cpu_products.matches``
+    (F.linear's for the others), as a CPU block's with ``pack_cpu_weights``: where no shape matches, none."""
+    from . import cpu_products
     from .tiers import alloc_host, lock_host, release_host
     kept, total = [], 0
     size = torch.empty((), dtype=dtype).element_size()
@@ -161,28 +169,39 @@ def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: i
         return weights
     copies = [[matrix(shape) for shape in kept] for _ in range(MEASURED_COPIES)]
     caller = torch.get_num_threads()
-    rates = {}
+    packs = {}      # id of a copy's weights -> their reordered copy, where one-row products take one
+    if packed and cpu_products.available(torch) and str(dtype).removeprefix("torch.") in cpu_products.PACKED_DTYPES:
+        for weights in (w for copy in copies for w in copy):
+            if cpu_products.matches(torch, *weights.shape, dtype, False, threads):
+                packs[id(weights)] = cpu_products.reorder(torch, weights)
+    # the ways timed: F.linear at each count of tokens, and one token's products from the reordered copies;
+    # their passes take turns, so each way meets the same state of the machine as the others
+    ways = list(token_counts) + ([REORDERED] if packs else [])
+    times = {way: [] for way in ways}
     try:
         with torch.inference_mode():
-            for tokens in token_counts:
-                inputs = {cols: torch.full((tokens, cols), 0.5, dtype=dtype) for _, cols in shapes}
-                times = []
-                for k in range(max(1, repeats) + 2):
+            inputs = {tokens: {cols: torch.full((tokens, cols), 0.5, dtype=dtype) for _, cols in shapes}
+                      for tokens in set(token_counts) | {1}}
+            for k in range(max(1, repeats) + 2):
+                for way in ways:
+                    rows = inputs[1 if way == REORDERED else way]
                     torch.set_num_threads(threads)
                     if beside is not None:
                         beside.start()
                     try:
                         t0 = time.perf_counter()
                         for w in copies[k % len(copies)]:
-                            torch.nn.functional.linear(inputs[w.shape[1]], w)
+                            if way == REORDERED and id(w) in packs:
+                                cpu_products.product(torch, rows[w.shape[1]], packs[id(w)], None, w.shape[0])
+                            else:
+                                torch.nn.functional.linear(rows[w.shape[1]], w)
                         if k >= 2:
-                            times.append(time.perf_counter() - t0)
+                            times[way].append(time.perf_counter() - t0)
                     finally:        # its copies done before its buffers can be freed
                         torch.set_num_threads(caller)
                         if beside is not None:
                             beside.stop()
-                times.sort()
-                rates[tokens] = total / max(times[len(times) // 2], 1e-9)
+        rates = {way: total / max(sorted(t)[len(t) // 2], 1e-9) for way, t in times.items()}
     finally:
         torch.set_num_threads(caller)
         for flat in flats:

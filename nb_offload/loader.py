@@ -111,6 +111,7 @@ class Inspection:
             except Exception as exc:
                 raise CheckpointError(f"model folder {self.folder!r}: config.json can't be read ({exc}).") from exc
         self._cpu_rates = self._cpu_max_tokens = None     # measured on the first hybrid plan (cpu_rates)
+        self._reordered_faster = False      # reordered weights' products beat F.linear's there (cpu_products.py)
         self._rates_reached = False     # the CPU's rate is the one its blocks reached decoding (use_cpu_rate)
         self.saved_quant = _saved_quantization(self.folder, self.config)    # its quantization_config, or None
         self.dtype = resolve_dtype(options.dtype, self.config)
@@ -231,6 +232,7 @@ class Inspection:
             plan.expert_share = o.host_expert_share
         if any(e.compute == "cpu" for e in plan):
             plan.cpu_max_tokens = self.cpu_max_tokens()
+            plan.cpu_products = self.cpu_products()
         plan.rates_reached = bool(plan.rates) and self._rates_reached
         return plan
 
@@ -249,7 +251,8 @@ class Inspection:
 
     def cpu_rates(self) -> tuple:
         """(cpu, link) GB/s for ``compute="hybrid"``, measured once: the CPU's batch-1 products over a block's
-        weights in the load dtype with the threads it would have (hybrid.cpu_rate), while the link copies
+        weights in the load dtype with the threads it would have (hybrid.rates_by_tokens: through F.linear, and
+        with ``pack_cpu_weights`` from reordered weights too, the faster kept), while the link copies
         beside them on a CUDA machine, as in a hybrid step; the page-locked link (25 GB/s assumed on a
         machine without a GPU, as for a dry run's prediction)."""
         if self._cpu_rates is None:
@@ -260,11 +263,22 @@ class Inspection:
             cuda = torch.cuda.is_available()
             link = budget.link_gbps() if cuda else 25.0
             beside = hybrid.BusyLink(torch, torch.device("cuda", torch.cuda.current_device())) if cuda else None
-            cpu = hybrid.cpu_rate(torch, self.dtype, self._block_shapes(), host_threads(), beside=beside) / 1e9
-            if beside is not None:
-                beside.release()
-            self._cpu_rates = (cpu, link)
+            try:
+                rates = hybrid.rates_by_tokens(torch, self.dtype, self._block_shapes(), host_threads(), (1,), 5,
+                                               beside, packed=self.options.pack_cpu_weights)
+            finally:
+                if beside is not None:
+                    beside.release()
+            self._reordered_faster = rates.get(hybrid.REORDERED, 0.0) > rates[1]
+            self._cpu_rates = (max(rates.values()) / 1e9, link)
         return self._cpu_rates
+
+    def cpu_products(self) -> str:
+        """How the CPU's blocks multiply one token's row: "reordered" where ``pack_cpu_weights`` is on and the
+        reordered weights' products (those that match F.linear, cpu_products.py) read faster than F.linear's
+        alone in ``cpu_rates``'s measure, else "F.linear"."""
+        self.cpu_rates()
+        return "reordered" if self._reordered_faster else "F.linear"
 
     def cpu_max_tokens(self) -> int:
         """The most tokens a step may have for CPU blocks to compute on the CPU (hybrid.cpu_max_tokens),

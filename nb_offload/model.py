@@ -166,8 +166,18 @@ class OffloadedModel:
                               pinned_experts=self._expert_pins, expert_compute=o.host_expert_share,
                               experts_chosen=o.experts_implementation is not None,
                               cpu_blocks=on_cpu, cpu_max_tokens=self.plan.cpu_max_tokens,
-                              decode_spare=self.plan.reserved.get("activations", 0))
+                              decode_spare=self.plan.reserved.get("activations", 0),
+                              packed_room=self._packed_room() if on_cpu else 0)
         self._engine.install()
+
+    def _packed_room(self) -> int | None:
+        """Host memory the CPU blocks' reordered weights may take (cpu_products.py): what the cpu budget leaves
+        past the plan (None: no budget); nothing where the plan's blocks multiply with F.linear (the option off,
+        or the reordered products no faster at load)."""
+        if not self.options.pack_cpu_weights or self.plan.cpu_products != "reordered":
+            return 0
+        budget = self._budgets.get("cpu")
+        return None if budget is None else max(0, budget - self.plan.used()["cpu"])
 
     def _in_place(self, flat):
         """``flat`` (page-locked host memory) as a tensor of the GPU's, read there over the link; where the

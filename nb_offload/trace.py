@@ -243,6 +243,9 @@ class Stats:
     cpu_decode_calls: int = 0           # of those, the calls of one token (a batch-1 decode step's)
     cpu_decode_bytes: int = 0
     cpu_decode_seconds: float = 0.0
+    cpu_packed_linears: int = 0         # the CPU's blocks' linears computing from reordered copies (cpu_products.py)
+    cpu_plain_linears: int = 0          # and those of a packable dtype left to F.linear (shape unmatched, no room)
+    cpu_packed_bytes: int = 0           # host memory the copies take
     resets: int = 0                     # times ``reset`` was called
     load_seconds: float = 0.0   # nb_offload.load, from the call to the model ready
     load_bytes: int = 0         # the weights it placed
@@ -305,7 +308,8 @@ class Stats:
                 "cpu_expert_seconds": self.cpu_expert_seconds, "cpu_block_seconds": self.cpu_block_seconds,
                 "cpu_block_calls": self.cpu_block_calls, "cpu_block_bytes": self.cpu_block_bytes,
                 "cpu_decode_calls": self.cpu_decode_calls, "cpu_decode_bytes": self.cpu_decode_bytes,
-                "cpu_decode_seconds": self.cpu_decode_seconds,
+                "cpu_decode_seconds": self.cpu_decode_seconds, "cpu_packed_linears": self.cpu_packed_linears,
+                "cpu_plain_linears": self.cpu_plain_linears, "cpu_packed_bytes": self.cpu_packed_bytes,
                 "host_now": self.host_now, "host_peak": self.host_peak,
                 "host_budget": self.host_budget, "load_seconds": self.load_seconds, "load_bytes": self.load_bytes}
 
@@ -351,7 +355,9 @@ class Stats:
             busy = self.cpu_block_seconds - before.get("cpu_block_seconds", 0.0)
             nbytes = self.cpu_block_bytes - before.get("cpu_block_bytes", 0)
             text += (f" · {calls / steps:.0f} blocks a step computed on the CPU from host memory"
-                     + (f" ({nbytes / busy / 1e9:.1f} GB/s)" if busy else ""))
+                     + (f" ({nbytes / busy / 1e9:.1f} GB/s)" if busy else "")
+                     + (f", {self.cpu_packed_linears} of their {self.cpu_packed_linears + self.cpu_plain_linears} "
+                        "products from reordered weights" if self.cpu_packed_linears else ""))
         text += self._cpu_hint(before, moved, link_gbps)
         replays = self.graph_replays - before.get("graph_replays", 0)
         if replays:
@@ -387,6 +393,10 @@ class Stats:
         if self.host_before is not None:
             text += (f"; host memory {format_size(self.host_now)} now, {format_size(self.host_peak)} at most, "
                      f"of cpu={format_size(self.host_budget)}")
+        if self.cpu_packed_linears:
+            text += (f"; the CPU's blocks: {self.cpu_packed_linears} of "
+                     f"{self.cpu_packed_linears + self.cpu_plain_linears} products from reordered weights, "
+                     f"{format_size(self.cpu_packed_bytes)} of host memory")
         if self.graph_captures:
             text += (f"; decode: {self.graph_replays} steps replayed from {self.graph_captures} CUDA graph(s), "
                      f"{1e3 * self.capture_seconds / self.graph_captures:.0f} ms a capture, pool "

@@ -30,12 +30,13 @@ def _moved(x, device):
     return x
 
 
-def reference(folder, ids, on_cpu, max_tokens, n=N, static=False):
+def reference(folder, ids, on_cpu, max_tokens, n=N, static=False, dtype=None):
     """Greedy tokens of transformers with the blocks named ``on_cpu`` computed on the CPU for steps of at most
     ``max_tokens`` tokens, as above; ``static``: with the static cache a captured step has (graphs.py), of
     the length nb_offload gives the generate."""
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cuda").eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cuda", **({"dtype": dtype} if dtype else {}))
+    model.eval()
     for name in on_cpu:
         block = model.get_submodule(name)
         twin, own = copy.deepcopy(block).to("cpu"), block.forward
@@ -126,6 +127,34 @@ def test_blocks_computed_on_the_cpu_match_transformers_computing_them_there(arch
             assert torch.equal(got, reference(folder, ids, left, llm._engine.cpu_max_tokens, static=static))
         finally:
             llm.unload()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_cpu_blocks_multiplying_by_reordered_weights_match_transformers_computing_them_there(arch, model_dirs,
+                                                                                             monkeypatch):
+    """bf16 blocks wide enough for oneDNN's products (cpu_products.py), their weights reordered where the check
+    at load admits the shape (qwen2's q/k/v with a bias), computed on the worker in captured steps: the tokens
+    are F.linear's, the reference's."""
+    from nb_offload import cpu_products
+    monkeypatch.setattr(hybrid, "HANDOFF", "graph")
+    folder = model_dirs(arch, dtype="bfloat16", hidden_size=128, intermediate_size=256)
+    names = [e.name for e in blocks(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))]
+    ids = torch.tensor(PROMPT, device="cuda")
+    monkeypatch.setattr(loader.Inspection, "cpu_rates", lambda self: (20.0, 60.0))
+    monkeypatch.setattr(loader.Inspection, "cpu_products", lambda self: "reordered")
+    monkeypatch.setattr(hybrid, "RECALIBRATE_OVER", None)
+    with nb_offload.load(folder, pins=dict.fromkeys(names[1:3], "cpu-compute"), hold_spare=False,
+                         progress=False) as llm:
+        s = llm.stats
+        print(f"{arch}: {s.cpu_packed_linears} linears reordered, {s.cpu_plain_linears} left to F.linear "
+              f"(available: {cpu_products.available(torch)})")
+        if not s.cpu_packed_linears:
+            pytest.skip("this CPU's torch has no reordered bf16 product matching F.linear")
+        on_cpu = [e.name for e in llm.plan if e.compute == "cpu"]
+        got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
+        assert s.graph_replays >= N - 3 and s.cpu_block_calls >= len(on_cpu) * (N - 1)
+        want = reference(folder, ids, on_cpu, llm._engine.cpu_max_tokens, static=True, dtype=torch.bfloat16)
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("handoff", ["worker", "graph"])
