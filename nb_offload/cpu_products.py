@@ -11,24 +11,27 @@ the same order for some shapes and not for others (on an AMX CPU, 2026-12-04: th
 thread count. So each shape is checked at load, on this CPU with the threads the blocks compute with
 (``matches``), and only the linears whose shape passed are reordered; the others compute with ``F.linear``.
 
-The copies cost host memory beside the block's own bytes (which a prefill still streams to the GPU): they are
-made only in the room the cpu budget leaves past the plan (``PackedLinears``'s ``room``), and
-``pack_cpu_weights=False`` makes none.
+The copies cost host memory beside the block's own bytes (which a prefill still streams to the GPU): a plan
+that takes them reserves it (``reordered_bytes``; the loader), and ``pack_cpu_weights=False`` makes none.
 """
 
 from __future__ import annotations
 
 # The dtypes whose reordered products have matched F.linear: bf16 (fp16's and fp32's differ in the last bit
-# on the same CPU: other kernels).
+# on the same CPU: other kernels; the check's big values would also overflow fp16).
 PACKED_DTYPES = ("bfloat16",)
 
-# Exponents of the big values that cancel in the check's rows (``_check_weights``): about 2**21 times the small
-# values, so that each small one added while a big one is in the sum loses a few of its low bits to rounding, and
-# which bits depends on the order of the additions; far larger, the small ones vanish in any order.
-CHECK_EXPONENTS = (19, 21, 23)
-CHECK_INPUTS = 3
+# Exponents of the big weights the check's inputs cancel (``_check_weights``): their last bit in fp32 is
+# 2**(e-23), from 1/32 to 2 here, about the size of one product of the small weights and inputs, so each one
+# added while a big one is in the sum loses a part of itself to rounding that depends on the order of the
+# additions; the rows take them in turn, so some rows round finely and some coarsely.
+CHECK_EXPONENTS = (18, 19, 20, 21, 22, 23, 24)
+# Linears with fewer outputs than this are left to F.linear: they are small (a router), and give the check few
+# rows to see a difference in.
+FEWEST_OUTPUTS = 64
 
 _checked = {}       # (out, in, dtype, bias, threads) -> whether the reordered product matched F.linear
+_reference = None   # the product the check compares with: F.linear (a test may stand another in)
 
 
 def available(torch) -> bool:
@@ -46,64 +49,77 @@ def reorder(torch, weight):
 
 
 def product(torch, x, packed, bias, out_features: int):
-    """``x`` (one row, any leading shape) times the reordered weights, plus ``bias``."""
+    """``x`` (one contiguous row, any leading shape) times the reordered weights, plus ``bias``."""
     rows = x.reshape(1, x.shape[-1])
     return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "").view(*x.shape[:-1], out_features)
 
 
+def _pairs(in_features: int) -> list:
+    """The input positions the check's big weights stand at, in pairs mirrored about the middle: the first and
+    the last, and where there is room one a third of the way in and its mirror."""
+    pairs = [(0, in_features - 1)]
+    if in_features >= 6:
+        pairs.append((in_features // 3, in_features - 1 - in_features // 3))
+    return pairs
+
+
 def _check_weights(torch, out_features: int, in_features: int, dtype, generator):
-    """Weights whose one-row products show the order their sums are taken in: each row is random numbers plus
-    a big value (2**e, e from CHECK_EXPONENTS by row) in the first quarter of its inputs and its negative in the
-    last quarter. Where the input is the same at both (``_check_inputs``) the two cancel, and what is left is
-    the small values with the low bits that rounding took from those added while the big one was in the sum:
-    other bits in another order of additions, or in partial sums of other groups. So the rows' results differ
-    where two kernels' orders do (in most rows, on an AMX CPU), where random weights alone show it in one output
-    of thousands, or in none."""
-    weights = torch.empty(out_features, in_features, dtype=torch.float32).normal_(generator=generator)
-    rows = torch.arange(out_features)
-    quarter = max(1, in_features // 4)
-    first = torch.randint(0, quarter, (out_features,), generator=generator)
-    last = torch.randint(in_features - quarter, in_features, (out_features,), generator=generator)
-    big = torch.tensor([2.0 ** e for e in CHECK_EXPONENTS])[rows % len(CHECK_EXPONENTS)]
-    weights[rows, first] = big
-    weights[rows, last] = -big       # where both fell on one place (one input): that big value, no cancelling
-    return weights.to(dtype)
+    """Weights whose one-row products show the order their sums are taken in, and a bias for them: each row
+    mirrored about its middle (w[k-1-j] = w[j]), random numbers but at ``_pairs``, where it holds a big value
+    (a power of two from CHECK_EXPONENTS, by row, either sign). An input mirrored with its sign turned
+    (``_check_inputs``) makes every product cancel with its mirror's, so the exact sum is 0 and what a kernel
+    returns is only what rounding took from the values it added while a big one was in the sum: a few multiples
+    of the big value's last bit, which bf16 holds exactly. Another order of additions, or partial sums of other
+    groups, round other bits away, and the rows' results differ, where random data show it in one output of
+    thousands, or in none. The bias is a few of those last bits too, so adding it before or after rounding shows
+    as well."""
+    half = torch.empty(out_features, in_features // 2 + 1).normal_(generator=generator)
+    weights = torch.cat([half[:, :in_features - in_features // 2], half[:, :in_features // 2].flip(1)], dim=1)
+    exponents = torch.tensor(CHECK_EXPONENTS, dtype=torch.float32)[torch.arange(out_features) % len(CHECK_EXPONENTS)]
+    signs = torch.randint(0, 2, (out_features,), generator=generator).float() * 2 - 1
+    for first, last in _pairs(in_features):
+        weights[:, first] = weights[:, last] = signs * 2.0 ** exponents
+    bias = torch.randint(-8, 9, (out_features,), generator=generator).float() * 2.0 ** (exponents - 24)
+    return weights.to(dtype), bias.to(dtype)
 
 
 def _check_inputs(torch, in_features: int, dtype, generator):
-    """CHECK_INPUTS one-row inputs for ``_check_weights``: ones in the first and last quarters (where the big
-    values are, so they cancel), and in the middle ones, then random numbers."""
-    quarter = max(1, in_features // 4)
-    for k in range(CHECK_INPUTS):
-        x = torch.ones(1, 1, in_features)
-        if k:
-            x[..., quarter:in_features - quarter] = torch.empty(in_features - 2 * quarter).normal_(generator=generator)
+    """The check's one-row inputs: random numbers mirrored with the sign turned (x[k-1-j] = -x[j]; the middle one,
+    where ``in_features`` is odd, 0), for each pair of ``_pairs`` one with 1 and -1 there and 0 at the other pairs
+    (whose big weights would swamp the sum); last, random numbers not mirrored, with 0 at every pair."""
+    pairs = _pairs(in_features)
+    for k in range(len(pairs) + 1):
+        x = torch.empty(1, 1, in_features).normal_(generator=generator)
+        if k < len(pairs):
+            x[..., in_features - in_features // 2:] = -x[..., :in_features // 2].flip(-1)
+            if in_features % 2:
+                x[..., in_features // 2] = 0.0
+        for j, (first, last) in enumerate(pairs):
+            x[..., first], x[..., last] = (1.0, -1.0) if j == k else (0.0, 0.0)
         yield x.to(dtype)
 
 
 def matches(torch, out_features: int, in_features: int, dtype, bias: bool, threads: int) -> bool:
-    """Whether the reordered one-row product of this shape equals ``F.linear``'s to the bit, with ``threads``
-    torch threads (the caller's restored after), on CHECK_INPUTS inputs over weights that show the order of the
-    sums (``_check_weights``). A check, not a proof: a kernel whose order differs only where these weights
-    don't show it would pass. Remembered per shape for the process."""
+    """Whether the reordered one-row product of this shape equals ``F.linear``'s to the bit, both with
+    ``threads`` torch threads (the caller's restored after), on the inputs of ``_check_inputs`` over weights
+    that show the order of the sums (``_check_weights``). A check, not a proof: a kernel whose order differs
+    only where these weights don't show it would pass. Remembered per shape for the process."""
     key = (out_features, in_features, str(dtype), bias, threads)
     if key in _checked:
         return _checked[key]
     import torch.nn.functional as F
+    reference = _reference or F.linear
     generator = torch.Generator().manual_seed(out_features * 131 + in_features)
     caller = torch.get_num_threads()
     same = False
     try:
         with torch.inference_mode():
             torch.set_num_threads(threads)
-            weights = _check_weights(torch, out_features, in_features, dtype, generator)
-            offsets = torch.empty(out_features).normal_(generator=generator).to(dtype) if bias else None
+            weights, offsets = _check_weights(torch, out_features, in_features, dtype, generator)
+            offsets = offsets if bias else None
             packed = reorder(torch, weights)
-            same = True
-            for x in _check_inputs(torch, in_features, dtype, generator):
-                if not torch.equal(product(torch, x, packed, offsets, out_features), F.linear(x, weights, offsets)):
-                    same = False
-                    break
+            same = all(torch.equal(product(torch, x, packed, offsets, out_features), reference(x, weights, offsets))
+                       for x in _check_inputs(torch, in_features, dtype, generator))
     except RuntimeError:        # a torch or CPU without these kernels for the dtype
         same = False
     finally:
@@ -112,45 +128,69 @@ def matches(torch, out_features: int, in_features: int, dtype, bias: bool, threa
     return same
 
 
+def candidates(torch, module, dtype) -> list:
+    """The linears of ``module`` whose one-row products may take reordered weights: plain ``nn.Linear``s (a
+    subclass's own forward may compute otherwise) with 2-D weights of ``dtype``, in PACKED_DTYPES, and at least
+    FEWEST_OUTPUTS outputs."""
+    if str(dtype).removeprefix("torch.") not in PACKED_DTYPES:
+        return []
+    return [m for m in module.modules()
+            if type(m).forward is torch.nn.Linear.forward and isinstance(m, torch.nn.Linear)
+            and type(m.weight) in (torch.Tensor, torch.nn.Parameter) and m.weight.dim() == 2
+            and m.weight.dtype == dtype and m.out_features >= FEWEST_OUTPUTS]
+
+
+def reordered_bytes(torch, module, dtype, threads: int) -> int:
+    """The host memory ``PackedLinears`` would take for ``module`` (a block, on any device, the meta one
+    included) with room for all: its ``candidates``' weights whose shape ``matches``."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in candidates(torch, module, dtype)
+               if matches(torch, m.out_features, m.in_features, dtype, m.bias is not None, threads))
+
+
 class PackedLinears:
     """The linears of one CPU-computed block (``module``) whose one-row products on the CPU read reordered copies
-    of their weights: those in PACKED_DTYPES whose shape ``matches`` at ``threads``, while ``room`` (bytes, None
-    for no limit) lasts. ``install`` gives each a forward that takes the copy for one row of input in host memory
-    while its weight is still the one copied (bound to the block's host memory); any other call (a prefill, the
-    block held on the GPU) is the linear's own. ``remove`` puts the linears' own forwards back."""
+    of their weights: its ``candidates`` whose shape ``matches`` at ``threads``, while ``room`` (bytes, None for no
+    limit) lasts. ``install`` gives each a forward that takes the copy for a contiguous row of input in host
+    memory, with ``threads`` torch threads, while its weight is still the one copied (bound to the block's host
+    memory); any other call (a prefill, the block held on the GPU) is the linear's own. ``remove`` puts the
+    linears' own forwards back.
+
+    The copies are made once: weights changed in place after (not a thing an offloaded model's bound weights
+    are for) would leave them stale."""
 
     def __init__(self, torch, module, threads: int, room: int | None = None):
-        self.torch = torch
+        self.torch, self.threads = torch, threads
         self.linears = []       # (linear, its copy, the address of the weight copied)
         self.bytes = 0          # host memory the copies take
-        self.skipped = 0        # linears of a packable dtype left to F.linear: shape unmatched, or no room
+        self.skipped = 0        # candidates left to F.linear: shape unmatched, no room, or the copy failed
         if not available(torch):
             return
-        for linear in module.modules():
-            weight = getattr(linear, "weight", None)
-            if not (isinstance(linear, torch.nn.Linear) and type(weight) in (torch.Tensor, torch.nn.Parameter)
-                    and weight.dim() == 2 and weight.device.type == "cpu"
-                    and str(weight.dtype).removeprefix("torch.") in PACKED_DTYPES):
-                continue
+        dtype = next((p.dtype for p in module.parameters()), None)
+        for linear in candidates(torch, module, dtype):
+            weight = linear.weight
             nbytes = weight.numel() * weight.element_size()
-            out_features, in_features = weight.shape
-            if (room is not None and self.bytes + nbytes > room) or not matches(
-                    torch, out_features, in_features, weight.dtype, linear.bias is not None, threads):
+            if weight.device.type != "cpu" or (room is not None and self.bytes + nbytes > room) or not matches(
+                    torch, linear.out_features, linear.in_features, weight.dtype, linear.bias is not None, threads):
                 self.skipped += 1
                 continue
-            self.linears.append((linear, reorder(torch, weight), weight.data_ptr()))
+            try:
+                packed = reorder(torch, weight)
+            except RuntimeError:        # out of memory, say: this one by F.linear
+                self.skipped += 1
+                continue
+            self.linears.append((linear, packed, weight.data_ptr()))
             self.bytes += nbytes
 
     def install(self):
-        torch = self.torch
+        torch, threads = self.torch, self.threads
         for linear, packed, home in self.linears:
             own = type(linear).forward.__get__(linear)
-            out_features, in_features = linear.weight.shape
 
-            def forward(x, linear=linear, packed=packed, home=home, own=own, n=out_features, k=in_features):
+            def forward(x, linear=linear, packed=packed, home=home, own=own, n=linear.out_features,
+                        k=linear.in_features):
                 weight = linear.weight
-                if x.device.type == "cpu" and x.numel() == k and x.dtype == weight.dtype \
-                        and weight.data_ptr() == home:
+                if x.device.type == "cpu" and x.numel() == k and x.is_contiguous() and x.dtype == weight.dtype \
+                        and weight.data_ptr() == home and torch.get_num_threads() == threads:
                     return product(torch, x, packed, linear.bias, n)
                 return own(x)
             linear.forward = forward

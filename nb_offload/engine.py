@@ -367,10 +367,10 @@ class Engine:
         """The CPU blocks' linears that compute one token's row from reordered copies of their weights
         (cpu_products.py), block after block in the model's order while ``packed_room`` lasts."""
         from .cpu_products import PackedLinears
-        if self.packed_room == 0:
-            return
         st, left = self.stats, self.packed_room
         st.cpu_packed_linears = st.cpu_plain_linears = st.cpu_packed_bytes = 0
+        if left == 0:
+            return
         for idx in sorted(self.cpu_blocks):
             for name in self.units[idx].modules:
                 packed = PackedLinears(self.torch, self.model.get_submodule(name), threads, left)
@@ -460,6 +460,7 @@ class Engine:
         for packed in self._packed:     # the linears' own forwards, and the copies freed
             packed.remove()
         self._packed = []
+        self.stats.cpu_packed_linears = self.stats.cpu_plain_linears = self.stats.cpu_packed_bytes = 0
         self.release_held()
         self.drain()
         self.expert_cache = self.gpu_fetch = None      # its views of the slots, with the slots

@@ -112,6 +112,7 @@ class Inspection:
                 raise CheckpointError(f"model folder {self.folder!r}: config.json can't be read ({exc}).") from exc
         self._cpu_rates = self._cpu_max_tokens = None     # measured on the first hybrid plan (cpu_rates)
         self._reordered_faster = False      # reordered weights' products beat F.linear's there (cpu_products.py)
+        self._flinear_gbps = None           # and F.linear's rate there
         self._rates_reached = False     # the CPU's rate is the one its blocks reached decoding (use_cpu_rate)
         self.saved_quant = _saved_quantization(self.folder, self.config)    # its quantization_config, or None
         self.dtype = resolve_dtype(options.dtype, self.config)
@@ -233,8 +234,26 @@ class Inspection:
         if any(e.compute == "cpu" for e in plan):
             plan.cpu_max_tokens = self.cpu_max_tokens()
             plan.cpu_products = self.cpu_products()
+            if plan.cpu_products == "reordered" and not self._reserve_reordered(plan, budgets):
+                self._reordered_faster = False      # no room for the copies: planned again at F.linear's rate
+                self._cpu_rates = (self._flinear_gbps, self._cpu_rates[1])
+                return self.make_plan(device_type, budgets, pins, expert_pins)
         plan.rates_reached = bool(plan.rates) and self._rates_reached
         return plan
+
+    def _reserve_reordered(self, plan, budgets) -> bool:
+        """Reserve in ``plan``'s host memory the reordered copies of its CPU blocks' weights
+        (cpu_products.reordered_bytes, those of the shapes that match F.linear); False where the cpu budget
+        has no room for them."""
+        import torch
+
+        from . import cpu_products
+        from .cpu_experts import host_threads
+        threads = host_threads()
+        need = sum(cpu_products.reordered_bytes(torch, self.meta.get_submodule(name), self.dtype, threads)
+                   for u, e in zip(self.units, plan.entries) if e.compute == "cpu" for name in u.modules)
+        plan.host_reserved["reordered_weights"] = need
+        return budgets.get("cpu") is None or plan.used()["cpu"] <= budgets["cpu"]
 
     def use_cpu_rate(self, gbps: float) -> tuple:
         """Plan from now on at the CPU's rate ``gbps``, the one its blocks reached decoding, instead of the
@@ -270,6 +289,7 @@ class Inspection:
                 if beside is not None:
                     beside.release()
             self._reordered_faster = rates.get(hybrid.REORDERED, 0.0) > rates[1]
+            self._flinear_gbps = rates[1] / 1e9
             self._cpu_rates = (max(rates.values()) / 1e9, link)
         return self._cpu_rates
 

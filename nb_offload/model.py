@@ -171,13 +171,12 @@ class OffloadedModel:
         self._engine.install()
 
     def _packed_room(self) -> int | None:
-        """Host memory the CPU blocks' reordered weights may take (cpu_products.py): what the cpu budget leaves
-        past the plan (None: no budget); nothing where the plan's blocks multiply with F.linear (the option off,
-        or the reordered products no faster at load)."""
+        """Host memory the CPU blocks' reordered weights may take (cpu_products.py): what the plan reserved for
+        them; nothing where its blocks multiply with F.linear (the option off, the reordered products no faster
+        at load, or no room for them in the cpu budget)."""
         if not self.options.pack_cpu_weights or self.plan.cpu_products != "reordered":
             return 0
-        budget = self._budgets.get("cpu")
-        return None if budget is None else max(0, budget - self.plan.used()["cpu"])
+        return self.plan.host_reserved.get("reordered_weights", 0)
 
     def _in_place(self, flat):
         """``flat`` (page-locked host memory) as a tensor of the GPU's, read there over the link; where the

@@ -156,8 +156,9 @@ def plan_text(plan) -> str:
         lines.append(f"  computed on the CPU where their bytes are, not streamed: {len(blocks)} blocks, "
                      f"{format_size(sum(e.bytes for e in blocks))} a step ({why})")
         if plan.cpu_products == "reordered":
-            lines.append("  their products from copies of the weights reordered for the CPU, where bit-identical "
-                         "to F.linear and the cpu budget has room (faster at load)")
+            lines.append("  their products from copies of the weights reordered for the CPU where bit-identical to "
+                         f"F.linear ({format_size(plan.host_reserved.get('reordered_weights', 0))} of host memory; "
+                         "faster at load)")
     if plan.compute_choice:
         lines.append(f"  {plan.compute_choice}")
     if plan.expert_share == "auto":
