@@ -104,8 +104,9 @@ def main():
     ap.add_argument("--passes", type=int, default=7)
     ap.add_argument("--link-for", type=float, default=None)
     ap.add_argument("--ways", default="sum,products", help="what the cores read by: sum, products (F.linear, "
-                    "fused and torch.mv too, each bit-compared with F.linear first; packed: reordered copies where "
-                    "they equal F.linear, as the engine's; packed_all: every product reordered)")
+                    "fused and torch.mv too, each bit-compared with F.linear first; worker: F.linear on a worker "
+                    "thread, as the engine's CPU blocks; packed: reordered copies where they equal F.linear, as the "
+                    "engine's; packed_all: every product reordered)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
@@ -170,10 +171,23 @@ def main():
             else:
                 torch.nn.functional.linear(inputs[w.shape[1]], w)
 
+    # the products on a worker thread with the pass's thread count, as the engine's CPU blocks compute (handoff.py):
+    # on the H200 host the Mixtral experts' F.linear products read 33-36 GB/s there against 52-62 on the calling
+    # thread (RESULTS.md, 2026-12-02)
+    from concurrent.futures import ThreadPoolExecutor
+    workers = {}
+
+    def on_worker():
+        threads = torch.get_num_threads()
+        if threads not in workers:
+            workers[threads] = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(threads,))
+        workers[threads].submit(products).result()
+
     ways = {"sum": ("sum", lambda: floats.sum(), floats.numel() * 4),
             "products": ("products", products, product_bytes),
             "fused": ("products, q/k/v and gate/up fused", fused_products, product_bytes),
             "mv": ("products as torch.mv", mv_products, product_bytes),
+            "worker": ("products on a worker thread", on_worker, product_bytes),
             "packed": ("products, reordered where equal", packed_products, product_bytes),
             "packed_all": ("products, all reordered", lambda: packed_products(every=True), product_bytes)}
     chosen = args.ways.split(",")

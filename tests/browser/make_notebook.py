@@ -23,7 +23,7 @@ print("EXPECTED " + json.dumps({"tiers": [e.tier for e in llm.plan], "events": l
 dash = dashboard(llm)
 dash""",
     # 2: generate for a few seconds: the timeline grows while the cell runs.
-    """for _ in range(12):
+    """for _ in range(20):
     llm.generate(ids, max_new_tokens=6, do_sample=False)
     time.sleep(0.25)
 print("EVENTS", len(llm.trace))""",
