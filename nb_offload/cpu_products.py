@@ -57,6 +57,8 @@ def product(torch, x, packed, bias, out_features: int):
 def _pairs(in_features: int) -> list:
     """The input positions the check's big weights stand at, in pairs mirrored about the middle: the first and
     the last, and where there is room one a third of the way in and its mirror."""
+    if in_features < 2:
+        return []
     pairs = [(0, in_features - 1)]
     if in_features >= 6:
         pairs.append((in_features // 3, in_features - 1 - in_features // 3))

@@ -146,7 +146,8 @@ def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: i
     """``cpu_rate`` at each of ``token_counts`` (tokens -> bytes a second), on one set of weights (in its
     MEASURED_COPIES copies), through F.linear; ``beside`` as there. With ``packed``, also one token's products
     (under the key REORDERED) from reordered copies of the weights of the shapes that ``cpu_products.matches``
-    (F.linear's for the others), as a CPU block's with ``pack_cpu_weights``: where no shape matches, none."""
+    (F.linear's for the others), as a CPU block's with ``pack_cpu_weights``: where no shape matches, none.
+    (Both ways over the same shapes, the first MEASURED_BYTES of a block's: for a 70B block, q/k/v/o only.)"""
     from . import cpu_products
     from .tiers import alloc_host, lock_host, release_host
     kept, total = [], 0
@@ -170,15 +171,18 @@ def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: i
     copies = [[matrix(shape) for shape in kept] for _ in range(MEASURED_COPIES)]
     caller = torch.get_num_threads()
     packs = {}      # id of a copy's weights -> their reordered copy, where one-row products take one
-    if packed and cpu_products.available(torch) and str(dtype).removeprefix("torch.") in cpu_products.PACKED_DTYPES:
-        for weights in (w for copy in copies for w in copy):
-            if cpu_products.matches(torch, *weights.shape, dtype, False, threads):
-                packs[id(weights)] = cpu_products.reorder(torch, weights)
     # the ways timed: F.linear at each count of tokens, and one token's products from the reordered copies;
     # their passes take turns, so each way meets the same state of the machine as the others
-    ways = list(token_counts) + ([REORDERED] if packs else [])
-    times = {way: [] for way in ways}
     try:
+        if packed and cpu_products.available(torch) and str(dtype).removeprefix("torch.") in cpu_products.PACKED_DTYPES:
+            try:
+                for weights in (w for copy in copies for w in copy):
+                    if cpu_products.matches(torch, *weights.shape, dtype, False, threads):
+                        packs[id(weights)] = cpu_products.reorder(torch, weights)
+            except RuntimeError:        # no memory for the copies, say: F.linear's rate alone
+                packs.clear()
+        ways = list(token_counts) + ([REORDERED] if packs else [])
+        times = {way: [] for way in ways}
         with torch.inference_mode():
             inputs = {tokens: {cols: torch.full((tokens, cols), 0.5, dtype=dtype) for _, cols in shapes}
                       for tokens in set(token_counts) | {1}}

@@ -95,6 +95,11 @@ def library_code() -> int:
     return _library_code
 
 
+# How much faster than F.linear's the reordered weights' products must read in the load's measure for a plan to
+# take them (cpu_products.py): their copies cost host memory, and the measure is noisy.
+REORDERED_MARGIN = 1.05
+
+
 class Inspection:
     """A model's config, meta model, units and checkpoint map: everything a plan needs."""
 
@@ -112,7 +117,7 @@ class Inspection:
                 raise CheckpointError(f"model folder {self.folder!r}: config.json can't be read ({exc}).") from exc
         self._cpu_rates = self._cpu_max_tokens = None     # measured on the first hybrid plan (cpu_rates)
         self._reordered_faster = False      # reordered weights' products beat F.linear's there (cpu_products.py)
-        self._flinear_gbps = None           # and F.linear's rate there
+        self._flinear_gbps = self._reordered_gbps = None      # the two rates measured there
         self._rates_reached = False     # the CPU's rate is the one its blocks reached decoding (use_cpu_rate)
         self.saved_quant = _saved_quantization(self.folder, self.config)    # its quantization_config, or None
         self.dtype = resolve_dtype(options.dtype, self.config)
@@ -206,13 +211,16 @@ class Inspection:
         """Bytes per element of the weights (and of the KV cache) in the load dtype."""
         return self.dtype.itemsize if hasattr(self.dtype, "itemsize") else 2
 
-    def make_plan(self, device_type, budgets, pins, expert_pins=None) -> Plan:
+    def make_plan(self, device_type, budgets, pins, expert_pins=None, *, products: str | None = None) -> Plan:
         """The plan for these options on ``device_type`` under ``budgets``, with ``pins`` (unit index -> tier)
-        and ``expert_pins`` (unit index -> experts kept in the expert cache)."""
+        and ``expert_pins`` (unit index -> experts kept in the expert cache). ``products``: how the CPU's blocks
+        multiply, where not the one ``cpu_products`` measured faster (the plan made again with "F.linear" where
+        the cpu budget has no room for reordered copies)."""
         o = self.options
 
         split = device_type == "cuda" and (o.compute == "hybrid" or (
             o.compute == "auto" and not hybrid.gpu_only_attention(o.attn_implementation)))
+        rates = self._rates_for(products) if split else None
 
         def planned(prefetch, split_blocks=o.split_blocks, split=split):
             return make_plan(self.units, device=device_type, budgets=budgets, pins=pins, config=self.config,
@@ -220,7 +228,7 @@ class Inspection:
                              prefetch=prefetch, model_name=self.name, read_ahead=o.read_ahead, policy=o.policy,
                              split_blocks=split_blocks, library_code=self.library_code,
                              decode_graph=o.cuda_graph, expert_cache=self._expert_cache(device_type, budgets),
-                             expert_pins=expert_pins, cpu_rates=self.cpu_rates() if split else None)
+                             expert_pins=expert_pins, cpu_rates=rates if split else None)
         plan = planned(prefetch_for(o, device_type))
         if o.prefetch is None:      # as far ahead as keeps the link busiest while the CPU computes a block
             plan = self._deeper(plan, planned)
@@ -233,13 +241,21 @@ class Inspection:
             plan.expert_share = o.host_expert_share
         if any(e.compute == "cpu" for e in plan):
             plan.cpu_max_tokens = self.cpu_max_tokens()
-            plan.cpu_products = self.cpu_products()
+            plan.cpu_products = products or self.cpu_products()
             if plan.cpu_products == "reordered" and not self._reserve_reordered(plan, budgets):
-                self._reordered_faster = False      # no room for the copies: planned again at F.linear's rate
-                self._cpu_rates = (self._flinear_gbps, self._cpu_rates[1])
-                return self.make_plan(device_type, budgets, pins, expert_pins)
+                # no room for the copies: the plan made again with F.linear, at its rate
+                return self.make_plan(device_type, budgets, pins, expert_pins, products="F.linear")
         plan.rates_reached = bool(plan.rates) and self._rates_reached
         return plan
+
+    def _rates_for(self, products: str | None) -> tuple:
+        """``cpu_rates``, with the CPU's rate F.linear's where ``products`` is "F.linear" and the rate is the
+        reordered products': at load, F.linear's own measure; reached decoding, that scaled by F.linear's share
+        of the reordered rate at load."""
+        cpu, link = self.cpu_rates()
+        if products == "F.linear" and self._reordered_faster and self._flinear_gbps:
+            cpu = cpu * self._flinear_gbps / self._reordered_gbps if self._rates_reached else self._flinear_gbps
+        return cpu, link
 
     def _reserve_reordered(self, plan, budgets) -> bool:
         """Reserve in ``plan``'s host memory the reordered copies of its CPU blocks' weights
@@ -288,15 +304,16 @@ class Inspection:
             finally:
                 if beside is not None:
                     beside.release()
-            self._reordered_faster = rates.get(hybrid.REORDERED, 0.0) > rates[1]
-            self._flinear_gbps = rates[1] / 1e9
-            self._cpu_rates = (max(rates.values()) / 1e9, link)
+            reordered = rates.get(hybrid.REORDERED, 0.0)
+            self._reordered_faster = reordered > rates[1] * REORDERED_MARGIN
+            self._flinear_gbps, self._reordered_gbps = rates[1] / 1e9, reordered / 1e9
+            self._cpu_rates = ((reordered if self._reordered_faster else rates[1]) / 1e9, link)
         return self._cpu_rates
 
     def cpu_products(self) -> str:
         """How the CPU's blocks multiply one token's row: "reordered" where ``pack_cpu_weights`` is on and the
         reordered weights' products (those that match F.linear, cpu_products.py) read faster than F.linear's
-        alone in ``cpu_rates``'s measure, else "F.linear"."""
+        alone by REORDERED_MARGIN in ``cpu_rates``'s measure (their copies cost host memory), else "F.linear"."""
         self.cpu_rates()
         return "reordered" if self._reordered_faster else "F.linear"
 

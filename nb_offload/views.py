@@ -158,7 +158,7 @@ def plan_text(plan) -> str:
         if plan.cpu_products == "reordered":
             lines.append("  their products from copies of the weights reordered for the CPU where bit-identical to "
                          f"F.linear ({format_size(plan.host_reserved.get('reordered_weights', 0))} of host memory; "
-                         "faster at load)")
+                         "faster in the CPU's measure)")
     if plan.compute_choice:
         lines.append(f"  {plan.compute_choice}")
     if plan.expert_share == "auto":

@@ -364,6 +364,25 @@ def test_a_plan_reserves_host_memory_for_the_copies_or_multiplies_by_f_linear_wi
     plan = nb_offload.plan(folder, gpu="1GiB", cpu=tight, pins=pins, compute="hybrid")
     assert plan.cpu_products == "F.linear" and plan.rates[0] == 10.0
     assert not plan.host_reserved.get("reordered_weights") and plan.used()["cpu"] <= tight
+    # one inspection planning under both budgets in turn (a re-plan of a loaded model): each as if alone
+    from nb_offload import loader
+    opts = nb_offload.Options(compute="hybrid", pins=pins)
+    insp = loader.Inspection(folder, opts, "cuda")
+    pinned = loader.resolve_pins(opts.pins, insp.units)
+    for cpu, products, rate in ((tight, "F.linear", 10.0), (1 << 30, "reordered", 20.0), (tight, "F.linear", 10.0)):
+        plan = insp.make_plan("cuda", {"gpu": 1 << 30, "cpu": cpu, "disk": None}, pinned)
+        assert (plan.cpu_products, plan.rates[0]) == (products, rate)
+    # at a rate reached decoding (with the reordered products), F.linear's is that scaled as at load
+    insp.use_cpu_rate(30.0)
+    plan = insp.make_plan("cuda", {"gpu": 1 << 30, "cpu": tight, "disk": None}, pinned)
+    assert plan.cpu_products == "F.linear" and plan.rates[0] == 15.0 and plan.rates_reached
+
+
+def test_reordered_products_must_beat_f_linear_by_a_margin(model_dirs, monkeypatch):
+    from nb_offload import loader
+    _measured_rates(monkeypatch, reordered=10e9 * (loader.REORDERED_MARGIN - 0.01))
+    insp = loader.Inspection(model_dirs("llama"), nb_offload.Options(compute="hybrid"))
+    assert insp.cpu_products() == "F.linear" and insp.cpu_rates()[0] == 10.0
 
 
 def test_the_model_gives_the_engine_the_room_its_plan_reserved():

@@ -13,6 +13,7 @@ from helpers import PROMPT, blocks
 
 import nb_offload
 from nb_offload import hybrid, loader
+from nb_offload.cpu_experts import host_threads
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -60,7 +61,12 @@ def reference(folder, ids, on_cpu, max_tokens, n=N, static=False, dtype=None):
                 put("cpu")
                 return out
             put("cpu")
-            return _moved(twin.forward(*_moved(args, "cpu"), **_moved(kwargs, "cpu")), "cuda")
+            caller = torch.get_num_threads()
+            torch.set_num_threads(host_threads())       # as the engine's CPU blocks compute (F.linear's bits
+            try:                                        # may change with the thread count)
+                return _moved(twin.forward(*_moved(args, "cpu"), **_moved(kwargs, "cpu")), "cuda")
+            finally:
+                torch.set_num_threads(caller)
         block.forward = forward
     kw = {}
     if static:
@@ -151,8 +157,15 @@ def test_cpu_blocks_multiplying_by_reordered_weights_match_transformers_computin
         if not s.cpu_packed_linears:
             pytest.skip("this CPU's torch has no reordered bf16 product matching F.linear")
         on_cpu = [e.name for e in llm.plan if e.compute == "cpu"]
+        calls, real = [], cpu_products.product
+
+        def counted(*args):
+            calls.append(1)
+            return real(*args)
+        monkeypatch.setattr(cpu_products, "product", counted)
         got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
         assert s.graph_replays >= N - 3 and s.cpu_block_calls >= len(on_cpu) * (N - 1)
+        assert len(calls) >= s.cpu_packed_linears * (N - 1)       # every decode step through the copies
         want = reference(folder, ids, on_cpu, llm._engine.cpu_max_tokens, static=True, dtype=torch.bfloat16)
         assert torch.equal(got, want)
 
