@@ -75,14 +75,15 @@ def _check_weights(torch, out_features: int, in_features: int, dtype, generator)
     groups, round other bits away, and the rows' results differ, where random data show it in one output of
     thousands, or in none. The bias is a few of those last bits too, so adding it before or after rounding shows
     as well."""
-    half = torch.empty(out_features, in_features // 2 + 1).normal_(generator=generator)
+    # made in ``dtype`` from the start: a 70B block's widest check takes 470 MB so, where fp32 would take 940
+    half = torch.empty(out_features, in_features // 2 + 1, dtype=dtype).normal_(generator=generator)
     weights = torch.cat([half[:, :in_features - in_features // 2], half[:, :in_features // 2].flip(1)], dim=1)
     exponents = torch.tensor(CHECK_EXPONENTS, dtype=torch.float32)[torch.arange(out_features) % len(CHECK_EXPONENTS)]
     signs = torch.randint(0, 2, (out_features,), generator=generator).float() * 2 - 1
     for first, last in _pairs(in_features):
-        weights[:, first] = weights[:, last] = signs * 2.0 ** exponents
+        weights[:, first] = weights[:, last] = (signs * 2.0 ** exponents).to(dtype)     # powers of two: exact
     bias = torch.randint(-8, 9, (out_features,), generator=generator).float() * 2.0 ** (exponents - 24)
-    return weights.to(dtype), bias.to(dtype)
+    return weights, bias.to(dtype)
 
 
 def _check_inputs(torch, in_features: int, dtype, generator):
