@@ -206,8 +206,10 @@ class Options:
     pack_cpu_weights: bool = _option(True, _flag, "the CPU's blocks (compute=\"hybrid\", cpu-compute pins) "
                                                   "multiply one token's row by copies of their weights reordered "
                                                   "for oneDNN's kernel, read front to back: those whose shape a "
-                                                  "check at load finds bit-identical to F.linear on this CPU, in "
-                                                  "the room the cpu budget leaves past the plan (cpu_products.py)")
+                                                  "check at load finds bit-identical to F.linear on this CPU, where "
+                                                  "the load measured that 5 % faster; the plan reserves host "
+                                                  "memory for the copies, or goes without them where the cpu "
+                                                  "budget has no room (cpu_products.py)")
     cuda_graph: bool = _option(True, _flag, "decode steps captured as one CUDA graph and replayed per token, "
                                             "with a static KV cache (graphs.py says where they run eager)")
     fused_kernels: bool = _option(True, _flag, "in a captured decode step, RMSNorm, the rotary embedding and "
