@@ -43,6 +43,11 @@ def available(torch) -> bool:
         return False
 
 
+def packable(dtype) -> bool:
+    """Whether weights of ``dtype`` may take reordered copies (PACKED_DTYPES)."""
+    return str(dtype).removeprefix("torch.") in PACKED_DTYPES
+
+
 def reorder(torch, weight):
     """``weight`` ([out, in]) copied into the layout oneDNN's one-row product reads (an opaque tensor)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
@@ -135,7 +140,7 @@ def candidates(torch, module, dtype) -> list:
     """The linears of ``module`` whose one-row products may take reordered weights: plain ``nn.Linear``s (a
     subclass's own forward may compute otherwise) with 2-D weights of ``dtype``, in PACKED_DTYPES, and at least
     FEWEST_OUTPUTS outputs."""
-    if str(dtype).removeprefix("torch.") not in PACKED_DTYPES:
+    if not packable(dtype):
         return []
     return [m for m in module.modules()
             if type(m).forward is torch.nn.Linear.forward and isinstance(m, torch.nn.Linear)

@@ -174,7 +174,7 @@ def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: i
     # the ways timed: F.linear at each count of tokens, and one token's products from the reordered copies;
     # their passes take turns, so each way meets the same state of the machine as the others
     try:
-        if packed and cpu_products.available(torch) and str(dtype).removeprefix("torch.") in cpu_products.PACKED_DTYPES:
+        if packed and cpu_products.available(torch) and cpu_products.packable(dtype):
             try:
                 for weights in (w for copy in copies for w in copy):
                     if cpu_products.matches(torch, *weights.shape, dtype, False, threads):
