@@ -148,11 +148,20 @@ def candidates(torch, module, dtype) -> list:
             and m.weight.dtype == dtype and m.out_features >= FEWEST_OUTPUTS]
 
 
+def _linear_matches(torch, linear, threads: int) -> bool:
+    """``matches`` for ``linear``'s shape, dtype and bias."""
+    return matches(torch, linear.out_features, linear.in_features, linear.weight.dtype, linear.bias is not None,
+                   threads)
+
+
+def _weight_bytes(linear) -> int:
+    return linear.weight.numel() * linear.weight.element_size()
+
+
 def reordered_bytes(torch, module, dtype, threads: int) -> int:
     """The host memory ``PackedLinears`` would take for ``module`` (a block, on any device, the meta one
     included) with room for all: its ``candidates``' weights whose shape ``matches``."""
-    return sum(m.weight.numel() * m.weight.element_size() for m in candidates(torch, module, dtype)
-               if matches(torch, m.out_features, m.in_features, dtype, m.bias is not None, threads))
+    return sum(_weight_bytes(m) for m in candidates(torch, module, dtype) if _linear_matches(torch, m, threads))
 
 
 class PackedLinears:
@@ -175,10 +184,9 @@ class PackedLinears:
             return
         dtype = next((p.dtype for p in module.parameters()), None)
         for linear in candidates(torch, module, dtype):
-            weight = linear.weight
-            nbytes = weight.numel() * weight.element_size()
-            if weight.device.type != "cpu" or (room is not None and self.bytes + nbytes > room) or not matches(
-                    torch, linear.out_features, linear.in_features, weight.dtype, linear.bias is not None, threads):
+            weight, nbytes = linear.weight, _weight_bytes(linear)
+            if weight.device.type != "cpu" or (room is not None and self.bytes + nbytes > room) \
+                    or not _linear_matches(torch, linear, threads):
                 self.skipped += 1
                 continue
             try:
