@@ -30,7 +30,7 @@ from .handoff import GpuHandoff
 from .hooks import ModuleHooks, bind, bind_views, to_device
 from .movers import CpuMover, CudaMover, graph_waits_take_launch_record
 from .planner import text_config
-from .reader import DiskReader
+from .reader import DiskReader, read_usable
 from .schedule import Schedule, Work
 from .tiers import Source, param_views
 
@@ -89,12 +89,14 @@ class Engine:
         self.reader = DiskReader(trace, threads=read_threads, uncached=drop_page_cache, staging_bytes=staged,
                                  staging_count=read_ahead if staged else 0)
         self.schedule = Schedule(order, slots=slots, prefetch=prefetch, staging=len(self.reader.staging),
-                                 read_ahead=read_ahead, from_disk=from_disk, large_order=large_order)
+                                 read_ahead=read_ahead, from_disk=from_disk, large_order=large_order,
+                                 usable=None if self.cuda else read_usable)
         if self.cuda:
             self.mover = CudaMover(torch, device, slot_bytes, slots, units=self.units, sources=self.sources,
                                    schedule=self.schedule, reader=self.reader, trace=trace, stats=stats)
         else:
-            self.mover = CpuMover(torch, slot_bytes, slots, reader=self.reader, trace=trace, stats=stats)
+            self.mover = CpuMover(torch, slot_bytes, slots, reader=self.reader, trace=trace, stats=stats,
+                                  schedule=self.schedule)
         for u in streamed:      # shapes, dtypes and device are right from the start
             bind_views(self.params[u.index], self._slot_views(u.index, 0))
         # Streamed MoE blocks come without their expert rows, and the routed ones once the router has
@@ -116,6 +118,9 @@ class Engine:
             else:
                 rest = experts.placed(src.extents, rest)
                 self._without_experts[u.index] = (Source(src.tier, extents=rest), sum(e[2] for e in rest))
+        # Slots keep the units they hold from step to step (Schedule.kept), except where a MoE block's routed
+        # experts stream: their rows, the expert cache's lent entries and the GPU's fetches write slots too.
+        self.schedule.keeping = not self.routed
         # Routed experts the CPU computes from host memory instead of copying them (cpu_experts.py): on CUDA,
         # for blocks whose experts come from page-locked memory; ``expert_compute``: a share, or "auto".
         self.host, self.expert_share, self.host_rates = None, 0.0, None
@@ -466,6 +471,7 @@ class Engine:
         self.expert_cache = self.gpu_fetch = None      # its views of the slots, with the slots
         self.reader.close()
         self.mover.slots, self._views, self.rest, self.rest_binding = [], {}, {}, {}
+        self.schedule.forget()
 
     def drain(self):
         """Wait for everything in flight and forget the queue (before re-planning or unload)."""
@@ -504,6 +510,7 @@ class Engine:
                 worker.settle()
             self._outstanding.clear()
             self._do(Work(abandoned=self.schedule.reset()))
+            self.schedule.forget()      # a copy or read it cut short may have left a slot part written
             for block in self._cpu_hooks.values():
                 block.reset()
         self.in_step = True
@@ -539,6 +546,34 @@ class Engine:
         self.trace.step += 1
         self.trace.flush()
         return out
+
+    def prime(self):
+        """Bring the first units of the next step into the slots now, while the link and the drive are idle
+        (after a generate, and at load): a step that finds them there brings the rest only (Schedule.kept). The
+        next step is taken to be a prompt's, so a large one where the CPU's blocks stream in such (hybrid.py).
+        Nothing where the queue already begins that step (an eager step's end queued it), mid-step, or where MoE
+        blocks stream as routed (what a step brings of them depends on its tokens, and slots keep nothing there)."""
+        sched = self.schedule
+        large = bool(self.large_sources)
+        order = [i for i in sched.orders[large] if i not in sched.held]
+        if self.in_step or not order or not self.mover.slots or not sched.keeping:
+            return
+        if sched.large == large and sched.queue and sched.pos % len(sched.order) == 0 \
+                and sched.queue[0].unit == sched.order[0]:
+            return
+        self._use_large(large)
+        work = Work(abandoned=sched.restart(wrap=True))
+        self.graphs.primed = None       # its copies may overwrite a replay's first units: the next replay copies them
+        if self.cuda:       # after whatever last read the slots (a replay's kernels, a step's tail)
+            self.mover.begin_step()
+            self.mover.after_graph()
+        try:
+            work += sched.fill()
+            self._do(work)
+        except BaseException:       # (an interrupt) no job left queued whose bytes were never asked for
+            self._do(Work(abandoned=sched.reset()))
+            sched.forget()
+            raise
 
     def _use_large(self, large: bool):
         """From this step on, stream the CPU's blocks too (``large``: a step with more tokens than the CPU
@@ -592,6 +627,7 @@ class Engine:
             self.mover.waits_per_unit = graph_waits_take_launch_record(torch, self.device)
         self.place_cpu_caches(args, kwargs)
         self.schedule.restart(wrap=False)       # a replay is whole: nothing fetched for the next step
+        self.schedule.forget()      # its copies land at its replays, into slots as the ring gives them
         moved = self.stats.bytes_from_cpu
         steps, trace_step = self.stats.steps, self.trace.step
         recording = self.block_handoff.recording() if self.block_handoff else contextlib.nullcontext([])
@@ -610,6 +646,7 @@ class Engine:
         self._open.clear()
         self.mover.reset_events()
         self.schedule.restart(wrap=True)
+        self.schedule.forget()
 
     def replay(self, captured):
         """One decode step: the captured graph, ordered after any copy still in flight and before any to come.
@@ -630,6 +667,7 @@ class Engine:
             self.block_handoff.before_replay(captured.program)
             self._outstanding += self.block_handoff.run(captured.program)
         try:
+            self.schedule.forget()      # the replay's copies write the slots (the prefetch below keeps its own)
             try:
                 captured.graph.replay()
             except BaseException:
@@ -664,6 +702,9 @@ class Engine:
                 return
             self._do(work, first=job)
             self.mover.wait(job)
+            if job.kept:
+                self.stats.kept_units += 1
+                self.stats.kept_bytes += self.units[idx].nbytes
             if job.cached:
                 self._from_cache(idx, job)
             bind_views(self.params[idx], self._slot_views(idx, job.slot))

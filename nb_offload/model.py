@@ -169,6 +169,7 @@ class OffloadedModel:
                               decode_spare=self.plan.reserved.get("activations", 0),
                               packed_room=self._packed_room() if on_cpu else 0)
         self._engine.install()
+        self._engine.prime()
 
     def _packed_room(self) -> int | None:
         """Host memory the CPU blocks' reordered weights may take (cpu_products.py): what the plan reserved for
@@ -251,6 +252,7 @@ class OffloadedModel:
                     with self._holding_spare(args, kwargs, length), self._engine.graphs.generating():
                         out = self.model.generate(*args, **given)
                 self._engine.settle_routing(release=True)   # what they routed, counted; the lent room back
+                self._engine.prime()        # the next prompt's first units, brought while the user reads this
             except KeyboardInterrupt:   # the cache and temporaries of the generate cut short, freed
                 self._release_memory()
                 raise

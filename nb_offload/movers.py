@@ -11,6 +11,10 @@ unit is about to compute), ``done`` (it finished computing) and ``synchronize``.
 - ``CpuMover``: compute on the CPU, slots in RAM; disk units are read straight into their slot by
   the reader thread, and compute waits for that read.
 
+Both tell the schedule which unit's bytes a slot holds whole once they have issued its copy or read
+(``Schedule.keep``), or that it holds something else now (``forget``); a job whose slot holds its unit
+already (``job.kept``) brings nothing, and its compute waits for the copy or read that put them there.
+
 A new way to bring bytes in (quantized units, experts on demand) is a new mover beside these.
 """
 
@@ -24,28 +28,39 @@ from .reader import read_finished, wait_read
 
 
 class CpuMover:
-    def __init__(self, torch, slot_bytes: int, slots: int, *, reader, trace, stats):
+    def __init__(self, torch, slot_bytes: int, slots: int, *, reader, trace, stats, schedule):
         self.slots = [torch.empty(slot_bytes, dtype=torch.uint8) for _ in range(slots)]
-        self.reader, self.trace, self.stats = reader, trace, stats
+        self.reader, self.trace, self.stats, self.schedule = reader, trace, stats, schedule
 
     def start(self, job, unit, source, nbytes=None):
         """``nbytes``: what ``source`` holds where it is a part of the unit (a block without its experts). A
         source in memory (a block the CPU computes in small steps, streamed for a large one) is copied."""
+        if job.kept:
+            return
+        whole = nbytes is None and job.ranges is None
         nbytes = unit.nbytes if nbytes is None else nbytes
         if source.flat is not None:
             self.slots[job.slot][:nbytes].copy_(source.flat[:nbytes])
             self.stats.bytes_from_cpu += nbytes
             job.ready = None
-            return
-        self.stats.bytes_from_disk += nbytes
-        job.ready = self.reader.read_into(unit.name, nbytes, source.extents, self.slots[job.slot])
+        else:
+            self.stats.bytes_from_disk += nbytes
+            job.ready = self.reader.read_into(unit.name, nbytes, source.extents, self.slots[job.slot])
+        if whole:
+            self.schedule.keep(job.slot, job.unit, job.ready)
+        else:
+            self.schedule.forget(job.slot)
 
     def pump(self, jobs, first=None):
         pass
 
     def wait(self, job):
         if job.ready is not None:
-            wait_read(job.ready)
+            try:
+                wait_read(job.ready)
+            except BaseException:
+                self.schedule.forget(job.slot)      # what landed there is not the unit's
+                raise
 
     def done(self, job):
         pass
@@ -191,8 +206,12 @@ class CudaMover:
                 done.record(self.copy_stream)
                 end = self._stamp(self.copy_stream) if timed and self.in_capture else done
             job.ready, job.copied = done, True
-            if not self.in_capture:
+            if not self.in_capture:         # (a capture's copies land at its replays, which forget the slots)
                 self.copied_since_prefetch()
+                if read is None and ranges == [(0, unit.nbytes)]:
+                    self.schedule.keep(job.slot, job.unit, done)
+                else:
+                    self.schedule.forget(job.slot)
             if timed:
                 self.trace.cuda_event("copy", unit.name, start, end, nbytes)
             if read is not None:
@@ -287,6 +306,7 @@ class CudaMover:
                 start = self._stamp(self.copy_stream) if timed else None
                 self.slots[slot][:unit.nbytes].copy_(self.sources[unit_index].flat[:unit.nbytes], non_blocking=True)
                 self.arrived[slot].record(self.copy_stream)
+                self.schedule.keep(slot, unit_index, self.arrived[slot])
                 if timed:
                     self.trace.cuda_event("copy", unit.name, start, self._stamp(self.copy_stream), unit.nbytes)
                 self.stats.bytes_from_cpu += unit.nbytes

@@ -189,6 +189,16 @@ def read_finished(fut) -> bool:
     return fut.done() and (fut.exception() is not None or all(c.done() for c in fut.result()))
 
 
+def read_usable(fut) -> bool:
+    """Whether a reader-thread future's bytes may still be used: None (nothing was read), or a read in flight
+    or landed whole, not one that failed or was cut short."""
+    if fut is None or not fut.done():
+        return True
+    if fut.exception() is not None:
+        return False
+    return not any(c.cancelled() or (c.done() and c.exception() is not None) for c in fut.result())
+
+
 def wait_read(fut):
     """Wait for a reader-thread future and the chunks it queued (raising their errors)."""
     for chunk in fut.result():

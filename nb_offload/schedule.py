@@ -15,11 +15,19 @@ A step larger than the CPU computes (a prefill) streams the blocks the CPU compu
 too (hybrid.py): such a step runs ``large_order``, the others ``order``; the schedule switches between
 them at a step's start (``use``), as it does when units are held out of the stream (``hold``).
 
+Slots keep what they hold (``kept``): the movers say which unit's bytes each slot holds whole once they
+have issued its copy or read (``keep``), and forget it where something else writes there. A queue that
+restarts (a switch of order, units held, a replay in between) places a unit in the slot that holds it,
+and that job brings nothing; the other jobs take the free slots whose units run last. A prefill that
+finds its first units in the slots, put there while the host was idle (the engine's ``prime``), streams
+only what the resident blocks and the slots can't hold: deeper staging then costs a prefill nothing.
+
 The schedule says what should happen; the movers and the reader do it (engine.py wires them up).
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -43,6 +51,7 @@ class Job:
     read: Read | None = None
     ready: object = None       # the mover's: a CUDA event (copy done) or a future (read done)
     copied: bool = False       # the mover's: the copy into the slot has been issued
+    kept: bool = False         # its slot held its bytes already (``Schedule.kept``): nothing to bring
     # The engine's: None where the unit comes whole; else it comes without its routed experts (experts.py),
     # which its experts module's pre-hook brings: on CUDA these are the byte ranges to copy now, on the
     # CPU an empty list (the reader is given a source holding only those ranges)
@@ -76,10 +85,11 @@ class Schedule:
     page-locked buffers disk reads land in (0: disk units are read straight into their slot);
     ``read_ahead``: reads kept issued beyond the copies. ``from_disk``: units whose bytes come from disk.
     ``large_order``: the order of a large step, where it streams more units (hybrid.py); else ``order``.
+    ``usable(ready)``: whether a slot's kept bytes may be used (the CPU's: its read didn't fail).
     """
 
     def __init__(self, order, *, slots: int, prefetch: int, staging: int = 0, read_ahead: int = 1,
-                 from_disk=(), large_order=None):
+                 from_disk=(), large_order=None, usable=None):
         self.order = list(order)
         # the learned orders of small and large steps, held units included; ``order`` is the one in use
         self.orders = {False: list(order), True: list(order if large_order is None else large_order)}
@@ -96,6 +106,11 @@ class Schedule:
         self.seen: list[int] = []             # streamed units entered this step, in order
         self.next_slot = self.next_staging = 0
         self.wrap = True              # fill on into the next step (False while a step is captured)
+        # per slot, (unit, ready) of the unit whose bytes it holds whole, as the movers last said, or None
+        self.kept: list = [None] * slots
+        self.keeping = True           # jobs may use kept bytes (the engine turns it off where others write slots)
+        self.usable = usable or (lambda ready: True)
+        self._positions = (None, 0, {})     # (the order indexed, its length, unit -> its positions there)
 
     # -- a step ---------------------------------------------------------------------------------
     def begin_step(self) -> Work:
@@ -150,9 +165,15 @@ class Schedule:
             position = self.pos + len(self.queue)
             if not self.wrap and position >= n:
                 break
-            job = Job(self.order[position % n], self.next_slot)
-            self.next_slot = (self.next_slot + 1) % self.slots
-            if self.staging and job.unit in self.from_disk:
+            unit = self.order[position % n]
+            slot, kept = self._slot_for(unit, position)
+            job = Job(unit, slot)
+            self.next_slot = (slot + 1) % self.slots
+            if kept is not None:        # its bytes are there: the mover brings nothing, the compute waits for them
+                job.kept, job.copied, job.ready = True, True, kept[1]
+            else:
+                self.kept[slot] = None      # to be overwritten; the mover keeps the job's unit once it brings it
+            if kept is None and self.staging and job.unit in self.from_disk:
                 work.reads += self._issue_reads(position)
                 job.read = next(r for r in self.reads if r.unit == job.unit and not r.claimed)
                 job.read.claimed = True
@@ -161,6 +182,49 @@ class Schedule:
         if self.staging:
             work.reads += self._issue_reads(self.pos + len(self.queue) - 1)
         return work
+
+    def _slot_for(self, unit: int, position: int):
+        """The slot for ``unit``'s job at ``position``, and the slot's kept entry where it holds the unit's bytes
+        (else None). A free slot: the one holding the unit, or of the others the one whose kept unit runs last
+        from here (none kept: the next in ring order, as before slots kept anything)."""
+        busy = {j.slot for j in self.queue} | {j.slot for j in self.active.values()}
+        ring = [(self.next_slot + k) % self.slots for k in range(self.slots)]
+        free = [s for s in ring if s not in busy] or ring[:1]
+        if self.keeping and not (self.staging and unit in self.from_disk):     # staged reads go by position
+            for s in free:
+                entry = self.kept[s]
+                if entry is not None and entry[0] == unit and self.usable(entry[1]):
+                    return s, entry
+        if len(free) > 1 and any(self.kept[s] is not None for s in free):
+            free.sort(key=lambda s: -self._needed_after(self.kept[s], position))    # stable: ring order in ties
+        return free[0], None
+
+    def _needed_after(self, entry, position: int) -> float:
+        """How many positions after ``position`` the unit of kept ``entry`` runs next (inf: none, or not at all)."""
+        if entry is None:
+            return math.inf
+        n = len(self.order)
+        indexed, length, runs_at = self._positions
+        if indexed is not self.order or length != n:    # another order, or a unit appended to this one
+            runs_at = {}
+            for i, u in enumerate(self.order):
+                runs_at.setdefault(u, []).append(i)
+            self._positions = (self.order, n, runs_at)
+        at = runs_at.get(entry[0])
+        return min((i - position) % n for i in at) if at else math.inf
+
+    # -- what the slots hold -------------------------------------------------------------------------
+    def keep(self, slot: int, unit: int, ready=None):
+        """``slot`` holds ``unit``'s bytes whole once ``ready`` (the mover's event or future) is."""
+        if self.keeping:
+            self.kept[slot] = (unit, ready)
+
+    def forget(self, slot: int | None = None):
+        """``slot`` (every slot, where None) may hold anything now: it was written otherwise."""
+        if slot is None:
+            self.kept = [None] * self.slots
+        else:
+            self.kept[slot] = None
 
     def _issue_reads(self, must_reach: int) -> list[Read]:
         """Reads in run order: through position ``must_reach``, then ``read_ahead`` unclaimed ones."""

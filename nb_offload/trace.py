@@ -246,6 +246,8 @@ class Stats:
     cpu_packed_linears: int = 0         # the CPU's blocks' linears computing from reordered copies (cpu_products.py)
     cpu_plain_linears: int = 0          # and those of a packable dtype left to F.linear (shape unmatched, no room)
     cpu_packed_bytes: int = 0           # host memory the copies take
+    kept_units: int = 0         # streamed units found in their slots, put there before the step (Schedule.kept)
+    kept_bytes: int = 0         # and their bytes, neither copied nor read again
     resets: int = 0                     # times ``reset`` was called
     load_seconds: float = 0.0   # nb_offload.load, from the call to the model ready
     load_bytes: int = 0         # the weights it placed
@@ -264,6 +266,7 @@ class Stats:
         self.seconds = self.capture_seconds = self.route_wait_seconds = self.cpu_expert_seconds = 0.0
         self.cpu_block_seconds = self.cpu_decode_seconds = 0.0
         self.cpu_block_calls = self.cpu_block_bytes = self.cpu_decode_calls = self.cpu_decode_bytes = 0
+        self.kept_units = self.kept_bytes = 0
         self.resets += 1
         self.host_peak = self.host_now
 
@@ -310,6 +313,7 @@ class Stats:
                 "cpu_decode_calls": self.cpu_decode_calls, "cpu_decode_bytes": self.cpu_decode_bytes,
                 "cpu_decode_seconds": self.cpu_decode_seconds, "cpu_packed_linears": self.cpu_packed_linears,
                 "cpu_plain_linears": self.cpu_plain_linears, "cpu_packed_bytes": self.cpu_packed_bytes,
+                "kept_units": self.kept_units, "kept_bytes": self.kept_bytes,
                 "host_now": self.host_now, "host_peak": self.host_peak,
                 "host_budget": self.host_budget, "load_seconds": self.load_seconds, "load_bytes": self.load_bytes}
 
@@ -390,6 +394,9 @@ class Stats:
         text = (f"{self.tokens} tokens in {self.seconds:.2f} s ({self.tokens_per_second:.2f} tok/s), "
                 f"{self.steps} steps; streamed {format_size(self.bytes_from_cpu)} from cpu, "
                 f"{format_size(self.bytes_from_disk)} from disk ({self.streamed_gbps:.2f} GB/s)")
+        if self.kept_units:
+            text += (f"; {self.kept_units} streamed units found in their slots, "
+                     f"{format_size(self.kept_bytes)} not brought again")
         if self.host_before is not None:
             text += (f"; host memory {format_size(self.host_now)} now, {format_size(self.host_peak)} at most, "
                      f"of cpu={format_size(self.host_budget)}")

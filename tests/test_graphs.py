@@ -269,7 +269,7 @@ def test_a_replay_waits_only_for_its_own_graphs_stamps_before_it_overwrites_them
     e = object.__new__(Engine)
     e.trace = SimpleNamespace(flush=lambda **kw: flushes.append(kw), enabled=False, step=0)
     e._use_large = e._do = lambda *a: None
-    e.schedule = SimpleNamespace(restart=lambda wrap: [])
+    e.schedule = SimpleNamespace(restart=lambda wrap: [], forget=lambda: None)
     e.mover = SimpleNamespace(begin_step=lambda: None, prefetch=lambda *a: None, before_graph=lambda: None,
                               after_graph=lambda: None)
     e.graphs, e.block_handoff = SimpleNamespace(primed=None), None

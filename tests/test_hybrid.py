@@ -495,6 +495,7 @@ def test_the_engine_streams_a_cpu_block_in_large_steps_in_pieces_and_holds_it(mo
                          inside(block.input_layernorm.weight, eng.rest[idx])))
             return own(*args, **kwargs)
         attn.forward = spy
+        eng.prime = lambda: None        # each generate starts from what the last left in the slots (no priming)
         try:
             moved = llm.stats.bytes_from_cpu
             ids = torch.tensor([list(range(1, 9))])
@@ -517,6 +518,37 @@ def test_the_engine_streams_a_cpu_block_in_large_steps_in_pieces_and_holds_it(mo
             assert seen == [(8, "slot", True)] + [(1, "host", False)] * 3, seen
         finally:
             del attn.forward
+
+
+def test_after_a_generate_the_slots_hold_the_next_prompt_s_first_units_the_cpu_s_block_s_pieces_included(
+        model_dirs, tmp_path):
+    """A generate's end brings the first units of a large step into the slots (Engine.prime: the next generate's
+    prefill streams the CPU's blocks too), finding those the decode steps left there; the prefill then takes
+    them as queued. Tokens stay plain transformers'."""
+    from helpers import load_tight
+    folder = model_dirs("llama")
+    want = plain_tokens(folder, 4)
+    with load_tight(folder, str(tmp_path / "off"), hold_spare=False) as llm:
+        idx = next(u.index for u, e in zip(llm._insp.units, llm.plan) if e.kind == "block" and e.tier == "cpu")
+        eng = _with_cpu_block(llm, idx)
+        large = eng.schedule.orders[True]
+        assert large != eng.schedule.orders[False]
+        ids = torch.tensor([list(range(1, 9))])
+        for _ in range(2):
+            assert torch.equal(llm.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False), want)
+            assert eng.large and eng.order == large
+            queued = [job.unit for job in eng.schedule.queue]
+            assert queued == large[:len(queued)] and len(queued) == len(eng.slots)
+        assert llm.stats.kept_units >= 1        # found where the decode steps left them
+        # a prompt of one token is a small step: the queue starts over in the small order, finding what it shares
+        from transformers import AutoModelForCausalLM
+        one = torch.tensor([[5]])
+        with torch.inference_mode():
+            plain = AutoModelForCausalLM.from_pretrained(folder).eval().generate(
+                one, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        kept = llm.stats.kept_units
+        assert torch.equal(llm.generate(one, max_new_tokens=3, min_new_tokens=3, do_sample=False), plain)
+        assert llm.stats.kept_units > kept
 
 
 def test_a_plan_that_fits_the_gpu_keeps_every_block_there_under_hybrid(model_dirs, rates):

@@ -14,7 +14,8 @@ import nb_offload
 
 
 def test_trace_records_reads_and_compute_and_exports(model_dirs, tmp_path):
-    llm = nb_offload.load(model_dirs("llama"), device="cpu", disk=tmp_path, pins={"model.layers.1-3": "disk"},
+    # four blocks on disk, more than the three slots hold: every step reads them (fewer, the slots keep them)
+    llm = nb_offload.load(model_dirs("llama"), device="cpu", disk=tmp_path, pins={"model.layers.*": "disk"},
                           progress=False, trace_detail="full")
     batches = []
     unsubscribe = llm.trace.subscribe(batches.append)
@@ -33,6 +34,64 @@ def test_trace_records_reads_and_compute_and_exports(model_dirs, tmp_path):
     s = llm.stats
     assert s.tokens == 5 and s.seconds > 0 and s.bytes_from_disk >= 15 * reads[0].bytes // 2
     assert "tok/s" in str(s) and s.as_dict()["tokens"] == 5
+    llm.unload()
+
+
+def test_the_first_units_brought_at_load_and_after_a_generate_are_not_brought_again(model_dirs, tmp_path):
+    """The load brings the first streamed units into the slots (Engine.prime); the first step finds them there
+    and reads only the rest. A queue that restarts (units held, then given back) finds what the slots hold.
+    Tokens stay plain transformers'."""
+    folder = model_dirs("llama")
+    want, _ = run_offloaded(nb_offload.load(folder, device="cpu", progress=False), max_new_tokens=4)
+    llm = nb_offload.load(folder, device="cpu", disk=tmp_path, pins={"model.layers.*": "disk"}, progress=False,
+                          hold_spare=False)
+    eng = llm._engine
+    units = {u.index: u for u in eng.units}
+    first = eng.order[:len(eng.slots)]
+    assert len(eng.order) == 4 and len(first) == 3
+    assert [job.unit for job in eng.schedule.queue] == first     # brought at load
+    read = llm.stats.bytes_from_disk
+    assert read == sum(units[i].nbytes for i in first)
+    ids = torch.tensor(PROMPT)
+    assert torch.equal(llm.generate(ids, max_new_tokens=1, do_sample=False)[:, :9], want[:, :9])
+    # the step took the queue the load left and read the fourth; its end queued the next step's first two,
+    # read into the slots of those before (one slot is free at a time)
+    assert llm.stats.bytes_from_disk - read == units[eng.order[3]].nbytes + sum(units[i].nbytes for i in first[:2])
+    assert llm.stats.kept_units == 0
+    eng.hold([eng.order[3]])        # each restarts the queue: the next step finds the first two in their slots
+    eng.release_held()
+    before = llm.stats.bytes_from_disk
+    assert torch.equal(llm.generate(ids, max_new_tokens=1, do_sample=False)[:, :9], want[:, :9])
+    assert llm.stats.kept_units == 2 and llm.stats.kept_bytes == sum(units[i].nbytes for i in first[:2])
+    assert llm.stats.bytes_from_disk - before == sum(units[i].nbytes for i in eng.order[2:]) + \
+        sum(units[i].nbytes for i in first[:2])
+    assert torch.equal(llm.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False), want)
+    llm.unload()
+
+
+def test_a_slot_whose_read_failed_is_read_again(model_dirs, tmp_path, monkeypatch):
+    """A read that failed leaves nothing a later step takes for the unit's bytes: they are read again."""
+    from nb_offload import reader
+    folder = model_dirs("llama")
+    want, _ = run_offloaded(nb_offload.load(folder, device="cpu", progress=False), max_new_tokens=4)
+    llm = nb_offload.load(folder, device="cpu", disk=tmp_path, pins={"model.layers.*": "disk"}, progress=False,
+                          hold_spare=False)
+    eng = llm._engine
+    eng.drain()
+    eng.schedule.forget()
+
+    def failing(*a, **k):
+        raise OSError("the drive went away")
+    monkeypatch.setattr(reader, "read_extents", failing)
+    eng.prime()                     # every read it issues fails
+    eng.reader.drain()
+    assert [e[0] for e in eng.schedule.kept if e] == eng.order[:3]      # kept as issued...
+    assert not any(eng.schedule.usable(e[1]) for e in eng.schedule.kept if e)     # ...but not usable
+    monkeypatch.undo()
+    eng.drain()                     # the queue forgotten (as a hold does): the next step looks in the slots
+    assert torch.equal(llm.generate(torch.tensor(PROMPT), max_new_tokens=4, min_new_tokens=4, do_sample=False),
+                       want)
+    assert llm.stats.kept_units == 0
     llm.unload()
 
 

@@ -191,3 +191,126 @@ def test_a_job_counts_as_computing_only_once_started():
     s.start(job)
     assert s.active == {0: job}
     assert s.take(0) == (None, s.take(0)[1])     # re-entered within the pass: nothing to do
+
+
+# -- what the slots keep -------------------------------------------------------------------------------
+def bring(s, work, held=None):
+    """What a mover does with a schedule decision: each job not kept gets its unit's bytes (``held``: slot ->
+    the unit whose bytes it holds, kept up to date), which the schedule then keeps; the units brought."""
+    brought = []
+    for job in work.jobs:
+        if not job.kept:
+            s.keep(job.slot, job.unit, f"copy of {job.unit}")
+            brought.append(job.unit)
+            if held is not None:
+                held[job.slot] = job.unit
+    return brought
+
+
+def pass_bringing(s, order, held=None):
+    """``run_pass``, with a mover's part: the units brought into slots over the pass (its tail's included)."""
+    brought = bring(s, s.begin_step(), held)
+    for idx in order:
+        job, work = s.take(idx)
+        brought += bring(s, work, held)
+        if held is not None:
+            assert held.get(job.slot) == idx, (idx, job.slot, held)     # it computes from its own bytes
+        s.start(job)
+        brought += bring(s, s.fill(), held)
+        s.release(idx)
+    brought += bring(s, s.end_step(), held)
+    return brought
+
+
+def test_a_restarted_queue_finds_units_in_the_slots_that_hold_them():
+    """A queue that starts over (a replay, a switch of order, units held) places each unit in the slot that
+    holds it: that job brings nothing, and its compute waits for what brought it there."""
+    s = Schedule([0, 1, 2, 3, 4], slots=3, prefetch=2)
+    pass_bringing(s, [0, 1, 2, 3, 4])
+    held = {slot: entry[0] for slot, entry in enumerate(s.kept)}
+    assert sorted(held.values()) == [0, 1, 4]       # the last unit, and the next step's first two
+    s.restart(wrap=True)
+    work = s.begin_step()
+    kept = [j for j in work.jobs if j.kept]
+    assert [(j.unit, j.slot, j.copied, j.ready) for j in kept] == \
+        [(u, slot, True, f"copy of {u}") for u in (0, 1) for slot in [next(k for k, v in held.items() if v == u)]]
+    other = next(j for j in work.jobs if not j.kept)
+    assert other.unit == 2 and held[other.slot] == 4      # the slot whose unit runs last from here
+
+
+def test_a_switch_of_order_keeps_what_both_orders_share():
+    """A prefill after decode steps (hybrid.py): the large order's units that the small order's last step left
+    in the slots are not brought again; the CPU's blocks take the slots whose units run last."""
+    s = Schedule([0, 2, 4], slots=3, prefetch=2, large_order=[0, 1, 2, 3, 4])
+    pass_bringing(s, [0, 2, 4])
+    assert {e[0] for e in s.kept} == {0, 2, 4}
+    s.use(True)
+    # 0 and 2 found; 1 takes 4's slot (4 runs last), then each unit the slot the last one left
+    assert pass_bringing(s, [0, 1, 2, 3, 4]) == [1, 3, 4, 0, 1]
+
+
+def test_more_units_than_slots_are_brought_every_step_and_fewer_once():
+    """Keeping changes nothing in a steady stream of more units than slots (one slot is free at a time, as
+    in a ring); as many units as slots are brought once, then found there every step."""
+    s = Schedule([0, 1, 2, 3], slots=3, prefetch=2)
+    for _ in range(3):
+        pass_bringing(s, [0, 1, 2, 3])
+    assert sorted(pass_bringing(s, [0, 1, 2, 3])) == [0, 1, 2, 3]
+    s = Schedule([0, 1, 2], slots=3, prefetch=2)
+    assert sorted(pass_bringing(s, [0, 1, 2])) == [0, 1, 2]
+    assert pass_bringing(s, [0, 1, 2]) == pass_bringing(s, [0, 1, 2]) == []
+
+
+def test_nothing_is_found_that_was_forgotten_unusable_or_not_kept():
+    def restarted(s):
+        s.restart(wrap=True)
+        return [j.kept for j in s.begin_step().jobs]
+    s = Schedule([0, 1, 2], slots=3, prefetch=2)
+    pass_bringing(s, [0, 1, 2])
+    assert any(restarted(s))
+    s.forget()
+    assert not any(restarted(s)) and s.kept == [None] * 3
+    s.keep(0, 0, "a read that failed")
+    s.usable = lambda ready: ready != "a read that failed"
+    assert not any(restarted(s))
+    s = Schedule([0, 1, 2], slots=3, prefetch=2)
+    s.keeping = False       # where others write the slots too (routed experts)
+    pass_bringing(s, [0, 1, 2])
+    assert s.kept == [None] * 3 and not any(restarted(s))
+
+
+def test_units_read_through_staging_buffers_are_never_found_in_a_slot():
+    """On CUDA a disk unit's read is issued by position, ahead of its job: it is always brought."""
+    s = Schedule([0, 1, 2], slots=3, prefetch=2, staging=2, read_ahead=2, from_disk={1})
+    pass_bringing(s, [0, 1, 2])
+    s.restart(wrap=True)
+    jobs = {j.unit: j for j in s.begin_step().jobs}
+    assert jobs[0].kept and not jobs[1].kept and jobs[1].read is not None
+
+
+def test_every_unit_computes_from_its_own_bytes_through_restarts_switches_and_holds():
+    """Random passes, restarts, switches of order, holds and forgetting: no slot is given to two jobs at
+    once, and each unit computes from a slot holding its bytes (a mover's copies simulated)."""
+    rng = random.Random(11)
+    small, large = [0, 2, 4, 6], [0, 1, 2, 3, 4, 5, 6]
+    for slots in (2, 3, 5, 8):
+        s = Schedule(small, slots=slots, prefetch=slots - 1, large_order=large)
+        held = {}
+        for _ in range(60):
+            r = rng.random()
+            if r < 0.15:
+                s.restart(wrap=True)
+            elif r < 0.3:
+                s.use(rng.random() < 0.5)
+            elif r < 0.4:
+                s.hold(set(rng.sample(large, 2)))
+            elif r < 0.5:
+                s.unhold()
+            elif r < 0.55:      # a step cut short: the queue forgotten, and what the slots hold
+                s.reset()
+                s.forget()
+                held.clear()
+            run = list(s.order) if rng.random() < 0.8 else rng.sample(s.order, len(s.order))
+            pass_bringing(s, run, held)
+            busy = [j.slot for j in s.queue] + [j.slot for j in s.active.values()]
+            assert len(busy) == len(set(busy))
