@@ -562,18 +562,22 @@ class Engine:
                 and sched.queue[0].unit == sched.order[0]:
             return
         self._use_large(large)
-        work = Work(abandoned=sched.restart(wrap=True))
+        self._do(Work(abandoned=sched.restart(wrap=True)))
         self.graphs.primed = None       # its copies may overwrite a replay's first units: the next replay copies them
         if self.cuda:       # after whatever last read the slots (a replay's kernels, a step's tail)
             self.mover.begin_step()
             self.mover.after_graph()
+        st = self.stats
+        before = (st.bytes_from_cpu, st.bytes_from_disk)
         try:
-            work += sched.fill()
-            self._do(work)
+            self._do(sched.fill())
         except BaseException:       # (an interrupt) no job left queued whose bytes were never asked for
             self._do(Work(abandoned=sched.reset()))
             sched.forget()
             raise
+        finally:
+            st.primed_from_cpu += st.bytes_from_cpu - before[0]
+            st.primed_from_disk += st.bytes_from_disk - before[1]
 
     def _use_large(self, large: bool):
         """From this step on, stream the CPU's blocks too (``large``: a step with more tokens than the CPU

@@ -169,7 +169,16 @@ class OffloadedModel:
                               decode_spare=self.plan.reserved.get("activations", 0),
                               packed_room=self._packed_room() if on_cpu else 0)
         self._engine.install()
-        self._engine.prime()
+        self._prime()
+
+    def _prime(self):
+        """``Engine.prime``, which only saves the next step time: where it fails, a warning, and the next step
+        brings its units itself (an interrupt still interrupts)."""
+        try:
+            self._engine.prime()
+        except Exception as exc:    # noqa: BLE001 - nothing lost but the head start
+            warnings.warn(f"nb_offload: bringing the next prompt's first units into the staging slots failed "
+                          f"({in_one_line(exc)}); the next step brings them itself.", RuntimeWarning, stacklevel=3)
 
     def _packed_room(self) -> int | None:
         """Host memory the CPU blocks' reordered weights may take (cpu_products.py): what the plan reserved for
@@ -252,13 +261,13 @@ class OffloadedModel:
                     with self._holding_spare(args, kwargs, length), self._engine.graphs.generating():
                         out = self.model.generate(*args, **given)
                 self._engine.settle_routing(release=True)   # what they routed, counted; the lent room back
-                self._engine.prime()        # the next prompt's first units, brought while the user reads this
             except KeyboardInterrupt:   # the cache and temporaries of the generate cut short, freed
                 self._release_memory()
                 raise
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
-        self.stats.seconds += time.perf_counter() - t0
+            if self._device.type == "cuda":     # the generate's work, not the copies queued for the next prompt
+                torch.cuda.current_stream(self._device).synchronize()
+            self.stats.seconds += time.perf_counter() - t0
+            self._prime()       # the next prompt's first units, brought while the user reads this one's
         self.stats.sample_host()
         trim_heap()         # a generate's cache and temporaries, freed: back to the system
         seqs = out.sequences if hasattr(out, "sequences") else out

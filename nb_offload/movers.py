@@ -39,10 +39,9 @@ class CpuMover:
             return
         whole = nbytes is None and job.ranges is None
         nbytes = unit.nbytes if nbytes is None else nbytes
-        if source.flat is not None:
-            self.slots[job.slot][:nbytes].copy_(source.flat[:nbytes])
+        if source.flat is not None:     # on the reader's thread: a read into this slot may still be landing
+            job.ready = self.reader.copy_into(source.flat[:nbytes], self.slots[job.slot])
             self.stats.bytes_from_cpu += nbytes
-            job.ready = None
         else:
             self.stats.bytes_from_disk += nbytes
             job.ready = self.reader.read_into(unit.name, nbytes, source.extents, self.slots[job.slot])

@@ -103,6 +103,17 @@ class DiskReader:
         """Read a unit straight into ``flat`` (the CPU path: a slot in RAM); a future of its chunks."""
         return self._thread.submit(self._queue_chunks, name, nbytes, extents, flat, flat)
 
+    def copy_into(self, src, flat):
+        """Copy ``src`` (host memory) into ``flat`` on the reader thread, after the reads queued into it have
+        landed (the CPU path: a slot a read may still be landing in); a future, as ``read_into``'s."""
+        return self._thread.submit(self._copy_in, src, flat)
+
+    def _copy_in(self, src, flat):
+        futures_wait(self._landing.get(flat.data_ptr(), ()))
+        flat[:src.numel()].copy_(src)
+        self._landing[flat.data_ptr()] = []
+        return []
+
     def read_staged(self, name, nbytes, extents, staging_index) -> StagedRead:
         """Read a unit into staging buffer ``staging_index``, once the buffer's earlier uses are done."""
         st = self.staging[staging_index]

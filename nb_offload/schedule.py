@@ -160,7 +160,8 @@ class Schedule:
         n = len(self.order)
         if not n:
             return work
-        want = min(self.prefetch + (0 if self.active else 1), self.slots)
+        # never a unit queued twice where the order is shorter than the slots: its bytes are in a slot already
+        want = min(self.prefetch + (0 if self.active else 1), self.slots, n - len(self.active))
         while len(self.queue) < want:
             position = self.pos + len(self.queue)
             if not self.wrap and position >= n:
@@ -189,7 +190,9 @@ class Schedule:
         from here (none kept: the next in ring order, as before slots kept anything)."""
         busy = {j.slot for j in self.queue} | {j.slot for j in self.active.values()}
         ring = [(self.next_slot + k) % self.slots for k in range(self.slots)]
-        free = [s for s in ring if s not in busy] or ring[:1]
+        free = [s for s in ring if s not in busy]
+        if not free:        # more jobs than slots (no pass makes them): the ring's next, as it always was
+            return ring[0], None
         if self.keeping and not (self.staging and unit in self.from_disk):     # staged reads go by position
             for s in free:
                 entry = self.kept[s]

@@ -248,6 +248,8 @@ class Stats:
     cpu_packed_bytes: int = 0           # host memory the copies take
     kept_units: int = 0         # streamed units found in their slots, put there before the step (Schedule.kept)
     kept_bytes: int = 0         # and their bytes, neither copied nor read again
+    primed_from_cpu: int = 0    # of bytes_from_cpu, those brought for the next prompt after a generate (Engine.prime)
+    primed_from_disk: int = 0   # and of bytes_from_disk
     resets: int = 0                     # times ``reset`` was called
     load_seconds: float = 0.0   # nb_offload.load, from the call to the model ready
     load_bytes: int = 0         # the weights it placed
@@ -266,7 +268,7 @@ class Stats:
         self.seconds = self.capture_seconds = self.route_wait_seconds = self.cpu_expert_seconds = 0.0
         self.cpu_block_seconds = self.cpu_decode_seconds = 0.0
         self.cpu_block_calls = self.cpu_block_bytes = self.cpu_decode_calls = self.cpu_decode_bytes = 0
-        self.kept_units = self.kept_bytes = 0
+        self.kept_units = self.kept_bytes = self.primed_from_cpu = self.primed_from_disk = 0
         self.resets += 1
         self.host_peak = self.host_now
 
@@ -314,6 +316,7 @@ class Stats:
                 "cpu_decode_seconds": self.cpu_decode_seconds, "cpu_packed_linears": self.cpu_packed_linears,
                 "cpu_plain_linears": self.cpu_plain_linears, "cpu_packed_bytes": self.cpu_packed_bytes,
                 "kept_units": self.kept_units, "kept_bytes": self.kept_bytes,
+                "primed_from_cpu": self.primed_from_cpu, "primed_from_disk": self.primed_from_disk,
                 "host_now": self.host_now, "host_peak": self.host_peak,
                 "host_budget": self.host_budget, "load_seconds": self.load_seconds, "load_bytes": self.load_bytes}
 
@@ -324,13 +327,24 @@ class Stats:
         since ``before`` (an ``as_dict()`` taken before it), the units it kept resident for its
         duration and, given the link's rate, the share of it used."""
         from .budget import format_size
-        moved = {"host memory": self.bytes_from_cpu - before["bytes_from_cpu"],
-                 "disk": self.bytes_from_disk - before["bytes_from_disk"]}
+        # what its steps brought: the units brought for the next prompt at its end are that prompt's
+        primed = (self.primed_from_cpu - before.get("primed_from_cpu", 0)
+                  + self.primed_from_disk - before.get("primed_from_disk", 0))
+        moved = {"host memory": self.bytes_from_cpu - before["bytes_from_cpu"]
+                 - (self.primed_from_cpu - before.get("primed_from_cpu", 0)),
+                 "disk": self.bytes_from_disk - before["bytes_from_disk"]
+                 - (self.primed_from_disk - before.get("primed_from_disk", 0))}
         text = f"{tokens} tokens in {seconds:.2f} s, {tokens / seconds if seconds else 0:.2f} tok/s"
         if asked is not None and tokens < asked:
             text += f" (stopped at the end-of-sequence token, {asked} allowed)"
         streamed = [f"{format_size(n)} from {where}" for where, n in moved.items() if n]
         text += " · streamed " + ", ".join(streamed) if streamed else " · nothing streamed"
+        kept = self.kept_units - before.get("kept_units", 0)
+        if kept:
+            text += (f" ({kept} streamed units found in their staging slots, "
+                     f"{format_size(self.kept_bytes - before.get('kept_bytes', 0))} not brought again)")
+        if primed:
+            text += f" · {format_size(primed)} brought into the staging slots for the next prompt"
         if self.held_last:
             text += (f" · {self.held_last} off-{held_on} unit(s) kept on the {held_on} for this generate, in room "
                      "its short length left free")

@@ -535,7 +535,13 @@ def test_after_a_generate_the_slots_hold_the_next_prompt_s_first_units_the_cpu_s
         assert large != eng.schedule.orders[False]
         ids = torch.tensor([list(range(1, 9))])
         for _ in range(2):
+            before = llm.stats.as_dict()
             assert torch.equal(llm.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False), want)
+            primed = llm.stats.primed_from_cpu + llm.stats.primed_from_disk - before["primed_from_cpu"] - \
+                before["primed_from_disk"]
+            assert primed > 0
+            line = llm.stats.run_summary(before, 4, 1.0)
+            assert "brought into the staging slots for the next prompt" in line, line
             assert eng.large and eng.order == large
             queued = [job.unit for job in eng.schedule.queue]
             assert queued == large[:len(queued)] and len(queued) == len(eng.slots)

@@ -69,6 +69,42 @@ def test_the_first_units_brought_at_load_and_after_a_generate_are_not_brought_ag
     llm.unload()
 
 
+def test_units_the_slots_all_hold_are_read_once_and_the_summary_says_so(model_dirs, tmp_path):
+    """Two blocks on disk and three staging slots: read at load, then found in their slots every step (no unit
+    is queued twice). A generate's summary says what it found there."""
+    folder = model_dirs("llama")
+    want, _ = run_offloaded(nb_offload.load(folder, device="cpu", progress=False), max_new_tokens=6)
+    llm = nb_offload.load(folder, device="cpu", disk=tmp_path, pins={"model.layers.2-3": "disk"}, progress=False)
+    units = {u.index: u.nbytes for u in llm._engine.units}
+    on_disk = sum(units[i] for i in llm._engine.order)
+    assert len(llm._engine.order) == 2 and len(llm._engine.slots) == 3
+    assert llm.stats.bytes_from_disk == on_disk
+    before = llm.stats.as_dict()
+    assert torch.equal(llm.generate(torch.tensor(PROMPT), max_new_tokens=6, min_new_tokens=6, do_sample=False), want)
+    assert llm.stats.bytes_from_disk == on_disk and llm.stats.kept_units == 2 * 6 - 2    # the load's were queued
+    line = llm.stats.run_summary(before, 6, 1.0)
+    assert "nothing streamed (10 streamed units found in their staging slots" in line, line
+    llm.unload()
+
+
+def test_a_failure_bringing_the_next_prompt_s_units_warns_and_keeps_the_output(model_dirs, tmp_path, monkeypatch):
+    folder = model_dirs("llama")
+    want, _ = run_offloaded(nb_offload.load(folder, device="cpu", progress=False), max_new_tokens=4)
+    llm = nb_offload.load(folder, device="cpu", disk=tmp_path, pins={"model.layers.*": "disk"}, progress=False)
+
+    def failing():
+        raise RuntimeError("no room")
+    monkeypatch.setattr(llm._engine, "prime", failing)
+    failed = r"first units into the staging slots failed \(RuntimeError: no room\); the next step brings"
+    with pytest.warns(RuntimeWarning, match=failed):
+        got = llm.generate(torch.tensor(PROMPT), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert torch.equal(got, want)
+    monkeypatch.undo()
+    assert torch.equal(llm.generate(torch.tensor(PROMPT), max_new_tokens=4, min_new_tokens=4, do_sample=False),
+                       want)
+    llm.unload()
+
+
 def test_a_slot_whose_read_failed_is_read_again(model_dirs, tmp_path, monkeypatch):
     """A read that failed leaves nothing a later step takes for the unit's bytes: they are read again."""
     from nb_offload import reader
