@@ -43,16 +43,16 @@ that don't live where the compute runs are brought there just before they are ne
 This notebook uses the small model that ships with nb_offload: a 4-layer Llama that learned one page of
 sentences. It runs on any machine; on a CPU-only machine the CPU computes and the disk tier streams."""),
         ("code", "%load_ext nb_offload\n" + SETUP),
-        ("md", """Load it with two of its four blocks on the disk. `%offload_load` plans where each block goes, reads
-the checkpoint once into each tier, and binds the model to a variable (`llm`)."""),
-        ("code", "%offload_load $MODEL --cpu 1GiB --disk $OFFLOAD --pin model.layers.2-3=disk --as llm"),
+        ("md", """Load it with its four blocks on the disk. `%offload_load` plans where each block goes, reads the
+checkpoint once into each tier, and binds the model to a variable (`llm`)."""),
+        ("code", "%offload_load $MODEL --cpu 1GiB --disk $OFFLOAD --pin model.layers.*=disk --as llm"),
         ("code", f"{CHECK}\nfor entry in llm.plan:\n"
                  "    print(f\"{entry.name:<20} {entry.tier:<5} {entry.fmt}\")"),
         ("md", """Generate. The text streams into the cell; the last line says how many tokens came, how fast, and
 what was brought in from each tier. `--as answer` keeps the text."""),
         ("code", "%%generate --max-new-tokens 40 --as answer\nThe old baker"),
         ("code", f"{CHECK}\nprint(\"The old baker\" + answer)"),
-        ("md", """The model wrote a sentence it learned, reading half of its blocks from the disk at every step. The
+        ("md", """The model wrote a sentence it learned, reading its blocks from the disk at every step. The
 tokens are exactly those plain transformers gives with the whole model in memory: where a block lives
 changes the speed, never the result."""),
         ("code", "llm.stats"),
@@ -122,9 +122,11 @@ The trace records every disk read, every host-to-GPU copy and the compute of eve
 Laid out in time, one lane each, it shows what a step waits for."""),
         ("code", SETUP + """
 # hold_spare=False: every step streams the same blocks (by default a short generate keeps some of them
-# in the memory its length leaves free, which makes a first timeline harder to read)
+# in the memory its length leaves free, which makes a first timeline harder to read). prefetch=1: two
+# staging slots for the three disk blocks, so every step reads them (blocks the slots all hold are read
+# once, then found there)
 llm = nb_offload.load(MODEL, device="cpu", disk=OFFLOAD, pins={"model.layers.1-3": "disk"}, hold_spare=False,
-                      progress=False)
+                      prefetch=1, progress=False)
 prompt = llm.tokenizer("A notebook is", return_tensors="pt")
 out = llm.generate(**prompt, max_new_tokens=40, do_sample=False)
 print(llm.tokenizer.decode(out[0], skip_special_tokens=True))"""),
@@ -204,7 +206,7 @@ print("correct" if round(ratio, 1) == answer else "not yet: compare the two plan
 A block on the disk is read from the checkpoint's own files when its bytes are already what the model
 needs. When they are not, because you asked for another dtype (or for quantization), nb_offload writes
 the converted block once into an **offload cache** in the folder you give as `disk=`, and reads it from
-there on every step and on later loads.
+there whenever the block streams, on this load and later ones.
 
 The small model is saved in float32; loading it as bfloat16 puts its disk blocks in the cache."""),
         ("code", SETUP + """

@@ -14,7 +14,10 @@ CELLS = [
     # 0: load and generate; the expected layer map for the browser to compare against.
     """import json, time
 import torch, nb_offload
-llm = nb_offload.load("tiny-llama", device="cpu", disk="offload", pins={"model.layers.2-3": "disk"}, progress=False)
+# two blocks on disk, streamed a submodule at a time: more pieces than the three staging slots, so every step
+# reads (units the slots all hold are read once)
+llm = nb_offload.load("tiny-llama", device="cpu", disk="offload", pins={"model.layers.2-3": "disk"},
+                      split_blocks=True, progress=False)
 ids = torch.tensor([[5, 17, 42, 7, 99, 3, 64, 12]])
 llm.generate(ids, max_new_tokens=8, do_sample=False)
 print("EXPECTED " + json.dumps({"tiers": [e.tier for e in llm.plan], "events": len(llm.trace)}))""",
