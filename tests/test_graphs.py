@@ -212,6 +212,76 @@ def test_a_replay_waits_per_unit_only_where_the_check_holds_and_no_copy_came_aft
     assert log == [("compute", "waits for stream", "copy")]
 
 
+def test_the_cuda_mover_keeps_a_slot_s_unit_only_for_its_whole_eager_copies():
+    """``CudaMover.pump`` tells the schedule a slot holds a unit once it has issued a whole copy of it from host
+    memory (the compute of a job that finds it there waits for that copy's event); a part of a unit, a disk
+    unit's staged copy, or a copy inside a capture (it lands at the replays) leaves nothing kept. ``prefetch``
+    keeps each unit it copies, with its slot's arrival event. (Streams and events stand in for CUDA's.)"""
+    import contextlib
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from nb_offload.movers import CudaMover
+    from nb_offload.schedule import Schedule
+
+    class Event:
+        def __init__(self, **kw):
+            self.recorded = []
+
+        def record(self, stream):
+            self.recorded.append(stream.name)
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_event(self, ev):
+            pass
+
+        def wait_stream(self, other):
+            pass
+    m = object.__new__(CudaMover)
+    m.torch = SimpleNamespace(cuda=SimpleNamespace(stream=lambda s: contextlib.nullcontext(), Event=Event))
+    m.copy_stream, m.compute_stream = Stream("copy"), Stream("compute")
+    m.units = [SimpleNamespace(name=f"u{i}", nbytes=8) for i in range(4)]
+    m.sources = {i: SimpleNamespace(flat=torch.full((8,), i, dtype=torch.uint8)) for i in range(4)}
+    m.slots = [torch.zeros(8, dtype=torch.uint8) for _ in range(3)]
+    m.slot_free, m.arrived = [Event() for _ in range(3)], [Event() for _ in range(3)]
+    m.trace = SimpleNamespace(enabled=False)
+    m.stats = SimpleNamespace(bytes_from_cpu=0, bytes_from_disk=0)
+    m.in_capture, m.prefetched_after = False, None
+    m.schedule = Schedule([0, 1, 2, 3], slots=3, prefetch=2)
+    kept = m.schedule.kept
+
+    def job(unit, slot, **kw):
+        return SimpleNamespace(unit=unit, slot=slot, copied=False, ready=None, read=None, ranges=None, rest=None, **kw)
+    whole = job(0, 0)
+    m.pump([whole])
+    assert torch.equal(m.slots[0], m.sources[0].flat) and kept[0] == (0, whole.ready) and whole.copied
+    part = job(1, 1)
+    part.ranges = [(0, 4)]
+    m.pump([part])
+    assert kept[1] is None
+    landed = Future()
+    landed.set_result([])
+    staging = SimpleNamespace(finish=lambda done: None)
+    read = SimpleNamespace(io=SimpleNamespace(future=landed, landing=lambda n: m.sources[2].flat, staging=staging))
+    m.schedule.reads.append(read)
+    staged = job(2, 2)
+    staged.read = read
+    m.schedule.kept[2] = (3, "an older copy")
+    m.pump([staged])
+    assert kept[2] is None and m.stats.bytes_from_disk == 8
+    m.in_capture = True
+    m._captured = SimpleNamespace(keep=[])
+    m.pump([job(3, 0)])
+    assert kept[0] == (0, whole.ready)          # a capture's copy lands at its replays, which forget the slots
+    m.in_capture = False
+    m.prefetch([(3, 1)], None)
+    assert kept[1] == (3, m.arrived[1]) and m.arrived[1].recorded == ["copy"]
+    assert torch.equal(m.slots[1], m.sources[3].flat)
+
+
 def test_graphs_are_kept_by_last_replay_and_keyed_by_where_the_caches_layers_are(monkeypatch):
     """DecodeGraphs.step with the engine stood in: a shape's first step runs eager, its second is captured,
     later ones replay; past KEEP graphs the least recently replayed goes (not the oldest captured); and a step
@@ -269,7 +339,7 @@ def test_a_replay_waits_only_for_its_own_graphs_stamps_before_it_overwrites_them
     e = object.__new__(Engine)
     e.trace = SimpleNamespace(flush=lambda **kw: flushes.append(kw), enabled=False, step=0)
     e._use_large = e._do = lambda *a: None
-    e.schedule = SimpleNamespace(restart=lambda wrap: [], forget=lambda: None)
+    e.schedule = SimpleNamespace(restart=lambda wrap: [], forget=lambda: flushes.append("slots forgotten"))
     e.mover = SimpleNamespace(begin_step=lambda: None, prefetch=lambda *a: None, before_graph=lambda: None,
                               after_graph=lambda: None)
     e.graphs, e.block_handoff = SimpleNamespace(primed=None), None
@@ -277,7 +347,8 @@ def test_a_replay_waits_only_for_its_own_graphs_stamps_before_it_overwrites_them
     captured = SimpleNamespace(records=["its stamps"], large=False, ahead=[], last_use={}, program=[], nbytes=0,
                                graph=SimpleNamespace(replay=lambda: flushes.append("replayed")))
     e.replay(captured)
-    assert flushes == [{"wait_for": ["its stamps"]}, "replayed"]
+    # the slots' kept units forgotten before the graph's copies overwrite them
+    assert flushes == [{"wait_for": ["its stamps"]}, "slots forgotten", "replayed"]
     t = Trace()
     t._origin_event, t._origin_time = SimpleNamespace(elapsed_time=lambda ev: ev.at), 0.0
     waited = []
