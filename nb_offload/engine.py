@@ -978,14 +978,17 @@ class Engine:
         self._use_large(False)      # ``sources``: the streamed units alone
         # once each: a unit that runs twice a pass (tied embedding and lm_head) is in the order twice
         indices = list(dict.fromkeys(i for i in indices if i in self.sources))
-        disk = [i for i in indices if self.sources[i].flat is None]
+        # a unit a staging slot holds is copied from there (on the device, and no drive read); the drain above
+        # waited for what brought it
+        in_slots = {i: self._kept_slot(i) for i in indices}
+        disk = [i for i in indices if self.sources[i].flat is None and in_slots[i] is None]
         inflight = deque()
         try:
             for idx in blocks:
                 self._hold_cpu_block(idx)
             for idx in indices:
                 if idx not in disk:
-                    self._bind_held(idx, self._held_copy(idx, self.sources[idx].flat))
+                    self._bind_held(idx, self._held_copy(idx, self.sources[idx].flat, in_slots[idx]))
             # Disk units: reads queued several ahead (on CUDA into the idle staging buffers, then
             # one copy each), so the drive stays busy while each lands and is copied.
             landings = [st.flat for st in self.reader.staging] if self.cuda else None
@@ -1034,15 +1037,31 @@ class Engine:
         """The engine units the held ones take out of the stream (a CPU block's pieces with it)."""
         return {k for idx in self.held for k in (idx, *self.pieces_of.get(idx, ()))}
 
-    def _held_copy(self, idx, flat):
-        """Unit ``idx``'s bytes, in host memory at ``flat``, copied into a buffer of its own on the device."""
+    def _held_copy(self, idx, flat, slot=None):
+        """Unit ``idx``'s bytes, in host memory at ``flat`` or in staging ``slot`` (a slot's memory holding
+        them, ``_kept_slot``), copied into a buffer of its own on the device."""
         unit = self.units[idx]
         buf = self.torch.empty(unit.nbytes, dtype=self.torch.uint8, device=self.device)
         t0 = time.perf_counter()
+        if slot is not None:
+            buf.copy_(slot[:unit.nbytes])
+            if self.cuda:       # done before any copy into the slot, which waits only for the slot's compute
+                self.torch.cuda.current_stream(self.device).synchronize()
+            self.stats.kept_units += 1
+            self.stats.kept_bytes += unit.nbytes
+            return buf
         buf.copy_(flat[:unit.nbytes])
         self.stats.bytes_from_cpu += unit.nbytes
         self.trace.host_event("copy", unit.name + " (held)", t0, time.perf_counter(), unit.nbytes)
         return buf
+
+    def _kept_slot(self, idx):
+        """The memory of the staging slot holding unit ``idx``'s bytes whole (Schedule.kept), or None; only once
+        what brought them has landed (after a drain)."""
+        for slot, entry in enumerate(self.schedule.kept):
+            if entry is not None and entry[0] == idx and self.schedule.usable(entry[1]):
+                return self.mover.slots[slot]
+        return None
 
     def _hold_cpu_block(self, idx):
         """A CPU block computed on the GPU from a copy there, small steps too, until ``release_held``; its

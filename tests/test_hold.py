@@ -35,6 +35,29 @@ def test_held_units_give_identical_tokens_and_stream_fewer_bytes(arch, model_dir
     assert moved[True] < moved[False]
 
 
+def test_a_unit_held_from_a_staging_slot_that_holds_it_is_not_read_again(model_dirs, tmp_path):
+    """Units the slots hold (the load brought the first ones: Engine.prime) are held from there, with no drive
+    read; the others are read. Tokens stay plain transformers'."""
+    folder = model_dirs("llama")
+    want, _ = reference(folder)
+    llm = load_tight(folder, tmp_path / "offload", hold_spare=False)
+    try:
+        eng = llm._engine
+        in_slots = [e[0] for e in eng.schedule.kept if e is not None]
+        other = next(i for i in eng.order if i not in in_slots)
+        assert in_slots
+        read, kept = llm.stats.bytes_from_disk, llm.stats.kept_units
+        eng.hold([in_slots[0], other])
+        assert llm.stats.bytes_from_disk - read == eng.units[other].nbytes      # the other one only
+        assert llm.stats.kept_units - kept == 1
+        assert set(eng.held) == {in_slots[0], other}
+        assert torch.equal(greedy(llm), want)
+        eng.release_held()
+        assert torch.equal(greedy(llm), want)
+    finally:
+        llm.unload()
+
+
 def test_units_are_held_while_the_generate_runs(model_dirs, tmp_path):
     folder = model_dirs("llama")
     llm = load_tight(folder, tmp_path / "offload")

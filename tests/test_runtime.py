@@ -59,11 +59,14 @@ def test_the_first_units_brought_at_load_and_after_a_generate_are_not_brought_ag
     # read into the slots of those before (one slot is free at a time)
     assert llm.stats.bytes_from_disk - read == units[eng.order[3]].nbytes + sum(units[i].nbytes for i in first[:2])
     assert llm.stats.kept_units == 0
+    read = llm.stats.bytes_from_disk
     eng.hold([eng.order[3]])        # each restarts the queue: the next step finds the first two in their slots
+    assert llm.stats.bytes_from_disk == read and llm.stats.kept_units == 1    # held from its slot, not read
     eng.release_held()
-    before = llm.stats.bytes_from_disk
+    before, kept, kept_bytes = llm.stats.bytes_from_disk, llm.stats.kept_units, llm.stats.kept_bytes
     assert torch.equal(llm.generate(ids, max_new_tokens=1, do_sample=False)[:, :9], want[:, :9])
-    assert llm.stats.kept_units == 2 and llm.stats.kept_bytes == sum(units[i].nbytes for i in first[:2])
+    assert llm.stats.kept_units - kept == 2
+    assert llm.stats.kept_bytes - kept_bytes == sum(units[i].nbytes for i in first[:2])
     assert llm.stats.bytes_from_disk - before == sum(units[i].nbytes for i in eng.order[2:]) + \
         sum(units[i].nbytes for i in first[:2])
     assert torch.equal(llm.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False), want)
