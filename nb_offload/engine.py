@@ -1056,12 +1056,10 @@ class Engine:
         return buf
 
     def _kept_slot(self, idx):
-        """The memory of the staging slot holding unit ``idx``'s bytes whole (Schedule.kept), or None; only once
+        """The memory of the staging slot holding unit ``idx``'s bytes whole (Schedule.holder), or None; only once
         what brought them has landed (after a drain)."""
-        for slot, entry in enumerate(self.schedule.kept):
-            if entry is not None and entry[0] == idx and self.schedule.usable(entry[1]):
-                return self.mover.slots[slot]
-        return None
+        slot = self.schedule.holder(idx)
+        return None if slot is None else self.mover.slots[slot]
 
     def _hold_cpu_block(self, idx):
         """A CPU block computed on the GPU from a copy there, small steps too, until ``release_held``; its

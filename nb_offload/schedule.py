@@ -194,10 +194,9 @@ class Schedule:
         if not free:        # more jobs than slots (no pass makes them): the ring's next, as it always was
             return ring[0], None
         if self.keeping and not (self.staging and unit in self.from_disk):     # staged reads go by position
-            for s in free:
-                entry = self.kept[s]
-                if entry is not None and entry[0] == unit and self.usable(entry[1]):
-                    return s, entry
+            s = self.holder(unit, free)
+            if s is not None:
+                return s, self.kept[s]
         if len(free) > 1 and any(self.kept[s] is not None for s in free):
             free.sort(key=lambda s: -self._needed_after(self.kept[s], position))    # stable: ring order in ties
         return free[0], None
@@ -217,6 +216,14 @@ class Schedule:
         return min((i - position) % n for i in at) if at else math.inf
 
     # -- what the slots hold -------------------------------------------------------------------------
+    def holder(self, unit: int, among=None) -> int | None:
+        """The first slot of ``among`` (every slot, where None) that holds ``unit``'s bytes whole, usable; else None."""
+        for s in range(self.slots) if among is None else among:
+            entry = self.kept[s]
+            if entry is not None and entry[0] == unit and self.usable(entry[1]):
+                return s
+        return None
+
     def keep(self, slot: int, unit: int, ready=None):
         """``slot`` holds ``unit``'s bytes whole once ``ready`` (the mover's event or future) is."""
         if self.keeping:
