@@ -328,12 +328,10 @@ class Stats:
         duration and, given the link's rate, the share of it used."""
         from .budget import format_size
         # what its steps brought: the units brought for the next prompt at its end are that prompt's
-        primed = (self.primed_from_cpu - before.get("primed_from_cpu", 0)
-                  + self.primed_from_disk - before.get("primed_from_disk", 0))
-        moved = {"host memory": self.bytes_from_cpu - before["bytes_from_cpu"]
-                 - (self.primed_from_cpu - before.get("primed_from_cpu", 0)),
-                 "disk": self.bytes_from_disk - before["bytes_from_disk"]
-                 - (self.primed_from_disk - before.get("primed_from_disk", 0))}
+        primed = {"host memory": self.primed_from_cpu - before.get("primed_from_cpu", 0),
+                  "disk": self.primed_from_disk - before.get("primed_from_disk", 0)}
+        moved = {"host memory": self.bytes_from_cpu - before["bytes_from_cpu"] - primed["host memory"],
+                 "disk": self.bytes_from_disk - before["bytes_from_disk"] - primed["disk"]}
         text = f"{tokens} tokens in {seconds:.2f} s, {tokens / seconds if seconds else 0:.2f} tok/s"
         if asked is not None and tokens < asked:
             text += f" (stopped at the end-of-sequence token, {asked} allowed)"
@@ -343,8 +341,8 @@ class Stats:
         if kept:
             text += (f" ({kept} streamed units found in their staging slots, "
                      f"{format_size(self.kept_bytes - before.get('kept_bytes', 0))} not brought again)")
-        if primed:
-            text += f" · {format_size(primed)} brought into the staging slots for the next prompt"
+        if sum(primed.values()):
+            text += f" · {format_size(sum(primed.values()))} brought into the staging slots for the next prompt"
         if self.held_last:
             text += (f" · {self.held_last} off-{held_on} unit(s) kept on the {held_on} for this generate, in room "
                      "its short length left free")
