@@ -11,7 +11,7 @@ about their bytes over C + L when the split is right and the link never waits, r
   block runs while copies are in flight. The share, and how far ahead the link copies (the loader's
   ``_deeper``), are those whose step ``step_seconds`` models shortest: the link copies during a CPU block
   only as far as the staging slots let it (in a captured step, the same slots every step). C is measured at
-  load on a block's products in the model's dtype, beside the link's copies on CUDA (``cpu_rate``,
+  load on a block's products in the model's dtype, beside the link's copies on CUDA (``rates_by_tokens``,
   ``BusyLink``), L on the link (``budget.link_gbps``). C as measured at load varies more than decode's does,
   so once the blocks have computed decode steps, the spare room's choice models the step at the rate they
   reached, and a load whose rate was more than RECALIBRATE_OVER off plans again at it (model.py).
@@ -82,25 +82,6 @@ MEASURED_COPIES = 3
 RECALIBRATE_OVER = 0.15
 
 
-def cpu_rate(torch, dtype, shapes, threads: int, tokens: int = 1, repeats: int = 5, beside=None) -> float:
-    """Bytes a second the CPU reads a block's weights at, as a CPU block computes them: the products of
-    ``tokens`` rows with weights of ``shapes`` ([rows, cols] each, a block's, in run order, up to
-    MEASURED_BYTES) in ``dtype``, one after another, with torch's threads set to ``threads`` for the pass and
-    restored after it (as ``CpuBlock`` does). The median of ``repeats`` passes, after two to warm up; the
-    passes take MEASURED_COPIES copies of the weights in turn, so each reads weights the cache has let go.
-
-    A block's products read slower than its widest one alone (on the H200 host, 12 threads: 52 against
-    82 GB/s; benchmarks/bench_cpu_block.py), and a single timing of a cold thread pool read far lower
-    still, so it is the block's shapes, warmed up, and a median.
-
-    ``beside`` (a ``BusyLink``): the link copies during each pass, as it does while a hybrid step's CPU
-    block computes. Both read host memory: on the H200 host a block read 51 GB/s alone and 41 beside the
-    copies (bench_cpu_block.py), and the rate while decoding was the lower one. The weights are then
-    page-locked, as a CUDA plan's CPU blocks are: on one machine start of the H200 host the rate measured on
-    pageable weights was 30 % above the one the blocks reached while decoding (benchmarks/RESULTS.md)."""
-    return rates_by_tokens(torch, dtype, shapes, threads, (tokens,), repeats, beside)[tokens]
-
-
 class BusyLink:
     """Host-to-GPU copies from page-locked memory queued on a stream of their own, ``start`` before a timed
     pass and ``stop`` (waiting for them) after it: enough to keep the link busy for ``seconds`` at the
@@ -143,11 +124,27 @@ REORDERED = "reordered"
 
 def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: int, beside=None,
                     packed: bool = False) -> dict:
-    """``cpu_rate`` at each of ``token_counts`` (tokens -> bytes a second), on one set of weights (in its
-    MEASURED_COPIES copies), through F.linear; ``beside`` as there. With ``packed``, also one token's products
-    (under the key REORDERED) from reordered copies of the weights of the shapes that ``cpu_products.matches``
-    (F.linear's for the others), as a CPU block's with ``pack_cpu_weights``: where no shape matches, none.
-    (Both ways over the same shapes, the first MEASURED_BYTES of a block's: for a 70B block, q/k/v/o only.)"""
+    """Bytes a second the CPU reads a block's weights at, as a CPU block computes them, at each of
+    ``token_counts`` (tokens -> bytes a second): the products of that many rows with weights of ``shapes``
+    ([rows, cols] each, a block's, in run order, up to MEASURED_BYTES) in ``dtype``, through F.linear, one after
+    another, with torch's threads set to ``threads`` for the pass and restored after it (as ``CpuBlock`` does).
+    The median of ``repeats`` passes, after two to warm up; the passes take MEASURED_COPIES copies of the
+    weights in turn, so each reads weights the cache has let go.
+
+    A block's products read slower than its widest one alone (on the H200 host, 12 threads: 52 against
+    82 GB/s; benchmarks/bench_cpu_block.py), and a single timing of a cold thread pool read far lower
+    still, so it is the block's shapes, warmed up, and a median.
+
+    ``beside`` (a ``BusyLink``): the link copies during each pass, as it does while a hybrid step's CPU
+    block computes. Both read host memory: on the H200 host a block read 51 GB/s alone and 41 beside the
+    copies (bench_cpu_block.py), and the rate while decoding was the lower one. The weights are then
+    page-locked, as a CUDA plan's CPU blocks are: on one machine start of the H200 host the rate measured on
+    pageable weights was 30 % above the one the blocks reached while decoding (benchmarks/RESULTS.md).
+
+    With ``packed``, also one token's products (under the key REORDERED) from reordered copies of the weights
+    of the shapes that ``cpu_products.matches`` (F.linear's for the others), as a CPU block's with
+    ``pack_cpu_weights``: where no shape matches, none. (Both ways over the same shapes, the first
+    MEASURED_BYTES of a block's: for a 70B block, q/k/v/o only.) The ways' passes take turns."""
     from . import cpu_products
     from .tiers import alloc_host, lock_host, release_host
     kept, total = [], 0
@@ -323,7 +320,7 @@ TRIED_TOKENS = (1, 4, 16, 64)
 
 def cpu_max_tokens(torch, dtype, shapes, threads: int, link_gbps: float) -> int:
     """The most tokens a step may have for the CPU to compute a block faster than the link brings it to the
-    GPU: the largest of TRIED_TOKENS at whose ``cpu_rate`` over the block's ``shapes`` the CPU is no slower
+    GPU: the largest of TRIED_TOKENS at whose ``rates_by_tokens`` rate over the block's ``shapes`` the CPU is no slower
     than the link (measured; at least 1). Larger steps, prefills, bring CPU blocks to the GPU."""
     rates = rates_by_tokens(torch, dtype, shapes, threads, TRIED_TOKENS, repeats=3)
     return max((tokens for tokens, rate in rates.items() if rate >= link_gbps * 1e9), default=1)

@@ -211,7 +211,7 @@ def test_the_compute_option_is_checked(model_dirs):
 
 
 def test_the_cpu_rate_is_measured_with_the_threads_asked(model_dirs):
-    rate = hybrid.cpu_rate(torch, torch.bfloat16, [(256, 128), (128, 256)], threads=1)
+    rate = hybrid.rates_by_tokens(torch, torch.bfloat16, [(256, 128), (128, 256)], 1, (1,), 5)[1]
     assert rate > 0
     before = torch.get_num_threads()
     seen = []
@@ -219,7 +219,7 @@ def test_the_cpu_rate_is_measured_with_the_threads_asked(model_dirs):
     try:
         torch.nn.functional.linear = lambda x, w: seen.append((torch.get_num_threads(), tuple(w.shape),
                                                                w.data_ptr())) or real(x, w)
-        hybrid.cpu_rate(torch, torch.float32, [(64, 32), (32, 64)], threads=1, repeats=4)
+        hybrid.rates_by_tokens(torch, torch.float32, [(64, 32), (32, 64)], 1, (1,), repeats=4)
     finally:
         torch.nn.functional.linear = real
     # the block's products in turn, two passes to warm up, then the timed ones
@@ -235,7 +235,7 @@ def test_the_cpu_rate_is_measured_with_the_threads_asked(model_dirs):
                                  "stop": lambda self: events.append("stop")})()
     try:
         torch.nn.functional.linear = lambda x, w: events.append("product") or real(x, w)
-        hybrid.cpu_rate(torch, torch.float32, [(64, 32), (32, 64)], threads=1, repeats=1, beside=beside)
+        hybrid.rates_by_tokens(torch, torch.float32, [(64, 32), (32, 64)], 1, (1,), repeats=1, beside=beside)
     finally:
         torch.nn.functional.linear = real
     assert events == ["start", "product", "product", "stop"] * 3
