@@ -58,6 +58,8 @@ def main():
     ap.add_argument("--plain-products", action="store_true", help="also a hybrid load with pack_cpu_weights=False "
                     "(variant hybrid_flinear): its CPU blocks multiply by F.linear, whatever the load measured "
                     "faster")
+    ap.add_argument("--small-pages", action="store_true", help="also a hybrid load whose host memory is in 4 KiB "
+                    "pages (tiers.HUGE_PAGES off; variant hybrid_4k)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
@@ -65,7 +67,7 @@ def main():
     from transformers import AutoModelForCausalLM
 
     import nb_offload
-    from nb_offload import cpu_experts, hybrid
+    from nb_offload import cpu_experts, hybrid, tiers
     from nb_offload.cpu_experts import host_threads
     if args.cores_left is not None:
         cpu_experts.CORES_LEFT = args.cores_left
@@ -115,6 +117,13 @@ def main():
             if args.plain_products:
                 llms["hybrid_flinear"] = nb_offload.load(args.folder, gpu=budget, cpu="100GiB", compute="hybrid",
                                                          pack_cpu_weights=False, progress=False)
+            if args.small_pages:
+                tiers.HUGE_PAGES = False
+                try:
+                    llms["hybrid_4k"] = nb_offload.load(args.folder, gpu=budget, cpu="100GiB", compute="hybrid",
+                                                        progress=False)
+                finally:
+                    tiers.HUGE_PAGES = True
             if args.auto:
                 llms["hybrid_auto"] = nb_offload.load(args.folder, gpu=budget, cpu="100GiB", compute="auto",
                                                       progress=False)

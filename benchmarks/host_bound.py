@@ -22,18 +22,32 @@ from bench_offload import row_recorder
 CHUNK = 64 << 20
 
 
-def filled(nbytes: int, fill):
+def filled(nbytes: int, fill, huge_pages: bool = True):
     """A page-locked flat buffer of ``nbytes``, ``fill``ed before it is locked (cheaper than faulting locked
-    pages in), or pageable where there is no GPU."""
+    pages in), or pageable where there is no GPU; ``huge_pages=False``: without tiers.HUGE_PAGES' advice."""
     import torch
 
+    from nb_offload import tiers
     from nb_offload.tiers import alloc_host, lock_host
     pinned = torch.cuda.is_available()
-    flat = alloc_host(nbytes, pinned=pinned, lock=False)
+    tiers.HUGE_PAGES, was = huge_pages, tiers.HUGE_PAGES
+    try:
+        flat = alloc_host(nbytes, pinned=pinned, lock=False)
+    finally:
+        tiers.HUGE_PAGES = was
     view = fill(flat)
     if pinned:
         lock_host(flat)
     return view
+
+
+def first_line(path: str, every: bool = False) -> str:
+    """The first line of a file (all of it with ``every``), or "unknown" where it can't be read."""
+    try:
+        with open(path) as f:
+            return f.read() if every else f.readline().strip()
+    except OSError:
+        return "unknown"
 
 
 class Link:
@@ -128,18 +142,28 @@ def main():
     shapes = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
     # each block's matrices one after another in one flat buffer, as a unit's are in the engine's
     block_elements = sum(rows * cols for rows, cols in shapes)
-    flats = [filled(block_elements * 2, lambda flat: flat.view(dt).fill_(0.01)).view(dt) for _ in range(5)]
+    chosen = args.ways.split(",")
+
+    def block_weights(alloc):
+        flats = [alloc(block_elements * 2, lambda flat: flat.view(dt).fill_(0.01)).view(dt) for _ in range(5)]
+        return flats, [matrix(flat, start, rows, cols) for flat in flats for start, (rows, cols) in zip(starts, shapes)]
 
     def matrix(flat, first, rows, cols):
         return flat[first:first + rows * cols].view(rows, cols)
     starts = [sum(r * c for r, c in shapes[:i]) for i in range(len(shapes))]
-    weights = [matrix(flat, start, rows, cols) for flat in flats for start, (rows, cols) in zip(starts, shapes)]
+    flats, weights = block_weights(filled)
     product_bytes = sum(w.numel() * 2 for w in weights)
     inputs = {cols: torch.full((1, cols), 0.5, dtype=dt) for _, cols in shapes}
     floats = filled(4 << 30, lambda flat: flat.view(torch.float32).fill_(1.0))
+    # the same products over weights in 4 KiB pages (page-locked without tiers.HUGE_PAGES' advice), and in torch's
+    # own pageable memory: what the pages alone change
+    small_pages = block_weights(lambda n, fill: filled(n, fill, huge_pages=False))[1] if "products_4k" in chosen \
+        else []
+    pageable = block_weights(lambda n, fill: fill(torch.empty(n, dtype=torch.uint8)))[1] \
+        if "products_pageable" in chosen else []
 
-    def products():
-        for w in weights:
+    def products(among=weights):
+        for w in among:
             torch.nn.functional.linear(inputs[w.shape[1]], w)
 
     # the same bytes as fewer products: q/k/v as one matrix and gate/up as one, views of the same memory (adjacent
@@ -185,14 +209,21 @@ def main():
 
     ways = {"sum": ("sum", lambda: floats.sum(), floats.numel() * 4),
             "products": ("products", products, product_bytes),
+            "products_4k": ("products, 4 KiB pages", lambda: products(small_pages), product_bytes),
+            "products_pageable": ("products, pageable memory", lambda: products(pageable), product_bytes),
             "fused": ("products, q/k/v and gate/up fused", fused_products, product_bytes),
             "mv": ("products as torch.mv", mv_products, product_bytes),
             "worker": ("products on a worker thread", on_worker, product_bytes),
             "packed": ("products, reordered where equal", packed_products, product_bytes),
             "packed_all": ("products, all reordered", lambda: packed_products(every=True), product_bytes)}
-    chosen = args.ways.split(",")
     if unknown := set(chosen) - set(ways):
         raise SystemExit(f"--ways: {sorted(unknown)}; accepted: {', '.join(ways)}")
+    out["meta"].update(huge_pages_setting=first_line("/sys/kernel/mm/transparent_hugepage/enabled"),
+                       anon_huge_pages=next((line.split(":")[1].strip() for line in
+                                             first_line("/proc/self/smaps_rollup", every=True).splitlines()
+                                             if line.startswith("AnonHugePages")), "unknown"))
+    print(f"transparent huge pages: {out['meta']['huge_pages_setting']}; this process holds "
+          f"{out['meta']['anon_huge_pages']} in them", flush=True)
     equal = same_bits(torch, shapes, args.threads) if {"fused", "mv"} & set(chosen) else {}
 
     def timed(fn, nbytes):

@@ -21,6 +21,12 @@ from .uncached import read as read_around_page_cache
 # caching host allocator rounds every request up to a power of two (a 386 MiB block takes 512 MiB,
 # measured: benchmarks/rss/pinned_probe.py) and keeps freed blocks for reuse, so the host would
 # hold up to twice what the plan counts against cpu=. Registered memory copies as fast.
+#
+# Host buffers of a huge page or more ask the kernel for transparent huge pages (2 MiB on x86-64): the CPU blocks
+# of a hybrid plan (hybrid.py) read their weights from these buffers at tens of GB/s, where walking 4 KiB pages
+# costs a TLB miss every 4 KiB. The kernel gives them where its setting allows ("always" or "madvise").
+HUGE_PAGES = True
+HUGE_PAGE = 2 << 20
 _registered: dict = {}      # data_ptr -> the mapping behind a registered buffer
 _unlocked: dict = {}        # data_ptr -> the mapping behind a buffer to be registered once filled
 
@@ -33,12 +39,31 @@ def alloc_host(nbytes: int, *, pinned: bool, lock: bool = True):
     import torch
     if not pinned or nbytes == 0:
         return torch.empty(nbytes, dtype=torch.uint8)
-    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    flat = torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes)
+    huge = HUGE_PAGES and nbytes >= HUGE_PAGE
+    # a huge page's worth more, so the buffer can start on a huge page's boundary (its head is never touched)
+    mapping = mmap.mmap(-1, nbytes + (HUGE_PAGE if huge else 0), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    flat = torch.frombuffer(mapping, dtype=torch.uint8)
+    start = 0
+    if huge:
+        start = (-flat.data_ptr()) % HUGE_PAGE
+        _advise_huge_pages(mapping, start, nbytes)
+    flat = flat[start:start + nbytes]
     _unlocked[flat.data_ptr()] = mapping
     if lock:
         lock_host(flat)
     return flat
+
+
+def _advise_huge_pages(mapping, start: int, nbytes: int):
+    """Huge pages for the whole huge pages of ``mapping[start:start + nbytes]`` (``start`` on a huge page's
+    boundary), none past them: a huge page at the tail would be faulted in whole for its first bytes, up to 2 MiB
+    a buffer more than the plan counts against cpu=."""
+    whole = nbytes // HUGE_PAGE * HUGE_PAGE
+    try:
+        mapping.madvise(mmap.MADV_HUGEPAGE, start, whole)
+        mapping.madvise(mmap.MADV_NOHUGEPAGE, start + whole, len(mapping) - start - whole)
+    except (AttributeError, OSError):   # no transparent huge pages here: 4 KiB pages then
+        pass
 
 
 def lock_host(flat):

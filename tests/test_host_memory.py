@@ -82,3 +82,40 @@ def test_host_memory_stays_within_the_budget(model_folders, tmp_path, budget, ch
     # llm.stats reports the same measure: its peak (sampled after the load and every step) is real
     assert 0.5 * got["after_load"] <= got["stats_peak"] <= limit, report
     assert "host memory" in got["stats"] and f"of cpu={budget[:-3]}" in got["stats"].replace(".0 MiB", "")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads /proc/self/smaps (Linux)")
+@pytest.mark.parametrize("huge_pages", [True, False])
+def test_host_buffers_start_on_a_huge_page_and_advise_only_their_whole_ones(monkeypatch, huge_pages):
+    """A page-locked host buffer (here left unlocked: no CUDA) starts on a 2 MiB boundary, so the CPU blocks read
+    it through huge pages, and asks for them only over its whole huge pages: the tail's first bytes must not
+    fault in 2 MiB that the plan never counted (tiers.HUGE_PAGES)."""
+    from nb_offload import tiers
+    monkeypatch.setattr(tiers, "HUGE_PAGES", huge_pages)
+    nbytes = 3 * tiers.HUGE_PAGE + 12345
+    flat = tiers.alloc_host(nbytes, pinned=True, lock=False)
+    try:
+        assert flat.numel() == nbytes
+        flat.fill_(7)
+        assert int(flat.sum()) == 7 * nbytes
+        start = flat.data_ptr()
+        advised = {}    # the advice of each mapping that overlaps the buffer, by its first address
+        with open("/proc/self/smaps") as fh:
+            first = None
+            for line in fh:
+                head = line.split()[0]
+                if "-" in head and ":" not in head:
+                    low, high = (int(x, 16) for x in head.split("-"))
+                    first = low if low < start + nbytes and high > start else None
+                elif first is not None and head == "VmFlags:":
+                    advised[first] = ("hg" in line.split(), "nh" in line.split())
+        if huge_pages:
+            assert start % tiers.HUGE_PAGE == 0
+            # the whole huge pages advised to use them, the rest (the tail) advised not to
+            assert advised[start] == (True, False), advised
+            assert advised[start + 3 * tiers.HUGE_PAGE] == (False, True), advised
+        else:
+            assert all(flags == (False, False) for flags in advised.values()), advised
+    finally:
+        tiers.release_host(flat)
+    assert flat.data_ptr() not in tiers._unlocked
