@@ -177,3 +177,45 @@ def test_a_call_the_gpu_does_not_reach_in_time_gives_up_the_steps_other_calls_at
         assert h.abandoned.is_set() and list(h.flags[1::2]) == [1, 1, 1]
     finally:
         h.worker.close()
+
+
+def test_a_replay_computed_by_its_caller_runs_each_call_in_order_with_the_workers_threads():
+    """``here`` ("graph_caller"): the thread that launched the replay computes its calls, in order, each once
+    its "in" flag is set, with the worker's torch threads (its own back after), and sets each "out" flag; a
+    call that fails gives up the ones after it (their "out" flags set too, so no wait of the GPU's lasts)."""
+    h = stand_in(calls=3)
+    h.here = True
+    h.worker.threads = 1
+    h.torch.get_num_threads, h.torch.set_num_threads = torch.get_num_threads, torch.set_num_threads
+    seen = []
+    try:
+        with h.recording() as program:
+            for k in range(3):
+                ready = h.inputs_ready()
+
+                def work(ready=ready, k=k):
+                    ready.synchronize()
+                    seen.append((k, torch.get_num_threads(), threading.current_thread() is threading.main_thread()))
+                    if k == 1 and fail:
+                        raise ValueError("a block that fails")
+                    return float(k), k + 0.5
+                h.submit(work, lambda t0, t1: None)
+        callers = torch.get_num_threads()
+        torch.set_num_threads(2)
+        fail = False
+        h.before_replay(program)
+        h.flags[0::2] = 1               # as the replay's graph sets them
+        done = h.compute(program)
+        assert [span for span, _ in done] == [(0.0, 0.5), (1.0, 1.5), (2.0, 2.5)]
+        assert seen == [(0, 1, True), (1, 1, True), (2, 1, True)]
+        assert torch.get_num_threads() == 2 and list(h.flags) == [0, 1, 0, 1, 0, 1]
+        fail, seen[:] = True, []
+        h.before_replay(program)
+        h.flags[0::2] = 1
+        with pytest.raises(ValueError):
+            h.compute(program)
+        assert [k for k, _, _ in seen] == [0, 1] and torch.get_num_threads() == 2
+        assert list(h.flags[1::2]) == [1, 1, 1] and h.abandoned.is_set()
+    finally:
+        torch.set_num_threads(callers)
+        h.worker.close()
