@@ -870,7 +870,11 @@ def render_host_bound(data, command, title, llama_beside=None) -> str:
              "The cores read page-locked host memory (*sum*: an fp32 sum over 4 GiB; *products*: a LLaMA-7B block's "
              "batch-1 bf16 products over five blocks' distinct weights, 2.0 GB, F.linear as a CPU block computes "
              "them) at each thread count, alone and while a thread copies page-locked memory to the GPU from 32 "
-             f"distinct 64 MiB chunks; GB/s, medians of the passes. The link alone: {alone:.1f} GB/s.", "",
+             f"distinct 64 MiB chunks; GB/s, medians of the passes. The link alone: {alone:.1f} GB/s."
+             + (f" Page-locked buffers of 2 MiB or more ask for transparent huge pages (`tiers.HUGE_PAGES`; this "
+                f"host's setting: `{m['huge_pages_setting']}`; the process held {m['anon_huge_pages']} in them); "
+                "*4 KiB pages*: the same weights page-locked without asking; *pageable memory*: in torch's own "
+                "allocations, not page-locked." if "huge_pages_setting" in m else ""), "",
              "| cores read by | threads | CPU alone | CPU beside the link | link beside the CPU | together |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in data["rows"]:
