@@ -42,12 +42,14 @@ def alloc_host(nbytes: int, *, pinned: bool, lock: bool = True):
     huge = HUGE_PAGES and nbytes >= HUGE_PAGE
     # a huge page's worth more, so the buffer can start on a huge page's boundary (its head is never touched)
     mapping = mmap.mmap(-1, nbytes + (HUGE_PAGE if huge else 0), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    flat = torch.frombuffer(mapping, dtype=torch.uint8)
     start = 0
     if huge:
-        start = (-flat.data_ptr()) % HUGE_PAGE
+        start = (-torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()) % HUGE_PAGE
         _advise_huge_pages(mapping, start, nbytes)
-    flat = flat[start:start + nbytes]
+    # a tensor of its own at the start, not a view into the mapping: torch tells page-locked memory by where a
+    # tensor's storage starts (``is_pinned``), and copies from memory it takes for pageable otherwise (a
+    # captured decode step's copies then fail the capture)
+    flat = torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=start)
     _unlocked[flat.data_ptr()] = mapping
     if lock:
         lock_host(flat)

@@ -96,6 +96,8 @@ def test_host_buffers_start_on_a_huge_page_and_advise_only_their_whole_ones(monk
     flat = tiers.alloc_host(nbytes, pinned=True, lock=False)
     try:
         assert flat.numel() == nbytes
+        # its storage starts where it does: torch tells page-locked memory by the storage's start (is_pinned)
+        assert flat.untyped_storage().data_ptr() == flat.data_ptr() and flat.untyped_storage().nbytes() == nbytes
         flat.fill_(7)
         assert int(flat.sum()) == 7 * nbytes
         start = flat.data_ptr()

@@ -103,7 +103,8 @@ def test_blocks_computed_on_the_cpu_match_transformers_computing_them_there(arch
             eng = llm._engine
             on_cpu = [e.name for e in llm.plan if e.compute == "cpu"]
             assert on_cpu and sorted(eng.units[i].name for i in eng.cpu_blocks) == sorted(on_cpu)
-            assert not set(eng.cpu_blocks) & set(eng.sources)       # bound to host memory, never streamed
+            # bound to host memory, streamed in large steps only (the load primed the slots for one: a prompt's)
+            assert not set(eng.cpu_blocks) & (set(eng.sources) - set(eng.large_sources))
             if handoff == "caller":
                 assert "computed on the CPU" in eng.graphs.why_not and eng.block_handoff is None
             else:
@@ -258,8 +259,9 @@ def test_a_held_cpu_blocks_cache_layer_moved_elsewhere_is_not_replayed_where_it_
         release, held_at, layer_at = eng.release_held, [], []
 
         def released():         # where the held block's weights and its cache layer were, this generate
-            held_at.append(eng.held[first][1].data_ptr())
-            layer_at.append(eng.graphs.cache.layers[layer].keys.data_ptr())
+            if first in eng.held:       # (not at the unload)
+                held_at.append(eng.held[first][1].data_ptr())
+                layer_at.append(eng.graphs.cache.layers[layer].keys.data_ptr())
             release()
         monkeypatch.setattr(eng, "release_held", released)
         for picks, ids in (([first], prompts[0]), ([], prompts[0]), ([first], prompts[1])):
