@@ -347,7 +347,7 @@ class HostWorker:
     (also when it fails, so the GPU never waits for good); the caller collects the outcome later."""
 
     def __init__(self, torch, threads: int, signal: HostSignal, name: str = "nb_offload-cpu-experts", device=None):
-        self.torch, self.signal, self._last, self.threads = torch, signal, None, threads
+        self.torch, self.signal, self._last = torch, signal, None
         index = None
         if device is not None and getattr(device, "type", None) == "cuda":     # its events are that device's
             # set_device takes an index: "cuda" alone means the caller's current device, so read it here

@@ -405,8 +405,7 @@ class Engine:
         whole = all(len(self.units[i].modules) == 1 for i in self.cpu_blocks)
         return GpuHandoff(self.torch, self.device, worker, signal, calls=len(self.cpu_blocks),
                           owe=lambda future, count: self._outstanding.append((future, count)),
-                          capture=hybrid.HANDOFF in hybrid.CAPTURED_HANDOFFS and whole,
-                          here=hybrid.HANDOFF == "graph_caller")
+                          capture=hybrid.HANDOFF == "graph" and whole)
 
     def _stop_host_experts(self):
         """The experts modules' own forwards again, and no CPU side."""
@@ -668,11 +667,9 @@ class Engine:
         self.mover.before_graph()
         # the graph stamps its own events; captured without them, the step is timed from outside
         start = self.mover.mark() if self.trace.enabled and not captured.records else None
-        here = bool(captured.program) and self.block_handoff.here      # its calls computed below, once launched
-        if captured.program:
+        if captured.program:        # handed over before the launch: each call polls for the flag the graph sets
             self.block_handoff.before_replay(captured.program)
-            if not here:    # handed over before the launch: each call polls for the flag the graph sets
-                self._outstanding += self.block_handoff.run(captured.program)
+            self._outstanding += self.block_handoff.run(captured.program)
         try:
             self.schedule.forget()      # the replay's copies write the slots (the prefetch below keeps its own)
             try:
@@ -689,10 +686,7 @@ class Engine:
             self.graphs.primed = captured
         finally:
             self.mover.after_graph()
-        if here:
-            for span, count in self.block_handoff.compute(captured.program):
-                count(*span)
-        elif captured.program:
+        if captured.program:
             with self._handover():
                 self._collect()         # a failed CPU block fails the step
         self.stats.bytes_from_cpu += captured.nbytes

@@ -22,10 +22,9 @@ into the same slots in the same order. So it is captured once and replayed:
   and SiLU products run as fused kernels, bit-identical to the eager ones (fused.py): about half the
   kernels a replay launches.
 
-Blocks computed on the CPU (hybrid.py) are captured only with a captured handoff (``hybrid.CAPTURED_HANDOFFS``):
-the graph then copies a block's inputs to page-locked memory, sets a flag there that a worker thread polls, and
-waits for the worker's flag before it copies the output back (handoff.py); each replay hands the calls to the
-worker, or computes them on the thread that launched it ("graph_caller").
+Blocks computed on the CPU (hybrid.py) are captured only with ``hybrid.HANDOFF == "graph"``: the graph then
+copies a block's inputs to page-locked memory, sets a flag there that a worker thread polls, and waits for the
+worker's flag before it copies the output back (handoff.py); each replay hands the calls to the worker.
 
 Eager as before: prefill; the CPU device; plans that stream from disk (reads are CPU work between
 the copies, and the drive, not the launches, bounds those steps); steps that bring MoE blocks' routed

@@ -12,8 +12,7 @@ launching the blocks after it and queueing the link's copies meanwhile.
   in page-locked memory once the inputs are copied (``cuStreamWriteValue32``), which the worker polls and
   clears, and waits for the worker's flag before the copy back, clearing it too: every replay then does the
   same. The calls made while the step is captured become the graph's ``program``, which ``run`` hands to
-  the worker at each replay, in the same order, or which the caller computes once it has launched the replay
-  (``compute``).
+  the worker at each replay, in the same order.
 
 A block's failure on the worker, or a worker that never ran it, still sets its flag or raises the counter, so
 the GPU never waits for good; the error reaches the caller at the step's end (engine._collect).
@@ -62,12 +61,10 @@ class GpuHandoff:
     """The passes of CPU blocks' calls between ``device``'s stream and ``worker`` (cpu_experts.HostWorker),
     with ``signal`` (cpu_experts.HostSignal) for eager steps and ``calls`` pairs of flags for a captured
     one (as many calls as a step makes). ``owe(future, count)``: an eager call's future, which the engine
-    collects at the step's end and passes to ``count`` (its start and end). ``here``: a replay's calls are
-    computed by the thread that launched it (``compute``), not handed to the worker (``run``)."""
+    collects at the step's end and passes to ``count`` (its start and end)."""
 
-    def __init__(self, torch, device, worker, signal, owe, calls: int, capture: bool = False, here: bool = False):
+    def __init__(self, torch, device, worker, signal, owe, calls: int, capture: bool = False):
         self.torch, self.device, self.worker, self.signal, self.owe = torch, device, worker, signal, owe
-        self.here = here
         with torch.inference_mode(False):      # a load under inference mode: the worker writes them outside
             self.flag_tensor = torch.zeros(2 * max(1, calls), dtype=torch.int32, pin_memory=True)
         self.flags = self.flag_tensor.numpy()
@@ -167,27 +164,6 @@ class GpuHandoff:
         """A replay's calls handed to the worker, in order: [(future, count)] for the engine to collect."""
         return [(self.worker.call(work, ended=self._setting(2 * k + 1)), count)
                 for k, (work, count, _) in enumerate(program)]
-
-    def compute(self, program) -> list:
-        """A replay's calls computed on this thread, in order, once the replay is launched, with the worker's
-        torch threads (the caller's back after): [(start and end, count)]. Each call's "out" flag is set as it
-        ends, also where it failed; a failure (or an interrupt) gives up the calls after it, whose waits on the
-        GPU end at once (``abandon``), and is raised."""
-        torch, done = self.torch, []
-        callers = torch.get_num_threads()
-        torch.set_num_threads(self.worker.threads)
-        try:
-            for k, (work, count, _) in enumerate(program):
-                try:
-                    done.append((work(), count))
-                finally:
-                    self.flags[2 * k + 1] = 1
-        except BaseException:
-            self.abandon()
-            raise
-        finally:
-            torch.set_num_threads(callers)
-        return done
 
     def close(self):
         self.worker.close()

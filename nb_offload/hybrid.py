@@ -25,9 +25,7 @@ about their bytes over C + L when the split is right and the link never waits, r
   kernels, between them, in eager steps; "worker", on a worker thread the GPU's stream hands them to and
   waits for (handoff.py), so the caller goes on launching the blocks after them and queueing the link's
   copies, in eager steps; "graph", the same in a captured decode step (graphs.py), where the graph itself
-  passes each block to the worker and takes its output back, and no host runs between the GPU's kernels;
-  "graph_caller", the same captured step, its CPU blocks computed by the thread that launched the replay,
-  once it has (eager steps as "worker"): one thread and its torch threads compute every step's CPU blocks.
+  passes each block to the worker and takes its output back, and no host runs between the GPU's kernels.
 
 A CPU rounds differently from a GPU, so the reference for their tokens is transformers computing the same
 blocks on the CPU for the same steps (tests/gpu/test_hybrid_gpu.py). A ``device_map`` with them on ``"cpu"``
@@ -226,10 +224,10 @@ GPU_GBPS = 2400.0
 
 def decode_captured(order, graphs: bool = True) -> bool:
     """Whether the step model takes a plan's decode step as a replayed graph (``step_seconds``'s ``captured``):
-    decode graphs on (``graphs``: the ``cuda_graph`` option), a captured handoff (``CAPTURED_HANDOFFS``) and
+    decode graphs on (``graphs``: the ``cuda_graph`` option), the captured handoff (``HANDOFF == "graph"``) and
     no unit read from the drive (graphs.py keeps those steps eager). ``order`` as ``step_seconds`` takes it.
     A generate may still run eager for its own reasons (its own cache, beam search: ``stats.graph_eager``)."""
-    return graphs and HANDOFF in CAPTURED_HANDOFFS and all(where != "disk" for where, _ in order)
+    return graphs and HANDOFF == "graph" and all(where != "disk" for where, _ in order)
 
 
 def step_seconds(order, cpu_gbps: float, link_gbps: float, ahead: int, slot_bytes: int,
@@ -352,11 +350,10 @@ def move_layer_cache(torch, cache, layer: int | None, device):
         entry.device = torch.device(device)
 
 
-# Where a CUDA decode step's CPU blocks run (above): "caller", "worker", "graph" or "graph_caller". Read when a
-# model is loaded. "graph": the fastest measured on the H200 (docs/hybrid.md), its tokens equal to the reference.
+# Where a CUDA decode step's CPU blocks run (above): "caller", "worker" or "graph". Read when a model is
+# loaded. "graph": the fastest measured on the H200 (docs/hybrid.md), its tokens equal to the reference.
 HANDOFF = "graph"
-HANDOFFS = ("caller", "worker", "graph", "graph_caller")
-CAPTURED_HANDOFFS = ("graph", "graph_caller")
+HANDOFFS = ("caller", "worker", "graph")
 
 
 def _hidden(args, kwargs):
