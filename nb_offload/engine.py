@@ -687,8 +687,13 @@ class Engine:
         finally:
             self.mover.after_graph()
         if captured.program:
+            st = self.stats
+            before = (st.cpu_decode_calls, st.cpu_decode_bytes, st.cpu_decode_seconds)
             with self._handover():
                 self._collect()         # a failed CPU block fails the step
+            st.cpu_replayed_calls += st.cpu_decode_calls - before[0]
+            st.cpu_replayed_bytes += st.cpu_decode_bytes - before[1]
+            st.cpu_replayed_seconds += st.cpu_decode_seconds - before[2]
         self.stats.bytes_from_cpu += captured.nbytes
         self.stats.graph_replays += 1
         self.stats.steps += 1

@@ -47,7 +47,8 @@ class OffloadedModel:
         self._budgets = budgets
         self.hold_spare = self.options.hold_spare  # may be switched off and on between generates
         self.last_held = []     # names of the units the last generate held in its spare room
-        self._cpu_blocks_seen = [0, 0.0, 0]     # the CPU blocks' decode calls' bytes, seconds and count so far
+        # the CPU blocks' decode calls' bytes, seconds and count so far: all of them, then those of replayed steps
+        self._cpu_blocks_seen = [0, 0.0, 0, 0, 0.0, 0]
         self.replanned_at = None    # (the CPU's GB/s at load, reached): planned again at the rate reached
         self._recalibration_tried = False
         self.cuda_graph = self.options.cuda_graph  # so may this (graphs.py)
@@ -350,7 +351,10 @@ class OffloadedModel:
         self.stats.held_last = len(picks)
         self.last_held = []
         st = self.stats
-        before = (st.cpu_decode_bytes, st.cpu_decode_seconds, st.cpu_decode_calls, st.resets)
+        counters = ("cpu_decode_bytes", "cpu_decode_seconds", "cpu_decode_calls", "cpu_replayed_bytes",
+                    "cpu_replayed_seconds", "cpu_replayed_calls")
+        before = [getattr(st, name) for name in counters]
+        resets = st.resets
         try:
             if picks:
                 self._engine.hold(picks)
@@ -359,9 +363,8 @@ class OffloadedModel:
         finally:
             if picks:
                 self._engine.release_held()
-            if st.resets == before[3]:      # else the stats were reset meanwhile: this generate isn't counted
-                done = (st.cpu_decode_bytes - before[0], st.cpu_decode_seconds - before[1],
-                        st.cpu_decode_calls - before[2])
+            if st.resets == resets:     # else the stats were reset meanwhile: this generate isn't counted
+                done = [getattr(st, name) - b for name, b in zip(counters, before)]
                 self._cpu_blocks_seen = [a + b for a, b in zip(self._cpu_blocks_seen, done)]
 
     # Decode calls of CPU blocks measured before their rate replaces the one measured at load
@@ -372,8 +375,13 @@ class OffloadedModel:
         """GB/s the CPU's blocks were computed at in the decode steps (calls of one token) of this model's
         generates so far; None before RATE_AFTER_CALLS such calls. The spare room's choice of what to hold models
         the step at this rate once it is known, and a load plans again at it (``_recalibrate``): on the H200 host
-        the rate measured at load was 41-59 GB/s where decode reached 31-42 (hybrid.MEASURED_COPIES)."""
-        nbytes, seconds, calls = self._cpu_blocks_seen
+        the rate measured at load was 41-59 GB/s where decode reached 31-42 (hybrid.MEASURED_COPIES). Where decode
+        steps were replayed, their calls alone: the eager steps around a capture read slower (a 12 GiB load's first
+        generate reached 28.1 GB/s where its timed ones reached 37.4, benchmarks/RESULTS.md, 2026-12-05), and the
+        plan's model takes decode as replayed."""
+        nbytes, seconds, calls, replayed_bytes, replayed_seconds, replayed = self._cpu_blocks_seen
+        if replayed >= self.RATE_AFTER_CALLS and replayed_seconds > 0:
+            return replayed_bytes / replayed_seconds / 1e9
         return nbytes / seconds / 1e9 if calls >= self.RATE_AFTER_CALLS and seconds > 0 else None
 
     def _spare_picks(self, args, kwargs, length=None) -> list:

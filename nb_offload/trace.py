@@ -243,6 +243,9 @@ class Stats:
     cpu_decode_calls: int = 0           # of those, the calls of one token (a batch-1 decode step's)
     cpu_decode_bytes: int = 0
     cpu_decode_seconds: float = 0.0
+    cpu_replayed_calls: int = 0         # of those, the calls of replayed (captured) steps, as the step model takes
+    cpu_replayed_bytes: int = 0         # decode (eager steps around a capture hand the GIL back and forth)
+    cpu_replayed_seconds: float = 0.0
     cpu_packed_linears: int = 0         # the CPU's blocks' linears computing from reordered copies (cpu_products.py)
     cpu_plain_linears: int = 0          # and those of a packable dtype left to F.linear (shape unmatched, no room)
     cpu_packed_bytes: int = 0           # host memory the copies take
@@ -266,8 +269,9 @@ class Stats:
         self.graph_replays = self.graph_captures = self.experts_read = self.experts_skipped = 0
         self.expert_hits = self.experts_on_cpu = self.bytes_on_cpu = 0
         self.seconds = self.capture_seconds = self.route_wait_seconds = self.cpu_expert_seconds = 0.0
-        self.cpu_block_seconds = self.cpu_decode_seconds = 0.0
+        self.cpu_block_seconds = self.cpu_decode_seconds = self.cpu_replayed_seconds = 0.0
         self.cpu_block_calls = self.cpu_block_bytes = self.cpu_decode_calls = self.cpu_decode_bytes = 0
+        self.cpu_replayed_calls = self.cpu_replayed_bytes = 0
         self.kept_units = self.kept_bytes = self.primed_from_cpu = self.primed_from_disk = 0
         self.resets += 1
         self.host_peak = self.host_now
@@ -313,7 +317,9 @@ class Stats:
                 "cpu_expert_seconds": self.cpu_expert_seconds, "cpu_block_seconds": self.cpu_block_seconds,
                 "cpu_block_calls": self.cpu_block_calls, "cpu_block_bytes": self.cpu_block_bytes,
                 "cpu_decode_calls": self.cpu_decode_calls, "cpu_decode_bytes": self.cpu_decode_bytes,
-                "cpu_decode_seconds": self.cpu_decode_seconds, "cpu_packed_linears": self.cpu_packed_linears,
+                "cpu_decode_seconds": self.cpu_decode_seconds, "cpu_replayed_calls": self.cpu_replayed_calls,
+                "cpu_replayed_bytes": self.cpu_replayed_bytes, "cpu_replayed_seconds": self.cpu_replayed_seconds,
+                "cpu_packed_linears": self.cpu_packed_linears,
                 "cpu_plain_linears": self.cpu_plain_linears, "cpu_packed_bytes": self.cpu_packed_bytes,
                 "kept_units": self.kept_units, "kept_bytes": self.kept_bytes,
                 "primed_from_cpu": self.primed_from_cpu, "primed_from_disk": self.primed_from_disk,

@@ -365,3 +365,36 @@ def test_a_replay_waits_only_for_its_own_graphs_stamps_before_it_overwrites_them
     assert waited == [2.0]
     assert [ev.unit for ev in batch] == ["model.layers.0", "model.layers.1"]
     assert [rec[1] for rec in t._pending] == ["model.layers.2"]
+
+
+def test_a_replays_cpu_block_calls_count_as_replayed():
+    """The CPU blocks' decode calls a replay collects (Engine.replay, the rest of the engine stood in) count
+    among the replayed calls too, whose rate a load plans again at (model.cpu_rate_reached)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from nb_offload.engine import Engine
+    from nb_offload.trace import Stats
+    e = object.__new__(Engine)
+    e.trace = SimpleNamespace(flush=lambda **kw: None, enabled=False, step=0)
+    e._use_large = e._do = lambda *a: None
+    e.schedule = SimpleNamespace(restart=lambda wrap: [], forget=lambda: None)
+    e.mover = SimpleNamespace(begin_step=lambda: None, prefetch=lambda *a: None, before_graph=lambda: None,
+                              after_graph=lambda: None)
+    e.graphs, e._outstanding = SimpleNamespace(primed=None), []
+    e.block_handoff = SimpleNamespace(before_replay=lambda program: None, run=lambda program: [])
+    e._handover = contextlib.nullcontext
+    e.stats = st = Stats()
+    st.cpu_decode_calls, st.cpu_decode_bytes, st.cpu_decode_seconds = 5, 500, 5.0     # eager steps' before
+
+    def collect():      # the two CPU blocks' calls of the step, counted as CpuBlock._count counts them
+        st.cpu_decode_calls += 2
+        st.cpu_decode_bytes += 200
+        st.cpu_decode_seconds += 0.5
+    e._collect = collect
+    captured = SimpleNamespace(records=[], large=False, ahead=[], last_use={}, program=["block 1", "block 3"],
+                               nbytes=0, graph=SimpleNamespace(replay=lambda: None))
+    e.replay(captured)
+    e.replay(captured)
+    assert (st.cpu_replayed_calls, st.cpu_replayed_bytes, st.cpu_replayed_seconds) == (4, 400, 1.0)
+    assert st.cpu_decode_calls == 9 and st.graph_replays == 2

@@ -194,19 +194,23 @@ def test_the_spare_room_holds_the_cpus_blocks_where_they_make_the_step_longest(c
 def test_the_cpu_blocks_rate_reached_is_kept_over_generates(model_dirs):
     """What the CPU's blocks compute in each generate's decode calls adds up (``cpu_rate_reached``, which the
     spare room's choice then models the step at); none before enough calls, and a generate whose stats were
-    reset meanwhile adds nothing."""
+    reset meanwhile adds nothing. Once enough calls were in replayed steps, theirs alone."""
     llm = nb_offload.load(model_dirs("llama"), device="cpu", progress=False)
     try:
         ids, kw = torch.tensor(PROMPT), dict(max_new_tokens=4)
         st = llm.stats
 
-        def generate(nbytes, seconds, calls, reset=False):
+        def generate(nbytes, seconds, calls, reset=False, replayed=0):
             with llm._holding_spare((ids,), kw):
                 if reset:
                     st.reset()
                 st.cpu_decode_bytes += nbytes
                 st.cpu_decode_seconds += seconds
                 st.cpu_decode_calls += calls
+                if replayed:        # the last ``replayed`` calls were a replayed step's, as fast as the others here
+                    st.cpu_replayed_bytes += nbytes * replayed / calls
+                    st.cpu_replayed_seconds += seconds * replayed / calls / 2
+                    st.cpu_replayed_calls += replayed
                 st.cpu_block_bytes += 10 * nbytes       # larger calls (a prefill on the CPU) aren't counted
                 st.cpu_block_seconds += seconds
         assert llm.cpu_rate_reached is None
@@ -218,6 +222,10 @@ def test_the_cpu_blocks_rate_reached_is_kept_over_generates(model_dirs):
         assert llm.cpu_rate_reached == pytest.approx(30.0)
         generate(1e9, 0.1, 4)
         assert llm.cpu_rate_reached == pytest.approx(7e9 / 0.3 / 1e9)
+        generate(8e9, 0.2, 8, replayed=4)     # half of them replayed, in half the time each: too few yet
+        assert llm.cpu_rate_reached == pytest.approx(15e9 / 0.5 / 1e9)
+        generate(8e9, 0.2, 8, replayed=4)     # now enough: the replayed steps' rate alone
+        assert llm.cpu_rate_reached == pytest.approx(8e9 / 0.1 / 1e9)
     finally:
         llm.unload()
 
