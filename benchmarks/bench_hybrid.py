@@ -118,12 +118,12 @@ def main():
                 llms["hybrid_flinear"] = nb_offload.load(args.folder, gpu=budget, cpu="100GiB", compute="hybrid",
                                                          pack_cpu_weights=False, progress=False)
             if args.small_pages:
-                tiers.HUGE_PAGES = False
+                tiers.HUGE_PAGES, was = False, tiers.HUGE_PAGES
                 try:
                     llms["hybrid_4k"] = nb_offload.load(args.folder, gpu=budget, cpu="100GiB", compute="hybrid",
                                                         progress=False)
                 finally:
-                    tiers.HUGE_PAGES = True
+                    tiers.HUGE_PAGES = was
             if args.auto:
                 llms["hybrid_auto"] = nb_offload.load(args.folder, gpu=budget, cpu="100GiB", compute="auto",
                                                       progress=False)

@@ -41,11 +41,11 @@ def filled(nbytes: int, fill, huge_pages: bool = True):
     return view
 
 
-def first_line(path: str, every: bool = False) -> str:
-    """The first line of a file (all of it with ``every``), or "unknown" where it can't be read."""
+def text_of(path: str) -> str:
+    """A file's text, or "unknown" where it can't be read."""
     try:
         with open(path) as f:
-            return f.read() if every else f.readline().strip()
+            return f.read()
     except OSError:
         return "unknown"
 
@@ -218,9 +218,9 @@ def main():
             "packed_all": ("products, all reordered", lambda: packed_products(every=True), product_bytes)}
     if unknown := set(chosen) - set(ways):
         raise SystemExit(f"--ways: {sorted(unknown)}; accepted: {', '.join(ways)}")
-    out["meta"].update(huge_pages_setting=first_line("/sys/kernel/mm/transparent_hugepage/enabled"),
+    out["meta"].update(huge_pages_setting=text_of("/sys/kernel/mm/transparent_hugepage/enabled").strip(),
                        anon_huge_pages=next((line.split(":")[1].strip() for line in
-                                             first_line("/proc/self/smaps_rollup", every=True).splitlines()
+                                             text_of("/proc/self/smaps_rollup").splitlines()
                                              if line.startswith("AnonHugePages")), "unknown"))
     print(f"transparent huge pages: {out['meta']['huge_pages_setting']}; this process holds "
           f"{out['meta']['anon_huge_pages']} in them", flush=True)

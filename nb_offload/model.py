@@ -47,8 +47,7 @@ class OffloadedModel:
         self._budgets = budgets
         self.hold_spare = self.options.hold_spare  # may be switched off and on between generates
         self.last_held = []     # names of the units the last generate held in its spare room
-        # the CPU blocks' decode calls' bytes, seconds and count so far: all of them, then those of replayed steps
-        self._cpu_blocks_seen = [0, 0.0, 0, 0, 0.0, 0]
+        self._cpu_blocks_seen = dict.fromkeys(self.CPU_RATE_COUNTERS, 0)     # their sums over generates so far
         self.replanned_at = None    # (the CPU's GB/s at load, reached): planned again at the rate reached
         self._recalibration_tried = False
         self.cuda_graph = self.options.cuda_graph  # so may this (graphs.py)
@@ -351,9 +350,7 @@ class OffloadedModel:
         self.stats.held_last = len(picks)
         self.last_held = []
         st = self.stats
-        counters = ("cpu_decode_bytes", "cpu_decode_seconds", "cpu_decode_calls", "cpu_replayed_bytes",
-                    "cpu_replayed_seconds", "cpu_replayed_calls")
-        before = [getattr(st, name) for name in counters]
+        before = {name: getattr(st, name) for name in self.CPU_RATE_COUNTERS}
         resets = st.resets
         try:
             if picks:
@@ -364,11 +361,15 @@ class OffloadedModel:
             if picks:
                 self._engine.release_held()
             if st.resets == resets:     # else the stats were reset meanwhile: this generate isn't counted
-                done = [getattr(st, name) - b for name, b in zip(counters, before)]
-                self._cpu_blocks_seen = [a + b for a, b in zip(self._cpu_blocks_seen, done)]
+                for name, b in before.items():
+                    self._cpu_blocks_seen[name] += getattr(st, name) - b
 
     # Decode calls of CPU blocks measured before their rate replaces the one measured at load
     RATE_AFTER_CALLS = 8
+    # the Stats counters of the CPU blocks' decode calls that ``cpu_rate_reached`` sums over generates: all of them,
+    # and those of replayed steps
+    CPU_RATE_COUNTERS = ("cpu_decode_bytes", "cpu_decode_seconds", "cpu_decode_calls", "cpu_replayed_bytes",
+                         "cpu_replayed_seconds", "cpu_replayed_calls")
 
     @property
     def cpu_rate_reached(self) -> float | None:
@@ -379,10 +380,12 @@ class OffloadedModel:
         steps were replayed, their calls alone: the eager steps around a capture read slower (a 12 GiB load's first
         generate reached 28.1 GB/s where its timed ones reached 37.4, benchmarks/RESULTS.md, 2026-12-05), and the
         plan's model takes decode as replayed."""
-        nbytes, seconds, calls, replayed_bytes, replayed_seconds, replayed = self._cpu_blocks_seen
-        if replayed >= self.RATE_AFTER_CALLS and replayed_seconds > 0:
-            return replayed_bytes / replayed_seconds / 1e9
-        return nbytes / seconds / 1e9 if calls >= self.RATE_AFTER_CALLS and seconds > 0 else None
+        seen = self._cpu_blocks_seen
+        for kind in ("replayed", "decode"):
+            nbytes, seconds, calls = (seen[f"cpu_{kind}_{what}"] for what in ("bytes", "seconds", "calls"))
+            if calls >= self.RATE_AFTER_CALLS and seconds > 0:
+                return nbytes / seconds / 1e9
+        return None
 
     def _spare_picks(self, args, kwargs, length=None) -> list:
         from . import spare

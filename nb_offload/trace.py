@@ -244,7 +244,7 @@ class Stats:
     cpu_decode_bytes: int = 0
     cpu_decode_seconds: float = 0.0
     cpu_replayed_calls: int = 0         # of those, the calls of replayed (captured) steps, as the step model takes
-    cpu_replayed_bytes: int = 0         # decode (eager steps around a capture hand the GIL back and forth)
+    cpu_replayed_bytes: int = 0         # decode (the eager steps around a capture read slower)
     cpu_replayed_seconds: float = 0.0
     cpu_packed_linears: int = 0         # the CPU's blocks' linears computing from reordered copies (cpu_products.py)
     cpu_plain_linears: int = 0          # and those of a packable dtype left to F.linear (shape unmatched, no room)

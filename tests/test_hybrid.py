@@ -672,7 +672,9 @@ def test_a_load_plans_again_once_at_the_cpu_rate_its_blocks_reached(model_dirs, 
         llm = nb_offload.load(folder, device="cpu", compute=compute, progress=False)
         llm._insp._cpu_rates = (load_rate, 25.0)         # as measured at load (the CPU device measures none)
         llm.plan.rates = (load_rate, 25.0)
-        llm._cpu_blocks_seen = list(reached) + [0, 0.0, 0]     # no replayed steps: every decode call counts
+        # no replayed steps: every decode call counts
+        llm._cpu_blocks_seen.update(cpu_decode_bytes=reached[0], cpu_decode_seconds=reached[1],
+                                    cpu_decode_calls=reached[2])
         replans = []
 
         def replan(pins):
