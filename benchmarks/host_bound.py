@@ -108,6 +108,16 @@ def same_bits(torch, shapes, thread_counts) -> dict:
         out["fused", threads] = (torch.equal(joined[0], torch.cat(want[0:3], dim=1))
                                  and torch.equal(joined[1], torch.cat(want[4:6], dim=1)))
         out["mv", threads] = all(torch.equal(torch.mv(w, inputs[w.shape[1]][0]), y[0]) for w, y in zip(block, want))
+        for slices in (16, 64):
+            out[f"bmm{slices}", threads] = all(torch.equal(torch.bmm(
+                inputs[w.shape[1]].expand(slices, 1, w.shape[1]),
+                w.view(slices, w.shape[0] // slices, w.shape[1]).transpose(1, 2)).reshape(1, -1), y)
+                for w, y in zip(block, want))
+        # the phased way's slices, each by one thread (set back before the next thread count)
+        torch.set_num_threads(1)
+        out["phased", threads] = all(torch.equal(torch.cat([torch.nn.functional.linear(
+            inputs[w.shape[1]], w[k * w.shape[0] // threads:(k + 1) * w.shape[0] // threads])
+            for k in range(threads)], dim=1), y) for w, y in zip(block, want))
     torch.set_num_threads(caller)
     return out
 
@@ -207,6 +217,32 @@ def main():
             workers[threads] = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(threads,))
         workers[threads].submit(products).result()
 
+    # each product as a batch of row slices (torch.bmm over a free [slices, rows, in] view): oneDNN's batched
+    # kernel may hand each core whole slices, each read front to back by one thread, as one expert per
+    # single-threaded worker read 67-68 GB/s (RESULTS.md, 2026-12-02) where one product over all threads reads less
+    def sliced_products(slices):
+        for w in weights:
+            rows, cols = w.shape
+            torch.bmm(inputs[cols].expand(slices, 1, cols), w.view(slices, rows // slices, cols).transpose(1, 2))
+
+    # each product's rows split over single-threaded workers, all of a phase's products (q/k/v, o, gate/up,
+    # down: those a block can compute at once) before the next phase: the same, without oneDNN's batching
+    phased = {}
+
+    def phased_products():
+        threads = torch.get_num_threads()
+        if threads not in phased:
+            phased[threads] = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,))
+        pool, phases = phased[threads], ((0, 3), (3, 4), (4, 6), (6, 7))
+
+        def part(phase_weights, k):
+            for w in phase_weights:
+                rows = w.shape[0]
+                torch.nn.functional.linear(inputs[w.shape[1]], w[k * rows // threads:(k + 1) * rows // threads])
+        for b in range(0, len(weights), len(shapes)):
+            for first, last in phases:
+                list(pool.map(part, [weights[b + first:b + last]] * threads, range(threads)))
+
     ways = {"sum": ("sum", lambda: floats.sum(), floats.numel() * 4),
             "products": ("products", products, product_bytes),
             "products_4k": ("products, 4 KiB pages", lambda: products(small_pages), product_bytes),
@@ -215,7 +251,10 @@ def main():
             "mv": ("products as torch.mv", mv_products, product_bytes),
             "worker": ("products on a worker thread", on_worker, product_bytes),
             "packed": ("products, reordered where equal", packed_products, product_bytes),
-            "packed_all": ("products, all reordered", lambda: packed_products(every=True), product_bytes)}
+            "packed_all": ("products, all reordered", lambda: packed_products(every=True), product_bytes),
+            "bmm16": ("products as 16 row slices (torch.bmm)", lambda: sliced_products(16), product_bytes),
+            "bmm64": ("products as 64 row slices (torch.bmm)", lambda: sliced_products(64), product_bytes),
+            "phased": ("products' rows on single-threaded workers", phased_products, product_bytes)}
     if unknown := set(chosen) - set(ways):
         raise SystemExit(f"--ways: {sorted(unknown)}; accepted: {', '.join(ways)}")
     out["meta"].update(huge_pages_setting=text_of("/sys/kernel/mm/transparent_hugepage/enabled").strip(),
@@ -224,7 +263,8 @@ def main():
                                              if line.startswith("AnonHugePages")), "unknown"))
     print(f"transparent huge pages: {out['meta']['huge_pages_setting']}; this process holds "
           f"{out['meta']['anon_huge_pages']} in them", flush=True)
-    equal = same_bits(torch, shapes, args.threads) if {"fused", "mv"} & set(chosen) else {}
+    equal = same_bits(torch, shapes, args.threads) if {"fused", "mv", "bmm16", "bmm64", "phased"} & set(chosen) \
+        else {}
 
     def timed(fn, nbytes):
         fn()
@@ -243,6 +283,7 @@ def main():
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
         for way in chosen:
+            torch.set_num_threads(threads)     # again: a worker's own setting can reach the process's
             name, fn, nbytes = ways[way]
             cpu_alone = timed(fn, nbytes)
             cpu_beside, link_beside = link.beside(lambda fn=fn, nbytes=nbytes: timed(fn, nbytes))
