@@ -36,6 +36,15 @@ def test_llama_bench_tables_are_read_by_their_headers(report, tmp_path):
     assert rows[("llama 7B F16", 99, None, "tg32")] == (219.12, 2.29)
     assert rows[("llama ?B F16", 99, 16, "tg32")] == (32.75, 0.49)       # n_cpu_moe, by its header
     assert len(rows) == 3
+    # a table run at one thread count has no threads column (llama-bench leaves out a column of one value)
+    log.write_text(
+        "| model | size | params | backend | ngl | test | t/s |\n"
+        "| --- | ---: | ---: | --- | --: | ---: | ---: |\n"
+        "| llama 7B F16 | 12.55 GiB | 6.74 B | CUDA | 26 | tg32 | 22.90 ± 0.49 |\n"
+        "| model | size | params | backend | ngl | threads | test | t/s |\n"
+        "| --- | ---: | ---: | --- | --: | ---: | ---: | ---: |\n"
+        "| llama 7B F16 | 12.55 GiB | 6.74 B | CUDA | 26 | 12 | tg32 | 24.79 ± 1.21 |\n")
+    assert report.llamacpp_rows(str(log)) == {("llama 7B F16", 26, None, "tg32"): (24.79, 1.21)}
 
 
 @pytest.mark.parametrize("name, expect", [
@@ -46,6 +55,9 @@ def test_llama_bench_tables_are_read_by_their_headers(report, tmp_path):
     ("raw-2026-12-04-h200-s17-host-bound.json", ["| sum | 12 | 70.4 | 65.7 | 50.6 | **116.2** |",
                                                  "The link alone: 54.4 GB/s", "|   8 |      12 |            tg32 |   "
                                                  "       6.13 ± 0.05 |", "whole run: 52.8 GB/s"]),
+    ("raw-2026-12-05-h200-s21-host-bound-own.json", [
+        "| products by a plain AVX-512 BF16 kernel (gemv_bf16.c) | 12 | 75.3 | 62.5 | 51.0 | **113.5** |",
+        "1 of its 19200 outputs differ from F.linear's"]),
 ])
 def test_saved_runs_render_with_their_goals(report, name, expect, capsys, monkeypatch):
     llama = os.path.join(RUNS, "raw-2026-12-04-h200-s17-llamacpp-beside-link.txt" if "host-bound" in name
