@@ -1,5 +1,6 @@
-// host_bound.py's "own" way. y[n] = bf16(sum_k W[n,k] x[k]) for bf16 W [N,K] row-major: rows split over OpenMP threads, each row read
-// front to back (4 rows at a time), pairs multiplied and summed into fp32 lanes by AVX-512 BF16.
+// host_bound.py's "own" way: y[n] = bf16(sum_k W[n,k] x[k]) for bf16 W [N,K] stored by rows, the rows split
+// over OpenMP threads, each row read front to back (4 rows at a time), pairs multiplied and summed into fp32
+// lanes by AVX-512 BF16, the lanes summed at the end: another order of additions than F.linear's (oneDNN's).
 #include <immintrin.h>
 #include <stdint.h>
 #include <omp.h>

@@ -145,7 +145,9 @@ def main():
     ap.add_argument("--ways", default="sum,products", help="what the cores read by: sum, products (F.linear, "
                     "fused and torch.mv too, each bit-compared with F.linear first; worker: F.linear on a worker "
                     "thread, as the engine's CPU blocks; packed: reordered copies where they equal F.linear, as the "
-                    "engine's; packed_all: every product reordered)")
+                    "engine's; packed_all: every product reordered; products_4k, products_pageable: other pages; "
+                    "bmm16, bmm64: row slices through torch.bmm; phased: row slices on single-threaded workers; own: "
+                    "gemv_bf16.c, built with cc, whose bits differ)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
