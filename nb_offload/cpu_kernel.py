@@ -1,0 +1,169 @@
+"""A batch-1 product kernel of nb_offload's own for the CPU's blocks (hybrid.py), opt-in: ``cpu_kernel="fast"``.
+
+``F.linear`` at one row runs oneDNN's kernel, which reads dozens of a weight's rows side by side; on the H200
+host (16 cores) its products over a LLaMA-7B block read 40-48 GB/s from host memory while the link copied,
+where an fp32 sum read 66 (benchmarks/RESULTS.md, 2026-12-05). This kernel reads each row front to back, four
+rows a thread at a time, multiplies bf16 pairs into fp32 lanes with AVX-512 BF16 and sums the lanes at the
+end: 62-75 GB/s there beside the link. Its additions run in another order than oneDNN's, so its results differ
+from F.linear's in the last bit of a few outputs (one in 19,200 over a block's random products), and a hybrid
+generate's tokens may part from those of transformers computing the same blocks through F.linear. Hence
+opt-in; its reference is transformers with the same blocks' linears computed by this kernel.
+
+The C source below is compiled with the machine's C compiler when first used in a process, into a folder
+``tempfile.mkdtemp`` makes for this user alone and removes once the library is loaded: nothing built earlier,
+or by anyone else, is ever loaded. It needs Linux on x86-64, a CPU with AVX-512 BF16 and a C compiler with
+OpenMP; ``why_unavailable`` names what is missing. Its OpenMP runtime is the one already loaded (torch ships
+``libgomp.so.1``, found by that name), so the two share one pool of threads.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+
+SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+
+static inline uint16_t to_bf16(float f) {       /* round to nearest even, as torch's conversion */
+    uint32_t u;
+    __builtin_memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);     /* NaN stays NaN */
+    u += 0x7fff + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+/* y[r] = bf16(sum_j w[r][j] * x[j] (+ bias[r])) for bf16 w of n rows of k, x of k; the rows over `threads`. */
+void nb_offload_gemv_bf16(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y,
+                          long n, long k, int threads) {
+    const long groups = (n + 3) / 4;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long g = 0; g < groups; g++) {
+        long first = g * 4, rows = n - first < 4 ? n - first : 4;
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        long j = 0;
+        for (; j + 32 <= k; j += 32) {
+            __m512bh xs = (__m512bh)_mm512_loadu_si512((const void *)(x + j));
+            for (long r = 0; r < rows; r++) {
+                const uint16_t *row = w + (first + r) * k + j;
+                _mm_prefetch((const char *)(row + 512), _MM_HINT_T0);
+                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512((const void *)row), xs);
+            }
+        }
+        if (j < k) {
+            __mmask32 tail = (__mmask32)((1ull << (k - j)) - 1);
+            __m512bh xs = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + j);
+            for (long r = 0; r < rows; r++)
+                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(tail, w + (first + r) * k + j),
+                                          xs);
+        }
+        for (long r = 0; r < rows; r++) {
+            float sum = _mm512_reduce_add_ps(acc[r]);
+            if (bias) {
+                uint32_t b = (uint32_t)bias[first + r] << 16;
+                float bf;
+                __builtin_memcpy(&bf, &b, 4);
+                sum += bf;
+            }
+            y[first + r] = to_bf16(sum);
+        }
+    }
+}
+"""
+
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
+# CPU flags the kernel's instructions need (Linux's names in /proc/cpuinfo)
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
+
+_built = None       # (the kernel's function, None) or (None, why not), once tried in this process
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags as Linux lists them, or an empty set where they can't be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def compiler() -> str | None:
+    """The C compiler to build with: $CC where set, else cc or gcc on the PATH."""
+    named = os.environ.get("CC")
+    return shutil.which(named) if named else (shutil.which("cc") or shutil.which("gcc"))
+
+
+def why_unavailable() -> str | None:
+    """Why this machine can't run the kernel, in a sentence; None where it can (it is then built)."""
+    return _build()[1]
+
+
+def _build():
+    global _built
+    if _built is None:
+        _built = _compile()
+    return _built
+
+
+def _compile():
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None, f"it runs on Linux on x86-64 (this is {sys.platform} on {platform.machine()})"
+    missing = [flag for flag in CPU_FLAGS if flag not in cpu_flags()]
+    if missing:
+        return None, f"this CPU lacks {', '.join(missing)} (it needs AVX-512 BF16)"
+    cc = compiler()
+    if cc is None:
+        return None, "no C compiler was found (cc or gcc on the PATH, or $CC)"
+    import ctypes
+    folder = tempfile.mkdtemp(prefix="nb_offload-kernel-")     # this user's alone: nothing planted is loaded
+    try:
+        source, library = os.path.join(folder, "gemv_bf16.c"), os.path.join(folder, "gemv_bf16.so")
+        with open(source, "w") as f:
+            f.write(SOURCE)
+        try:
+            done = subprocess.run([cc, *FLAGS, source, "-o", library], capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return None, f"{cc} could not build it ({exc})"
+        if done.returncode:
+            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            return None, f"{cc} could not build it: {last}"
+        fn = ctypes.CDLL(library).nb_offload_gemv_bf16
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)       # a loaded library stays mapped
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long, ctypes.c_int]
+    fn.restype = None
+    return fn, None
+
+
+def applies(torch, x, weight) -> bool:
+    """Whether ``product`` takes this call: one row of input in host memory, contiguous, bf16 as the
+    weight is, the weight a contiguous 2-D bf16 tensor in host memory."""
+    return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == torch.bfloat16
+            and weight.dtype == torch.bfloat16 and weight.dim() == 2 and weight.is_contiguous()
+            and x.is_contiguous() and x.numel() == weight.shape[1])
+
+
+def product(torch, x, weight, bias, threads: int):
+    """``F.linear(x, weight, bias)`` for one row (``applies``) by this kernel with ``threads`` threads, in
+    x's shape but for the last dimension; its bits may differ from F.linear's (the module's docstring).
+    Raises RuntimeError where the kernel is unavailable."""
+    fn, why = _build()
+    if fn is None:
+        raise RuntimeError(f"nb_offload's CPU kernel is unavailable: {why}")
+    rows = weight.shape[0]
+    out = torch.empty(*x.shape[:-1], rows, dtype=torch.bfloat16)
+    if bias is not None:
+        bias = bias.contiguous()
+        if bias.dtype != torch.bfloat16 or bias.device.type != "cpu" or bias.numel() != rows:
+            raise ValueError(f"bias of {tuple(bias.shape)} {bias.dtype} on {bias.device}: the kernel takes "
+                             f"{rows} bf16 values in host memory")
+    fn(weight.data_ptr(), x.data_ptr(), bias.data_ptr() if bias is not None else None, out.data_ptr(),
+       rows, weight.shape[1], max(1, int(threads)))
+    return out

@@ -1,0 +1,97 @@
+"""nb_offload's own batch-1 CPU kernel (cpu_kernel.py): its products are F.linear's to within rounding, its
+bias and ragged shapes are taken, and a machine that can't run it is told why."""
+
+import pytest
+import torch
+
+from nb_offload import cpu_kernel
+
+needs_kernel = pytest.mark.skipif(cpu_kernel.why_unavailable() is not None,
+                                  reason=f"the kernel can't run here: {cpu_kernel.why_unavailable()}")
+
+
+def exact(x, w, bias=None):
+    """The product in float64, then rounded once to bf16: what any order of additions approximates."""
+    y = x.double() @ w.double().T
+    return (y + bias.double() if bias is not None else y).to(torch.bfloat16)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows, cols", [(256, 4096), (7, 100), (5, 31), (64, 11008), (1, 1)])
+def test_products_are_f_linear_s_to_within_rounding(rows, cols):
+    """Over shapes whose rows leave a group of four part-filled and whose columns leave a part of 32: each
+    output within one bf16 step of the exactly rounded product, and equal to F.linear's in nearly all."""
+    gen = torch.Generator().manual_seed(rows * 7 + cols)
+    w = (torch.randn(rows, cols, generator=gen) * 0.02).to(torch.bfloat16)
+    x = torch.randn(1, cols, generator=gen).to(torch.bfloat16)
+    got = cpu_kernel.product(torch, x, w, None, threads=2)
+    assert got.shape == (1, rows) and got.dtype == torch.bfloat16
+    want = exact(x, w)
+    step = want.float().abs().clamp_min(1e-30) * 2 ** -7        # one bf16 step at the value (8 bits kept)
+    assert ((got.float() - want.float()).abs() <= step).all()
+    same = (got == torch.nn.functional.linear(x, w)).float().mean().item()
+    assert same >= 0.98, same
+
+
+@needs_kernel
+def test_a_bias_is_added_and_the_input_s_leading_shape_kept():
+    gen = torch.Generator().manual_seed(1)
+    w = (torch.randn(40, 64, generator=gen) * 0.05).to(torch.bfloat16)
+    b = torch.randn(40, generator=gen).to(torch.bfloat16)
+    x = torch.randn(1, 1, 64, generator=gen).to(torch.bfloat16)
+    got = cpu_kernel.product(torch, x, w, b, threads=1)
+    assert got.shape == (1, 1, 40)
+    step = exact(x, w, b).float().abs().clamp_min(1e-30) * 2 ** -7
+    assert ((got.float() - exact(x, w, b).float()).abs() <= 2 * step).all()
+    with pytest.raises(ValueError, match="40 bf16 values"):
+        cpu_kernel.product(torch, x, w, b.float(), threads=1)
+
+
+@needs_kernel
+def test_the_threads_don_t_change_the_bits():
+    """Each output is one thread's sum, in one order whatever the count."""
+    gen = torch.Generator().manual_seed(2)
+    w = (torch.randn(512, 1000, generator=gen) * 0.02).to(torch.bfloat16)
+    x = torch.randn(1, 1000, generator=gen).to(torch.bfloat16)
+    one = cpu_kernel.product(torch, x, w, None, threads=1)
+    assert torch.equal(one, cpu_kernel.product(torch, x, w, None, threads=2))
+    assert torch.equal(one, cpu_kernel.product(torch, x, w, None, threads=7))
+
+
+def test_what_the_kernel_takes():
+    w = torch.zeros(8, 16, dtype=torch.bfloat16)
+    assert cpu_kernel.applies(torch, torch.zeros(1, 16, dtype=torch.bfloat16), w)
+    assert not cpu_kernel.applies(torch, torch.zeros(2, 16, dtype=torch.bfloat16), w)       # two rows
+    assert not cpu_kernel.applies(torch, torch.zeros(1, 16), w)                              # float32 input
+    assert not cpu_kernel.applies(torch, torch.zeros(1, 16, dtype=torch.bfloat16), w.T.contiguous().T)
+    assert not cpu_kernel.applies(torch, torch.zeros(1, 32, dtype=torch.bfloat16)[:, ::2], w)   # strided
+
+
+def test_a_machine_without_it_is_told_why(monkeypatch):
+    """Each missing part named; the product then refuses with the reason rather than computing otherwise."""
+    monkeypatch.setattr(cpu_kernel, "_built", None)
+    monkeypatch.setattr(cpu_kernel, "cpu_flags", lambda: {"avx512f", "sse2"})
+    if cpu_kernel.sys.platform == "linux" and cpu_kernel.platform.machine() in ("x86_64", "AMD64"):
+        assert cpu_kernel.why_unavailable() == "this CPU lacks avx512bw, avx512_bf16 (it needs AVX-512 BF16)"
+        with pytest.raises(RuntimeError, match="unavailable: this CPU lacks"):
+            cpu_kernel.product(torch, torch.zeros(1, 4, dtype=torch.bfloat16),
+                               torch.zeros(2, 4, dtype=torch.bfloat16), None, 1)
+        monkeypatch.setattr(cpu_kernel, "_built", None)
+        monkeypatch.setattr(cpu_kernel, "cpu_flags", lambda: set(cpu_kernel.CPU_FLAGS))
+        monkeypatch.setattr(cpu_kernel, "compiler", lambda: None)
+        assert "no C compiler" in cpu_kernel.why_unavailable()
+    else:
+        assert "Linux on x86-64" in cpu_kernel.why_unavailable()
+    monkeypatch.setattr(cpu_kernel, "_built", None)     # the next test builds it again
+
+
+def test_a_compiler_that_fails_is_reported_with_its_last_line(monkeypatch, tmp_path):
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'first line' >&2\necho 'error: no such flag' >&2\nexit 1\n")
+    fake.chmod(0o700)
+    monkeypatch.setattr(cpu_kernel, "_built", None)
+    monkeypatch.setattr(cpu_kernel, "cpu_flags", lambda: set(cpu_kernel.CPU_FLAGS))
+    monkeypatch.setattr(cpu_kernel, "compiler", lambda: str(fake))
+    if cpu_kernel.sys.platform == "linux" and cpu_kernel.platform.machine() in ("x86_64", "AMD64"):
+        assert cpu_kernel.why_unavailable() == f"{fake} could not build it: error: no such flag"
+    monkeypatch.setattr(cpu_kernel, "_built", None)
