@@ -58,6 +58,9 @@ def main():
     ap.add_argument("--plain-products", action="store_true", help="also a hybrid load with pack_cpu_weights=False "
                     "(variant hybrid_flinear): its CPU blocks multiply by F.linear, whatever the load measured "
                     "faster")
+    ap.add_argument("--fast-kernel", action="store_true", help="also a hybrid load with cpu_kernel=\"fast\" "
+                    "(variant hybrid_fast): its CPU blocks multiply by nb_offload's own kernel, planned at its rate; "
+                    "its reference computes those blocks by the same kernel")
     ap.add_argument("--small-pages", action="store_true", help="also a hybrid load whose host memory is in 4 KiB "
                     "pages (tiers.HUGE_PAGES off; variant hybrid_4k)")
     ap.add_argument("--json", default=None)
@@ -117,6 +120,9 @@ def main():
             if args.plain_products:
                 llms["hybrid_flinear"] = nb_offload.load(args.folder, gpu=budget, cpu="100GiB", compute="hybrid",
                                                          pack_cpu_weights=False, progress=False)
+            if args.fast_kernel:
+                llms["hybrid_fast"] = nb_offload.load(args.folder, gpu=budget, cpu="100GiB", compute="hybrid",
+                                                      cpu_kernel="fast", progress=False)
             if args.small_pages:
                 tiers.HUGE_PAGES, was = False, tiers.HUGE_PAGES
                 try:
@@ -197,11 +203,12 @@ def main():
                 reference; each split's made once)."""
                 names = tuple(e.name for e in llm.plan if e.compute == "cpu" and e.name not in held_in[key])
                 static, most = bool(llm.stats.graph_replays), llm.plan.cpu_max_tokens
-                if (names, static, most) not in wanted:
-                    wanted[names, static, most] = cpu_reference(args.folder, ids, list(names), most, n,
-                                                                static=static) if static \
-                        else reference(list(names), most)
-                return bool(torch.equal(tokens[key], wanted[names, static, most]))
+                kernel = llm.plan.cpu_products == "fast"        # the same kernel in the reference's CPU blocks
+                if (names, static, most, kernel) not in wanted:
+                    wanted[names, static, most, kernel] = cpu_reference(args.folder, ids, list(names), most, n,
+                                                                        static=static, kernel=kernel) \
+                        if static or kernel else reference(list(names), most)
+                return bool(torch.equal(tokens[key], wanted[names, static, most, kernel]))
             reached = cpu_bytes / busy / 1e9 if busy else cpu_rate
             held = holding("hybrid", cpu_rate)
             add(budget=budget, link_gbps=link, handoff=hybrid.HANDOFF, streamed_tok_s=1 / t["streamed"],
@@ -253,6 +260,8 @@ def main():
                                            compute_choice=llm.plan.compute_choice,
                                            cpu_products=llm.plan.cpu_products,
                                            reordered_linears=llm.stats.cpu_packed_linears,
+                                           fast_linears=llm.stats.cpu_fast_linears,
+                                           cpu_kernel_why_not=llm.plan.cpu_kernel_why_not,
                                            replanned_at=llm.replanned_at, at_load=at_load[k],
                                            graph_failed=sorted(set(llm._engine.graphs.failed.values())))
                                    for k, llm in llms.items() if k.startswith("hybrid_")})

@@ -803,9 +803,13 @@ def render_hybrid(data, command, title, llama=None) -> str:
                             else ""))
         lines.append(f"- {r['budget']}: " + "; ".join(g for g in goals if g) + f"{ahead}; {decode}; plan: "
                      f"{'; '.join(x.strip() for x in r['plan'])}")
+        ngl = {"4GiB": 8, "12GiB": 26}.get(r["budget"])
         for k, v in (r.get("variants") or r.get("prefetch_variants") or {}).items():
             same = {True: "same tokens as the reference", False: "tokens DIFFER",
                     None: "its own split, tokens not checked"}
+            if v.get("cpu_products") == "fast":
+                same[True] = "same tokens as the reference computing its CPU blocks by the same kernel"
+            best = cpp_best(ngl) if ngl else None
             lines.append(f"  - variant {k}: {v['tok_s']:.2f} tok/s ({v['over_streamed']:.2f}x streamed), "
                          f"{v['blocks_on_cpu']} blocks on the CPU at {v['cpu_gbps']:.1f} GB/s, "
                          f"{v['moved_per_step'] / 1e9:.2f} GB streamed a step, staging "
@@ -824,7 +828,11 @@ def render_hybrid(data, command, title, llama=None) -> str:
                          + (f"; decode captured ({v['graph_replays']} replays)" if v.get("graph_replays") else
                             f"; decode eager: {v['graph_eager']}" if v.get("graph_eager") else "")
                          + (f"; {v['compute_choice']}" if v.get("compute_choice") else "")
-                         + (f"; CPU products: {v['cpu_products']}" if v.get("cpu_products") else ""))
+                         + (f"; CPU products: {v['cpu_products']}" if v.get("cpu_products") else "")
+                         + (f" ({v['fast_linears']} linears by nb_offload's kernel)" if v.get("fast_linears") else "")
+                         + (f" (cpu_kernel=\"fast\" can't run: {v['cpu_kernel_why_not']})"
+                            if v.get("cpu_kernel_why_not") else "")
+                         + (f"; over llama.cpp -ngl {ngl}: {v['tok_s'] / best:.2f}x" if best else ""))
     lines.append("")
     return "\n".join(lines)
 

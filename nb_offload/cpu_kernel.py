@@ -167,3 +167,43 @@ def product(torch, x, weight, bias, threads: int):
     fn(weight.data_ptr(), x.data_ptr(), bias.data_ptr() if bias is not None else None, out.data_ptr(),
        rows, weight.shape[1], max(1, int(threads)))
     return out
+
+
+class FastLinears:
+    """The linears of one CPU-computed block (``module``) whose one-row products on the CPU take this kernel:
+    plain ``nn.Linear``s with 2-D bf16 weights (cpu_products.candidates) in host memory. ``install`` gives each
+    a forward that takes the kernel for a call ``applies`` to while its weight is still the one it found (bound
+    to the block's host memory), with the threads torch has for the call (the block's own, in its decode
+    step); any other call (a prefill, the block held on the GPU) is the linear's own. ``remove`` puts the
+    linears' own forwards back. The same surface as cpu_products.PackedLinears (it copies nothing)."""
+
+    bytes = 0
+
+    def __init__(self, torch, module):
+        from .cpu_products import candidates
+        self.torch = torch
+        self.linears, self.skipped = [], 0      # (linear, the address of its weight), and those left to F.linear
+        if why_unavailable() is not None:
+            return
+        for linear in candidates(torch, module, torch.bfloat16):
+            if linear.weight.device.type == "cpu" and linear.weight.is_contiguous():
+                self.linears.append((linear, linear.weight.data_ptr()))
+            else:
+                self.skipped += 1
+
+    def install(self):
+        torch = self.torch
+        for linear, home in self.linears:
+            own = type(linear).forward.__get__(linear)
+
+            def forward(x, linear=linear, home=home, own=own):
+                weight = linear.weight
+                if weight.data_ptr() == home and applies(torch, x, weight):
+                    return product(torch, x, weight, linear.bias, torch.get_num_threads())
+                return own(x)
+            linear.forward = forward
+
+    def remove(self):
+        for linear, _ in self.linears:
+            vars(linear).pop("forward", None)
+        self.linears = []

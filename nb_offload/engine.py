@@ -44,7 +44,7 @@ class Engine:
                  drop_page_cache: bool = False, split: bool = False, cuda_graph: bool = True,
                  fused_kernels: bool = True, expert_cache: int = 0, pinned_experts: dict | None = None,
                  expert_compute=None, experts_chosen: bool = False, cpu_blocks=None, cpu_max_tokens: int = 1,
-                 decode_spare: int = 0, packed_room: int | None = 0):
+                 decode_spare: int = 0, packed_room: int | None = 0, fast_kernel: bool = False):
         import torch
         self.torch = torch
         self.model = model
@@ -133,7 +133,8 @@ class Engine:
         self._cpu_hooks = {}        # index -> its hybrid.CpuBlock (install)
         # host memory the CPU blocks' reordered weights may take (cpu_products.py): 0 none, None no limit
         self.packed_room = packed_room
-        self._packed = []           # their cpu_products.PackedLinears, installed
+        self._packed = []           # their cpu_products.PackedLinears (or cpu_kernel.FastLinears), installed
+        self.fast_kernel = fast_kernel      # they multiply one token's row by nb_offload's own (cpu_kernel="fast")
         self._block_forwards = []   # their modules whose forward hands decode steps to the worker
         self.block_handoff, self.block_handoff_why_not = None, ""      # handoff.GpuHandoff, below
         try:        # a start that fails part way leaves no wrapped forward, worker or reader behind
@@ -373,7 +374,17 @@ class Engine:
         (cpu_products.py), block after block in the model's order while ``packed_room`` lasts."""
         from .cpu_products import PackedLinears
         st, left = self.stats, self.packed_room
-        st.cpu_packed_linears = st.cpu_plain_linears = st.cpu_packed_bytes = 0
+        st.cpu_packed_linears = st.cpu_plain_linears = st.cpu_packed_bytes = st.cpu_fast_linears = 0
+        if self.fast_kernel:
+            from .cpu_kernel import FastLinears
+            for idx in sorted(self.cpu_blocks):
+                for name in self.units[idx].modules:
+                    fast = FastLinears(self.torch, self.model.get_submodule(name))
+                    fast.install()
+                    self._packed.append(fast)
+                    st.cpu_fast_linears += len(fast.linears)
+                    st.cpu_plain_linears += fast.skipped
+            return
         if left == 0:
             return
         for idx in sorted(self.cpu_blocks):
@@ -465,7 +476,8 @@ class Engine:
         for packed in self._packed:     # the linears' own forwards, and the copies freed
             packed.remove()
         self._packed = []
-        self.stats.cpu_packed_linears = self.stats.cpu_plain_linears = self.stats.cpu_packed_bytes = 0
+        st = self.stats
+        st.cpu_packed_linears = st.cpu_plain_linears = st.cpu_packed_bytes = st.cpu_fast_linears = 0
         self.release_held()
         self.drain()
         self.expert_cache = self.gpu_fetch = None      # its views of the slots, with the slots

@@ -120,10 +120,12 @@ class BusyLink:
 
 # The key of ``rates_by_tokens``'s rate for one token's products from reordered weights (cpu_products.py).
 REORDERED = "reordered"
+# The key of its rate for one token's products by nb_offload's own kernel (cpu_kernel.py).
+FAST = "fast"
 
 
 def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: int, beside=None,
-                    packed: bool = False) -> dict:
+                    packed: bool = False, fast: bool = False) -> dict:
     """Bytes a second the CPU reads a block's weights at, as a CPU block computes them, at each of
     ``token_counts`` (tokens -> bytes a second): the products of that many rows with weights of ``shapes``
     ([rows, cols] each, a block's, in run order, up to MEASURED_BYTES) in ``dtype``, through F.linear, one after
@@ -144,7 +146,10 @@ def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: i
     With ``packed``, also one token's products (under the key REORDERED) from reordered copies of the weights
     of the shapes that ``cpu_products.matches`` (F.linear's for the others), as a CPU block's with
     ``pack_cpu_weights``: where no shape matches, none. (Both ways over the same shapes, the first
-    MEASURED_BYTES of a block's: for a 70B block, q/k/v/o only.) The ways' passes take turns."""
+    MEASURED_BYTES of a block's: for a 70B block, q/k/v/o only.) The ways' passes take turns.
+
+    With ``fast``, also one token's products by nb_offload's own kernel (cpu_kernel.py, under the key FAST),
+    where it runs here and the weights are bf16."""
     from . import cpu_products
     from .tiers import alloc_host, lock_host, release_host
     kept, total = [], 0
@@ -178,14 +183,16 @@ def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: i
                         packs[id(weights)] = cpu_products.reorder(torch, weights)
             except RuntimeError:        # no memory for the copies, say: F.linear's rate alone
                 packs.clear()
-        ways = list(token_counts) + ([REORDERED] if packs else [])
+        from . import cpu_kernel
+        kernel = fast and dtype == torch.bfloat16 and cpu_kernel.why_unavailable() is None
+        ways = list(token_counts) + ([REORDERED] if packs else []) + ([FAST] if kernel else [])
         times = {way: [] for way in ways}
         with torch.inference_mode():
             inputs = {tokens: {cols: torch.full((tokens, cols), 0.5, dtype=dtype) for _, cols in shapes}
                       for tokens in set(token_counts) | {1}}
             for k in range(max(1, repeats) + 2):
                 for way in ways:
-                    rows = inputs[1 if way == REORDERED else way]
+                    rows = inputs[1 if way in (REORDERED, FAST) else way]
                     torch.set_num_threads(threads)
                     if beside is not None:
                         beside.start()
@@ -194,6 +201,8 @@ def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: i
                         for w in copies[k % len(copies)]:
                             if way == REORDERED and id(w) in packs:
                                 cpu_products.product(torch, rows[w.shape[1]], packs[id(w)], None, w.shape[0])
+                            elif way == FAST:
+                                cpu_kernel.product(torch, rows[w.shape[1]], w, None, threads)
                             else:
                                 torch.nn.functional.linear(rows[w.shape[1]], w)
                         if k >= 2:

@@ -118,6 +118,8 @@ class Inspection:
         self._cpu_rates = self._cpu_max_tokens = None     # measured on the first hybrid plan (cpu_rates)
         self._reordered_faster = False      # reordered weights' products beat F.linear's there (cpu_products.py)
         self._flinear_gbps = self._reordered_gbps = None      # the two rates measured there
+        self._fast = False      # the CPU's blocks multiply by nb_offload's own kernel (cpu_kernel="fast")
+        self.fast_why_not = None        # why cpu_kernel="fast" was asked for and F.linear computes instead
         self._rates_reached = False     # the CPU's rate is the one its blocks reached decoding (use_cpu_rate)
         self.saved_quant = _saved_quantization(self.folder, self.config)    # its quantization_config, or None
         self.dtype = resolve_dtype(options.dtype, self.config)
@@ -242,6 +244,7 @@ class Inspection:
         if any(e.compute == "cpu" for e in plan):
             plan.cpu_max_tokens = self.cpu_max_tokens()
             plan.cpu_products = products or self.cpu_products()
+            plan.cpu_kernel_why_not = self.fast_why_not or ""
             if plan.cpu_products == "reordered" and not self._reserve_reordered(plan, budgets):
                 # no room for the copies: the plan made again with F.linear, at its rate
                 return self.make_plan(device_type, budgets, pins, expert_pins, products="F.linear")
@@ -287,9 +290,10 @@ class Inspection:
     def cpu_rates(self) -> tuple:
         """(cpu, link) GB/s for ``compute="hybrid"``, measured once: the CPU's batch-1 products over a block's
         weights in the load dtype with the threads it would have (hybrid.rates_by_tokens: through F.linear, and
-        with ``pack_cpu_weights`` from reordered weights too, the faster kept), while the link copies
-        beside them on a CUDA machine, as in a hybrid step; the page-locked link (25 GB/s assumed on a
-        machine without a GPU, as for a dry run's prediction)."""
+        with ``pack_cpu_weights`` from reordered weights too, the faster kept; with ``cpu_kernel="fast"``
+        nb_offload's own kernel's, where it runs here), while the link copies beside them on a CUDA machine,
+        as in a hybrid step; the page-locked link (25 GB/s assumed on a machine without a GPU, as for a dry
+        run's prediction)."""
         if self._cpu_rates is None:
             import torch
 
@@ -298,12 +302,22 @@ class Inspection:
             cuda = torch.cuda.is_available()
             link = budget.link_gbps() if cuda else 25.0
             beside = hybrid.BusyLink(torch, torch.device("cuda", torch.cuda.current_device())) if cuda else None
+            fast = self.options.cpu_kernel == "fast"
+            if fast:
+                from . import cpu_kernel
+                self.fast_why_not = cpu_kernel.why_unavailable() if self.dtype == torch.bfloat16 \
+                    else f"it takes bf16 weights, and this model loads as {self.dtype}"
+                fast = self.fast_why_not is None      # else the exact products, as without the option
             try:
                 rates = hybrid.rates_by_tokens(torch, self.dtype, self._block_shapes(), host_threads(), (1,), 5,
-                                               beside, packed=self.options.pack_cpu_weights)
+                                               beside, packed=self.options.pack_cpu_weights and not fast, fast=fast)
             finally:
                 if beside is not None:
                     beside.release()
+            if hybrid.FAST in rates:
+                self._fast = True
+                self._cpu_rates = (rates[hybrid.FAST] / 1e9, link)
+                return self._cpu_rates
             reordered = rates.get(hybrid.REORDERED, 0.0)
             self._reordered_faster = reordered > rates[1] * REORDERED_MARGIN
             self._flinear_gbps, self._reordered_gbps = rates[1] / 1e9, reordered / 1e9
@@ -311,11 +325,12 @@ class Inspection:
         return self._cpu_rates
 
     def cpu_products(self) -> str:
-        """How the CPU's blocks multiply one token's row: "reordered" where ``pack_cpu_weights`` is on and the
-        reordered weights' products (those that match F.linear, cpu_products.py) read faster than F.linear's
-        alone by REORDERED_MARGIN in ``cpu_rates``'s measure (their copies cost host memory), else "F.linear"."""
+        """How the CPU's blocks multiply one token's row: "fast" with ``cpu_kernel="fast"`` where its kernel runs
+        here (cpu_kernel.py); "reordered" where ``pack_cpu_weights`` is on and the reordered weights' products
+        (those that match F.linear, cpu_products.py) read faster than F.linear's alone by REORDERED_MARGIN in
+        ``cpu_rates``'s measure (their copies cost host memory); else "F.linear"."""
         self.cpu_rates()
-        return "reordered" if self._reordered_faster else "F.linear"
+        return "fast" if self._fast else "reordered" if self._reordered_faster else "F.linear"
 
     def cpu_max_tokens(self) -> int:
         """The most tokens a step may have for CPU blocks to compute on the CPU (hybrid.cpu_max_tokens),

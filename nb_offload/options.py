@@ -210,6 +210,14 @@ class Options:
                                                   "the load measured that 5 % faster; the plan reserves host "
                                                   "memory for the copies, or goes without them where the cpu "
                                                   "budget has no room (cpu_products.py)")
+    cpu_kernel: str = _option("exact", _one_of("exact", "fast"), "how the CPU's blocks multiply one token's row: "
+                                                                 "\"exact\": F.linear (or reordered weights where "
+                                                                 "bit-identical), the tokens of transformers computing "
+                                                                 "those blocks on the CPU; \"fast\": nb_offload's own "
+                                                                 "AVX-512 BF16 kernel for bf16 weights, which reads "
+                                                                 "faster and sums in another order, so tokens may "
+                                                                 "differ (cpu_kernel.py; F.linear where the machine "
+                                                                 "can't run it, and the plan says why)")
     cuda_graph: bool = _option(True, _flag, "decode steps captured as one CUDA graph and replayed per token, "
                                             "with a static KV cache (graphs.py says where they run eager)")
     fused_kernels: bool = _option(True, _flag, "in a captured decode step, RMSNorm, the rotary embedding and "

@@ -155,6 +155,12 @@ def plan_text(plan) -> str:
                else "pinned \"cpu-compute\"")
         lines.append(f"  computed on the CPU where their bytes are, not streamed: {len(blocks)} blocks, "
                      f"{format_size(sum(e.bytes for e in blocks))} a step ({why})")
+        if plan.cpu_products == "fast":
+            lines.append("  their products by nb_offload's own kernel (cpu_kernel=\"fast\": it sums in another order "
+                         "than F.linear, so tokens may differ from transformers')")
+        elif plan.cpu_kernel_why_not:
+            lines.append(f"  their products by F.linear: cpu_kernel=\"fast\" can't run here "
+                         f"({plan.cpu_kernel_why_not})")
         if plan.cpu_products == "reordered":
             lines.append("  their products from copies of the weights reordered for the CPU where bit-identical to "
                          f"F.linear ({format_size(plan.host_reserved.get('reordered_weights', 0))} of host memory; "

@@ -95,3 +95,66 @@ def test_a_compiler_that_fails_is_reported_with_its_last_line(monkeypatch, tmp_p
     if cpu_kernel.sys.platform == "linux" and cpu_kernel.platform.machine() in ("x86_64", "AMD64"):
         assert cpu_kernel.why_unavailable() == f"{fake} could not build it: error: no such flag"
     monkeypatch.setattr(cpu_kernel, "_built", None)
+
+
+def test_the_option_is_checked():
+    import nb_offload
+    assert nb_offload.Options().cpu_kernel == "exact"
+    with pytest.raises(nb_offload.OptionError, match="cpu_kernel='quick' is unknown; accepted: 'exact', 'fast'"):
+        nb_offload.Options(cpu_kernel="quick")
+
+
+@needs_kernel
+def test_a_plan_with_the_fast_kernel_says_so_and_plans_at_its_rate(model_dirs, monkeypatch):
+    """The load's measure times the kernel (not F.linear, not reordered weights) and the plan's split takes that
+    rate; the plan's text says the tokens may differ. A machine that can't run it plans with F.linear and says
+    why; so does a model that doesn't load as bf16."""
+    import nb_offload
+    from nb_offload import hybrid
+    folder = model_dirs("llama", dtype="bfloat16", hidden_size=128, intermediate_size=256)
+    timed = []
+    real = cpu_kernel.product
+    monkeypatch.setattr(cpu_kernel, "product", lambda *a: timed.append(a[2].shape) or real(*a))
+    pins = {"model.layers.1": "cpu-compute"}
+    plan = nb_offload.plan(folder, gpu="1GiB", cpu="1GiB", pins=pins, cpu_kernel="fast")
+    assert plan.cpu_products == "fast" and timed       # its rate measured by the kernel itself
+    assert "their products by nb_offload's own kernel" in str(plan) and "may differ" in str(plan)
+    assert plan.rates is None or plan.rates[0] > 0
+    exact = nb_offload.plan(folder, gpu="1GiB", cpu="1GiB", pins=pins)
+    assert exact.cpu_products in ("F.linear", "reordered") and "own kernel" not in str(exact)
+    monkeypatch.setattr(cpu_kernel, "_built", (None, "this CPU lacks avx512_bf16 (it needs AVX-512 BF16)"))
+    without = nb_offload.plan(folder, gpu="1GiB", cpu="1GiB", pins=pins, cpu_kernel="fast")
+    assert without.cpu_products in ("F.linear", "reordered")
+    assert "cpu_kernel=\"fast\" can't run here (this CPU lacks avx512_bf16" in str(without)
+    monkeypatch.setattr(cpu_kernel, "_built", None)
+    as_float = nb_offload.plan(folder, gpu="1GiB", cpu="1GiB", pins=pins, cpu_kernel="fast", dtype="float32")
+    assert "can't run here (it takes bf16 weights, and this model loads as torch.float32)" in str(as_float)
+    assert hybrid.FAST == "fast"
+
+
+@needs_kernel
+def test_fast_linears_take_one_row_from_their_own_weights_and_leave_the_rest_to_the_linear(model_dirs):
+    """Installed on a block: a one-row call in host memory goes to the kernel; more rows, another dtype, or the
+    weight bound elsewhere (held on the GPU, say) is the linear's own; removed, the linears are as they were."""
+    from transformers import AutoModelForCausalLM
+
+    folder = model_dirs("llama", dtype="bfloat16", hidden_size=128, intermediate_size=256)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    block = model.model.layers[0]
+    fast = cpu_kernel.FastLinears(torch, block)
+    wide = [m for m in block.modules() if isinstance(m, torch.nn.Linear) and m.out_features >= 64]
+    assert [linear for linear, _ in fast.linears] == wide and fast.skipped == 0 and fast.bytes == 0
+    up = block.mlp.up_proj
+    x = torch.randn(1, 1, up.in_features).to(torch.bfloat16)
+    fast.install()
+    try:
+        assert torch.equal(up(x), cpu_kernel.product(torch, x, up.weight, None, 1))
+        two = torch.randn(1, 2, up.in_features).to(torch.bfloat16)
+        assert torch.equal(up(two), torch.nn.functional.linear(two, up.weight))
+        moved = up.weight.data
+        up.weight.data = moved.clone()          # bound elsewhere: F.linear
+        assert torch.equal(up(x), torch.nn.functional.linear(x, up.weight))
+        up.weight.data = moved
+    finally:
+        fast.remove()
+    assert "forward" not in vars(up) and fast.linears == []

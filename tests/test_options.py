@@ -19,7 +19,7 @@ BAD = {
     "local_files_only": ("no", OptionError), "revision": (5, OptionError), "read_threads": (0, OptionError),
     "drop_page_cache": (None, OptionError), "trace": ("on", OptionError), "trace_detail": ("all", OptionError),
     "hold_spare": (None, OptionError), "progress": ("no", OptionError), "cuda_graph": ("yes", OptionError),
-    "fused_kernels": (1, OptionError), "pack_cpu_weights": ("no", OptionError),
+    "fused_kernels": (1, OptionError), "pack_cpu_weights": ("no", OptionError), "cpu_kernel": ("quick", OptionError),
     "experts_implementation": (3, OptionError), "expert_cache": (True, OptionError),
     "expert_compute": (1.5, OptionError), "compute": ("cpu", OptionError),
 }

@@ -31,10 +31,11 @@ def _moved(x, device):
     return x
 
 
-def reference(folder, ids, on_cpu, max_tokens, n=N, static=False, dtype=None):
+def reference(folder, ids, on_cpu, max_tokens, n=N, static=False, dtype=None, kernel=False):
     """Greedy tokens of transformers with the blocks named ``on_cpu`` computed on the CPU for steps of at most
     ``max_tokens`` tokens, as above; ``static``: with the static cache a captured step has (graphs.py), of
-    the length nb_offload gives the generate."""
+    the length nb_offload gives the generate; ``kernel``: those blocks' one-row products by nb_offload's own
+    kernel (cpu_kernel="fast"), as the engine's then are."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(folder, device_map="cuda", **({"dtype": dtype} if dtype else {}))
     model.eval()
@@ -42,6 +43,9 @@ def reference(folder, ids, on_cpu, max_tokens, n=N, static=False, dtype=None):
         block = model.get_submodule(name)
         twin, own = copy.deepcopy(block).to("cpu"), block.forward
         layer = block.self_attn.layer_idx
+        if kernel:
+            from nb_offload.cpu_kernel import FastLinears
+            FastLinears(torch, twin).install()
 
         def forward(*args, twin=twin, own=own, layer=layer, **kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
@@ -168,6 +172,41 @@ def test_cpu_blocks_multiplying_by_reordered_weights_match_transformers_computin
         assert s.graph_replays >= N - 3 and s.cpu_block_calls >= len(on_cpu) * (N - 1)
         assert len(calls) >= s.cpu_packed_linears * (N - 1)       # every decode step through the copies
         want = reference(folder, ids, on_cpu, llm._engine.cpu_max_tokens, static=True, dtype=torch.bfloat16)
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_cpu_blocks_multiplying_by_the_fast_kernel_match_transformers_multiplying_by_it(arch, model_dirs,
+                                                                                        monkeypatch):
+    """cpu_kernel="fast": the CPU blocks' one-row products by nb_offload's own kernel (cpu_kernel.py), on the
+    worker in captured steps, at the rate measured for it at load; the tokens are those of transformers with the
+    same blocks computed on the CPU by the same kernel."""
+    from nb_offload import cpu_kernel
+    if cpu_kernel.why_unavailable():
+        pytest.skip(f"the kernel can't run here: {cpu_kernel.why_unavailable()}")
+    monkeypatch.setattr(hybrid, "HANDOFF", "graph")
+    monkeypatch.setattr(hybrid, "RECALIBRATE_OVER", None)
+    folder = model_dirs(arch, dtype="bfloat16", hidden_size=128, intermediate_size=256)
+    names = [e.name for e in blocks(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))]
+    ids = torch.tensor(PROMPT, device="cuda")
+    with nb_offload.load(folder, pins=dict.fromkeys(names[1:3], "cpu-compute"), hold_spare=False,
+                         cpu_kernel="fast", progress=False) as llm:
+        s = llm.stats
+        assert llm.plan.cpu_products == "fast" and "nb_offload's own kernel" in str(llm.plan)
+        assert s.cpu_fast_linears > 0 and s.cpu_packed_linears == 0
+        on_cpu = [e.name for e in llm.plan if e.compute == "cpu"]
+        calls, real = [], cpu_kernel.product
+
+        def counted(*args):
+            calls.append(1)
+            return real(*args)
+        monkeypatch.setattr(cpu_kernel, "product", counted)
+        got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
+        assert s.graph_replays >= N - 3 and s.cpu_block_calls >= len(on_cpu) * (N - 1)
+        assert len(calls) >= s.cpu_fast_linears * (N - 1)      # every decode step through the kernel
+        monkeypatch.setattr(cpu_kernel, "product", real)
+        want = reference(folder, ids, on_cpu, llm._engine.cpu_max_tokens, static=True, dtype=torch.bfloat16,
+                         kernel=True)
         assert torch.equal(got, want)
 
 
