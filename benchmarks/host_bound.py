@@ -91,21 +91,6 @@ class Link:
         return result, self.rate()
 
 
-def own_kernel():
-    """gemv_bf16.c built with the C compiler into a temporary folder and loaded: its function, which takes the
-    weights', input's and output's addresses, the weights' rows and columns, and the threads."""
-    import ctypes
-    import subprocess
-    import tempfile
-    here = os.path.dirname(os.path.abspath(__file__))
-    lib = os.path.join(tempfile.mkdtemp(), "libgemv_bf16.so")
-    subprocess.run(["cc", "-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC",
-                    os.path.join(here, "gemv_bf16.c"), "-o", lib], check=True)
-    fn = ctypes.CDLL(lib).gemv_bf16
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_long, ctypes.c_int]
-    return fn
-
-
 def same_bits(torch, shapes, thread_counts) -> dict:
     """{(way, threads): whether its outputs equal F.linear's bit for bit} for the fused and torch.mv ways, on
     one block's random weights at each thread count (a CPU block's tokens must equal the reference's, which
@@ -147,7 +132,7 @@ def main():
                     "thread, as the engine's CPU blocks; packed: reordered copies where they equal F.linear, as the "
                     "engine's; packed_all: every product reordered; products_4k, products_pageable: other pages; "
                     "bmm16, bmm64: row slices through torch.bmm; phased: row slices on single-threaded workers; own: "
-                    "gemv_bf16.c, built with cc, whose bits differ)")
+                    "nb_offload's own kernel, cpu_kernel=\"fast\", whose bits differ)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
@@ -260,25 +245,25 @@ def main():
             for first, last in phases:
                 list(pool.map(part, [weights[b + first:b + last]] * threads, range(threads)))
 
-    # a plain kernel of our own (gemv_bf16.c: each row read front to back, 4 rows a thread at a time, AVX-512
-    # BF16): what products read where the kernel streams as a sum does. Its sums run in another order than
-    # F.linear's, so its bits differ (a CPU block can't take it: its tokens must be F.linear's)
-    kernel = own_kernel() if "own" in chosen else None
+    # nb_offload's own kernel (cpu_kernel.py, cpu_kernel="fast": each row read front to back, 4 rows a thread at
+    # a time, AVX-512 BF16): what products read where the kernel streams as a sum does. Its sums run in another
+    # order than F.linear's, so its bits differ
+    from nb_offload import cpu_kernel
+    if "own" in chosen and cpu_kernel.why_unavailable():
+        raise SystemExit(f"--ways own: the kernel can't run here: {cpu_kernel.why_unavailable()}")
 
     def own_products():
         threads = torch.get_num_threads()
         for w in weights:
-            kernel(w.data_ptr(), inputs[w.shape[1]].data_ptr(), outputs[w.shape[0]].data_ptr(), *w.shape, threads)
-    outputs = {rows: torch.empty(rows, dtype=dt) for rows, _ in shapes}
-    if kernel is not None:      # how far its bits are from F.linear's, on random weights and inputs
+            cpu_kernel.product(torch, inputs[w.shape[1]], w, None, threads)
+    if "own" in chosen:      # how far its bits are from F.linear's, on random weights and inputs
         gen = torch.Generator().manual_seed(0)
         differ = total = 0
         for rows, cols in dict.fromkeys(shapes):
             w = (torch.randn(rows, cols, generator=gen) * 0.02).to(dt)
-            x = torch.randn(cols, generator=gen).to(dt)
-            y = torch.empty(rows, dtype=dt)
-            kernel(w.data_ptr(), x.data_ptr(), y.data_ptr(), rows, cols, torch.get_num_threads())
-            differ += int((y != torch.nn.functional.linear(x[None], w)[0]).sum())
+            x = torch.randn(1, cols, generator=gen).to(dt)
+            y = cpu_kernel.product(torch, x, w, None, torch.get_num_threads())
+            differ += int((y != torch.nn.functional.linear(x, w)).sum())
             total += rows
         out["meta"]["own_kernel_outputs_differing"] = [differ, total]
         print(f"own kernel: {differ} of {total} outputs differ from F.linear's in the last bit or more", flush=True)
@@ -295,7 +280,7 @@ def main():
             "bmm16": ("products as 16 row slices (torch.bmm)", lambda: sliced_products(16), product_bytes),
             "bmm64": ("products as 64 row slices (torch.bmm)", lambda: sliced_products(64), product_bytes),
             "phased": ("products' rows on single-threaded workers", phased_products, product_bytes),
-            "own": ("products by a plain AVX-512 BF16 kernel (gemv_bf16.c)", own_products, product_bytes)}
+            "own": ("products by nb_offload's own kernel (cpu_kernel.py)", own_products, product_bytes)}
     if unknown := set(chosen) - set(ways):
         raise SystemExit(f"--ways: {sorted(unknown)}; accepted: {', '.join(ways)}")
     out["meta"].update(huge_pages_setting=text_of("/sys/kernel/mm/transparent_hugepage/enabled").strip(),
