@@ -12,8 +12,8 @@ opt-in; its reference is transformers with the same blocks' linears computed by 
 The C source below is compiled with the machine's C compiler when first used in a process, into a folder
 ``tempfile.mkdtemp`` makes for this user alone and removes once the library is loaded: nothing built earlier,
 or by anyone else, is ever loaded. It needs Linux on x86-64, a CPU with AVX-512 BF16 and a C compiler with
-OpenMP; ``why_unavailable`` names what is missing. Its OpenMP runtime is the one already loaded (torch ships
-``libgomp.so.1``, found by that name), so the two share one pool of threads.
+OpenMP; ``why_unavailable`` names what is missing. Where torch's OpenMP runtime is loaded as ``libgomp.so.1``
+(as torch's CPU wheels ship it), the library takes that one, and the two share one pool of threads.
 """
 
 from __future__ import annotations
