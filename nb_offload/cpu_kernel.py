@@ -173,8 +173,9 @@ class FastLinears:
     """The linears of one CPU-computed block (``module``) whose one-row products on the CPU take this kernel:
     plain ``nn.Linear``s with 2-D bf16 weights (cpu_products.candidates) in host memory. ``install`` gives each
     a forward that takes the kernel for a call ``applies`` to while its weight is still the one it found (bound
-    to the block's host memory), with the threads torch has for the call (the block's own, in its decode
-    step); any other call (a prefill, the block held on the GPU) is the linear's own. ``remove`` puts the
+    to the block's host memory) and its bias, if any, a bf16 one in host memory, with the threads torch has
+    for the call (the block's own, in its decode step); any other call (a prefill, the block held on the
+    GPU) is the linear's own. ``remove`` puts the
     linears' own forwards back. The same surface as cpu_products.PackedLinears (it copies nothing)."""
 
     bytes = 0
@@ -197,9 +198,10 @@ class FastLinears:
             own = type(linear).forward.__get__(linear)
 
             def forward(x, linear=linear, home=home, own=own):
-                weight = linear.weight
-                if weight.data_ptr() == home and applies(torch, x, weight):
-                    return product(torch, x, weight, linear.bias, torch.get_num_threads())
+                weight, bias = linear.weight, linear.bias
+                if weight.data_ptr() == home and applies(torch, x, weight) and (
+                        bias is None or (bias.dtype == torch.bfloat16 and bias.device.type == "cpu")):
+                    return product(torch, x, weight, bias, torch.get_num_threads())
                 return own(x)
             linear.forward = forward
 

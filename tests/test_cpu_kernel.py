@@ -155,6 +155,9 @@ def test_fast_linears_take_one_row_from_their_own_weights_and_leave_the_rest_to_
         up.weight.data = moved.clone()          # bound elsewhere: F.linear
         assert torch.equal(up(x), torch.nn.functional.linear(x, up.weight))
         up.weight.data = moved
+        up.bias = torch.nn.Parameter(torch.ones(up.out_features, dtype=torch.bfloat16))     # a bias added too
+        assert torch.equal(up(x), cpu_kernel.product(torch, x, up.weight, up.bias, 1))
+        up.bias = None
     finally:
         fast.remove()
     assert "forward" not in vars(up) and fast.linears == []
