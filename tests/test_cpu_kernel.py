@@ -161,3 +161,32 @@ def test_fast_linears_take_one_row_from_their_own_weights_and_leave_the_rest_to_
     finally:
         fast.remove()
     assert "forward" not in vars(up) and fast.linears == []
+
+
+@needs_kernel
+def test_the_engine_gives_its_cpu_blocks_the_kernel_where_the_plan_says_fast(model_dirs):
+    """Engine._pack_cpu_weights with ``fast_kernel``: every CPU block's wide linears take the kernel (counted),
+    no reordered copies are made; without it, none do. (The engine computes CPU blocks on CUDA only, so its
+    own state stands in here.)"""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from nb_offload.engine import Engine
+    from nb_offload.trace import Stats
+    folder = model_dirs("llama", dtype="bfloat16", hidden_size=128, intermediate_size=256)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    units = {1: SimpleNamespace(modules=["model.layers.1"]), 2: SimpleNamespace(modules=["model.layers.2"])}
+    wide = sum(1 for m in model.model.layers[1].modules() if isinstance(m, torch.nn.Linear) and m.out_features >= 64)
+    for fast in (True, False):
+        eng = SimpleNamespace(torch=torch, model=model, units=units, cpu_blocks={1: None, 2: None}, stats=Stats(),
+                              packed_room=0, fast_kernel=fast, _packed=[])
+        Engine._pack_cpu_weights(eng, threads=1)
+        try:
+            assert eng.stats.cpu_fast_linears == (2 * wide if fast else 0)
+            assert eng.stats.cpu_packed_linears == 0 and eng.stats.cpu_packed_bytes == 0
+            assert ("forward" in vars(model.model.layers[1].mlp.up_proj)) == fast
+            assert "forward" not in vars(model.model.layers[0].mlp.up_proj)      # not a CPU block
+        finally:
+            for packed in eng._packed:
+                packed.remove()
