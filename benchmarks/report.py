@@ -804,12 +804,12 @@ def render_hybrid(data, command, title, llama=None) -> str:
         lines.append(f"- {r['budget']}: " + "; ".join(g for g in goals if g) + f"{ahead}; {decode}; plan: "
                      f"{'; '.join(x.strip() for x in r['plan'])}")
         ngl = {"4GiB": 8, "12GiB": 26}.get(r["budget"])
+        best = cpp_best(ngl) if ngl else None
         for k, v in (r.get("variants") or r.get("prefetch_variants") or {}).items():
             same = {True: "same tokens as the reference", False: "tokens DIFFER",
                     None: "its own split, tokens not checked"}
             if v.get("cpu_products") == "fast":
                 same[True] = "same tokens as the reference computing its CPU blocks by the same kernel"
-            best = cpp_best(ngl) if ngl else None
             lines.append(f"  - variant {k}: {v['tok_s']:.2f} tok/s ({v['over_streamed']:.2f}x streamed), "
                          f"{v['blocks_on_cpu']} blocks on the CPU at {v['cpu_gbps']:.1f} GB/s, "
                          f"{v['moved_per_step'] / 1e9:.2f} GB streamed a step, staging "

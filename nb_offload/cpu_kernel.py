@@ -142,28 +142,33 @@ def _compile():
     return fn, None
 
 
-def applies(torch, x, weight) -> bool:
+def applies(torch, x, weight, bias=None) -> bool:
     """Whether ``product`` takes this call: one row of input in host memory, contiguous, bf16 as the
-    weight is, the weight a contiguous 2-D bf16 tensor in host memory."""
+    weight is, the weight a contiguous 2-D bf16 tensor in host memory, and no bias or one bf16 value an
+    output in host memory."""
     return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == torch.bfloat16
             and weight.dtype == torch.bfloat16 and weight.dim() == 2 and weight.is_contiguous()
-            and x.is_contiguous() and x.numel() == weight.shape[1])
+            and x.is_contiguous() and x.numel() == weight.shape[1]
+            and (bias is None or (bias.device.type == "cpu" and bias.dtype == torch.bfloat16
+                                  and bias.is_contiguous() and bias.numel() == weight.shape[0])))
 
 
 def product(torch, x, weight, bias, threads: int):
-    """``F.linear(x, weight, bias)`` for one row (``applies``) by this kernel with ``threads`` threads, in
-    x's shape but for the last dimension; its bits may differ from F.linear's (the module's docstring).
-    Raises RuntimeError where the kernel is unavailable."""
+    """``F.linear(x, weight, bias)`` for one row by this kernel with ``threads`` threads, in x's shape but for
+    the last dimension; its bits may differ from F.linear's (the module's docstring). Raises ValueError for a
+    call ``applies`` refuses (the kernel reads raw memory: a wrong shape would read past it), RuntimeError where
+    the kernel is unavailable."""
     fn, why = _build()
     if fn is None:
         raise RuntimeError(f"nb_offload's CPU kernel is unavailable: {why}")
+    if not applies(torch, x, weight, bias):
+        def seen(t):
+            return "None" if t is None else f"{tuple(t.shape)} {t.dtype} on {t.device}"
+        raise ValueError(f"x {seen(x)}, weight {seen(weight)}, bias {seen(bias)}: the kernel takes one contiguous "
+                         f"bf16 row in host memory, a contiguous 2-D bf16 weight there of as many columns, and "
+                         f"no bias or {weight.shape[0] if weight.dim() else '?'} bf16 values in host memory")
     rows = weight.shape[0]
     out = torch.empty(*x.shape[:-1], rows, dtype=torch.bfloat16)
-    if bias is not None:
-        bias = bias.contiguous()
-        if bias.dtype != torch.bfloat16 or bias.device.type != "cpu" or bias.numel() != rows:
-            raise ValueError(f"bias of {tuple(bias.shape)} {bias.dtype} on {bias.device}: the kernel takes "
-                             f"{rows} bf16 values in host memory")
     fn(weight.data_ptr(), x.data_ptr(), bias.data_ptr() if bias is not None else None, out.data_ptr(),
        rows, weight.shape[1], max(1, int(threads)))
     return out
@@ -175,8 +180,8 @@ class FastLinears:
     a forward that takes the kernel for a call ``applies`` to while its weight is still the one it found (bound
     to the block's host memory) and its bias, if any, a bf16 one in host memory, with the threads torch has
     for the call (the block's own, in its decode step); any other call (a prefill, the block held on the
-    GPU) is the linear's own. ``remove`` puts the
-    linears' own forwards back. The same surface as cpu_products.PackedLinears (it copies nothing)."""
+    GPU) is the linear's own. ``remove`` puts the linears' own forwards back. The same surface as
+    cpu_products.PackedLinears (it copies nothing)."""
 
     bytes = 0
 
@@ -199,8 +204,7 @@ class FastLinears:
 
             def forward(x, linear=linear, home=home, own=own):
                 weight, bias = linear.weight, linear.bias
-                if weight.data_ptr() == home and applies(torch, x, weight) and (
-                        bias is None or (bias.dtype == torch.bfloat16 and bias.device.type == "cpu")):
+                if weight.data_ptr() == home and applies(torch, x, weight, bias):
                     return product(torch, x, weight, bias, torch.get_num_threads())
                 return own(x)
             linear.forward = forward

@@ -119,7 +119,7 @@ class Inspection:
         self._reordered_faster = False      # reordered weights' products beat F.linear's there (cpu_products.py)
         self._flinear_gbps = self._reordered_gbps = None      # the two rates measured there
         self._fast = False      # the CPU's blocks multiply by nb_offload's own kernel (cpu_kernel="fast")
-        self.fast_why_not = None        # why cpu_kernel="fast" was asked for and F.linear computes instead
+        self.fast_why_not = None        # why cpu_kernel="fast" was asked for and the exact products compute instead
         self._rates_reached = False     # the CPU's rate is the one its blocks reached decoding (use_cpu_rate)
         self.saved_quant = _saved_quantization(self.folder, self.config)    # its quantization_config, or None
         self.dtype = resolve_dtype(options.dtype, self.config)

@@ -87,7 +87,7 @@ class Plan:
     # cpu_kernel="fast"), "reordered" (copies of the weights reordered for oneDNN, cpu_products.py, where they
     # read faster than F.linear at load), else "F.linear"
     cpu_products: str = ""
-    cpu_kernel_why_not: str = ""    # why cpu_kernel="fast" was asked for and F.linear computes instead
+    cpu_kernel_why_not: str = ""    # why cpu_kernel="fast" was asked for and the exact products compute instead
 
     def __iter__(self):
         return iter(self.entries)

@@ -322,6 +322,7 @@ class Stats:
                 "cpu_replayed_bytes": self.cpu_replayed_bytes, "cpu_replayed_seconds": self.cpu_replayed_seconds,
                 "cpu_packed_linears": self.cpu_packed_linears,
                 "cpu_plain_linears": self.cpu_plain_linears, "cpu_packed_bytes": self.cpu_packed_bytes,
+                "cpu_fast_linears": self.cpu_fast_linears,
                 "kept_units": self.kept_units, "kept_bytes": self.kept_bytes,
                 "primed_from_cpu": self.primed_from_cpu, "primed_from_disk": self.primed_from_disk,
                 "host_now": self.host_now, "host_peak": self.host_peak,

@@ -159,7 +159,7 @@ def plan_text(plan) -> str:
             lines.append("  their products by nb_offload's own kernel (cpu_kernel=\"fast\": it sums in another order "
                          "than F.linear, so tokens may differ from transformers')")
         elif plan.cpu_kernel_why_not:
-            lines.append(f"  their products by F.linear: cpu_kernel=\"fast\" can't run here "
+            lines.append(f"  their products exact: cpu_kernel=\"fast\" can't run here "
                          f"({plan.cpu_kernel_why_not})")
         if plan.cpu_products == "reordered":
             lines.append("  their products from copies of the weights reordered for the CPU where bit-identical to "

@@ -45,6 +45,9 @@ def test_a_bias_is_added_and_the_input_s_leading_shape_kept():
     assert ((got.float() - exact(x, w, b).float()).abs() <= 2 * step).all()
     with pytest.raises(ValueError, match="40 bf16 values"):
         cpu_kernel.product(torch, x, w, b.float(), threads=1)
+    # it reads raw memory: a call of another shape is refused, not read past
+    with pytest.raises(ValueError, match=r"x \(1, 1, 32\) torch.bfloat16 on cpu.*one contiguous bf16 row"):
+        cpu_kernel.product(torch, x[..., :32], w, None, threads=1)
 
 
 @needs_kernel
