@@ -342,21 +342,25 @@ def quick_handover(interval: float):
 
 
 class HostWorker:
-    """The CPU's work off the caller's thread, for CUDA (``HostSignal``): one worker thread with torch's
-    threads set to ``threads`` computes a call's experts into page-locked rows and raises the counter
-    (also when it fails, so the GPU never waits for good); the caller collects the outcome later."""
+    """The CPU's work off the caller's thread, for CUDA (``HostSignal``): one worker thread, with torch's
+    threads set to ``threads`` for each call, computes a call's experts into page-locked rows and raises the
+    counter (also when it fails, so the GPU never waits for good); the caller collects the outcome later.
+
+    The threads are set for each call and restored after it, not once for the worker: torch keeps one count
+    for the process beside each thread's own, and a thread takes that count at its first parallel op, so a
+    worker that kept its count set would hand it to every thread started later (the caller's too, where it
+    hadn't computed yet)."""
 
     def __init__(self, torch, threads: int, signal: HostSignal, name: str = "nb_offload-cpu-experts", device=None):
-        self.torch, self.signal, self._last = torch, signal, None
+        self.torch, self.signal, self.threads, self._last = torch, signal, threads, None
         index = None
         if device is not None and getattr(device, "type", None) == "cuda":     # its events are that device's
             # set_device takes an index: "cuda" alone means the caller's current device, so read it here
             index = device.index if device.index is not None else torch.cuda.current_device()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=self._start,
-                                       initargs=(threads, index))
+                                       initargs=(index,))
 
-    def _start(self, threads, index):
-        self.torch.set_num_threads(threads)
+    def _start(self, index):
         if index is not None:
             self.torch.cuda.set_device(index)
 
@@ -385,7 +389,12 @@ class HostWorker:
         def run():
             ran.append(True)
             try:
-                return work()
+                before = self.torch.get_num_threads()
+                self.torch.set_num_threads(self.threads)
+                try:
+                    return work()
+                finally:
+                    self.torch.set_num_threads(before)
             finally:
                 release()
         try:

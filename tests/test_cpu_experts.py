@@ -6,6 +6,7 @@ GPU and the CPU (tests/gpu/test_experts_gpu.py)."""
 import copy
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -182,12 +183,36 @@ def test_the_worker_writes_a_calls_rows_in_order_and_always_raises_the_counter(m
         worker.close()
 
 
+def test_a_worker_sets_its_threads_for_each_call_and_leaves_the_process_count_as_it_found_it():
+    """torch keeps one thread count for the process, which a thread takes at its first parallel op: a worker
+    that kept its own count set would hand it to every thread started later. Its calls run with its count;
+    between them, and for threads started after, the count is what it was."""
+    def fresh_count():
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        return seen[0]
+    before = fresh_count()
+    if before == 1:
+        pytest.skip("one core: a count of 1 can't show a leak")
+    worker = cpu_experts.HostWorker(torch, 1, SimpleNamespace(raise_to=lambda value: None))
+    try:
+        assert worker.call(torch.get_num_threads, 3).result(timeout=5) == 1
+        assert fresh_count() == before
+        with pytest.raises(ZeroDivisionError):          # restored where the call raised too
+            worker.call(lambda: 1 / 0).result(timeout=5)
+        assert fresh_count() == before and worker.call(torch.get_num_threads).result(timeout=5) == 1
+    finally:
+        worker.close()
+    assert fresh_count() == before
+
+
 def test_a_worker_that_cannot_start_still_releases_the_gpu_for_every_call_and_fails_them():
     """The GPU waits on the counter (or a captured step's flag) for each call: a worker whose start fails
     (here: setting a CUDA device it can't) never runs them, and must still raise the counter and call
     ``ended``, or the GPU waits for good. A device without an index is the caller's current one."""
     from concurrent.futures import BrokenExecutor
-    from types import SimpleNamespace
 
     raised, ended, devices = [], [], []
 
