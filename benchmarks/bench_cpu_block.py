@@ -36,7 +36,7 @@ def main():
                     "torch_threads": torch.get_num_threads(), "host_threads": host_threads(),
                     "torch": torch.__version__, "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE", "0")}, "rows": []}
     add = row_recorder(out, args.json, digits=2)
-    torch.inference_mode().__enter__()
+    torch.set_grad_enabled(False)        # for the whole run (an inference_mode object left unentered does nothing)
     link = link_copier(torch) if torch.cuda.is_available() else None
     if "block" in args.parts:
         block_rows(torch, add, args, link)

@@ -90,7 +90,7 @@ def main():
                     "cpu_threads": host_threads(), "cores": os.cpu_count()}, "rows": []}
     out["meta"]["link_gbps"] = link = med(pinned_rate())
     add = row_recorder(out, args.json, digits=4)
-    torch.inference_mode().__enter__()
+    torch.set_grad_enabled(False)        # for the whole run (an inference_mode object left unentered does nothing)
 
     def reference(on_cpu, max_tokens=0):
         """transformers on the GPU; with the blocks ``on_cpu`` computed on the CPU for steps of at most

@@ -122,6 +122,63 @@ def same_bits(torch, shapes, thread_counts) -> dict:
     return out
 
 
+def _linears(torch, shapes):
+    """A module of bias-free linears of ``shapes`` ([out, in]), called with one row of 4,096 and one of 11,008
+    inputs (each linear takes the one of its width): a block's products as torch.compile sees them."""
+    class Products(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linears = torch.nn.ModuleList(torch.nn.Linear(cols, rows, bias=False, device="meta")
+                                               for rows, cols in shapes)
+
+        def forward(self, *rows):
+            by_width = {x.shape[-1]: x for x in rows}
+            return [linear(by_width[linear.in_features]) for linear in self.linears]
+    return Products().eval()
+
+
+def compile_block_products(torch, weights):
+    """``weights`` (blocks' matrices in run order) as linears compiled with frozen weights and max-autotune, and
+    the inputs to call them with."""
+    import torch._inductor.config as inductor
+    inductor.freezing = True
+    # its own templates only: max-autotune otherwise picks between them, oneDNN on reordered weights and aten's mm
+    # by timing each at compile time, and the bits with them (on the 2-core machine the same shape took each)
+    inductor.max_autotune_gemm_backends = "CPP"
+    module = _linears(torch, [tuple(w.shape) for w in weights])
+    for linear, w in zip(module.linears, weights):
+        linear.weight = torch.nn.Parameter(w, requires_grad=False)
+    call_inputs = [torch.full((1, cols), 0.5, dtype=weights[0].dtype) for cols in sorted({w.shape[1] for w in weights})]
+    compiled = torch.compile(module, mode="max-autotune", dynamic=False)
+    from torch._inductor.utils import run_and_get_code
+    _, code = run_and_get_code(compiled, *call_inputs)
+    return compiled, call_inputs, kernels_in("\n".join(code))
+
+
+def kernels_in(code: str) -> list:
+    """The matrix kernels inductor's generated ``code`` calls: its own templates (micro_gemm), oneDNN on reordered
+    weights (_linear_pointwise) or aten's mm (F.linear's)."""
+    import re
+    return sorted(set(re.findall(r"kernel_micro_gemm_\w+|_linear_pointwise|extern_kernels\.mm|aten\.mm", code)))
+
+
+def compiled_differing(torch, shapes) -> dict:
+    """Per distinct shape, (outputs differing, outputs, kernels) of its compiled product against F.linear's, over
+    the order-revealing check inputs of cpu_products (the weights and inputs its ``matches`` takes)."""
+    from nb_offload import cpu_products
+    found = {}
+    for rows, cols in dict.fromkeys(shapes):
+        gen = torch.Generator().manual_seed(rows * 131 + cols)
+        w, _ = cpu_products._check_weights(torch, rows, cols, torch.bfloat16, gen)
+        xs = [x.view(1, cols) for x in cpu_products._check_inputs(torch, cols, torch.bfloat16, gen)]
+        torch._dynamo.reset()
+        module, _, kernels = compile_block_products(torch, [w])
+        differ = sum(int((module(x)[0] != torch.nn.functional.linear(x, w)).sum()) for x in xs)
+        found[rows, cols] = (differ, rows * len(xs), kernels)
+    torch._dynamo.reset()
+    return found
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", default="8,12,14,16")
@@ -132,11 +189,13 @@ def main():
                     "thread, as the engine's CPU blocks; packed: reordered copies where they equal F.linear, as the "
                     "engine's; packed_all: every product reordered; products_4k, products_pageable: other pages; "
                     "bmm16, bmm64: row slices through torch.bmm; phased: row slices on single-threaded workers; own: "
-                    "nb_offload's own kernel, cpu_kernel=\"fast\", whose bits differ)")
+                    "nb_offload's own kernel, cpu_kernel=\"fast\", whose bits differ; compiled: torch.compile with "
+                    "frozen weights and max-autotune, bit-compared by shape; compiled_equal: compiled for the shapes "
+                    "whose bits equal F.linear's, F.linear for the others)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
-    torch.inference_mode().__enter__()
+    torch.set_grad_enabled(False)        # for the whole run (an inference_mode object left unentered does nothing)
     link = Link(torch) if torch.cuda.is_available() else None
     if args.link_for:
         if link is None:
@@ -268,6 +327,35 @@ def main():
         out["meta"]["own_kernel_outputs_differing"] = [differ, total]
         print(f"own kernel: {differ} of {total} outputs differ from F.linear's in the last bit or more", flush=True)
 
+    # torch.compile's CPU backend with frozen weights and max-autotune: its own AMX GEMM templates, over weights it
+    # packs into a blocked layout of its own (copies, as "packed"'s). Compiled once a thread count (its kernels
+    # take the count at compile time). On a 2-core AMX machine (2026-12-05) its bits equalled F.linear's with
+    # 4,096 inputs and not with 11,008, as the reordered copies', and it read 24.7 GB/s against F.linear's 21.8
+    # (benchmarks/RESULTS.md)
+    compiled = {}       # threads -> (compiled module, its inputs, the weights it leaves to F.linear)
+
+    def compiled_products(where_equal=False):
+        threads = torch.get_num_threads()
+        key = threads, where_equal
+        if key not in compiled:
+            if threads not in checked:      # first: the check resets torch.compile's caches
+                checked[threads] = compiled_differing(torch, shapes)
+                out["meta"].setdefault("compiled_outputs_differing", {})[threads] = {
+                    f"{r}x{c}": f"{d}/{n} ({', '.join(k)})" for (r, c), (d, n, k) in checked[threads].items()}
+                print(f"compiled, {threads} threads: outputs differing from F.linear's by shape "
+                      f"{out['meta']['compiled_outputs_differing'][threads]}", flush=True)
+            left = [w for w in weights if where_equal and checked[threads][tuple(w.shape)][0]]
+            taken = [w for w in weights if not any(w is x for x in left)]
+            module, call_inputs, kernels = compile_block_products(torch, taken)
+            compiled[key] = module, call_inputs, left
+            out["meta"].setdefault("compiled_kernels", {})[f"{threads}{' where equal' if where_equal else ''}"] = \
+                kernels
+        module, call_inputs, left = compiled[key]
+        module(*call_inputs)
+        for w in left:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+    checked = {}
+
     ways = {"sum": ("sum", lambda: floats.sum(), floats.numel() * 4),
             "products": ("products", products, product_bytes),
             "products_4k": ("products, 4 KiB pages", lambda: products(small_pages), product_bytes),
@@ -280,7 +368,10 @@ def main():
             "bmm16": ("products as 16 row slices (torch.bmm)", lambda: sliced_products(16), product_bytes),
             "bmm64": ("products as 64 row slices (torch.bmm)", lambda: sliced_products(64), product_bytes),
             "phased": ("products' rows on single-threaded workers", phased_products, product_bytes),
-            "own": ("products by nb_offload's own kernel (cpu_kernel.py)", own_products, product_bytes)}
+            "own": ("products by nb_offload's own kernel (cpu_kernel.py)", own_products, product_bytes),
+            "compiled": ("products compiled (inductor, frozen, max-autotune)", compiled_products, product_bytes),
+            "compiled_equal": ("products compiled where equal, else F.linear", lambda: compiled_products(True),
+                               product_bytes)}
     if unknown := set(chosen) - set(ways):
         raise SystemExit(f"--ways: {sorted(unknown)}; accepted: {', '.join(ways)}")
     out["meta"].update(huge_pages_setting=text_of("/sys/kernel/mm/transparent_hugepage/enabled").strip(),

@@ -873,7 +873,8 @@ def render_host_bound(data, command, title, llama_beside=None) -> str:
     m = data["meta"]
     alone = next((r["link_gbps"] for r in data["rows"] if r["what"] == "link alone"), 0.0)
     lines = [f"## {m['date']}, {title or 'the host bound: the cores and the link reading host memory at once'} · "
-             f"{m['device']} host, {m['cores']} cores · torch {m['torch']}", "",
+             f"{m['device'] + ' host' if m['device'] != 'none' else 'a machine without a GPU'}, {m['cores']} cores · "
+             f"torch {m['torch']}", "",
              "Command (GPU machine, repository root):", "", f"    {command}", "",
              "The cores read page-locked host memory (*sum*: an fp32 sum over 4 GiB; *products*: a LLaMA-7B block's "
              "batch-1 bf16 products over five blocks' distinct weights, 2.0 GB, F.linear as a CPU block computes "
@@ -899,6 +900,11 @@ def render_host_bound(data, command, title, llama_beside=None) -> str:
         differ, total = m["own_kernel_outputs_differing"]
         lines += [f"The own kernel (`cpu_kernel=\"fast\"`) sums in another order than F.linear: over one block's "
                   f"random weights and inputs, {differ} of its {total} outputs differ from F.linear's.", ""]
+    for threads, shapes in m.get("compiled_outputs_differing", {}).items():
+        lines += [f"Compiled (torch.compile, frozen weights, max-autotune, inductor's own templates), {threads} "
+                  "threads: outputs differing from F.linear's over the order-revealing check of "
+                  "`cpu_products.matches`, by shape: "
+                  + "; ".join(f"{shape} {found}" for shape, found in shapes.items()) + ".", ""]
     if llama_beside:
         copied = next((line.split(":", 1)[1].strip() for line in open(llama_beside) if line.startswith("link ")),
                       "not printed")

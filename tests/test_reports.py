@@ -58,6 +58,10 @@ def test_llama_bench_tables_are_read_by_their_headers(report, tmp_path):
     ("raw-2026-12-05-h200-s21-host-bound-own.json", [
         "| products by a plain AVX-512 BF16 kernel (gemv_bf16.c) | 12 | 75.3 | 62.5 | 51.0 | **113.5** |",
         "1 of its 19200 outputs differ from F.linear's"]),
+    ("raw-2026-12-05-cpu-s22-host-bound.json", [
+        "a machine without a GPU, 2 cores", "| products compiled (inductor, frozen, max-autotune) | 2 | 25.4 |",
+        "2 threads: outputs differing from F.linear's over the order-revealing check of `cpu_products.matches`, by "
+        "shape: 4096x4096 0/12288"]),
 ])
 def test_saved_runs_render_with_their_goals(report, name, expect, capsys, monkeypatch):
     llama = os.path.join(RUNS, "raw-2026-12-04-h200-s17-llamacpp-beside-link.txt" if "host-bound" in name
