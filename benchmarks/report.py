@@ -875,11 +875,14 @@ def render_host_bound(data, command, title, llama_beside=None) -> str:
     lines = [f"## {m['date']}, {title or 'the host bound: the cores and the link reading host memory at once'} · "
              f"{m['device'] + ' host' if m['device'] != 'none' else 'a machine without a GPU'}, {m['cores']} cores · "
              f"torch {m['torch']}", "",
-             "Command (GPU machine, repository root):", "", f"    {command}", "",
+             f"Command ({'GPU machine' if m['device'] != 'none' else 'the CPU machine'}, repository root):", "",
+             f"    {command}", "",
              "The cores read page-locked host memory (*sum*: an fp32 sum over 4 GiB; *products*: a LLaMA-7B block's "
              "batch-1 bf16 products over five blocks' distinct weights, 2.0 GB, F.linear as a CPU block computes "
              "them) at each thread count, alone and while a thread copies page-locked memory to the GPU from 32 "
-             f"distinct 64 MiB chunks; GB/s, medians of the passes. The link alone: {alone:.1f} GB/s."
+             "distinct 64 MiB chunks; GB/s, medians of the passes. "
+             + (f"The link alone: {alone:.1f} GB/s." if m["device"] != "none" else
+                "**No GPU here**: the memory is pageable, and no link copies beside the cores.")
              + (f" Page-locked buffers of 2 MiB or more ask for transparent huge pages (`tiers.HUGE_PAGES`; this "
                 f"host's setting: `{m['huge_pages_setting']}`; the process held {m['anon_huge_pages']} in them); "
                 "*4 KiB pages*: the same weights page-locked without asking; *pageable memory*: in torch's own "
@@ -915,6 +918,32 @@ def render_host_bound(data, command, title, llama_beside=None) -> str:
             if line.startswith("|"):
                 lines.append(line.rstrip())
         lines.append("")
+    return "\n".join(lines)
+
+
+def render_cpu_device(data, command, title) -> str:
+    """A bench_cpu_device.py run: nb_offload on the CPU device, exact and with cpu_kernel="fast", against plain
+    transformers on the CPU."""
+    m = data["meta"]
+    title = title or 'the CPU device: exact and cpu_kernel="fast" against plain transformers'
+    lines = [f"## {m['date']}, {title}"
+             f" · a machine without a GPU, {m['cores']} cores ({m['threads']} torch threads) · torch {m['torch']}",
+             "", "Command (repository root):", "", f"    {command}", "",
+             f"LLaMA shape ({m['shape']}), random bf16 weights, {m['model_bytes'] / 1e9:.2f} GB. Decode per token: "
+             "(18-token generate - 2-token generate) / 16, rounds interleaved, medians (spread of the rounds); "
+             f"prefill: a 1-token generate of the {m.get('prompt', 128)}-token prompt. Tokens: nb_offload exact "
+             "against plain transformers; "
+             "`cpu_kernel=\"fast\"` against plain transformers with the same linears multiplying one row by the same "
+             f"kernel ({m.get('fast_linears', 0)} linears; that reference's tokens differ from plain's in "
+             f"{m.get('kernel_tokens_differ_from_plain', 'n/a')} of 16). The kernel: {m['kernel']}.", "",
+             "| load | decode tok/s | x plain | GB/s of weights | step spread ms | prefill s | tokens = reference |",
+             "|---|---:|---:|---:|---|---:|---|"]
+    for r in data["rows"]:
+        lo, hi = r["decode_spread_ms"]
+        same = {True: "yes", False: "**no**", None: "(the reference)"}[r["tokens_equal"]]
+        lines.append(f"| {r['what']} | {r['decode_tok_s']:.2f} | **{r['over_plain']:.2f}x** | {r['bytes_gbps']:.1f} "
+                     f"| {lo:.1f}-{hi:.1f} | {r['prefill_s']:.3f} | {same} |")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -976,6 +1005,9 @@ def main():
         title = f' --title "{args.title}"' if args.title else ""
         print(render_readme(data, args.title, list(zip(args.json[1:], loaded[1:])),
                             f"python3 benchmarks/report.py {' '.join(args.json)} --readme{title}"))
+    elif any("decode_tok_s" in r and "over_plain" in r for r in data.get("rows", [])):
+        print(render_cpu_device(data, args.command or "PYTHONPATH=.:benchmarks python3 benchmarks/bench_cpu_device.py "
+                                "--json out.json", args.title))
     elif any(r.get("kind") == "renumbered" for r in data.get("rows", [])):
         print(render_fetch(data, args.command or "bash benchmarks/gpu_run.sh fetch", args.title))
     elif {"block_bytes", "huge_pages"} & set(data.get("meta", {})):

@@ -349,6 +349,10 @@ class Engine:
                 if found is not None and found.module not in hooked:
                     hooked.add(found.module)
                     self.hooks.before_call(found.module, lambda args, kwargs: self._collect())
+        if not self.cuda:
+            self._natural_head_input()
+        if self.fast_kernel and not self.cuda:
+            self._fast_in_place()
         if self.cpu_blocks:
             threads = cpu_experts.host_threads()
             self._pack_cpu_weights(threads)
@@ -368,6 +372,43 @@ class Engine:
                     continue
                 for name in u.modules:
                     self.hooks.around(name, block.before, block.after)
+
+    def _natural_head_input(self):
+        """On the CPU device: the output head's input copied into a row-major tensor of its own where it is a view
+        with other strides. transformers gives the head the hidden states' last position (``[:, -1:, :]`` of a
+        prompt's), whose batch stride is the prompt's. Where the weights don't require grad (nb_offload binds
+        them so), torch's matmul can't fold such a view into one product and takes the batched one, which on the
+        CPU copies the head's weight transposed at each call: 0.3 s of a prefill for a head of 32,000 rows on a
+        2-core machine, against 5 ms. Plain transformers' weights require grad, so its matmul folds the rows
+        (copying them): the same product and bits as the copy here gives."""
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        name = next((n for n, m in self.model.named_modules() if m is head), None) if head is not None else None
+        if name is None:
+            return
+        torch = self.torch
+
+        def natural(args, kwargs):
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and x.dim() > 2 and x.stride() != _row_major(x.shape):
+                args = (x.clone(memory_format=torch.contiguous_format),) + tuple(args[1:])
+            return args, kwargs
+        self.hooks.around(name, natural, lambda output: output)
+
+    def _fast_in_place(self):
+        """On the CPU device (cpu_kernel="fast"): the linears of the units computed where they live in host memory
+        (not streamed into a slot) take nb_offload's kernel for one-row products, with the caller's threads."""
+        from .cpu_kernel import FastLinears
+        st = self.stats
+        streamed = set(self.sources) | set(self.owner.values()) | set(self.cpu_blocks)
+        for u in self.units[:self.n_model]:
+            if u.index in streamed:
+                continue
+            for name in u.modules:
+                fast = FastLinears(self.torch, self.model.get_submodule(name))
+                fast.install()
+                self._packed.append(fast)
+                st.cpu_fast_linears += len(fast.linears)
+                st.cpu_plain_linears += fast.skipped
 
     def _pack_cpu_weights(self, threads: int):
         """The CPU blocks' linears that compute one token's row from reordered copies of their weights
@@ -1113,3 +1154,11 @@ def _tokens(args, kwargs) -> int:
     """The tokens a forward pass computes (batch x length of its ids or embeddings; 1 where it can't tell)."""
     shape = getattr(given_ids(args, kwargs), "shape", ())
     return int(shape[0] * shape[1]) if len(shape) >= 2 else 1
+
+
+def _row_major(shape) -> tuple:
+    """The strides of a row-major tensor of ``shape``."""
+    strides = [1]
+    for size in reversed(tuple(shape)[1:]):
+        strides.insert(0, strides[0] * size)
+    return tuple(strides)

@@ -248,6 +248,10 @@ class Inspection:
             if plan.cpu_products == "reordered" and not self._reserve_reordered(plan, budgets):
                 # no room for the copies: the plan made again with F.linear, at its rate
                 return self.make_plan(device_type, budgets, pins, expert_pins, products="F.linear")
+        elif device_type == "cpu" and o.cpu_kernel == "fast":
+            # the CPU computes every unit here: one-row products by the kernel where it runs, no rate to plan with
+            plan.cpu_products = "fast" if self._fast_kernel_runs() else "F.linear"
+            plan.cpu_kernel_why_not = self.fast_why_not or ""
         plan.rates_reached = bool(plan.rates) and self._rates_reached
         return plan
 
@@ -302,12 +306,7 @@ class Inspection:
             cuda = torch.cuda.is_available()
             link = budget.link_gbps() if cuda else 25.0
             beside = hybrid.BusyLink(torch, torch.device("cuda", torch.cuda.current_device())) if cuda else None
-            fast = self.options.cpu_kernel == "fast"
-            if fast:
-                from . import cpu_kernel
-                self.fast_why_not = cpu_kernel.why_unavailable() if self.dtype == torch.bfloat16 \
-                    else f"it takes bf16 weights, and this model loads as {self.dtype}"
-                fast = self.fast_why_not is None      # else the exact products, as without the option
+            fast = self.options.cpu_kernel == "fast" and self._fast_kernel_runs()   # else the exact products
             try:
                 rates = hybrid.rates_by_tokens(torch, self.dtype, self._block_shapes(), host_threads(), (1,), 5,
                                                beside, packed=self.options.pack_cpu_weights and not fast, fast=fast)
@@ -323,6 +322,16 @@ class Inspection:
             self._flinear_gbps, self._reordered_gbps = rates[1] / 1e9, reordered / 1e9
             self._cpu_rates = ((reordered if self._reordered_faster else rates[1]) / 1e9, link)
         return self._cpu_rates
+
+    def _fast_kernel_runs(self) -> bool:
+        """Whether nb_offload's kernel (cpu_kernel="fast") can multiply this model's weights here; where not,
+        ``fast_why_not`` says why."""
+        import torch
+
+        from . import cpu_kernel
+        self.fast_why_not = cpu_kernel.why_unavailable() if self.dtype == torch.bfloat16 \
+            else f"it takes bf16 weights, and this model loads as {self.dtype}"
+        return self.fast_why_not is None
 
     def cpu_products(self) -> str:
         """How the CPU's blocks multiply one token's row: "fast" with ``cpu_kernel="fast"`` where its kernel runs

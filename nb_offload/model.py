@@ -168,7 +168,7 @@ class OffloadedModel:
                               cpu_blocks=on_cpu, cpu_max_tokens=self.plan.cpu_max_tokens,
                               decode_spare=self.plan.reserved.get("activations", 0),
                               packed_room=self._packed_room() if on_cpu else 0,
-                              fast_kernel=bool(on_cpu) and self.plan.cpu_products == "fast")
+                              fast_kernel=self.plan.cpu_products == "fast")
         self._engine.install()
         self._prime()
 

@@ -193,3 +193,68 @@ def test_the_engine_gives_its_cpu_blocks_the_kernel_where_the_plan_says_fast(mod
         finally:
             for packed in eng._packed:
                 packed.remove()
+
+
+def _kernel_reference(folder, ids, n, skip=()):
+    """Plain transformers' greedy tokens on the CPU with every wide linear but those under ``skip`` (module
+    names) multiplying one row by the kernel: what a CPU-device load with cpu_kernel="fast" computes."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    fast = [cpu_kernel.FastLinears(torch, module) for name, module in model.named_children()]
+    for f in fast:
+        f.linears = [(linear, home) for linear, home in f.linears
+                     if not any(m is linear for s in skip for m in model.get_submodule(s).modules())]
+        f.install()
+    try:
+        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    finally:
+        for f in fast:
+            f.remove()
+
+
+@needs_kernel
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+def test_on_the_cpu_device_the_units_in_host_memory_multiply_by_the_kernel(arch, model_dirs, tmp_path, monkeypatch):
+    """cpu_kernel="fast" on the CPU device: the units computed where they live in host memory take the kernel for
+    one-row products (decode steps), a unit streamed from the disk tier into a slot doesn't, and the tokens are
+    those of transformers multiplying the same linears by the same kernel. The plan says so; exact, the tokens
+    are plain transformers'."""
+    import nb_offload
+    folder = model_dirs(arch, dtype="bfloat16", hidden_size=128, intermediate_size=256)
+    ids = torch.tensor([[5, 17, 42, 9, 77, 3]])
+    n = 6
+    calls, real = [], cpu_kernel.product
+    monkeypatch.setattr(cpu_kernel, "product", lambda *a: calls.append(a[2].shape) or real(*a))
+    with nb_offload.load(folder, device="cpu", cpu_kernel="fast", disk=str(tmp_path / "off"),
+                         pins={"model.layers.1": "disk"}, progress=False) as llm:
+        assert llm.plan.cpu_products == "fast" and llm.plan.tier_of("model.layers.1") == "disk"
+        assert "one-row products of the units in host memory by nb_offload's own kernel" in str(llm.plan)
+        got = llm.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        fast_linears = llm.stats.cpu_fast_linears
+    # each decode step's, and of the prefill's only the head's: transformers computes it for the last token alone
+    assert fast_linears > 0 and len(calls) == fast_linears * (n - 1) + 1
+    assert torch.equal(got, _kernel_reference(folder, ids, n, skip=["model.layers.1"]))
+    from transformers import AutoModelForCausalLM
+    plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+
+    def wide(module):
+        return sum(isinstance(m, torch.nn.Linear) and m.out_features >= 64 for m in module.modules())
+    assert fast_linears == wide(plain) - wide(plain.model.layers[1])        # all but the streamed block's
+    monkeypatch.setattr(cpu_kernel, "product", real)
+    with nb_offload.load(folder, device="cpu", progress=False) as llm:
+        assert llm.plan.cpu_products == "" and llm.stats.cpu_fast_linears == 0
+        assert "own kernel" not in str(llm.plan)
+        exact = llm.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    assert torch.equal(exact, plain.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False))
+
+
+def test_on_the_cpu_device_a_machine_without_the_kernel_computes_exactly_and_says_why(model_dirs, monkeypatch):
+    import nb_offload
+    folder = model_dirs("llama", dtype="bfloat16", hidden_size=128, intermediate_size=256)
+    monkeypatch.setattr(cpu_kernel, "_built", (None, "this CPU lacks avx512_bf16 (it needs AVX-512 BF16)"))
+    plan = nb_offload.plan(folder, device="cpu", cpu_kernel="fast")
+    assert plan.cpu_products == "F.linear"
+    assert "products exact: cpu_kernel=\"fast\" can't run here (this CPU lacks avx512_bf16" in str(plan)
+    monkeypatch.setattr(cpu_kernel, "_built", None)
+    as_float = nb_offload.plan(folder, device="cpu", cpu_kernel="fast", dtype="float32")
+    assert "can't run here (it takes bf16 weights, and this model loads as torch.float32)" in str(as_float)

@@ -62,6 +62,9 @@ def test_llama_bench_tables_are_read_by_their_headers(report, tmp_path):
         "a machine without a GPU, 2 cores", "| products compiled (inductor, frozen, max-autotune) | 2 | 25.4 |",
         "2 threads: outputs differing from F.linear's over the order-revealing check of `cpu_products.matches`, by "
         "shape: 4096x4096 0/12288"]),
+    ("raw-2026-12-05-cpu-s22-cpu-device.json", [
+        "| nb_offload cpu_kernel=\"fast\" | 14.70 | **1.29x** | 25.1 |", "| nb_offload exact | 11.42 | **1.01x**",
+        "differ from plain's in 8 of 16"]),
 ])
 def test_saved_runs_render_with_their_goals(report, name, expect, capsys, monkeypatch):
     llama = os.path.join(RUNS, "raw-2026-12-04-h200-s17-llamacpp-beside-link.txt" if "host-bound" in name

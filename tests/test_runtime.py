@@ -387,3 +387,34 @@ def test_the_command_line_is_named_as_installed(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert capsys.readouterr().out.startswith("usage: nb-offload ")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_on_the_cpu_device_the_head_takes_its_input_row_major(arch, model_dirs, tmp_path):
+    """transformers hands the head the prompt's last position, a view with the prompt's batch stride. Plain
+    transformers' weights require grad, so torch's matmul folds it into one product; nb_offload's don't, and
+    matmul then takes its batched path, which on the CPU copies the head's weight transposed at every call (0.3 s
+    a prefill for a 32,000-row head; benchmarks/RESULTS.md). The engine gives the head a row-major copy of its
+    input, streamed from disk too; tokens stay plain transformers'."""
+    from transformers import AutoModelForCausalLM
+    folder = model_dirs(arch)
+    ids = torch.tensor([list(range(1, 9))])
+
+    def strides_seen(model, generate):
+        seen = []
+        hook = model.get_output_embeddings().register_forward_pre_hook(
+            lambda m, args: seen.append(args[0].stride()))
+        try:
+            tokens = generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        finally:
+            hook.remove()
+        return seen, tokens
+    plain = AutoModelForCausalLM.from_pretrained(folder).eval()
+    want_seen, want = strides_seen(plain, plain.generate)
+    hidden = plain.config.get_text_config().hidden_size
+    assert want_seen[0] == (8 * hidden, hidden, 1)          # the prompt's view, as transformers gives it
+    for options in ({}, {"disk": str(tmp_path / "off"), "pins": {"lm_head": "disk"}}):
+        with nb_offload.load(folder, device="cpu", progress=False, **options) as llm:
+            seen, tokens = strides_seen(llm.model, llm.generate)
+            assert llm.plan.tier_of("lm_head") == ("disk" if options else "cpu")
+        assert seen == [(hidden, hidden, 1)] * 3 and torch.equal(tokens, want)
