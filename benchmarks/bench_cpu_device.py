@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -26,7 +27,8 @@ from bench_offload import row_recorder
 
 
 def build(folder, torch, hidden, layers, intermediate, vocab):
-    """A LLaMA-shaped model with random bf16 weights saved in ``folder`` (safetensors)."""
+    """A LLaMA-shaped model with random bf16 weights saved in ``folder`` (safetensors); (its bytes, the bytes a
+    decode step reads: all but the embedding table's other rows)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                       num_attention_heads=hidden // 128, num_key_value_heads=max(1, hidden // 512),
@@ -38,7 +40,9 @@ def build(folder, torch, hidden, layers, intermediate, vocab):
     for p in model.parameters():        # small random weights, so the logits stay finite and the tokens vary
         p.data.normal_(0.0, 0.02) if p.dim() > 1 else p.data.fill_(1.0)
     model.save_pretrained(folder)
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    table = model.get_input_embeddings().weight
+    return nbytes, nbytes - table.numel() * table.element_size() + table.shape[1] * table.element_size()
 
 
 def main():
@@ -52,17 +56,26 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
-    from transformers import AutoModelForCausalLM
 
-    import nb_offload
     from nb_offload import cpu_kernel
     torch.set_grad_enabled(False)
     out = {"meta": {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "kernel": cpu_kernel.why_unavailable() or "runs here"}, "rows": []}
     add = row_recorder(out, args.json, digits=4)
     folder = tempfile.mkdtemp(prefix="nb_offload-cpu-device-")
-    nbytes = build(folder, torch, args.hidden, args.layers, args.intermediate, args.vocab)
-    out["meta"].update(model_bytes=nbytes, prompt=args.prompt,
+    try:
+        measure(args, torch, out, add, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def measure(args, torch, out, add, folder):
+    from transformers import AutoModelForCausalLM
+
+    import nb_offload
+    from nb_offload import cpu_kernel
+    nbytes, step_bytes = build(folder, torch, args.hidden, args.layers, args.intermediate, args.vocab)
+    out["meta"].update(model_bytes=nbytes, step_bytes=step_bytes, prompt=args.prompt,
                        shape=f"hidden {args.hidden}, {args.layers} layers, intermediate {args.intermediate}, "
                              f"vocab {args.vocab}")
     print(f"model: {out['meta']['shape']}, {nbytes / 1e9:.2f} GB bf16; kernel: {out['meta']['kernel']}", flush=True)
@@ -113,9 +126,10 @@ def main():
         add(what=name, decode_tok_s=1 / step, decode_spread_ms=[min(decode[name]) * 1e3, max(decode[name]) * 1e3],
             over_plain=base / step, prefill_s=statistics.median(prefill[name]),
             prefill_spread_s=[min(prefill[name]), max(prefill[name])],
-            bytes_gbps=nbytes / step / 1e9, tokens_equal=same.get(name))
-        print(f"{name:34s} decode {1 / step:6.2f} tok/s ({base / step:.2f}x plain), {nbytes / step / 1e9:5.1f} GB/s "
-              f"of weights; prefill {args.prompt} {statistics.median(prefill[name]):.3f} s; "
+            bytes_gbps=step_bytes / step / 1e9, tokens_equal=same.get(name))
+        print(f"{name:34s} decode {1 / step:6.2f} tok/s ({base / step:.2f}x plain), "
+              f"{step_bytes / step / 1e9:5.1f} GB/s of weights; prefill {args.prompt} "
+              f"{statistics.median(prefill[name]):.3f} s; "
               f"tokens equal to their reference: {same.get(name, 'the reference itself')}", flush=True)
     if fast_why is not None:
         print(f"cpu_kernel=\"fast\" not measured: {fast_why}", flush=True)

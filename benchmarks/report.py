@@ -929,7 +929,9 @@ def render_cpu_device(data, command, title) -> str:
     lines = [f"## {m['date']}, {title}"
              f" · a machine without a GPU, {m['cores']} cores ({m['threads']} torch threads) · torch {m['torch']}",
              "", "Command (repository root):", "", f"    {command}", "",
-             f"LLaMA shape ({m['shape']}), random bf16 weights, {m['model_bytes'] / 1e9:.2f} GB. Decode per token: "
+             f"LLaMA shape ({m['shape']}), random bf16 weights, {m['model_bytes'] / 1e9:.2f} GB"
+             + (f" ({m['step_bytes'] / 1e9:.2f} GB read a step: the embedding table's one row)" if "step_bytes" in m
+                else "") + ". Decode per token: "
              "(18-token generate - 2-token generate) / 16, rounds interleaved, medians (spread of the rounds); "
              f"prefill: a 1-token generate of the {m.get('prompt', 128)}-token prompt. Tokens: nb_offload exact "
              "against plain transformers; "

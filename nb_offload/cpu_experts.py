@@ -346,10 +346,12 @@ class HostWorker:
     threads set to ``threads`` for each call, computes a call's experts into page-locked rows and raises the
     counter (also when it fails, so the GPU never waits for good); the caller collects the outcome later.
 
-    The threads are set for each call and restored after it, not once for the worker: torch keeps one count
-    for the process beside each thread's own, and a thread takes that count at its first parallel op, so a
-    worker that kept its count set would hand it to every thread started later (the caller's too, where it
-    hadn't computed yet)."""
+    The threads are set for each call and, after it, set back to the count the caller had when it made the call,
+    not once for the worker: torch keeps one count for the process beside each thread's own, and a thread takes
+    that count at its first parallel op, so a worker that kept its count set would hand it to every thread
+    started later (the caller's too, where it hadn't computed yet). The caller's count, read as it calls, not the
+    worker's own before the call: with two workers at once (the experts' and the blocks'), one could read the
+    other's, and a count the user set after the load would be undone."""
 
     def __init__(self, torch, threads: int, signal: HostSignal, name: str = "nb_offload-cpu-experts", device=None):
         self.torch, self.signal, self.threads, self._last = torch, signal, threads, None
@@ -379,6 +381,7 @@ class HostWorker:
         GPU waits for them. A future of what it returned. Calls run in the order given, so the counter only
         goes up."""
         ran = []
+        callers = self.torch.get_num_threads()      # on the caller's thread: what the process count goes back to
 
         def release():
             if value is not None:
@@ -389,12 +392,11 @@ class HostWorker:
         def run():
             ran.append(True)
             try:
-                before = self.torch.get_num_threads()
                 self.torch.set_num_threads(self.threads)
                 try:
                     return work()
                 finally:
-                    self.torch.set_num_threads(before)
+                    self.torch.set_num_threads(callers)
             finally:
                 release()
         try:

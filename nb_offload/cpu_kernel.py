@@ -185,13 +185,17 @@ class FastLinears:
 
     bytes = 0
 
-    def __init__(self, torch, module):
+    def __init__(self, torch, module, among=None):
+        """``among``: where given, the ids of the weights whose linears may take it (the others are left out,
+        neither taken nor counted)."""
         from .cpu_products import candidates
         self.torch = torch
         self.linears, self.skipped = [], 0      # (linear, the address of its weight), and those left to F.linear
         if why_unavailable() is not None:
             return
         for linear in candidates(torch, module, torch.bfloat16):
+            if among is not None and id(linear.weight) not in among:
+                continue
             if linear.weight.device.type == "cpu" and linear.weight.is_contiguous():
                 self.linears.append((linear, linear.weight.data_ptr()))
             else:

@@ -349,10 +349,12 @@ class Engine:
                 if found is not None and found.module not in hooked:
                     hooked.add(found.module)
                     self.hooks.before_call(found.module, lambda args, kwargs: self._collect())
+        st = self.stats
+        st.cpu_packed_linears = st.cpu_plain_linears = st.cpu_packed_bytes = st.cpu_fast_linears = 0
         if not self.cuda:
-            self._natural_head_input()
+            self._row_major_head_input()
         if self.fast_kernel and not self.cuda:
-            self._fast_in_place()
+            self._fast_kernel_for_resident_units()
         if self.cpu_blocks:
             threads = cpu_experts.host_threads()
             self._pack_cpu_weights(threads)
@@ -373,7 +375,7 @@ class Engine:
                 for name in u.modules:
                     self.hooks.around(name, block.before, block.after)
 
-    def _natural_head_input(self):
+    def _row_major_head_input(self):
         """On the CPU device: the output head's input copied into a row-major tensor of its own where it is a view
         with other strides. transformers gives the head the hidden states' last position (``[:, -1:, :]`` of a
         prompt's), whose batch stride is the prompt's. Where the weights don't require grad (nb_offload binds
@@ -387,24 +389,28 @@ class Engine:
             return
         torch = self.torch
 
-        def natural(args, kwargs):
+        def copy_to_row_major(args, kwargs):
             x = args[0] if args else None
+            # the strides themselves: is_contiguous() ignores those of sizes of 1, and so takes that view as one
             if isinstance(x, torch.Tensor) and x.dim() > 2 and x.stride() != _row_major(x.shape):
                 args = (x.clone(memory_format=torch.contiguous_format),) + tuple(args[1:])
             return args, kwargs
-        self.hooks.around(name, natural, lambda output: output)
+        self.hooks.rewrite_call(name, copy_to_row_major)
 
-    def _fast_in_place(self):
+    def _fast_kernel_for_resident_units(self):
         """On the CPU device (cpu_kernel="fast"): the linears of the units computed where they live in host memory
-        (not streamed into a slot) take nb_offload's kernel for one-row products, with the caller's threads."""
+        (not streamed into a slot) take nb_offload's kernel for one-row products, with the caller's threads. A
+        linear takes it where its weight is a resident unit's: a unit's module may hold other units' modules (a
+        unit for a parameter of the blocks' container), whose linears may stream."""
         from .cpu_kernel import FastLinears
         st = self.stats
         streamed = set(self.sources) | set(self.owner.values()) | set(self.cpu_blocks)
-        for u in self.units[:self.n_model]:
-            if u.index in streamed:
-                continue
+        resident = [u for u in self.units[:self.n_model] if u.index not in streamed]
+        weights = {id(p) for u in resident for p in self.params.get(u.index, ())}
+        for u in resident:
             for name in u.modules:
-                fast = FastLinears(self.torch, self.model.get_submodule(name))
+                fast = FastLinears(self.torch, self.model.get_submodule(name) if name else self.model, among=weights)
+                weights -= {id(linear.weight) for linear, _ in fast.linears}      # each linear once
                 fast.install()
                 self._packed.append(fast)
                 st.cpu_fast_linears += len(fast.linears)
@@ -415,7 +421,6 @@ class Engine:
         (cpu_products.py), block after block in the model's order while ``packed_room`` lasts."""
         from .cpu_products import PackedLinears
         st, left = self.stats, self.packed_room
-        st.cpu_packed_linears = st.cpu_plain_linears = st.cpu_packed_bytes = st.cpu_fast_linears = 0
         if self.fast_kernel:
             from .cpu_kernel import FastLinears
             for idx in sorted(self.cpu_blocks):

@@ -40,6 +40,12 @@ class ModuleHooks:
                                                               with_kwargs=True))
         self._handles.append(module.register_forward_hook(lambda m, args, output: after(output), always_call=True))
 
+    def rewrite_call(self, name, fn):
+        """``fn(args, kwargs)`` returns the (args, kwargs) module ``name``'s forward is called with."""
+        module = self.root.get_submodule(name) if name else self.root
+        self._handles.append(module.register_forward_pre_hook(lambda m, args, kwargs: fn(args, kwargs),
+                                                              with_kwargs=True))
+
     def before_call(self, name, fn):
         """Call ``fn(args, kwargs)`` before module ``name``'s forward runs (it sees the call's arguments)."""
         def pre(module, args, kwargs):

@@ -249,7 +249,7 @@ class Stats:
     cpu_packed_linears: int = 0         # the CPU's blocks' linears computing from reordered copies (cpu_products.py)
     cpu_plain_linears: int = 0          # and those of a packable dtype left to F.linear (shape unmatched, no room)
     cpu_packed_bytes: int = 0           # host memory the copies take
-    cpu_fast_linears: int = 0           # the CPU's blocks' linears computing by nb_offload's kernel (cpu_kernel.py)
+    cpu_fast_linears: int = 0           # linears multiplying one row by nb_offload's kernel (cpu_kernel.py)
     kept_units: int = 0         # streamed units found in their slots, put there before the step (Schedule.kept)
     kept_bytes: int = 0         # and their bytes, neither copied nor read again
     primed_from_cpu: int = 0    # of bytes_from_cpu, those brought for the next prompt after a generate (Engine.prime)

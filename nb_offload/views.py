@@ -166,8 +166,9 @@ def plan_text(plan) -> str:
                          f"F.linear ({format_size(plan.host_reserved.get('reordered_weights', 0))} of host memory; "
                          "faster in the CPU's measure)")
     elif plan.cpu_products == "fast":       # the CPU device: every unit in host memory
-        lines.append("  one-row products of the units in host memory by nb_offload's own kernel (cpu_kernel=\"fast\": "
-                     "it sums in another order than F.linear, so tokens may differ from transformers')")
+        lines.append("  one-row products of the bf16 linears in host memory by nb_offload's own kernel "
+                     "(cpu_kernel=\"fast\": it sums in another order than F.linear, so tokens may differ from "
+                     "transformers')")
     elif plan.cpu_kernel_why_not:
         lines.append(f"  products exact: cpu_kernel=\"fast\" can't run here ({plan.cpu_kernel_why_not})")
     if plan.compute_choice:

@@ -203,6 +203,25 @@ def test_a_worker_sets_its_threads_for_each_call_and_leaves_the_process_count_as
         with pytest.raises(ZeroDivisionError):          # restored where the call raised too
             worker.call(lambda: 1 / 0).result(timeout=5)
         assert fresh_count() == before and worker.call(torch.get_num_threads).result(timeout=5) == 1
+        # two workers at once (the experts' and the blocks'): one's call may start while the other's runs with
+        # its own count set, and still each goes back to the caller's
+        other = cpu_experts.HostWorker(torch, 1, SimpleNamespace(raise_to=lambda value: None))
+        try:
+            inside = threading.Event()
+            first = worker.call(lambda: (inside.set(), time.sleep(0.2)))
+            assert inside.wait(5)
+            other.call(lambda: None).result(timeout=5)
+            first.result(timeout=5)
+            assert other.call(lambda: None).result(timeout=5) is None and fresh_count() == before
+        finally:
+            other.close()
+        # a count the caller set after the workers started is the one they go back to
+        torch.set_num_threads(before - 1)
+        try:
+            worker.call(lambda: None).result(timeout=5)
+            assert fresh_count() == before - 1
+        finally:
+            torch.set_num_threads(before)
     finally:
         worker.close()
     assert fresh_count() == before
@@ -219,7 +238,7 @@ def test_a_worker_that_cannot_start_still_releases_the_gpu_for_every_call_and_fa
     def refuse(index):
         devices.append(index)
         raise RuntimeError("no such device")
-    fake = SimpleNamespace(set_num_threads=lambda n: None,
+    fake = SimpleNamespace(set_num_threads=lambda n: None, get_num_threads=lambda: 1,
                            cuda=SimpleNamespace(current_device=lambda: 3, set_device=refuse))
     worker = cpu_experts.HostWorker(fake, 1, SimpleNamespace(raise_to=raised.append), device=torch.device("cuda"))
     try:

@@ -200,7 +200,7 @@ def _kernel_reference(folder, ids, n, skip=()):
     names) multiplying one row by the kernel: what a CPU-device load with cpu_kernel="fast" computes."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
-    fast = [cpu_kernel.FastLinears(torch, module) for name, module in model.named_children()]
+    fast = [cpu_kernel.FastLinears(torch, module) for module in model.children()]
     for f in fast:
         f.linears = [(linear, home) for linear, home in f.linears
                      if not any(m is linear for s in skip for m in model.get_submodule(s).modules())]
@@ -228,7 +228,7 @@ def test_on_the_cpu_device_the_units_in_host_memory_multiply_by_the_kernel(arch,
     with nb_offload.load(folder, device="cpu", cpu_kernel="fast", disk=str(tmp_path / "off"),
                          pins={"model.layers.1": "disk"}, progress=False) as llm:
         assert llm.plan.cpu_products == "fast" and llm.plan.tier_of("model.layers.1") == "disk"
-        assert "one-row products of the units in host memory by nb_offload's own kernel" in str(llm.plan)
+        assert "one-row products of the bf16 linears in host memory by nb_offload's own kernel" in str(llm.plan)
         got = llm.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         fast_linears = llm.stats.cpu_fast_linears
     # each decode step's, and of the prefill's only the head's: transformers computes it for the last token alone
@@ -258,3 +258,35 @@ def test_on_the_cpu_device_a_machine_without_the_kernel_computes_exactly_and_say
     monkeypatch.setattr(cpu_kernel, "_built", None)
     as_float = nb_offload.plan(folder, device="cpu", cpu_kernel="fast", dtype="float32")
     assert "can't run here (it takes bf16 weights, and this model loads as torch.float32)" in str(as_float)
+
+
+@needs_kernel
+def test_on_the_cpu_device_a_unit_holding_a_streamed_unit_s_module_leaves_its_linears_alone(model_dirs):
+    """A unit's module may hold other units' modules (a unit for a parameter of the blocks' container, whose
+    module is the container): the kernel goes to the linears whose weights are resident units', each once, and a
+    block streamed into slots keeps F.linear. (The engine's own state stands in for a load's.)"""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from nb_offload.engine import Engine
+    from nb_offload.trace import Stats
+    folder = model_dirs("llama", dtype="bfloat16", hidden_size=128, intermediate_size=256)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    names = {0: "model", 1: "model.layers.0", 2: "model.layers.1", 3: "lm_head"}
+    units = [SimpleNamespace(index=i, modules=[name]) for i, name in names.items()]
+    params = {0: [model.model.norm.weight]}
+    params.update((i, list(model.get_submodule(names[i]).parameters())) for i in (1, 2, 3))
+    eng = SimpleNamespace(torch=torch, model=model, units=units, n_model=4, params=params, sources={2: None},
+                          owner={}, cpu_blocks={}, stats=Stats(), _packed=[])
+    Engine._fast_kernel_for_resident_units(eng)
+    try:
+        def wide(module):
+            return [m for m in module.modules() if isinstance(m, torch.nn.Linear) and m.out_features >= 64]
+        taken = [linear for fast in eng._packed for linear, _ in fast.linears]
+        assert len(taken) == len({id(linear) for linear in taken}) == eng.stats.cpu_fast_linears
+        assert {id(linear) for linear in taken} == {id(m) for m in wide(model.model.layers[0]) + wide(model.lm_head)}
+        assert not any("forward" in vars(m) for m in wide(model.model.layers[1]))      # streamed: F.linear
+    finally:
+        for fast in eng._packed:
+            fast.remove()
