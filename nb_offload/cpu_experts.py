@@ -145,20 +145,35 @@ def eager_form(module) -> bool:
     return "forward" not in vars(module) and is_form(eager, *EAGER_EXPERTS_FORMS)
 
 
-def direct_rows(module, hidden, weights, e, pos, token):
+def direct_rows(module, hidden, weights, e, pos, token, kernel: bool = False):
     """What ``expert_rows`` gives for a module of the eager form, by the loop body of that form alone: the
-    rows it adds for expert ``e`` (into zeros, where the output's dtype is the rows' own)."""
+    rows it adds for expert ``e`` (into zeros, where the output's dtype is the rows' own). ``kernel``: its
+    one-row products (a decode step's token) by nb_offload's own kernel (cpu_kernel="fast"), whose bits may
+    differ from F.linear's."""
     import torch
-    gate, up = torch.nn.functional.linear(hidden[token], module.gate_up_proj[e]).chunk(2, dim=-1)
-    rows = torch.nn.functional.linear(module.act_fn(gate) * up, module.down_proj[e])
+    linear = kernel_linear if kernel else torch.nn.functional.linear
+    gate, up = linear(hidden[token], module.gate_up_proj[e]).chunk(2, dim=-1)
+    rows = linear(module.act_fn(gate) * up, module.down_proj[e])
     return rows * weights[token, pos, None]
 
 
-def rows_for(module):
+def kernel_linear(x, weight):
+    """``F.linear(x, weight)``, by nb_offload's own kernel where it takes the call (one row in host memory),
+    else by F.linear."""
+    import torch
+
+    from . import cpu_kernel
+    if cpu_kernel.applies(torch, x, weight, None):
+        return cpu_kernel.product(torch, x, weight, None, torch.get_num_threads())
+    return torch.nn.functional.linear(x, weight)
+
+
+def rows_for(module, kernel: bool = False):
     """How the CPU computes an expert's rows of ``module`` (a twin): ``(hidden, weights, e, pos, token) ->
-    rows``, by ``direct_rows`` where its forward is the eager form, else by calling that forward."""
+    rows``, by ``direct_rows`` where its forward is the eager form (its one-row products by nb_offload's kernel
+    with ``kernel``), else by calling that forward."""
     if eager_form(module):
-        return functools.partial(direct_rows, module)
+        return functools.partial(direct_rows, module, kernel=kernel)
     return functools.partial(expert_rows, module.forward)
 
 

@@ -241,6 +241,9 @@ class Inspection:
                                    f"{o.attn_implementation!r} has GPU kernels only)")
         if device_type == "cuda" and any(e.routed_bytes for e in plan):
             plan.expert_share = o.host_expert_share
+            if plan.expert_share and o.cpu_kernel == "fast":    # the CPU's routed experts' one-row products
+                plan.cpu_products = "fast" if self._fast_kernel_runs() else "F.linear"
+                plan.cpu_kernel_why_not = self.fast_why_not or ""
         if any(e.compute == "cpu" for e in plan):
             plan.cpu_max_tokens = self.cpu_max_tokens()
             plan.cpu_products = products or self.cpu_products()

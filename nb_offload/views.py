@@ -155,22 +155,13 @@ def plan_text(plan) -> str:
                else "pinned \"cpu-compute\"")
         lines.append(f"  computed on the CPU where their bytes are, not streamed: {len(blocks)} blocks, "
                      f"{format_size(sum(e.bytes for e in blocks))} a step ({why})")
-        if plan.cpu_products == "fast":
-            lines.append("  their products by nb_offload's own kernel (cpu_kernel=\"fast\": it sums in another order "
-                         "than F.linear, so tokens may differ from transformers')")
-        elif plan.cpu_kernel_why_not:
-            lines.append(f"  their products exact: cpu_kernel=\"fast\" can't run here "
-                         f"({plan.cpu_kernel_why_not})")
+        lines += _kernel_lines(plan, "their products")
         if plan.cpu_products == "reordered":
             lines.append("  their products from copies of the weights reordered for the CPU where bit-identical to "
                          f"F.linear ({format_size(plan.host_reserved.get('reordered_weights', 0))} of host memory; "
                          "faster in the CPU's measure)")
-    elif plan.cpu_products == "fast":       # the CPU device: every unit in host memory
-        lines.append("  one-row products of the bf16 linears in host memory by nb_offload's own kernel "
-                     "(cpu_kernel=\"fast\": it sums in another order than F.linear, so tokens may differ from "
-                     "transformers')")
-    elif plan.cpu_kernel_why_not:
-        lines.append(f"  products exact: cpu_kernel=\"fast\" can't run here ({plan.cpu_kernel_why_not})")
+    elif plan.device == "cpu":      # the CPU computes every unit
+        lines += _kernel_lines(plan, "one-row products of the bf16 linears in host memory", "products")
     if plan.compute_choice:
         lines.append(f"  {plan.compute_choice}")
     if plan.expert_share == "auto":
@@ -179,7 +170,20 @@ def plan_text(plan) -> str:
     elif plan.expert_share:
         lines.append(f"  routed experts the GPU doesn't hold: {100 * plan.expert_share:.0f}% computed on the CPU from "
                      f"host memory, {format_size(plan.cpu_bytes_per_token())} of them a step, not streamed")
+    if plan.expert_share and not blocks:
+        lines += _kernel_lines(plan, "their one-row products")
     return "\n".join(lines)
+
+
+def _kernel_lines(plan, what: str, exact: str | None = None) -> list:
+    """The plan's line on how the CPU multiplies ``what`` (``exact``: its name where the kernel can't run),
+    where cpu_kernel="fast" was asked for."""
+    if plan.cpu_products == "fast":
+        return [f"  {what} by nb_offload's own kernel (cpu_kernel=\"fast\": it sums in another order than F.linear, "
+                "so tokens may differ from transformers')"]
+    if plan.cpu_kernel_why_not:
+        return [f"  {exact or what} exact: cpu_kernel=\"fast\" can't run here ({plan.cpu_kernel_why_not})"]
+    return []
 
 
 def plan_html(plan) -> str:

@@ -502,6 +502,19 @@ def test_the_plan_counts_the_experts_the_cpu_computes(model_dirs, monkeypatch):
         e.routed_bytes - e.top_k * e.expert_row_bytes if e.routed_bytes else e.bytes for e in every if e.tier == "cpu")
     # the CPU device computes everything on the CPU: nothing to split
     assert nb_offload.plan(folder, device="cpu", expert_compute="cpu").expert_share is None
+    # cpu_kernel="fast": the CPU's experts multiply one row by nb_offload's kernel where it runs, and the plan says
+    from nb_offload import cpu_kernel
+    assert "can't run here (it takes bf16 weights" in str(nb_offload.plan(folder, expert_compute=0.5,
+                                                                          cpu_kernel="fast", **kw))
+    bf16 = model_dirs("mixtral", dtype="bfloat16")
+    fast = nb_offload.plan(bf16, expert_compute=0.5, cpu_kernel="fast", **kw)
+    if cpu_kernel.why_unavailable() is None:
+        assert fast.cpu_products == "fast" and "their one-row products by nb_offload's own kernel" in str(fast)
+    assert "own kernel" not in str(nb_offload.plan(bf16, cpu_kernel="fast", **kw))     # no expert on the CPU
+    monkeypatch.setattr(cpu_kernel, "_built", (None, "this CPU lacks avx512_bf16 (it needs AVX-512 BF16)"))
+    without = nb_offload.plan(bf16, expert_compute=0.5, cpu_kernel="fast", **kw)
+    assert without.cpu_products == "F.linear"
+    assert "their one-row products exact: cpu_kernel=\"fast\" can't run here (this CPU lacks" in str(without)
 
 
 def test_the_plan_magic_predicts_with_experts_on_the_cpu(shell, model_dirs, monkeypatch):
@@ -564,3 +577,45 @@ def test_a_named_experts_implementation_stays_under_auto(model_dirs, tmp_path, m
         llm._engine.compute_experts_on_cpu(host_flats(llm), "auto")
         assert (llm._engine.host is not None) == (cpu_rate > 50e9)     # split only where the CPU is faster
         assert llm.model.config._experts_implementation == "eager"
+
+
+@pytest.mark.skipif(__import__("nb_offload.cpu_kernel").cpu_kernel.why_unavailable() is not None,
+                    reason="nb_offload's CPU kernel can't run here")
+@pytest.mark.parametrize("arch", MOE)
+def test_with_the_fast_kernel_the_cpu_s_experts_multiply_one_row_by_it(arch, model_dirs, tmp_path, monkeypatch):
+    """cpu_kernel="fast" with expert_compute: the routed experts the CPU computes take nb_offload's kernel for
+    their one-row products (a token routed alone to an expert), and the tokens are those of transformers' eager
+    experts multiplying the same products by the same kernel. (Both sides are the CPU here; the engine's flag
+    stands in for the plan's. A prompt of one token: every step is a one-token step, whose routed experts all
+    split to the CPU; a longer prompt's first decode step finds some blocks brought whole, experts and all.)"""
+    from transformers import AutoModelForCausalLM
+
+    from nb_offload import cpu_kernel
+    folder = model_dirs(arch, dtype="bfloat16")
+    ids = torch.tensor([[5]])
+    n = 8
+    reference = AutoModelForCausalLM.from_pretrained(folder, experts_implementation="eager",
+                                                     dtype=torch.bfloat16).eval()
+    experts_weights = {id(p) for m in reference.modules() if hasattr(m, "gate_up_proj")
+                       for p in (m.gate_up_proj, m.down_proj)}
+    linear = torch.nn.functional.linear
+
+    def experts_by_kernel(x, weight, bias=None):
+        if bias is None and id(weight._base) in experts_weights and cpu_kernel.applies(torch, x, weight):
+            return cpu_kernel.product(torch, x, weight, None, torch.get_num_threads())
+        return linear(x, weight, bias)
+    monkeypatch.setattr(torch.nn.functional, "linear", experts_by_kernel)
+    want = reference.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    calls, product = [], cpu_kernel.product
+    monkeypatch.setattr(cpu_kernel, "product", lambda *a: calls.append(a[2].shape) or product(*a))
+    with all_on_disk(folder, tmp_path, hold_spare=False, expert_compute="cpu", expert_cache=0) as llm:
+        eng = llm._engine
+        eng.fast_kernel = True
+        eng.compute_experts_on_cpu(host_flats(llm), 1.0)
+        got = llm.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        on_cpu = llm.stats.experts_on_cpu
+    assert torch.equal(got, want)
+    # every step's routed experts on the CPU, each through the kernel twice (gate and up together, then down)
+    config = reference.config
+    assert on_cpu == n * config.num_experts_per_tok * config.num_hidden_layers and len(calls) == 2 * on_cpu

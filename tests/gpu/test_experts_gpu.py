@@ -255,12 +255,14 @@ def test_pinned_experts_are_kept_on_the_gpu_from_the_start(model_dirs, monkeypat
         llm.unload()
 
 
-def eager_reference(folder, ids, share, n=N):
+def eager_reference(folder, ids, share, n=N, kernel=False):
     """Greedy tokens of transformers (eager experts) with the experts of every block computed as an engine
     with ``expert_compute`` and no cache computes them at every routed step: ``share`` of each call's
     experts (the highest-numbered, rounded half up) on the CPU from a copy of the module there, the rest on
     the GPU, each as transformers' eager experts compute one and add it, in expert order. ``share`` 1: the
-    experts modules moved to the CPU under Accelerate's hook (their inputs there, their output back)."""
+    experts modules moved to the CPU under Accelerate's hook (their inputs there, their output back).
+    ``kernel``: the CPU's one-row products by nb_offload's own kernel (cpu_kernel="fast"), as the engine's then
+    are."""
     import copy
 
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module
@@ -268,7 +270,7 @@ def eager_reference(folder, ids, share, n=N):
     model = AutoModelForCausalLM.from_pretrained(folder, device_map="cuda", experts_implementation="eager").eval()
     for layer in model.model.layers:
         module = layer.mlp.experts
-        if share == 1.0:
+        if share == 1.0 and not kernel:
             module.to("cpu")
             add_hook_to_module(module, AlignDevicesHook(execution_device="cpu", io_same_device=True))
             continue
@@ -285,8 +287,9 @@ def eager_reference(folder, ids, share, n=N):
                 x, w = hidden[token.cuda()], weights[token.cuda(), pos.cuda()].unsqueeze(-1)
                 if e in cpu_side:
                     x, w = x.cpu(), w.cpu()
-                gate, up = torch.nn.functional.linear(x, m.gate_up_proj[e]).chunk(2, dim=-1)
-                y = torch.nn.functional.linear(m.act_fn(gate) * up, m.down_proj[e]) * w
+                linear = cpu_experts.kernel_linear if kernel and e in cpu_side else torch.nn.functional.linear
+                gate, up = linear(x, m.gate_up_proj[e]).chunk(2, dim=-1)
+                y = linear(m.act_fn(gate) * up, m.down_proj[e]) * w
                 out.index_add_(0, token.cuda(), y.cuda().to(out.dtype))
             return out
         module.forward = forward
@@ -349,5 +352,37 @@ def test_experts_computed_on_the_cpu_match_transformers_computing_them_there(arc
                 eng._cpu_rows[idx] = good
                 again = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
                 assert torch.equal(again, eager_reference(folder, ids, share))
+        finally:
+            llm.unload()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_experts_computed_on_the_cpu_by_the_fast_kernel_match_transformers_computing_them_so(arch, model_dirs,
+                                                                                         monkeypatch):
+    """cpu_kernel="fast" with expert_compute: the experts the CPU computes multiply one row (a token routed
+    alone) by nb_offload's own kernel, and the tokens are transformers' with those products by the same kernel."""
+    from nb_offload import cpu_kernel
+    if cpu_kernel.why_unavailable():
+        pytest.skip(f"the kernel can't run here: {cpu_kernel.why_unavailable()}")
+    monkeypatch.setattr(experts, "CUDA_MIN_SAVED", 0)
+    monkeypatch.setattr(experts, "ROUTED_SHARE", 1.0)
+    folder = model_dirs(arch, dtype="bfloat16")
+    pins = {e.name: "cpu" for e in blocks(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))}
+    ids = torch.tensor(PROMPT, device="cuda")
+    calls, product = [], cpu_kernel.product
+    monkeypatch.setattr(cpu_kernel, "product", lambda *a: calls.append(a[2].shape) or product(*a))
+    for compute in ("cpu", 0.5):
+        calls.clear()
+        llm = nb_offload.load(folder, pins=pins, hold_spare=False, expert_cache=0, expert_compute=compute,
+                              cpu_kernel="fast", progress=False)
+        try:
+            eng = llm._engine
+            assert llm.plan.cpu_products == "fast" and "their one-row products by nb_offload's own kernel" in \
+                str(llm.plan)
+            assert all(r.keywords.get("kernel") for r in eng._cpu_rows.values())
+            calls.clear()       # (not the rate's measure at load)
+            got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
+            assert calls and llm.stats.experts_on_cpu > 0
+            assert torch.equal(got, eager_reference(folder, ids, eng.expert_share, kernel=True)), compute
         finally:
             llm.unload()
