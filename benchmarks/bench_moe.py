@@ -16,7 +16,8 @@ routed expert of a streamed block on the CPU, as llama.cpp's ``--n-cpu-moe``). T
 eager experts, so their tokens are compared with transformers' eager experts on the GPU: the CPU rounds
 differently, so they may part after a while; the row says how many of the first tokens agree (the exact
 reference is in tests/gpu/test_experts_gpu.py). Their CPU work runs where the library's default puts it
-(cpu_experts.OWED_TO_CALLER); ``--owed-too`` adds the half and CPU loads the other way. ``--profile`` prints
+(cpu_experts.OWED_TO_CALLER); ``--owed-too`` adds the half and CPU loads the other way, ``--fast-kernel`` the
+half and CPU loads with ``cpu_kernel="fast"``. ``--profile`` prints
 where the host's time goes in the routed and half loads.
 
     PYTHONPATH=. python3 benchmarks/bench_moe.py --json out.json [--rows mixtral,qwen3] [--cpu-experts mixtral]
@@ -105,6 +106,11 @@ def main():
                                                         "changed at load: si<N>us (cpu_experts.SWITCH_INTERVAL, "
                                                         "the GIL's while a worker computes), left<N> "
                                                         "(cpu_experts.CORES_LEFT); a comma list")
+    ap.add_argument("--fast-kernel", action="store_true", help="with --cpu-experts: also the half and CPU loads "
+                                                                "with cpu_kernel=\"fast\" (the CPU's one-row expert "
+                                                                "products by nb_offload's own kernel, which rounds "
+                                                                "otherwise: their tokens may part from the eager "
+                                                                "reference sooner)")
     ap.add_argument("--profile", action="store_true", help="also print where the host's time goes in a 16-token "
                                                            "generate of the routed load, and of the half one with "
                                                            "--cpu-experts (cProfile, by own time)")
@@ -185,6 +191,9 @@ def main():
             llms["cpu"] = load(folder, gpu, True, expert_compute="cpu", expert_cache=0)
             for v in filter(None, args.half_variants.split(",")):
                 llms[f"half_{v}"] = load(folder, gpu, True, variant=v, expert_compute=0.5)
+            if args.fast_kernel:
+                llms["half_fast"] = load(folder, gpu, True, expert_compute=0.5, cpu_kernel="fast")
+                llms["cpu_fast"] = load(folder, gpu, True, expert_compute="cpu", expert_cache=0, cpu_kernel="fast")
             if args.owed_too:
                 llms["half_owed"] = load(folder, gpu, True, owed=True, expert_compute=0.5)
                 llms["cpu_owed"] = load(folder, gpu, True, owed=True, expert_compute="cpu", expert_cache=0)
