@@ -243,6 +243,7 @@ def main():
                                  measured_link_gbps=eng.host_rates[1] / 1e9 if eng.host_rates else None,
                                  cpu_gbps=llm.stats.bytes_on_cpu / max(llm.stats.cpu_expert_seconds, 1e-9) / 1e9,
                                  experts_on_cpu_per_step=llm.stats.experts_on_cpu / max(llm.stats.steps, 1),
+                                 products=llm.plan.cpu_products or "F.linear",
                                  cpu_threads=eng.host.threads if eng.host else 0, prefill_2048_s=prefill[k],
                                  route_wait_ms_per_step=1e3 * med(waits[k]),
                                  hit_rate=med(hits[k]) if k in hits else 0.0,

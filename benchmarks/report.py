@@ -705,6 +705,8 @@ def _cpu_experts_table(data, tokens) -> list:
                              f"{sum(by.values())} calls by the standby)",
                  "HostWorker": " (a worker thread from the start)"}.get(v.get("where"), "")
         where = where if v.get("split", True) else ""
+        if v.get("products") == "fast":
+            where += " (cpu_kernel=\"fast\": nb_offload's own kernel)"
         lines.append(f"| {r['row']} | {k}{where} | {v['tok_s']:.2f} ({v['spread']}) | {v['over_routed']:.2f}x | "
                      f"{v['share']:.2f}{rates} | {running} | "
                      f"{v['experts_on_cpu_per_step']:.1f} | {v['moved_per_step'] / 1e9:.2f} GB | "

@@ -145,13 +145,13 @@ def eager_form(module) -> bool:
     return "forward" not in vars(module) and is_form(eager, *EAGER_EXPERTS_FORMS)
 
 
-def direct_rows(module, hidden, weights, e, pos, token, kernel: bool = False):
+def direct_rows(module, hidden, weights, e, pos, token, fast_kernel: bool = False):
     """What ``expert_rows`` gives for a module of the eager form, by the loop body of that form alone: the
-    rows it adds for expert ``e`` (into zeros, where the output's dtype is the rows' own). ``kernel``: its
-    one-row products (a decode step's token) by nb_offload's own kernel (cpu_kernel="fast"), whose bits may
-    differ from F.linear's."""
+    rows it adds for expert ``e`` (into zeros, where the output's dtype is the rows' own). ``fast_kernel``: its
+    one-row products (a token routed alone to the expert, in a decode step or a prompt) by nb_offload's own
+    kernel (cpu_kernel="fast"), whose bits may differ from F.linear's."""
     import torch
-    linear = kernel_linear if kernel else torch.nn.functional.linear
+    linear = kernel_linear if fast_kernel else torch.nn.functional.linear
     gate, up = linear(hidden[token], module.gate_up_proj[e]).chunk(2, dim=-1)
     rows = linear(module.act_fn(gate) * up, module.down_proj[e])
     return rows * weights[token, pos, None]
@@ -168,12 +168,13 @@ def kernel_linear(x, weight):
     return torch.nn.functional.linear(x, weight)
 
 
-def rows_for(module, kernel: bool = False):
+def rows_for(module, fast_kernel: bool = False):
     """How the CPU computes an expert's rows of ``module`` (a twin): ``(hidden, weights, e, pos, token) ->
     rows``, by ``direct_rows`` where its forward is the eager form (its one-row products by nb_offload's kernel
-    with ``kernel``), else by calling that forward."""
+    with ``fast_kernel``), else by calling that forward (F.linear's products, whatever ``fast_kernel`` says:
+    only the eager form's products can be told apart)."""
     if eager_form(module):
-        return functools.partial(direct_rows, module, kernel=kernel)
+        return functools.partial(direct_rows, module, fast_kernel=fast_kernel)
     return functools.partial(expert_rows, module.forward)
 
 

@@ -148,7 +148,7 @@ def applies(torch, x, weight, bias=None) -> bool:
     output in host memory."""
     return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == torch.bfloat16
             and weight.dtype == torch.bfloat16 and weight.dim() == 2 and weight.is_contiguous()
-            and x.is_contiguous() and x.numel() == weight.shape[1]
+            and x.is_contiguous() and x.numel() == weight.shape[1] == x.shape[-1]
             and (bias is None or (bias.device.type == "cpu" and bias.dtype == torch.bfloat16
                                   and bias.is_contiguous() and bias.numel() == weight.shape[0])))
 

@@ -216,7 +216,8 @@ class Engine:
             weights = {slot.names[0][cut:]: view for slot, view in zip(unit.params, param_views(unit, flat))
                        if slot.offset in fused}
             module = self.model.get_submodule(found.module)
-            self._cpu_rows[idx] = cpu_experts.rows_for(cpu_experts.twin(module, weights), kernel=self.fast_kernel)
+            self._cpu_rows[idx] = cpu_experts.rows_for(cpu_experts.twin(module, weights),
+                                                       fast_kernel=self.fast_kernel)
             self._gpu_rows[idx] = cpu_experts.rows_for(module)
             own = type(module).forward.__get__(module)     # the class's, whatever a failed start left on it
             self._forwards[idx] = (module, own)

@@ -210,9 +210,10 @@ class Options:
                                                   "the load measured that 5 % faster; the plan reserves host "
                                                   "memory for the copies, or goes without them where the cpu "
                                                   "budget has no room (cpu_products.py)")
-    cpu_kernel: str = _option("exact", _one_of("exact", "fast"), "how the CPU's blocks and routed experts (and "
-                                                                 "on the CPU device every unit in host memory) "
-                                                                 "multiply one token's row: "
+    cpu_kernel: str = _option("exact", _one_of("exact", "fast"), "how the CPU multiplies one token's row, for "
+                                                                 "the blocks it computes, the routed experts it "
+                                                                 "computes beside the GPU (expert_compute), and on "
+                                                                 "the CPU device every bf16 linear in host memory: "
                                                                  "\"exact\": F.linear (or reordered weights where "
                                                                  "bit-identical), the tokens of transformers computing "
                                                                  "those blocks on the CPU; \"fast\": nb_offload's own "

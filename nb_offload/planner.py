@@ -83,7 +83,8 @@ class Plan:
     # ``rates``; None where the plan chose none
     block_share: float | None = None
     compute_choice: str = ""        # compute="auto": which of hybrid and all streamed the loader kept, and why
-    # how the CPU's blocks multiply one token's row, set by the loader: "fast" (nb_offload's own kernel,
+    # how the CPU multiplies one token's row (its blocks', its routed experts', on the CPU device every bf16
+    # linear's), set by the loader: "fast" (nb_offload's own kernel,
     # cpu_kernel="fast"), "reordered" (copies of the weights reordered for oneDNN, cpu_products.py, where they
     # read faster than F.linear at load), else "F.linear"
     cpu_products: str = ""

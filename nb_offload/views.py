@@ -155,13 +155,14 @@ def plan_text(plan) -> str:
                else "pinned \"cpu-compute\"")
         lines.append(f"  computed on the CPU where their bytes are, not streamed: {len(blocks)} blocks, "
                      f"{format_size(sum(e.bytes for e in blocks))} a step ({why})")
-        lines += _kernel_lines(plan, "their products")
+        lines += _kernel_lines(plan, "their products" + (", and those of the routed experts the CPU computes,"
+                                                          if plan.expert_share else ""))
         if plan.cpu_products == "reordered":
             lines.append("  their products from copies of the weights reordered for the CPU where bit-identical to "
                          f"F.linear ({format_size(plan.host_reserved.get('reordered_weights', 0))} of host memory; "
                          "faster in the CPU's measure)")
     elif plan.device == "cpu":      # the CPU computes every unit
-        lines += _kernel_lines(plan, "one-row products of the bf16 linears in host memory", "products")
+        lines += _kernel_lines(plan, "one-row products of the bf16 linears in host memory", short="products")
     if plan.compute_choice:
         lines.append(f"  {plan.compute_choice}")
     if plan.expert_share == "auto":
@@ -175,14 +176,14 @@ def plan_text(plan) -> str:
     return "\n".join(lines)
 
 
-def _kernel_lines(plan, what: str, exact: str | None = None) -> list:
-    """The plan's line on how the CPU multiplies ``what`` (``exact``: its name where the kernel can't run),
-    where cpu_kernel="fast" was asked for."""
+def _kernel_lines(plan, what: str, short: str | None = None) -> list:
+    """The plan's line on how the CPU multiplies ``what`` (``short``: a shorter name for it in the line saying
+    the kernel can't run), where cpu_kernel="fast" was asked for."""
     if plan.cpu_products == "fast":
         return [f"  {what} by nb_offload's own kernel (cpu_kernel=\"fast\": it sums in another order than F.linear, "
                 "so tokens may differ from transformers')"]
     if plan.cpu_kernel_why_not:
-        return [f"  {exact or what} exact: cpu_kernel=\"fast\" can't run here ({plan.cpu_kernel_why_not})"]
+        return [f"  {short or what} exact: cpu_kernel=\"fast\" can't run here ({plan.cpu_kernel_why_not})"]
     return []
 
 

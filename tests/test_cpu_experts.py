@@ -13,7 +13,7 @@ import torch
 from helpers import PROMPT, all_on_disk, batch_of_four, run_offloaded
 
 import nb_offload
-from nb_offload import cpu_experts
+from nb_offload import cpu_experts, cpu_kernel
 from nb_offload.tiers import param_views
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
@@ -503,13 +503,19 @@ def test_the_plan_counts_the_experts_the_cpu_computes(model_dirs, monkeypatch):
     # the CPU device computes everything on the CPU: nothing to split
     assert nb_offload.plan(folder, device="cpu", expert_compute="cpu").expert_share is None
     # cpu_kernel="fast": the CPU's experts multiply one row by nb_offload's kernel where it runs, and the plan says
-    from nb_offload import cpu_kernel
     assert "can't run here (it takes bf16 weights" in str(nb_offload.plan(folder, expert_compute=0.5,
                                                                           cpu_kernel="fast", **kw))
     bf16 = model_dirs("mixtral", dtype="bfloat16")
     fast = nb_offload.plan(bf16, expert_compute=0.5, cpu_kernel="fast", **kw)
     if cpu_kernel.why_unavailable() is None:
         assert fast.cpu_products == "fast" and "their one-row products by nb_offload's own kernel" in str(fast)
+        # a block the CPU computes too: one line says both take it
+        both = nb_offload.plan(bf16, expert_compute=0.5, cpu_kernel="fast",
+                               **{**kw, "pins": {"model.layers.*": "cpu", "model.layers.1": "cpu-compute"}})
+        assert "their products, and those of the routed experts the CPU computes, by nb_offload's own kernel" \
+            in str(both)
+    else:
+        assert fast.cpu_products == "F.linear" and "can't run here" in str(fast)
     assert "own kernel" not in str(nb_offload.plan(bf16, cpu_kernel="fast", **kw))     # no expert on the CPU
     monkeypatch.setattr(cpu_kernel, "_built", (None, "this CPU lacks avx512_bf16 (it needs AVX-512 BF16)"))
     without = nb_offload.plan(bf16, expert_compute=0.5, cpu_kernel="fast", **kw)
@@ -579,8 +585,8 @@ def test_a_named_experts_implementation_stays_under_auto(model_dirs, tmp_path, m
         assert llm.model.config._experts_implementation == "eager"
 
 
-@pytest.mark.skipif(__import__("nb_offload.cpu_kernel").cpu_kernel.why_unavailable() is not None,
-                    reason="nb_offload's CPU kernel can't run here")
+@pytest.mark.skipif(cpu_kernel.why_unavailable() is not None,
+                    reason=f"nb_offload's CPU kernel can't run here: {cpu_kernel.why_unavailable()}")
 @pytest.mark.parametrize("arch", MOE)
 def test_with_the_fast_kernel_the_cpu_s_experts_multiply_one_row_by_it(arch, model_dirs, tmp_path, monkeypatch):
     """cpu_kernel="fast" with expert_compute: the routed experts the CPU computes take nb_offload's kernel for
@@ -590,7 +596,6 @@ def test_with_the_fast_kernel_the_cpu_s_experts_multiply_one_row_by_it(arch, mod
     split to the CPU; a longer prompt's first decode step finds some blocks brought whole, experts and all.)"""
     from transformers import AutoModelForCausalLM
 
-    from nb_offload import cpu_kernel
     folder = model_dirs(arch, dtype="bfloat16")
     ids = torch.tensor([[5]])
     n = 8

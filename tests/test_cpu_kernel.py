@@ -68,6 +68,8 @@ def test_what_the_kernel_takes():
     assert not cpu_kernel.applies(torch, torch.zeros(1, 16), w)                              # float32 input
     assert not cpu_kernel.applies(torch, torch.zeros(1, 16, dtype=torch.bfloat16), w.T.contiguous().T)
     assert not cpu_kernel.applies(torch, torch.zeros(1, 32, dtype=torch.bfloat16)[:, ::2], w)   # strided
+    assert not cpu_kernel.applies(torch, torch.zeros(2, 8, dtype=torch.bfloat16), w)     # as many values, two rows
+    assert not cpu_kernel.applies(torch, torch.zeros(0, 16, dtype=torch.bfloat16), w)    # none
 
 
 def test_a_machine_without_it_is_told_why(monkeypatch):

@@ -371,7 +371,7 @@ def test_experts_computed_on_the_cpu_by_the_fast_kernel_match_transformers_compu
     ids = torch.tensor(PROMPT, device="cuda")
     calls, product = [], cpu_kernel.product
     monkeypatch.setattr(cpu_kernel, "product", lambda *a: calls.append(a[2].shape) or product(*a))
-    for compute in ("cpu", 0.5):
+    for compute in ("cpu", 0.5, "auto"):
         calls.clear()
         llm = nb_offload.load(folder, pins=pins, hold_spare=False, expert_cache=0, expert_compute=compute,
                               cpu_kernel="fast", progress=False)
@@ -379,10 +379,19 @@ def test_experts_computed_on_the_cpu_by_the_fast_kernel_match_transformers_compu
             eng = llm._engine
             assert llm.plan.cpu_products == "fast" and "their one-row products by nb_offload's own kernel" in \
                 str(llm.plan)
-            assert all(r.keywords.get("kernel") for r in eng._cpu_rows.values())
-            calls.clear()       # (not the rate's measure at load)
+            if compute == "auto":       # its rate measured by the kernel; at a share of none, nothing to compare
+                assert calls
+                if eng.host is None:
+                    continue
+            assert all(r.keywords.get("fast_kernel") for r in eng._cpu_rows.values())
+            calls.clear()
             got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
-            assert calls and llm.stats.experts_on_cpu > 0
-            assert torch.equal(got, eager_reference(folder, ids, eng.expert_share, kernel=True)), compute
+            by_engine = sorted(calls)
+            calls.clear()
+            want = eager_reference(folder, ids, eng.expert_share, kernel=True)
+            # the same products through the kernel (its bits differ from F.linear's too rarely for the tokens
+            # of tiny models to show it), and the same tokens
+            assert by_engine and by_engine == sorted(calls) and llm.stats.experts_on_cpu > 0, compute
+            assert torch.equal(got, want), compute
         finally:
             llm.unload()
