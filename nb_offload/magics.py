@@ -75,6 +75,16 @@ def _model_and_budget_arguments(func):
     return func
 
 
+def _compute_arguments(func):
+    """The options %offload_load and %offload_plan share on where the CPU computes and how it multiplies."""
+    for arg in (argument("--cpu-kernel", metavar="K", help=options.help_of("cpu_kernel").replace("%", "%%")),
+                argument("--expert-compute", metavar="WHERE", help="MoE models: " + options.help_of("expert_compute")
+                         .replace("%", "%%")),
+                argument("--compute", metavar="WHERE", help=options.help_of("compute").replace("%", "%%"))):
+        func = arg(func)
+    return func
+
+
 def replan_note(llm) -> str:
     """The line ``%%generate`` prints after a generate that made the model plan again at the CPU's rate reached."""
     at_load, reached = llm.replanned_at
@@ -273,6 +283,7 @@ class OffloadMagics(Magics):
     # -- loading -------------------------------------------------------------------------
     @magic_arguments()
     @_model_and_budget_arguments
+    @_compute_arguments
     @argument("--pin", nargs="+", default=[], metavar="PATTERN=TIER",
               help="keep units on a tier, e.g. model.layers.0-3=gpu lm_head=gpu")
     @argument("--device", metavar="D", help="cuda, cuda:N or cpu")
@@ -283,10 +294,13 @@ class OffloadMagics(Magics):
 
         Usage: %offload_load MODEL [--gpu SIZE] [--cpu SIZE] [--disk DIR] [--dtype D] [--quant Q]
                              [--pin PATTERN=TIER ...] [--context N] [--device D] [--as NAME]
+                             [--compute WHERE] [--expert-compute WHERE] [--cpu-kernel K]
 
         Examples:
             %offload_load ./llama-7b --gpu 6GiB --cpu 24GiB --disk ./offload --pin model.layers.0-3=gpu --as llm
             %offload_load ./llama-7b --gpu 4GiB --quant nf4
+            %offload_load ./llama-7b --gpu 4GiB --compute hybrid     # the CPU computes blocks too
+            %offload_load ./llama-7b --gpu 4GiB --compute hybrid --cpu-kernel fast   # by its own kernel
         """
         args = self._parse(self.offload_load, line)
         pins = {}
@@ -296,7 +310,9 @@ class OffloadMagics(Magics):
                 raise OptionError(f"--pin {item} is not PATTERN=TIER; e.g. --pin model.layers.0-3=gpu.")
             pins[pattern] = tier
         self._load(args.model, name=args.name, gpu=args.gpu, cpu=args.cpu, disk=args.disk, dtype=args.dtype,
-                   quant=args.quant, pins=pins or None, context=args.context, device=args.device)
+                   quant=args.quant, pins=pins or None, context=args.context, device=args.device,
+                   compute=args.compute, expert_compute=_share_or_word(args.expert_compute),
+                   cpu_kernel=args.cpu_kernel)
 
     @magic_arguments()
     @_name_argument("variable to bind the model to (default: the as: key, else llm)")
@@ -485,9 +501,7 @@ class OffloadMagics(Magics):
     @argument("--link", type=RATE, default=None, metavar="GBPS", help="host-to-GPU GB/s for the prediction "
               "(default: measured here on a GPU, else 25)")
     @argument("--drive", type=RATE, default=1.0, metavar="GBPS", help="drive GB/s for the prediction (default 1)")
-    @argument("--expert-compute", metavar="WHERE", help="MoE models: " + options.help_of("expert_compute")
-              .replace("%", "%%"))
-    @argument("--compute", metavar="WHERE", help=options.help_of("compute").replace("%", "%%"))
+    @_compute_arguments
     @argument("--cpu-rate", type=RATE, default=None, metavar="GBPS", help="the CPU's GB/s on blocks and experts it "
               "computes, for the prediction (default: their time not counted)")
     @line_magic
@@ -496,7 +510,8 @@ class OffloadMagics(Magics):
 
         Usage: %offload_plan MODEL [--gpu SIZE] [--cpu SIZE] [--disk DIR] [--dtype D] [--quant Q]
                                    [--context N] [--link GBPS] [--drive GBPS]
-                                   [--compute WHERE] [--expert-compute WHERE] [--cpu-rate GBPS]
+                                   [--compute WHERE] [--expert-compute WHERE] [--cpu-kernel K]
+                                   [--cpu-rate GBPS]
 
         Examples:
             %offload_plan ./llama-70b --gpu 20GiB --cpu 64GiB --disk ./offload
@@ -507,7 +522,8 @@ class OffloadMagics(Magics):
         from . import loader
         args = self._parse(self.offload_plan, line)
         given = dict(gpu=args.gpu, cpu=args.cpu, disk=args.disk, dtype=args.dtype, context=args.context,
-                     quant=args.quant, expert_compute=_share_or_word(args.expert_compute), compute=args.compute)
+                     quant=args.quant, expert_compute=_share_or_word(args.expert_compute), compute=args.compute,
+                     cpu_kernel=args.cpu_kernel)
         with _spoken_as_typed(cell=False):
             plan = loader.plan(args.model, **self._with_defaults(**given))
         self._show(plan)

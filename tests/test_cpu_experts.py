@@ -544,6 +544,13 @@ def test_the_plan_magic_predicts_with_experts_on_the_cpu(shell, model_dirs, monk
     assert "its time not counted (--cpu-rate)" not in auto.stdout      # no CPU rate: "auto" computes none
     with pytest.raises(nb_offload.OptionError, match="expert_compute='everywhere' is not valid"):
         shell.run_line_magic("offload_plan", line.split(" ", 1)[1] + " --expert-compute everywhere")
+    # --cpu-kernel: the plan says how the CPU's experts multiply (float32 here: exact, and why)
+    with capture_output() as fast:
+        shell.run_line_magic("offload_plan", line.split(" ", 1)[1] + " --expert-compute 0.5 --cpu-kernel fast")
+    assert "their one-row products exact: cpu_kernel=\"fast\" can't run here (it takes bf16 weights" in \
+        fast.outputs[0].data["text/plain"]
+    with pytest.raises(nb_offload.OptionError, match="cpu_kernel='quick' is unknown; accepted: 'exact', 'fast'"):
+        shell.run_line_magic("offload_plan", line.split(" ", 1)[1] + " --cpu-kernel quick")
 
 
 @pytest.mark.parametrize("cpu_rate, kept", [(1e9, False), (49e9, False), (50e9, True), (1e12, True)])

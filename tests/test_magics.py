@@ -80,6 +80,25 @@ def test_load_generate_stream_and_bindings(shell, model_dirs, tmp_path):
     assert "tiny" not in shell.user_ns
 
 
+def test_load_takes_where_the_cpu_computes_and_how_it_multiplies(shell, model_dirs):
+    """%offload_load passes --compute, --expert-compute and --cpu-kernel on to the API's options, which check
+    them (a bad one names the accepted forms) and, on the CPU device, give the kernel to the bf16 linears."""
+    folder = model_dirs("llama", dtype="bfloat16", hidden_size=128, intermediate_size=256)
+    run(shell, f"%offload_load {folder} --device cpu --compute hybrid --expert-compute 0.5 --cpu-kernel fast "
+               "--as opts")
+    try:
+        llm = shell.user_ns["opts"]
+        assert (llm.options.compute, llm.options.expert_compute, llm.options.cpu_kernel) == ("hybrid", 0.5, "fast")
+        assert llm.plan.cpu_products in ("fast", "F.linear")
+        assert (llm.stats.cpu_fast_linears > 0) == (llm.plan.cpu_products == "fast")
+    finally:
+        run(shell, "%offload_unload opts")
+    from nb_offload import OptionError
+    with pytest.raises(OptionError, match="cpu_kernel='quick' is unknown; accepted: 'exact', 'fast'"):
+        shell.run_line_magic("offload_load", f"{folder} --device cpu --cpu-kernel quick --as bad")
+    assert "bad" not in shell.user_ns
+
+
 def test_generate_says_when_the_model_planned_again_at_the_cpu_rate_reached(shell, model_dirs, monkeypatch):
     """A generate after which the model planned again at the rate its CPU blocks reached (a CUDA hybrid plan;
     here the re-plan stands in) gets a line saying so, once."""
