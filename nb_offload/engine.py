@@ -354,8 +354,8 @@ class Engine:
         st.cpu_packed_linears = st.cpu_plain_linears = st.cpu_packed_bytes = st.cpu_fast_linears = 0
         if not self.cuda:
             self._row_major_head_input()
-        if self.fast_kernel and not self.cuda:
-            self._fast_kernel_for_resident_units()
+            if self.fast_kernel:
+                self._fast_kernel_for_resident_units()
         if self.cpu_blocks:
             threads = cpu_experts.host_threads()
             self._pack_cpu_weights(threads)
@@ -403,19 +403,24 @@ class Engine:
         (not streamed into a slot) take nb_offload's kernel for one-row products, with the caller's threads. A
         linear takes it where its weight is a resident unit's: a unit's module may hold other units' modules (a
         unit for a parameter of the blocks' container), whose linears may stream."""
-        from .cpu_kernel import FastLinears
-        st = self.stats
         streamed = set(self.sources) | set(self.owner.values()) | set(self.cpu_blocks)
         resident = [u for u in self.units[:self.n_model] if u.index not in streamed]
         weights = {id(p) for u in resident for p in self.params.get(u.index, ())}
         for u in resident:
             for name in u.modules:
-                fast = FastLinears(self.torch, self.model.get_submodule(name) if name else self.model, among=weights)
+                fast = self._install_fast_kernel(self.model.get_submodule(name) if name else self.model, weights)
                 weights -= {id(linear.weight) for linear, _ in fast.linears}      # each linear once
-                fast.install()
-                self._packed.append(fast)
-                st.cpu_fast_linears += len(fast.linears)
-                st.cpu_plain_linears += fast.skipped
+
+    def _install_fast_kernel(self, module, among=None):
+        """cpu_kernel.FastLinears on ``module``'s linears (those whose weights ``among`` holds, where given),
+        installed, counted and kept for ``remove``."""
+        from .cpu_kernel import FastLinears
+        fast = FastLinears(self.torch, module, among=among)
+        fast.install()
+        self._packed.append(fast)
+        self.stats.cpu_fast_linears += len(fast.linears)
+        self.stats.cpu_plain_linears += fast.skipped
+        return fast
 
     def _pack_cpu_weights(self, threads: int):
         """The CPU blocks' linears that compute one token's row from reordered copies of their weights
@@ -423,14 +428,9 @@ class Engine:
         from .cpu_products import PackedLinears
         st, left = self.stats, self.packed_room
         if self.fast_kernel:
-            from .cpu_kernel import FastLinears
             for idx in sorted(self.cpu_blocks):
                 for name in self.units[idx].modules:
-                    fast = FastLinears(self.torch, self.model.get_submodule(name))
-                    fast.install()
-                    self._packed.append(fast)
-                    st.cpu_fast_linears += len(fast.linears)
-                    st.cpu_plain_linears += fast.skipped
+                    self._install_fast_kernel(self.model.get_submodule(name))
             return
         if left == 0:
             return

@@ -241,9 +241,6 @@ class Inspection:
                                    f"{o.attn_implementation!r} has GPU kernels only)")
         if device_type == "cuda" and any(e.routed_bytes for e in plan):
             plan.expert_share = o.host_expert_share
-            if plan.expert_share and o.cpu_kernel == "fast":    # the CPU's routed experts' one-row products
-                plan.cpu_products = "fast" if self._fast_kernel_runs() else "F.linear"
-                plan.cpu_kernel_why_not = self.fast_why_not or ""
         if any(e.compute == "cpu" for e in plan):
             plan.cpu_max_tokens = self.cpu_max_tokens()
             plan.cpu_products = products or self.cpu_products()
@@ -251,8 +248,9 @@ class Inspection:
             if plan.cpu_products == "reordered" and not self._reserve_reordered(plan, budgets):
                 # no room for the copies: the plan made again with F.linear, at its rate
                 return self.make_plan(device_type, budgets, pins, expert_pins, products="F.linear")
-        elif device_type == "cpu" and o.cpu_kernel == "fast":
-            # the CPU computes every unit here: one-row products by the kernel where it runs, no rate to plan with
+        elif o.cpu_kernel == "fast" and (plan.expert_share or device_type == "cpu"):
+            # the CPU's routed experts, or on the CPU device every unit: one-row products by the kernel where it
+            # runs, with no split of blocks to plan at its rate
             plan.cpu_products = "fast" if self._fast_kernel_runs() else "F.linear"
             plan.cpu_kernel_why_not = self.fast_why_not or ""
         plan.rates_reached = bool(plan.rates) and self._rates_reached

@@ -186,6 +186,7 @@ def test_the_engine_gives_its_cpu_blocks_the_kernel_where_the_plan_says_fast(mod
     for fast in (True, False):
         eng = SimpleNamespace(torch=torch, model=model, units=units, cpu_blocks={1: None, 2: None}, stats=Stats(),
                               packed_room=0, fast_kernel=fast, _packed=[])
+        eng._install_fast_kernel = lambda module, among=None, eng=eng: Engine._install_fast_kernel(eng, module, among)
         Engine._pack_cpu_weights(eng, threads=1)
         try:
             assert eng.stats.cpu_fast_linears == (2 * wide if fast else 0)
@@ -281,6 +282,7 @@ def test_on_the_cpu_device_a_unit_holding_a_streamed_unit_s_module_leaves_its_li
     params.update((i, list(model.get_submodule(names[i]).parameters())) for i in (1, 2, 3))
     eng = SimpleNamespace(torch=torch, model=model, units=units, n_model=4, params=params, sources={2: None},
                           owner={}, cpu_blocks={}, stats=Stats(), _packed=[])
+    eng._install_fast_kernel = lambda module, among=None: Engine._install_fast_kernel(eng, module, among)
     Engine._fast_kernel_for_resident_units(eng)
     try:
         def wide(module):
