@@ -1,14 +1,16 @@
-"""nb_offload on the CPU device against plain transformers on the CPU, in one process: decode at batch 1 with the
-exact products (F.linear) and with ``cpu_kernel="fast"`` (nb_offload's own kernel for one-row products,
-cpu_kernel.py).
+"""nb_offload on the CPU device against plain transformers on the CPU, in one process: decode at batch 1 with
+torch's products (``cpu_kernel="torch"``: F.linear), with the exact ones by default (F.linear's bits, by
+nb_offload's AMX kernel where the CPU has AMX, cpu_amx.py) and with ``cpu_kernel="fast"`` (nb_offload's own
+kernel for one-row products, cpu_kernel.py).
 
 A LLaMA-shaped model with random bf16 weights (1.7 GB at the defaults), saved and loaded three ways: plain
-transformers (``from_pretrained(dtype=bfloat16)``), nb_offload ``device="cpu"``, and the same with
-``cpu_kernel="fast"``. Decode time per token is the difference between a 2-token and an 18-token greedy generate,
-divided by 16, so the prefill cancels; rounds interleaved (plain, exact, fast), medians with their spread. A
-prefill of ``--prompt`` tokens is timed the same way. Tokens: the exact load's against plain transformers', the
-fast load's against plain transformers with the same linears multiplying one row by the same kernel. Runs on
-any CPU; the fast rows need AVX-512 BF16 and a C compiler (else they say why).
+transformers (``from_pretrained(dtype=bfloat16)``), nb_offload ``device="cpu"`` with ``cpu_kernel="torch"``, with
+the default ``"exact"``, and with ``"fast"``. Decode time per token is the difference between a 2-token and an
+18-token greedy generate, divided by 16, so the prefill cancels; rounds interleaved (plain, torch, exact, fast),
+medians with their spread. A prefill of ``--prompt`` tokens is timed the same way. Tokens: the torch and exact
+loads' against plain transformers', the fast load's against plain transformers with the same linears
+multiplying one row by the same kernel. Runs on any CPU; the fast rows need AVX-512 BF16 and a C compiler, the
+AMX kernel AMX (else the rows say why, and "exact" is F.linear).
 
     PYTHONPATH=. python3 benchmarks/bench_cpu_device.py --json out.json
     python3 benchmarks/report.py out.json --title "..."
@@ -57,10 +59,11 @@ def main():
     args = ap.parse_args()
     import torch
 
-    from nb_offload import cpu_kernel
+    from nb_offload import cpu_amx, cpu_kernel
     torch.set_grad_enabled(False)
     out = {"meta": {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "kernel": cpu_kernel.why_unavailable() or "runs here"}, "rows": []}
+                    "torch": torch.__version__, "kernel": cpu_kernel.why_unavailable() or "runs here",
+                    "amx_kernel": cpu_amx.why_unavailable() or "runs here"}, "rows": []}
     add = row_recorder(out, args.json, digits=4)
     folder = tempfile.mkdtemp(prefix="nb_offload-cpu-device-")
     try:
@@ -78,11 +81,16 @@ def measure(args, torch, out, add, folder):
     out["meta"].update(model_bytes=nbytes, step_bytes=step_bytes, prompt=args.prompt,
                        shape=f"hidden {args.hidden}, {args.layers} layers, intermediate {args.intermediate}, "
                              f"vocab {args.vocab}")
-    print(f"model: {out['meta']['shape']}, {nbytes / 1e9:.2f} GB bf16; kernel: {out['meta']['kernel']}", flush=True)
+    print(f"model: {out['meta']['shape']}, {nbytes / 1e9:.2f} GB bf16; kernel: {out['meta']['kernel']}; "
+          f"AMX kernel: {out['meta']['amx_kernel']}", flush=True)
 
     plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
     loads = {"plain transformers": plain,
+             "nb_offload cpu_kernel=\"torch\"": nb_offload.load(folder, device="cpu", cpu_kernel="torch",
+                                                                progress=False),
              "nb_offload exact": nb_offload.load(folder, device="cpu", progress=False)}
+    out["meta"]["exact_products"] = loads["nb_offload exact"].plan.cpu_products or "F.linear"
+    out["meta"]["amx_linears"] = loads["nb_offload exact"].stats.cpu_amx_linears
     fast_why = cpu_kernel.why_unavailable()
     if fast_why is None:
         loads["nb_offload cpu_kernel=\"fast\""] = nb_offload.load(folder, device="cpu", cpu_kernel="fast",
@@ -108,7 +116,8 @@ def measure(args, torch, out, add, folder):
             prefill[name].append(timed(model, prompt, 1))
     # tokens: exact against plain; fast against plain with the same linears by the kernel
     want = generate(plain, ids, 16)
-    same = {"nb_offload exact": bool(torch.equal(generate(loads["nb_offload exact"], ids, 16), want))}
+    same = {name: bool(torch.equal(generate(loads[name], ids, 16), want))
+            for name in ("nb_offload cpu_kernel=\"torch\"", "nb_offload exact")}
     if fast_why is None:
         fast_load = loads["nb_offload cpu_kernel=\"fast\""]
         linears = cpu_kernel.FastLinears(torch, plain)
@@ -133,6 +142,7 @@ def measure(args, torch, out, add, folder):
               f"tokens equal to their reference: {same.get(name, 'the reference itself')}", flush=True)
     if fast_why is not None:
         print(f"cpu_kernel=\"fast\" not measured: {fast_why}", flush=True)
+    print(f"exact: {out['meta']['exact_products']}, {out['meta']['amx_linears']} linears by the AMX kernel", flush=True)
     for model in loads.values():
         if hasattr(model, "unload"):
             model.unload()

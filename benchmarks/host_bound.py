@@ -189,7 +189,8 @@ def main():
                     "thread, as the engine's CPU blocks; packed: reordered copies where they equal F.linear, as the "
                     "engine's; packed_all: every product reordered; products_4k, products_pageable: other pages; "
                     "bmm16, bmm64: row slices through torch.bmm; phased: row slices on single-threaded workers; own: "
-                    "nb_offload's own kernel, cpu_kernel=\"fast\", whose bits differ; compiled: torch.compile with "
+                    "nb_offload's own kernel, cpu_kernel=\"fast\", whose bits differ; amx: nb_offload's AMX kernel, "
+                    "F.linear's bits where its check finds a chunk (cpu_amx.py); compiled: torch.compile with "
                     "frozen weights and max-autotune, bit-compared by shape; compiled_equal: compiled for the shapes "
                     "whose bits equal F.linear's, F.linear for the others)")
     ap.add_argument("--json", default=None)
@@ -327,6 +328,21 @@ def main():
         out["meta"]["own_kernel_outputs_differing"] = [differ, total]
         print(f"own kernel: {differ} of {total} outputs differ from F.linear's in the last bit or more", flush=True)
 
+    # nb_offload's AMX kernel (cpu_amx.py, the default exact products where it runs): F.linear's bits for the shapes
+    # whose chunk the check finds at the thread count, F.linear for the others; the weights read as stored
+    from nb_offload import cpu_amx
+    if "amx" in chosen and cpu_amx.why_unavailable():
+        raise SystemExit(f"--ways amx: the AMX kernel can't run here: {cpu_amx.why_unavailable()}")
+
+    def amx_products():
+        threads = torch.get_num_threads()
+        for w in weights:
+            chunk = cpu_amx.chunk_for(torch, *w.shape, dt, False, threads)
+            if chunk is None:
+                torch.nn.functional.linear(inputs[w.shape[1]], w)
+            else:
+                cpu_amx.product(torch, inputs[w.shape[1]], w, None, chunk, threads)
+
     # torch.compile's CPU backend with frozen weights and max-autotune: its own AMX GEMM templates, over weights it
     # packs into a blocked layout of its own (copies, as "packed"'s). Compiled once a thread count (its kernels
     # take the count at compile time). On a 2-core AMX machine (2026-12-05) its bits equalled F.linear's with
@@ -369,6 +385,7 @@ def main():
             "bmm64": ("products as 64 row slices (torch.bmm)", lambda: sliced_products(64), product_bytes),
             "phased": ("products' rows on single-threaded workers", phased_products, product_bytes),
             "own": ("products by nb_offload's own kernel (cpu_kernel.py)", own_products, product_bytes),
+            "amx": ("products by nb_offload's AMX kernel (cpu_amx.py)", amx_products, product_bytes),
             "compiled": ("products compiled (inductor, frozen, max-autotune)", compiled_products, product_bytes),
             "compiled_equal": ("products compiled where equal, else F.linear", lambda: compiled_products(True),
                                product_bytes)}
@@ -408,6 +425,9 @@ def main():
             if way == "packed":
                 extra["reordered_shapes"] = [list(shape) for shape in dict.fromkeys(shapes)
                                              if cpu_products.matches(torch, *shape, dt, False, threads)]
+            if way == "amx":
+                extra["amx_chunks"] = {f"{r}x{c}": cpu_amx.chunk_for(torch, r, c, dt, False, threads)
+                                       for r, c in dict.fromkeys(shapes)}
             add(what=name, threads=threads, cpu_alone_gbps=cpu_alone, cpu_beside_gbps=cpu_beside,
                 link_beside_gbps=link_beside, together_gbps=cpu_beside + link_beside, **extra)
             print(f"{name:36s} {threads:2d} threads: cpu alone {cpu_alone:6.1f}, beside the link {cpu_beside:6.1f} "

@@ -898,6 +898,10 @@ def render_host_bound(data, command, title, llama_beside=None) -> str:
             if "reordered_shapes" in r:
                 bits += " (reordered: " + (", ".join("x".join(map(str, s)) for s in r["reordered_shapes"])
                                            or "none") + ")"
+            if "amx_chunks" in r:     # the inputs a chunk of the AMX kernel sums (F.linear's bits), by shape
+                bits += " (F.linear's bits; chunks: " + ", ".join(
+                    f"{shape} {chunk if chunk is not None else 'none: F.linear'}"
+                    for shape, chunk in r["amx_chunks"].items()) + ")"
             lines.append(f"| {r['what']}{bits} | {r['threads']} | {r['cpu_alone_gbps']:.1f} | "
                          f"{r['cpu_beside_gbps']:.1f} | {r['link_beside_gbps']:.1f} | **{r['together_gbps']:.1f}** |")
     lines.append("")
@@ -924,8 +928,8 @@ def render_host_bound(data, command, title, llama_beside=None) -> str:
 
 
 def render_cpu_device(data, command, title) -> str:
-    """A bench_cpu_device.py run: nb_offload on the CPU device, exact and with cpu_kernel="fast", against plain
-    transformers on the CPU."""
+    """A bench_cpu_device.py run: nb_offload on the CPU device, with torch's products, exact (by the AMX kernel where
+    it ran) and with cpu_kernel="fast", against plain transformers on the CPU."""
     m = data["meta"]
     title = title or 'the CPU device: exact and cpu_kernel="fast" against plain transformers'
     lines = [f"## {m['date']}, {title}"
@@ -936,10 +940,13 @@ def render_cpu_device(data, command, title) -> str:
                 else "") + ". Decode per token: "
              "(18-token generate - 2-token generate) / 16, rounds interleaved, medians (spread of the rounds); "
              f"prefill: a 1-token generate of the {m.get('prompt', 128)}-token prompt. Tokens: nb_offload exact "
-             "against plain transformers; "
+             + (f"(by {m['exact_products']}: {m.get('amx_linears', 0)} linears by the AMX kernel) and "
+                "`cpu_kernel=\"torch\"` " if "exact_products" in m else "")
+             + "against plain transformers; "
              "`cpu_kernel=\"fast\"` against plain transformers with the same linears multiplying one row by the same "
              f"kernel ({m.get('fast_linears', 0)} linears; that reference's tokens differ from plain's in "
-             f"{m.get('kernel_tokens_differ_from_plain', 'n/a')} of 16). The kernel: {m['kernel']}.", "",
+             f"{m.get('kernel_tokens_differ_from_plain', 'n/a')} of 16). The kernel: {m['kernel']}"
+             + (f"; the AMX kernel: {m['amx_kernel']}" if "amx_kernel" in m else "") + ".", "",
              "| load | decode tok/s | x plain | GB/s of weights | step spread ms | prefill s | tokens = reference |",
              "|---|---:|---:|---:|---|---:|---|"]
     for r in data["rows"]:

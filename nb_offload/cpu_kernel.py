@@ -18,6 +18,7 @@ OpenMP; ``why_unavailable`` names what is missing. Where torch's OpenMP runtime 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import shutil
@@ -108,38 +109,46 @@ def why_unavailable() -> str | None:
 def _build():
     global _built
     if _built is None:
-        _built = _compile()
+        library, why = build_library(SOURCE, FLAGS, CPU_FLAGS, "AVX-512 BF16")
+        if library is None:
+            _built = None, why
+        else:
+            fn = library.nb_offload_gemv_bf16
+            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long, ctypes.c_int]
+            fn.restype = None
+            _built = fn, None
     return _built
 
 
-def _compile():
+def build_library(source: str, flags: list, needs: tuple, needs_in_words: str):
+    """(the library ``source`` builds with ``flags``, loaded by ctypes, None), or (None, why not): this machine
+    isn't Linux on x86-64, its CPU lacks one of ``needs`` (``needs_in_words`` says what they are), there is no
+    C compiler or it failed. Built in a folder made for this user alone and removed once the library is loaded
+    (a loaded library stays mapped), so nothing built earlier, or by anyone else, is ever loaded."""
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return None, f"it runs on Linux on x86-64 (this is {sys.platform} on {platform.machine()})"
-    missing = [flag for flag in CPU_FLAGS if flag not in cpu_flags()]
+    missing = [flag for flag in needs if flag not in cpu_flags()]
     if missing:
-        return None, f"this CPU lacks {', '.join(missing)} (it needs AVX-512 BF16)"
+        return None, f"this CPU lacks {', '.join(missing)} (it needs {needs_in_words})"
     cc = compiler()
     if cc is None:
         return None, "no C compiler was found (cc or gcc on the PATH, or $CC)"
-    import ctypes
     folder = tempfile.mkdtemp(prefix="nb_offload-kernel-")     # this user's alone: nothing planted is loaded
     try:
-        source, library = os.path.join(folder, "gemv_bf16.c"), os.path.join(folder, "gemv_bf16.so")
-        with open(source, "w") as f:
-            f.write(SOURCE)
+        source_file, library = os.path.join(folder, "kernel.c"), os.path.join(folder, "kernel.so")
+        with open(source_file, "w") as f:
+            f.write(source)
         try:
-            done = subprocess.run([cc, *FLAGS, source, "-o", library], capture_output=True, text=True, timeout=120)
+            done = subprocess.run([cc, *flags, source_file, "-o", library], capture_output=True, text=True,
+                                  timeout=120)
         except (OSError, subprocess.TimeoutExpired) as exc:
             return None, f"{cc} could not build it ({exc})"
         if done.returncode:
             last = (done.stderr.strip().splitlines() or ["no message"])[-1]
             return None, f"{cc} could not build it: {last}"
-        fn = ctypes.CDLL(library).nb_offload_gemv_bf16
+        return ctypes.CDLL(library), None
     finally:
-        shutil.rmtree(folder, ignore_errors=True)       # a loaded library stays mapped
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long, ctypes.c_int]
-    fn.restype = None
-    return fn, None
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def applies(torch, x, weight, bias=None) -> bool:
@@ -174,46 +183,73 @@ def product(torch, x, weight, bias, threads: int):
     return out
 
 
-class FastLinears:
-    """The linears of one CPU-computed block (``module``) whose one-row products on the CPU take this kernel:
-    plain ``nn.Linear``s with 2-D bf16 weights (cpu_products.candidates) in host memory. ``install`` gives each
-    a forward that takes the kernel for a call ``applies`` to while its weight is still the one it found (bound
-    to the block's host memory) and its bias, if any, a bf16 one in host memory, with the threads torch has
-    for the call (the block's own, in its decode step); any other call (a prefill, the block held on the
-    GPU) is the linear's own. ``remove`` puts the linears' own forwards back. The same surface as
+class Fast:
+    """The policy of ``KernelLinears`` for this kernel: a linear in host memory takes it for every one-row call
+    ``applies`` to, with the threads torch has for the call."""
+
+    name = "fast"
+
+    def __init__(self, torch):
+        self.torch = torch
+
+    def available(self) -> bool:
+        return why_unavailable() is None
+
+    def takes(self, linear) -> bool:
+        return True
+
+    def multiply(self, x, weight, bias):
+        torch = self.torch
+        return product(torch, x, weight, bias, torch.get_num_threads()) if applies(torch, x, weight, bias) else None
+
+
+class KernelLinears:
+    """The linears of one module the CPU computes (a CPU block, a unit on the CPU device) whose one-row products
+    take one of nb_offload's kernels, as ``kernel`` says (``Fast`` here, cpu_amx.Amx): where ``kernel.available()``,
+    plain ``nn.Linear``s with 2-D bf16 weights (cpu_products.candidates) in host memory, contiguous, that
+    ``kernel.takes``.
+    ``install`` gives each a forward that calls ``kernel.multiply(x, weight, bias)`` while its weight is still the
+    one it found (bound to the module's host memory), and the linear's own forward where that returns None (a
+    prefill, the block held on the GPU). ``remove`` puts the linears' own forwards back. The same surface as
     cpu_products.PackedLinears (it copies nothing)."""
 
     bytes = 0
 
-    def __init__(self, torch, module, among=None):
+    def __init__(self, torch, module, kernel, among=None):
         """``among``: where given, the ids of the weights whose linears may take it (the others are left out,
         neither taken nor counted)."""
         from .cpu_products import candidates
-        self.torch = torch
+        self.kernel = kernel
         self.linears, self.skipped = [], 0      # (linear, the address of its weight), and those left to F.linear
-        if why_unavailable() is not None:
+        if not kernel.available():
             return
         for linear in candidates(torch, module, torch.bfloat16):
             if among is not None and id(linear.weight) not in among:
                 continue
-            if linear.weight.device.type == "cpu" and linear.weight.is_contiguous():
+            if linear.weight.device.type == "cpu" and linear.weight.is_contiguous() and kernel.takes(linear):
                 self.linears.append((linear, linear.weight.data_ptr()))
             else:
                 self.skipped += 1
 
     def install(self):
-        torch = self.torch
+        multiply = self.kernel.multiply
         for linear, home in self.linears:
             own = type(linear).forward.__get__(linear)
 
             def forward(x, linear=linear, home=home, own=own):
-                weight, bias = linear.weight, linear.bias
-                if weight.data_ptr() == home and applies(torch, x, weight, bias):
-                    return product(torch, x, weight, bias, torch.get_num_threads())
-                return own(x)
+                weight = linear.weight
+                out = multiply(x, weight, linear.bias) if weight.data_ptr() == home else None
+                return own(x) if out is None else out
             linear.forward = forward
 
     def remove(self):
         for linear, _ in self.linears:
             vars(linear).pop("forward", None)
         self.linears = []
+
+
+class FastLinears(KernelLinears):
+    """``KernelLinears`` of this kernel (``Fast``)."""
+
+    def __init__(self, torch, module, among=None):
+        super().__init__(torch, module, Fast(torch), among)

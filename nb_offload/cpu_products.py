@@ -109,31 +109,43 @@ def _check_inputs(torch, in_features: int, dtype, generator):
 
 def matches(torch, out_features: int, in_features: int, dtype, bias: bool, threads: int) -> bool:
     """Whether the reordered one-row product of this shape equals ``F.linear``'s to the bit, both with
-    ``threads`` torch threads (the caller's restored after), on the inputs of ``_check_inputs`` over weights
-    that show the order of the sums (``_check_weights``). A check, not a proof: a kernel whose order differs
-    only where these weights don't show it would pass. Remembered per shape for the process."""
+    ``threads`` torch threads (``first_as_linear``'s check). Remembered per shape for the process."""
     key = (out_features, in_features, str(dtype), bias, threads)
-    if key in _checked:
-        return _checked[key]
+    if key not in _checked:
+        def reordered(weights):
+            packed = reorder(torch, weights)
+            return lambda x, offsets: product(torch, x, packed, offsets, out_features)
+        _checked[key] = first_as_linear(torch, out_features, in_features, dtype, bias, threads, [reordered]) == 0
+    return _checked[key]
+
+
+def first_as_linear(torch, out_features: int, in_features: int, dtype, bias: bool, threads: int,
+                    kernels: list) -> int | None:
+    """The index of the first of ``kernels`` whose one-row products of this shape equal ``F.linear``'s to the
+    bit, both with ``threads`` torch threads (the caller's restored after), on the inputs of ``_check_inputs``
+    over weights that show the order of the sums (``_check_weights``); None where none does, or where one
+    raises RuntimeError (a torch or CPU without such kernels for the dtype). A kernel is called with the check's
+    weights and returns the product of a row with them and a bias (None where ``bias`` is False). A check, not a
+    proof: a kernel whose order differs only where these weights don't show it would pass."""
     import torch.nn.functional as F
     reference = _reference or F.linear
     generator = torch.Generator().manual_seed(out_features * 131 + in_features)
     caller = torch.get_num_threads()
-    same = False
     try:
         with torch.inference_mode():
             torch.set_num_threads(threads)
             weights, offsets = _check_weights(torch, out_features, in_features, dtype, generator)
             offsets = offsets if bias else None
-            packed = reorder(torch, weights)
-            same = all(torch.equal(product(torch, x, packed, offsets, out_features), reference(x, weights, offsets))
-                       for x in _check_inputs(torch, in_features, dtype, generator))
-    except RuntimeError:        # a torch or CPU without these kernels for the dtype
-        same = False
+            checks = [(x, reference(x, weights, offsets)) for x in _check_inputs(torch, in_features, dtype, generator)]
+            for index, kernel in enumerate(kernels):
+                multiply = kernel(weights)
+                if all(torch.equal(multiply(x, offsets), want) for x, want in checks):
+                    return index
+    except RuntimeError:
+        pass
     finally:
         torch.set_num_threads(caller)
-    _checked[key] = same
-    return same
+    return None
 
 
 def candidates(torch, module, dtype) -> list:

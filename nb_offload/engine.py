@@ -44,7 +44,7 @@ class Engine:
                  drop_page_cache: bool = False, split: bool = False, cuda_graph: bool = True,
                  fused_kernels: bool = True, expert_cache: int = 0, pinned_experts: dict | None = None,
                  expert_compute=None, experts_chosen: bool = False, cpu_blocks=None, cpu_max_tokens: int = 1,
-                 decode_spare: int = 0, packed_room: int | None = 0, fast_kernel: bool = False):
+                 decode_spare: int = 0, packed_room: int | None = 0, kernel: str = ""):
         import torch
         self.torch = torch
         self.model = model
@@ -133,8 +133,10 @@ class Engine:
         self._cpu_hooks = {}        # index -> its hybrid.CpuBlock (install)
         # host memory the CPU blocks' reordered weights may take (cpu_products.py): 0 none, None no limit
         self.packed_room = packed_room
-        self._packed = []           # their cpu_products.PackedLinears (or cpu_kernel.FastLinears), installed
-        self.fast_kernel = fast_kernel      # they multiply one token's row by nb_offload's own (cpu_kernel="fast")
+        self._packed = []           # their cpu_products.PackedLinears (or cpu_kernel.KernelLinears), installed
+        # the kernel of nb_offload's they multiply one token's row by, where not torch's: "fast" (cpu_kernel.py,
+        # cpu_kernel="fast") or "amx" (cpu_amx.py: F.linear's bits); on the CPU device every resident unit's
+        self.kernel = kernel
         self._block_forwards = []   # their modules whose forward hands decode steps to the worker
         self.block_handoff, self.block_handoff_why_not = None, ""      # handoff.GpuHandoff, below
         try:        # a start that fails part way leaves no wrapped forward, worker or reader behind
@@ -217,7 +219,7 @@ class Engine:
                        if slot.offset in fused}
             module = self.model.get_submodule(found.module)
             self._cpu_rows[idx] = cpu_experts.rows_for(cpu_experts.twin(module, weights),
-                                                       fast_kernel=self.fast_kernel)
+                                                       fast_kernel=self.kernel == "fast")
             self._gpu_rows[idx] = cpu_experts.rows_for(module)
             own = type(module).forward.__get__(module)     # the class's, whatever a failed start left on it
             self._forwards[idx] = (module, own)
@@ -351,11 +353,12 @@ class Engine:
                     hooked.add(found.module)
                     self.hooks.before_call(found.module, lambda args, kwargs: self._collect())
         st = self.stats
-        st.cpu_packed_linears = st.cpu_plain_linears = st.cpu_packed_bytes = st.cpu_fast_linears = 0
+        st.cpu_packed_linears = st.cpu_plain_linears = st.cpu_packed_bytes = 0
+        st.cpu_fast_linears = st.cpu_amx_linears = 0
         if not self.cuda:
             self._row_major_head_input()
-            if self.fast_kernel:
-                self._fast_kernel_for_resident_units()
+            if self.kernel:
+                self._kernel_for_resident_units()
         if self.cpu_blocks:
             threads = cpu_experts.host_threads()
             self._pack_cpu_weights(threads)
@@ -398,9 +401,9 @@ class Engine:
             return args, kwargs
         self.hooks.rewrite_call(name, copy_to_row_major)
 
-    def _fast_kernel_for_resident_units(self):
-        """On the CPU device (cpu_kernel="fast"): the linears of the units computed where they live in host memory
-        (not streamed into a slot) take nb_offload's kernel for one-row products, with the caller's threads. A
+    def _kernel_for_resident_units(self):
+        """On the CPU device: the linears of the units computed where they live in host memory (not streamed into
+        a slot) take nb_offload's kernel (``kernel``) for one-row products, with the caller's threads. A
         linear takes it where its weight is a resident unit's: a unit's module may hold other units' modules (a
         unit for a parameter of the blocks' container), whose linears may stream."""
         streamed = set(self.sources) | set(self.owner.values()) | set(self.cpu_blocks)
@@ -408,29 +411,38 @@ class Engine:
         weights = {id(p) for u in resident for p in self.params.get(u.index, ())}
         for u in resident:
             for name in u.modules:
-                fast = self._install_fast_kernel(self.model.get_submodule(name) if name else self.model, weights)
-                weights -= {id(linear.weight) for linear, _ in fast.linears}      # each linear once
+                taken = self._install_kernel(self.model.get_submodule(name) if name else self.model, weights)
+                weights -= {id(linear.weight) for linear, _ in taken.linears}     # each linear once
 
-    def _install_fast_kernel(self, module, among=None):
-        """cpu_kernel.FastLinears on ``module``'s linears (those whose weights ``among`` holds, where given),
-        installed, counted and kept for ``remove``."""
-        from .cpu_kernel import FastLinears
-        fast = FastLinears(self.torch, module, among=among)
-        fast.install()
-        self._packed.append(fast)
-        self.stats.cpu_fast_linears += len(fast.linears)
-        self.stats.cpu_plain_linears += fast.skipped
-        return fast
+    def _install_kernel(self, module, among=None, threads: int | None = None):
+        """cpu_kernel.KernelLinears of ``kernel`` on ``module``'s linears (those whose weights ``among`` holds,
+        where given), installed, counted and kept for ``remove``. ``threads``: the count the AMX kernel's shapes
+        are checked at (a CPU block's own; the caller's where None)."""
+        from .cpu_kernel import Fast, KernelLinears
+        if self.kernel == "amx":
+            from .cpu_amx import Amx
+            policy = Amx(self.torch, threads or self.torch.get_num_threads())
+        else:
+            policy = Fast(self.torch)
+        taken = KernelLinears(self.torch, module, policy, among=among)
+        taken.install()
+        self._packed.append(taken)
+        if self.kernel == "amx":
+            self.stats.cpu_amx_linears += len(taken.linears)
+        else:
+            self.stats.cpu_fast_linears += len(taken.linears)
+        self.stats.cpu_plain_linears += taken.skipped
+        return taken
 
     def _pack_cpu_weights(self, threads: int):
         """The CPU blocks' linears that compute one token's row from reordered copies of their weights
         (cpu_products.py), block after block in the model's order while ``packed_room`` lasts."""
         from .cpu_products import PackedLinears
         st, left = self.stats, self.packed_room
-        if self.fast_kernel:
+        if self.kernel:
             for idx in sorted(self.cpu_blocks):
                 for name in self.units[idx].modules:
-                    self._install_fast_kernel(self.model.get_submodule(name))
+                    self._install_kernel(self.model.get_submodule(name), threads=threads)
             return
         if left == 0:
             return
@@ -524,7 +536,8 @@ class Engine:
             packed.remove()
         self._packed = []
         st = self.stats
-        st.cpu_packed_linears = st.cpu_plain_linears = st.cpu_packed_bytes = st.cpu_fast_linears = 0
+        st.cpu_packed_linears = st.cpu_plain_linears = st.cpu_packed_bytes = 0
+        st.cpu_fast_linears = st.cpu_amx_linears = 0
         self.release_held()
         self.drain()
         self.expert_cache = self.gpu_fetch = None      # its views of the slots, with the slots

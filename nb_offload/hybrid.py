@@ -122,10 +122,12 @@ class BusyLink:
 REORDERED = "reordered"
 # The key of its rate for one token's products by nb_offload's own kernel (cpu_kernel.py).
 FAST = "fast"
+# And by nb_offload's AMX kernel, with F.linear's bits (cpu_amx.py).
+AMX = "amx"
 
 
 def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: int, beside=None,
-                    packed: bool = False, fast: bool = False) -> dict:
+                    packed: bool = False, fast: bool = False, amx: bool = False) -> dict:
     """Bytes a second the CPU reads a block's weights at, as a CPU block computes them, at each of
     ``token_counts`` (tokens -> bytes a second): the products of that many rows with weights of ``shapes``
     ([rows, cols] each, a block's, in run order, up to MEASURED_BYTES) in ``dtype``, through F.linear, one after
@@ -149,8 +151,12 @@ def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: i
     MEASURED_BYTES of a block's: for a 70B block, q/k/v/o only.) The ways' passes take turns.
 
     With ``fast``, also one token's products by nb_offload's own kernel (cpu_kernel.py, under the key FAST),
-    where it runs here and the weights are bf16."""
-    from . import cpu_products
+    where it runs here and the weights are bf16.
+
+    With ``amx``, also one token's products by nb_offload's AMX kernel (cpu_amx.py, under the key AMX) for the
+    shapes it gives F.linear's bits at ``threads`` (F.linear's for the others), where it runs here and the weights
+    are bf16: where no shape has a chunk, none."""
+    from . import cpu_amx, cpu_products
     from .tiers import alloc_host, lock_host, release_host
     kept, total = [], 0
     size = torch.empty((), dtype=dtype).element_size()
@@ -185,14 +191,21 @@ def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: i
                 packs.clear()
         from . import cpu_kernel
         kernel = fast and dtype == torch.bfloat16 and cpu_kernel.why_unavailable() is None
-        ways = list(token_counts) + ([REORDERED] if packs else []) + ([FAST] if kernel else [])
+        chunks = {}     # (rows, cols) -> the AMX kernel's chunk, for the shapes it takes
+        if amx and dtype == torch.bfloat16:
+            for rows, cols in kept:
+                chunk = cpu_amx.chunk_for(torch, rows, cols, dtype, False, threads)
+                if chunk is not None:
+                    chunks[rows, cols] = chunk
+        ways = list(token_counts) + ([REORDERED] if packs else []) + ([FAST] if kernel else []) \
+            + ([AMX] if chunks else [])
         times = {way: [] for way in ways}
         with torch.inference_mode():
             inputs = {tokens: {cols: torch.full((tokens, cols), 0.5, dtype=dtype) for _, cols in shapes}
                       for tokens in set(token_counts) | {1}}
             for k in range(max(1, repeats) + 2):
                 for way in ways:
-                    rows = inputs[1 if way in (REORDERED, FAST) else way]
+                    rows = inputs[1 if way in (REORDERED, FAST, AMX) else way]
                     torch.set_num_threads(threads)
                     if beside is not None:
                         beside.start()
@@ -203,6 +216,8 @@ def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: i
                                 cpu_products.product(torch, rows[w.shape[1]], packs[id(w)], None, w.shape[0])
                             elif way == FAST:
                                 cpu_kernel.product(torch, rows[w.shape[1]], w, None, threads)
+                            elif way == AMX and tuple(w.shape) in chunks:
+                                cpu_amx.product(torch, rows[w.shape[1]], w, None, chunks[tuple(w.shape)], threads)
                             else:
                                 torch.nn.functional.linear(rows[w.shape[1]], w)
                         if k >= 2:

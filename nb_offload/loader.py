@@ -119,6 +119,7 @@ class Inspection:
         self._reordered_faster = False      # reordered weights' products beat F.linear's there (cpu_products.py)
         self._flinear_gbps = self._reordered_gbps = None      # the two rates measured there
         self._fast = False      # the CPU's blocks multiply by nb_offload's own kernel (cpu_kernel="fast")
+        self._amx_faster = False        # or by its AMX kernel, F.linear's bits, measured faster than torch's ways
         self.fast_why_not = None        # why cpu_kernel="fast" was asked for and the exact products compute instead
         self._rates_reached = False     # the CPU's rate is the one its blocks reached decoding (use_cpu_rate)
         self.saved_quant = _saved_quantization(self.folder, self.config)    # its quantization_config, or None
@@ -253,6 +254,10 @@ class Inspection:
             # runs, with no split of blocks to plan at its rate
             plan.cpu_products = "fast" if self._fast_kernel_runs() else "F.linear"
             plan.cpu_kernel_why_not = self.fast_why_not or ""
+        elif o.cpu_kernel == "exact" and device_type == "cpu" and self._amx_kernel_runs():
+            # on the CPU device, F.linear's bits by the AMX kernel for the shapes it has a chunk for (no rate is
+            # measured there: it reads at least as fast, cpu_amx.py)
+            plan.cpu_products = "amx"
         plan.rates_reached = bool(plan.rates) and self._rates_reached
         return plan
 
@@ -295,7 +300,8 @@ class Inspection:
     def cpu_rates(self) -> tuple:
         """(cpu, link) GB/s for ``compute="hybrid"``, measured once: the CPU's batch-1 products over a block's
         weights in the load dtype with the threads it would have (hybrid.rates_by_tokens: through F.linear, and
-        with ``pack_cpu_weights`` from reordered weights too, the faster kept; with ``cpu_kernel="fast"``
+        with ``pack_cpu_weights`` from reordered weights too, and with ``cpu_kernel="exact"`` by nb_offload's AMX
+        kernel where it runs here, the fastest kept; with ``cpu_kernel="fast"``
         nb_offload's own kernel's, where it runs here), while the link copies beside them on a CUDA machine,
         as in a hybrid step; the page-locked link (25 GB/s assumed on a machine without a GPU, as for a dry
         run's prediction)."""
@@ -308,9 +314,11 @@ class Inspection:
             link = budget.link_gbps() if cuda else 25.0
             beside = hybrid.BusyLink(torch, torch.device("cuda", torch.cuda.current_device())) if cuda else None
             fast = self.options.cpu_kernel == "fast" and self._fast_kernel_runs()   # else the exact products
+            amx = self.options.cpu_kernel == "exact" and self._amx_kernel_runs()
             try:
                 rates = hybrid.rates_by_tokens(torch, self.dtype, self._block_shapes(), host_threads(), (1,), 5,
-                                               beside, packed=self.options.pack_cpu_weights and not fast, fast=fast)
+                                               beside, packed=self.options.pack_cpu_weights and not fast, fast=fast,
+                                               amx=amx)
             finally:
                 if beside is not None:
                     beside.release()
@@ -321,7 +329,9 @@ class Inspection:
             reordered = rates.get(hybrid.REORDERED, 0.0)
             self._reordered_faster = reordered > rates[1] * REORDERED_MARGIN
             self._flinear_gbps, self._reordered_gbps = rates[1] / 1e9, reordered / 1e9
-            self._cpu_rates = ((reordered if self._reordered_faster else rates[1]) / 1e9, link)
+            torch_rate = reordered if self._reordered_faster else rates[1]
+            self._amx_faster = rates.get(hybrid.AMX, 0.0) > torch_rate      # the same bits, and no copies
+            self._cpu_rates = ((rates[hybrid.AMX] if self._amx_faster else torch_rate) / 1e9, link)
         return self._cpu_rates
 
     def _fast_kernel_runs(self) -> bool:
@@ -334,13 +344,23 @@ class Inspection:
             else f"it takes bf16 weights, and this model loads as {self.dtype}"
         return self.fast_why_not is None
 
+    def _amx_kernel_runs(self) -> bool:
+        """Whether nb_offload's AMX kernel (cpu_amx.py) can multiply this model's weights here."""
+        import torch
+
+        from . import cpu_amx
+        return self.dtype == torch.bfloat16 and cpu_amx.why_unavailable() is None
+
     def cpu_products(self) -> str:
         """How the CPU's blocks multiply one token's row: "fast" with ``cpu_kernel="fast"`` where its kernel runs
-        here (cpu_kernel.py); "reordered" where ``pack_cpu_weights`` is on and the reordered weights' products
-        (those that match F.linear, cpu_products.py) read faster than F.linear's alone by REORDERED_MARGIN in
-        ``cpu_rates``'s measure (their copies cost host memory); else "F.linear"."""
+        here (cpu_kernel.py); with ``cpu_kernel="exact"``, "amx" where nb_offload's AMX kernel (F.linear's bits,
+        cpu_amx.py) read faster than torch's way below in ``cpu_rates``'s measure; "reordered" where
+        ``pack_cpu_weights`` is on and the reordered weights' products (those that match F.linear,
+        cpu_products.py) read faster than F.linear's alone by REORDERED_MARGIN (their copies cost host memory);
+        else "F.linear"."""
         self.cpu_rates()
-        return "fast" if self._fast else "reordered" if self._reordered_faster else "F.linear"
+        return "fast" if self._fast else "amx" if self._amx_faster else "reordered" if self._reordered_faster \
+            else "F.linear"
 
     def cpu_max_tokens(self) -> int:
         """The most tokens a step may have for CPU blocks to compute on the CPU (hybrid.cpu_max_tokens),

@@ -168,7 +168,7 @@ class OffloadedModel:
                               cpu_blocks=on_cpu, cpu_max_tokens=self.plan.cpu_max_tokens,
                               decode_spare=self.plan.reserved.get("activations", 0),
                               packed_room=self._packed_room() if on_cpu else 0,
-                              fast_kernel=self.plan.cpu_products == "fast")
+                              kernel=self.plan.cpu_products if self.plan.cpu_products in ("fast", "amx") else "")
         self._engine.install()
         self._prime()
 

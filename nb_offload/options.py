@@ -210,17 +210,17 @@ class Options:
                                                   "the load measured that 5 % faster; the plan reserves host "
                                                   "memory for the copies, or goes without them where the cpu "
                                                   "budget has no room (cpu_products.py)")
-    cpu_kernel: str = _option("exact", _one_of("exact", "fast"), "how the CPU multiplies one token's row, for "
-                                                                 "the blocks it computes, the routed experts it "
-                                                                 "computes beside the GPU (expert_compute), and on "
-                                                                 "the CPU device every bf16 linear in host memory: "
-                                                                 "\"exact\": F.linear (or reordered weights where "
-                                                                 "bit-identical), the tokens of transformers computing "
-                                                                 "those blocks on the CPU; \"fast\": nb_offload's own "
-                                                                 "AVX-512 BF16 kernel for bf16 weights, which reads "
-                                                                 "faster and sums in another order, so tokens may "
-                                                                 "differ (cpu_kernel.py; F.linear where the machine "
-                                                                 "can't run it, and the plan says why)")
+    cpu_kernel: str = _option("exact", _one_of("exact", "fast", "torch"),
+                              "how the CPU multiplies one token's row, for the blocks it computes, the routed "
+                              "experts it computes beside the GPU (expert_compute), and on the CPU device every "
+                              "bf16 linear in host memory: \"exact\": with F.linear's bits, the tokens of "
+                              "transformers computing those blocks on the CPU, by the fastest of F.linear, "
+                              "reordered weights (pack_cpu_weights) and, on a CPU with AMX, nb_offload's AMX kernel "
+                              "for bf16 weights, which a check at load finds F.linear's bits for each shape "
+                              "(cpu_amx.py); \"fast\": nb_offload's own AVX-512 BF16 kernel for bf16 weights, "
+                              "which reads faster and sums in another order, so tokens may differ (cpu_kernel.py; "
+                              "F.linear where the machine can't run it, and the plan says why); \"torch\": torch's "
+                              "kernels only, as \"exact\" without nb_offload's")
     cuda_graph: bool = _option(True, _flag, "decode steps captured as one CUDA graph and replayed per token, "
                                             "with a static KV cache (graphs.py says where they run eager)")
     fused_kernels: bool = _option(True, _flag, "in a captured decode step, RMSNorm, the rotary embedding and "

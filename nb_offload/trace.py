@@ -250,6 +250,7 @@ class Stats:
     cpu_plain_linears: int = 0          # and those of a packable dtype left to F.linear (shape unmatched, no room)
     cpu_packed_bytes: int = 0           # host memory the copies take
     cpu_fast_linears: int = 0           # linears multiplying one row by nb_offload's kernel (cpu_kernel.py)
+    cpu_amx_linears: int = 0            # and by nb_offload's AMX kernel, F.linear's bits (cpu_amx.py)
     kept_units: int = 0         # streamed units found in their slots, put there before the step (Schedule.kept)
     kept_bytes: int = 0         # and their bytes, neither copied nor read again
     primed_from_cpu: int = 0    # of bytes_from_cpu, those brought for the next prompt after a generate (Engine.prime)
@@ -322,7 +323,7 @@ class Stats:
                 "cpu_replayed_bytes": self.cpu_replayed_bytes, "cpu_replayed_seconds": self.cpu_replayed_seconds,
                 "cpu_packed_linears": self.cpu_packed_linears,
                 "cpu_plain_linears": self.cpu_plain_linears, "cpu_packed_bytes": self.cpu_packed_bytes,
-                "cpu_fast_linears": self.cpu_fast_linears,
+                "cpu_fast_linears": self.cpu_fast_linears, "cpu_amx_linears": self.cpu_amx_linears,
                 "kept_units": self.kept_units, "kept_bytes": self.kept_bytes,
                 "primed_from_cpu": self.primed_from_cpu, "primed_from_disk": self.primed_from_disk,
                 "host_now": self.host_now, "host_peak": self.host_peak,
@@ -381,7 +382,9 @@ class Stats:
             text += (f" · {calls / steps:.0f} blocks a step computed on the CPU from host memory"
                      + (f" ({nbytes / busy / 1e9:.1f} GB/s)" if busy else "")
                      + (f", {self.cpu_packed_linears} of their {self.cpu_packed_linears + self.cpu_plain_linears} "
-                        "products from reordered weights" if self.cpu_packed_linears else ""))
+                        "products from reordered weights" if self.cpu_packed_linears else "")
+                     + (f", {self.cpu_amx_linears} of their {self.cpu_amx_linears + self.cpu_plain_linears} "
+                        "products by nb_offload's AMX kernel (F.linear's bits)" if self.cpu_amx_linears else ""))
         text += self._cpu_hint(before, moved, link_gbps)
         replays = self.graph_replays - before.get("graph_replays", 0)
         if replays:
@@ -424,6 +427,10 @@ class Stats:
             text += (f"; the CPU's blocks: {self.cpu_packed_linears} of "
                      f"{self.cpu_packed_linears + self.cpu_plain_linears} products from reordered weights, "
                      f"{format_size(self.cpu_packed_bytes)} of host memory")
+        for taken, by in ((self.cpu_amx_linears, "nb_offload's AMX kernel, with F.linear's bits"),
+                          (self.cpu_fast_linears, "nb_offload's own kernel (cpu_kernel=\"fast\")")):
+            if taken:
+                text += f"; one-row products of {taken} linears by {by}"
         if self.graph_captures:
             text += (f"; decode: {self.graph_replays} steps replayed from {self.graph_captures} CUDA graph(s), "
                      f"{1e3 * self.capture_seconds / self.graph_captures:.0f} ms a capture, pool "

@@ -178,7 +178,10 @@ def plan_text(plan) -> str:
 
 def _kernel_lines(plan, what: str, short: str | None = None) -> list:
     """The plan's line on how the CPU multiplies ``what`` (``short``: a shorter name for it in the line saying
-    the kernel can't run), where cpu_kernel="fast" was asked for."""
+    the kernel can't run), where it is one of nb_offload's kernels or cpu_kernel="fast" was asked for."""
+    if plan.cpu_products == "amx":
+        return [f"  {what} by nb_offload's AMX kernel, with F.linear's bits (the chunks oneDNN sums in found at load "
+                "for each shape; F.linear where none is)"]
     if plan.cpu_products == "fast":
         return [f"  {what} by nb_offload's own kernel (cpu_kernel=\"fast\": it sums in another order than F.linear, "
                 "so tokens may differ from transformers')"]

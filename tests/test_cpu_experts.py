@@ -623,7 +623,7 @@ def test_with_the_fast_kernel_the_cpu_s_experts_multiply_one_row_by_it(arch, mod
     monkeypatch.setattr(cpu_kernel, "product", lambda *a: calls.append(a[2].shape) or product(*a))
     with all_on_disk(folder, tmp_path, hold_spare=False, expert_compute="cpu", expert_cache=0) as llm:
         eng = llm._engine
-        eng.fast_kernel = True
+        eng.kernel = "fast"
         eng.compute_experts_on_cpu(host_flats(llm), 1.0)
         got = llm.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         on_cpu = llm.stats.experts_on_cpu

@@ -303,7 +303,8 @@ def test_a_plan_takes_the_reordered_products_where_they_read_faster_at_load(mode
     from nb_offload import hybrid, loader
     asked = []
 
-    def measured(torch, dtype, shapes, threads, token_counts, repeats, beside=None, packed=False, fast=False):
+    def measured(torch, dtype, shapes, threads, token_counts, repeats, beside=None, packed=False, fast=False,
+                 amx=False):
         asked.append(packed)
         rates = {1: 10e9}
         if packed and reordered:
@@ -342,7 +343,8 @@ def test_the_rate_probe_times_the_reordered_products_in_turn_with_f_linear(monke
 def _measured_rates(monkeypatch, reordered=20e9):
     from nb_offload import hybrid
 
-    def measured(torch, dtype, shapes, threads, token_counts, repeats, beside=None, packed=False, fast=False):
+    def measured(torch, dtype, shapes, threads, token_counts, repeats, beside=None, packed=False, fast=False,
+                 amx=False):
         return {1: 10e9, **({hybrid.REORDERED: reordered} if packed and reordered else {})}
     monkeypatch.setattr(hybrid, "rates_by_tokens", measured)
     monkeypatch.setattr(hybrid, "cpu_max_tokens", lambda *a, **k: 1)
