@@ -218,6 +218,7 @@ def main():
                                                                and e.compute != "cpu"),
                 block_share=hyb.plan.block_share, prefetch=hyb.plan.prefetch,
                 cpu_products=hyb.plan.cpu_products, reordered_linears=hyb.stats.cpu_packed_linears,
+                amx_linears=hyb.stats.cpu_amx_linears,
                 flinear_linears=hyb.stats.cpu_plain_linears, reordered_bytes=hyb.stats.cpu_packed_bytes,
                 staging=hyb.plan.reserved.get("staging_slots"),
                 measured_at_load_cpu_gbps=(at_load["hybrid"]["rates"] or (0.0,))[0],
@@ -261,6 +262,7 @@ def main():
                                            cpu_products=llm.plan.cpu_products,
                                            reordered_linears=llm.stats.cpu_packed_linears,
                                            fast_linears=llm.stats.cpu_fast_linears,
+                                           amx_linears=llm.stats.cpu_amx_linears,
                                            cpu_kernel_why_not=llm.plan.cpu_kernel_why_not,
                                            replanned_at=llm.replanned_at, at_load=at_load[k],
                                            graph_failed=sorted(set(llm._engine.graphs.failed.values())))

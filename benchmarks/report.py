@@ -802,6 +802,8 @@ def render_hybrid(data, command, title, llama=None) -> str:
             goals.append(f"CPU products: {r['cpu_products']}"
                          + (f" ({r['reordered_linears']} linears reordered, {r['flinear_linears']} by F.linear, "
                             f"{r['reordered_bytes'] / 1e9:.2f} GB more host memory)" if r.get("reordered_linears")
+                            else "")
+                         + (f" ({r['amx_linears']} linears by the AMX kernel, F.linear's bits)" if r.get("amx_linears")
                             else ""))
         lines.append(f"- {r['budget']}: " + "; ".join(g for g in goals if g) + f"{ahead}; {decode}; plan: "
                      f"{'; '.join(x.strip() for x in r['plan'])}")
@@ -832,6 +834,7 @@ def render_hybrid(data, command, title, llama=None) -> str:
                          + (f"; {v['compute_choice']}" if v.get("compute_choice") else "")
                          + (f"; CPU products: {v['cpu_products']}" if v.get("cpu_products") else "")
                          + (f" ({v['fast_linears']} linears by nb_offload's kernel)" if v.get("fast_linears") else "")
+                         + (f" ({v['amx_linears']} linears by the AMX kernel)" if v.get("amx_linears") else "")
                          + (f" (cpu_kernel=\"fast\" can't run: {v['cpu_kernel_why_not']})"
                             if v.get("cpu_kernel_why_not") else "")
                          + (f"; over llama.cpp -ngl {ngl}: {v['tok_s'] / best:.2f}x" if best else ""))

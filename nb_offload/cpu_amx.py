@@ -215,8 +215,13 @@ class Amx:
         return why_unavailable() is None
 
     def takes(self, linear) -> bool:
-        return chunk_for(self.torch, linear.out_features, linear.in_features, linear.weight.dtype,
-                         linear.bias is not None, self.threads) is not None
+        return self.check(linear.out_features, linear.in_features, linear.bias is not None, linear.weight.dtype)
+
+    def check(self, out_features: int, in_features: int, bias: bool = False, dtype=None) -> bool:
+        """Whether a product of this shape (bf16 where ``dtype`` is None) takes the kernel at ``threads``: its
+        chunk looked for now, where not yet."""
+        dtype = dtype if dtype is not None else self.torch.bfloat16
+        return chunk_for(self.torch, out_features, in_features, dtype, bias, self.threads) is not None
 
     def multiply(self, x, weight, bias):
         torch = self.torch

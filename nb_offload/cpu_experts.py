@@ -145,36 +145,33 @@ def eager_form(module) -> bool:
     return "forward" not in vars(module) and is_form(eager, *EAGER_EXPERTS_FORMS)
 
 
-def direct_rows(module, hidden, weights, e, pos, token, fast_kernel: bool = False):
+def direct_rows(module, hidden, weights, e, pos, token, kernel=None):
     """What ``expert_rows`` gives for a module of the eager form, by the loop body of that form alone: the
-    rows it adds for expert ``e`` (into zeros, where the output's dtype is the rows' own). ``fast_kernel``: its
-    one-row products (a token routed alone to the expert, in a decode step or a prompt) by nb_offload's own
-    kernel (cpu_kernel="fast"), whose bits may differ from F.linear's."""
+    rows it adds for expert ``e`` (into zeros, where the output's dtype is the rows' own). ``kernel``: where
+    given, the policy (cpu_kernel.Fast, cpu_amx.Amx) its one-row products (a token routed alone to the expert,
+    in a decode step or a prompt) take one of nb_offload's kernels by (``kernel_linear``)."""
     import torch
-    linear = kernel_linear if fast_kernel else torch.nn.functional.linear
+    linear = functools.partial(kernel_linear, kernel=kernel) if kernel is not None else torch.nn.functional.linear
     gate, up = linear(hidden[token], module.gate_up_proj[e]).chunk(2, dim=-1)
     rows = linear(module.act_fn(gate) * up, module.down_proj[e])
     return rows * weights[token, pos, None]
 
 
-def kernel_linear(x, weight):
-    """``F.linear(x, weight)``, by nb_offload's own kernel where it takes the call (one row in host memory),
-    else by F.linear."""
+def kernel_linear(x, weight, kernel):
+    """``F.linear(x, weight)``, by the kernel of the policy ``kernel`` where it takes the call (``multiply``: one
+    row in host memory; the AMX kernel at a thread count checked for the shape), else by F.linear."""
     import torch
-
-    from . import cpu_kernel
-    if cpu_kernel.applies(torch, x, weight, None):
-        return cpu_kernel.product(torch, x, weight, None, torch.get_num_threads())
-    return torch.nn.functional.linear(x, weight)
+    out = kernel.multiply(x, weight, None)
+    return torch.nn.functional.linear(x, weight) if out is None else out
 
 
-def rows_for(module, fast_kernel: bool = False):
+def rows_for(module, kernel=None):
     """How the CPU computes an expert's rows of ``module`` (a twin): ``(hidden, weights, e, pos, token) ->
     rows``, by ``direct_rows`` where its forward is the eager form (its one-row products by nb_offload's kernel
-    with ``fast_kernel``), else by calling that forward (F.linear's products, whatever ``fast_kernel`` says:
+    with the policy ``kernel``), else by calling that forward (F.linear's products, whatever ``kernel`` says:
     only the eager form's products can be told apart)."""
     if eager_form(module):
-        return functools.partial(direct_rows, module, fast_kernel=fast_kernel)
+        return functools.partial(direct_rows, module, kernel=kernel)
     return functools.partial(expert_rows, module.forward)
 
 

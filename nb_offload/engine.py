@@ -219,7 +219,7 @@ class Engine:
                        if slot.offset in fused}
             module = self.model.get_submodule(found.module)
             self._cpu_rows[idx] = cpu_experts.rows_for(cpu_experts.twin(module, weights),
-                                                       fast_kernel=self.kernel == "fast")
+                                                       kernel=self._experts_kernel(weights))
             self._gpu_rows[idx] = cpu_experts.rows_for(module)
             own = type(module).forward.__get__(module)     # the class's, whatever a failed start left on it
             self._forwards[idx] = (module, own)
@@ -400,6 +400,22 @@ class Engine:
                 args = (x.clone(memory_format=torch.contiguous_format),) + tuple(args[1:])
             return args, kwargs
         self.hooks.rewrite_call(name, copy_to_row_major)
+
+    def _experts_kernel(self, weights: dict):
+        """The policy the CPU's routed experts' one-row products take nb_offload's ``kernel`` by (cpu_kernel.Fast,
+        cpu_amx.Amx at the experts' threads, the chunks of one expert's shapes in ``weights`` looked for now); None
+        for F.linear."""
+        if self.kernel == "fast":
+            from .cpu_kernel import Fast
+            return Fast(self.torch)
+        if self.kernel == "amx":
+            from .cpu_amx import Amx
+            amx = Amx(self.torch, cpu_experts.host_threads())
+            for name in ("gate_up_proj", "down_proj"):
+                if name in weights and weights[name].dim() == 3:
+                    amx.check(*weights[name].shape[1:])
+            return amx
+        return None
 
     def _kernel_for_resident_units(self):
         """On the CPU device: the linears of the units computed where they live in host memory (not streamed into

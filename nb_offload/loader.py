@@ -254,9 +254,9 @@ class Inspection:
             # runs, with no split of blocks to plan at its rate
             plan.cpu_products = "fast" if self._fast_kernel_runs() else "F.linear"
             plan.cpu_kernel_why_not = self.fast_why_not or ""
-        elif o.cpu_kernel == "exact" and device_type == "cpu" and self._amx_kernel_runs():
-            # on the CPU device, F.linear's bits by the AMX kernel for the shapes it has a chunk for (no rate is
-            # measured there: it reads at least as fast, cpu_amx.py)
+        elif o.cpu_kernel == "exact" and (plan.expert_share or device_type == "cpu") and self._amx_kernel_runs():
+            # the CPU's routed experts, or on the CPU device every unit: F.linear's bits by the AMX kernel for the
+            # shapes it has a chunk for (no rate is measured here: it read at least as fast, cpu_amx.py)
             plan.cpu_products = "amx"
         plan.rates_reached = bool(plan.rates) and self._rates_reached
         return plan

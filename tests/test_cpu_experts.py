@@ -13,7 +13,7 @@ import torch
 from helpers import PROMPT, all_on_disk, batch_of_four, run_offloaded
 
 import nb_offload
-from nb_offload import cpu_experts, cpu_kernel
+from nb_offload import cpu_amx, cpu_experts, cpu_kernel
 from nb_offload.tiers import param_views
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
@@ -517,6 +517,12 @@ def test_the_plan_counts_the_experts_the_cpu_computes(model_dirs, monkeypatch):
     else:
         assert fast.cpu_products == "F.linear" and "can't run here" in str(fast)
     assert "own kernel" not in str(nb_offload.plan(bf16, cpu_kernel="fast", **kw))     # no expert on the CPU
+    # exact (the default): the AMX kernel where it runs, F.linear's bits; "torch": torch's kernels
+    exact = nb_offload.plan(bf16, expert_compute=0.5, **kw)
+    assert exact.cpu_products == ("amx" if cpu_amx.why_unavailable() is None else "")
+    assert ("their one-row products by nb_offload's AMX kernel, with F.linear's bits" in str(exact)) == \
+        (cpu_amx.why_unavailable() is None)
+    assert "AMX" not in str(nb_offload.plan(bf16, expert_compute=0.5, cpu_kernel="torch", **kw))
     monkeypatch.setattr(cpu_kernel, "_built", (None, "this CPU lacks avx512_bf16 (it needs AVX-512 BF16)"))
     without = nb_offload.plan(bf16, expert_compute=0.5, cpu_kernel="fast", **kw)
     assert without.cpu_products == "F.linear"
@@ -631,3 +637,36 @@ def test_with_the_fast_kernel_the_cpu_s_experts_multiply_one_row_by_it(arch, mod
     # every step's routed experts on the CPU, each through the kernel twice (gate and up together, then down)
     config = reference.config
     assert on_cpu == n * config.num_experts_per_tok * config.num_hidden_layers and len(calls) == 2 * on_cpu
+
+
+@pytest.mark.skipif(cpu_amx.why_unavailable() is not None,
+                    reason=f"nb_offload's AMX kernel can't run here: {cpu_amx.why_unavailable()}")
+@pytest.mark.parametrize("arch", MOE)
+def test_exact_the_cpu_s_experts_multiply_one_row_by_the_amx_kernel_with_transformers_tokens(arch, model_dirs,
+                                                                                            tmp_path, monkeypatch):
+    """The default cpu_kernel="exact" with expert_compute where the CPU has AMX: the routed experts the CPU
+    computes take the AMX kernel for their one-row products (shapes with a chunk at the experts' threads), and the
+    tokens are plain transformers' eager experts', F.linear's bits. (Wider experts than the other tests': torch
+    runs oneDNN, whose sums the kernel follows, only for products of more than 4,096 weights.)"""
+    from transformers import AutoModelForCausalLM
+    wide = {"mixtral": dict(intermediate_size=128)}.get(arch, dict(moe_intermediate_size=64))
+    folder = model_dirs(arch, dtype="bfloat16", hidden_size=128, **wide)
+    ids = torch.tensor([[5]])
+    n = 8
+    reference = AutoModelForCausalLM.from_pretrained(folder, experts_implementation="eager",
+                                                     dtype=torch.bfloat16).eval()
+    want = reference.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    calls, product = [], cpu_amx.product
+    monkeypatch.setattr(cpu_amx, "product", lambda *a: calls.append(a[2].shape) or product(*a))
+    with all_on_disk(folder, tmp_path, hold_spare=False, expert_compute="cpu", expert_cache=0) as llm:
+        eng = llm._engine
+        eng.kernel = "amx"
+        eng.compute_experts_on_cpu(host_flats(llm), 1.0)
+        calls.clear()       # the check's, looking for the shapes' chunks
+        got = llm.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        on_cpu = llm.stats.experts_on_cpu
+    assert torch.equal(got, want)
+    assert on_cpu == n * reference.config.num_experts_per_tok * reference.config.num_hidden_layers
+    # gate and up together, then down: both shapes found a chunk (the CPU device's head takes the kernel too)
+    head = tuple(reference.lm_head.weight.shape)
+    assert len([shape for shape in calls if tuple(shape) != head]) == 2 * on_cpu

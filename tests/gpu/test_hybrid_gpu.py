@@ -175,6 +175,42 @@ def test_cpu_blocks_multiplying_by_reordered_weights_match_transformers_computin
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+def test_cpu_blocks_multiplying_by_the_amx_kernel_match_transformers_computing_them_there(arch, model_dirs,
+                                                                                        monkeypatch):
+    """The exact products by nb_offload's AMX kernel (cpu_amx.py; the plan's way where the load measured it
+    faster, taken here whatever the measure), on the worker in captured steps: the tokens are F.linear's, the
+    reference's (qwen2's q/k/v with a bias, phi3's fused projections)."""
+    from nb_offload import cpu_amx
+    if cpu_amx.why_unavailable():
+        pytest.skip(f"the AMX kernel can't run here: {cpu_amx.why_unavailable()}")
+    monkeypatch.setattr(hybrid, "HANDOFF", "graph")
+    monkeypatch.setattr(hybrid, "RECALIBRATE_OVER", None)
+    monkeypatch.setattr(loader.Inspection, "cpu_rates", lambda self: (20.0, 60.0))
+    monkeypatch.setattr(loader.Inspection, "cpu_products", lambda self: "amx")
+    folder = model_dirs(arch, dtype="bfloat16", hidden_size=128, intermediate_size=256)
+    names = [e.name for e in blocks(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))]
+    ids = torch.tensor(PROMPT, device="cuda")
+    with nb_offload.load(folder, pins=dict.fromkeys(names[1:3], "cpu-compute"), hold_spare=False,
+                         progress=False) as llm:
+        s = llm.stats
+        assert llm.plan.cpu_products == "amx" and "nb_offload's AMX kernel" in str(llm.plan)
+        assert s.cpu_amx_linears > 0 and s.cpu_packed_linears == s.cpu_fast_linears == 0
+        on_cpu = [e.name for e in llm.plan if e.compute == "cpu"]
+        calls, real = [], cpu_amx.product
+
+        def counted(*args):
+            calls.append(1)
+            return real(*args)
+        monkeypatch.setattr(cpu_amx, "product", counted)
+        got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
+        assert s.graph_replays >= N - 3 and s.cpu_block_calls >= len(on_cpu) * (N - 1)
+        assert len(calls) >= s.cpu_amx_linears * (N - 1)       # every decode step through the kernel
+        monkeypatch.setattr(cpu_amx, "product", real)
+        want = reference(folder, ids, on_cpu, llm._engine.cpu_max_tokens, static=True, dtype=torch.bfloat16)
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_cpu_blocks_multiplying_by_the_fast_kernel_match_transformers_multiplying_by_it(arch, model_dirs,
                                                                                         monkeypatch):
