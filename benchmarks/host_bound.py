@@ -334,14 +334,11 @@ def main():
     if "amx" in chosen and cpu_amx.why_unavailable():
         raise SystemExit(f"--ways amx: the AMX kernel can't run here: {cpu_amx.why_unavailable()}")
 
-    def amx_products():
-        threads = torch.get_num_threads()
+    def amx_products():        # as the engine's linears take it (cpu_amx.Amx), F.linear where it doesn't
+        amx = cpu_amx.Amx(torch, torch.get_num_threads())
         for w in weights:
-            chunk = cpu_amx.chunk_for(torch, *w.shape, dt, False, threads)
-            if chunk is None:
+            if not amx.check(*w.shape, dtype=dt) or amx.multiply(inputs[w.shape[1]], w, None) is None:
                 torch.nn.functional.linear(inputs[w.shape[1]], w)
-            else:
-                cpu_amx.product(torch, inputs[w.shape[1]], w, None, chunk, threads)
 
     # torch.compile's CPU backend with frozen weights and max-autotune: its own AMX GEMM templates, over weights it
     # packs into a blocked layout of its own (copies, as "packed"'s). Compiled once a thread count (its kernels

@@ -35,10 +35,10 @@ from . import cpu_kernel
 
 SOURCE = r"""
 #include <immintrin.h>
-#include <stdint.h>
 #include <string.h>
 #include <unistd.h>
 #include <sys/syscall.h>
+""" + cpu_kernel.BF16_C + r"""
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
@@ -47,14 +47,6 @@ SOURCE = r"""
 int nb_offload_amx_permit(void) { return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); }
 
 typedef struct { uint8_t palette, start; uint8_t reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } tile_config;
-
-static inline uint16_t to_bf16(float f) {       /* round to nearest even, as oneDNN's conversion */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);     /* NaN stays NaN */
-    u += 0x7fff + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
 
 /* y[r] = bf16(sum over chunks of (sum_j w[r][j] * x[j] over the chunk) (+ bias[r])), w of n rows of k bf16
    (n a multiple of 16, k and chunk of 32); each output one AMX chain a chunk, the chunks' sums added in order. */
@@ -87,14 +79,7 @@ void nb_offload_gemv_bf16_amx(const uint16_t *w, const uint16_t *x, const uint16
                 for (int r = 0; r < 16; r++) sum[r] += part[r];
             }
             for (int r = 0; r < 16; r++) {
-                float out = sum[r];
-                if (bias) {
-                    uint32_t u = (uint32_t)bias[b * 16 + r] << 16;
-                    float bf;
-                    memcpy(&bf, &u, 4);
-                    out += bf;
-                }
-                y[b * 16 + r] = to_bf16(out);
+                y[b * 16 + r] = to_bf16(bias ? sum[r] + from_bf16(bias[b * 16 + r]) : sum[r]);
             }
         }
         _tile_release();
@@ -152,8 +137,7 @@ def product(torch, x, weight, bias, chunk: int, threads: int):
     if fn is None:
         raise RuntimeError(f"nb_offload's AMX kernel is unavailable: {why}")
     if not applies(torch, x, weight, bias) or chunk <= 0 or chunk % COLS:
-        def seen(t):
-            return "None" if t is None else f"{tuple(t.shape)} {t.dtype} on {t.device}"
+        seen = cpu_kernel.described
         raise ValueError(f"x {seen(x)}, weight {seen(weight)}, bias {seen(bias)}, chunk {chunk}: the AMX kernel "
                          f"takes one contiguous bf16 row in host memory, a contiguous 2-D bf16 weight there of as "
                          f"many columns, a multiple of {ROWS} rows and of {COLS} columns, no bias or a bf16 value "

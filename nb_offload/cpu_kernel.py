@@ -26,17 +26,29 @@ import subprocess
 import sys
 import tempfile
 
-SOURCE = r"""
-#include <immintrin.h>
+# bf16 to and from fp32 in C, for this kernel and cpu_amx.py's
+BF16_C = r"""
 #include <stdint.h>
 
-static inline uint16_t to_bf16(float f) {       /* round to nearest even, as torch's conversion */
+static inline uint16_t to_bf16(float f) {       /* round to nearest even, as torch's and oneDNN's conversions */
     uint32_t u;
     __builtin_memcpy(&u, &f, 4);
     if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);     /* NaN stays NaN */
     u += 0x7fff + ((u >> 16) & 1);
     return (uint16_t)(u >> 16);
 }
+
+static inline float from_bf16(uint16_t h) {     /* exact */
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+}
+"""
+
+SOURCE = r"""
+#include <immintrin.h>
+""" + BF16_C + r"""
 
 /* y[r] = bf16(sum_j w[r][j] * x[j] (+ bias[r])) for bf16 w of n rows of k, x of k; the rows over `threads`. */
 void nb_offload_gemv_bf16(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y,
@@ -64,12 +76,7 @@ void nb_offload_gemv_bf16(const uint16_t *w, const uint16_t *x, const uint16_t *
         }
         for (long r = 0; r < rows; r++) {
             float sum = _mm512_reduce_add_ps(acc[r]);
-            if (bias) {
-                uint32_t b = (uint32_t)bias[first + r] << 16;
-                float bf;
-                __builtin_memcpy(&bf, &b, 4);
-                sum += bf;
-            }
+            if (bias) sum += from_bf16(bias[first + r]);
             y[first + r] = to_bf16(sum);
         }
     }
@@ -162,6 +169,11 @@ def applies(torch, x, weight, bias=None) -> bool:
                                   and bias.is_contiguous() and bias.numel() == weight.shape[0])))
 
 
+def described(t) -> str:
+    """A tensor argument as an error names it: shape, dtype and device, or None."""
+    return "None" if t is None else f"{tuple(t.shape)} {t.dtype} on {t.device}"
+
+
 def product(torch, x, weight, bias, threads: int):
     """``F.linear(x, weight, bias)`` for one row by this kernel with ``threads`` threads, in x's shape but for
     the last dimension; its bits may differ from F.linear's (the module's docstring). Raises ValueError for a
@@ -171,8 +183,7 @@ def product(torch, x, weight, bias, threads: int):
     if fn is None:
         raise RuntimeError(f"nb_offload's CPU kernel is unavailable: {why}")
     if not applies(torch, x, weight, bias):
-        def seen(t):
-            return "None" if t is None else f"{tuple(t.shape)} {t.dtype} on {t.device}"
+        seen = described
         raise ValueError(f"x {seen(x)}, weight {seen(weight)}, bias {seen(bias)}: the kernel takes one contiguous "
                          f"bf16 row in host memory, a contiguous 2-D bf16 weight there of as many columns, and "
                          f"no bias or {weight.shape[0] if weight.dim() else '?'} bf16 values in host memory")

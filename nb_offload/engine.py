@@ -401,21 +401,26 @@ class Engine:
             return args, kwargs
         self.hooks.rewrite_call(name, copy_to_row_major)
 
-    def _experts_kernel(self, weights: dict):
-        """The policy the CPU's routed experts' one-row products take nb_offload's ``kernel`` by (cpu_kernel.Fast,
-        cpu_amx.Amx at the experts' threads, the chunks of one expert's shapes in ``weights`` looked for now); None
-        for F.linear."""
+    def _kernel_policy(self, threads: int):
+        """The policy of ``kernel`` (cpu_kernel.Fast, or cpu_amx.Amx with its shapes checked at ``threads``); None
+        where the products are torch's."""
         if self.kernel == "fast":
             from .cpu_kernel import Fast
             return Fast(self.torch)
         if self.kernel == "amx":
             from .cpu_amx import Amx
-            amx = Amx(self.torch, cpu_experts.host_threads())
+            return Amx(self.torch, threads)
+        return None
+
+    def _experts_kernel(self, weights: dict):
+        """The policy the CPU's routed experts' one-row products take nb_offload's ``kernel`` by, at the experts'
+        threads, the AMX kernel's chunks of one expert's shapes in ``weights`` looked for now; None for F.linear."""
+        policy = self._kernel_policy(cpu_experts.host_threads())
+        if self.kernel == "amx":
             for name in ("gate_up_proj", "down_proj"):
                 if name in weights and weights[name].dim() == 3:
-                    amx.check(*weights[name].shape[1:])
-            return amx
-        return None
+                    policy.check(*weights[name].shape[1:])
+        return policy
 
     def _kernel_for_resident_units(self):
         """On the CPU device: the linears of the units computed where they live in host memory (not streamed into
@@ -434,13 +439,9 @@ class Engine:
         """cpu_kernel.KernelLinears of ``kernel`` on ``module``'s linears (those whose weights ``among`` holds,
         where given), installed, counted and kept for ``remove``. ``threads``: the count the AMX kernel's shapes
         are checked at (a CPU block's own; the caller's where None)."""
-        from .cpu_kernel import Fast, KernelLinears
-        if self.kernel == "amx":
-            from .cpu_amx import Amx
-            policy = Amx(self.torch, threads or self.torch.get_num_threads())
-        else:
-            policy = Fast(self.torch)
-        taken = KernelLinears(self.torch, module, policy, among=among)
+        from .cpu_kernel import KernelLinears
+        taken = KernelLinears(self.torch, module, self._kernel_policy(threads or self.torch.get_num_threads()),
+                              among=among)
         taken.install()
         self._packed.append(taken)
         if self.kernel == "amx":

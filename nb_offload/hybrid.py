@@ -156,7 +156,7 @@ def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: i
     With ``amx``, also one token's products by nb_offload's AMX kernel (cpu_amx.py, under the key AMX) for the
     shapes it gives F.linear's bits at ``threads`` (F.linear's for the others), where it runs here and the weights
     are bf16: where no shape has a chunk, none."""
-    from . import cpu_amx, cpu_products
+    from . import cpu_amx, cpu_kernel, cpu_products
     from .tiers import alloc_host, lock_host, release_host
     kept, total = [], 0
     size = torch.empty((), dtype=dtype).element_size()
@@ -189,16 +189,15 @@ def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: i
                         packs[id(weights)] = cpu_products.reorder(torch, weights)
             except RuntimeError:        # no memory for the copies, say: F.linear's rate alone
                 packs.clear()
-        from . import cpu_kernel
-        kernel = fast and dtype == torch.bfloat16 and cpu_kernel.why_unavailable() is None
-        chunks = {}     # (rows, cols) -> the AMX kernel's chunk, for the shapes it takes
-        if amx and dtype == torch.bfloat16:
-            for rows, cols in kept:
-                chunk = cpu_amx.chunk_for(torch, rows, cols, dtype, False, threads)
-                if chunk is not None:
-                    chunks[rows, cols] = chunk
-        ways = list(token_counts) + ([REORDERED] if packs else []) + ([FAST] if kernel else []) \
-            + ([AMX] if chunks else [])
+        # nb_offload's kernels, by the policies the engine's linears take them by (a call they don't take: F.linear)
+        kernels = {}
+        if fast and dtype == torch.bfloat16 and cpu_kernel.why_unavailable() is None:
+            kernels[FAST] = cpu_kernel.Fast(torch)
+        if amx and dtype == torch.bfloat16 and cpu_amx.why_unavailable() is None:
+            policy = cpu_amx.Amx(torch, threads)
+            if any([policy.check(*shape) for shape in kept]):      # every shape's chunk looked for now
+                kernels[AMX] = policy
+        ways = list(token_counts) + ([REORDERED] if packs else []) + list(kernels)
         times = {way: [] for way in ways}
         with torch.inference_mode():
             inputs = {tokens: {cols: torch.full((tokens, cols), 0.5, dtype=dtype) for _, cols in shapes}
@@ -214,11 +213,7 @@ def rates_by_tokens(torch, dtype, shapes, threads: int, token_counts, repeats: i
                         for w in copies[k % len(copies)]:
                             if way == REORDERED and id(w) in packs:
                                 cpu_products.product(torch, rows[w.shape[1]], packs[id(w)], None, w.shape[0])
-                            elif way == FAST:
-                                cpu_kernel.product(torch, rows[w.shape[1]], w, None, threads)
-                            elif way == AMX and tuple(w.shape) in chunks:
-                                cpu_amx.product(torch, rows[w.shape[1]], w, None, chunks[tuple(w.shape)], threads)
-                            else:
+                            elif way not in kernels or kernels[way].multiply(rows[w.shape[1]], w, None) is None:
                                 torch.nn.functional.linear(rows[w.shape[1]], w)
                         if k >= 2:
                             times[way].append(time.perf_counter() - t0)

@@ -116,10 +116,8 @@ class Inspection:
             except Exception as exc:
                 raise CheckpointError(f"model folder {self.folder!r}: config.json can't be read ({exc}).") from exc
         self._cpu_rates = self._cpu_max_tokens = None     # measured on the first hybrid plan (cpu_rates)
-        self._reordered_faster = False      # reordered weights' products beat F.linear's there (cpu_products.py)
-        self._flinear_gbps = self._reordered_gbps = None      # the two rates measured there
-        self._fast = False      # the CPU's blocks multiply by nb_offload's own kernel (cpu_kernel="fast")
-        self._amx_faster = False        # or by its AMX kernel, F.linear's bits, measured faster than torch's ways
+        self._products = "F.linear"     # how the CPU's blocks multiply one row, chosen there (cpu_products)
+        self._flinear_gbps = self._reordered_gbps = None      # F.linear's and the reordered weights' rates there
         self.fast_why_not = None        # why cpu_kernel="fast" was asked for and the exact products compute instead
         self._rates_reached = False     # the CPU's rate is the one its blocks reached decoding (use_cpu_rate)
         self.saved_quant = _saved_quantization(self.folder, self.config)    # its quantization_config, or None
@@ -266,7 +264,7 @@ class Inspection:
         reordered products': at load, F.linear's own measure; reached decoding, that scaled by F.linear's share
         of the reordered rate at load."""
         cpu, link = self.cpu_rates()
-        if products == "F.linear" and self._reordered_faster and self._flinear_gbps:
+        if products == "F.linear" and self._products == "reordered" and self._flinear_gbps:
             cpu = cpu * self._flinear_gbps / self._reordered_gbps if self._rates_reached else self._flinear_gbps
         return cpu, link
 
@@ -323,15 +321,16 @@ class Inspection:
                 if beside is not None:
                     beside.release()
             if hybrid.FAST in rates:
-                self._fast = True
+                self._products = "fast"
                 self._cpu_rates = (rates[hybrid.FAST] / 1e9, link)
                 return self._cpu_rates
             reordered = rates.get(hybrid.REORDERED, 0.0)
-            self._reordered_faster = reordered > rates[1] * REORDERED_MARGIN
             self._flinear_gbps, self._reordered_gbps = rates[1] / 1e9, reordered / 1e9
-            torch_rate = reordered if self._reordered_faster else rates[1]
-            self._amx_faster = rates.get(hybrid.AMX, 0.0) > torch_rate      # the same bits, and no copies
-            self._cpu_rates = ((rates[hybrid.AMX] if self._amx_faster else torch_rate) / 1e9, link)
+            self._products, rate = ("reordered", reordered) if reordered > rates[1] * REORDERED_MARGIN \
+                else ("F.linear", rates[1])
+            if rates.get(hybrid.AMX, 0.0) > rate:      # the same bits, and no copies
+                self._products, rate = "amx", rates[hybrid.AMX]
+            self._cpu_rates = (rate / 1e9, link)
         return self._cpu_rates
 
     def _fast_kernel_runs(self) -> bool:
@@ -359,8 +358,7 @@ class Inspection:
         cpu_products.py) read faster than F.linear's alone by REORDERED_MARGIN (their copies cost host memory);
         else "F.linear"."""
         self.cpu_rates()
-        return "fast" if self._fast else "amx" if self._amx_faster else "reordered" if self._reordered_faster \
-            else "F.linear"
+        return self._products
 
     def cpu_max_tokens(self) -> int:
         """The most tokens a step may have for CPU blocks to compute on the CPU (hybrid.cpu_max_tokens),

@@ -84,9 +84,10 @@ class Plan:
     block_share: float | None = None
     compute_choice: str = ""        # compute="auto": which of hybrid and all streamed the loader kept, and why
     # how the CPU multiplies one token's row (its blocks', its routed experts', on the CPU device every bf16
-    # linear's), set by the loader: "fast" (nb_offload's own kernel,
-    # cpu_kernel="fast"), "reordered" (copies of the weights reordered for oneDNN, cpu_products.py, where they
-    # read faster than F.linear at load), else "F.linear"
+    # linear's), set by the loader: "fast" (nb_offload's own kernel, cpu_kernel="fast"), "amx" (nb_offload's AMX
+    # kernel with F.linear's bits, cpu_amx.py, where it read fastest at load or on the CPU device and the CPU's
+    # experts), "reordered" (copies of the weights reordered for oneDNN, cpu_products.py, where they read faster
+    # than F.linear at load), else "F.linear" (or "" where the loader sets none)
     cpu_products: str = ""
     cpu_kernel_why_not: str = ""    # why cpu_kernel="fast" was asked for and the exact products compute instead
 

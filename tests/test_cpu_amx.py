@@ -252,6 +252,7 @@ def test_the_engine_gives_its_cpu_blocks_the_amx_kernel_at_their_threads(model_d
     eng = SimpleNamespace(torch=torch, model=model, units=units, cpu_blocks={1: None}, stats=Stats(),
                           packed_room=None, kernel="amx", _packed=[])
     eng._install_kernel = lambda module, among=None, threads=None: Engine._install_kernel(eng, module, among, threads)
+    eng._kernel_policy = lambda threads: Engine._kernel_policy(eng, threads)
     Engine._pack_cpu_weights(eng, threads=1)
     try:
         block = model.model.layers[1]

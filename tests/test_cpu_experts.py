@@ -598,6 +598,20 @@ def test_a_named_experts_implementation_stays_under_auto(model_dirs, tmp_path, m
         assert llm.model.config._experts_implementation == "eager"
 
 
+def _every_routed_expert_on_the_cpu_by(kernel, folder, tmp_path, ids, n, calls):
+    """A greedy generate of ``n`` tokens with every routed expert computed on the CPU, whose one-row products
+    take nb_offload's ``kernel`` ("fast" or "amx": the engine's attribute standing in for the plan's);
+    ``calls`` emptied once the engine has taken the kernel (the AMX check's products are not the generate's).
+    Returns (the tokens, the experts computed on the CPU)."""
+    with all_on_disk(folder, tmp_path, hold_spare=False, expert_compute="cpu", expert_cache=0) as llm:
+        eng = llm._engine
+        eng.kernel = kernel
+        eng.compute_experts_on_cpu(host_flats(llm), 1.0)
+        calls.clear()
+        got = llm.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return got, llm.stats.experts_on_cpu
+
+
 @pytest.mark.skipif(cpu_kernel.why_unavailable() is not None,
                     reason=f"nb_offload's CPU kernel can't run here: {cpu_kernel.why_unavailable()}")
 @pytest.mark.parametrize("arch", MOE)
@@ -627,12 +641,7 @@ def test_with_the_fast_kernel_the_cpu_s_experts_multiply_one_row_by_it(arch, mod
     monkeypatch.setattr(torch.nn.functional, "linear", linear)
     calls, product = [], cpu_kernel.product
     monkeypatch.setattr(cpu_kernel, "product", lambda *a: calls.append(a[2].shape) or product(*a))
-    with all_on_disk(folder, tmp_path, hold_spare=False, expert_compute="cpu", expert_cache=0) as llm:
-        eng = llm._engine
-        eng.kernel = "fast"
-        eng.compute_experts_on_cpu(host_flats(llm), 1.0)
-        got = llm.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        on_cpu = llm.stats.experts_on_cpu
+    got, on_cpu = _every_routed_expert_on_the_cpu_by("fast", folder, tmp_path, ids, n, calls)
     assert torch.equal(got, want)
     # every step's routed experts on the CPU, each through the kernel twice (gate and up together, then down)
     config = reference.config
@@ -658,13 +667,7 @@ def test_exact_the_cpu_s_experts_multiply_one_row_by_the_amx_kernel_with_transfo
     want = reference.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     calls, product = [], cpu_amx.product
     monkeypatch.setattr(cpu_amx, "product", lambda *a: calls.append(a[2].shape) or product(*a))
-    with all_on_disk(folder, tmp_path, hold_spare=False, expert_compute="cpu", expert_cache=0) as llm:
-        eng = llm._engine
-        eng.kernel = "amx"
-        eng.compute_experts_on_cpu(host_flats(llm), 1.0)
-        calls.clear()       # the check's, looking for the shapes' chunks
-        got = llm.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        on_cpu = llm.stats.experts_on_cpu
+    got, on_cpu = _every_routed_expert_on_the_cpu_by("amx", folder, tmp_path, ids, n, calls)
     assert torch.equal(got, want)
     assert on_cpu == n * reference.config.num_experts_per_tok * reference.config.num_hidden_layers
     # gate and up together, then down: both shapes found a chunk (the CPU device's head takes the kernel too)

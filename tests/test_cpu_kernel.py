@@ -189,6 +189,7 @@ def test_the_engine_gives_its_cpu_blocks_the_kernel_where_the_plan_says_fast(mod
                               packed_room=0, kernel="fast" if fast else "", _packed=[])
         eng._install_kernel = lambda module, among=None, threads=None, eng=eng: Engine._install_kernel(eng, module,
                                                                                                     among, threads)
+        eng._kernel_policy = lambda threads, eng=eng: Engine._kernel_policy(eng, threads)
         Engine._pack_cpu_weights(eng, threads=1)
         try:
             assert eng.stats.cpu_fast_linears == (2 * wide if fast else 0)
@@ -285,6 +286,7 @@ def test_on_the_cpu_device_a_unit_holding_a_streamed_unit_s_module_leaves_its_li
     eng = SimpleNamespace(torch=torch, model=model, units=units, n_model=4, params=params, sources={2: None},
                           owner={}, cpu_blocks={}, stats=Stats(), _packed=[], kernel="fast")
     eng._install_kernel = lambda module, among=None, threads=None: Engine._install_kernel(eng, module, among, threads)
+    eng._kernel_policy = lambda threads: Engine._kernel_policy(eng, threads)
     Engine._kernel_for_resident_units(eng)
     try:
         def wide(module):

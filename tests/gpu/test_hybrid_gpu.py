@@ -140,6 +140,23 @@ def test_blocks_computed_on_the_cpu_match_transformers_computing_them_there(arch
             llm.unload()
 
 
+def _generate_counting(llm, module, ids, monkeypatch):
+    """A greedy generate of N tokens with calls of ``module.product`` (the CPU blocks' products: cpu_products,
+    cpu_kernel, cpu_amx) counted, put back after; its decode steps replayed, the CPU blocks computing each one.
+    Returns (the tokens, on the CPU; the calls)."""
+    calls, real = [], module.product
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+    monkeypatch.setattr(module, "product", counted)
+    got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
+    monkeypatch.setattr(module, "product", real)
+    s, on_cpu = llm.stats, [e.name for e in llm.plan if e.compute == "cpu"]
+    assert s.graph_replays >= N - 3 and s.cpu_block_calls >= len(on_cpu) * (N - 1)
+    return got, len(calls)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_cpu_blocks_multiplying_by_reordered_weights_match_transformers_computing_them_there(arch, model_dirs,
                                                                                              monkeypatch):
@@ -162,15 +179,8 @@ def test_cpu_blocks_multiplying_by_reordered_weights_match_transformers_computin
         if not s.cpu_packed_linears:
             pytest.skip("this CPU's torch has no reordered bf16 product matching F.linear")
         on_cpu = [e.name for e in llm.plan if e.compute == "cpu"]
-        calls, real = [], cpu_products.product
-
-        def counted(*args):
-            calls.append(1)
-            return real(*args)
-        monkeypatch.setattr(cpu_products, "product", counted)
-        got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
-        assert s.graph_replays >= N - 3 and s.cpu_block_calls >= len(on_cpu) * (N - 1)
-        assert len(calls) >= s.cpu_packed_linears * (N - 1)       # every decode step through the copies
+        got, calls = _generate_counting(llm, cpu_products, ids, monkeypatch)
+        assert calls >= s.cpu_packed_linears * (N - 1)       # every decode step through the copies
         want = reference(folder, ids, on_cpu, llm._engine.cpu_max_tokens, static=True, dtype=torch.bfloat16)
         assert torch.equal(got, want)
 
@@ -197,16 +207,8 @@ def test_cpu_blocks_multiplying_by_the_amx_kernel_match_transformers_computing_t
         assert llm.plan.cpu_products == "amx" and "nb_offload's AMX kernel" in str(llm.plan)
         assert s.cpu_amx_linears > 0 and s.cpu_packed_linears == s.cpu_fast_linears == 0
         on_cpu = [e.name for e in llm.plan if e.compute == "cpu"]
-        calls, real = [], cpu_amx.product
-
-        def counted(*args):
-            calls.append(1)
-            return real(*args)
-        monkeypatch.setattr(cpu_amx, "product", counted)
-        got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
-        assert s.graph_replays >= N - 3 and s.cpu_block_calls >= len(on_cpu) * (N - 1)
-        assert len(calls) >= s.cpu_amx_linears * (N - 1)       # every decode step through the kernel
-        monkeypatch.setattr(cpu_amx, "product", real)
+        got, calls = _generate_counting(llm, cpu_amx, ids, monkeypatch)
+        assert calls >= s.cpu_amx_linears * (N - 1)       # every decode step through the kernel
         want = reference(folder, ids, on_cpu, llm._engine.cpu_max_tokens, static=True, dtype=torch.bfloat16)
         assert torch.equal(got, want)
 
@@ -231,16 +233,8 @@ def test_cpu_blocks_multiplying_by_the_fast_kernel_match_transformers_multiplyin
         assert llm.plan.cpu_products == "fast" and "nb_offload's own kernel" in str(llm.plan)
         assert s.cpu_fast_linears > 0 and s.cpu_packed_linears == 0
         on_cpu = [e.name for e in llm.plan if e.compute == "cpu"]
-        calls, real = [], cpu_kernel.product
-
-        def counted(*args):
-            calls.append(1)
-            return real(*args)
-        monkeypatch.setattr(cpu_kernel, "product", counted)
-        got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
-        assert s.graph_replays >= N - 3 and s.cpu_block_calls >= len(on_cpu) * (N - 1)
-        assert len(calls) >= s.cpu_fast_linears * (N - 1)      # every decode step through the kernel
-        monkeypatch.setattr(cpu_kernel, "product", real)
+        got, calls = _generate_counting(llm, cpu_kernel, ids, monkeypatch)
+        assert calls >= s.cpu_fast_linears * (N - 1)      # every decode step through the kernel
         want = reference(folder, ids, on_cpu, llm._engine.cpu_max_tokens, static=True, dtype=torch.bfloat16,
                          kernel=True)
         assert torch.equal(got, want)
