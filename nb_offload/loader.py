@@ -118,6 +118,8 @@ class Inspection:
         self._cpu_rates = self._cpu_max_tokens = None     # measured on the first hybrid plan (cpu_rates)
         self._products = "F.linear"     # how the CPU's blocks multiply one row, chosen there (cpu_products)
         self._flinear_gbps = self._reordered_gbps = None      # F.linear's and the reordered weights' rates there
+        self.products_gbps = None       # there, the chosen products' rate: a block's weights read at, in GB/s
+        self.block_rest = None          # and the seconds a block's forward takes besides them (block_rest.py)
         self.fast_why_not = None        # why cpu_kernel="fast" was asked for and the exact products compute instead
         self._rates_reached = False     # the CPU's rate is the one its blocks reached decoding (use_cpu_rate)
         self.saved_quant = _saved_quantization(self.folder, self.config)    # its quantization_config, or None
@@ -257,6 +259,9 @@ class Inspection:
             # shapes it has a chunk for (no rate is measured here: it read at least as fast, cpu_amx.py)
             plan.cpu_products = "amx"
         plan.rates_reached = bool(plan.rates) and self._rates_reached
+        if plan.rates and not plan.rates_reached and self.block_rest:
+            reordered_fallback = products == "F.linear" and self._products == "reordered"
+            plan.cpu_rest = (self._flinear_gbps if reordered_fallback else self.products_gbps, self.block_rest)
         return plan
 
     def _rates_for(self, products: str | None) -> tuple:
@@ -265,7 +270,8 @@ class Inspection:
         of the reordered rate at load."""
         cpu, link = self.cpu_rates()
         if products == "F.linear" and self._products == "reordered" and self._flinear_gbps:
-            cpu = cpu * self._flinear_gbps / self._reordered_gbps if self._rates_reached else self._flinear_gbps
+            cpu = cpu * self._with_rest(self._flinear_gbps) / self._with_rest(self._reordered_gbps) \
+                if self._rates_reached else self._with_rest(self._flinear_gbps)
         return cpu, link
 
     def _reserve_reordered(self, plan, budgets) -> bool:
@@ -317,21 +323,46 @@ class Inspection:
                 rates = hybrid.rates_by_tokens(torch, self.dtype, self._block_shapes(), host_threads(), (1,), 5,
                                                beside, packed=self.options.pack_cpu_weights and not fast, fast=fast,
                                                amx=amx)
+                if hybrid.FAST in rates:
+                    self._products, rate = "fast", rates[hybrid.FAST]
+                else:
+                    reordered = rates.get(hybrid.REORDERED, 0.0)
+                    self._flinear_gbps, self._reordered_gbps = rates[1] / 1e9, reordered / 1e9
+                    self._products, rate = ("reordered", reordered) if reordered > rates[1] * REORDERED_MARGIN \
+                        else ("F.linear", rates[1])
+                    if rates.get(hybrid.AMX, 0.0) > rate:      # the same bits, and no copies
+                        self._products, rate = "amx", rates[hybrid.AMX]
+                self.products_gbps = rate / 1e9
+                self.block_rest = self._measure_block_rest(beside)
             finally:
                 if beside is not None:
                     beside.release()
-            if hybrid.FAST in rates:
-                self._products = "fast"
-                self._cpu_rates = (rates[hybrid.FAST] / 1e9, link)
-                return self._cpu_rates
-            reordered = rates.get(hybrid.REORDERED, 0.0)
-            self._flinear_gbps, self._reordered_gbps = rates[1] / 1e9, reordered / 1e9
-            self._products, rate = ("reordered", reordered) if reordered > rates[1] * REORDERED_MARGIN \
-                else ("F.linear", rates[1])
-            if rates.get(hybrid.AMX, 0.0) > rate:      # the same bits, and no copies
-                self._products, rate = "amx", rates[hybrid.AMX]
-            self._cpu_rates = (rate / 1e9, link)
+            self._cpu_rates = (self._with_rest(self.products_gbps), link)
         return self._cpu_rates
+
+    def _block_bytes(self) -> int:
+        """The bytes of the first decoder block in the load dtype (0 where there is none unquantized)."""
+        return next((u.nbytes for u in self.units if u.kind == "block" and not u.quantized), 0)
+
+    def _with_rest(self, products_gbps: float) -> float:
+        """The rate a block computes at whose products read at ``products_gbps``, its forward's rest measured
+        at load added (block_rest.with_rest)."""
+        from . import block_rest
+        return block_rest.with_rest(products_gbps, self._block_bytes(), self.block_rest)
+
+    def _measure_block_rest(self, beside) -> float | None:
+        """The seconds a block's decode forward takes on the CPU besides its products (block_rest.py), with the
+        products chosen, the threads a CPU block has, and ``beside`` copying; None where it can't be measured."""
+        import torch
+
+        from . import block_rest, cpu_amx, cpu_kernel
+        from .cpu_experts import host_threads
+        threads = host_threads()
+        kernel = {"amx": lambda: cpu_amx.Amx(torch, threads), "fast": lambda: cpu_kernel.Fast(torch)}.get(
+            self._products, lambda: None)()
+        return block_rest.seconds(torch, self.config, self.dtype, self._block_bytes(), threads,
+                                  attn_implementation=self.options.attn_implementation, kernel=kernel,
+                                  beside=beside, trust_remote_code=self.options.trust_remote_code)
 
     def _fast_kernel_runs(self) -> bool:
         """Whether nb_offload's kernel (cpu_kernel="fast") can multiply this model's weights here; where not,

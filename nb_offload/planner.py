@@ -77,6 +77,9 @@ class Plan:
     # may have for them to compute on the CPU (larger ones bring them to the GPU), set by the loader.
     rates: tuple | None = None
     rates_reached: bool = False     # rates[0] is the rate the CPU's blocks reached decoding (a re-plan), not the load's
+    # where rates[0] is the load's measure of a whole block's forward (block_rest.py): (the rate its products read
+    # at, GB/s; the seconds its forward takes besides them), set by the loader
+    cpu_rest: tuple | None = None
     cpu_max_tokens: int = 1
     slot_bytes: int = 0             # what a staging slot holds: the largest streamed unit, or piece where split
     # compute="hybrid": of the blocks in host memory the CPU could compute, the share it does, chosen at

@@ -148,7 +148,7 @@ def plan_text(plan) -> str:
     if blocks:
         why = (f"compute=\"hybrid\": {100 * plan.block_share:.0f}% of the blocks in host memory, the share "
                f"whose step is shortest at the CPU's {plan.rates[0]:.1f}"
-               f"{' (the rate its blocks reached decoding)' if plan.rates_reached else ''} and the link's "
+               f"{' (the rate its blocks reached decoding)' if plan.rates_reached else _rest(plan)} and the link's "
                f"{plan.rates[1]:.1f} GB/s, "
                f"{plan.prefetch} {'pieces' if plan.split_blocks else 'units'} copied ahead"
                if plan.block_share is not None
@@ -174,6 +174,14 @@ def plan_text(plan) -> str:
     if plan.expert_share and not blocks:
         lines += _kernel_lines(plan, "their one-row products")
     return "\n".join(lines)
+
+
+def _rest(plan) -> str:
+    """What the plan's CPU rate is made of, where the load measured a block's whole forward (block_rest.py)."""
+    if not plan.cpu_rest:
+        return ""
+    products, rest = plan.cpu_rest
+    return f" (a block's forward: its products read at {products:.1f}, and {1e3 * rest:.3g} ms besides)"
 
 
 def _kernel_lines(plan, what: str, short: str | None = None) -> list:

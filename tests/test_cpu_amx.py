@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nb_offload import cpu_amx, cpu_kernel, cpu_products
+from nb_offload import block_rest, cpu_amx, cpu_kernel, cpu_products
 
 needs_amx = pytest.mark.skipif(cpu_amx.why_unavailable() is not None,
                                reason=f"the AMX kernel can't run here: {cpu_amx.why_unavailable()}")
@@ -38,6 +38,36 @@ def test_where_a_chunk_is_found_the_kernel_gives_f_linear_s_bits(rows, cols, bia
             got = cpu_amx.product(torch, x, w, b, chunk, threads)
             assert got.shape == (1, 1, rows)
             assert _bits_equal(got, F.linear(x, w, b))
+    finally:
+        torch.set_num_threads(caller)
+
+
+@needs_amx
+@pytest.mark.parametrize("rows, cols", [(256, 4096), (256, 11008)])
+def test_the_kernel_gives_f_linear_s_bits_at_the_edges_of_bf16(rows, cols):
+    """Inputs and weights whose exponents span 2^-60 to 2^60, subnormal inputs (AMX and oneDNN treat them
+    alike), a sum that overflows, an infinity and a NaN: every output's bits F.linear's (NaN for NaN)."""
+    chunk = cpu_amx.chunk_for(torch, rows, cols, torch.bfloat16, False, 1)
+    if chunk is None:
+        pytest.skip(f"no chunk gives F.linear's bits for {rows}x{cols} here")
+    gen = torch.Generator().manual_seed(cols)
+
+    def spread(shape, reach):
+        exponents = torch.randint(-reach, reach, shape, generator=gen).float()
+        return torch.randn(shape, generator=gen) * torch.exp2(exponents)
+    w = spread((rows, cols), 30).to(torch.bfloat16)
+    inputs = {"wide": spread((1, cols), 30), "subnormal": torch.randn(1, cols, generator=gen) * 1e-39,
+              "overflowing": torch.randn(1, cols, generator=gen) * 1e36,
+              "infinite": torch.randn(1, cols, generator=gen).index_fill_(1, torch.tensor([5]), float("inf")),
+              "nan": torch.randn(1, cols, generator=gen).index_fill_(1, torch.tensor([77]), float("nan"))}
+    caller = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for kind, x in inputs.items():
+            x = x.to(torch.bfloat16)
+            want, got = F.linear(x, w), cpu_amx.product(torch, x, w, None, chunk, 1)
+            same = (want.view(torch.int16) == got.view(torch.int16)) | (want.isnan() & got.isnan())
+            assert bool(same.all()), f"{kind}: {int((~same).sum())} outputs differ"
     finally:
         torch.set_num_threads(caller)
 
@@ -206,6 +236,7 @@ def test_a_hybrid_plan_takes_the_amx_kernel_where_the_load_measured_it_faster(mo
         return {1: 10e9, **({hybrid.AMX: amx_rate} if amx and amx_rate else {})}
     monkeypatch.setattr(hybrid, "rates_by_tokens", measured)
     monkeypatch.setattr(hybrid, "cpu_max_tokens", lambda *a, **k: 1)
+    monkeypatch.setattr(block_rest, "seconds", lambda *a, **k: None)      # the products' rates alone
     monkeypatch.setattr(loader.Inspection, "_amx_kernel_runs", lambda self: amx_rate is not None)
     folder = model_dirs("llama", dtype="bfloat16")
     insp = loader.Inspection(folder, nb_offload.Options(compute="hybrid"))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import nb_offload
-from nb_offload import cpu_experts, cpu_products
+from nb_offload import block_rest, cpu_experts, cpu_products
 from nb_offload.cpu_products import PackedLinears, matches
 
 BF16 = torch.bfloat16
@@ -312,6 +312,7 @@ def test_a_plan_takes_the_reordered_products_where_they_read_faster_at_load(mode
         return rates
     monkeypatch.setattr(hybrid, "rates_by_tokens", measured)
     monkeypatch.setattr(hybrid, "cpu_max_tokens", lambda *a, **k: 1)
+    monkeypatch.setattr(block_rest, "seconds", lambda *a, **k: None)      # the products' rates alone
     insp = loader.Inspection(model_dirs("llama"), nb_offload.Options(compute="hybrid", pack_cpu_weights=packed_asked))
     assert insp.cpu_products() == want and asked == [packed_asked]
     assert insp.cpu_rates()[0] == max(10, (reordered or 0) / 1e9)
@@ -348,6 +349,7 @@ def _measured_rates(monkeypatch, reordered=20e9):
         return {1: 10e9, **({hybrid.REORDERED: reordered} if packed and reordered else {})}
     monkeypatch.setattr(hybrid, "rates_by_tokens", measured)
     monkeypatch.setattr(hybrid, "cpu_max_tokens", lambda *a, **k: 1)
+    monkeypatch.setattr(block_rest, "seconds", lambda *a, **k: None)      # the products' rates alone
 
 
 def test_a_plan_reserves_host_memory_for_the_copies_or_multiplies_by_f_linear_without_room(model_dirs, monkeypatch):

@@ -1,0 +1,156 @@
+"""What a decoder block's batch-1 forward costs the CPU besides its products: the norms, the rotary embedding,
+the KV-cache update and the attention over it, the activation, the residual adds, and torch's dispatch of each.
+
+The CPU's rate a hybrid plan splits at (hybrid.rates_by_tokens) is measured on a block's products alone, and
+the blocks read slower while decoding: on the H200 host the load measured 44.9 to 50.9 GB/s and the blocks
+reached 35.6 to 41.4 (benchmarks/RESULTS.md, s19-s21), so a plan made at load was planned again after the
+first generate, and the plan a dry run predicts (``%offload_plan``) read 22 % fast at 4 GiB. The rest of the
+forward doesn't grow with the weights' bytes: on the CPU machine (2 cores) it took 1.0-1.7 ms of a LLaMA-7B
+block's 17 ms, and with more threads the products shrink faster than it does.
+
+So ``seconds`` builds a few of the model's blocks from its config (its own classes, the attention the load
+uses, weights of a constant in host memory), runs decode steps through them as a CPU block runs (torch's
+threads set, a static cache of the shortest bucket, the link copying beside on CUDA), and times each block's
+forward and, inside it, each of its linears: the rest is the difference, the median over the steps. The
+loader adds it to each CPU block's time (``with_rest``). Where the blocks can't be built or run this way (a
+config this doesn't know how to shorten, blocks whose weights aren't all linears', blocks past MOST_BYTES),
+there is no measure and the products' rate stands.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+
+# The largest block measured (a 70B block is 1.7 GB: its rest is a smaller share of its time, and the probe
+# would hold it in host memory for the moment it runs).
+MOST_BYTES = 1 << 30
+# Blocks built: their weights share one block's memory (the rest, not the products, is what is timed), and
+# each step gives a sample of each.
+BLOCKS = 3
+PROMPT = 16             # the tokens in the cache before the timed decode steps
+
+
+def seconds(torch, config, dtype, block_bytes: int, threads: int, *, attn_implementation=None, kernel=None,
+            beside=None, repeats: int = 5, trust_remote_code: bool = False) -> float | None:
+    """The seconds a decoder block's batch-1 decode forward takes on the CPU besides its linears' products,
+    measured on blocks built from ``config`` in ``dtype`` (each ``block_bytes``) at ``threads`` torch threads,
+    their linears multiplied by ``kernel`` (a cpu_kernel.KernelLinears policy; F.linear where None); the
+    median of ``repeats`` steps after two to warm up. ``beside``: a hybrid.BusyLink copying during each step.
+    ``trust_remote_code``: the load's (a model whose code comes with its checkpoint is built only where that is
+    True, as the load builds it). None where it can't be measured (module docstring)."""
+    if block_bytes <= 0 or block_bytes > MOST_BYTES:
+        return None
+    caller = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():     # the shortened config's, not the user's model's
+            warnings.simplefilter("ignore")
+            model, blocks = _built(torch, config, dtype, BLOCKS, attn_implementation, trust_remote_code)
+            if blocks is None:
+                return None
+            return _timed(torch, model, blocks, threads, kernel, beside, repeats)
+    except Exception:       # a model this can't run so: the products' rate stands (the plan says nothing more)
+        return None
+    finally:
+        torch.set_num_threads(caller)
+
+
+def with_rest(gbps: float, block_bytes: int, rest: float | None) -> float:
+    """The rate a block of ``block_bytes`` computes at whose products read at ``gbps`` and whose forward takes
+    ``rest`` seconds besides (None: the products' rate)."""
+    if not rest or gbps <= 0 or block_bytes <= 0:
+        return gbps
+    return block_bytes / (block_bytes / (gbps * 1e9) + rest) / 1e9
+
+
+def _built(torch, config, dtype, count: int, attn_implementation, trust_remote_code: bool):
+    """(the model of ``count`` blocks, its blocks) with every parameter outside the embeddings a constant in
+    host memory, those of one shape sharing it (one block's bytes in all); (None, None) where its blocks hold
+    weights outside linears (a MoE block's experts)."""
+    from .planner import text_config
+    from .units import build_meta_model, find_units
+    config = copy.deepcopy(text_config(config))
+    config.num_hidden_layers = count
+    # embeddings unused (the steps give the blocks their inputs): none of the vocabulary's size is allocated
+    config.vocab_size = 128
+    config.pad_token_id = config.bos_token_id = config.eos_token_id = None
+    for name in ("layer_types", "mlp_only_layers"):     # lists a layer's index looks up, as long as the layers
+        value = getattr(config, name, None)
+        if isinstance(value, list) and len(value) > count:
+            setattr(config, name, value[:count])
+    model = build_meta_model(config, dtype, attn_implementation, trust_remote_code is True)
+    names = [u.name for u in find_units(model) if u.kind == "block"]
+    if len(names) != count:
+        return None, None
+    blocks = [model.get_submodule(name) for name in names]
+    linears = {id(m.weight) for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)}
+    if any(p.dim() >= 2 and id(p) not in linears for b in blocks for p in b.parameters()):
+        return None, None
+    skipped = {id(p) for emb in (model.get_input_embeddings(), model.get_output_embeddings()) if emb is not None
+               for p in emb.parameters()}
+    constants = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and id(p) not in skipped:
+                # 1-D: norms' scales (1, as initialised); weights: a constant with no subnormal products
+                key = (tuple(p.shape), p.dtype, 1.0 if p.dim() == 1 else 0.01)
+                if key not in constants:
+                    constants[key] = torch.full(key[0], key[2], dtype=p.dtype)
+                module._parameters[name] = torch.nn.Parameter(constants[key], requires_grad=False)
+    return model, blocks
+
+
+def _timed(torch, model, blocks, threads: int, kernel, beside, repeats: int) -> float | None:
+    from transformers import StaticCache
+
+    from .cpu_kernel import KernelLinears
+    from .graphs import MIN_BUCKET
+    decoder = model.get_decoder()
+    hidden = model.config.get_text_config().hidden_size
+    spent = {"block": 0.0, "linear": 0.0}
+    started = {}
+    handles = []
+
+    def timing(kind):
+        def pre(module, args):
+            started[id(module)] = time.perf_counter()
+
+        def post(module, args, output):
+            spent[kind] += time.perf_counter() - started.pop(id(module))
+        return pre, post
+    installed = []
+    for block in blocks:
+        if kernel is not None:
+            installed.append(KernelLinears(torch, block, kernel))
+            installed[-1].install()
+        for module, kind in [(block, "block")] + [(m, "linear") for m in block.modules()
+                                                   if isinstance(m, torch.nn.Linear)]:
+            pre, post = timing(kind)
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        cache = StaticCache(config=model.config, max_cache_len=MIN_BUCKET)
+        rests = []
+        with torch.inference_mode():
+            torch.set_num_threads(threads)
+            prompt = torch.full((1, PROMPT, hidden), 0.5, dtype=blocks[0].parameters().__next__().dtype)
+            decoder(inputs_embeds=prompt, past_key_values=cache, use_cache=True)
+            row = prompt[:, :1]
+            for k in range(max(1, repeats) + 2):
+                spent["block"] = spent["linear"] = 0.0
+                if beside is not None:
+                    beside.start()
+                try:
+                    decoder(inputs_embeds=row, past_key_values=cache, use_cache=True,
+                            cache_position=torch.tensor([PROMPT + k]))
+                finally:
+                    if beside is not None:
+                        beside.stop()
+                if k >= 2:
+                    rests.append(max(0.0, spent["block"] - spent["linear"]) / len(blocks))
+        return sorted(rests)[len(rests) // 2]
+    finally:
+        for h in handles:
+            h.remove()
+        for kl in installed:
+            kl.remove()
