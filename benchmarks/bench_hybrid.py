@@ -27,7 +27,7 @@ import time
 import traceback
 
 from bench_graph import steps
-from bench_moe import timeline
+from bench_moe import step_breakdown, timeline
 from bench_offload import build, interleave, med, moved_per_step, pinned_rate, row_recorder, summarize
 
 
@@ -48,7 +48,7 @@ def main():
                                                     "steps, and in captured steps")
     ap.add_argument("--auto", action="store_true", help="also a load with compute=\"auto\" (variant hybrid_auto): "
                     "hybrid where its modelled step is the shorter, else all streamed")
-    ap.add_argument("--trace-dir", default=None, help="also write each load's timeline of an 8-token generate "
+    ap.add_argument("--trace-dir", default=None, help="also write each load's timeline of a 16-token generate "
                     "and of a 2048-token prefill (-prefill.json): the engine's trace (copies, compute, the CPU's "
                     "blocks) as JSON rows there")
     ap.add_argument("--cores-left", type=int, default=None, help="cores the CPU blocks leave to the other "
@@ -150,7 +150,7 @@ def main():
                     prefetch=hyb.plan.prefetch, progress=False)
             # each load's plan as made at load, before a generate may plan again at the CPU's rate reached
             at_load = {k: dict(rates=llm.plan.rates, cpu_blocks=sum(e.compute == "cpu" for e in llm.plan),
-                               prefetch=llm.plan.prefetch,
+                               prefetch=llm.plan.prefetch, cpu_rest=llm.plan.cpu_rest,
                                tok_s=1 / llm.plan.predicted_seconds_per_step(link, cpu_gbps=llm.plan.rates[0])
                                if llm.plan.rates else None) for k, llm in llms.items()}
             for llm in llms.values():   # a first generate, after which a load may plan again (RECALIBRATE_OVER)
@@ -171,9 +171,11 @@ def main():
                 return fn
             runs = interleave({k: timed(llm, k) for k, llm in llms.items()}, args.repeats)
             t, sp, tokens, prefill = summarize(runs, llms, long_ids)
+            breakdown = {}
             if args.trace_dir:
                 for k, llm in llms.items():
-                    timeline(llm, ids, os.path.join(args.trace_dir, f"timeline-{budget}-{k}.json"))
+                    breakdown[k] = step_breakdown(
+                        timeline(llm, ids, os.path.join(args.trace_dir, f"timeline-{budget}-{k}.json"), tokens=16))
                     timeline(llm, long_ids, os.path.join(args.trace_dir, f"timeline-{budget}-{k}-prefill.json"),
                              tokens=1)
             def cpu_gbps(runs):
@@ -223,7 +225,7 @@ def main():
                 staging=hyb.plan.reserved.get("staging_slots"),
                 measured_at_load_cpu_gbps=(at_load["hybrid"]["rates"] or (0.0,))[0],
                 measured_at_load_link_gbps=link_rate, plan_cpu_gbps=cpu_rate,
-                replanned_at=hyb.replanned_at, at_load=at_load["hybrid"],
+                replanned_at=hyb.replanned_at, at_load=at_load["hybrid"], timeline_steps=breakdown,
                 waits_per_unit=getattr(hyb._engine.mover, "waits_per_unit", None),
                 cpu_gbps_while_running=cpu_bytes / busy / 1e9 if busy else 0.0,
                 cpu_busy_share_of_step=busy / sum(c[2] for c in counters["hybrid"]) / t["hybrid"],

@@ -82,6 +82,59 @@ def timeline(llm, ids, path, tokens=8):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as fh:
         json.dump(rows, fh)
+    return rows
+
+
+def _busy(spans) -> list:
+    """The union of ``spans`` ([(start, end)]) as sorted, disjoint spans."""
+    merged = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return merged
+
+
+def _overlap(x, y) -> float:
+    """Seconds both of two sorted disjoint span lists cover."""
+    total, i, j = 0.0, 0, 0
+    while i < len(x) and j < len(y):
+        total += max(0.0, min(x[i][1], y[j][1]) - max(x[i][0], y[j][0]))
+        if x[i][1] < y[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def step_breakdown(rows) -> dict | None:
+    """Where a timeline's decode steps (``timeline``'s rows) spend their time, the median over its steps after
+    the first two (a prefill, a capture), in ms: the step (its "step" event), the link busy (the union of its
+    copies), the CPU busy (of its CPU blocks' work), both at once, neither (the GPU alone or waiting), and the
+    GPU's compute; GB a step over the link and over the CPU. None where the timeline has fewer than three steps."""
+    import statistics
+    by_step = {}
+    for kind, _unit, start, end, nbytes, step in rows:
+        by_step.setdefault(step, []).append((kind, start, end, nbytes))
+    steps = sorted(by_step)[2:]
+    if not steps:
+        return None
+    seen = []
+    for step in steps:
+        events = by_step[step]
+        marks = [(a, b) for kind, a, b, _ in events if kind == "step"]
+        t0, t1 = marks[0] if marks else (min(e[1] for e in events), max(e[2] for e in events))
+        spans = {kind: _busy([(max(a, t0), min(b, t1)) for k, a, b, _ in events if k == kind and b > t0 and a < t1])
+                 for kind in ("copy", "cpu", "compute")}
+        link, cpu = (sum(b - a for a, b in spans[k]) for k in ("copy", "cpu"))
+        both = _overlap(spans["copy"], spans["cpu"])
+        seen.append(dict(step_ms=(t1 - t0) * 1e3, link_busy_ms=link * 1e3, cpu_busy_ms=cpu * 1e3,
+                         both_ms=both * 1e3, neither_ms=(t1 - t0 - link - cpu + both) * 1e3,
+                         gpu_compute_ms=sum(b - a for a, b in spans["compute"]) * 1e3,
+                         link_gb=sum(n for k, *_, n in events if k == "copy") / 1e9,
+                         cpu_gb=sum(n for k, *_, n in events if k == "cpu") / 1e9))
+    return {key: statistics.median(s[key] for s in seen) for key in seen[0]} | {"steps": len(seen)}
 
 
 def main():

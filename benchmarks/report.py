@@ -750,7 +750,10 @@ def render_hybrid(data, command, title, llama=None) -> str:
         if not a or not a.get("tok_s"):
             return None
         again = r.get("replanned_at")
-        return (f"the plan made at load: {a['cpu_blocks']} CPU blocks, {a['prefetch']} ahead, predicted "
+        rest = a.get("cpu_rest")
+        made_of = (f" (a block's forward: its products at {rest[0]:.1f} GB/s and {1e3 * rest[1]:.2f} ms besides)"
+                   if rest else "")
+        return (f"the plan made at load{made_of}: {a['cpu_blocks']} CPU blocks, {a['prefetch']} ahead, predicted "
                 f"{a['tok_s']:.2f} tok/s holding nothing ({100 * (a['tok_s'] / r['hybrid_tok_s'] - 1):+.0f} % "
                 "against the measured); "
                 + (f"planned again after the first generate at the CPU's rate reached, {again[1]:.1f} GB/s "
@@ -807,6 +810,12 @@ def render_hybrid(data, command, title, llama=None) -> str:
                             else ""))
         lines.append(f"- {r['budget']}: " + "; ".join(g for g in goals if g) + f"{ahead}; {decode}; plan: "
                      f"{'; '.join(x.strip() for x in r['plan'])}")
+        for k, b in (r.get("timeline_steps") or {}).items():
+            if b:
+                lines.append(f"  - timeline of a 16-token generate, {k} (traced; median of {b['steps']} steps): step "
+                             f"{b['step_ms']:.1f} ms, link busy {b['link_busy_ms']:.1f} ({b['link_gb']:.2f} GB), CPU "
+                             f"busy {b['cpu_busy_ms']:.1f} ({b['cpu_gb']:.2f} GB), both at once {b['both_ms']:.1f}, "
+                             f"neither {b['neither_ms']:.1f}, GPU computing {b['gpu_compute_ms']:.1f}")
         ngl = {"4GiB": 8, "12GiB": 26}.get(r["budget"])
         best = cpp_best(ngl) if ngl else None
         for k, v in (r.get("variants") or r.get("prefetch_variants") or {}).items():
@@ -961,6 +970,31 @@ def render_cpu_device(data, command, title) -> str:
     return "\n".join(lines)
 
 
+def render_block_rest(data, command, title) -> str:
+    """A bench_block_rest.py run: the load's CPU rate (its products; with the rest of a block's forward) against
+    the rate the blocks reached decoding on the CPU."""
+    m = data["meta"]
+    where = "a machine without a GPU" if m["device"] == "cpu" else m["device"]
+    lines = [f"## {m['date']}, {title or 'the load’s CPU rate against the blocks’ decoding'} · {where}, "
+             f"{m['cores']} cores ({m['threads']} torch threads) · torch {m['torch']}", "",
+             "Command (repository root):", "", f"    {command}", "",
+             f"{m['layers']} LLaMA-shaped blocks of {m['block_bytes'] / 1e6:.0f} MB (bf16) decoding on the CPU, a "
+             "static cache of 256; each block's forward timed by hooks, and inside it each linear's. *products*: "
+             "the load's measure of the block's products (`hybrid.rates_by_tokens`); *rest*: the load's measure of "
+             "the rest of a block's forward (`block_rest.seconds`); *with the rest*: the rate the plan now takes; "
+             "*decoded*: the blocks' rate decoding (and, inside it, their products' rate and the rest). "
+             + ("Every measure beside the link's copies. " if m["device"] != "cpu" else "")
+             + "Medians of the rounds, interleaved; error against *decoded*.", "",
+             "| products by | products GB/s | rest ms | with the rest GB/s | decoded GB/s (products GB/s, rest ms) "
+             "| error: products | error: with the rest |", "|---|---:|---:|---:|---|---:|---:|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['way']} | {r['products_gbps']:.1f} | {r['rest_ms']:.2f} | {r['with_rest_gbps']:.1f} | "
+                     f"{r['decoded_gbps']:.1f} ({r['decoded_products_gbps']:.1f}, {r['decoded_rest_ms']:.2f}) | "
+                     f"{100 * r['products_error']:+.1f} % | {100 * r['with_rest_error']:+.1f} % |")
+    lines.append("")
+    return "\n".join(lines)
+
+
 def render_fetch(data, command, title) -> str:
     """A bench_fetch.py run: routed expert rows read by a kernel over the link against the copy engine."""
     m = data["meta"]
@@ -1024,6 +1058,8 @@ def main():
                                 "--json out.json", args.title))
     elif any(r.get("kind") == "renumbered" for r in data.get("rows", [])):
         print(render_fetch(data, args.command or "bash benchmarks/gpu_run.sh fetch", args.title))
+    elif any("with_rest_error" in r for r in data.get("rows", [])):
+        print(render_block_rest(data, args.command or "bash benchmarks/gpu_run.sh blockrest", args.title))
     elif {"block_bytes", "huge_pages"} & set(data.get("meta", {})):
         print(render_cpu_block(data, args.command or "bash benchmarks/gpu_run.sh cpublock", args.title))
     elif any("together_gbps" in r for r in data.get("rows", [])):
