@@ -5,8 +5,8 @@ The CPU's rate a hybrid plan splits at (hybrid.rates_by_tokens) is measured on a
 the blocks read slower while decoding: on the H200 host the load measured 44.9 to 50.9 GB/s and the blocks
 reached 35.6 to 41.4 (benchmarks/RESULTS.md, s19-s21), so a plan made at load was planned again after the
 first generate, and the plan a dry run predicts (``%offload_plan``) read 22 % fast at 4 GiB. The rest of the
-forward doesn't grow with the weights' bytes: on the CPU machine (2 cores) it took 1.0-1.7 ms of a LLaMA-7B
-block's 17 ms, and with more threads the products shrink faster than it does.
+forward doesn't grow with the weights' bytes: on the CPU machine (2 cores) it took 1.4 ms of a LLaMA-7B block's
+16-21 ms (benchmarks/RESULTS.md, s24), and with more threads the products shrink faster than it does.
 
 So ``seconds`` builds a few of the model's blocks from its config (its own classes, the attention the load
 uses, weights of a constant in host memory), runs decode steps through them as a CPU block runs (torch's
@@ -66,8 +66,8 @@ def with_rest(gbps: float, block_bytes: int, rest: float | None) -> float:
 
 def _built(torch, config, dtype, count: int, attn_implementation, trust_remote_code: bool):
     """(the model of ``count`` blocks, its blocks) with every parameter outside the embeddings a constant in
-    host memory, those of one shape sharing it (one block's bytes in all); (None, None) where its blocks hold
-    weights outside linears (a MoE block's experts)."""
+    host memory, the blocks sharing one block's; (None, None) where its blocks hold weights outside linears (a
+    MoE block's experts)."""
     from .planner import text_config
     from .units import build_meta_model, find_units
     config = copy.deepcopy(text_config(config))
@@ -89,15 +89,20 @@ def _built(torch, config, dtype, count: int, attn_implementation, trust_remote_c
         return None, None
     skipped = {id(p) for emb in (model.get_input_embeddings(), model.get_output_embeddings()) if emb is not None
                for p in emb.parameters()}
-    constants = {}
-    for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            if p is not None and id(p) not in skipped:
-                # 1-D: norms' scales (1, as initialised); weights: a constant with no subnormal products
-                key = (tuple(p.shape), p.dtype, 1.0 if p.dim() == 1 else 0.01)
-                if key not in constants:
-                    constants[key] = torch.full(key[0], key[2], dtype=p.dtype)
-                module._parameters[name] = torch.nn.Parameter(constants[key], requires_grad=False)
+    # the blocks' weights: each block's parameter of a name the first block's (one block's bytes in all, read in
+    # the order a block reads them); the rest's (the final norm, say) its own. 1-D ones are norms' scales (1, as
+    # initialised), the others a constant whose products hold no subnormal values.
+    made = {}
+    owners = [(f"{index}.", block) for index, block in enumerate(blocks)] + [("", model)]
+    for prefix, owner in owners:
+        for module_name, module in owner.named_modules():
+            for name, p in list(module._parameters.items()):
+                if p is None or id(p) in skipped or p.device.type != "meta":
+                    continue
+                key = f"{module_name}.{name}" if prefix else f"model:{module_name}.{name}"
+                if key not in made:
+                    made[key] = torch.full(p.shape, 1.0 if p.dim() == 1 else 0.01, dtype=p.dtype)
+                module._parameters[name] = torch.nn.Parameter(made[key], requires_grad=False)
     return model, blocks
 
 
@@ -133,7 +138,7 @@ def _timed(torch, model, blocks, threads: int, kernel, beside, repeats: int) -> 
         rests = []
         with torch.inference_mode():
             torch.set_num_threads(threads)
-            prompt = torch.full((1, PROMPT, hidden), 0.5, dtype=blocks[0].parameters().__next__().dtype)
+            prompt = torch.full((1, PROMPT, hidden), 0.5, dtype=next(blocks[0].parameters()).dtype)
             decoder(inputs_embeds=prompt, past_key_values=cache, use_cache=True)
             row = prompt[:, :1]
             for k in range(max(1, repeats) + 2):
