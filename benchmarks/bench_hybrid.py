@@ -43,6 +43,9 @@ def main():
     ap.add_argument("--cpu-blocks", default="", help="more loads with this many of the blocks in host memory "
                                                      "pinned \"cpu-compute\" (spread), copying as far ahead as "
                                                      "the hybrid plan does, e.g. 2,6: the step at other splits")
+    ap.add_argument("--read-back", action="store_true", help="also a hybrid load whose CPU blocks' outputs reach "
+                    "the GPU by a kernel reading them in place (handoff.READ_BACK=\"kernel\"; variant "
+                    "hybrid_read_kernel), against the copy engine's")
     ap.add_argument("--handoffs", default="", help="more hybrid loads with these hybrid.HANDOFF values, e.g. "
                                                     "worker,graph: the CPU blocks on a worker thread in eager "
                                                     "steps, and in captured steps")
@@ -71,6 +74,7 @@ def main():
 
     import nb_offload
     from nb_offload import cpu_experts, hybrid, tiers
+    from nb_offload import handoff as handoffs
     from nb_offload.cpu_experts import host_threads
     if args.cores_left is not None:
         cpu_experts.CORES_LEFT = args.cores_left
@@ -133,6 +137,13 @@ def main():
             if args.auto:
                 llms["hybrid_auto"] = nb_offload.load(args.folder, gpu=budget, cpu="100GiB", compute="auto",
                                                       progress=False)
+            if args.read_back:
+                handoffs.READ_BACK, was = "kernel", handoffs.READ_BACK
+                try:
+                    llms["hybrid_read_kernel"] = nb_offload.load(args.folder, gpu=budget, cpu="100GiB",
+                                                                 compute="hybrid", progress=False)
+                finally:
+                    handoffs.READ_BACK = was
             default = hybrid.HANDOFF
             for handoff in filter(None, args.handoffs.split(",")):
                 hybrid.HANDOFF = handoff
@@ -267,7 +278,8 @@ def main():
                                            amx_linears=llm.stats.cpu_amx_linears,
                                            cpu_kernel_why_not=llm.plan.cpu_kernel_why_not,
                                            replanned_at=llm.replanned_at, at_load=at_load[k],
-                                           graph_failed=sorted(set(llm._engine.graphs.failed.values())))
+                                           graph_failed=sorted(set(llm._engine.graphs.failed.values())),
+                                           read_back=_read_back(llm))
                                    for k, llm in llms.items() if k.startswith("hybrid_")})
         except Exception:
             traceback.print_exc()
@@ -279,6 +291,15 @@ def main():
             torch.cuda.empty_cache()
         faulthandler.cancel_dump_traceback_later()
         print(f"[{budget}: {time.perf_counter() - t0:.0f} s]", flush=True)
+
+
+def _read_back(llm) -> str:
+    """How a load's CPU blocks' outputs reached the GPU (handoff.READ_BACK), and why by the copy engine where a
+    kernel was asked for."""
+    h = llm._engine.block_handoff
+    if h is None:
+        return ""
+    return h.read_back + (f" (copied: {h.read_back_why_not})" if h.read_back_why_not else "")
 
 
 if __name__ == "__main__":

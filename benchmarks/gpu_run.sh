@@ -11,6 +11,7 @@
 #   bash benchmarks/gpu_run.sh fetch             # bench_fetch.py: routed rows read by a kernel over the link
 #   bash benchmarks/gpu_run.sh cpublock          # bench_cpu_block.py: a block computed on the CPU, what slows it
 #   bash benchmarks/gpu_run.sh blockrest         # bench_block_rest.py: the load's CPU rate against the blocks' decoding
+#   bash benchmarks/gpu_run.sh handoff           # handoff_latency.py: a CPU block's output reaching the GPU beside the link
 #   bash benchmarks/gpu_run.sh hostbound         # host_bound.py: the cores and the link reading host memory at once
 #   bash benchmarks/gpu_run.sh fused             # fused_check.py: the captured step's fused kernels against eager
 #   TESTS=tests/gpu/test_graph_gpu.py bash benchmarks/gpu_run.sh tests      # a part of tests/gpu
@@ -40,6 +41,7 @@ for step in "${@:-tests}"; do
         fetch) run_bench fetch bench_fetch.py "${FETCH_TIMEOUT:-200}" "${FETCH_ARGS:-}" 40 ;;
         cpublock) run_bench cpublock bench_cpu_block.py "${CPUBLOCK_TIMEOUT:-300}" "${CPUBLOCK_ARGS:-}" 20 ;;
         blockrest) run_bench block-rest bench_block_rest.py "${BLOCKREST_TIMEOUT:-300}" "${BLOCKREST_ARGS:-}" 6 ;;
+        handoff) run_bench handoff-latency handoff_latency.py "${HANDOFF_TIMEOUT:-120}" "${HANDOFF_ARGS:-}" 8 ;;
         hostbound) run_bench host-bound host_bound.py "${HOSTBOUND_TIMEOUT:-200}" "${HOSTBOUND_ARGS:-}" 20 ;;
         fused) timeout 150 python3 benchmarks/fused_check.py 2>&1 | tee "$OUT/fused_check.txt" | tail -12 ;;
         dashboard)

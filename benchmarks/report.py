@@ -846,6 +846,7 @@ def render_hybrid(data, command, title, llama=None) -> str:
                          + (f" ({v['amx_linears']} linears by the AMX kernel)" if v.get("amx_linears") else "")
                          + (f" (cpu_kernel=\"fast\" can't run: {v['cpu_kernel_why_not']})"
                             if v.get("cpu_kernel_why_not") else "")
+                         + (f"; outputs back by {v['read_back']}" if v.get("read_back", "copy") != "copy" else "")
                          + (f"; over llama.cpp -ngl {ngl}: {v['tok_s'] / best:.2f}x" if best else ""))
     lines.append("")
     return "\n".join(lines)
@@ -995,6 +996,25 @@ def render_block_rest(data, command, title) -> str:
     return "\n".join(lines)
 
 
+def render_handoff_latency(data, command, title) -> str:
+    """A handoff_latency.py run: a CPU block's output reaching the GPU, alone and beside the link's pieces."""
+    m = data["meta"]
+    title = title or "a CPU block's output reaching the GPU beside the link"
+    lines = [f"## {m['date']}, {title} · {m['device']} · torch {m['torch']}", "",
+             "Command (GPU machine, repository root):", "", f"    {command}", "",
+             f"A {m['bytes']}-byte transfer (one LLaMA-7B token's hidden state) timed by CUDA events on a stream of "
+             f"its own, alone and while another stream copies {m['piece_mib']} MiB pieces from page-locked memory "
+             "back to back; by the copy engine, and by a kernel reading the page-locked bytes in place "
+             "(`fetch.in_place`). "
+             "Microseconds.", "", "| way | beside the pieces | median | 90th percentile | max |",
+             "|---|---|---:|---:|---:|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['way']} | {'yes' if r['beside_pieces'] else 'no'} | {r['median_us']:.1f} | "
+                     f"{r['p90_us']:.1f} | {r['max_us']:.1f} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
 def render_fetch(data, command, title) -> str:
     """A bench_fetch.py run: routed expert rows read by a kernel over the link against the copy engine."""
     m = data["meta"]
@@ -1058,6 +1078,8 @@ def main():
                                 "--json out.json", args.title))
     elif any(r.get("kind") == "renumbered" for r in data.get("rows", [])):
         print(render_fetch(data, args.command or "bash benchmarks/gpu_run.sh fetch", args.title))
+    elif any("median_us" in r for r in data.get("rows", [])):
+        print(render_handoff_latency(data, args.command or "bash benchmarks/gpu_run.sh handoff", args.title))
     elif any("with_rest_error" in r for r in data.get("rows", [])):
         print(render_block_rest(data, args.command or "bash benchmarks/gpu_run.sh blockrest", args.title))
     elif {"block_bytes", "huge_pages"} & set(data.get("meta", {})):

@@ -16,6 +16,12 @@ launching the blocks after it and queueing the link's copies meanwhile.
 
 A block's failure on the worker, or a worker that never ran it, still sets its flag or raises the counter, so
 the GPU never waits for good; the error reaches the caller at the step's end (engine._collect).
+
+The output comes back to the device (``READ_BACK``) by a host-to-device copy on the GPU's stream, which the copy
+engine runs; or by a kernel that reads the page-locked buffer where it is (``fetch.in_place``) and writes its
+bytes to the device, unchanged: the link's copy stream keeps that engine busy with pieces of 90-134 MiB, and a
+small copy that waits for the piece in flight would hold each CPU block's output back by up to a piece's time
+(benchmarks/handoff_latency.py measures whether it does).
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ from .errors import in_one_line
 # should set the flag failed to launch, stalled or faulted): its other calls then stop polling at once.
 PATIENCE_SECONDS = 30.0
 POLL_SECONDS = 1e-5         # between two looks at a flag: Linux sleeps about 60 us for it
+# How a CPU block's output reaches the device (read when a handoff is made): "copy" (the copy engine) or "kernel"
+# (a kernel reading the page-locked buffer in place; where the buffer can't be mapped, the copy engine).
+READ_BACK = "copy"
+READ_BACKS = ("copy", "kernel")
 
 
 class Flag:
@@ -64,11 +74,16 @@ class GpuHandoff:
     collects at the step's end and passes to ``count`` (its start and end)."""
 
     def __init__(self, torch, device, worker, signal, owe, calls: int, capture: bool = False):
+        if READ_BACK not in READ_BACKS:
+            raise ValueError(f"handoff.READ_BACK={READ_BACK!r}; accepted: {', '.join(map(repr, READ_BACKS))}")
         self.torch, self.device, self.worker, self.signal, self.owe = torch, device, worker, signal, owe
         with torch.inference_mode(False):      # a load under inference mode: the worker writes them outside
             self.flag_tensor = torch.zeros(2 * max(1, calls), dtype=torch.int32, pin_memory=True)
         self.flags = self.flag_tensor.numpy()
         self.program = None         # while a step is captured: [(work, count, prepare)] of its calls, in order
+        self.read_back = READ_BACK
+        self._mapped = {}           # (address, bytes) of an output buffer -> the device's view of it ("kernel")
+        self.read_back_why_not = ""     # why an output buffer came back by the copy engine after all
         self.abandoned = threading.Event()      # a replay's calls stop polling (``abandon``)
         self._write_value, self.why_not_captured = None, "" if capture else "asked for eager steps only"
         if capture:
@@ -84,12 +99,23 @@ class GpuHandoff:
         """Whether decode steps with CPU blocks are captured (asked for, and the GPU can write the flags)."""
         return self._write_value is not None
 
-    def host_buffer(self, like):
+    def host_buffer(self, like, output: bool = False):
         """A page-locked buffer for ``like``'s values (its strides kept, so the CPU computes on the same
         layout): the copies to and from it queue without a wait, and a graph can capture them. Not an
-        inference tensor, so steps outside inference mode write it too."""
+        inference tensor, so steps outside inference mode write it too. ``output``: a call's output, which
+        ``output`` brings to the device; with ``read_back`` "kernel", the device's view of it is made now (a
+        capture can't ask the driver for it)."""
         with self.torch.inference_mode(False):
-            return self.torch.empty_like(like, device="cpu", pin_memory=True)
+            buf = self.torch.empty_like(like, device="cpu", pin_memory=True)
+        if output and self.read_back == "kernel":
+            if not buf.is_contiguous():
+                self.read_back_why_not = "an output buffer isn't contiguous"
+            else:
+                try:
+                    self._mapped[buf.data_ptr(), buf.nbytes] = _device_view(buf, self.device)
+                except (RuntimeError, ImportError) as exc:      # not mapped, or no triton: the copy engine
+                    self.read_back_why_not = in_one_line(exc)
+        return buf
 
     @contextlib.contextmanager
     def recording(self):
@@ -138,7 +164,13 @@ class GpuHandoff:
             index = 2 * waited + 1
             self.signal.wait(stream, 1, address=self.flag_tensor.data_ptr() + 4 * index)
             self._write(stream, index, 0)
-        return out.to(self.device, non_blocking=True)
+        mapped = self._mapped.get((out.data_ptr(), out.nbytes))
+        if mapped is None:
+            return out.to(self.device, non_blocking=True)
+        on_device = self.torch.empty_like(out, device=self.device)
+        # a kernel reads the bytes over the link where they are and writes them unchanged (an OR with 0)
+        self.torch.bitwise_or(mapped, 0, out=on_device.view(-1).view(self.torch.uint8))
+        return on_device
 
     def before_replay(self, program):
         """Before a replay of a step whose calls are ``program``: the worker done with the calls before (an
@@ -184,6 +216,13 @@ class GpuHandoff:
         seen, self.flags[0] = int(self.flags[0]), 0
         if seen != 7:
             raise RuntimeError(f"the GPU's write of a flag did not reach the host (read {seen})")
+
+
+def _device_view(buf, device):
+    """The device's view of page-locked ``buf`` (fetch.in_place, imported here: it imports triton, which a CUDA
+    machine's torch brings)."""
+    from . import fetch
+    return fetch.in_place(buf, device)
 
 
 def _driver_write_value():

@@ -507,7 +507,8 @@ class CpuBlock:
             while len(self._staging) >= self.STAGED_KEPT:
                 self._staging.pop(next(iter(self._staging)))
             staged = ({path: self.handoff.host_buffer(t) for path, t in on_device},
-                      self.handoff.host_buffer(torch.empty(hidden.shape, dtype=hidden.dtype, device="meta")))
+                      self.handoff.host_buffer(torch.empty(hidden.shape, dtype=hidden.dtype, device="meta"),
+                                               output=True))
         self._staging[key] = staged         # the most recent last
         return staged
 

@@ -302,7 +302,7 @@ class ThreadHandoff:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="handoff-test")
         self.owed, self.buffers = [], []
 
-    def host_buffer(self, like):
+    def host_buffer(self, like, output=False):
         self.buffers.append(torch.empty_like(like, device="cpu"))
         return self.buffers[-1]
 

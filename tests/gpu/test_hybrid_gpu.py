@@ -213,6 +213,33 @@ def test_cpu_blocks_multiplying_by_the_amx_kernel_match_transformers_computing_t
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("handoff", ["worker", "graph"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_cpu_blocks_outputs_read_back_by_a_kernel_give_the_same_tokens(arch, handoff, model_dirs, monkeypatch):
+    """handoff.READ_BACK="kernel": each CPU block's output reaches the GPU through a kernel reading its page-locked
+    buffer in place (not the copy engine), in eager steps on the worker and in replayed ones; tokens equal the
+    reference's, as with the copy."""
+    from nb_offload import handoff as handoffs
+    monkeypatch.setattr(hybrid, "HANDOFF", handoff)
+    monkeypatch.setattr(handoffs, "READ_BACK", "kernel")
+    monkeypatch.setattr(hybrid, "RECALIBRATE_OVER", None)
+    monkeypatch.setattr(loader.Inspection, "cpu_rates", lambda self: (20.0, 60.0))
+    folder = model_dirs(arch)
+    names = [e.name for e in blocks(nb_offload.plan(folder, gpu="1GiB", cpu="1GiB"))]
+    ids = torch.tensor(PROMPT, device="cuda")
+    with nb_offload.load(folder, pins=dict.fromkeys(names[1:3], "cpu-compute"), hold_spare=False,
+                         progress=False) as llm:
+        h = llm._engine.block_handoff
+        assert h is not None and h.read_back == "kernel"
+        got = llm.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False).cpu()
+        assert h._mapped and not h.read_back_why_not, h.read_back_why_not     # the outputs went by the kernel
+        on_cpu = [e.name for e in llm.plan if e.compute == "cpu"]
+        if handoff == "graph":
+            assert llm.stats.graph_replays >= N - 3, llm.stats.graph_eager
+        assert torch.equal(got, reference(folder, ids, on_cpu, llm._engine.cpu_max_tokens,
+                                          static=handoff == "graph"))
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_cpu_blocks_multiplying_by_the_fast_kernel_match_transformers_multiplying_by_it(arch, model_dirs,
                                                                                         monkeypatch):
