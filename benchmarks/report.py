@@ -996,6 +996,32 @@ def render_block_rest(data, command, title) -> str:
     return "\n".join(lines)
 
 
+def render_plan_depths(data, command, title) -> str:
+    """A plan_depths.py run: dry runs of the LLaMA-7B shape's plans by staging depth, a model's figures."""
+    m = data["meta"]
+    title = title or "hybrid plans by staging depth (dry runs)"
+    lines = [f"## {m['date']}, {title} · no GPU: the step model's figures",
+             "", "Command (repository root):", "", f"    {command}", "",
+             f"The LLaMA-7B shape (bf16, a header-only checkpoint), planned with `device=\"cuda\"` at the link's "
+             f"{m['link_gbps']} GB/s and each CPU rate named: streaming alone, hybrid as the loader chooses it "
+             f"(depths within {100 * m['depth_ties']:.0f} % of the shortest modelled step taken as equal, the one "
+             "with the fewest bytes off the GPU kept), and hybrid at each depth asked for. *prefill streams*: the "
+             "bytes off the GPU, which a prefill copies once; *decode*: the modelled batch-1 step, with no spare "
+             "room held.", "",
+             "| CPU GB/s | budget | plan | ahead | pieces | CPU blocks | resident GB | prefill streams GB | "
+             "staging MiB | decode tok/s (model) |", "|---:|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['cpu_gbps']:.1f} | {r['budget']} | {r['plan']} | error: {r['error']} |")
+            continue
+        label = f"**{r['plan']}**" if r["plan"] in ("streamed", "hybrid") else r["plan"]
+        lines.append(f"| {r['cpu_gbps']:.1f} | {r['budget']} | {label} | {r['prefetch']} | "
+                     f"{'yes' if r['split_blocks'] else 'no'} | {r['cpu_blocks']} | {r['resident_gb']:.2f} | "
+                     f"{r['prefill_streams_gb']:.2f} | {r['staging_mib']:.0f} | {r['decode_tok_s']:.2f} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
 def render_handoff_latency(data, command, title) -> str:
     """A handoff_latency.py run: a CPU block's output reaching the GPU, alone and beside the link's pieces."""
     m = data["meta"]
@@ -1078,6 +1104,9 @@ def main():
                                 "--json out.json", args.title))
     elif any(r.get("kind") == "renumbered" for r in data.get("rows", [])):
         print(render_fetch(data, args.command or "bash benchmarks/gpu_run.sh fetch", args.title))
+    elif data.get("meta", {}).get("kind") == "plan_depths":
+        print(render_plan_depths(data, args.command or "PYTHONPATH=. python3 benchmarks/plan_depths.py --json out.json",
+                                 args.title))
     elif any("median_us" in r for r in data.get("rows", [])):
         print(render_handoff_latency(data, args.command or "bash benchmarks/gpu_run.sh handoff", args.title))
     elif any("with_rest_error" in r for r in data.get("rows", [])):

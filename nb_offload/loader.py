@@ -95,6 +95,16 @@ def library_code() -> int:
     return _library_code
 
 
+# Staging depths whose modelled decode steps are within this share of the shortest are taken as equal (loader
+# ``_deeper``): the model's own error is larger, while the bytes a prefill streams are known (docs/hybrid.md).
+DEPTH_TIES = 0.01
+
+
+def off_gpu_bytes(plan) -> int:
+    """The bytes of a plan's units not resident on its compute device: what a prefill streams."""
+    return sum(e.bytes for e in plan if e.tier != plan.resident_tier)
+
+
 # How much faster than F.linear's the reordered weights' products must read in the load's measure for a plan to
 # take them (cpu_products.py): their copies cost host memory, and the measure is noisy.
 REORDERED_MARGIN = 1.05
@@ -418,7 +428,10 @@ class Inspection:
         """``plan``, or the one copying another number of pieces ahead (1 to hybrid.MOST_AHEAD) whose step it
         predicts shortest at the rates measured (``Plan.predicted_seconds_per_step``), where the rates chose
         the CPU's blocks: deeper staging keeps the link busy while the CPU computes a block, and takes room
-        from resident blocks. Of equal steps the shallower."""
+        from resident blocks. Each depth's plan is the one ``prefetch=depth`` gives (blocks split into pieces
+        where ``split_blocks`` says, "auto" deciding for that depth's slots). Steps within DEPTH_TIES of the
+        shortest count as equal; of those, the plan with the fewest bytes off the GPU (a prefill streams them
+        all: fewer is a faster prefill), then the shallower."""
         if not plan.rates:
             return plan
         cpu, link = plan.rates
@@ -426,12 +439,13 @@ class Inspection:
         for depth in range(1, hybrid.MOST_AHEAD + 1):
             if depth not in timed:
                 try:
-                    other = planned(depth, split_blocks=plan.split_blocks)
+                    other = planned(depth)
                 except BudgetError:         # its slots don't fit beside what the plan must keep
                     continue
                 timed[depth] = (other.predicted_seconds_per_step(link, cpu_gbps=cpu), other)
         fastest = min(t for t, _ in timed.values())
-        return next(p for _, (t, p) in sorted(timed.items()) if t <= fastest * (1 + 1e-9))
+        near = [(off_gpu_bytes(p), depth, p) for depth, (t, p) in timed.items() if t <= fastest * (1 + DEPTH_TIES)]
+        return min(near, key=lambda x: x[:2])[2]
 
     def _faster_of(self, split, streamed):
         """compute="auto": the plan whose CPU computes its chosen blocks (``split``), where its modelled step is
