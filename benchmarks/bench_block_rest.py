@@ -112,6 +112,10 @@ def main():
             for key, value in zip(("decoded", "decoded_products", "decoded_rest"), decoded(kernel)):
                 seen[way][key].append(value)
     for way, s in seen.items():
+        s["rest"] = [r for r in s["rest"] if r is not None]      # a round whose probe had no measure
+        if not s["rest"]:
+            add(way=way, threads=threads, error="block_rest.seconds gave no measure in any round")
+            continue
         products, rest, decoded_gbps, decoded_products, decoded_rest = (
             statistics.median(s[k]) for k in ("products", "rest", "decoded", "decoded_products", "decoded_rest"))
         with_rest = block_rest.with_rest(products, nbytes, rest)

@@ -6,8 +6,10 @@ pieces (90-134 MiB each, 2-3 ms apiece) the same way. If the small copy queues b
 CPU block waits up to a piece's time for its output: at 4 GiB, 11 CPU blocks a step, up to 25 ms of a 138 ms step
 the step model doesn't see. This times, with CUDA events on a stream of its own, each small transfer: alone, and
 while another stream copies pieces back to back; both by the copy engine (``copy_``) and by a kernel reading the
-page-locked buffer where it is (``fetch.in_place``, a bytewise OR with 0: the same bytes), and the input's way too
-(device to host). Medians, 90th percentiles and maxima in microseconds.
+page-locked buffer where it is (``fetch.in_place``, read by ``fetch.read_fresh`` as the handoff reads it), and the
+input's way too (device to host). Medians, 90th percentiles and maxima in microseconds. Then whether such a kernel,
+replayed in a CUDA graph after each host write, reads the host's last bytes: with the handoff's volatile loads and
+with a plain elementwise kernel (a count of stale reads).
 
     PYTHONPATH=. python3 benchmarks/handoff_latency.py --json out.json [--bytes 8192] [--piece-mib 134]
 """
@@ -46,7 +48,7 @@ def main():
     link, own = torch.cuda.Stream(device), torch.cuda.Stream(device)
 
     ways = {"copy engine, host to device": lambda: on_device.copy_(host, non_blocking=True),
-            "kernel reading host memory": lambda: torch.bitwise_or(mapped, 0, out=on_device),
+            "kernel reading host memory (fetch.read_fresh)": lambda: fetch.read_fresh(mapped, on_device),
             "copy engine, device to host": lambda: back.copy_(on_device, non_blocking=True)}
     for way, transfer in ways.items():
         for beside in (False, True):
@@ -69,6 +71,29 @@ def main():
                 max_us=us[-1])
     torch.cuda.synchronize()
     assert torch.equal(on_device.cpu(), host), "the kernel's read differs from the host's bytes"
+    fresh(torch, fetch, add, host, mapped, on_device)
+
+
+def fresh(torch, fetch, add, host, mapped, on_device, rounds: int = 200):
+    """Whether a kernel reading page-locked memory in place sees what the host wrote since its last read: a
+    CUDA graph of one read replayed after each host write (as a hybrid step's replay reads a CPU block's output
+    where the last step's was), by the handoff's volatile loads and by a plain elementwise kernel; the reads whose
+    bytes weren't the host's last."""
+    reads = {"fetch.read_fresh (volatile loads)": lambda: fetch.read_fresh(mapped, on_device),
+             "torch.bitwise_or (plain loads)": lambda: torch.bitwise_or(mapped, 0, out=on_device)}
+    for way, read in reads.items():
+        read()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            read()
+        stale = 0
+        for k in range(rounds):
+            host.fill_(k % 251)
+            graph.replay()
+            torch.cuda.synchronize()
+            stale += int(not torch.equal(on_device.cpu(), host))
+        add(way=way, fresh_check_rounds=rounds, stale_reads=stale)
 
 
 if __name__ == "__main__":

@@ -846,7 +846,8 @@ def render_hybrid(data, command, title, llama=None) -> str:
                          + (f" ({v['amx_linears']} linears by the AMX kernel)" if v.get("amx_linears") else "")
                          + (f" (cpu_kernel=\"fast\" can't run: {v['cpu_kernel_why_not']})"
                             if v.get("cpu_kernel_why_not") else "")
-                         + (f"; outputs back by {v['read_back']}" if v.get("read_back", "copy") != "copy" else "")
+                         + (f"; outputs back by {v['read_back']}" if v.get("read_back", "copy") != "copy"
+                            or "read_kernel" in k else "")
                          + (f"; over llama.cpp -ngl {ngl}: {v['tok_s'] / best:.2f}x" if best else ""))
     lines.append("")
     return "\n".join(lines)
@@ -989,6 +990,9 @@ def render_block_rest(data, command, title) -> str:
              "| products by | products GB/s | rest ms | with the rest GB/s | decoded GB/s (products GB/s, rest ms) "
              "| error: products | error: with the rest |", "|---|---:|---:|---:|---|---:|---:|"]
     for r in data["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['way']} | error: {r['error']} |")
+            continue
         lines.append(f"| {r['way']} | {r['products_gbps']:.1f} | {r['rest_ms']:.2f} | {r['with_rest_gbps']:.1f} | "
                      f"{r['decoded_gbps']:.1f} ({r['decoded_products_gbps']:.1f}, {r['decoded_rest_ms']:.2f}) | "
                      f"{100 * r['products_error']:+.1f} % | {100 * r['with_rest_error']:+.1f} % |")
@@ -1034,9 +1038,13 @@ def render_handoff_latency(data, command, title) -> str:
              "(`fetch.in_place`). "
              "Microseconds.", "", "| way | beside the pieces | median | 90th percentile | max |",
              "|---|---|---:|---:|---:|"]
-    for r in data["rows"]:
+    for r in (r for r in data["rows"] if "median_us" in r):
         lines.append(f"| {r['way']} | {'yes' if r['beside_pieces'] else 'no'} | {r['median_us']:.1f} | "
                      f"{r['p90_us']:.1f} | {r['max_us']:.1f} |")
+    checks = [r for r in data["rows"] if "stale_reads" in r]
+    if checks:
+        lines += ["", "A read replayed in a CUDA graph after each host write: " + "; ".join(
+            f"{r['way']}, {r['stale_reads']} stale of {r['fresh_check_rounds']}" for r in checks) + "."]
     lines.append("")
     return "\n".join(lines)
 

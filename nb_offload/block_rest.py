@@ -29,6 +29,9 @@ MOST_BYTES = 1 << 30
 # Blocks built: their weights share one block's memory (the rest, not the products, is what is timed), and
 # each step gives a sample of each.
 BLOCKS = 3
+# The probe holds one block's bytes for the moment it runs, outside the cpu budget (as the products' probe holds
+# its copies): it runs only where the host has this many blocks' bytes available.
+ROOM_BLOCKS = 4
 PROMPT = 16             # the tokens in the cache before the timed decode steps
 
 
@@ -42,10 +45,13 @@ def seconds(torch, config, dtype, block_bytes: int, threads: int, *, attn_implem
     True, as the load builds it). None where it can't be measured (module docstring)."""
     if block_bytes <= 0 or block_bytes > MOST_BYTES:
         return None
+    from .budget import host_memory
+    if host_memory()[1] < ROOM_BLOCKS * block_bytes:   # the blocks' bytes aren't in the cpu budget: only with room
+        return None
     caller = torch.get_num_threads()
     try:
-        with warnings.catch_warnings():     # the shortened config's, not the user's model's
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings():     # the shortened config's, not the user's model's (process-wide while
+            warnings.simplefilter("ignore")     # it runs, a fraction of a second at load)
             model, blocks = _built(torch, config, dtype, BLOCKS, attn_implementation, trust_remote_code)
             if blocks is None:
                 return None
@@ -75,10 +81,9 @@ def _built(torch, config, dtype, count: int, attn_implementation, trust_remote_c
     # embeddings unused (the steps give the blocks their inputs): none of the vocabulary's size is allocated
     config.vocab_size = 128
     config.pad_token_id = config.bos_token_id = config.eos_token_id = None
-    for name in ("layer_types", "mlp_only_layers"):     # lists a layer's index looks up, as long as the layers
-        value = getattr(config, name, None)
-        if isinstance(value, list) and len(value) > count:
-            setattr(config, name, value[:count])
+    layer_types = getattr(config, "layer_types", None)      # one entry a layer
+    if isinstance(layer_types, list) and len(layer_types) > count:
+        config.layer_types = layer_types[:count]
     model = build_meta_model(config, dtype, attn_implementation, trust_remote_code is True)
     names = [u.name for u in find_units(model) if u.kind == "block"]
     if len(names) != count:

@@ -23,6 +23,7 @@ from collections import deque
 from concurrent.futures import wait as futures_wait
 
 from . import cpu_experts, device_routing, experts, hybrid
+from . import handoff as handoffs
 from .budget import link_gbps
 from .errors import OptionError, in_one_line
 from .graphs import DecodeGraphs, given_cache, given_ids
@@ -44,7 +45,8 @@ class Engine:
                  drop_page_cache: bool = False, split: bool = False, cuda_graph: bool = True,
                  fused_kernels: bool = True, expert_cache: int = 0, pinned_experts: dict | None = None,
                  expert_compute=None, experts_chosen: bool = False, cpu_blocks=None, cpu_max_tokens: int = 1,
-                 decode_spare: int = 0, packed_room: int | None = 0, kernel: str = ""):
+                 decode_spare: int = 0, packed_room: int | None = 0, kernel: str = "",
+                 handoff: str | None = None, read_back: str | None = None):
         import torch
         self.torch = torch
         self.model = model
@@ -130,6 +132,10 @@ class Engine:
         self.experts_chosen = experts_chosen    # the user named the experts implementation: it stays
         self._cpu_rows, self._gpu_rows, self._forwards, self._host_calls, self.last_on_cpu = {}, {}, {}, {}, {}
         self.cpu_max_tokens = cpu_max_tokens      # the most tokens a step the CPU blocks compute on the CPU
+        # where decode steps' CPU blocks run and how their outputs come back: the load's (hybrid.HANDOFF and
+        # handoff.READ_BACK as they were at load, so an engine built again by a re-plan keeps them)
+        self.handoff_kind = hybrid.HANDOFF if handoff is None else handoff
+        self.read_back = handoffs.READ_BACK if read_back is None else read_back
         self._cpu_hooks = {}        # index -> its hybrid.CpuBlock (install)
         # host memory the CPU blocks' reordered weights may take (cpu_products.py): 0 none, None no limit
         self.packed_room = packed_room
@@ -476,11 +482,11 @@ class Engine:
 
     def _block_handoff(self):
         """The worker that computes decode steps' CPU blocks and how the GPU's stream passes them to it
-        (handoff.py), on CUDA where ``hybrid.HANDOFF`` asks for one; None where the caller computes them
+        (handoff.py), on CUDA where the load's ``hybrid.HANDOFF`` asks for one; None where the caller computes them
         (``block_handoff_why_not`` says why, where a worker was asked for)."""
-        if hybrid.HANDOFF not in hybrid.HANDOFFS:
-            raise OptionError(f"hybrid.HANDOFF is {hybrid.HANDOFF!r}; accepted: {', '.join(hybrid.HANDOFFS)}")
-        if not (self.cpu_blocks and self.cuda) or hybrid.HANDOFF == "caller":
+        if self.handoff_kind not in hybrid.HANDOFFS:
+            raise OptionError(f"hybrid.HANDOFF is {self.handoff_kind!r}; accepted: {', '.join(hybrid.HANDOFFS)}")
+        if not (self.cpu_blocks and self.cuda) or self.handoff_kind == "caller":
             return None
         signal = cpu_experts.HostSignal(self.torch, self.device)
         if not signal.available:
@@ -492,7 +498,7 @@ class Engine:
         whole = all(len(self.units[i].modules) == 1 for i in self.cpu_blocks)
         return GpuHandoff(self.torch, self.device, worker, signal, calls=len(self.cpu_blocks),
                           owe=lambda future, count: self._outstanding.append((future, count)),
-                          capture=hybrid.HANDOFF == "graph" and whole)
+                          capture=self.handoff_kind == "graph" and whole, read_back=self.read_back)
 
     def _stop_host_experts(self):
         """The experts modules' own forwards again, and no CPU side."""

@@ -98,6 +98,26 @@ class RowFetch:
             self.table[expert, t].fill_(address)
 
 
+READ_BLOCK = 1024      # bytes a program of ``_read_fresh`` copies
+
+
+@triton.jit
+def _read_fresh(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+    """Bytes ``[pid * BLOCK, +BLOCK)`` of ``src`` (page-locked host memory, seen by the device) copied to ``dst``
+    with volatile loads: at system scope, never a line a cache kept from an earlier read."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask, volatile=True), mask=mask)
+
+
+def read_fresh(view, out):
+    """``out`` (uint8, on the device) = the bytes ``view`` (``in_place``'s, as long as ``out`` at least) holds
+    now: for host memory the host rewrites between reads (a CPU block's output, handoff.py), where a plain load
+    could be answered by a cache."""
+    n = out.numel()
+    _read_fresh[(triton.cdiv(n, READ_BLOCK),)](view, out, n, BLOCK=READ_BLOCK)
+
+
 class _HostBytes:
     """Page-locked host memory at the device's address ``ptr``, as CUDA's array interface describes an array
     (``torch.as_tensor`` then views it without a copy); ``owner`` keeps the memory alive as long as the view."""

@@ -17,11 +17,12 @@ launching the blocks after it and queueing the link's copies meanwhile.
 A block's failure on the worker, or a worker that never ran it, still sets its flag or raises the counter, so
 the GPU never waits for good; the error reaches the caller at the step's end (engine._collect).
 
-The output comes back to the device (``READ_BACK``) by a host-to-device copy on the GPU's stream, which the copy
-engine runs; or by a kernel that reads the page-locked buffer where it is (``fetch.in_place``) and writes its
-bytes to the device, unchanged: the link's copy stream keeps that engine busy with pieces of 90-134 MiB, and a
-small copy that waits for the piece in flight would hold each CPU block's output back by up to a piece's time
-(benchmarks/handoff_latency.py measures whether it does).
+The output comes back to the device (``READ_BACK``, read when the engine is built) by a host-to-device copy on
+the GPU's stream, which the copy engine runs; or by a kernel that reads the page-locked buffer where it is
+(``fetch.in_place``) with loads that no cache answers (``fetch.read_fresh``: the worker rewrites those bytes every
+step) and writes them to the device unchanged. Why: the link's copy stream keeps the copy engine busy with pieces
+of 90-134 MiB, and a small copy that waits for the piece in flight would hold each CPU block's output back by up
+to a piece's time (benchmarks/handoff_latency.py measures whether it does).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from .errors import in_one_line
 # should set the flag failed to launch, stalled or faulted): its other calls then stop polling at once.
 PATIENCE_SECONDS = 30.0
 POLL_SECONDS = 1e-5         # between two looks at a flag: Linux sleeps about 60 us for it
-# How a CPU block's output reaches the device (read when a handoff is made): "copy" (the copy engine) or "kernel"
-# (a kernel reading the page-locked buffer in place; where the buffer can't be mapped, the copy engine).
+# How a CPU block's output reaches the device (the default of a load's engines, read at load): "copy" (the copy
+# engine) or "kernel" (a kernel reading the page-locked buffer in place; where it can't be mapped, the copy engine).
 READ_BACK = "copy"
 READ_BACKS = ("copy", "kernel")
 
@@ -73,17 +74,18 @@ class GpuHandoff:
     one (as many calls as a step makes). ``owe(future, count)``: an eager call's future, which the engine
     collects at the step's end and passes to ``count`` (its start and end)."""
 
-    def __init__(self, torch, device, worker, signal, owe, calls: int, capture: bool = False):
-        if READ_BACK not in READ_BACKS:
-            raise ValueError(f"handoff.READ_BACK={READ_BACK!r}; accepted: {', '.join(map(repr, READ_BACKS))}")
+    def __init__(self, torch, device, worker, signal, owe, calls: int, capture: bool = False,
+                 read_back: str | None = None):
+        read_back = READ_BACK if read_back is None else read_back
+        if read_back not in READ_BACKS:
+            raise ValueError(f"handoff.READ_BACK={read_back!r}; accepted: {', '.join(map(repr, READ_BACKS))}")
         self.torch, self.device, self.worker, self.signal, self.owe = torch, device, worker, signal, owe
         with torch.inference_mode(False):      # a load under inference mode: the worker writes them outside
             self.flag_tensor = torch.zeros(2 * max(1, calls), dtype=torch.int32, pin_memory=True)
         self.flags = self.flag_tensor.numpy()
         self.program = None         # while a step is captured: [(work, count, prepare)] of its calls, in order
-        self.read_back = READ_BACK
-        self._mapped = {}           # (address, bytes) of an output buffer -> the device's view of it ("kernel")
-        self.read_back_why_not = ""     # why an output buffer came back by the copy engine after all
+        self.read_back = read_back
+        self.read_back_why_not = ""     # why an output buffer came back by the copy engine after all ("kernel")
         self.abandoned = threading.Event()      # a replay's calls stop polling (``abandon``)
         self._write_value, self.why_not_captured = None, "" if capture else "asked for eager steps only"
         if capture:
@@ -99,23 +101,28 @@ class GpuHandoff:
         """Whether decode steps with CPU blocks are captured (asked for, and the GPU can write the flags)."""
         return self._write_value is not None
 
-    def host_buffer(self, like, output: bool = False):
+    def host_buffer(self, like):
         """A page-locked buffer for ``like``'s values (its strides kept, so the CPU computes on the same
         layout): the copies to and from it queue without a wait, and a graph can capture them. Not an
-        inference tensor, so steps outside inference mode write it too. ``output``: a call's output, which
-        ``output`` brings to the device; with ``read_back`` "kernel", the device's view of it is made now (a
-        capture can't ask the driver for it)."""
+        inference tensor, so steps outside inference mode write it too."""
         with self.torch.inference_mode(False):
-            buf = self.torch.empty_like(like, device="cpu", pin_memory=True)
-        if output and self.read_back == "kernel":
-            if not buf.is_contiguous():
-                self.read_back_why_not = "an output buffer isn't contiguous"
-            else:
-                try:
-                    self._mapped[buf.data_ptr(), buf.nbytes] = _device_view(buf, self.device)
-                except (RuntimeError, ImportError) as exc:      # not mapped, or no triton: the copy engine
-                    self.read_back_why_not = in_one_line(exc)
-        return buf
+            return self.torch.empty_like(like, device="cpu", pin_memory=True)
+
+    def device_view(self, out):
+        """With ``read_back`` "kernel", the device's view of the output buffer ``out`` (``host_buffer``'s), for
+        ``output`` to read it through; made with the buffer, as a capture can't ask the driver for it, and kept
+        with it by the caller (it holds the buffer). None with "copy", or where ``out`` can't be read so
+        (``read_back_why_not`` says why): then the copy engine brings it."""
+        if self.read_back != "kernel":
+            return None
+        if not out.is_contiguous():
+            self.read_back_why_not = "an output buffer isn't contiguous"
+            return None
+        try:
+            return _device_view(out, self.device)
+        except (RuntimeError, ImportError) as exc:      # not mapped, a copy, or no triton: the copy engine
+            self.read_back_why_not = in_one_line(exc)
+            return None
 
     @contextlib.contextmanager
     def recording(self):
@@ -155,8 +162,9 @@ class GpuHandoff:
             self.flags[index] = 1
         return set_flag
 
-    def output(self, waited, out):
-        """``out`` (page-locked, written by the worker) copied to the device once the worker says so."""
+    def output(self, waited, out, view=None):
+        """``out`` (page-locked, written by the worker) brought to the device once the worker says so: copied,
+        or read through ``view`` (``device_view``'s) where given."""
         stream = self.torch.cuda.current_stream(self.device)
         if self.program is None:
             self.signal.wait(stream, waited)
@@ -164,12 +172,10 @@ class GpuHandoff:
             index = 2 * waited + 1
             self.signal.wait(stream, 1, address=self.flag_tensor.data_ptr() + 4 * index)
             self._write(stream, index, 0)
-        mapped = self._mapped.get((out.data_ptr(), out.nbytes))
-        if mapped is None:
+        if view is None:
             return out.to(self.device, non_blocking=True)
         on_device = self.torch.empty_like(out, device=self.device)
-        # a kernel reads the bytes over the link where they are and writes them unchanged (an OR with 0)
-        self.torch.bitwise_or(mapped, 0, out=on_device.view(-1).view(self.torch.uint8))
+        _read_in_place(view, on_device.view(-1).view(self.torch.uint8))
         return on_device
 
     def before_replay(self, program):
@@ -220,9 +226,19 @@ class GpuHandoff:
 
 def _device_view(buf, device):
     """The device's view of page-locked ``buf`` (fetch.in_place, imported here: it imports triton, which a CUDA
-    machine's torch brings)."""
+    machine's torch brings). Raises RuntimeError where torch gave a copy instead (the buffer's memory belongs to
+    another device's context: a copy would hold the bytes of the moment it was taken)."""
     from . import fetch
-    return fetch.in_place(buf, device)
+    view = fetch.in_place(buf, device)
+    if view.data_ptr() != fetch.device_address(buf):
+        raise RuntimeError("the device's view of an output buffer is a copy (its memory is another device's)")
+    return view
+
+
+def _read_in_place(view, out):
+    """``out`` (bytes on the device) = the bytes ``view`` shows now (fetch.read_fresh)."""
+    from . import fetch
+    fetch.read_fresh(view, out)
 
 
 def _driver_write_value():

@@ -457,7 +457,7 @@ class CpuBlock:
             self._bind_home()
         cache = given_cache(kwargs)
         self.cache_to_host(cache)       # after a prefill: once (a capture can't, and fails)
-        (host_args, host_kwargs), out = self._staged(args, kwargs, hidden)
+        (host_args, host_kwargs), out, view = self._staged(args, kwargs, hidden)
         ready = self.handoff.inputs_ready()
         inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
         form = self._form
@@ -472,18 +472,19 @@ class CpuBlock:
         tokens = _tokens(hidden)
         waited = self.handoff.submit(work, lambda t0, t1: self._count(t0, t1, tokens),
                                      prepare=lambda: self.cache_to_host(cache))
-        on_device = self.handoff.output(waited, out)
+        on_device = self.handoff.output(waited, out, view)
         return on_device if form == "tensor" else (on_device,)
 
     def _staged(self, args, kwargs, hidden):
         """The call's arguments with their device tensors copied (queued, on the GPU's stream) into page-locked
-        buffers kept for calls of these shapes, and the buffer for its output."""
+        buffers kept for calls of these shapes, the buffer for its output, and the device's view of that buffer
+        (None: the output is copied; ``handoff.device_view``)."""
         from .graphs import _rebuild
         on_device = self._device_tensors(args, kwargs)
-        buffers, out = self._buffers(on_device, hidden)
+        buffers, out, view = self._buffers(on_device, hidden)
         for path, t in on_device:
             buffers[path].copy_(t, non_blocking=True)
-        return _rebuild((args, kwargs), lambda path, v: buffers.get(path, v)), out
+        return _rebuild((args, kwargs), lambda path, v: buffers.get(path, v)), out, view
 
     def _device_tensors(self, args, kwargs):
         """[(path, tensor)] of the call's tensors not in host memory."""
@@ -493,7 +494,8 @@ class CpuBlock:
 
     def _buffers(self, on_device, hidden):
         """The page-locked buffers for a call whose device tensors are ``on_device`` ([(path, tensor)]) and whose
-        hidden state is ``hidden``: kept per shapes, made where there are none yet. Not while a step is
+        hidden state is ``hidden``, and the output buffer's device view (or None): kept per shapes, together (a
+        view holds its buffer, so both go when the entry does), made where there are none yet. Not while a step is
         captured: allocating or freeing page-locked memory then queries CUDA events, which a capture forbids
         (the caller's call before the capture made them, or the warm-up step's)."""
         torch = self.torch
@@ -506,9 +508,9 @@ class CpuBlock:
                                    "capture")
             while len(self._staging) >= self.STAGED_KEPT:
                 self._staging.pop(next(iter(self._staging)))
-            staged = ({path: self.handoff.host_buffer(t) for path, t in on_device},
-                      self.handoff.host_buffer(torch.empty(hidden.shape, dtype=hidden.dtype, device="meta"),
-                                               output=True))
+            out = self.handoff.host_buffer(torch.empty(hidden.shape, dtype=hidden.dtype, device="meta"))
+            staged = ({path: self.handoff.host_buffer(t) for path, t in on_device}, out,
+                      self.handoff.device_view(out))
         self._staging[key] = staged         # the most recent last
         return staged
 

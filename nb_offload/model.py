@@ -9,6 +9,8 @@ import inspect
 import time
 import warnings
 
+from . import handoff as handoffs
+from . import hybrid
 from .budget import format_size, host_memory, trim_heap
 from .errors import OffloadError, PinError, in_one_line
 from .gate import RunGate
@@ -51,6 +53,9 @@ class OffloadedModel:
         self.replanned_at = None    # (the CPU's GB/s at load, reached): planned again at the rate reached
         self._recalibration_tried = False
         self.cuda_graph = self.options.cuda_graph  # so may this (graphs.py)
+        # where decode steps' CPU blocks run and how their outputs come back, as set at load: every engine of
+        # this load (a re-plan builds one) keeps them
+        self._handoff = (hybrid.HANDOFF, handoffs.READ_BACK)
         self.uncached_disk_reads = False           # drop_page_cache as it applies to the present plan
         self.plan = plan
         self.trace = Trace(enabled=self.options.trace, detail=self.options.trace_detail)
@@ -168,7 +173,8 @@ class OffloadedModel:
                               cpu_blocks=on_cpu, cpu_max_tokens=self.plan.cpu_max_tokens,
                               decode_spare=self.plan.reserved.get("activations", 0),
                               packed_room=self._packed_room() if on_cpu else 0,
-                              kernel=self.plan.cpu_products if self.plan.cpu_products in ("fast", "amx") else "")
+                              kernel=self.plan.cpu_products if self.plan.cpu_products in ("fast", "amx") else "",
+                              handoff=self._handoff[0], read_back=self._handoff[1])
         self._engine.install()
         self._prime()
 

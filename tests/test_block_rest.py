@@ -78,6 +78,14 @@ def test_no_measure_where_the_blocks_can_t_be_built_or_hold_more_than_linears():
     assert block_rest.seconds(torch, broken, torch.float32, 1 << 20, 1) is None
 
 
+def test_no_measure_where_the_host_lacks_room_for_the_blocks(monkeypatch):
+    from nb_offload import budget
+    monkeypatch.setattr(budget, "host_memory", lambda: (8 << 30, block_rest.ROOM_BLOCKS * (1 << 20) - 1))
+    assert block_rest.seconds(torch, LlamaConfig(**SMALL), torch.float32, 1 << 20, 1) is None
+    monkeypatch.setattr(budget, "host_memory", lambda: (8 << 30, block_rest.ROOM_BLOCKS * (1 << 20)))
+    assert block_rest.seconds(torch, LlamaConfig(**SMALL), torch.float32, 1 << 20, 1) is not None
+
+
 def test_the_rate_with_the_rest():
     # 400 MB at 50 GB/s: 8 ms, 2 ms besides: 40 GB/s
     assert block_rest.with_rest(50.0, 400_000_000, 0.002) == pytest.approx(40.0)

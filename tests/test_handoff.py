@@ -47,7 +47,7 @@ def stand_in(calls=2):
                               inference_mode=torch.inference_mode, bitwise_or=torch.bitwise_or, uint8=torch.uint8,
                               empty_like=lambda like, device, pin_memory=False: torch.empty_like(like, device=device))
     h.device, h.signal, h.program, h.abandoned = "cpu", Signal(), None, threading.Event()
-    h.read_back, h._mapped, h.read_back_why_not = "copy", {}, ""
+    h.read_back, h.read_back_why_not = "copy", ""
     h.worker = cpu_experts.HostWorker(torch, 1, SimpleNamespace(raise_to=lambda value: None), name="handoff-test")
     h.owed = []
     h.owe = lambda future, count: h.owed.append((future, count))
@@ -182,37 +182,52 @@ def test_a_call_the_gpu_does_not_reach_in_time_gives_up_the_steps_other_calls_at
         h.worker.close()
 
 
-def test_with_read_back_by_kernel_an_output_comes_back_through_its_mapped_view(monkeypatch):
+def test_with_read_back_by_kernel_an_output_comes_back_through_its_device_view(monkeypatch):
     """READ_BACK="kernel": an output buffer's view for the device is made with the buffer (a capture can't ask the
-    driver), and the output is read through it, its bytes unchanged (bf16 NaN, -0 and subnormals too); a buffer the
-    driver can't map comes back by the copy engine, and the handoff says why."""
-    mapped = []
+    driver), kept by the caller with it, and the output is read through it, its bytes unchanged (bf16 NaN, -0 and
+    subnormals too); with "copy", or a buffer the driver can't map, there is no view and the copy engine brings it,
+    and the handoff says why."""
+    viewed, reads = [], []
 
-    def in_place(buf, device):
-        mapped.append(buf)
+    def device_view(buf, device):
+        viewed.append(buf)
         return buf.view(-1).view(torch.uint8)       # the device's view of the bytes: here the bytes themselves
-    monkeypatch.setattr(handoff, "_device_view", in_place)
+
+    def read_in_place(view, out):
+        reads.append(view)
+        out.copy_(view)
+    monkeypatch.setattr(handoff, "_device_view", device_view)
+    monkeypatch.setattr(handoff, "_read_in_place", read_in_place)
     h = stand_in()
     try:
-        h.read_back = "kernel"
         like = torch.empty(1, 1, 8, dtype=torch.bfloat16, device="meta")
-        out = h.host_buffer(like, output=True)
-        assert mapped == [out] and h.host_buffer(like) is not None and len(mapped) == 1     # inputs: none
+        assert h.device_view(h.host_buffer(like)) is None and viewed == []       # "copy": no view
+        h.read_back = "kernel"
+        out = h.host_buffer(like)
+        view = h.device_view(out)
+        assert viewed == [out] and view is not None
         values = torch.tensor([1.5, -0.0, float("nan"), 1e-40, -3.0, 65504.0, float("inf"), 7.0])
         out.copy_(values.to(torch.bfloat16).view(1, 1, 8))
-        back = h.output(h.submit(lambda: (0.0, 1.0), lambda t0, t1: None), out)
-        assert back is not out and torch.equal(back.view(torch.int16), out.view(torch.int16))
+        back = h.output(h.submit(lambda: (0.0, 1.0), lambda t0, t1: None), out, view)
+        assert reads == [view] and back is not out
+        assert torch.equal(back.view(torch.int16), out.view(torch.int16))
+        h.output(h.submit(lambda: (0.0, 1.0), lambda t0, t1: None), out)        # no view: copied
+        assert reads == [view]
 
         def unmapped(buf, device):
             raise RuntimeError("cuMemHostGetDevicePointer failed with CUDA error 1: the memory isn't mapped")
         monkeypatch.setattr(handoff, "_device_view", unmapped)
-        other = h.host_buffer(torch.empty(1, 2, 8, dtype=torch.bfloat16, device="meta"), output=True)
-        assert "isn't mapped" in h.read_back_why_not and (other.data_ptr(), other.nbytes) not in h._mapped
+        assert h.device_view(h.host_buffer(like)) is None and "isn't mapped" in h.read_back_why_not
+        h.read_back_why_not = ""
+        assert h.device_view(torch.empty(4, 2, dtype=torch.bfloat16).t()) is None
+        assert "isn't contiguous" in h.read_back_why_not
     finally:
         h.worker.close()
 
 
 def test_an_unknown_read_back_is_refused(monkeypatch):
-    monkeypatch.setattr(handoff, "READ_BACK", "dma")
     with pytest.raises(ValueError, match="READ_BACK='dma'; accepted: 'copy', 'kernel'"):
+        handoff.GpuHandoff(torch, "cpu", None, None, None, calls=1, read_back="dma")
+    monkeypatch.setattr(handoff, "READ_BACK", "dma")
+    with pytest.raises(ValueError, match="READ_BACK='dma'"):
         handoff.GpuHandoff(torch, "cpu", None, None, None, calls=1)

@@ -304,9 +304,12 @@ class ThreadHandoff:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="handoff-test")
         self.owed, self.buffers = [], []
 
-    def host_buffer(self, like, output=False):
+    def host_buffer(self, like):
         self.buffers.append(torch.empty_like(like, device="cpu"))
         return self.buffers[-1]
+
+    def device_view(self, out):
+        return None             # the output copied back
 
     def inputs_ready(self):
         class Ready:
@@ -318,7 +321,7 @@ class ThreadHandoff:
         self.owed.append((self.pool.submit(work), count))
         return self.owed[-1][0]
 
-    def output(self, waited, out):
+    def output(self, waited, out, view=None):
         waited.result()
         return out.clone()
 
@@ -658,6 +661,21 @@ def test_an_unknown_handoff_is_refused_naming_the_accepted_ones(model_dirs, monk
     monkeypatch.setattr(hybrid, "HANDOFF", "Graph")
     with pytest.raises(nb_offload.OptionError, match=r"hybrid.HANDOFF is 'Graph'; accepted: caller, worker, graph"):
         nb_offload.load(model_dirs("llama"), device="cpu", progress=False)
+
+
+def test_a_load_keeps_the_handoff_it_was_made_with_through_a_re_plan(model_dirs, monkeypatch):
+    """hybrid.HANDOFF and handoff.READ_BACK are read at load: an engine a re-pin (or a re-plan at the rate
+    reached) builds later keeps the load's, whatever the module's values are by then."""
+    from nb_offload import handoff
+    monkeypatch.setattr(hybrid, "HANDOFF", "worker")
+    monkeypatch.setattr(handoff, "READ_BACK", "kernel")
+    with nb_offload.load(model_dirs("llama"), device="cpu", progress=False) as llm:
+        monkeypatch.setattr(hybrid, "HANDOFF", "caller")
+        monkeypatch.setattr(handoff, "READ_BACK", "copy")
+        first = llm._engine
+        llm.pin("model.layers.1", "cpu-compute")
+        assert llm._engine is not first         # a new engine
+        assert (llm._engine.handoff_kind, llm._engine.read_back) == ("worker", "kernel")
 
 
 def test_a_load_plans_again_once_at_the_cpu_rate_its_blocks_reached(model_dirs, monkeypatch):
