@@ -65,6 +65,12 @@ def test_llama_bench_tables_are_read_by_their_headers(report, tmp_path):
     ("raw-2026-12-05-cpu-s22-cpu-device.json", [
         "| nb_offload cpu_kernel=\"fast\" | 14.74 | **1.34x** | 23.2 |", "| nb_offload exact | 11.62 | **1.06x**",
         "differ from plain's in 8 of 16", "1.57 GB read a step"]),
+    ("raw-2026-12-05-cpu-s24-block-rest.json", [
+        "| F.linear | 21.4 | 1.38 | 19.9 | 19.0 (20.4, 1.44) | +12.5 % | +4.9 % |",
+        "| amx | 26.4 | 1.32 | 24.3 | 24.6 (26.9, 1.41) | +7.3 % | -1.3 % |"]),
+    ("raw-2026-12-05-cpu-s24-plan-depths.json", [
+        "| 50.0 | 4GiB | **hybrid** | 3 | yes | 13 | 2.29 | 11.19 | 512 | 8.66 |",
+        "| 41.4 | 12GiB | **streamed** | 1 | no | 0 | 10.38 | 3.10 | 772 | 19.55 |"]),
 ])
 def test_saved_runs_render_with_their_goals(report, name, expect, capsys, monkeypatch):
     llama = os.path.join(RUNS, "raw-2026-12-04-h200-s17-llamacpp-beside-link.txt" if "host-bound" in name
@@ -74,3 +80,29 @@ def test_saved_runs_render_with_their_goals(report, name, expect, capsys, monkey
     text = capsys.readouterr().out
     for piece in expect:
         assert piece in text
+
+
+def test_a_timeline_is_summarised_per_decode_step():
+    """bench_moe.step_breakdown: per step after the first two, the link's busy time (copies' union), the CPU's,
+    both at once, neither, the GPU's compute and the bytes, the median over the steps; cut at each step's mark."""
+    sys.path.insert(0, BENCH)
+    try:
+        from bench_moe import step_breakdown
+    finally:
+        sys.path.remove(BENCH)
+    rows = []
+    for step in range(5):
+        t = step * 1.0
+        rows += [("step", "forward", t, t + 0.100, 0, step),
+                 ("copy", "a", t + 0.000, t + 0.040, 4_000_000_000, step),
+                 ("copy", "b", t + 0.030, t + 0.060, 2_000_000_000, step),     # overlaps a: the union counts
+                 ("cpu", "c", t + 0.050, t + 0.090, 1_000_000_000, step),
+                 ("compute", "d", t + 0.095, t + 0.099, 0, step),
+                 ("copy", "next", t + 0.095, t + 0.130, 0, step)]                # past the step's end: cut
+    b = step_breakdown(rows)
+    assert b["steps"] == 3
+    approx = pytest.approx
+    assert b["step_ms"] == approx(100) and b["link_busy_ms"] == approx(65) and b["cpu_busy_ms"] == approx(40)
+    assert b["both_ms"] == approx(10) and b["neither_ms"] == approx(5) and b["gpu_compute_ms"] == approx(4)
+    assert b["link_gb"] == approx(6.0) and b["cpu_gb"] == approx(1.0)
+    assert step_breakdown(rows[:12]) is None            # two steps: a prefill's and a capture's, no more
