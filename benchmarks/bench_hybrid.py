@@ -23,6 +23,7 @@ import gc
 import os
 import sys
 import tempfile
+import threading
 import time
 import traceback
 
@@ -56,6 +57,9 @@ def main():
                     "blocks) as JSON rows there")
     ap.add_argument("--cores-left", type=int, default=None, help="cores the CPU blocks leave to the other "
                     "threads (cpu_experts.CORES_LEFT, 4 by default): the CPU computes with the rest")
+    ap.add_argument("--stacks-every", type=float, default=60, help="seconds between dumps of every thread's stack "
+                    "to stderr while the run goes on (a run a time limit cuts short still says where its time went); "
+                    "0: none")
     ap.add_argument("--watchdog", type=float, default=300, help="seconds a budget may take before every "
                     "thread's stack is written out and the run ends (a hang says where it hangs); 0: no watchdog")
     ap.add_argument("--plain-products", action="store_true", help="also a hybrid load with pack_cpu_weights=False "
@@ -108,7 +112,15 @@ def main():
         torch.cuda.empty_cache()
         return tokens
 
+    started = time.perf_counter()
+
+    def say(what):
+        """A progress line with the seconds since the run began (the rows come only at each budget's end)."""
+        print(f"[{time.perf_counter() - started:6.1f} s] {what}", flush=True)
+    if args.stacks_every > 0:
+        stacks_every(args.stacks_every)
     want_gpu = reference([])
+    say("reference tokens (transformers on the GPU)")
     for budget in args.budgets.split(","):
         t0 = time.perf_counter()
         if args.watchdog > 0:
@@ -153,6 +165,9 @@ def main():
                 finally:
                     hybrid.HANDOFF = default
             hyb = llms["hybrid"]
+            say(f"{budget}: loaded {', '.join(llms)}; hybrid: {sum(e.compute == 'cpu' for e in hyb.plan)} CPU blocks, "
+                f"{hyb.plan.prefetch} ahead, products {hyb.plan.cpu_products}, rates {hyb.plan.rates}, "
+                f"rest {hyb.plan.cpu_rest}")
             in_host = [e.name for e in llms["streamed"].plan if e.tier == "cpu" and e.kind == "block"]
             for count in filter(None, args.cpu_blocks.split(",")):
                 chosen = hybrid.spread(in_host, int(count) / len(in_host))
@@ -164,8 +179,10 @@ def main():
                                prefetch=llm.plan.prefetch, cpu_rest=llm.plan.cpu_rest,
                                tok_s=1 / llm.plan.predicted_seconds_per_step(link, cpu_gbps=llm.plan.rates[0])
                                if llm.plan.rates else None) for k, llm in llms.items()}
-            for llm in llms.values():   # a first generate, after which a load may plan again (RECALIBRATE_OVER)
+            for k, llm in llms.items():   # a first generate, after which a load may plan again (RECALIBRATE_OVER)
                 llm.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+                say(f"{budget}: {k}'s first generate ({llm.stats.graph_replays} replays; "
+                    f"{llm.stats.graph_eager or 'captured'})")
             moved = {k: moved_per_step(llm, ids, 8)["cpu"] for k, llm in llms.items()}
             on_cpu = [e.name for e in hyb.plan if e.compute == "cpu"]
             counters, held_in = {}, {}
@@ -181,6 +198,7 @@ def main():
                     return result
                 return fn
             runs = interleave({k: timed(llm, k) for k, llm in llms.items()}, args.repeats)
+            say(f"{budget}: timed generates")
             t, sp, tokens, prefill = summarize(runs, llms, long_ids)
             breakdown = {}
             if args.trace_dir:
@@ -291,6 +309,17 @@ def main():
             torch.cuda.empty_cache()
         faulthandler.cancel_dump_traceback_later()
         print(f"[{budget}: {time.perf_counter() - t0:.0f} s]", flush=True)
+
+
+def stacks_every(seconds: float):
+    """Every ``seconds``, every thread's stack to stderr, from a daemon thread (faulthandler's own timer is the
+    watchdog's)."""
+    def dump():
+        while True:
+            time.sleep(seconds)
+            print(f"--- every thread's stack, {time.strftime('%H:%M:%S')} ---", file=sys.stderr, flush=True)
+            faulthandler.dump_traceback(all_threads=True)
+    threading.Thread(target=dump, daemon=True, name="bench-stacks").start()
 
 
 def _read_back(llm) -> str:
