@@ -31,11 +31,10 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from nb_offload import block_rest, cpu_amx, cpu_kernel, hybrid
+    from nb_offload import block_rest, cpu_amx, hybrid
     from nb_offload.cpu_experts import host_threads
-    from nb_offload.graphs import MIN_BUCKET
     threads = args.threads or host_threads()
     torch.set_grad_enabled(False)
     cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
@@ -58,47 +57,13 @@ def main():
     else:
         print(f"the AMX kernel can't run here: {cpu_amx.why_unavailable()}")
 
-    spent, started = {"block": 0.0, "linear": 0.0}, {}
-
-    def timed(module, kind):
-        def post(m, a, o):
-            spent[kind] += time.perf_counter() - started.pop(id(m))
-        module.register_forward_pre_hook(lambda m, a: started.__setitem__(id(m), time.perf_counter()))
-        module.register_forward_hook(post)
-    for layer in layers:
-        timed(layer, "block")
-        for linear in (m for m in layer.modules() if isinstance(m, torch.nn.Linear)):
-            timed(linear, "linear")
-
     def decoded(kernel):
         """The blocks' median rate over ``args.steps`` decode steps (GB/s), their linears by ``kernel``; and
-        their products' (GB/s) and the rest's (seconds a block) in those steps."""
-        installed = [cpu_kernel.KernelLinears(torch, layer, kernel) for layer in layers] if kernel else []
-        for kl in installed:
-            kl.install()
-        caller = torch.get_num_threads()
-        try:
-            cache = StaticCache(config=cfg, max_cache_len=MIN_BUCKET)
-            torch.set_num_threads(threads)
-            model(torch.zeros(1, 16, dtype=torch.long), past_key_values=cache, use_cache=True)
-            per, products, rest = [], [], []
-            for k in range(args.steps + 2):
-                spent["block"] = spent["linear"] = 0.0
-                if beside is not None:
-                    beside.start()
-                model(torch.zeros(1, 1, dtype=torch.long), past_key_values=cache, use_cache=True,
-                      cache_position=torch.tensor([16 + k]))
-                if beside is not None:
-                    beside.stop()
-                if k >= 2:
-                    per.append(spent["block"] / len(layers))
-                    products.append(spent["linear"] / len(layers))
-                    rest.append((spent["block"] - spent["linear"]) / len(layers))
-            return tuple(nbytes / statistics.median(t) / 1e9 for t in (per, products)) + (statistics.median(rest),)
-        finally:
-            torch.set_num_threads(caller)
-            for kl in installed:
-                kl.remove()
+        their products' (GB/s) and the rest's (seconds a block) in those steps (block_rest.step_times, the probe's
+        own timing, here on this model's random weights)."""
+        times = block_rest.step_times(torch, model, layers, threads, kernel=kernel, beside=beside, steps=args.steps)
+        rates = tuple(nbytes / statistics.median(t) / 1e9 for t in zip(*times))
+        return rates + (statistics.median(block - linear for block, linear in times),)
 
     seen = {way: {"products": [], "rest": [], "decoded": [], "decoded_products": [], "decoded_rest": []}
             for way in ways}

@@ -48,7 +48,6 @@ def seconds(torch, config, dtype, block_bytes: int, threads: int, *, attn_implem
     from .budget import host_memory
     if host_memory()[1] < ROOM_BLOCKS * block_bytes:   # the blocks' bytes aren't in the cpu budget: only with room
         return None
-    caller = torch.get_num_threads()
     try:
         with warnings.catch_warnings():     # the shortened config's, not the user's model's (process-wide while
             warnings.simplefilter("ignore")     # it runs, a fraction of a second at load)
@@ -58,8 +57,6 @@ def seconds(torch, config, dtype, block_bytes: int, threads: int, *, attn_implem
             return _timed(torch, model, blocks, threads, kernel, beside, repeats)
     except Exception:       # a model this can't run so: the products' rate stands (the plan says nothing more)
         return None
-    finally:
-        torch.set_num_threads(caller)
 
 
 def with_rest(gbps: float, block_bytes: int, rest: float | None) -> float:
@@ -111,7 +108,19 @@ def _built(torch, config, dtype, count: int, attn_implementation, trust_remote_c
     return model, blocks
 
 
-def _timed(torch, model, blocks, threads: int, kernel, beside, repeats: int) -> float | None:
+def _timed(torch, model, blocks, threads: int, kernel, beside, repeats: int) -> float:
+    """The median over ``repeats`` decode steps (``step_times``) of a block's forward less its linears'."""
+    times = step_times(torch, model, blocks, threads, kernel=kernel, beside=beside, steps=max(1, repeats))
+    return sorted(max(0.0, block - linear) for block, linear in times)[len(times) // 2]
+
+
+def step_times(torch, model, blocks, threads: int, *, kernel=None, beside=None, steps: int) -> list:
+    """[(seconds, seconds of its linears)] a block of ``blocks`` (``model``'s decoder blocks) took, on average, in
+    each of ``steps`` batch-1 decode steps through ``model``'s decoder on the CPU, after a 16-token prompt and two
+    steps to warm up: a static cache of the shortest bucket, torch's threads ``threads``, the linears multiplied by
+    ``kernel`` (a cpu_kernel.KernelLinears policy; F.linear where None), ``beside`` (a hybrid.BusyLink) copying
+    during each step. Each block's forward and each linear in it timed by hooks, put back after (and the kernel,
+    and the caller's threads)."""
     from transformers import StaticCache
 
     from .cpu_kernel import KernelLinears
@@ -138,15 +147,16 @@ def _timed(torch, model, blocks, threads: int, kernel, beside, repeats: int) -> 
                                                    if isinstance(m, torch.nn.Linear)]:
             pre, post = timing(kind)
             handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    caller = torch.get_num_threads()
     try:
         cache = StaticCache(config=model.config, max_cache_len=MIN_BUCKET)
-        rests = []
+        times = []
         with torch.inference_mode():
             torch.set_num_threads(threads)
             prompt = torch.full((1, PROMPT, hidden), 0.5, dtype=next(blocks[0].parameters()).dtype)
             decoder(inputs_embeds=prompt, past_key_values=cache, use_cache=True)
             row = prompt[:, :1]
-            for k in range(max(1, repeats) + 2):
+            for k in range(steps + 2):
                 spent["block"] = spent["linear"] = 0.0
                 if beside is not None:
                     beside.start()
@@ -157,9 +167,10 @@ def _timed(torch, model, blocks, threads: int, kernel, beside, repeats: int) -> 
                     if beside is not None:
                         beside.stop()
                 if k >= 2:
-                    rests.append(max(0.0, spent["block"] - spent["linear"]) / len(blocks))
-        return sorted(rests)[len(rests) // 2]
+                    times.append((spent["block"] / len(blocks), spent["linear"] / len(blocks)))
+        return times
     finally:
+        torch.set_num_threads(caller)
         for h in handles:
             h.remove()
         for kl in installed:
