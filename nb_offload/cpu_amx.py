@@ -214,3 +214,15 @@ class Amx:
         threads = torch.get_num_threads()
         chunk = chunk_for(torch, *weight.shape, weight.dtype, bias is not None, threads, look=False)
         return None if chunk is None else product(torch, x, weight, bias, chunk, threads)
+
+
+def kernel_policy(torch, products: str, threads: int):
+    """The policy of cpu_kernel.KernelLinears for the products a plan names (``Plan.cpu_products``): "fast",
+    cpu_kernel.Fast; "amx", ``Amx`` with its shapes checked at ``threads``; None for torch's ("F.linear",
+    "reordered", "")."""
+    if products == "fast":
+        return cpu_kernel.Fast(torch)
+    if products == "amx":
+        return Amx(torch, threads)
+    return None
+

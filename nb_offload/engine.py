@@ -410,13 +410,8 @@ class Engine:
     def _kernel_policy(self, threads: int):
         """The policy of ``kernel`` (cpu_kernel.Fast, or cpu_amx.Amx with its shapes checked at ``threads``); None
         where the products are torch's."""
-        if self.kernel == "fast":
-            from .cpu_kernel import Fast
-            return Fast(self.torch)
-        if self.kernel == "amx":
-            from .cpu_amx import Amx
-            return Amx(self.torch, threads)
-        return None
+        from .cpu_amx import kernel_policy
+        return kernel_policy(self.torch, self.kernel, threads)
 
     def _experts_kernel(self, weights: dict):
         """The policy the CPU's routed experts' one-row products take nb_offload's ``kernel`` by, at the experts'

@@ -365,13 +365,13 @@ class Inspection:
         products chosen, the threads a CPU block has, and ``beside`` copying; None where it can't be measured."""
         import torch
 
-        from . import block_rest, cpu_amx, cpu_kernel
+        from . import block_rest
+        from .cpu_amx import kernel_policy
         from .cpu_experts import host_threads
         threads = host_threads()
-        kernel = {"amx": lambda: cpu_amx.Amx(torch, threads), "fast": lambda: cpu_kernel.Fast(torch)}.get(
-            self._products, lambda: None)()
         return block_rest.seconds(torch, self.config, self.dtype, self._block_bytes(), threads,
-                                  attn_implementation=self.options.attn_implementation, kernel=kernel,
+                                  attn_implementation=self.options.attn_implementation,
+                                  kernel=kernel_policy(torch, self._products, threads),
                                   beside=beside, trust_remote_code=self.options.trust_remote_code)
 
     def _fast_kernel_runs(self) -> bool:
