@@ -130,11 +130,18 @@ class _HostBytes:
 
 def in_place(flat, device):
     """A uint8 tensor on ``device`` (CUDA) viewing the bytes of page-locked host memory ``flat``: kernels read
-    them over the link, where they are (an embedding table, of which a step needs a row a token)."""
+    them over the link, where they are (an embedding table, of which a step needs a row a token; a CPU block's
+    output, handoff.py). Raises RuntimeError where the memory isn't mapped for the device, or where torch made a
+    copy instead of a view (the memory belongs to another device's context): a copy holds the bytes of the moment
+    it was taken, on the device."""
     import torch
+    address = device_address(flat)
     with torch.cuda.device(device):
-        return torch.as_tensor(_HostBytes(device_address(flat), flat.numel() * flat.element_size(), flat),
-                               device=device)
+        view = torch.as_tensor(_HostBytes(address, flat.numel() * flat.element_size(), flat), device=device)
+    if view.data_ptr() != address:
+        raise RuntimeError("torch gave a copy on the device, not a view of the host memory (it is another "
+                           "device's)")
+    return view
 
 
 def device_address(flat) -> int:
