@@ -481,6 +481,8 @@ class Engine:
         (``block_handoff_why_not`` says why, where a worker was asked for)."""
         if self.handoff_kind not in hybrid.HANDOFFS:
             raise OptionError(f"hybrid.HANDOFF is {self.handoff_kind!r}; accepted: {', '.join(hybrid.HANDOFFS)}")
+        if self.read_back not in handoffs.READ_BACKS:
+            raise OptionError(f"handoff.READ_BACK is {self.read_back!r}; accepted: {', '.join(handoffs.READ_BACKS)}")
         if not (self.cpu_blocks and self.cuda) or self.handoff_kind == "caller":
             return None
         signal = cpu_experts.HostSignal(self.torch, self.device)

@@ -661,6 +661,11 @@ def test_an_unknown_handoff_is_refused_naming_the_accepted_ones(model_dirs, monk
     monkeypatch.setattr(hybrid, "HANDOFF", "Graph")
     with pytest.raises(nb_offload.OptionError, match=r"hybrid.HANDOFF is 'Graph'; accepted: caller, worker, graph"):
         nb_offload.load(model_dirs("llama"), device="cpu", progress=False)
+    from nb_offload import handoff
+    monkeypatch.setattr(hybrid, "HANDOFF", "graph")
+    monkeypatch.setattr(handoff, "READ_BACK", "dma")
+    with pytest.raises(nb_offload.OptionError, match=r"handoff.READ_BACK is 'dma'; accepted: copy, kernel"):
+        nb_offload.load(model_dirs("llama"), device="cpu", progress=False)
 
 
 def test_a_load_keeps_the_handoff_it_was_made_with_through_a_re_plan(model_dirs, monkeypatch):
